@@ -1,0 +1,60 @@
+//! The library's one error type. Every message names the file, field or value at fault and,
+//! where there is one, the way to recover; the binary prints it on one line and exits non-zero.
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value or file is invalid; `field` names the offending key.
+    #[error("invalid config: {field}: {msg}")]
+    Config { field: String, msg: String },
+
+    /// A user-supplied file or folder cannot be used (missing, empty, binary, malformed, ...).
+    #[error("{}: {msg}", path.display())]
+    Input { path: PathBuf, msg: String },
+
+    /// A checkpoint is missing, truncated, from another program, or does not match its config.
+    #[error("checkpoint {}: {msg}", path.display())]
+    Checkpoint { path: PathBuf, msg: String },
+
+    /// Bad arguments to a library call (a prompt longer than the context, an unknown task, ...).
+    #[error("{0}")]
+    Usage(String),
+
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    #[error("tensor error: {0}")]
+    Candle(#[from] candle_core::Error),
+
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
+        Error::Config { field: field.into(), msg: msg.into() }
+    }
+    pub fn input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Input { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+    pub fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
+        Error::Checkpoint { path: path.as_ref().to_path_buf(), msg: msg.into() }
+    }
+    pub fn usage(msg: impl Into<String>) -> Self {
+        Error::Usage(msg.into())
+    }
+}
+
+/// Attach the path to an io::Error so the message says which file failed.
+pub trait IoContext<T> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::result::Result<T, std::io::Error> {
+    fn at(self, path: impl AsRef<Path>) -> Result<T> {
+        self.map_err(|source| Error::Io { path: path.as_ref().to_path_buf(), source })
+    }
+}

@@ -1,0 +1,11 @@
+//! `itt`: Inner Thinking Transformers (Chen et al., arXiv 2502.13842) on candle, CPU first.
+//!
+//! Layout follows the architecture: `config` (presets), `model` (backbone and the thinking
+//! layer), `ops` (kernels with their backward passes), `data` (tokenizers, corpora, shards),
+//! `train`, `checkpoint`, `eval`, `generate`.
+
+pub mod data;
+pub mod error;
+pub mod rng;
+
+pub use error::{Error, Result};
