@@ -4,8 +4,13 @@
 //! layer), `ops` (kernels with their backward passes), `data` (tokenizers, corpora, shards),
 //! `train`, `checkpoint`, `eval`, `generate`.
 
+pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod error;
+pub mod model;
+pub mod ops;
+pub mod optim;
 pub mod rng;
 
 pub use error::{Error, Result};

@@ -1,0 +1,642 @@
+//! Configuration as plain data: serde structs, named presets, derived values as methods.
+//!
+//! A run's `RunConfig` (model + training) is saved next to every checkpoint with
+//! `format_version`, so a checkpoint always says what it is. Presets (ITT-SPEC §2, §4):
+//! `tiny`, `small`, `paper-162m`, `paper-230m`, `paper-466m`, each also as `SIZE-loopT` and
+//! `SIZE-ittT` for T = 2, 3, 4.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// Bumped whenever the meaning of a saved field changes.
+pub const CONFIG_FORMAT_VERSION: u32 = 1;
+
+/// Which family of model the thinking layers make (ITT-SPEC §4).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// The plain backbone.
+    Dense,
+    /// The thinking layers re-run T times on every token: `x_t = f(x_{t-1})`.
+    Loop,
+    /// Inner Thinking Transformer: routed, accumulated, step-encoded extra steps.
+    Itt,
+}
+
+/// What the accumulated term holds (ITT-SPEC §3, last bullets): the literal block output
+/// `f(x)` of the paper's Eq. 4 (default), or only the block's update `f(x) - x`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResidualForm {
+    Literal,
+    Update,
+}
+
+/// Settings of the thinking layers. Ignored (beyond validation) for `kind = dense`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThinkingConfig {
+    pub kind: ModelKind,
+    /// 0-indexed layers that think; `None` = every other layer, 1, 3, 5, ... (ITT-SPEC §2).
+    pub layers: Option<Vec<usize>>,
+    /// T, the number of steps including the first full pass (the paper's "x4" is T = 4).
+    pub steps: usize,
+    /// rho_t for t = 2..=T: share of each sequence's tokens selected at each routed step.
+    /// Length T - 1. Default 0.7 each (paper Table 2's training setting).
+    pub ratios: Vec<f64>,
+    /// Residual Thinking Connection: accumulate step outputs (true) or replace the state of
+    /// selected tokens (false, the "without RTC" ablation).
+    pub residual_connection: bool,
+    /// Adaptive Token Routing: routers pick tokens and scale updates (true), or every token
+    /// takes every step with weight 1 (false, the "without ATR" ablation).
+    pub adaptive_routing: bool,
+    /// Thinking Step Encoding: learned per-step vectors phi_t (true) or phi fixed to ones.
+    pub step_encoding: bool,
+    pub residual_form: ResidualForm,
+    /// Initial value of phi_t for t >= 2 (here: small, so a fresh model starts near dense;
+    /// ITT-SPEC §3). phi_1 starts at 1.
+    pub phi_init: f64,
+    /// Standard deviation of the router weights at initialisation.
+    pub router_init_std: f64,
+}
+
+impl Default for ThinkingConfig {
+    fn default() -> Self {
+        ThinkingConfig {
+            kind: ModelKind::Dense,
+            layers: None,
+            steps: 1,
+            ratios: vec![],
+            residual_connection: true,
+            adaptive_routing: true,
+            step_encoding: true,
+            residual_form: ResidualForm::Literal,
+            phi_init: 0.1,
+            router_init_std: 0.02,
+        }
+    }
+}
+
+/// The LLaMA-style backbone (ITT-SPEC §2) plus the thinking settings.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Grouped-query attention: number of key/value heads (divides n_heads).
+    pub n_kv_heads: usize,
+    /// SwiGLU hidden width.
+    pub mlp_hidden: usize,
+    /// Longest sequence (context) the model accepts.
+    pub max_seq_len: usize,
+    pub rope_theta: f64,
+    pub norm_eps: f64,
+    /// Share the token embedding with the output head (SmolLM2 does; the paper does not).
+    pub tie_embeddings: bool,
+    /// Std of the normal init of matrices; output projections get std / sqrt(2 n_layers).
+    pub init_std: f64,
+    #[serde(default)]
+    pub thinking: ThinkingConfig,
+}
+
+impl ModelConfig {
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_heads
+    }
+
+    /// The layers that think (empty for dense).
+    pub fn thinking_layers(&self) -> Vec<usize> {
+        if self.thinking.kind == ModelKind::Dense {
+            return vec![];
+        }
+        match &self.thinking.layers {
+            Some(l) => l.clone(),
+            None => (1..self.n_layers).step_by(2).collect(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let pos = |name: &str, v: usize| -> Result<()> {
+            if v == 0 {
+                return Err(Error::config(name, "must be at least 1"));
+            }
+            Ok(())
+        };
+        pos("vocab_size", self.vocab_size)?;
+        pos("d_model", self.d_model)?;
+        pos("n_layers", self.n_layers)?;
+        pos("n_heads", self.n_heads)?;
+        pos("n_kv_heads", self.n_kv_heads)?;
+        pos("mlp_hidden", self.mlp_hidden)?;
+        pos("max_seq_len", self.max_seq_len)?;
+        if self.d_model % self.n_heads != 0 {
+            return Err(Error::config(
+                "n_heads",
+                format!(
+                    "d_model {} is not divisible by n_heads {}",
+                    self.d_model, self.n_heads
+                ),
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(Error::config(
+                "n_heads",
+                "head dimension must be even for rotary embeddings",
+            ));
+        }
+        if self.n_heads % self.n_kv_heads != 0 {
+            return Err(Error::config(
+                "n_kv_heads",
+                format!(
+                    "n_heads {} is not a multiple of n_kv_heads {}",
+                    self.n_heads, self.n_kv_heads
+                ),
+            ));
+        }
+        if !(self.rope_theta > 0.0) {
+            return Err(Error::config("rope_theta", "must be positive"));
+        }
+        if !(self.norm_eps > 0.0) {
+            return Err(Error::config("norm_eps", "must be positive"));
+        }
+        if !(self.init_std > 0.0) {
+            return Err(Error::config("init_std", "must be positive"));
+        }
+        let th = &self.thinking;
+        if th.steps < 1 {
+            return Err(Error::config("thinking.steps", "must be at least 1"));
+        }
+        if th.kind == ModelKind::Dense {
+            if th.steps != 1 {
+                return Err(Error::config(
+                    "thinking.steps",
+                    "a dense model takes exactly 1 step; use kind loop or itt",
+                ));
+            }
+        }
+        if th.kind == ModelKind::Itt && th.ratios.len() != th.steps - 1 {
+            return Err(Error::config(
+                "thinking.ratios",
+                format!(
+                    "needs steps - 1 = {} values (one per routed step), got {}",
+                    th.steps - 1,
+                    th.ratios.len()
+                ),
+            ));
+        }
+        check_ratios("thinking.ratios", &th.ratios)?;
+        if let Some(layers) = &th.layers {
+            for &l in layers {
+                if l >= self.n_layers {
+                    return Err(Error::config(
+                        "thinking.layers",
+                        format!(
+                            "layer {l} is past the model's last layer {}",
+                            self.n_layers - 1
+                        ),
+                    ));
+                }
+            }
+            let mut sorted = layers.clone();
+            sorted.sort();
+            sorted.dedup();
+            if sorted.len() != layers.len() {
+                return Err(Error::config("thinking.layers", "a layer is listed twice"));
+            }
+        }
+        if !th.phi_init.is_finite() {
+            return Err(Error::config("thinking.phi_init", "must be finite"));
+        }
+        Ok(())
+    }
+
+    /// Parameter count (embedding and head counted separately when untied).
+    pub fn n_params(&self) -> usize {
+        let d = self.d_model;
+        let kv = self.n_kv_heads * self.head_dim();
+        let attn = d * d * 2 + d * kv * 2;
+        let mlp = 3 * d * self.mlp_hidden;
+        let block = attn + mlp + 2 * d;
+        let embed = self.vocab_size * d;
+        let head = if self.tie_embeddings {
+            0
+        } else {
+            self.vocab_size * d
+        };
+        let thinking = match self.thinking.kind {
+            ModelKind::Itt => {
+                self.thinking_layers().len() * (self.thinking.steps - 1) * (d + 1 + d)
+                    + self.thinking_layers().len() * d
+            }
+            _ => 0,
+        };
+        self.n_layers * block + embed + head + d + thinking
+    }
+}
+
+/// Ratios must lie in [0, 1].
+pub fn check_ratios(field: &str, ratios: &[f64]) -> Result<()> {
+    for (i, &r) in ratios.iter().enumerate() {
+        if !(0.0..=1.0).contains(&r) {
+            return Err(Error::config(
+                field,
+                format!("ratio {} at position {} is outside [0, 1]", r, i + 1),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Optimiser, schedule and bookkeeping of a training run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Micro-batches per optimiser step.
+    pub grad_accum: usize,
+    pub max_steps: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Final learning rate as a share of the peak (cosine decay ends here; ITT-SPEC §2: 10%).
+    pub min_lr_ratio: f64,
+    pub warmup_steps: usize,
+    /// Decoupled weight decay, applied to matrices (linear weights, embeddings) only.
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Clip the global gradient norm to this; 0 disables.
+    pub grad_clip: f64,
+    /// Validate every this many steps (and at the end).
+    pub eval_interval: usize,
+    /// Validation batches per evaluation (0 = the whole validation split).
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps (and at the end); 0 = only at the end.
+    pub checkpoint_interval: usize,
+    /// Checkpoints kept on disk (the newest ones).
+    pub keep_checkpoints: usize,
+    pub log_interval: usize,
+    pub seed: u64,
+    /// Momentum of the running router-score quantiles used by causal routing (ITT-SPEC §5).
+    pub threshold_momentum: f64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 16,
+            seq_len: 128,
+            grad_accum: 1,
+            max_steps: 1000,
+            lr: 3e-3,
+            min_lr_ratio: 0.1,
+            warmup_steps: 30,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            grad_clip: 1.0,
+            eval_interval: 100,
+            eval_batches: 8,
+            checkpoint_interval: 0,
+            keep_checkpoints: 2,
+            log_interval: 10,
+            seed: 1337,
+            threshold_momentum: 0.95,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("batch_size", self.batch_size),
+            ("seq_len", self.seq_len),
+            ("grad_accum", self.grad_accum),
+            ("log_interval", self.log_interval),
+            ("eval_interval", self.eval_interval),
+        ] {
+            if v == 0 {
+                return Err(Error::config(format!("train.{name}"), "must be at least 1"));
+            }
+        }
+        if !(self.lr > 0.0 && self.lr.is_finite()) {
+            return Err(Error::config("train.lr", "must be a positive number"));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(Error::config("train.min_lr_ratio", "must be in [0, 1]"));
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            return Err(Error::config("train.beta1/beta2", "must be in [0, 1)"));
+        }
+        if !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) || !(self.eps > 0.0) {
+            return Err(Error::config(
+                "train.weight_decay/grad_clip/eps",
+                "must be non-negative (eps positive)",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.threshold_momentum) {
+            return Err(Error::config(
+                "train.threshold_momentum",
+                "must be in [0, 1)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Tokens per optimiser step.
+    pub fn tokens_per_step(&self) -> usize {
+        self.batch_size * self.seq_len * self.grad_accum
+    }
+
+    /// Learning rate at `step` (0-based): linear warmup, then cosine to `min_lr_ratio * lr`.
+    pub fn lr_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let decay_steps = self.max_steps.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
+    }
+}
+
+/// Everything that defines a run; saved as `config.json` in the run folder and every checkpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    pub format_version: u32,
+    /// The preset this started from, for the record.
+    #[serde(default)]
+    pub preset: Option<String>,
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.format_version != CONFIG_FORMAT_VERSION {
+            return Err(Error::config(
+                "format_version",
+                format!(
+                    "is {}, this build reads version {}",
+                    self.format_version, CONFIG_FORMAT_VERSION
+                ),
+            ));
+        }
+        self.model.validate()?;
+        self.train.validate()?;
+        if self.train.seq_len > self.model.max_seq_len {
+            return Err(Error::config(
+                "train.seq_len",
+                format!(
+                    "{} exceeds model.max_seq_len {}",
+                    self.train.seq_len, self.model.max_seq_len
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Read a JSON (or TOML, by extension) config file, rejecting unknown fields.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::input(path, format!("cannot read config: {e}")))?;
+        let cfg: RunConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::input(path, format!("malformed config: {e}")))?;
+        cfg.validate()
+            .map_err(|e| Error::input(path, e.to_string()))?;
+        Ok(cfg)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+/// The backbone sizes (ITT-SPEC §2). `small` is the shape of the CPU speed measurements
+/// (../shared/CANDLE-NOTES.md); the paper shapes use heads = d/128 and vocab 32000.
+fn size_preset(size: &str) -> Option<(ModelConfig, TrainConfig)> {
+    let base = |vocab, d, layers, heads, mlp, ctx| ModelConfig {
+        vocab_size: vocab,
+        d_model: d,
+        n_layers: layers,
+        n_heads: heads,
+        n_kv_heads: heads,
+        mlp_hidden: mlp,
+        max_seq_len: ctx,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        init_std: 0.02,
+        thinking: ThinkingConfig::default(),
+    };
+    let t = TrainConfig::default();
+    Some(match size {
+        "tiny" => (
+            base(512, 128, 4, 4, 352, 256),
+            TrainConfig {
+                batch_size: 16,
+                seq_len: 128,
+                max_steps: 600,
+                lr: 3e-3,
+                warmup_steps: 20,
+                ..t
+            },
+        ),
+        "small" => (
+            base(4096, 256, 4, 4, 688, 512),
+            TrainConfig {
+                batch_size: 8,
+                seq_len: 256,
+                max_steps: 2000,
+                lr: 2e-3,
+                warmup_steps: 60,
+                ..t
+            },
+        ),
+        "paper-162m" => (
+            base(32000, 1024, 8, 8, 2560, 4096),
+            TrainConfig {
+                batch_size: 256,
+                seq_len: 4096,
+                max_steps: 50_000,
+                lr: 3e-4,
+                warmup_steps: 1500,
+                ..t
+            },
+        ),
+        "paper-230m" => (
+            base(32000, 1536, 8, 12, 1536, 4096),
+            TrainConfig {
+                batch_size: 256,
+                seq_len: 4096,
+                max_steps: 50_000,
+                lr: 3e-4,
+                warmup_steps: 1500,
+                ..t
+            },
+        ),
+        "paper-466m" => (
+            base(32000, 2048, 8, 16, 4096, 4096),
+            TrainConfig {
+                batch_size: 256,
+                seq_len: 4096,
+                max_steps: 50_000,
+                lr: 3e-4,
+                warmup_steps: 1500,
+                ..t
+            },
+        ),
+        _ => return None,
+    })
+}
+
+pub const SIZES: [&str; 5] = ["tiny", "small", "paper-162m", "paper-230m", "paper-466m"];
+
+/// All preset names: every size as dense, `-loopT` and `-ittT` for T = 2, 3, 4.
+pub fn preset_names() -> Vec<String> {
+    let mut names = vec![];
+    for s in SIZES {
+        names.push(s.to_string());
+        for t in 2..=4 {
+            names.push(format!("{s}-loop{t}"));
+            names.push(format!("{s}-itt{t}"));
+        }
+    }
+    names
+}
+
+/// A named preset, e.g. `tiny`, `small-itt4`, `paper-162m-loop4`.
+pub fn preset(name: &str) -> Result<RunConfig> {
+    let unknown = || {
+        Error::config(
+            "preset",
+            format!(
+                "unknown preset '{name}'; known: {}",
+                preset_names().join(", ")
+            ),
+        )
+    };
+    let (size, kind, steps) = if let Some((s, t)) = name.rsplit_once("-itt") {
+        (
+            s,
+            ModelKind::Itt,
+            t.parse::<usize>().map_err(|_| unknown())?,
+        )
+    } else if let Some((s, t)) = name.rsplit_once("-loop") {
+        (
+            s,
+            ModelKind::Loop,
+            t.parse::<usize>().map_err(|_| unknown())?,
+        )
+    } else {
+        (name, ModelKind::Dense, 1)
+    };
+    if kind != ModelKind::Dense && !(2..=4).contains(&steps) {
+        return Err(unknown());
+    }
+    let (mut model, train) = size_preset(size).ok_or_else(unknown)?;
+    model.thinking.kind = kind;
+    model.thinking.steps = steps;
+    if kind == ModelKind::Itt {
+        model.thinking.ratios = vec![0.7; steps - 1];
+    }
+    let cfg = RunConfig {
+        format_version: CONFIG_FORMAT_VERSION,
+        preset: Some(name.to_string()),
+        model,
+        train,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_is_valid_and_roundtrips() {
+        for name in preset_names() {
+            let cfg = preset(&name).unwrap();
+            let back: RunConfig = serde_json::from_str(&cfg.to_json()).unwrap();
+            assert_eq!(back, cfg, "{name}");
+        }
+        assert!(preset("tiny-itt5").is_err());
+        assert!(preset("nope")
+            .unwrap_err()
+            .to_string()
+            .contains("unknown preset"));
+    }
+
+    #[test]
+    fn paper_parameter_counts_match_table5() {
+        // ITT-SPEC §2: 162M / 230M / 466M with untied 32000-token embeddings.
+        for (name, want) in [
+            ("paper-162m", 162e6),
+            ("paper-230m", 230e6),
+            ("paper-466m", 466e6),
+        ] {
+            let n = preset(name).unwrap().model.n_params() as f64;
+            assert!((n - want).abs() / want < 0.02, "{name}: {n}");
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let mut c = preset("tiny-itt4").unwrap();
+        c.model.thinking.ratios = vec![0.5, 1.5, 0.5];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("thinking.ratios"));
+        c.model.thinking.ratios = vec![0.5];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("thinking.ratios"));
+        c.model.thinking.ratios = vec![0.5; 3];
+        c.model.thinking.layers = Some(vec![9]);
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("thinking.layers"));
+        c.model.thinking.layers = None;
+        c.model.thinking.steps = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("thinking.steps"));
+        let unknown = r#"{"format_version":1,"model":{"bogus":1},"train":{}}"#;
+        assert!(serde_json::from_str::<RunConfig>(unknown)
+            .unwrap_err()
+            .to_string()
+            .contains("bogus"));
+    }
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_floor() {
+        let t = TrainConfig {
+            lr: 1.0,
+            warmup_steps: 10,
+            max_steps: 110,
+            min_lr_ratio: 0.1,
+            ..Default::default()
+        };
+        assert!((t.lr_at(0) - 0.1).abs() < 1e-12);
+        assert!((t.lr_at(9) - 1.0).abs() < 1e-12);
+        assert!((t.lr_at(60) - 0.55).abs() < 1e-9);
+        assert!((t.lr_at(110) - 0.1).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,742 @@
+//! The LLaMA-style decoder (ITT-SPEC §2), read top to bottom: parameters, norm, attention,
+//! MLP, block, model. The thinking layers (ITT, Loop) live in `thinking.rs`; the per-request
+//! state they use (KV caches, routing settings, the record of what was routed) is passed in.
+//!
+//! Tokens travel *packed*: a call's input is `(N,)` token ids, the concatenation of one or
+//! more sequences described by a [`SeqLayout`]. Training batches are B sequences of T tokens;
+//! a routed thinking step is the subset of selected tokens of each sequence, still packed;
+//! batched generation packs prompts of different lengths without padding tokens. So nothing
+//! inside the model ever sees a pad, and "padded positions are never selected" holds by
+//! construction.
+
+pub mod thinking;
+
+use crate::config::{ModelConfig, ModelKind};
+use crate::ops;
+use crate::rng::Rng;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use std::collections::HashMap;
+
+pub use thinking::{ForwardRecord, RouterCalibration, Routing, RoutingOptions, ThinkingLayer};
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+
+/// How a parameter starts when a model is created from scratch.
+#[derive(Clone, Copy, Debug)]
+pub enum Init {
+    Normal(f64),
+    Const(f64),
+}
+
+/// Where parameters come from: fresh (seeded init) or loaded tensors (checkpoint, safetensors,
+/// GGUF). Every parameter the model asks for is recorded, in order, as a trainable `Var`.
+pub struct ParamStore {
+    source: ParamSource,
+    device: Device,
+    /// F32 normally; F64 for finite-difference gradient checks.
+    pub dtype: DType,
+    pub names: Vec<String>,
+    pub vars: Vec<Var>,
+}
+
+enum ParamSource {
+    Fresh(Rng),
+    Loaded {
+        tensors: HashMap<String, Tensor>,
+        origin: String,
+    },
+}
+
+impl ParamStore {
+    pub fn fresh(seed: u64, device: &Device) -> Self {
+        ParamStore {
+            source: ParamSource::Fresh(Rng::derive(seed, "init")),
+            device: device.clone(),
+            dtype: DType::F32,
+            names: vec![],
+            vars: vec![],
+        }
+    }
+
+    /// `origin` names the file the tensors came from, for error messages.
+    pub fn loaded(tensors: HashMap<String, Tensor>, origin: &str, device: &Device) -> Self {
+        ParamStore {
+            source: ParamSource::Loaded {
+                tensors,
+                origin: origin.to_string(),
+            },
+            device: device.clone(),
+            dtype: DType::F32,
+            names: vec![],
+            vars: vec![],
+        }
+    }
+
+    pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
+        let t = match &mut self.source {
+            ParamSource::Fresh(rng) => {
+                let n: usize = shape.iter().product();
+                let data: Vec<f32> = match init {
+                    Init::Normal(std) => (0..n).map(|_| (rng.normal() * std) as f32).collect(),
+                    Init::Const(c) => vec![c as f32; n],
+                };
+                Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
+            }
+            ParamSource::Loaded { tensors, origin } => {
+                let t = tensors.remove(name).ok_or_else(|| {
+                    Error::checkpoint(origin.as_str(), format!("tensor '{name}' is missing (was it written by another model or config?)"))
+                })?;
+                if t.dims() != shape {
+                    return Err(Error::checkpoint(
+                        origin.as_str(),
+                        format!(
+                            "tensor '{name}' has shape {:?}, the config needs {:?}",
+                            t.dims(),
+                            shape
+                        ),
+                    ));
+                }
+                t.to_dtype(self.dtype)?.to_device(&self.device)?
+            }
+        };
+        let var = Var::from_tensor(&t)?;
+        let out = var.as_tensor().clone();
+        self.names.push(name.to_string());
+        self.vars.push(var);
+        Ok(out)
+    }
+
+    /// After building: a loaded source must have no tensors left over.
+    pub fn finish(self) -> Result<Vec<(String, Var)>> {
+        if let ParamSource::Loaded { tensors, origin } = &self.source {
+            if let Some(extra) = tensors.keys().min() {
+                return Err(Error::checkpoint(
+                    origin.as_str(),
+                    format!("unexpected tensor '{extra}' ({} extra in all): the file does not match this config", tensors.len()),
+                ));
+            }
+        }
+        Ok(self.names.into_iter().zip(self.vars).collect())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packed sequences
+
+/// The sequences packed into one call: their lengths in this call and every token's absolute
+/// position (its index in its sequence, counting cached tokens), used by RoPE.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqLayout {
+    pub lens: Vec<usize>,
+    pub positions: Vec<u32>,
+}
+
+impl SeqLayout {
+    /// B sequences of T tokens at positions 0..T.
+    pub fn uniform(b: usize, t: usize) -> Self {
+        SeqLayout {
+            lens: vec![t; b],
+            positions: (0..b).flat_map(|_| 0..t as u32).collect(),
+        }
+    }
+
+    /// Sequences of the given lengths, each continuing after `past[i]` cached tokens.
+    pub fn with_past(lens: &[usize], past: &[usize]) -> Self {
+        let positions = lens
+            .iter()
+            .zip(past)
+            .flat_map(|(&n, &p)| (p..p + n).map(|x| x as u32))
+            .collect();
+        SeqLayout {
+            lens: lens.to_vec(),
+            positions,
+        }
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn starts(&self) -> Vec<usize> {
+        let mut s = Vec::with_capacity(self.lens.len());
+        let mut acc = 0;
+        for &n in &self.lens {
+            s.push(acc);
+            acc += n;
+        }
+        s
+    }
+
+    /// Some((B, T)) when every sequence has the same length T.
+    pub fn uniform_shape(&self) -> Option<(usize, usize)> {
+        let t = *self.lens.first()?;
+        self.lens
+            .iter()
+            .all(|&n| n == t)
+            .then_some((self.lens.len(), t))
+    }
+}
+
+/// Rotary cos/sin gathered at the positions of one call's tokens: (N, hd/2) each.
+#[derive(Clone)]
+pub struct RopeAt {
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl RopeAt {
+    /// The rows of the selected tokens (routed steps keep their original positions).
+    pub fn select(&self, idx: &Tensor) -> Result<RopeAt> {
+        Ok(RopeAt {
+            cos: self.cos.index_select(idx, 0)?,
+            sin: self.sin.index_select(idx, 0)?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV cache
+
+/// One sequence's keys and values at one (layer, step): (1, Hkv, L, hd) each, RoPE applied.
+/// A routed step's cache holds only the tokens selected at that step (ITT-SPEC §5).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    pub k: Option<Tensor>,
+    pub v: Option<Tensor>,
+}
+
+impl KvCache {
+    pub fn len(&self) -> usize {
+        self.k.as_ref().map(|k| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// All caches of one sequence, indexed [layer][step], and the number of tokens seen.
+#[derive(Clone, Debug)]
+pub struct SeqCache {
+    pub slots: Vec<Vec<KvCache>>,
+    pub seen: usize,
+}
+
+impl SeqCache {
+    /// Cached tokens at each (layer, step), in the same [layer][step] shape.
+    pub fn lens(&self) -> Vec<Vec<usize>> {
+        self.slots
+            .iter()
+            .map(|l| l.iter().map(|c| c.len()).collect())
+            .collect()
+    }
+
+    /// Bytes held by keys and values (f32).
+    pub fn bytes(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|c| c.k.as_ref().map(|k| 2 * k.elem_count() * 4).unwrap_or(0))
+            .sum()
+    }
+}
+
+/// Caches of the sequences packed in a call, and which (layer, step) slot is in use.
+pub struct CacheSlot<'a> {
+    pub seqs: &'a mut [SeqCache],
+    pub layer: usize,
+    pub step: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers
+
+/// y = x W^T. Weight (out, in); no bias (ITT-SPEC §2).
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+}
+
+impl Linear {
+    fn load(
+        ps: &mut ParamStore,
+        name: &str,
+        out_dim: usize,
+        in_dim: usize,
+        std: f64,
+    ) -> Result<Self> {
+        Ok(Linear {
+            weight: ps.get(
+                &format!("{name}.weight"),
+                &[out_dim, in_dim],
+                Init::Normal(std),
+            )?,
+        })
+    }
+    /// x: (N, in) -> (N, out).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    pub gain: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    fn load(ps: &mut ParamStore, name: &str, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            gain: ps.get(&format!("{name}.weight"), &[dim], Init::Const(1.0))?,
+            eps,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::rms_norm(x, &self.gain, self.eps)
+    }
+}
+
+/// Causal multi-head attention with rotary positions and grouped-query heads.
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    fn load(ps: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        let (d, hd) = (cfg.d_model, cfg.head_dim());
+        let out_std = cfg.init_std / (2.0 * cfg.n_layers as f64).sqrt();
+        Ok(Attention {
+            wq: Linear::load(ps, &format!("{name}.wq"), cfg.n_heads * hd, d, cfg.init_std)?,
+            wk: Linear::load(
+                ps,
+                &format!("{name}.wk"),
+                cfg.n_kv_heads * hd,
+                d,
+                cfg.init_std,
+            )?,
+            wv: Linear::load(
+                ps,
+                &format!("{name}.wv"),
+                cfg.n_kv_heads * hd,
+                d,
+                cfg.init_std,
+            )?,
+            wo: Linear::load(ps, &format!("{name}.wo"), d, cfg.n_heads * hd, out_std)?,
+            n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// x: (N, D) normalised input of the packed sequences -> (N, D).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layout: &SeqLayout,
+        rope: &RopeAt,
+        cache: Option<CacheSlot>,
+    ) -> Result<Tensor> {
+        let n = x.dim(0)?;
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = ops::apply_rope(
+            &self.wq.forward(x)?.reshape((n, h, hd))?,
+            &rope.cos,
+            &rope.sin,
+        )?;
+        let k = ops::apply_rope(
+            &self.wk.forward(x)?.reshape((n, hkv, hd))?,
+            &rope.cos,
+            &rope.sin,
+        )?;
+        let v = self.wv.forward(x)?.reshape((n, hkv, hd))?;
+        let out = match (cache, layout.uniform_shape()) {
+            (None, Some((b, t))) => {
+                // The common training case: B equal sequences, one batched product.
+                let to_bhtd = |z: &Tensor, heads| -> Result<Tensor> {
+                    Ok(z.reshape((b, t, heads, hd))?
+                        .transpose(1, 2)?
+                        .contiguous()?)
+                };
+                let o = ops::causal_sdpa(&to_bhtd(&q, h)?, &to_bhtd(&k, hkv)?, &to_bhtd(&v, hkv)?)?; // (B, H, T, hd)
+                o.transpose(1, 2)?.reshape((n, h * hd))?
+            }
+            (cache, _) => self.forward_per_sequence(&q, &k, &v, layout, cache)?,
+        };
+        self.wo.forward(&out)
+    }
+
+    /// Sequences of different lengths, or continuing from a KV cache: one at a time.
+    fn forward_per_sequence(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &SeqLayout,
+        mut cache: Option<CacheSlot>,
+    ) -> Result<Tensor> {
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let mut outs = Vec::with_capacity(layout.lens.len());
+        for (i, (&start, &len)) in layout.starts().iter().zip(&layout.lens).enumerate() {
+            let slot = cache
+                .as_mut()
+                .map(|c| &mut c.seqs[i].slots[c.layer][c.step]);
+            if len == 0 {
+                continue;
+            }
+            let part = |z: &Tensor, heads| -> Result<Tensor> {
+                Ok(z.narrow(0, start, len)?
+                    .reshape((1, len, heads, hd))?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let (qi, mut ki, mut vi) = (part(q, h)?, part(k, hkv)?, part(v, hkv)?);
+            if let Some(slot) = slot {
+                if let (Some(pk), Some(pv)) = (&slot.k, &slot.v) {
+                    ki = Tensor::cat(&[pk, &ki], 2)?;
+                    vi = Tensor::cat(&[pv, &vi], 2)?;
+                }
+                slot.k = Some(ki.clone());
+                slot.v = Some(vi.clone());
+            }
+            let o = ops::causal_sdpa(&qi, &ki, &vi)?; // (1, H, len, hd)
+            outs.push(o.transpose(1, 2)?.reshape((len, h * hd))?);
+        }
+        if outs.is_empty() {
+            return Ok(Tensor::zeros((0, h * hd), q.dtype(), q.device())?);
+        }
+        Ok(Tensor::cat(&outs, 0)?)
+    }
+}
+
+/// SwiGLU MLP: W_down (silu(W_gate x) * W_up x).
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    pub w_gate: Linear,
+    pub w_up: Linear,
+    pub w_down: Linear,
+}
+
+impl Mlp {
+    fn load(ps: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        let out_std = cfg.init_std / (2.0 * cfg.n_layers as f64).sqrt();
+        Ok(Mlp {
+            w_gate: Linear::load(
+                ps,
+                &format!("{name}.w_gate"),
+                cfg.mlp_hidden,
+                cfg.d_model,
+                cfg.init_std,
+            )?,
+            w_up: Linear::load(
+                ps,
+                &format!("{name}.w_up"),
+                cfg.mlp_hidden,
+                cfg.d_model,
+                cfg.init_std,
+            )?,
+            w_down: Linear::load(
+                ps,
+                &format!("{name}.w_down"),
+                cfg.d_model,
+                cfg.mlp_hidden,
+                out_std,
+            )?,
+        })
+    }
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.w_down.forward(&ops::swiglu(
+            &self.w_gate.forward(x)?,
+            &self.w_up.forward(x)?,
+        )?)
+    }
+}
+
+/// The decoder block `f` of ITT-SPEC §3, residual paths included:
+/// h = x + Attn(norm(x)); f(x) = h + MLP(norm(h)).
+#[derive(Clone, Debug)]
+pub struct Block {
+    pub attn_norm: RmsNorm,
+    pub attn: Attention,
+    pub mlp_norm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+impl Block {
+    fn load(ps: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Block {
+            attn_norm: RmsNorm::load(ps, &format!("{name}.attn_norm"), cfg.d_model, cfg.norm_eps)?,
+            attn: Attention::load(ps, &format!("{name}.attn"), cfg)?,
+            mlp_norm: RmsNorm::load(ps, &format!("{name}.mlp_norm"), cfg.d_model, cfg.norm_eps)?,
+            mlp: Mlp::load(ps, &format!("{name}.mlp"), cfg)?,
+        })
+    }
+
+    /// x: (N, D) -> (N, D).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        layout: &SeqLayout,
+        rope: &RopeAt,
+        cache: Option<CacheSlot>,
+    ) -> Result<Tensor> {
+        let h = (x + self
+            .attn
+            .forward(&self.attn_norm.forward(x)?, layout, rope, cache)?)?;
+        Ok((&h + self.mlp.forward(&self.mlp_norm.forward(&h)?)?)?)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub blocks: Vec<Block>,
+    /// `Some` for the layers that think (ITT or Loop), aligned with `blocks`.
+    pub thinking: Vec<Option<ThinkingLayer>>,
+    pub norm: RmsNorm,
+    /// Untied output head (V, D); `None` when tied to `embed`.
+    pub head: Option<Linear>,
+    rope_cos: Tensor,
+    rope_sin: Tensor,
+    /// Every parameter, named, in creation order.
+    pub params: Vec<(String, Var)>,
+}
+
+impl Model {
+    /// A fresh model, initialised from `seed`.
+    pub fn new(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Model> {
+        Model::build(cfg, ParamStore::fresh(seed, device), device)
+    }
+
+    /// A fresh model in another dtype (F64 for finite-difference checks); same draws as `new`.
+    pub fn new_with_dtype(
+        cfg: &ModelConfig,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Model> {
+        let mut ps = ParamStore::fresh(seed, device);
+        ps.dtype = dtype;
+        Model::build(cfg, ps, device)
+    }
+
+    /// A model from named tensors (checkpoint, safetensors or converted GGUF).
+    pub fn from_tensors(
+        cfg: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        origin: &str,
+        device: &Device,
+    ) -> Result<Model> {
+        Model::build(cfg, ParamStore::loaded(tensors, origin, device), device)
+    }
+
+    fn build(cfg: &ModelConfig, mut ps: ParamStore, device: &Device) -> Result<Model> {
+        cfg.validate()?;
+        let embed = ps.get(
+            "embed.weight",
+            &[cfg.vocab_size, cfg.d_model],
+            Init::Normal(cfg.init_std),
+        )?;
+        let think_layers = cfg.thinking_layers();
+        let mut blocks = Vec::with_capacity(cfg.n_layers);
+        let mut thinking = Vec::with_capacity(cfg.n_layers);
+        for i in 0..cfg.n_layers {
+            let name = format!("layers.{i}");
+            blocks.push(Block::load(&mut ps, &name, cfg)?);
+            thinking.push(if think_layers.contains(&i) {
+                Some(ThinkingLayer::load(
+                    &mut ps,
+                    &format!("{name}.think"),
+                    cfg,
+                    i,
+                )?)
+            } else {
+                None
+            });
+        }
+        let norm = RmsNorm::load(&mut ps, "norm", cfg.d_model, cfg.norm_eps)?;
+        let head = if cfg.tie_embeddings {
+            None
+        } else {
+            Some(Linear::load(
+                &mut ps,
+                "head",
+                cfg.vocab_size,
+                cfg.d_model,
+                cfg.init_std,
+            )?)
+        };
+        let (rope_cos, rope_sin) =
+            ops::rope_tables(cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta, device)?;
+        let (rope_cos, rope_sin) = (rope_cos.to_dtype(ps.dtype)?, rope_sin.to_dtype(ps.dtype)?);
+        let params = ps.finish()?;
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed,
+            blocks,
+            thinking,
+            norm,
+            head,
+            rope_cos,
+            rope_sin,
+            params,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed.device()
+    }
+
+    pub fn n_params(&self) -> usize {
+        self.params.iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Steps each layer runs: T for thinking layers, 1 otherwise.
+    pub fn layer_steps(&self) -> Vec<usize> {
+        self.thinking
+            .iter()
+            .map(|t| t.as_ref().map(|t| t.steps).unwrap_or(1))
+            .collect()
+    }
+
+    /// An empty KV cache for one sequence.
+    pub fn new_cache(&self) -> SeqCache {
+        SeqCache {
+            slots: self
+                .layer_steps()
+                .iter()
+                .map(|&s| vec![KvCache::default(); s])
+                .collect(),
+            seen: 0,
+        }
+    }
+
+    /// Final hidden states (after the last norm): tokens (N,) u32 -> (N, D).
+    ///
+    /// `caches`, when given, holds one `SeqCache` per sequence of `layout`; keys and values
+    /// of this call are appended and `seen` advances. `record` collects routing statistics.
+    pub fn forward_hidden(
+        &self,
+        tokens: &Tensor,
+        layout: &SeqLayout,
+        routing: &RoutingOptions,
+        mut caches: Option<&mut [SeqCache]>,
+        mut record: Option<&mut ForwardRecord>,
+    ) -> Result<Tensor> {
+        let n = layout.n_tokens();
+        if tokens.dims() != [n] {
+            return Err(Error::usage(format!(
+                "tokens {:?} do not match the layout's {n} tokens",
+                tokens.dims()
+            )));
+        }
+        if let Some(c) = caches.as_deref() {
+            if c.len() != layout.lens.len() {
+                return Err(Error::usage("one cache per packed sequence is needed"));
+            }
+        }
+        let max_pos = layout.positions.iter().copied().max().unwrap_or(0) as usize;
+        if max_pos >= self.cfg.max_seq_len {
+            return Err(Error::usage(format!(
+                "sequence position {max_pos} is past the model's context of {} tokens",
+                self.cfg.max_seq_len
+            )));
+        }
+        let pos = Tensor::from_slice(&layout.positions, n, self.device())?;
+        let rope = RopeAt {
+            cos: self.rope_cos.index_select(&pos, 0)?,
+            sin: self.rope_sin.index_select(&pos, 0)?,
+        };
+        let mut x = self.embed.index_select(tokens, 0)?; // (N, D)
+        for (i, (block, think)) in self.blocks.iter().zip(&self.thinking).enumerate() {
+            x = match think {
+                None => {
+                    let slot = caches.as_deref_mut().map(|seqs| CacheSlot {
+                        seqs,
+                        layer: i,
+                        step: 0,
+                    });
+                    block.forward(&x, layout, &rope, slot)?
+                }
+                Some(t) => t.forward(
+                    block,
+                    &x,
+                    layout,
+                    &rope,
+                    routing,
+                    caches.as_deref_mut(),
+                    record.as_deref_mut(),
+                )?,
+            };
+        }
+        if let Some(c) = caches {
+            for (seq, &len) in c.iter_mut().zip(&layout.lens) {
+                seq.seen += len;
+            }
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Output logits for hidden states: (N, D) -> (N, V).
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        match &self.head {
+            Some(h) => h.forward(hidden),
+            None => Ok(hidden.matmul(&self.embed.t()?)?),
+        }
+    }
+
+    /// Logits for every token: (N,) -> (N, V).
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        layout: &SeqLayout,
+        routing: &RoutingOptions,
+        caches: Option<&mut [SeqCache]>,
+        record: Option<&mut ForwardRecord>,
+    ) -> Result<Tensor> {
+        self.logits(&self.forward_hidden(tokens, layout, routing, caches, record)?)
+    }
+
+    /// Mean next-token cross-entropy of B sequences of T tokens (row-major ids).
+    pub fn loss(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        routing: &RoutingOptions,
+        record: Option<&mut ForwardRecord>,
+    ) -> Result<Tensor> {
+        let dev = self.device();
+        let tokens = Tensor::from_slice(inputs, b * t, dev)?;
+        let targets = Tensor::from_slice(targets, b * t, dev)?;
+        let logits = self.forward(&tokens, &SeqLayout::uniform(b, t), routing, None, record)?;
+        ops::cross_entropy(&logits, &targets)
+    }
+
+    /// Whether this model has routers (ITT with adaptive routing).
+    pub fn has_routers(&self) -> bool {
+        self.thinking
+            .iter()
+            .flatten()
+            .any(|t| !t.routers.is_empty())
+    }
+
+    pub fn kind(&self) -> ModelKind {
+        self.cfg.thinking.kind
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,662 @@
+//! The thinking layer: Inner Thinking Transformer (ITT) and Loop, ITT-SPEC §3–§5.
+//!
+//! Paper: Chen et al., "Inner Thinking Transformer", arXiv 2502.13842, §3 (Eqs. 3–6).
+//! `f` is a whole decoder block, residual paths included (`Block::forward`), `x0` its input,
+//! T the number of steps, rho_t the share of a sequence's tokens selected at step t, phi_t a
+//! learned vector of size D, R_t a router Linear(D -> 1). This file implements
+//!
+//! ```text
+//! x1 = phi_1 * f(x0)                           step 1, every token           [forward: step 1]
+//! for t in 2..=T:
+//!     w   = sigmoid(R_t(x_{t-1}))               one router per step & layer   [Router::logits]
+//!     S   = top ceil(rho_t * n) tokens of w     per sequence, every step      [select]
+//!     y   = f(x_{t-1}[S])                       block on the selected tokens  [forward: gather]
+//!     x_t = x_{t-1};  x_t[S] += w[S] * (phi_t * y)                            [forward: index_add]
+//! return x_T
+//! ```
+//!
+//! The three components and their switches (config `thinking.*`):
+//! - Residual Thinking Connection (RTC, `residual_connection`): the accumulation above; the
+//!   literal Eq. 4 sums block outputs, x_T = sum_t phi_t * f(x_{t-1}).
+//! - Thinking Step Encoding (TSE, `step_encoding`): the vectors phi_t; off = phi fixed to 1.
+//! - Adaptive Token Routing (ATR, `adaptive_routing`): routers and top-k; the router learns
+//!   only through `w` scaling the update (no auxiliary loss, as in the paper). Off = every
+//!   token takes every step with weight 1.
+//!
+//! Departures from the paper and choices it leaves open (each "here" in ITT-SPEC):
+//! - Attention inside a routed step (not stated in the paper; here as in Mixture-of-Depths):
+//!   selected tokens attend causally to the selected tokens of the same sequence and step, at
+//!   their original rotary positions. Unselected tokens add nothing at that step.
+//! - Residual form (`residual_form`): `literal` (default) accumulates f(x) as Eq. 4 writes it;
+//!   `update` accumulates only the block's update f(x) - x, so x1 = x0 + phi_1*(f(x0) - x0)
+//!   and x_t[S] += w * phi_t * (y - x_{t-1}[S]).
+//! - Initialisation (not given): phi_1 = 1 (step 1 is an ordinary layer), phi_t = `phi_init`
+//!   (0.1) for t >= 2 so a fresh model starts close to dense; routers N(0, 0.02), bias 0.
+//! - Without RTC (Table 3 ablation, the paper gives no formula): the selected tokens' state is
+//!   *replaced*, moved to the step's output by the router weight:
+//!   x_t[S] = (1 - w) * x_{t-1}[S] + w * r with r = phi_t * y (literal) or
+//!   x_{t-1}[S] + phi_t * (y - x_{t-1}[S]) (update); with w = 1 (no ATR) this is plain
+//!   replacement. Here phi_t starts at 1 in this ablation, since a replaced state scaled by
+//!   a small phi would collapse.
+//! - k = ceil(rho * n) computed with a 1e-9 guard so 0.7 * 10 selects 7, not 8. Ties in the
+//!   router score break towards the earlier position, so selection is deterministic.
+//! - Causal routing (ITT-SPEC §5, not in the paper): mode `Threshold` selects token i at step
+//!   t iff its router logit exceeds tau_t, the (1 - rho_t) quantile of router logits tracked
+//!   during training (`RouterCalibration`). Each token's choice then depends only on its past,
+//!   so cached decoding equals the full pass. Top-k (the paper's rule) stays the default.
+//! - Elastic inference (ITT-SPEC §6): `RoutingOptions` may override the ratios and use fewer
+//!   steps; a ratio of 0 skips that step. `early_exit` drops a token from later steps once its
+//!   router weight falls below the given value.
+//!
+//! Loop xT (ITT-SPEC §4) shares this file: x_t = f(x_{t-1}) on every token, no router, phi or
+//! accumulation.
+
+use super::{Block, CacheSlot, Init, ParamStore, RopeAt, SeqCache, SeqLayout};
+use crate::config::{ModelConfig, ModelKind, ResidualForm};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// R_t: Linear(D -> 1) with bias; its sigmoid is the router weight w.
+#[derive(Clone, Debug)]
+pub struct Router {
+    pub weight: Tensor, // (1, D)
+    pub bias: Tensor,   // (1,)
+}
+
+impl Router {
+    /// Router logits for every token: (N, D) -> (N, 1).
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ThinkingLayer {
+    /// Index of this layer in the model.
+    pub layer: usize,
+    pub kind: ModelKind,
+    /// T, steps including the first full pass.
+    pub steps: usize,
+    /// phi_t for t = 1..=T, each (D,); empty when step encoding is off (phi = 1).
+    pub phis: Vec<Tensor>,
+    /// R_t for t = 2..=T; empty without adaptive routing (and for Loop).
+    pub routers: Vec<Router>,
+    /// The trained rho_t for t = 2..=T.
+    pub ratios: Vec<f64>,
+    pub residual_connection: bool,
+    pub residual_form: ResidualForm,
+}
+
+/// Which rule picks the tokens of a routed step (ITT-SPEC §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Routing {
+    /// The paper's per-sequence top-k; not causal. Training and full-text scoring.
+    #[default]
+    TopK,
+    /// Causal: a token takes a step iff its router logit exceeds the calibrated threshold.
+    Threshold,
+}
+
+impl std::str::FromStr for Routing {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "topk" => Ok(Routing::TopK),
+            "threshold" | "causal" => Ok(Routing::Threshold),
+            _ => Err(Error::usage(format!(
+                "unknown routing mode '{s}' (use topk or threshold)"
+            ))),
+        }
+    }
+}
+
+/// Per-call routing settings: the request's state, passed in, never stored in the model.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingOptions {
+    pub mode: Routing,
+    /// Needed for `Threshold` routing: the checkpoint's tracked router quantiles.
+    pub calibration: Option<Arc<RouterCalibration>>,
+    /// Elastic ratios for t = 2..=steps (ITT-SPEC §6); `None` = the trained ratios.
+    pub ratios: Option<Vec<f64>>,
+    /// Elastic number of steps (at most the trained T); `None` = T.
+    pub steps: Option<usize>,
+    /// Stop giving steps to a token once its router weight is below this value.
+    pub early_exit: Option<f32>,
+    /// Use these selections (packed token indices per (layer, step)) instead of routing:
+    /// holds selection fixed, e.g. for finite-difference gradient checks.
+    pub forced: Option<Arc<BTreeMap<(usize, usize), Vec<u32>>>>,
+}
+
+/// Statistics of one (layer, step), accumulated over calls.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepStats {
+    /// Tokens that took this step.
+    pub selected: u64,
+    /// Tokens that could have (the layer's tokens in the calls).
+    pub candidates: u64,
+    pub logit_sum: f64,
+    pub logit_sqsum: f64,
+    /// Router weight w = sigmoid(logit), over all candidates.
+    pub weight_sum: f64,
+    pub weight_sqsum: f64,
+    /// Sum over calls of |S_t ∩ S_{t-1}| / |S_t| numerators (overlap with the previous step).
+    pub overlap_with_prev: u64,
+}
+
+impl StepStats {
+    pub fn share(&self) -> f64 {
+        if self.candidates == 0 {
+            0.0
+        } else {
+            self.selected as f64 / self.candidates as f64
+        }
+    }
+    pub fn weight_mean(&self) -> f64 {
+        if self.candidates == 0 {
+            0.0
+        } else {
+            self.weight_sum / self.candidates as f64
+        }
+    }
+    pub fn weight_std(&self) -> f64 {
+        if self.candidates == 0 {
+            return 0.0;
+        }
+        let m = self.weight_mean();
+        (self.weight_sqsum / self.candidates as f64 - m * m)
+            .max(0.0)
+            .sqrt()
+    }
+}
+
+/// What the thinking layers did: statistics accumulated over calls, and optionally the raw
+/// router logits (for calibration) and the last call's per-token detail (for depth maps).
+#[derive(Clone, Debug, Default)]
+pub struct ForwardRecord {
+    /// Keep every router logit seen, per (layer, step), until taken.
+    pub keep_scores: bool,
+    /// Keep the last call's selections and per-token depths.
+    pub keep_detail: bool,
+    pub stats: BTreeMap<(usize, usize), StepStats>,
+    pub scores: BTreeMap<(usize, usize), Vec<f32>>,
+    /// Last call: selected packed token indices per (layer, step).
+    pub selections: BTreeMap<(usize, usize), Vec<u32>>,
+    /// Last call: steps taken by each token, per thinking layer.
+    pub depth: BTreeMap<usize, Vec<u32>>,
+    /// Last call: router weight of each token, per (layer, step) (0 where not evaluated).
+    pub weights: BTreeMap<(usize, usize), Vec<f32>>,
+}
+
+impl ForwardRecord {
+    pub fn with_scores() -> Self {
+        ForwardRecord {
+            keep_scores: true,
+            ..Default::default()
+        }
+    }
+    pub fn with_detail() -> Self {
+        ForwardRecord {
+            keep_detail: true,
+            ..Default::default()
+        }
+    }
+    /// Tokens actually run through the block, summed over layers and steps >= 2.
+    pub fn routed_tokens(&self) -> u64 {
+        self.stats.values().map(|s| s.selected).sum()
+    }
+}
+
+impl ThinkingLayer {
+    pub(super) fn load(
+        ps: &mut ParamStore,
+        name: &str,
+        cfg: &ModelConfig,
+        layer: usize,
+    ) -> Result<Self> {
+        let th = &cfg.thinking;
+        let d = cfg.d_model;
+        let is_itt = th.kind == ModelKind::Itt;
+        let mut phis = vec![];
+        let mut routers = vec![];
+        if is_itt && th.step_encoding {
+            let later = if th.residual_connection {
+                th.phi_init
+            } else {
+                1.0
+            };
+            for t in 1..=th.steps {
+                let init = if t == 1 { 1.0 } else { later };
+                phis.push(ps.get(&format!("{name}.phi.{t}"), &[d], Init::Const(init))?);
+            }
+        }
+        if is_itt && th.adaptive_routing {
+            for t in 2..=th.steps {
+                routers.push(Router {
+                    weight: ps.get(
+                        &format!("{name}.router.{t}.weight"),
+                        &[1, d],
+                        Init::Normal(th.router_init_std),
+                    )?,
+                    bias: ps.get(&format!("{name}.router.{t}.bias"), &[1], Init::Const(0.0))?,
+                });
+            }
+        }
+        Ok(ThinkingLayer {
+            layer,
+            kind: th.kind,
+            steps: th.steps,
+            phis,
+            routers,
+            ratios: if is_itt { th.ratios.clone() } else { vec![] },
+            residual_connection: th.residual_connection,
+            residual_form: th.residual_form,
+        })
+    }
+
+    /// phi_t (1-based t), or None when step encoding is off (phi = 1).
+    fn phi(&self, t: usize) -> Option<&Tensor> {
+        self.phis.get(t - 1)
+    }
+
+    /// Steps and ratios in effect for this call (elastic inference, ITT-SPEC §6).
+    fn plan(&self, opts: &RoutingOptions) -> Result<(usize, Vec<f64>)> {
+        let steps = opts.steps.unwrap_or(self.steps);
+        if steps < 1 || steps > self.steps {
+            return Err(Error::usage(format!(
+                "steps must be between 1 and the trained {} (got {steps})",
+                self.steps
+            )));
+        }
+        if self.kind == ModelKind::Loop || self.routers.is_empty() {
+            // Loop, and ITT without routing: every token takes every step.
+            return Ok((steps, vec![1.0; steps - 1]));
+        }
+        let ratios = match &opts.ratios {
+            Some(r) => {
+                if r.len() != steps - 1 {
+                    return Err(Error::usage(format!(
+                        "--ratios needs {} values (one per routed step of {steps} steps), got {}",
+                        steps - 1,
+                        r.len()
+                    )));
+                }
+                crate::config::check_ratios("--ratios", r)?;
+                r.clone()
+            }
+            None => self.ratios[..steps - 1].to_vec(),
+        };
+        Ok((steps, ratios))
+    }
+
+    /// Run the layer's T steps on x0: (N, D) -> (N, D).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &self,
+        block: &Block,
+        x0: &Tensor,
+        layout: &SeqLayout,
+        rope: &RopeAt,
+        opts: &RoutingOptions,
+        mut caches: Option<&mut [SeqCache]>,
+        mut record: Option<&mut ForwardRecord>,
+    ) -> Result<Tensor> {
+        let (steps, ratios) = self.plan(opts)?;
+        let layer = self.layer;
+        fn slot<'a>(
+            caches: &'a mut Option<&mut [SeqCache]>,
+            layer: usize,
+            step: usize,
+        ) -> Option<CacheSlot<'a>> {
+            caches
+                .as_deref_mut()
+                .map(|seqs| CacheSlot { seqs, layer, step })
+        }
+        let n = layout.n_tokens();
+
+        // Step 1, every token: x1 = phi_1 * f(x0).
+        let f0 = block.forward(x0, layout, rope, slot(&mut caches, layer, 0))?;
+        let mut x = match (self.kind, self.phi(1), self.residual_form) {
+            (ModelKind::Loop, _, _) | (_, None, _) => f0,
+            (_, Some(phi), ResidualForm::Literal) => f0.broadcast_mul(phi)?,
+            (_, Some(phi), ResidualForm::Update) => (x0 + (f0 - x0)?.broadcast_mul(phi)?)?,
+        };
+
+        let mut depth = vec![1u32; n];
+        let mut alive = vec![true; n];
+        let mut prev_selected: Option<Vec<u32>> = None;
+        for t in 2..=steps {
+            if self.kind == ModelKind::Loop {
+                // Loop xT: x_t = f(x_{t-1}) on every token.
+                x = block.forward(&x, layout, rope, slot(&mut caches, layer, t - 1))?;
+                depth.iter_mut().for_each(|d| *d += 1);
+                continue;
+            }
+            let rho = ratios[t - 2];
+            if rho == 0.0 {
+                continue; // a skipped step (e.g. 90/90/0)
+            }
+            let Some(router) = self.routers.get(t - 2) else {
+                // No ATR: every token, weight 1.
+                let y = block.forward(&x, layout, rope, slot(&mut caches, layer, t - 1))?;
+                x = self.accumulate(&x, &y, None, t)?;
+                depth.iter_mut().for_each(|d| *d += 1);
+                continue;
+            };
+
+            let logits = router.logits(&x)?; // (N, 1)
+            let w = candle_nn::ops::sigmoid(&logits)?; // (N, 1)
+            let host: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+            let selected = match opts.forced.as_ref().and_then(|f| f.get(&(self.layer, t))) {
+                Some(sel) => sel.clone(),
+                None => match opts.mode {
+                    Routing::TopK => select_topk(&host, &layout.lens, rho, &alive),
+                    Routing::Threshold => {
+                        let cal = opts.calibration.as_ref().ok_or_else(|| {
+                            Error::usage(
+                                "threshold routing needs router thresholds; this checkpoint has none \
+                                 (train it with this version, or run `itt calibrate --checkpoint PATH --data TEXT`)",
+                            )
+                        })?;
+                        let tau = cal.threshold(self.layer, t, rho)?;
+                        select_threshold(&host, &layout.lens, tau, &alive)
+                    }
+                },
+            };
+            let weights: Vec<f32> = host.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
+            if let Some(e) = opts.early_exit {
+                for (a, &wi) in alive.iter_mut().zip(&weights) {
+                    if wi < e {
+                        *a = false;
+                    }
+                }
+            }
+            if let Some(rec) = record.as_deref_mut() {
+                let s = rec.stats.entry((self.layer, t)).or_default();
+                s.selected += selected.len() as u64;
+                s.candidates += n as u64;
+                for (&z, &wi) in host.iter().zip(&weights) {
+                    s.logit_sum += z as f64;
+                    s.logit_sqsum += (z as f64) * (z as f64);
+                    s.weight_sum += wi as f64;
+                    s.weight_sqsum += (wi as f64) * (wi as f64);
+                }
+                if let Some(prev) = &prev_selected {
+                    s.overlap_with_prev += sorted_intersection(prev, &selected) as u64;
+                }
+                if rec.keep_scores {
+                    rec.scores
+                        .entry((self.layer, t))
+                        .or_default()
+                        .extend_from_slice(&host);
+                }
+                if rec.keep_detail {
+                    rec.selections.insert((self.layer, t), selected.clone());
+                    rec.weights.insert((self.layer, t), weights.clone());
+                }
+            }
+            for &i in &selected {
+                depth[i as usize] += 1;
+            }
+            if selected.is_empty() {
+                prev_selected = Some(selected);
+                continue;
+            }
+
+            // Gather the selected tokens, run the block on them (causal among themselves, at
+            // their own positions), scale and add back.
+            let idx = Tensor::from_slice(&selected, selected.len(), x.device())?;
+            let sub_layout = sub_layout(layout, &selected);
+            let xs = x.index_select(&idx, 0)?; // (M, D)
+            let y = block.forward(
+                &xs,
+                &sub_layout,
+                &rope.select(&idx)?,
+                slot(&mut caches, layer, t - 1),
+            )?;
+            let ws = w.index_select(&idx, 0)?; // (M, 1)
+            let delta = self.delta(&xs, &y, Some(&ws), t)?;
+            x = x.index_add(&idx, &delta, 0)?;
+            prev_selected = Some(selected);
+        }
+        if let Some(rec) = record {
+            if rec.keep_detail {
+                rec.depth.insert(self.layer, depth);
+            }
+        }
+        Ok(x)
+    }
+
+    /// The amount added to the selected tokens' state at step t (see the header).
+    /// xs: (M, D) their state, y = f(xs): (M, D), w: (M, 1) or None for weight 1.
+    fn delta(&self, xs: &Tensor, y: &Tensor, w: Option<&Tensor>, t: usize) -> Result<Tensor> {
+        let scaled = |z: Tensor| -> Result<Tensor> {
+            let z = match self.phi(t) {
+                Some(phi) => z.broadcast_mul(phi)?,
+                None => z,
+            };
+            Ok(match w {
+                Some(w) => z.broadcast_mul(w)?,
+                None => z,
+            })
+        };
+        let update = || -> Result<Tensor> { Ok((y - xs)?) };
+        if self.residual_connection {
+            match self.residual_form {
+                ResidualForm::Literal => scaled(y.clone()),
+                ResidualForm::Update => scaled(update()?),
+            }
+        } else {
+            // Replacement: x <- x + w * (r - x), r = phi*y (literal) or x + phi*(y - x) (update).
+            let r = match (self.residual_form, self.phi(t)) {
+                (ResidualForm::Literal, Some(phi)) => y.broadcast_mul(phi)?,
+                (ResidualForm::Literal, None) => y.clone(),
+                (ResidualForm::Update, Some(phi)) => (xs + update()?.broadcast_mul(phi)?)?,
+                (ResidualForm::Update, None) => y.clone(),
+            };
+            let moved = (r - xs)?;
+            Ok(match w {
+                Some(w) => moved.broadcast_mul(w)?,
+                None => moved,
+            })
+        }
+    }
+
+    /// Every-token step (no ATR): x + delta on the whole tensor, no gather.
+    fn accumulate(&self, x: &Tensor, y: &Tensor, w: Option<&Tensor>, t: usize) -> Result<Tensor> {
+        Ok((x + self.delta(x, y, w, t)?)?)
+    }
+}
+
+/// Per sequence, the ceil(rho * n) alive tokens with the highest router logits; ties go to
+/// the earlier position. Returns packed indices, ascending (so causal order is kept).
+pub fn select_topk(logits: &[f32], lens: &[usize], rho: f64, alive: &[bool]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &n in lens {
+        let k = ((rho * n as f64 - 1e-9).ceil().max(0.0) as usize).min(n);
+        let mut cand: Vec<usize> = (start..start + n).filter(|&i| alive[i]).collect();
+        // Descending logit, then ascending index: a total order, so the result is deterministic.
+        cand.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+        cand.truncate(k);
+        cand.sort_unstable();
+        out.extend(cand.into_iter().map(|i| i as u32));
+        start += n;
+    }
+    out
+}
+
+/// Causal selection: every alive token whose logit exceeds `tau`.
+pub fn select_threshold(logits: &[f32], lens: &[usize], tau: f32, alive: &[bool]) -> Vec<u32> {
+    let n: usize = lens.iter().sum();
+    (0..n)
+        .filter(|&i| alive[i] && logits[i] > tau)
+        .map(|i| i as u32)
+        .collect()
+}
+
+/// The layout of the selected tokens: per-sequence counts and their original positions.
+pub fn sub_layout(layout: &SeqLayout, selected: &[u32]) -> SeqLayout {
+    let mut lens = vec![0usize; layout.lens.len()];
+    let mut seq = 0;
+    let starts = layout.starts();
+    for &i in selected {
+        while seq + 1 < starts.len() && (i as usize) >= starts[seq + 1] {
+            seq += 1;
+        }
+        lens[seq] += 1;
+    }
+    SeqLayout {
+        lens,
+        positions: selected
+            .iter()
+            .map(|&i| layout.positions[i as usize])
+            .collect(),
+    }
+}
+
+fn sorted_intersection(a: &[u32], b: &[u32]) -> usize {
+    let (mut i, mut j, mut c) = (0, 0, 0);
+    while i < a.len() && j < b.len() {
+        match a[i].cmp(&b[j]) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                c += 1;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    c
+}
+
+/// Running quantiles of router logits per (layer, step), tracked during training, so that
+/// causal routing can select any share rho at inference (ITT-SPEC §5, §6).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RouterCalibration {
+    /// Quantiles stored at levels k / `levels`, k = 0..=levels.
+    pub levels: usize,
+    pub updates: u64,
+    pub entries: Vec<CalibrationEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CalibrationEntry {
+    pub layer: usize,
+    pub step: usize,
+    pub quantiles: Vec<f32>,
+}
+
+impl RouterCalibration {
+    pub fn new() -> Self {
+        RouterCalibration {
+            levels: 100,
+            updates: 0,
+            entries: vec![],
+        }
+    }
+
+    /// Fold in the router logits a record kept (`keep_scores`), then clear them:
+    /// q <- m q + (1 - m) q_batch (the first update sets q).
+    pub fn update(&mut self, record: &mut ForwardRecord, momentum: f64) {
+        for ((layer, step), mut scores) in std::mem::take(&mut record.scores) {
+            if scores.is_empty() {
+                continue;
+            }
+            scores.sort_by(|a, b| a.total_cmp(b));
+            let batch: Vec<f32> = (0..=self.levels)
+                .map(|k| quantile_sorted(&scores, k as f64 / self.levels as f64))
+                .collect();
+            match self
+                .entries
+                .iter_mut()
+                .find(|e| e.layer == layer && e.step == step)
+            {
+                Some(e) => {
+                    for (q, b) in e.quantiles.iter_mut().zip(&batch) {
+                        *q = (momentum * *q as f64 + (1.0 - momentum) * *b as f64) as f32;
+                    }
+                }
+                None => self.entries.push(CalibrationEntry {
+                    layer,
+                    step,
+                    quantiles: batch,
+                }),
+            }
+        }
+        self.entries.sort_by_key(|e| (e.layer, e.step));
+        self.updates += 1;
+    }
+
+    /// The router-logit threshold that selects a share `rho` of tokens at (layer, step).
+    pub fn threshold(&self, layer: usize, step: usize, rho: f64) -> Result<f32> {
+        let e = self.entries.iter().find(|e| e.layer == layer && e.step == step).ok_or_else(|| {
+            Error::usage(format!(
+                "no router threshold stored for layer {layer} step {step}; run `itt calibrate` on this checkpoint"
+            ))
+        })?;
+        if rho >= 1.0 {
+            return Ok(f32::NEG_INFINITY);
+        }
+        if rho <= 0.0 {
+            return Ok(f32::INFINITY);
+        }
+        Ok(quantile_sorted(&e.quantiles, 1.0 - rho))
+    }
+}
+
+/// Linear interpolation quantile of ascending values at level p in [0, 1].
+fn quantile_sorted(v: &[f32], p: f64) -> f32 {
+    let pos = p * (v.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = (lo + 1).min(v.len() - 1);
+    let frac = pos - lo as f64;
+    (v[lo] as f64 * (1.0 - frac) + v[hi] as f64 * frac) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topk_counts_ties_and_order() {
+        // rho * n = 0.7 * 10 = 7 exactly: the guard keeps float error from picking 8.
+        let logits: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        let sel = select_topk(&logits, &[10], 0.7, &[true; 10]);
+        assert_eq!(sel, vec![3, 4, 5, 6, 7, 8, 9]);
+        // All equal: ties go to the earliest positions, every time.
+        let flat = vec![0.5f32; 6];
+        assert_eq!(select_topk(&flat, &[6], 0.5, &[true; 6]), vec![0, 1, 2]);
+        // Two sequences are selected independently.
+        let l = vec![9.0, 1.0, 2.0, 0.0, 0.0, 5.0];
+        assert_eq!(select_topk(&l, &[3, 3], 0.33, &[true; 6]), vec![0, 5]);
+        assert_eq!(select_topk(&l, &[3, 3], 0.34, &[true; 6]), vec![0, 2, 3, 5]);
+        assert_eq!(select_topk(&l, &[3, 3], 0.0, &[true; 6]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn sub_layout_keeps_positions() {
+        let layout = SeqLayout::with_past(&[3, 2], &[5, 0]);
+        let s = sub_layout(&layout, &[1, 3, 4]);
+        assert_eq!(s.lens, vec![1, 2]);
+        assert_eq!(s.positions, vec![6, 0, 1]);
+    }
+
+    #[test]
+    fn calibration_thresholds_select_the_share() {
+        let mut rec = ForwardRecord::with_scores();
+        rec.scores
+            .insert((1, 2), (0..1000).map(|i| i as f32 / 10.0).collect());
+        let mut cal = RouterCalibration::new();
+        cal.update(&mut rec, 0.9);
+        let tau = cal.threshold(1, 2, 0.3).unwrap();
+        let share = (0..1000).filter(|&i| (i as f32 / 10.0) > tau).count() as f64 / 1000.0;
+        assert!((share - 0.3).abs() < 0.01, "{share}");
+        assert!(cal.threshold(3, 2, 0.3).is_err());
+        assert_eq!(cal.threshold(1, 2, 1.0).unwrap(), f32::NEG_INFINITY);
+    }
+}
