@@ -1,0 +1,90 @@
+//! Evaluation: loss, perplexity and bits per byte on token shards or any text.
+
+use crate::data::{self, TokenShard, Tokenizer};
+use crate::model::{Model, RoutingOptions, SeqLayout};
+use crate::{ops, Error, Result};
+use candle_core::Tensor;
+use serde::Serialize;
+
+/// Mean next-token loss over up to `max_batches` sequential batches of the shard (0 = all).
+pub fn shard_loss(model: &Model, shard: &TokenShard, batch: usize, seq_len: usize, max_batches: usize, routing: &RoutingOptions) -> Result<f64> {
+    let mut total = 0.0;
+    let mut count = 0usize;
+    for (i, (inp, tgt)) in data::sequential_batches(shard, batch, seq_len).enumerate() {
+        if max_batches > 0 && i >= max_batches {
+            break;
+        }
+        let rows = inp.len() / seq_len;
+        let nll = window_nll(model, &inp, &tgt, rows, seq_len, routing)?;
+        total += nll.iter().sum::<f64>();
+        count += nll.len();
+    }
+    if count == 0 {
+        return Err(Error::input(shard.path(), format!("too few tokens ({}) for one sequence of {seq_len}", shard.len())));
+    }
+    Ok(total / count as f64)
+}
+
+/// Per-token negative log-likelihoods (nats) of `rows` sequences of `seq_len` tokens.
+pub fn window_nll(model: &Model, inp: &[u32], tgt: &[u32], rows: usize, seq_len: usize, routing: &RoutingOptions) -> Result<Vec<f64>> {
+    let x = Tensor::from_slice(inp, inp.len(), model.device())?;
+    let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, None)?;
+    ops::token_nll(&logits, tgt)
+}
+
+/// Loss, perplexity and bits per byte of a text.
+#[derive(Clone, Debug, Serialize)]
+pub struct TextEval {
+    pub tokens: usize,
+    pub bytes: usize,
+    /// Mean negative log-likelihood per token, nats.
+    pub loss: f64,
+    pub perplexity: f64,
+    /// Total negative log-likelihood in bits divided by the UTF-8 bytes of the text.
+    pub bits_per_byte: f64,
+}
+
+/// Score every token of `text`: the text is preceded by the end-of-document token (as in
+/// training, where documents follow one) and cut into windows of `seq_len` predicted tokens,
+/// each window seeing only itself; so every token is predicted exactly once, and bits per
+/// byte is exact: sum of NLL / ln 2 / bytes.
+pub fn eval_text(model: &Model, tok: &Tokenizer, text: &str, seq_len: usize, batch: usize, routing: &RoutingOptions) -> Result<TextEval> {
+    if text.trim().is_empty() {
+        return Err(Error::usage("the text to evaluate is empty"));
+    }
+    let seq_len = seq_len.min(model.cfg.max_seq_len);
+    let mut ids = vec![tok.eot_id()];
+    ids.extend(tok.encode(text)?);
+    let n_pred = ids.len() - 1;
+    // Windows: inputs ids[s..s+L], targets ids[s+1..s+L+1]; the last window may be shorter.
+    let mut windows: Vec<(usize, usize)> = vec![];
+    let mut s = 0;
+    while s < n_pred {
+        let len = seq_len.min(n_pred - s);
+        windows.push((s, len));
+        s += len;
+    }
+    let mut total = 0.0;
+    for group in windows.chunks(batch.max(1)) {
+        let mut inp = vec![];
+        let mut tgt = vec![];
+        let mut lens = vec![];
+        for &(s, len) in group {
+            inp.extend_from_slice(&ids[s..s + len]);
+            tgt.extend_from_slice(&ids[s + 1..s + len + 1]);
+            lens.push(len);
+        }
+        let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
+        let layout = SeqLayout::with_past(&lens, &vec![0; lens.len()]);
+        let logits = model.forward(&x, &layout, routing, None, None)?;
+        total += ops::token_nll(&logits, &tgt)?.iter().sum::<f64>();
+    }
+    let loss = total / n_pred as f64;
+    Ok(TextEval {
+        tokens: n_pred,
+        bytes: text.len(),
+        loss,
+        perplexity: loss.exp(),
+        bits_per_byte: total / std::f64::consts::LN_2 / text.len() as f64,
+    })
+}

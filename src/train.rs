@@ -1,0 +1,365 @@
+//! Training: AdamW with warmup + cosine, gradient accumulation and clipping, periodic
+//! validation, JSONL metrics, atomic checkpoints, and exact resume.
+//!
+//! Repeatability: the initial weights come from `seed` ("init" stream), training batches from
+//! a separate "data" stream whose state is saved in every checkpoint; the optimiser runs on
+//! the host in a fixed order. So a run is the same bit for bit for the same seed, and a run
+//! stopped at step N and resumed equals the uninterrupted run.
+
+use crate::checkpoint::{self, SaveParts, TrainState};
+use crate::config::{ModelKind, RunConfig};
+use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
+use crate::error::IoContext;
+use crate::flops::flops_per_token;
+use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
+use crate::optim::{AdamW, GradAccumulator};
+use crate::rng::Rng;
+use crate::{Error, Result};
+use candle_core::Device;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// Where the training text comes from and how it becomes tokens.
+#[derive(Clone, Debug)]
+pub struct DataSpec {
+    /// `builtin`, a corpus path (file, folder, .gz, .jsonl) or a prepared dataset folder.
+    pub path: String,
+    /// Tokenizer for raw corpora: `char`, `byte`, `bpe:N` or a tokenizer file.
+    pub tokenizer: String,
+    pub corpus: CorpusOptions,
+    pub val_fraction: f64,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        DataSpec { path: "builtin".into(), tokenizer: "char".into(), corpus: CorpusOptions::default(), val_fraction: 0.05 }
+    }
+}
+
+/// Open a prepared dataset, or read and tokenize a corpus into `out_dir`.
+pub fn prepare_data(spec: &DataSpec, out_dir: &Path) -> Result<(Dataset, Tokenizer)> {
+    let p = Path::new(&spec.path);
+    if p.join("meta.json").exists() {
+        let ds = Dataset::open(p)?;
+        let tok = ds.load_tokenizer()?;
+        return Ok((ds, tok));
+    }
+    let docs = data::read_corpus(p, &spec.corpus)?;
+    let tok = data::from_spec(&spec.tokenizer, &docs)?;
+    let ds = data::prepare_dataset(&docs, &tok, spec.val_fraction, out_dir, &spec.path)?;
+    Ok((ds, tok))
+}
+
+/// One optimiser step's outcome.
+#[derive(Clone, Debug)]
+pub struct StepReport {
+    pub step: usize,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub seconds: f64,
+    pub record: ForwardRecord,
+}
+
+pub struct Trainer {
+    pub cfg: RunConfig,
+    pub model: Model,
+    pub opt: AdamW,
+    pub state: TrainState,
+    /// Running router quantiles for causal routing (ITT with routers only).
+    pub calibration: Option<RouterCalibration>,
+    pub tokenizer_json: String,
+    pub run_dir: PathBuf,
+    data_rng: Rng,
+    acc: GradAccumulator,
+}
+
+impl Trainer {
+    /// A fresh run in `run_dir`, which must not already hold one.
+    pub fn new(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
+        cfg.validate()?;
+        if run_dir.join("latest").exists() {
+            return Err(Error::usage(format!(
+                "{} already holds a training run; pass --resume to continue it or choose another --out",
+                run_dir.display()
+            )));
+        }
+        if tokenizer.vocab_size() != cfg.model.vocab_size {
+            return Err(Error::config(
+                "model.vocab_size",
+                format!("is {}, but the tokenizer has {} tokens", cfg.model.vocab_size, tokenizer.vocab_size()),
+            ));
+        }
+        std::fs::create_dir_all(run_dir).at(run_dir)?;
+        let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+        let tokenizer_json = tokenizer.to_json()?;
+        std::fs::write(run_dir.join("config.json"), cfg.to_json()).at(run_dir.join("config.json"))?;
+        std::fs::write(run_dir.join("tokenizer.json"), &tokenizer_json).at(run_dir.join("tokenizer.json"))?;
+        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        let opt = AdamW::new(&model.params);
+        let acc = GradAccumulator::new(&model.params);
+        let data_rng = Rng::derive(cfg.train.seed, "data");
+        let calibration = model.has_routers().then(RouterCalibration::new);
+        let state = TrainState {
+            format: checkpoint::FORMAT.into(),
+            version: checkpoint::VERSION,
+            step: 0,
+            tokens_seen: 0,
+            data_rng: data_rng.state(),
+            last_train_loss: None,
+            last_val_loss: None,
+            elapsed_s: 0.0,
+        };
+        Ok(Trainer { cfg, model, opt, state, calibration, tokenizer_json, run_dir: run_dir.to_path_buf(), data_rng, acc })
+    }
+
+    /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`).
+    pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
+        let ck = checkpoint::load(from.unwrap_or(run_dir))?;
+        let (model, info) = ck.into_model(&Device::Cpu)?;
+        let state = info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
+        let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
+        let acc = GradAccumulator::new(&model.params);
+        let calibration = if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
+        truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
+        Ok(Trainer {
+            cfg: info.config,
+            model,
+            opt,
+            data_rng: Rng::from_state(state.data_rng),
+            state,
+            calibration,
+            tokenizer_json: info.tokenizer_json,
+            run_dir: run_dir.to_path_buf(),
+            acc,
+        })
+    }
+
+    /// One optimiser step over `grad_accum` micro-batches drawn from `shard`.
+    pub fn step(&mut self, shard: &TokenShard) -> Result<StepReport> {
+        let t0 = Instant::now();
+        let tc = self.cfg.train.clone();
+        let (b, t) = (tc.batch_size, tc.seq_len);
+        let routing = RoutingOptions::default();
+        let mut record = ForwardRecord { keep_scores: self.calibration.is_some(), ..Default::default() };
+        let mut loss_sum = 0.0;
+        self.acc.zero();
+        for _ in 0..tc.grad_accum {
+            let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
+            let loss = self.model.loss(&inp, &tgt, b, t, &routing, Some(&mut record))?;
+            let grads = loss.backward()?;
+            self.acc.add(&self.model.params, &grads)?;
+            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            if let Some(cal) = &mut self.calibration {
+                cal.update(&mut record, tc.threshold_momentum);
+            }
+        }
+        let loss = loss_sum / tc.grad_accum as f64;
+        if !loss.is_finite() {
+            return Err(Error::usage(format!(
+                "training diverged at step {} (loss {loss}); lower --lr or raise warmup",
+                self.state.step
+            )));
+        }
+        let grad_norm = self.acc.finish();
+        let lr = tc.lr_at(self.state.step);
+        self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
+        self.state.step += 1;
+        self.state.tokens_seen += tc.tokens_per_step() as u64;
+        self.state.data_rng = self.data_rng.state();
+        self.state.last_train_loss = Some(loss);
+        let seconds = t0.elapsed().as_secs_f64();
+        self.state.elapsed_s += seconds;
+        Ok(StepReport { step: self.state.step, loss, lr, grad_norm, seconds, record })
+    }
+
+    /// Mean validation loss over up to `batches` sequential batches (0 = all).
+    pub fn evaluate(&self, shard: &TokenShard, batches: usize) -> Result<f64> {
+        let tc = &self.cfg.train;
+        crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
+    }
+
+    /// Write a checkpoint of the current step and point `latest` at it.
+    pub fn save(&self) -> Result<PathBuf> {
+        let dir = self.run_dir.join("checkpoints").join(format!("step-{:08}", self.state.step));
+        checkpoint::save(
+            &dir,
+            &self.model,
+            &SaveParts {
+                config: &self.cfg,
+                tokenizer_json: &self.tokenizer_json,
+                optimizer: Some(&self.opt),
+                state: Some(&self.state),
+                calibration: self.calibration.as_ref(),
+            },
+        )?;
+        checkpoint::set_latest(&self.run_dir, &dir)?;
+        checkpoint::prune(&self.run_dir, self.cfg.train.keep_checkpoints)?;
+        Ok(dir)
+    }
+
+    /// Root-mean-square of each thinking layer's step vectors phi_t: [(layer, [rms per t])].
+    pub fn phi_rms(&self) -> Result<Vec<(usize, Vec<f64>)>> {
+        let mut out = vec![];
+        for th in self.model.thinking.iter().flatten() {
+            let mut v = vec![];
+            for phi in &th.phis {
+                v.push(phi.sqr()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt());
+            }
+            out.push((th.layer, v));
+        }
+        Ok(out)
+    }
+}
+
+/// Drop metric lines past `step` (written after the checkpoint a run resumes from).
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .map(|s| s as usize <= step)
+                .unwrap_or(false)
+        })
+        .collect();
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(path, body).at(path)
+}
+
+/// Options of a whole training run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    /// No progress bar or log lines.
+    pub quiet: bool,
+    /// Stop after this step even if `max_steps` is larger (for tests of resume).
+    pub stop_at: Option<usize>,
+}
+
+/// Summary of a finished run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainSummary {
+    pub steps: usize,
+    pub tokens_seen: u64,
+    pub final_train_loss: f64,
+    pub final_val_loss: f64,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    pub peak_rss_mb: f64,
+    pub checkpoint: PathBuf,
+}
+
+fn routing_json(record: &ForwardRecord) -> serde_json::Value {
+    record
+        .stats
+        .iter()
+        .map(|((layer, step), s)| {
+            json!({
+                "layer": layer, "step": step, "selected": s.selected, "candidates": s.candidates,
+                "share": s.share(), "w_mean": s.weight_mean(), "w_std": s.weight_std(),
+                "overlap_prev": if s.selected > 0 { s.overlap_with_prev as f64 / s.selected as f64 } else { 0.0 },
+            })
+        })
+        .collect()
+}
+
+/// Train until `max_steps` (or `stop_at`), validating, logging and checkpointing on schedule.
+pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<TrainSummary> {
+    let tc = trainer.cfg.train.clone();
+    let end = opts.stop_at.unwrap_or(tc.max_steps).min(tc.max_steps);
+    let metrics_path = trainer.run_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).at(&metrics_path)?;
+    let flops = flops_per_token(&trainer.cfg.model, tc.seq_len, None, None);
+    let bar = progress_bar(end as u64, trainer.state.step as u64, opts.quiet);
+    let t_start = Instant::now();
+    let tokens_at_start = trainer.state.tokens_seen;
+    let mut window = ForwardRecord::default();
+    let mut window_loss = (0.0, 0usize);
+    let mut last_val = trainer.state.last_val_loss.unwrap_or(f64::NAN);
+    while trainer.state.step < end {
+        let rep = trainer.step(&data.train)?;
+        for (k, s) in &rep.record.stats {
+            let w = window.stats.entry(*k).or_default();
+            w.selected += s.selected;
+            w.candidates += s.candidates;
+            w.weight_sum += s.weight_sum;
+            w.weight_sqsum += s.weight_sqsum;
+            w.overlap_with_prev += s.overlap_with_prev;
+        }
+        window_loss.0 += rep.loss;
+        window_loss.1 += 1;
+        let step = rep.step;
+        let elapsed = t_start.elapsed().as_secs_f64();
+        let tok_s = (trainer.state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
+        if step % tc.log_interval == 0 || step == end {
+            let mean_loss = window_loss.0 / window_loss.1 as f64;
+            let line = json!({
+                "step": step, "loss": mean_loss, "lr": rep.lr, "grad_norm": rep.grad_norm,
+                "tokens_seen": trainer.state.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": trainer.state.elapsed_s,
+                "flops_per_token": flops.train, "routing": routing_json(&window),
+                "phi_rms": trainer.phi_rms()?,
+            });
+            writeln!(metrics, "{line}").at(&metrics_path)?;
+            let share: Vec<String> = window.stats.values().map(|s| format!("{:.2}", s.share())).collect();
+            let msg = format!(
+                "loss {mean_loss:.4} | val {last_val:.4} | lr {:.2e} | {tok_s:.0} tok/s{}",
+                rep.lr,
+                if share.is_empty() { String::new() } else { format!(" | routed {}", share.join("/")) }
+            );
+            bar.set_message(msg.clone());
+            if !opts.quiet && bar.is_hidden() {
+                eprintln!("step {step:>6}/{end} | {msg}");
+            }
+            window = ForwardRecord::default();
+            window_loss = (0.0, 0);
+        }
+        if step % tc.eval_interval == 0 || step == end {
+            last_val = trainer.evaluate(&data.val, tc.eval_batches)?;
+            trainer.state.last_val_loss = Some(last_val);
+            let line = json!({"step": step, "val_loss": last_val, "val_ppl": last_val.exp(), "tokens_seen": trainer.state.tokens_seen});
+            writeln!(metrics, "{line}").at(&metrics_path)?;
+        }
+        if (tc.checkpoint_interval > 0 && step % tc.checkpoint_interval == 0) || step == end {
+            trainer.save()?;
+        }
+        bar.set_position(step as u64);
+    }
+    bar.finish_and_clear();
+    let seconds = t_start.elapsed().as_secs_f64();
+    let checkpoint = checkpoint::resolve(&trainer.run_dir)?;
+    Ok(TrainSummary {
+        steps: trainer.state.step,
+        tokens_seen: trainer.state.tokens_seen,
+        final_train_loss: trainer.state.last_train_loss.unwrap_or(f64::NAN),
+        final_val_loss: trainer.state.last_val_loss.unwrap_or(f64::NAN),
+        seconds,
+        tokens_per_s: (trainer.state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
+        peak_rss_mb: crate::util::peak_rss_mb(),
+        checkpoint,
+    })
+}
+
+fn progress_bar(len: u64, pos: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(len);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise} < {eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(pos);
+    bar
+}
+
+/// Whether this run trains an ITT model (for summaries).
+pub fn is_itt(cfg: &RunConfig) -> bool {
+    cfg.model.thinking.kind == ModelKind::Itt
+}
