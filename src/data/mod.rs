@@ -1,1 +1,7 @@
 //! Tokenizers, corpus readers, the built-in synthetic corpus and memory-mapped token shards.
+
+pub mod synthetic;
+pub mod tokenizer;
+
+pub use synthetic::{answer_spans, synthetic_corpus, SyntheticOptions};
+pub use tokenizer::{from_spec, Tokenizer, EOT};
