@@ -230,10 +230,21 @@ impl Tokenizer {
         match self {
             Tokenizer::Byte if id < 128 => (id as u8 as char).to_string(),
             Tokenizer::Byte if id < 256 => format!("<0x{id:02X}>"),
-            Tokenizer::Bpe { tok, .. } => match tok.decode(&[id], false) {
-                Ok(s) if !s.is_empty() && !s.contains('\u{FFFD}') => s,
-                _ => tok.id_to_token(id).unwrap_or_else(|| format!("<?{id}>")),
-            },
+            Tokenizer::Bpe { tok, .. } => {
+                let raw = tok.id_to_token(id);
+                match tok.decode(&[id], false) {
+                    // A SentencePiece decoder drops the word-start space of a lone first token.
+                    Ok(s)
+                        if raw.as_deref().is_some_and(|r| r.starts_with('\u{2581}'))
+                            && !s.starts_with(' ')
+                            && !s.contains('\u{FFFD}') =>
+                    {
+                        format!(" {s}")
+                    }
+                    Ok(s) if !s.is_empty() && !s.contains('\u{FFFD}') => s,
+                    _ => raw.unwrap_or_else(|| format!("<?{id}>")),
+                }
+            }
             _ => self.decode(&[id]).unwrap_or_else(|_| format!("<?{id}>")),
         }
     }
@@ -480,6 +491,36 @@ mod tests {
         assert_eq!(u.eot_id(), t.eot_id());
         assert_eq!(u.token_text(u.eot_id()), "</s>");
         assert_eq!(u.encode(TEXT).unwrap(), t.encode(TEXT).unwrap());
+    }
+
+    /// A LLaMA-style SentencePiece BPE (Metaspace, `</s>`), as a plain HF tokenizer.json.
+    const SPM_JSON: &str = r#"{"version":"1.0","truncation":null,"padding":null,
+      "added_tokens":[
+        {"id":0,"content":"<unk>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+        {"id":1,"content":"<s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true},
+        {"id":2,"content":"</s>","single_word":false,"lstrip":false,"rstrip":false,"normalized":false,"special":true}],
+      "normalizer":null,
+      "pre_tokenizer":{"type":"Metaspace","replacement":"\u2581","prepend_scheme":"first","split":true},
+      "post_processor":null,
+      "decoder":{"type":"Metaspace","replacement":"\u2581","prepend_scheme":"first","split":true},
+      "model":{"type":"BPE","dropout":null,"unk_token":"<unk>","continuing_subword_prefix":null,
+        "end_of_word_suffix":null,"fuse_unk":true,"byte_fallback":false,
+        "vocab":{"<unk>":0,"<s>":1,"</s>":2,"\u2581":3,"t":4,"h":5,"e":6,"c":7,"a":8,
+                 "\u2581t":9,"\u2581th":10,"\u2581the":11,"\u2581c":12,"at":13,"\u2581cat":14},
+        "merges":["\u2581 t","\u2581t h","\u2581th e","\u2581 c","a t","\u2581c at"]}}"#;
+
+    #[test]
+    fn wraps_a_sentencepiece_style_hf_tokenizer() {
+        let t = Tokenizer::from_json(SPM_JSON).unwrap();
+        assert_eq!((t.kind(), t.eot_id(), t.vocab_size()), ("bpe", 2, 15));
+        let ids = t.encode("the cat").unwrap();
+        assert_eq!(ids, [11, 14]);
+        assert_eq!(t.decode(&ids).unwrap(), "the cat");
+        assert_eq!(t.token_text(11), " the");
+        assert_eq!(t.token_text(2), "</s>");
+        let u = Tokenizer::from_json(&t.to_json().unwrap()).unwrap();
+        assert_eq!(u.fingerprint(), t.fingerprint());
+        assert_eq!(u.encode("the cat").unwrap(), ids);
     }
 
     #[test]
