@@ -365,3 +365,22 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     }
     Ok(())
 }
+
+/// Load a checkpoint's model and tokenizer, checking that they belong together.
+pub fn load_model(path: &Path) -> Result<(Model, crate::data::Tokenizer, CheckpointInfo)> {
+    let ck = load(path)?;
+    let tok = crate::data::Tokenizer::from_json(&ck.tokenizer_json)
+        .map_err(|e| Error::checkpoint(ck.dir.join("tokenizer.json"), e.to_string()))?;
+    if tok.vocab_size() != ck.config.model.vocab_size {
+        return Err(Error::checkpoint(
+            ck.dir.join("tokenizer.json"),
+            format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}; they do not belong together",
+                tok.vocab_size(),
+                ck.config.model.vocab_size
+            ),
+        ));
+    }
+    let (model, info) = ck.into_model(&Device::Cpu)?;
+    Ok((model, tok, info))
+}

@@ -1,1 +1,497 @@
-fn main() {}
+//! `itt`: the command-line tool. Parses flags, calls the library, prints results; nothing else.
+//! Every error is one line on stderr and a non-zero exit.
+
+use clap::{Args, Parser, Subcommand};
+use itt::config::{self, RunConfig};
+use itt::generate::{Event, GenerateOptions, SamplingParams};
+use itt::model::{Routing, RoutingOptions};
+use itt::train::{DataSpec, RunOptions, Trainer};
+use itt::{checkpoint, data, demo, eval, flops, report, Error, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "itt", version, about = "Inner Thinking Transformers: train, evaluate, analyse and serve them on CPU")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The main job: train a tiny ITT model on the built-in data, evaluate it, sample from it.
+    Demo(DemoArgs),
+    /// Train a model (from a preset or config) on a corpus; resumable.
+    Train(TrainArgs),
+    /// Loss, perplexity and bits per byte of a checkpoint on a text or dataset.
+    Eval(EvalArgs),
+    /// Generate text from a checkpoint, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Parameters and FLOPs per token of a preset, config or checkpoint.
+    Info(InfoArgs),
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        cmd: TokenizerCmd,
+    },
+    /// Measure training tokens/s and peak memory of a preset (a benchmark, not a test).
+    Bench(BenchArgs),
+    /// Compute router thresholds for causal routing from text, for a checkpoint without them.
+    Calibrate(CalibrateArgs),
+}
+
+/// Where a model's configuration comes from.
+#[derive(Args, Clone)]
+struct ModelSource {
+    /// A named preset: tiny, small, paper-162m, paper-230m, paper-466m, each also -loopT / -ittT (T = 2, 3, 4).
+    #[arg(long)]
+    preset: Option<String>,
+    /// A JSON run config (see `itt info --preset tiny --json` for the format).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+impl ModelSource {
+    fn load(&self, default: &str) -> Result<RunConfig> {
+        match (&self.preset, &self.config) {
+            (Some(_), Some(_)) => Err(Error::usage("give either --preset or --config, not both")),
+            (None, Some(path)) => RunConfig::load(path),
+            (p, None) => config::preset(p.as_deref().unwrap_or(default)),
+        }
+    }
+}
+
+/// Elastic-inference and routing settings (ITT-SPEC §5, §6).
+#[derive(Args, Clone, Default)]
+struct RoutingArgs {
+    /// Share of tokens per routed step, e.g. 0.5,0.5,0.5 (default: the trained ratios).
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    /// Number of thinking steps to run (at most the trained T).
+    #[arg(long)]
+    steps: Option<usize>,
+    /// topk (the paper's rule, not causal) or threshold (causal, needs stored thresholds).
+    #[arg(long)]
+    routing: Option<String>,
+    /// Stop giving a token further steps once its router weight falls below this.
+    #[arg(long)]
+    early_exit: Option<f32>,
+}
+
+impl RoutingArgs {
+    fn options(&self, calibration: Option<&itt::model::RouterCalibration>, default: Routing) -> Result<RoutingOptions> {
+        let mode = match &self.routing {
+            Some(s) => s.parse()?,
+            None => default,
+        };
+        Ok(RoutingOptions {
+            mode,
+            calibration: calibration.cloned().map(std::sync::Arc::new),
+            ratios: self.ratios.clone(),
+            steps: self.steps,
+            early_exit: self.early_exit,
+            forced: None,
+        })
+    }
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Run folder (replaced if it holds an earlier demo).
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long, default_value = "tiny-itt4")]
+    preset: String,
+    /// Optimiser steps (about 3 minutes on 2 cores).
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    model: ModelSource,
+    /// Corpus: `builtin`, a text/.gz/.jsonl file, a folder, or a prepared dataset folder.
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Tokenizer for a raw corpus: char, byte, bpe:N, or a tokenizer file.
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    jsonl_field: String,
+    /// Share of documents held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Run folder.
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint (or from --checkpoint).
+    #[arg(long)]
+    resume: bool,
+    /// With --resume: the checkpoint to resume from.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Stop after this step (the schedule still runs to --steps); resume later.
+    #[arg(long)]
+    stop_at: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    #[arg(long)]
+    checkpoint_interval: Option<usize>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    /// Checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A text file or corpus (scored whole), or a prepared dataset folder (its validation split).
+    #[arg(long)]
+    data: Option<String>,
+    /// Text given inline instead of --data.
+    #[arg(long)]
+    text: Option<String>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    routing: RoutingArgs,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Prompt (repeat for a batch).
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    #[arg(long, default_value_t = 100)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Re-run the whole text for each token instead of using KV caches.
+    #[arg(long)]
+    no_cache: bool,
+    /// Mark each token with the number of thinking steps that produced it.
+    #[arg(long)]
+    show_depth: bool,
+    #[command(flatten)]
+    routing: RoutingArgs,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    #[command(flatten)]
+    model: ModelSource,
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Sequence length for the attention term (default: the config's training length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Print the full config and figures as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Train a tokenizer on a corpus and save it as JSON.
+    Train {
+        #[arg(long)]
+        data: PathBuf,
+        /// bpe (byte-level BPE), char or byte.
+        #[arg(long, default_value = "bpe")]
+        kind: String,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value = "text")]
+        jsonl_field: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    model: ModelSource,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Vocabulary for the benchmark (random tokens).
+    #[arg(long)]
+    vocab: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct CalibrateArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    #[arg(long, default_value_t = 16)]
+    batches: usize,
+}
+
+fn main() {
+    itt::util::tune_allocator();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        let _ = std::io::stdout().flush();
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Demo(a) => demo::run(&demo::DemoOptions { out: a.out, preset: a.preset, steps: Some(a.steps), seed: a.seed }),
+        Cmd::Train(a) => cmd_train(a),
+        Cmd::Eval(a) => cmd_eval(a),
+        Cmd::Generate(a) => cmd_generate(a),
+        Cmd::Info(a) => cmd_info(a),
+        Cmd::Tokenizer { cmd: TokenizerCmd::Train { data, kind, vocab_size, jsonl_field, out } } => {
+            let opts = data::CorpusOptions { jsonl_field, ..Default::default() };
+            let docs = data::read_corpus(&data, &opts)?;
+            let spec = if kind == "bpe" { format!("bpe:{vocab_size}") } else { kind };
+            let tok = data::from_spec(&spec, &docs)?;
+            if out.exists() {
+                return Err(Error::usage(format!("{} exists; choose another --out", out.display())));
+            }
+            tok.save(&out)?;
+            println!("{} tokenizer with {} tokens written to {}", tok.kind(), tok.vocab_size(), out.display());
+            Ok(())
+        }
+        Cmd::Bench(a) => {
+            let mut cfg = a.model.load("small")?;
+            if let Some(b) = a.batch_size {
+                cfg.train.batch_size = b;
+            }
+            if let Some(t) = a.seq_len {
+                cfg.train.seq_len = t;
+            }
+            if let Some(v) = a.vocab {
+                cfg.model.vocab_size = v;
+            }
+            cfg.validate()?;
+            let r = itt::bench::train_step(&cfg, a.steps)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&r).unwrap());
+            } else {
+                println!("{}", r.table());
+            }
+            Ok(())
+        }
+        Cmd::Calibrate(a) => {
+            let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+            let spec = DataSpec { path: a.data.clone(), ..Default::default() };
+            let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
+            let cal = itt::eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;
+            let path = info.dir.join("router_calibration.json");
+            std::fs::write(&path, serde_json::to_string(&cal).unwrap()).map_err(|e| Error::input(&path, e.to_string()))?;
+            println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
+            Ok(())
+        }
+    }
+}
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    let spec = DataSpec {
+        path: a.data.clone(),
+        tokenizer: a.tokenizer.clone(),
+        corpus: data::CorpusOptions { jsonl_field: a.jsonl_field.clone(), ..Default::default() },
+        val_fraction: a.val_fraction,
+    };
+    let (mut trainer, dataset) = if a.resume {
+        let trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
+        let dataset = data::Dataset::open(&a.out.join("data")).or_else(|_| itt::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
+        dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
+        (trainer, dataset)
+    } else {
+        let mut cfg = a.model.load("tiny")?;
+        let t = &mut cfg.train;
+        macro_rules! set {
+            ($field:ident, $v:expr) => {
+                if let Some(v) = $v {
+                    t.$field = v;
+                }
+            };
+        }
+        set!(seed, a.seed);
+        set!(max_steps, a.steps);
+        set!(batch_size, a.batch_size);
+        set!(seq_len, a.seq_len);
+        set!(grad_accum, a.grad_accum);
+        set!(lr, a.lr);
+        set!(warmup_steps, a.warmup);
+        set!(eval_interval, a.eval_interval);
+        set!(checkpoint_interval, a.checkpoint_interval);
+        if a.out.join("latest").exists() {
+            return Err(Error::usage(format!(
+                "{} already holds a training run; pass --resume to continue it or choose another --out",
+                a.out.display()
+            )));
+        }
+        let (dataset, tok) = itt::train::prepare_data(&spec, &a.out.join("data"))?;
+        if a.model.config.is_none() {
+            // Presets take their vocabulary from the tokenizer; a config file must match it.
+            cfg.model.vocab_size = tok.vocab_size();
+        }
+        cfg.validate()?;
+        (Trainer::new(cfg, &tok, &a.out)?, dataset)
+    };
+    let summary = itt::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
+    println!("{}", report::train_summary(&summary));
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    let routing = a.routing.options(info.calibration.as_ref(), Routing::TopK)?;
+    let seq_len = a.seq_len.unwrap_or(info.config.train.seq_len);
+    let text = match (&a.text, &a.data) {
+        (Some(t), None) => t.clone(),
+        (None, Some(d)) => {
+            let p = Path::new(d);
+            if p.join("meta.json").exists() {
+                let ds = data::Dataset::open(p)?;
+                ds.check_tokenizer(&tok)?;
+                let loss = eval::shard_loss(&model, &ds.val, a.batch_size, seq_len, 0, &routing)?;
+                println!("validation loss {loss:.4} | perplexity {:.3} | {} tokens", loss.exp(), ds.val.len());
+                return Ok(());
+            }
+            data::read_corpus(p, &data::CorpusOptions::default())?.join("\n")
+        }
+        _ => return Err(Error::usage("give exactly one of --data or --text")),
+    };
+    let r = eval::eval_text(&model, &tok, &text, seq_len, a.batch_size, &routing)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap());
+    } else {
+        println!(
+            "tokens {} | bytes {} | loss {:.4} nats/token | perplexity {:.3} | {:.4} bits/byte",
+            r.tokens, r.bytes, r.loss, r.perplexity, r.bits_per_byte
+        );
+    }
+    Ok(())
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    let default = if model.has_routers() && !a.no_cache { Routing::Threshold } else { Routing::TopK };
+    let routing = a.routing.options(info.calibration.as_ref(), default)?;
+    if routing.mode == Routing::Threshold && routing.calibration.is_none() && model.has_routers() {
+        return Err(Error::usage(format!(
+            "{} has no stored router thresholds, needed to decode causally with a KV cache; \
+             run `itt calibrate --checkpoint {}` or pass --no-cache --routing topk",
+            info.dir.display(),
+            a.checkpoint.display()
+        )));
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        stop: a.stop,
+        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        routing,
+        use_cache: !a.no_cache,
+        prefill_chunk: 0,
+    };
+    let max_depth = model.layer_steps().into_iter().max().unwrap_or(1) as u32;
+    let color = a.show_depth && report::stdout_is_terminal();
+    let mut out = std::io::stdout();
+    let batch = a.prompt.len() > 1;
+    let generation = itt::generate::generate(&model, &tok, &a.prompt, opts)?;
+    for (i, p) in a.prompt.iter().enumerate() {
+        if !batch {
+            print!("{p}");
+        } else if i == 0 {
+            eprintln!("(batch of {} prompts; output per prompt at the end)", a.prompt.len());
+        }
+    }
+    let mut texts = vec![String::new(); a.prompt.len()];
+    for ev in generation {
+        match ev? {
+            Event::Token(t) => {
+                let shown = if a.show_depth { report::depth_mark(&t.text, &t.depth, max_depth, color) } else { t.text.clone() };
+                texts[t.seq].push_str(&shown);
+                if !batch {
+                    print!("{shown}");
+                    let _ = out.flush();
+                }
+            }
+            Event::Finished { .. } => {}
+        }
+    }
+    if batch {
+        for (p, t) in a.prompt.iter().zip(&texts) {
+            println!("--- {p}{t}");
+        }
+    } else {
+        println!();
+    }
+    if a.show_depth && !color {
+        eprintln!("(each token is followed by [a.b]: the thinking steps each thinking layer took to produce it)");
+    }
+    Ok(())
+}
+
+fn cmd_info(a: InfoArgs) -> Result<()> {
+    let cfg = match &a.checkpoint {
+        Some(c) => checkpoint::load(c)?.config,
+        None => a.model.load("tiny")?,
+    };
+    if let Some(r) = &a.ratios {
+        config::check_ratios("--ratios", r)?;
+    }
+    let n = a.seq_len.unwrap_or(cfg.train.seq_len);
+    let f = flops::flops_per_token(&cfg.model, n, a.steps, a.ratios.as_deref());
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"config": cfg, "params": cfg.model.n_params(), "flops": f, "seq_len": n})).unwrap());
+    } else {
+        println!("{}", report::info(&cfg, &f, n));
+    }
+    Ok(())
+}

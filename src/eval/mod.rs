@@ -88,3 +88,34 @@ pub fn eval_text(model: &Model, tok: &Tokenizer, text: &str, seq_len: usize, bat
         bits_per_byte: total / std::f64::consts::LN_2 / text.len() as f64,
     })
 }
+
+/// Router thresholds for causal routing measured on text (for checkpoints trained without
+/// them): top-k forward passes over up to `batches` windows of `seq_len`, all router logits
+/// pooled, quantiles taken once.
+pub fn calibrate(model: &Model, tok: &Tokenizer, docs: &[String], seq_len: usize, batches: usize) -> Result<crate::model::RouterCalibration> {
+    use crate::model::{ForwardRecord, RouterCalibration};
+    if !model.has_routers() {
+        return Err(Error::usage("this model has no routers (it is not an ITT model with adaptive routing)"));
+    }
+    let mut ids = vec![];
+    for d in docs {
+        ids.push(tok.eot_id());
+        ids.extend(tok.encode(d)?);
+        if ids.len() > (batches.max(1) * 8 + 1) * seq_len {
+            break;
+        }
+    }
+    let rows = (ids.len().saturating_sub(1)) / seq_len;
+    if rows == 0 {
+        return Err(Error::usage(format!("the calibration text has {} tokens, fewer than one window of {seq_len}", ids.len())));
+    }
+    let mut rec = ForwardRecord::with_scores();
+    for chunk in (0..rows).collect::<Vec<_>>().chunks(8).take(batches.max(1)) {
+        let inp: Vec<u32> = chunk.iter().flat_map(|&r| ids[r * seq_len..(r + 1) * seq_len].to_vec()).collect();
+        let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
+        model.forward(&x, &SeqLayout::uniform(chunk.len(), seq_len), &RoutingOptions::default(), None, Some(&mut rec))?;
+    }
+    let mut cal = RouterCalibration::new();
+    cal.update(&mut rec, 0.0);
+    Ok(cal)
+}

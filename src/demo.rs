@@ -1,0 +1,201 @@
+//! `itt demo`, the main job: train a tiny ITT model on the built-in synthetic corpus, evaluate
+//! it, let it solve held-out problems with cached causal decoding, and say what happened.
+
+use crate::config;
+use crate::data::{self, synthetic, Tokenizer};
+use crate::error::IoContext;
+use crate::generate::{self, Event, GenerateOptions, SamplingParams};
+use crate::model::{Routing, RoutingOptions};
+use crate::train::{self, DataSpec, RunOptions, Trainer};
+use crate::{report, Error, Result};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub struct DemoOptions {
+    pub out: PathBuf,
+    pub preset: String,
+    pub steps: Option<usize>,
+    pub seed: u64,
+}
+
+const MARKER: &str = ".itt-demo";
+
+/// Unigram entropy (nats per token) of a shard: the loss of a model that knows only token
+/// frequencies; a trained model must beat it by far.
+fn unigram_entropy(shard: &data::TokenShard) -> f64 {
+    let mut counts = vec![0u64; shard.vocab_size()];
+    let all = shard.slice_to_vec(0, shard.len());
+    for t in &all {
+        counts[*t as usize] += 1;
+    }
+    let n = all.len() as f64;
+    counts.iter().filter(|&&c| c > 0).map(|&c| -(c as f64 / n) * (c as f64 / n).ln()).sum()
+}
+
+/// Held-out problems: (context + prompt up to the answer, expected answer, task name).
+fn held_out_problems(n_docs_val: usize, per_kind: usize) -> Vec<(String, String, &'static str)> {
+    let docs = synthetic::synthetic_corpus(&synthetic::SyntheticOptions::default());
+    let mut by_kind: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut out = vec![];
+    for doc in docs.iter().rev().take(n_docs_val) {
+        let lines: Vec<&str> = doc.lines().collect();
+        for (i, line) in lines.iter().enumerate().skip(2) {
+            let Some(span) = synthetic::answer_spans(line) else { continue };
+            let kind = synthetic::line_kind(line).name();
+            let c = by_kind.entry(kind).or_default();
+            if *c >= per_kind {
+                continue;
+            }
+            *c += 1;
+            let context = format!("{}\n{}\n{}", lines[i - 2], lines[i - 1], &line[..span.start]);
+            out.push((context, line[span].to_string(), kind));
+        }
+    }
+    out
+}
+
+pub fn run(opts: &DemoOptions) -> Result<()> {
+    let out = &opts.out;
+    if out.exists() && std::fs::read_dir(out).at(out)?.next().is_some() {
+        if !out.join(MARKER).exists() {
+            return Err(Error::usage(format!(
+                "{} exists and is not an earlier demo run; choose another --out (nothing was changed)",
+                out.display()
+            )));
+        }
+        std::fs::remove_dir_all(out).at(out)?;
+    }
+    std::fs::create_dir_all(out).at(out)?;
+    std::fs::write(out.join(MARKER), "written by itt demo; `itt demo` may replace this folder\n").at(out)?;
+
+    println!("== itt demo: an Inner Thinking Transformer trained on the built-in synthetic corpus ==");
+    let spec = DataSpec::default();
+    let (dataset, tok) = train::prepare_data(&spec, &out.join("data"))?;
+    let mut cfg = config::preset(&opts.preset)?;
+    cfg.model.vocab_size = tok.vocab_size();
+    cfg.train.seed = opts.seed;
+    if let Some(s) = opts.steps {
+        cfg.train.max_steps = s;
+    }
+    cfg.train.eval_interval = (cfg.train.max_steps / 4).max(1);
+    cfg.validate()?;
+    let m = &cfg.model;
+    println!(
+        "data     {:.2} MB of synthetic problems (arithmetic with carries, bracket closing, sorting, reversal, counting)\n\
+         \x20        {} tokenizer, {} tokens | {} train / {} validation tokens",
+        dataset.meta.train_tokens as f64 / 1e6 + dataset.meta.val_tokens as f64 / 1e6,
+        tok.kind(),
+        tok.vocab_size(),
+        dataset.meta.train_tokens,
+        dataset.meta.val_tokens
+    );
+    println!(
+        "model    {}: {:.2}M parameters, {} layers; layers {:?} think for up to {} steps, {:?} of tokens per extra step",
+        opts.preset,
+        m.n_params() as f64 / 1e6,
+        m.n_layers,
+        m.thinking_layers(),
+        m.thinking.steps,
+        m.thinking.ratios
+    );
+    println!(
+        "train    {} steps of {} x {} tokens, AdamW lr {} (warmup {}, cosine to 10%), seed {}",
+        cfg.train.max_steps, cfg.train.batch_size, cfg.train.seq_len, cfg.train.lr, cfg.train.warmup_steps, cfg.train.seed
+    );
+    let mut trainer = Trainer::new(cfg.clone(), &tok, out)?;
+    let initial = trainer.evaluate(&dataset.val, cfg.train.eval_batches)?;
+    let summary = train::run(&mut trainer, &dataset, &RunOptions::default())?;
+    let entropy = unigram_entropy(&dataset.train);
+    let val = crate::eval::shard_loss(&trainer.model, &dataset.val, cfg.train.batch_size, cfg.train.seq_len, 0, &RoutingOptions::default())?;
+    println!(
+        "         {} steps in {:.0} s ({:.0} tokens/s, peak RSS {:.0} MiB)",
+        summary.steps, summary.seconds, summary.tokens_per_s, summary.peak_rss_mb
+    );
+    println!(
+        "result   validation loss {val:.4} nats/token (perplexity {:.3}) on the whole validation split; before training {initial:.3}\n\
+         \x20        unigram entropy of the data {entropy:.3} nats/token: the model is {:.0}% below it",
+        val.exp(),
+        100.0 * (1.0 - val / entropy)
+    );
+    let routing_line: Vec<String> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| t.lines().rev().find(|l| l.contains("\"routing\"")).map(str::to_string))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .and_then(|v| v.get("routing").cloned())
+        .and_then(|r| r.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| format!("L{}s{} {:.0}%", r["layer"], r["step"], 100.0 * r["share"].as_f64().unwrap_or(0.0)))
+        .collect();
+    if !routing_line.is_empty() {
+        println!("routing  share of tokens taking each extra step (layer, step): {}", routing_line.join(", "));
+    }
+
+    // Held-out problems, answered greedily with KV-cached, causally routed decoding.
+    let calibration = trainer.calibration.clone().map(Arc::new);
+    let mode = if calibration.is_some() { Routing::Threshold } else { Routing::TopK };
+    let problems = held_out_problems(40, 12);
+    let prompts: Vec<String> = problems.iter().map(|p| p.0.clone()).collect();
+    let gen_opts = GenerateOptions {
+        max_new_tokens: 24,
+        stop: vec!["\n".into()],
+        sampling: SamplingParams::greedy(),
+        routing: RoutingOptions { mode, calibration: calibration.clone(), ..Default::default() },
+        use_cache: true,
+        prefill_chunk: 0,
+    };
+    let answers = generate::generate(&trainer.model, &tok, &prompts, gen_opts)?.collect_all()?;
+    let mut score: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for ((_, want, kind), (got, _, _)) in problems.iter().zip(&answers) {
+        let e = score.entry(kind).or_default();
+        e.1 += 1;
+        if got.trim() == want.trim() {
+            e.0 += 1;
+        }
+    }
+    let s: Vec<String> = score.iter().map(|(k, (c, n))| format!("{k} {c}/{n}")).collect();
+    println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", s.join(", "));
+    show_sample(&trainer, &tok, calibration, mode)?;
+    println!(
+        "files    {}/metrics.jsonl, {}/checkpoints/, {}/data/",
+        out.display(),
+        out.display(),
+        out.display()
+    );
+    println!(
+        "next     itt generate --checkpoint {} --prompt \"47+85=\" --show-depth --temperature 0",
+        out.display()
+    );
+    Ok(())
+}
+
+/// One problem answered with each token's thinking depth shown.
+fn show_sample(trainer: &Trainer, tok: &Tokenizer, calibration: Option<Arc<crate::model::RouterCalibration>>, mode: Routing) -> Result<()> {
+    let prompt = "12 13 14 15\n5837+2694=".to_string();
+    let opts = GenerateOptions {
+        max_new_tokens: 8,
+        stop: vec!["\n".into()],
+        sampling: SamplingParams::greedy(),
+        routing: RoutingOptions { mode, calibration, ..Default::default() },
+        use_cache: true,
+        prefill_chunk: 0,
+    };
+    let max_depth = trainer.model.layer_steps().into_iter().max().unwrap_or(1) as u32;
+    let mut text = String::new();
+    for ev in generate::generate(&trainer.model, tok, &[prompt.clone()], opts)? {
+        if let Event::Token(t) = ev? {
+            if t.text.is_empty() {
+                continue;
+            }
+            text.push_str(&report::depth_mark(&t.text, &t.depth, max_depth, false));
+        }
+    }
+    println!(
+        "sample   {:?} -> {text}   (true answer {}; [a.b] = steps each thinking layer took to produce that token)",
+        prompt.replace('\n', " "),
+        synthetic::solve("5837+2694").unwrap_or_default()
+    );
+    Ok(())
+}
+
