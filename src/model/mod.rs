@@ -358,23 +358,16 @@ impl Attention {
             &rope.sin,
         )?;
         let v = self.wv.forward(x)?.reshape((n, hkv, hd))?;
-        let out = match (cache, layout.uniform_shape()) {
-            (None, Some((b, t))) => {
-                // The common training case: B equal sequences, one batched product.
-                let to_bhtd = |z: &Tensor, heads| -> Result<Tensor> {
-                    Ok(z.reshape((b, t, heads, hd))?
-                        .transpose(1, 2)?
-                        .contiguous()?)
-                };
-                let o = ops::causal_sdpa(&to_bhtd(&q, h)?, &to_bhtd(&k, hkv)?, &to_bhtd(&v, hkv)?)?; // (B, H, T, hd)
-                o.transpose(1, 2)?.reshape((n, h * hd))?
-            }
-            (cache, _) => self.forward_per_sequence(&q, &k, &v, layout, cache)?,
+        let out = match cache {
+            // Training, scoring and prefill without a cache: every packed sequence at once
+            // (equal lengths or not, routed subsets included), no transposes. (N, H, hd)
+            None => ops::causal_attention_varlen(&q, &k, &v, &layout.lens, &layout.lens)?.reshape((n, h * hd))?,
+            cache => self.forward_per_sequence(&q, &k, &v, layout, cache)?,
         };
         self.wo.forward(&out)
     }
 
-    /// Sequences of different lengths, or continuing from a KV cache: one at a time.
+    /// Sequences continuing from a KV cache: one at a time.
     fn forward_per_sequence(
         &self,
         q: &Tensor,

@@ -2,29 +2,108 @@
 //!
 //! candle-nn's fused `rms_norm`, `softmax_last_dim`, rotary and `sdpa` have no backward pass
 //! and silently drop gradients (../shared/CANDLE-NOTES.md), so every op here is either
-//! composed from primitives whose gradients candle gets right, or a fused kernel that
-//! carries its own `bwd` and has the composed version as its test oracle.
+//! composed from primitives whose gradients candle gets right (`composed`), or a fused CPU
+//! kernel that carries its own backward pass (`fused`) and has the composed version as its test
+//! oracle (`tests`). The functions below pick the fused kernel for f32/f64 CPU tensors, the
+//! composed op otherwise, or when asked: `ITT_COMPOSED_OPS=1` (or `all`) forces every composed
+//! op, `ITT_COMPOSED_OPS=attention,rms_norm` only those named (see [`Kernel`]); [`with_composed`]
+//! does the same for one thread, for tests. Timings: docs/PERFORMANCE.md.
+
+pub mod composed;
+pub mod fused;
+#[cfg(test)]
+mod tests;
 
 use crate::Result;
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
+use std::cell::Cell;
+use std::sync::OnceLock;
+
+/// The ops with a fused kernel; names as in `ITT_COMPOSED_OPS`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Attention,
+    RmsNorm,
+    Rope,
+    Swiglu,
+    CrossEntropy,
+}
+
+impl Kernel {
+    pub const ALL: [Kernel; 5] =
+        [Kernel::Attention, Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::CrossEntropy];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Attention => "attention",
+            Kernel::RmsNorm => "rms_norm",
+            Kernel::Rope => "rope",
+            Kernel::Swiglu => "swiglu",
+            Kernel::CrossEntropy => "cross_entropy",
+        }
+    }
+
+    fn bit(self) -> u32 {
+        1 << self as u32
+    }
+}
+
+thread_local! {
+    static FORCE_COMPOSED: Cell<Option<u32>> = const { Cell::new(None) };
+}
+
+/// Kernels `ITT_COMPOSED_OPS` forces to their composed twins, as a bit set. An unknown name is
+/// reported once on stderr and ignored.
+fn composed_from_env() -> u32 {
+    static MASK: OnceLock<u32> = OnceLock::new();
+    *MASK.get_or_init(|| {
+        let v = std::env::var("ITT_COMPOSED_OPS").unwrap_or_default();
+        match v.trim() {
+            "" | "0" => 0,
+            "1" | "all" => Kernel::ALL.iter().fold(0, |m, k| m | k.bit()),
+            list => {
+                list.split(',').map(str::trim).fold(0, |m, name| match Kernel::ALL.iter().find(|k| k.name() == name) {
+                    Some(k) => m | k.bit(),
+                    None => {
+                        let names: Vec<_> = Kernel::ALL.iter().map(|k| k.name()).collect();
+                        eprintln!("ITT_COMPOSED_OPS: unknown op '{name}' ignored (use 1, all, or some of {names:?})");
+                        m
+                    }
+                })
+            }
+        }
+    })
+}
+
+/// Whether `kernel` runs fused for `t` (f32/f64 on CPU, not forced composed).
+pub fn fused_enabled(kernel: Kernel, t: &Tensor) -> bool {
+    let mask = FORCE_COMPOSED.with(|c| c.get()).unwrap_or_else(composed_from_env);
+    mask & kernel.bit() == 0 && fused::supports(t)
+}
+
+/// Run `f` with `kernels` composed on this thread (all others fused), whatever the environment.
+pub fn with_composed<R>(kernels: &[Kernel], f: impl FnOnce() -> R) -> R {
+    let mask = kernels.iter().fold(0, |m, k| m | k.bit());
+    let old = FORCE_COMPOSED.with(|c| c.replace(Some(mask)));
+    let r = f();
+    FORCE_COMPOSED.with(|c| c.set(old));
+    r
+}
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * gain`.
 /// x: (N, D), gain: (D,) -> (N, D).
 pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // (N, 1)
-    let inv = (ms + eps)?.sqrt()?.recip()?;
-    Ok(x.broadcast_mul(&inv)?.broadcast_mul(gain)?)
+    if fused_enabled(Kernel::RmsNorm, x) && x.dtype() == gain.dtype() {
+        fused::rms_norm(x, gain, eps)
+    } else {
+        composed::rms_norm(x, gain, eps)
+    }
 }
 
 /// Rotary tables for positions 0..max_len: cos and sin of shape (max_len, head_dim / 2).
 /// Frequencies `theta^(-2i/head_dim)` (LLaMA); pairs are (i, i + head_dim/2), the rotate-half
 /// layout of Hugging Face checkpoints.
-pub fn rope_tables(
-    max_len: usize,
-    head_dim: usize,
-    theta: f64,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(max_len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(max_len * half);
     let mut sin = Vec::with_capacity(max_len * half);
@@ -38,37 +117,31 @@ pub fn rope_tables(
             sin.push(angle.sin() as f32);
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (max_len, half), device)?,
-        Tensor::from_vec(sin, (max_len, half), device)?,
-    ))
+    Ok((Tensor::from_vec(cos, (max_len, half), device)?, Tensor::from_vec(sin, (max_len, half), device)?))
 }
 
 /// Apply rotary embeddings. x: (N, H, hd); cos, sin: (N, hd/2), already gathered at each
 /// token's own position (so routed subsets keep their original positions, ITT-SPEC §3).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (n, _h, hd) = x.dims3()?;
-    let half = hd / 2;
-    let cos = cos.reshape((n, 1, half))?;
-    let sin = sin.reshape((n, 1, half))?;
-    let x1 = x.narrow(2, 0, half)?;
-    let x2 = x.narrow(2, half, half)?;
-    let r1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
-    let r2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
-    Ok(Tensor::cat(&[r1, r2], 2)?)
+    if fused_enabled(Kernel::Rope, x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
+        fused::apply_rope(x, cos, sin)
+    } else {
+        composed::apply_rope(x, cos, sin)
+    }
 }
 
 /// SwiGLU gate: silu(gate) * up, elementwise.
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    Ok((gate.silu()? * up)?)
+    if fused_enabled(Kernel::Swiglu, gate) && up.dtype() == gate.dtype() {
+        fused::swiglu(gate, up)
+    } else {
+        composed::swiglu(gate, up)
+    }
 }
 
 /// Softmax over the last dimension, composed (max-subtracted for stability).
 pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&max)?.exp()?;
-    let s = e.sum_keepdim(D::Minus1)?;
-    Ok(e.broadcast_div(&s)?)
+    composed::softmax_last(x)
 }
 
 /// Additive causal mask for `q_len` queries that come after `past` cached keys:
@@ -90,33 +163,43 @@ pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, hkv, l, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, hkv, rep, l, hd))?
-        .reshape((b, hkv * rep, l, hd))?)
+    Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, rep, l, hd))?.reshape((b, hkv * rep, l, hd))?)
 }
 
-/// Scaled dot-product attention with a causal mask, composed.
+/// Scaled dot-product attention with a causal mask.
 /// q: (B, H, Lq, hd); k, v: (B, Hkv, Lk, hd) with Lk = past + Lq -> (B, H, Lq, hd).
 pub fn causal_sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let (_b, h, lq, hd) = q.dims4()?;
-    let (_, hkv, lk, _) = k.dims4()?;
-    let k = repeat_kv(k, h / hkv)?;
-    let v = repeat_kv(v, h / hkv)?;
-    let scale = 1.0 / (hd as f64).sqrt();
-    let scores = (q.matmul(&k.t()?)? * scale)?; // (B, H, Lq, Lk)
-    let mask = causal_mask(lq, lk - lq, q.device())?.to_dtype(q.dtype())?;
-    let p = softmax_last(&scores.broadcast_add(&mask)?)?;
-    Ok(p.matmul(&v.contiguous()?)?)
+    if fused_enabled(Kernel::Attention, q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        fused::causal_sdpa(q, k, v)
+    } else {
+        composed::causal_sdpa(q, k, v)
+    }
+}
+
+/// Causal attention over packed sequences, without padding or transposes: sequence s has
+/// `lens_q[s]` queries, the last of its `lens_k[s]` keys (`lens_k[s] - lens_q[s]` cached keys
+/// come first). q: (sum lens_q, H, hd); k, v: (sum lens_k, Hkv, hd) -> (sum lens_q, H, hd).
+pub fn causal_attention_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_q: &[usize],
+    lens_k: &[usize],
+) -> Result<Tensor> {
+    if fused_enabled(Kernel::Attention, q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        fused::causal_attention_varlen(q, k, v, lens_q, lens_k)
+    } else {
+        composed::causal_attention_varlen(q, k, v, lens_q, lens_k)
+    }
 }
 
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let n = logits.dim(0)?;
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?; // (N, 1)
-    let picked = shifted.gather(&targets.reshape((n, 1))?, 1)?; // (N, 1)
-    Ok((lse - picked)?.mean_all()?)
+    if fused_enabled(Kernel::CrossEntropy, logits) && targets.dtype() == DType::U32 {
+        fused::cross_entropy(logits, targets)
+    } else {
+        composed::cross_entropy(logits, targets)
+    }
 }
 
 /// Per-token negative log-likelihood in f64 for evaluation, no graph: (N, V), (N,) -> Vec.
@@ -128,12 +211,7 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
     for i in 0..n {
         let row = &data[i * v..(i + 1) * v];
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = row
-            .iter()
-            .map(|&z| (z as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
+        let lse = row.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln() + max;
         out.push(lse - row[targets[i] as usize] as f64);
     }
     Ok(out)

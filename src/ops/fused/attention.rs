@@ -1,0 +1,512 @@
+//! Causal attention, flash-attention style: tiled, online softmax, and the logsumexp of every
+//! query row saved so that the backward pass recomputes probabilities tile by tile instead of
+//! storing the (Lq, Lk) matrix (Dao et al., FlashAttention-2, Alg. 1 and 2).
+//!
+//! Shapes. Per sequence s and query head h (kv head g = h / (H / Hkv), grouped-query attention):
+//!   Q (Lq_s, hd); K, V (Lk_s, hd) with Lq_s <= Lk_s. Queries are the last Lq_s positions: the
+//!   first past_s = Lk_s - Lq_s keys are cached, and query i sees keys 0..=past_s + i.
+//!   O = softmax(Q K^T / sqrt(hd) + mask) V: (Lq_s, hd);  lse (Lq_s,) = logsumexp of each row.
+//! Memory layouts ([`Side`]): (B, H, L, hd) batches for `causal_sdpa`, and packed tokens
+//! (N, H, hd) with per-sequence lengths for `causal_attention_varlen`; no transposes either way.
+//!
+//! Work items are (sequence, query head) in the forward pass and (sequence, kv head) in the
+//! backward pass, so each item owns the gradient rows it writes (dK, dV of its kv head and dQ of
+//! the query heads in its group) and no atomics or reductions across threads are needed.
+
+use super::{axpy, dot, max, multiversion, simd_level, sum, with_data, Real, SharedMut};
+use crate::ops::composed;
+use crate::{Error, Result};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+/// Key columns per tile; query rows per tile.
+const BK: usize = 64;
+const BQ: usize = 64;
+
+/// Where one operand lives: element (sequence s, head h, row l, d) is at
+/// `base[s] + h * head + l * row + d`.
+#[derive(Clone, Debug)]
+struct Side {
+    lens: Vec<usize>,
+    base: Vec<usize>,
+    head: usize,
+    row: usize,
+    elems: usize,
+}
+
+impl Side {
+    /// (B, heads, L, hd) contiguous.
+    fn bhld(b: usize, heads: usize, l: usize, hd: usize) -> Side {
+        Side {
+            lens: vec![l; b],
+            base: (0..b).map(|s| s * heads * l * hd).collect(),
+            head: l * hd,
+            row: hd,
+            elems: b * heads * l * hd,
+        }
+    }
+
+    /// (sum(lens), heads, hd) contiguous, sequences one after another.
+    fn packed(lens: &[usize], heads: usize, hd: usize) -> Side {
+        let mut base = Vec::with_capacity(lens.len());
+        let mut acc = 0;
+        for &n in lens {
+            base.push(acc * heads * hd);
+            acc += n;
+        }
+        Side { lens: lens.to_vec(), base, head: hd, row: heads * hd, elems: acc * heads * hd }
+    }
+
+    #[inline(always)]
+    fn at(&self, s: usize, h: usize, l: usize) -> usize {
+        self.base[s] + h * self.head + l * self.row
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Geometry {
+    h: usize,
+    hkv: usize,
+    hd: usize,
+    q: Side,
+    k: Side,
+    /// lse of (s, h, i) at `lse_base[s] + h * Lq_s + i`.
+    lse_base: Vec<usize>,
+    lse_len: usize,
+}
+
+impl Geometry {
+    fn new(h: usize, hkv: usize, hd: usize, q: Side, k: Side) -> Result<Geometry> {
+        if hkv == 0 || h % hkv != 0 {
+            return Err(Error::usage(format!("attention: {h} query heads is not a multiple of {hkv} kv heads")));
+        }
+        if let Some((a, b)) = q.lens.iter().zip(&k.lens).find(|(a, b)| a > b) {
+            return Err(Error::usage(format!("attention: {a} queries but only {b} keys in a sequence")));
+        }
+        let mut lse_base = Vec::with_capacity(q.lens.len());
+        let mut acc = 0;
+        for &n in &q.lens {
+            lse_base.push(acc);
+            acc += h * n;
+        }
+        Ok(Geometry { h, hkv, hd, q, k, lse_base, lse_len: acc })
+    }
+}
+
+/// Per-thread tiles, reused across work items.
+struct Scratch<T> {
+    kt: Vec<T>,
+    vt: Vec<T>,
+    qs: Vec<T>,
+    dot: Vec<T>,
+    st: Vec<T>,
+    dpt: Vec<T>,
+    acc: Vec<T>,
+    m: Vec<T>,
+    l: Vec<T>,
+}
+
+impl<T: Real> Scratch<T> {
+    fn new(hd: usize) -> Self {
+        Scratch {
+            kt: vec![],
+            vt: vec![],
+            qs: vec![T::ZERO; BQ * hd],
+            dot: vec![T::ZERO; BQ * hd],
+            st: vec![T::ZERO; BQ * BK],
+            dpt: vec![T::ZERO; BQ * BK],
+            acc: vec![T::ZERO; BQ * hd],
+            m: vec![T::ZERO; BQ],
+            l: vec![T::ZERO; BQ],
+        }
+    }
+}
+
+/// X^T of one (sequence, head): (L, hd) rows of `x` -> `xt` (hd, ld), ld = L rounded up to a
+/// whole tile, zero-padded.
+#[inline(always)]
+fn transpose_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, xt: &mut Vec<T>) -> usize {
+    let l = side.lens[s];
+    let ld = l.div_ceil(BK) * BK;
+    xt.clear();
+    xt.resize(hd * ld, T::ZERO);
+    for j in 0..l {
+        let row = &x[side.at(s, h, j)..][..hd];
+        for (d, &v) in row.iter().enumerate() {
+            xt[d * ld + j] = v;
+        }
+    }
+    ld
+}
+
+/// out (rows, BK) = a (rows, hd) . bt[:, j0..j0 + BK], bt (hd, ldb): the score-tile product.
+/// Four rows at a time so each loaded column tile feeds four accumulators held in registers.
+#[inline(always)]
+fn tile_product<T: Real>(a: &[T], rows: usize, hd: usize, bt: &[T], ldb: usize, j0: usize, out: &mut [T]) {
+    let mut i = 0;
+    while i + 4 <= rows {
+        let (a0, a1, a2, a3) =
+            (&a[i * hd..][..hd], &a[(i + 1) * hd..][..hd], &a[(i + 2) * hd..][..hd], &a[(i + 3) * hd..][..hd]);
+        let mut acc = [[T::ZERO; BK]; 4];
+        for d in 0..hd {
+            let b: &[T; BK] = bt[d * ldb + j0..][..BK].try_into().unwrap();
+            let (x0, x1, x2, x3) = (a0[d], a1[d], a2[d], a3[d]);
+            for j in 0..BK {
+                acc[0][j] += x0 * b[j];
+                acc[1][j] += x1 * b[j];
+                acc[2][j] += x2 * b[j];
+                acc[3][j] += x3 * b[j];
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            out[(i + r) * BK..][..BK].copy_from_slice(row);
+        }
+        i += 4;
+    }
+    while i < rows {
+        let a0 = &a[i * hd..][..hd];
+        let mut acc = [T::ZERO; BK];
+        for (d, &x0) in a0.iter().enumerate() {
+            let b: &[T; BK] = bt[d * ldb + j0..][..BK].try_into().unwrap();
+            for j in 0..BK {
+                acc[j] += x0 * b[j];
+            }
+        }
+        out[i * BK..][..BK].copy_from_slice(&acc);
+        i += 1;
+    }
+}
+
+multiversion! {
+    /// Forward pass of one (sequence s, query head h): writes its rows of `out` and `lse`.
+    fn fwd_item<T: Real>(
+        g: &Geometry,
+        s: usize,
+        h: usize,
+        scale: T,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        out: SharedMut<T>,
+        lse: SharedMut<T>,
+        scr: &mut Scratch<T>,
+    ) {
+        let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
+        let past = lk - lq;
+        let kvh = h / (g.h / g.hkv);
+        let ldk = transpose_into(k, &g.k, s, kvh, hd, &mut scr.kt);
+        let Scratch { kt, qs, st, acc, m, l, .. } = scr;
+        for i0 in (0..lq).step_by(BQ) {
+            let bq = BQ.min(lq - i0);
+            for i in 0..bq {
+                let row = &q[g.q.at(s, h, i0 + i)..][..hd];
+                for (o, &x) in qs[i * hd..][..hd].iter_mut().zip(row) {
+                    *o = x * scale;
+                }
+            }
+            m[..bq].fill(T::NEG_INF);
+            l[..bq].fill(T::ZERO);
+            acc[..bq * hd].fill(T::ZERO);
+            let kend = past + i0 + bq;
+            for j0 in (0..kend).step_by(BK) {
+                tile_product(qs, bq, hd, kt, ldk, j0, st);
+                for i in 0..bq {
+                    // Keys < lim are visible to this query.
+                    let lim = past + i0 + i + 1;
+                    if lim <= j0 {
+                        continue;
+                    }
+                    let c = BK.min(lim - j0);
+                    let row = &mut st[i * BK..][..c];
+                    let m_new = m[i].maxv(max(row));
+                    let alpha = if m[i] == T::NEG_INF { T::ZERO } else { (m[i] - m_new).exp() };
+                    for x in row.iter_mut() {
+                        *x = (*x - m_new).exp();
+                    }
+                    l[i] = l[i] * alpha + sum(row);
+                    m[i] = m_new;
+                    let a = &mut acc[i * hd..][..hd];
+                    if alpha != T::ONE {
+                        a.iter_mut().for_each(|x| *x *= alpha);
+                    }
+                    for (j, &p) in row.iter().enumerate() {
+                        axpy(p, &v[g.k.at(s, kvh, j0 + j)..][..hd], a);
+                    }
+                }
+            }
+            for i in 0..bq {
+                let inv = T::ONE / l[i];
+                // SAFETY: rows (s, h, i0 + i) of `out` and `lse` belong to this work item only.
+                let o = unsafe { out.slice(g.q.at(s, h, i0 + i), hd) };
+                for (o, &a) in o.iter_mut().zip(&acc[i * hd..][..hd]) {
+                    *o = a * inv;
+                }
+                unsafe { lse.slice(g.lse_base[s] + h * lq + i0 + i, 1)[0] = m[i] + l[i].ln() };
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// Backward pass of one (sequence s, kv head g): dK, dV of that head and dQ of the query
+    /// heads that share it. dq, dk, dv start zeroed.
+    fn bwd_item<T: Real>(
+        g: &Geometry,
+        s: usize,
+        kvh: usize,
+        scale: T,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        o: &[T],
+        d_o: &[T],
+        lse: &[T],
+        dq: SharedMut<T>,
+        dk: SharedMut<T>,
+        dv: SharedMut<T>,
+        scr: &mut Scratch<T>,
+    ) {
+        let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
+        let past = lk - lq;
+        let rep = g.h / g.hkv;
+        let ldk = transpose_into(k, &g.k, s, kvh, hd, &mut scr.kt);
+        transpose_into(v, &g.k, s, kvh, hd, &mut scr.vt);
+        let Scratch { kt, vt, qs, dot: dot_t, st, dpt, acc: dq_t, m: lse_t, l: delta, .. } = scr;
+        for h in kvh * rep..(kvh + 1) * rep {
+            for i0 in (0..lq).step_by(BQ) {
+                let bq = BQ.min(lq - i0);
+                for i in 0..bq {
+                    let at = g.q.at(s, h, i0 + i);
+                    for (o, &x) in qs[i * hd..][..hd].iter_mut().zip(&q[at..][..hd]) {
+                        *o = x * scale;
+                    }
+                    dot_t[i * hd..][..hd].copy_from_slice(&d_o[at..][..hd]);
+                    // delta_i = rowsum(dO * O) = sum_j P_ij dP_ij.
+                    delta[i] = dot(&d_o[at..][..hd], &o[at..][..hd]);
+                    lse_t[i] = lse[g.lse_base[s] + h * lq + i0 + i];
+                }
+                dq_t[..bq * hd].fill(T::ZERO);
+                let kend = past + i0 + bq;
+                for j0 in (0..kend).step_by(BK) {
+                    tile_product(qs, bq, hd, kt, ldk, j0, st); // S (bq, BK)
+                    tile_product(dot_t, bq, hd, vt, ldk, j0, dpt); // dP = dO V^T
+                    for i in 0..bq {
+                        let lim = past + i0 + i + 1;
+                        if lim <= j0 {
+                            continue;
+                        }
+                        let c = BK.min(lim - j0);
+                        let p = &mut st[i * BK..][..c];
+                        let ds = &mut dpt[i * BK..][..c];
+                        for (p, ds) in p.iter_mut().zip(ds.iter_mut()) {
+                            *p = (*p - lse_t[i]).exp();
+                            *ds = *p * (*ds - delta[i]);
+                        }
+                        let (qi, doi) = (&qs[i * hd..][..hd], &dot_t[i * hd..][..hd]);
+                        let dqi = &mut dq_t[i * hd..][..hd];
+                        for j in 0..c {
+                            let at = g.k.at(s, kvh, j0 + j);
+                            // SAFETY: rows of kv head (s, kvh) in dK and dV belong to this item.
+                            unsafe {
+                                axpy(p[j], doi, dv.slice(at, hd));
+                                axpy(ds[j], qi, dk.slice(at, hd));
+                            }
+                            axpy(ds[j], &k[at..][..hd], dqi);
+                        }
+                    }
+                }
+                for i in 0..bq {
+                    // SAFETY: query head h is in this item's group, so its dQ rows are ours.
+                    let dst = unsafe { dq.slice(g.q.at(s, h, i0 + i), hd) };
+                    for (d, &x) in dst.iter_mut().zip(&dq_t[i * hd..][..hd]) {
+                        *d = x * scale;
+                    }
+                }
+            }
+        }
+    }
+}
+
+struct FlashAttention {
+    g: Arc<Geometry>,
+    scale: f64,
+    /// logsumexp per query row, (lse_len,), set by the forward pass for the backward pass.
+    lse: Mutex<Option<CpuStorage>>,
+}
+
+impl FlashAttention {
+    fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+        let g = &*self.g;
+        if q.len() != g.q.elems || k.len() != g.k.elems || v.len() != g.k.elems {
+            bail!("attention: tensor sizes do not match the sequence lengths");
+        }
+        let mut out = vec![T::ZERO; g.q.elems];
+        let mut lse = vec![T::ZERO; g.lse_len];
+        let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+        let simd = simd_level();
+        let scale = T::of(self.scale);
+        let items: Vec<(usize, usize)> =
+            (0..g.q.lens.len()).filter(|&s| g.q.lens[s] > 0).flat_map(|s| (0..g.h).map(move |h| (s, h))).collect();
+        items.par_iter().for_each_init(
+            || Scratch::new(g.hd),
+            |scr, &(s, h)| fwd_item::<T>(simd, g, s, h, scale, q, k, v, po, pl, scr),
+        );
+        Ok((out, lse))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn backward<T: Real>(
+        &self,
+        q: &[T],
+        k: &[T],
+        v: &[T],
+        o: &[T],
+        d_o: &[T],
+    ) -> candle_core::Result<(Vec<T>, Vec<T>, Vec<T>)> {
+        let g = &*self.g;
+        let guard = self.lse.lock().unwrap();
+        let Some(lse) = guard.as_ref() else { bail!("attention backward before its forward pass") };
+        let lse = T::cpu_storage_as_slice(lse)?;
+        let mut dq = vec![T::ZERO; g.q.elems];
+        let mut dk = vec![T::ZERO; g.k.elems];
+        let mut dv = vec![T::ZERO; g.k.elems];
+        let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+        let simd = simd_level();
+        let scale = T::of(self.scale);
+        let items: Vec<(usize, usize)> =
+            (0..g.q.lens.len()).filter(|&s| g.q.lens[s] > 0).flat_map(|s| (0..g.hkv).map(move |h| (s, h))).collect();
+        items.par_iter().for_each_init(
+            || Scratch::new(g.hd),
+            |scr, &(s, h)| bwd_item::<T>(simd, g, s, h, scale, q, k, v, o, d_o, lse, pq, pk, pv, scr),
+        );
+        Ok((dq, dk, dv))
+    }
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "itt-flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use super::cpu_data as d;
+        let (out, lse) = match s1 {
+            CpuStorage::F32(_) => {
+                let (o, l) = self.forward::<f32>(d(s1, l1)?, d(s2, l2)?, d(s3, l3)?)?;
+                (CpuStorage::F32(o), CpuStorage::F32(l))
+            }
+            CpuStorage::F64(_) => {
+                let (o, l) = self.forward::<f64>(d(s1, l1)?, d(s2, l2)?, d(s3, l3)?)?;
+                (CpuStorage::F64(o), CpuStorage::F64(l))
+            }
+            _ => bail!("attention: fused kernel runs in f32 or f64"),
+        };
+        *self.lse.lock().unwrap() = Some(lse);
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(
+            op: &FlashAttention,
+            q: &Tensor,
+            k: &Tensor,
+            v: &Tensor,
+            res: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+            let (dq, dk, dv) = with_data::<T, _>(q, |qd| {
+                with_data::<T, _>(k, |kd| {
+                    with_data::<T, _>(v, |vd| {
+                        with_data::<T, _>(res, |od| with_data::<T, _>(grad, |gd| op.backward(qd, kd, vd, od, gd)))
+                    })
+                })
+            })?;
+            let dev = q.device();
+            Ok((
+                Tensor::from_vec(dq, q.shape(), dev)?,
+                Tensor::from_vec(dk, k.shape(), dev)?,
+                Tensor::from_vec(dv, v.shape(), dev)?,
+            ))
+        }
+        let (dq, dk, dv) = match q.dtype() {
+            candle_core::DType::F32 => run::<f32>(self, q, k, v, res, grad)?,
+            candle_core::DType::F64 => run::<f64>(self, q, k, v, res, grad)?,
+            dt => bail!("attention: fused kernel runs in f32 or f64, not {dt:?}"),
+        };
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+fn apply(q: &Tensor, k: &Tensor, v: &Tensor, g: Geometry) -> Result<Tensor> {
+    let scale = 1.0 / (g.hd as f64).sqrt();
+    let op = FlashAttention { g: Arc::new(g), scale, lse: Mutex::new(None) };
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+}
+
+/// Fused twin of `composed::causal_sdpa`.
+/// q: (B, H, Lq, hd); k, v: (B, Hkv, Lk, hd) with Lk = past + Lq -> (B, H, Lq, hd).
+pub fn causal_sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (b, h, lq, hd) = q.dims4()?;
+    let (bk, hkv, lk, hdk) = k.dims4()?;
+    if bk != b || hdk != hd || v.dims() != k.dims() || lk < lq {
+        return Err(Error::usage(format!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit (B, H, Lq, hd), (B, Hkv, Lk >= Lq, hd)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if q.elem_count() == 0 {
+        return composed::causal_sdpa(q, k, v);
+    }
+    apply(q, k, v, Geometry::new(h, hkv, hd, Side::bhld(b, h, lq, hd), Side::bhld(b, hkv, lk, hd))?)
+}
+
+/// Fused twin of `composed::causal_attention_varlen`: packed sequences, each with its queries
+/// the last `lens_q[s]` of its `lens_k[s]` keys.
+/// q: (sum lens_q, H, hd); k, v: (sum lens_k, Hkv, hd) -> (sum lens_q, H, hd).
+pub fn causal_attention_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_q: &[usize],
+    lens_k: &[usize],
+) -> Result<Tensor> {
+    let (nq, h, hd) = q.dims3()?;
+    let (nk, hkv, hdk) = k.dims3()?;
+    if lens_q.len() != lens_k.len()
+        || lens_q.iter().sum::<usize>() != nq
+        || lens_k.iter().sum::<usize>() != nk
+        || hdk != hd
+        || v.dims() != k.dims()
+    {
+        return Err(Error::usage(format!(
+            "attention: q {:?}, k {:?}, v {:?} do not match {} query and {} key lengths",
+            q.dims(),
+            k.dims(),
+            v.dims(),
+            lens_q.len(),
+            lens_k.len()
+        )));
+    }
+    if nq == 0 {
+        return Ok(Tensor::zeros((0, h, hd), q.dtype(), q.device())?);
+    }
+    apply(q, k, v, Geometry::new(h, hkv, hd, Side::packed(lens_q, h, hd), Side::packed(lens_k, hkv, hd))?)
+}

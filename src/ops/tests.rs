@@ -1,0 +1,275 @@
+//! Every fused kernel against its composed twin (values and gradients through candle's
+//! backprop, f32 and f64, odd sizes, every SIMD level the CPU has) and against central finite
+//! differences in f64; plus repeatability across thread counts and a whole model both ways.
+
+use super::fused::{self, simd_level, with_simd_cap, Simd};
+use super::{composed, with_composed, Kernel};
+use crate::rng::Rng;
+use crate::Result;
+use candle_core::{DType, Device, Tensor, Var};
+
+type Op<'a> = &'a dyn Fn(&[Tensor]) -> Result<Tensor>;
+
+fn randn(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    let mut r = Rng::new(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| r.normal()).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn host(t: &Tensor) -> Vec<f64> {
+    t.flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+}
+
+/// Output values and d/d(input) of L = sum(out * W), W a fixed random tensor.
+fn value_and_grads(f: Op, inputs: &[Tensor]) -> (Vec<f64>, Vec<Vec<f64>>) {
+    let vars: Vec<Var> = inputs.iter().map(|t| Var::from_tensor(t).unwrap()).collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts).unwrap();
+    let w = randn(out.dims(), 99, out.dtype());
+    let grads = (&out * &w).unwrap().sum_all().unwrap().backward().unwrap();
+    let g =
+        vars.iter().map(|v| grads.get(v.as_tensor()).map(host).unwrap_or_else(|| vec![0.0; v.elem_count()])).collect();
+    (host(&out), g)
+}
+
+fn loss(f: Op, inputs: &[Tensor]) -> f64 {
+    let out = f(inputs).unwrap();
+    let w = randn(out.dims(), 99, out.dtype());
+    (&out * &w).unwrap().sum_all().unwrap().to_dtype(DType::F64).unwrap().to_scalar().unwrap()
+}
+
+/// max |a - b| relative to max |b|.
+fn rel_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, x| m.max(x.abs())).max(1e-30);
+    a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs())) / scale
+}
+
+fn levels() -> Vec<Simd> {
+    [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|&l| l <= simd_level()).collect()
+}
+
+/// Fused against composed on the same inputs, in f32 and f64 and at every SIMD level.
+fn check_twins(name: &str, fused: Op, composed: Op, shapes: &[&[usize]], seed: u64) {
+    for (dtype, tol) in [(DType::F32, 2e-5), (DType::F64, 1e-12)] {
+        let inputs: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| randn(s, seed + i as u64, dtype)).collect();
+        let (want, want_g) = value_and_grads(composed, &inputs);
+        for level in levels() {
+            let (got, got_g) = with_simd_cap(level, || value_and_grads(fused, &inputs));
+            let d = rel_diff(&got, &want);
+            eprintln!("{name} {dtype:?} {level:?}: value max rel diff {d:e}");
+            assert!(d < tol, "{name} {dtype:?} {level:?}: values differ by {d:e}");
+            for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
+                let d = rel_diff(g, w);
+                eprintln!("{name} {dtype:?} {level:?}: grad {i} max rel diff {d:e}");
+                assert!(d < tol * 10.0, "{name} {dtype:?} {level:?}: gradient of input {i} differs by {d:e}");
+            }
+        }
+    }
+}
+
+/// The fused kernel's backprop gradient against central differences, f64, sampled elements.
+fn check_finite_differences(name: &str, f: Op, shapes: &[&[usize]], seed: u64) {
+    let inputs: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| randn(s, seed + i as u64, DType::F64)).collect();
+    let (_, grads) = value_and_grads(f, &inputs);
+    let mut rng = Rng::new(seed);
+    let mut worst = 0f64;
+    for (i, x) in inputs.iter().enumerate() {
+        let base = host(x);
+        for _ in 0..12.min(base.len()) {
+            let j = rng.below(base.len() as u64) as usize;
+            let h = 1e-5;
+            let at = |delta: f64| {
+                let mut p = base.clone();
+                p[j] += delta;
+                let mut ins = inputs.clone();
+                ins[i] = Tensor::from_vec(p, x.dims(), &Device::Cpu).unwrap();
+                loss(f, &ins)
+            };
+            let num = (at(h) - at(-h)) / (2.0 * h);
+            let err = (num - grads[i][j]).abs() / num.abs().max(grads[i][j].abs()).max(1e-3);
+            worst = worst.max(err);
+            assert!(err < 1e-6, "{name}: input {i}[{j}] numeric {num:e} vs analytic {:e}", grads[i][j]);
+        }
+    }
+    eprintln!("{name}: worst finite-difference error {worst:e}");
+}
+
+#[test]
+fn fast_exp_is_accurate() {
+    let mut worst = 0f64;
+    for i in -87_000..88_000 {
+        let x = i as f32 / 1000.0 + 0.000_37;
+        let want = (x as f64).exp();
+        let got = fused::exp_f32(x) as f64;
+        worst = worst.max((got - want).abs() / want);
+    }
+    assert!(worst < 3e-7, "relative error {worst:e}");
+    assert!(fused::exp_f32(f32::NAN).is_nan());
+    assert!(fused::exp_f32(-1e4) < 1e-37 && fused::exp_f32(-1e4) >= 0.0);
+    assert!(fused::exp_f32(1e4).is_finite());
+}
+
+#[test]
+fn rms_norm_matches_composed_and_finite_differences() {
+    let fused = |t: &[Tensor]| fused::rms_norm(&t[0], &t[1], 1e-5);
+    let composed = |t: &[Tensor]| composed::rms_norm(&t[0], &t[1], 1e-5);
+    // (D = 1 is left out: its x-gradient is eps-sized, a cancellation neither version resolves in f32.)
+    for (i, (n, d)) in [(1, 3), (7, 33), (300, 256)].into_iter().enumerate() {
+        check_twins("rms_norm", &fused, &composed, &[&[n, d], &[d]], 10 + i as u64);
+    }
+    check_twins("rms_norm 3-d", &fused, &composed, &[&[2, 3, 17], &[17]], 20);
+    check_finite_differences("rms_norm", &fused, &[&[5, 19], &[19]], 30);
+}
+
+#[test]
+fn rope_matches_composed_and_finite_differences() {
+    let fused = |t: &[Tensor]| fused::apply_rope(&t[0], &t[1], &t[2]);
+    let composed = |t: &[Tensor]| composed::apply_rope(&t[0], &t[1], &t[2]);
+    // cos and sin are free inputs here (not unit pairs), so their gradients are checked too.
+    for (i, (n, h, hd)) in [(1, 1, 2), (5, 3, 6), (129, 4, 64)].into_iter().enumerate() {
+        check_twins("rope", &fused, &composed, &[&[n, h, hd], &[n, hd / 2], &[n, hd / 2]], 40 + i as u64);
+    }
+    check_finite_differences("rope", &fused, &[&[4, 3, 10], &[4, 5], &[4, 5]], 50);
+}
+
+#[test]
+fn rope_with_constant_tables_gives_no_table_gradient() {
+    let x = Var::from_tensor(&randn(&[3, 2, 4], 1, DType::F32)).unwrap();
+    let (cos, sin) = (randn(&[3, 2], 2, DType::F32), randn(&[3, 2], 3, DType::F32));
+    let y = fused::apply_rope(x.as_tensor(), &cos, &sin).unwrap();
+    let g = y.sum_all().unwrap().backward().unwrap();
+    assert!(g.get(x.as_tensor()).is_some());
+    assert!(g.get(&cos).is_none() && g.get(&sin).is_none());
+}
+
+#[test]
+fn swiglu_matches_composed_and_finite_differences() {
+    let fused = |t: &[Tensor]| fused::swiglu(&t[0], &t[1]);
+    let composed = |t: &[Tensor]| composed::swiglu(&t[0], &t[1]);
+    for (i, (n, f)) in [(1, 1), (3, 5), (70, 688)].into_iter().enumerate() {
+        check_twins("swiglu", &fused, &composed, &[&[n, f], &[n, f]], 60 + i as u64);
+    }
+    check_finite_differences("swiglu", &fused, &[&[6, 7], &[6, 7]], 70);
+}
+
+#[test]
+fn cross_entropy_matches_composed_and_finite_differences() {
+    for (i, (n, v)) in [(1, 2), (9, 37), (40, 1000)].into_iter().enumerate() {
+        let mut r = Rng::new(80 + i as u64);
+        let t: Vec<u32> = (0..n).map(|_| r.below(v as u64) as u32).collect();
+        let t = Tensor::from_vec(t, n, &Device::Cpu).unwrap();
+        let fused = |x: &[Tensor]| fused::cross_entropy(&x[0], &t);
+        let composed = |x: &[Tensor]| composed::cross_entropy(&x[0], &t);
+        check_twins("cross_entropy", &fused, &composed, &[&[n, v]], 90 + i as u64);
+        if i == 1 {
+            check_finite_differences("cross_entropy", &fused, &[&[n, v]], 100);
+        }
+    }
+    let bad = Tensor::new(&[5u32], &Device::Cpu).unwrap();
+    assert!(fused::cross_entropy(&randn(&[1, 5], 1, DType::F32), &bad).is_err());
+}
+
+#[test]
+fn attention_matches_composed_and_finite_differences() {
+    let fused = |t: &[Tensor]| fused::causal_sdpa(&t[0], &t[1], &t[2]);
+    let composed = |t: &[Tensor]| composed::causal_sdpa(&t[0], &t[1], &t[2]);
+    // (B, H, Hkv, Lq, Lk, hd): plain, grouped-query with odd sizes across tile edges, cached
+    // keys (past = Lk - Lq > 0), one-token decoding.
+    let cases =
+        [(2, 4, 4, 7, 7, 8), (1, 6, 2, 70, 70, 5), (2, 4, 2, 3, 130, 16), (3, 2, 1, 1, 9, 4), (1, 2, 2, 129, 200, 64)];
+    for (i, (b, h, hkv, lq, lk, hd)) in cases.into_iter().enumerate() {
+        let name = format!("attention B{b} H{h} Hkv{hkv} Lq{lq} Lk{lk} hd{hd}");
+        check_twins(&name, &fused, &composed, &[&[b, h, lq, hd], &[b, hkv, lk, hd], &[b, hkv, lk, hd]], 110 + i as u64);
+    }
+    check_finite_differences("attention", &fused, &[&[2, 4, 5, 6], &[2, 2, 8, 6], &[2, 2, 8, 6]], 120);
+}
+
+#[test]
+fn varlen_attention_matches_composed_and_finite_differences() {
+    // Packed sequences of different lengths, an empty one, cached keys, GQA.
+    let cases: [(&[usize], &[usize], usize, usize, usize); 3] =
+        [(&[5, 0, 67, 1], &[5, 0, 70, 9], 4, 2, 6), (&[64, 64], &[64, 64], 2, 2, 8), (&[3, 7], &[3, 7], 3, 1, 4)];
+    for (i, &(lq, lk, h, hkv, hd)) in cases.iter().enumerate() {
+        let (nq, nk) = (lq.iter().sum::<usize>(), lk.iter().sum::<usize>());
+        let fused = |t: &[Tensor]| fused::causal_attention_varlen(&t[0], &t[1], &t[2], lq, lk);
+        let composed = |t: &[Tensor]| composed::causal_attention_varlen(&t[0], &t[1], &t[2], lq, lk);
+        let name = format!("varlen attention {lq:?}/{lk:?} H{h} Hkv{hkv} hd{hd}");
+        check_twins(&name, &fused, &composed, &[&[nq, h, hd], &[nk, hkv, hd], &[nk, hkv, hd]], 130 + i as u64);
+        if i == 0 {
+            check_finite_differences("varlen attention", &fused, &[&[nq, h, hd], &[nk, hkv, hd], &[nk, hkv, hd]], 140);
+        }
+    }
+}
+
+#[test]
+fn fused_results_do_not_depend_on_the_thread_count() {
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let q = randn(&[2, 4, 100, 16], 1, DType::F32);
+            let k = randn(&[2, 2, 100, 16], 2, DType::F32);
+            let v = randn(&[2, 2, 100, 16], 3, DType::F32);
+            let x = randn(&[300, 64], 4, DType::F32);
+            let g = randn(&[64], 5, DType::F32);
+            let (mut vals, mut grads) = value_and_grads(&|t| fused::causal_sdpa(&t[0], &t[1], &t[2]), &[q, k, v]);
+            let (v2, g2) = value_and_grads(&|t| fused::rms_norm(&t[0], &t[1], 1e-5), &[x, g]);
+            vals.extend(v2);
+            grads.extend(g2);
+            (vals, grads)
+        })
+    };
+    let one = run(1);
+    assert!(one == run(3), "results changed with the thread count");
+    assert!(one == run(3), "results changed between runs");
+}
+
+#[test]
+fn composed_switch_is_honoured() {
+    let x = randn(&[4, 8], 1, DType::F32);
+    let g = randn(&[8], 2, DType::F32);
+    let fused_y = super::rms_norm(&Var::from_tensor(&x).unwrap(), &g, 1e-5).unwrap();
+    let comp_y =
+        with_composed(&[Kernel::RmsNorm], || super::rms_norm(&Var::from_tensor(&x).unwrap(), &g, 1e-5).unwrap());
+    // The fused result is one graph node over x; the composed one a chain of ops.
+    assert_eq!(fused_y.sorted_nodes().len(), 2);
+    assert!(comp_y.sorted_nodes().len() > 2);
+}
+
+#[test]
+fn model_with_fused_ops_matches_composed_ops() {
+    use crate::config::{ModelConfig, ModelKind, ThinkingConfig};
+    use crate::model::{Model, RoutingOptions};
+    let mut cfg = ModelConfig {
+        vocab_size: 37,
+        d_model: 16,
+        n_layers: 2,
+        n_heads: 4,
+        n_kv_heads: 2,
+        mlp_hidden: 24,
+        max_seq_len: 40,
+        rope_theta: 10000.0,
+        norm_eps: 1e-5,
+        tie_embeddings: false,
+        init_std: 0.2,
+        thinking: ThinkingConfig { kind: ModelKind::Itt, steps: 3, ..Default::default() },
+    };
+    cfg.thinking.ratios = vec![0.6, 0.4];
+    let model = Model::new(&cfg, 3, &Device::Cpu).unwrap();
+    let (b, t) = (3, 33);
+    let mut r = Rng::new(4);
+    let inp: Vec<u32> = (0..b * t).map(|_| r.below(37) as u32).collect();
+    let tgt: Vec<u32> = (0..b * t).map(|_| r.below(37) as u32).collect();
+    let run = || {
+        let loss = model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None).unwrap();
+        let g = loss.backward().unwrap();
+        let grads: Vec<f64> = model.params.iter().flat_map(|(_, v)| host(g.get(v.as_tensor()).unwrap())).collect();
+        (loss.to_scalar::<f32>().unwrap() as f64, grads)
+    };
+    let (lf, gf) = run();
+    let (lc, gc) = with_composed(&Kernel::ALL, run);
+    eprintln!("model loss fused {lf} composed {lc}; gradient max rel diff {:e}", rel_diff(&gf, &gc));
+    assert!((lf - lc).abs() < 1e-5 * lc.abs(), "loss {lf} vs {lc}");
+    assert!(rel_diff(&gf, &gc) < 1e-4);
+}
