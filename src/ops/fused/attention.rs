@@ -13,7 +13,7 @@
 //! backward pass, so each item owns the gradient rows it writes (dK, dV of its kv head and dQ of
 //! the query heads in its group) and no atomics or reductions across threads are needed.
 
-use super::{axpy, dot, max, multiversion, simd_level, sum, with_data, Real, SharedMut};
+use super::{axpy, dot, madd, max, multiversion, simd_level, sum, with_data, Real, SharedMut};
 use crate::ops::composed;
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -94,37 +94,52 @@ impl Geometry {
     }
 }
 
-/// Per-thread tiles, reused across work items.
+/// Per-thread buffers, reused across work items.
+#[derive(Default)]
 struct Scratch<T> {
+    /// K^T, V^T of the item's kv head: (hd, ld), ld = Lk rounded up to a whole tile.
     kt: Vec<T>,
     vt: Vec<T>,
+    /// K, V of the item's kv head, contiguous: (Lk, hd).
+    kc: Vec<T>,
+    vc: Vec<T>,
+    /// Query tile, pre-scaled: (BQ, hd); dO tile (BQ, hd).
     qs: Vec<T>,
     dot: Vec<T>,
+    /// Score / probability tile (BQ, BK) and dP / dS tile (BQ, BK); their transposes (BK, BQ).
     st: Vec<T>,
     dpt: Vec<T>,
+    pt: Vec<T>,
+    dst: Vec<T>,
+    /// Output accumulator (forward) or dQ accumulator (backward): (BQ, hd).
     acc: Vec<T>,
+    /// dK, dV accumulators of the kv head: (Lk, hd).
+    dk: Vec<T>,
+    dv: Vec<T>,
+    /// Running max and sum (forward) or lse and delta (backward) of the tile's rows: (BQ,).
     m: Vec<T>,
     l: Vec<T>,
 }
 
 impl<T: Real> Scratch<T> {
     fn new(hd: usize) -> Self {
+        let z = |n| vec![T::ZERO; n];
         Scratch {
-            kt: vec![],
-            vt: vec![],
-            qs: vec![T::ZERO; BQ * hd],
-            dot: vec![T::ZERO; BQ * hd],
-            st: vec![T::ZERO; BQ * BK],
-            dpt: vec![T::ZERO; BQ * BK],
-            acc: vec![T::ZERO; BQ * hd],
-            m: vec![T::ZERO; BQ],
-            l: vec![T::ZERO; BQ],
+            qs: z(BQ * hd),
+            dot: z(BQ * hd),
+            st: z(BQ * BK),
+            dpt: z(BQ * BK),
+            pt: z(BK * BQ),
+            dst: z(BK * BQ),
+            acc: z(BQ * hd),
+            m: z(BQ),
+            l: z(BQ),
+            ..Default::default()
         }
     }
 }
 
-/// X^T of one (sequence, head): (L, hd) rows of `x` -> `xt` (hd, ld), ld = L rounded up to a
-/// whole tile, zero-padded.
+/// X^T of one (sequence, head): rows (L, hd) of `x` -> `xt` (hd, ld), zero-padded; returns ld.
 #[inline(always)]
 fn transpose_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, xt: &mut Vec<T>) -> usize {
     let l = side.lens[s];
@@ -140,47 +155,97 @@ fn transpose_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, 
     ld
 }
 
-/// out (rows, BK) = a (rows, hd) . bt[:, j0..j0 + BK], bt (hd, ldb): the score-tile product.
-/// Four rows at a time so each loaded column tile feeds four accumulators held in registers.
+/// Rows (L, hd) of one (sequence, head) of `x`, copied contiguous into `out`.
 #[inline(always)]
-fn tile_product<T: Real>(a: &[T], rows: usize, hd: usize, bt: &[T], ldb: usize, j0: usize, out: &mut [T]) {
-    let mut i = 0;
-    while i + 4 <= rows {
-        let (a0, a1, a2, a3) =
-            (&a[i * hd..][..hd], &a[(i + 1) * hd..][..hd], &a[(i + 2) * hd..][..hd], &a[(i + 3) * hd..][..hd]);
-        let mut acc = [[T::ZERO; BK]; 4];
-        for d in 0..hd {
-            let b: &[T; BK] = bt[d * ldb + j0..][..BK].try_into().unwrap();
-            let (x0, x1, x2, x3) = (a0[d], a1[d], a2[d], a3[d]);
-            for j in 0..BK {
-                acc[0][j] += x0 * b[j];
-                acc[1][j] += x1 * b[j];
-                acc[2][j] += x2 * b[j];
-                acc[3][j] += x3 * b[j];
-            }
-        }
-        for (r, row) in acc.iter().enumerate() {
-            out[(i + r) * BK..][..BK].copy_from_slice(row);
-        }
-        i += 4;
+fn gather_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, out: &mut Vec<T>) {
+    out.clear();
+    for j in 0..side.lens[s] {
+        out.extend_from_slice(&x[side.at(s, h, j)..][..hd]);
     }
-    while i < rows {
-        let a0 = &a[i * hd..][..hd];
-        let mut acc = [T::ZERO; BK];
-        for (d, &x0) in a0.iter().enumerate() {
-            let b: &[T; BK] = bt[d * ldb + j0..][..BK].try_into().unwrap();
-            for j in 0..BK {
-                acc[j] += x0 * b[j];
+}
+
+/// a (rows, cols), row stride lda -> at (cols, rows), row stride ldt.
+#[inline(always)]
+fn transpose_tile<T: Real>(a: &[T], lda: usize, rows: usize, cols: usize, at: &mut [T], ldt: usize) {
+    for i in 0..rows {
+        for (j, &x) in a[i * lda..][..cols].iter().enumerate() {
+            at[j * ldt + i] = x;
+        }
+    }
+}
+
+/// Register-tile width of [`gemm_acc`]: 64 columns (four AVX-512 vectors of f32) by MR rows.
+const NR: usize = 64;
+const MR: usize = 4;
+
+/// c (m, n) += a (m, k) . b (k, n), row-major with leading dimensions lda, ldb, ldc: every
+/// product of the kernel. Full 4 x 64 blocks keep their accumulators in registers while k runs
+/// (16 FMAs per 4 loads); edges fall back to row-by-row axpy.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn gemm_acc<T: Real, const FMA: bool>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    let mut j0 = 0;
+    while j0 + NR <= n {
+        let mut i = 0;
+        while i + MR <= m {
+            let ar: [&[T]; MR] = std::array::from_fn(|r| &a[(i + r) * lda..][..k]);
+            let mut acc = [[T::ZERO; NR]; MR];
+            for (r, row) in acc.iter_mut().enumerate() {
+                row.copy_from_slice(&c[(i + r) * ldc + j0..][..NR]);
+            }
+            for kk in 0..k {
+                let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
+                for r in 0..MR {
+                    let x = ar[r][kk];
+                    for j in 0..NR {
+                        acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
+                    }
+                }
+            }
+            for (r, row) in acc.iter().enumerate() {
+                c[(i + r) * ldc + j0..][..NR].copy_from_slice(row);
+            }
+            i += MR;
+        }
+        while i < m {
+            let ar = &a[i * lda..][..k];
+            let mut acc = [T::ZERO; NR];
+            acc.copy_from_slice(&c[i * ldc + j0..][..NR]);
+            for (kk, &x) in ar.iter().enumerate() {
+                let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
+                for j in 0..NR {
+                    acc[j] = madd::<T, FMA>(x, bv[j], acc[j]);
+                }
+            }
+            c[i * ldc + j0..][..NR].copy_from_slice(&acc);
+            i += 1;
+        }
+        j0 += NR;
+    }
+    if j0 < n {
+        let w = n - j0;
+        for i in 0..m {
+            let cr = &mut c[i * ldc + j0..][..w];
+            for (kk, &x) in a[i * lda..][..k].iter().enumerate() {
+                axpy::<T, FMA>(x, &b[kk * ldb + j0..][..w], cr);
             }
         }
-        out[i * BK..][..BK].copy_from_slice(&acc);
-        i += 1;
     }
 }
 
 multiversion! {
     /// Forward pass of one (sequence s, query head h): writes its rows of `out` and `lse`.
-    fn fwd_item<T: Real>(
+    fn fwd_item<T: Real, const FMA: bool>(
         g: &Geometry,
         s: usize,
         h: usize,
@@ -196,7 +261,8 @@ multiversion! {
         let past = lk - lq;
         let kvh = h / (g.h / g.hkv);
         let ldk = transpose_into(k, &g.k, s, kvh, hd, &mut scr.kt);
-        let Scratch { kt, qs, st, acc, m, l, .. } = scr;
+        gather_into(v, &g.k, s, kvh, hd, &mut scr.vc);
+        let Scratch { kt, vc, qs, st, acc, m, l, .. } = scr;
         for i0 in (0..lq).step_by(BQ) {
             let bq = BQ.min(lq - i0);
             for i in 0..bq {
@@ -210,30 +276,31 @@ multiversion! {
             acc[..bq * hd].fill(T::ZERO);
             let kend = past + i0 + bq;
             for j0 in (0..kend).step_by(BK) {
-                tile_product(qs, bq, hd, kt, ldk, j0, st);
+                let kc = BK.min(kend - j0);
+                st[..bq * BK].fill(T::ZERO);
+                gemm_acc::<T, FMA>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T: (bq, BK)
                 for i in 0..bq {
-                    // Keys < lim are visible to this query.
+                    let row = &mut st[i * BK..][..BK];
+                    // Keys < lim are visible to this query; masked entries become p = 0.
                     let lim = past + i0 + i + 1;
                     if lim <= j0 {
+                        row.fill(T::ZERO);
                         continue;
                     }
                     let c = BK.min(lim - j0);
-                    let row = &mut st[i * BK..][..c];
-                    let m_new = m[i].maxv(max(row));
+                    let m_new = m[i].maxv(max(&row[..c]));
                     let alpha = if m[i] == T::NEG_INF { T::ZERO } else { (m[i] - m_new).exp() };
-                    for x in row.iter_mut() {
+                    for x in row[..c].iter_mut() {
                         *x = (*x - m_new).exp();
                     }
-                    l[i] = l[i] * alpha + sum(row);
+                    row[c..].fill(T::ZERO);
+                    l[i] = l[i] * alpha + sum(&row[..c]);
                     m[i] = m_new;
-                    let a = &mut acc[i * hd..][..hd];
                     if alpha != T::ONE {
-                        a.iter_mut().for_each(|x| *x *= alpha);
-                    }
-                    for (j, &p) in row.iter().enumerate() {
-                        axpy(p, &v[g.k.at(s, kvh, j0 + j)..][..hd], a);
+                        acc[i * hd..][..hd].iter_mut().for_each(|x| *x *= alpha);
                     }
                 }
+                gemm_acc::<T, FMA>(bq, hd, kc, st, BK, &vc[j0 * hd..], hd, acc, hd); // O += P V
             }
             for i in 0..bq {
                 let inv = T::ONE / l[i];
@@ -250,8 +317,8 @@ multiversion! {
 
 multiversion! {
     /// Backward pass of one (sequence s, kv head g): dK, dV of that head and dQ of the query
-    /// heads that share it. dq, dk, dv start zeroed.
-    fn bwd_item<T: Real>(
+    /// heads that share it.
+    fn bwd_item<T: Real, const FMA: bool>(
         g: &Geometry,
         s: usize,
         kvh: usize,
@@ -272,7 +339,12 @@ multiversion! {
         let rep = g.h / g.hkv;
         let ldk = transpose_into(k, &g.k, s, kvh, hd, &mut scr.kt);
         transpose_into(v, &g.k, s, kvh, hd, &mut scr.vt);
-        let Scratch { kt, vt, qs, dot: dot_t, st, dpt, acc: dq_t, m: lse_t, l: delta, .. } = scr;
+        gather_into(k, &g.k, s, kvh, hd, &mut scr.kc);
+        scr.dk.clear();
+        scr.dk.resize(lk * hd, T::ZERO);
+        scr.dv.clear();
+        scr.dv.resize(lk * hd, T::ZERO);
+        let Scratch { kt, vt, kc: kcont, qs, dot: dot_t, st, dpt, pt, dst, acc: dq_t, dk: dk_acc, dv: dv_acc, m: lse_t, l: delta, .. } = scr;
         for h in kvh * rep..(kvh + 1) * rep {
             for i0 in (0..lq).step_by(BQ) {
                 let bq = BQ.min(lq - i0);
@@ -289,32 +361,28 @@ multiversion! {
                 dq_t[..bq * hd].fill(T::ZERO);
                 let kend = past + i0 + bq;
                 for j0 in (0..kend).step_by(BK) {
-                    tile_product(qs, bq, hd, kt, ldk, j0, st); // S (bq, BK)
-                    tile_product(dot_t, bq, hd, vt, ldk, j0, dpt); // dP = dO V^T
+                    let kc = BK.min(kend - j0);
+                    st[..bq * BK].fill(T::ZERO);
+                    dpt[..bq * BK].fill(T::ZERO);
+                    gemm_acc::<T, FMA>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T
+                    gemm_acc::<T, FMA>(bq, BK, hd, dot_t, hd, &vt[j0..], ldk, dpt, BK); // dP = dO V^T
                     for i in 0..bq {
+                        let (p, ds) = (&mut st[i * BK..][..BK], &mut dpt[i * BK..][..BK]);
                         let lim = past + i0 + i + 1;
-                        if lim <= j0 {
-                            continue;
+                        let c = if lim <= j0 { 0 } else { BK.min(lim - j0) };
+                        let (li, di) = (lse_t[i], delta[i]);
+                        for (p, ds) in p[..c].iter_mut().zip(ds[..c].iter_mut()) {
+                            *p = (*p - li).exp();
+                            *ds = *p * (*ds - di);
                         }
-                        let c = BK.min(lim - j0);
-                        let p = &mut st[i * BK..][..c];
-                        let ds = &mut dpt[i * BK..][..c];
-                        for (p, ds) in p.iter_mut().zip(ds.iter_mut()) {
-                            *p = (*p - lse_t[i]).exp();
-                            *ds = *p * (*ds - delta[i]);
-                        }
-                        let (qi, doi) = (&qs[i * hd..][..hd], &dot_t[i * hd..][..hd]);
-                        let dqi = &mut dq_t[i * hd..][..hd];
-                        for j in 0..c {
-                            let at = g.k.at(s, kvh, j0 + j);
-                            // SAFETY: rows of kv head (s, kvh) in dK and dV belong to this item.
-                            unsafe {
-                                axpy(p[j], doi, dv.slice(at, hd));
-                                axpy(ds[j], qi, dk.slice(at, hd));
-                            }
-                            axpy(ds[j], &k[at..][..hd], dqi);
-                        }
+                        p[c..].fill(T::ZERO);
+                        ds[c..].fill(T::ZERO);
                     }
+                    transpose_tile(st, BK, bq, kc, pt, BQ);
+                    transpose_tile(dpt, BK, bq, kc, dst, BQ);
+                    gemm_acc::<T, FMA>(kc, hd, bq, pt, BQ, dot_t, hd, &mut dv_acc[j0 * hd..], hd); // dV += P^T dO
+                    gemm_acc::<T, FMA>(kc, hd, bq, dst, BQ, qs, hd, &mut dk_acc[j0 * hd..], hd); // dK += dS^T Qs
+                    gemm_acc::<T, FMA>(bq, hd, kc, dpt, BK, &kcont[j0 * hd..], hd, dq_t, hd); // dQ += dS K
                 }
                 for i in 0..bq {
                     // SAFETY: query head h is in this item's group, so its dQ rows are ours.
@@ -323,6 +391,14 @@ multiversion! {
                         *d = x * scale;
                     }
                 }
+            }
+        }
+        for j in 0..lk {
+            let at = g.k.at(s, kvh, j);
+            // SAFETY: rows of kv head (s, kvh) in dK and dV belong to this item.
+            unsafe {
+                dk.slice(at, hd).copy_from_slice(&dk_acc[j * hd..][..hd]);
+                dv.slice(at, hd).copy_from_slice(&dv_acc[j * hd..][..hd]);
             }
         }
     }

@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 multiversion! {
     /// lse of each row of z (rows, v).
-    fn lse_rows<T: Real>(z: &[T], v: usize, lse: &mut [T]) {
+    fn lse_rows<T: Real, const FMA: bool>(z: &[T], v: usize, lse: &mut [T]) {
         for (row, lse) in z.chunks_exact(v).zip(lse.iter_mut()) {
             let m = max(row);
             let mut acc = [T::ZERO; LANES];
@@ -30,7 +30,7 @@ multiversion! {
 
 multiversion! {
     /// dz rows = scale * softmax(z) (the one-hot part is subtracted by the caller).
-    fn softmax_rows<T: Real>(z: &[T], v: usize, lse: &[T], scale: T, dz: &mut [T]) {
+    fn softmax_rows<T: Real, const FMA: bool>(z: &[T], v: usize, lse: &[T], scale: T, dz: &mut [T]) {
         for ((row, d), &lse) in z.chunks_exact(v).zip(dz.chunks_exact_mut(v)).zip(lse) {
             for (d, &x) in d.iter_mut().zip(row) {
                 *d = scale * (x - lse).exp();

@@ -40,6 +40,7 @@ pub fn supports(t: &Tensor) -> bool {
 /// of libm's); f64, used only by gradient checks, keeps libm for accuracy.
 pub(crate) trait Real:
     WithDType
+    + Default
     + Add<Output = Self>
     + Sub<Output = Self>
     + Mul<Output = Self>
@@ -57,6 +58,9 @@ pub(crate) trait Real:
     fn ln(self) -> Self;
     fn sqrt(self) -> Self;
     fn of(v: f64) -> Self;
+    /// self * a + b, rounded once: only for code compiled with FMA (see `multiversion!`),
+    /// elsewhere it is a slow library call.
+    fn fma(self, a: Self, b: Self) -> Self;
     /// Larger of two values; written as a comparison so that it vectorises.
     #[inline(always)]
     fn maxv(self, o: Self) -> Self {
@@ -88,6 +92,10 @@ impl Real for f32 {
     fn of(v: f64) -> f32 {
         v as f32
     }
+    #[inline(always)]
+    fn fma(self, a: f32, b: f32) -> f32 {
+        self.mul_add(a, b)
+    }
 }
 
 impl Real for f64 {
@@ -109,6 +117,10 @@ impl Real for f64 {
     #[inline(always)]
     fn of(v: f64) -> f64 {
         v
+    }
+    #[inline(always)]
+    fn fma(self, a: f64, b: f64) -> f64 {
+        self.mul_add(a, b)
     }
 }
 
@@ -231,11 +243,21 @@ pub(crate) fn max<T: Real>(a: &[T]) -> T {
     m
 }
 
-/// y += alpha * x.
+/// y += alpha * x (fused multiply-add where `FMA`).
 #[inline(always)]
-pub(crate) fn axpy<T: Real>(alpha: T, x: &[T], y: &mut [T]) {
+pub(crate) fn axpy<T: Real, const FMA: bool>(alpha: T, x: &[T], y: &mut [T]) {
     for (y, &x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
+        *y = madd::<T, FMA>(alpha, x, *y);
+    }
+}
+
+/// a * b + c, as one fused multiply-add where `FMA` (code compiled for AVX2+FMA or AVX-512).
+#[inline(always)]
+pub(crate) fn madd<T: Real, const FMA: bool>(a: T, b: T, c: T) -> T {
+    if FMA {
+        a.fma(b, c)
+    } else {
+        a * b + c
     }
 }
 
@@ -302,28 +324,29 @@ pub fn with_simd_cap<R>(cap: Simd, f: impl FnOnce() -> R) -> R {
 
 /// Compile a generic hot function three times (baseline, AVX2+FMA, AVX-512) and add a leading
 /// `simd: Simd` argument that picks one. The body is `#[inline(always)]` so that everything it
-/// calls is compiled for the caller's instruction set.
+/// calls is compiled for the caller's instruction set; its `const FMA: bool` says whether fused
+/// multiply-adds are available (Rust never contracts `a * b + c` on its own).
 macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident<$T:ident: Real>($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+    ($(#[$m:meta])* $vis:vis fn $name:ident<$T:ident: Real, const $F:ident: bool>($($a:ident: $t:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$m])*
         #[allow(clippy::too_many_arguments)]
         $vis fn $name<$T: Real>(simd: $crate::ops::fused::Simd, $($a: $t),*) $(-> $ret)? {
             #[inline(always)]
             #[allow(clippy::too_many_arguments)]
-            fn imp<$T: Real>($($a: $t),*) $(-> $ret)? $body
+            fn imp<$T: Real, const $F: bool>($($a: $t),*) $(-> $ret)? $body
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn avx512<$T: Real>($($a: $t),*) $(-> $ret)? {
-                imp::<$T>($($a),*)
+                imp::<$T, true>($($a),*)
             }
 
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
             unsafe fn avx2<$T: Real>($($a: $t),*) $(-> $ret)? {
-                imp::<$T>($($a),*)
+                imp::<$T, true>($($a),*)
             }
 
             match simd {
@@ -332,7 +355,7 @@ macro_rules! multiversion {
                 $crate::ops::fused::Simd::Avx512 => unsafe { avx512::<$T>($($a),*) },
                 #[cfg(target_arch = "x86_64")]
                 $crate::ops::fused::Simd::Avx2 => unsafe { avx2::<$T>($($a),*) },
-                _ => imp::<$T>($($a),*),
+                _ => imp::<$T, false>($($a),*),
             }
         }
     };

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 multiversion! {
     /// Rows of x (rows, d) -> rows of y, and r per row.
-    fn fwd_rows<T: Real>(x: &[T], gain: &[T], d: usize, eps: T, y: &mut [T], r: &mut [T]) {
+    fn fwd_rows<T: Real, const FMA: bool>(x: &[T], gain: &[T], d: usize, eps: T, y: &mut [T], r: &mut [T]) {
         let inv_d = T::ONE / T::of(d as f64);
         for ((xr, yr), rr) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).zip(r.iter_mut()) {
             let inv = T::ONE / (dot(xr, xr) * inv_d + eps).sqrt();
@@ -23,7 +23,7 @@ multiversion! {
 
 multiversion! {
     /// Rows of dx, and this chunk's part of dgain added into `dgain`.
-    fn bwd_rows<T: Real>(x: &[T], gain: &[T], r: &[T], dy: &[T], d: usize, dx: &mut [T], dgain: &mut [T]) {
+    fn bwd_rows<T: Real, const FMA: bool>(x: &[T], gain: &[T], r: &[T], dy: &[T], d: usize, dx: &mut [T], dgain: &mut [T]) {
         let inv_d = T::ONE / T::of(d as f64);
         for (((xr, dyr), dxr), &r) in x.chunks_exact(d).zip(dy.chunks_exact(d)).zip(dx.chunks_exact_mut(d)).zip(r) {
             let coef = r * r * r * dot3(xr, gain, dyr) * inv_d;

@@ -10,7 +10,7 @@ use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
 multiversion! {
     /// Tokens of x (rows, H * hd) -> y; `sign` = 1 rotates forward, -1 backward (dx from dy).
-    fn rotate_rows<T: Real>(x: &[T], cos: &[T], sin: &[T], h: usize, hd: usize, sign: T, y: &mut [T]) {
+    fn rotate_rows<T: Real, const FMA: bool>(x: &[T], cos: &[T], sin: &[T], h: usize, hd: usize, sign: T, y: &mut [T]) {
         let (half, width) = (hd / 2, h * hd);
         for (((xr, yr), c), s) in
             x.chunks_exact(width).zip(y.chunks_exact_mut(width)).zip(cos.chunks_exact(half)).zip(sin.chunks_exact(half))
@@ -30,7 +30,7 @@ multiversion! {
 
 multiversion! {
     /// Gradients of the tables for tokens (rows): dcos, dsin (rows, hd/2).
-    fn table_grad_rows<T: Real>(x: &[T], dy: &[T], h: usize, hd: usize, dcos: &mut [T], dsin: &mut [T]) {
+    fn table_grad_rows<T: Real, const FMA: bool>(x: &[T], dy: &[T], h: usize, hd: usize, dcos: &mut [T], dsin: &mut [T]) {
         let (half, width) = (hd / 2, h * hd);
         for (((xr, dyr), dc), ds) in
             x.chunks_exact(width).zip(dy.chunks_exact(width)).zip(dcos.chunks_exact_mut(half)).zip(dsin.chunks_exact_mut(half))

@@ -7,7 +7,7 @@ use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
 multiversion! {
-    fn fwd_elems<T: Real>(g: &[T], u: &[T], y: &mut [T]) {
+    fn fwd_elems<T: Real, const FMA: bool>(g: &[T], u: &[T], y: &mut [T]) {
         for ((y, &g), &u) in y.iter_mut().zip(g).zip(u) {
             let s = T::ONE / (T::ONE + (-g).exp());
             *y = g * s * u;
@@ -16,7 +16,7 @@ multiversion! {
 }
 
 multiversion! {
-    fn bwd_elems<T: Real>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
+    fn bwd_elems<T: Real, const FMA: bool>(g: &[T], u: &[T], dy: &[T], dg: &mut [T], du: &mut [T]) {
         for ((((dg, du), &g), &u), &dy) in dg.iter_mut().zip(du.iter_mut()).zip(g).zip(u).zip(dy) {
             let s = T::ONE / (T::ONE + (-g).exp());
             *dg = dy * u * s * (T::ONE + g * (T::ONE - s));
