@@ -13,7 +13,7 @@
 //! backward pass, so each item owns the gradient rows it writes (dK, dV of its kv head and dQ of
 //! the query heads in its group) and no atomics or reductions across threads are needed.
 
-use super::{axpy, dot, madd, max, multiversion, simd_level, sum, with_data, Real, SharedMut};
+use super::{axpy, dot, madd, max, multiversion, simd_level, sum, with_data, Filled, Real, SharedMut};
 use crate::ops::composed;
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -417,9 +417,8 @@ impl FlashAttention {
         if q.len() != g.q.elems || k.len() != g.k.elems || v.len() != g.k.elems {
             bail!("attention: tensor sizes do not match the sequence lengths");
         }
-        let mut out = vec![T::ZERO; g.q.elems];
-        let mut lse = vec![T::ZERO; g.lse_len];
-        let (po, pl) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+        let (mut out, mut lse) = (Filled::new(g.q.elems), Filled::new(g.lse_len));
+        let (po, pl) = (out.ptr(), lse.ptr());
         let simd = simd_level();
         let scale = T::of(self.scale);
         let items: Vec<(usize, usize)> =
@@ -428,7 +427,8 @@ impl FlashAttention {
             || Scratch::new(g.hd),
             |scr, &(s, h)| fwd_item::<T>(simd, g, s, h, scale, q, k, v, po, pl, scr),
         );
-        Ok((out, lse))
+        // SAFETY: the items cover every (sequence, head) with queries, hence every query row.
+        Ok(unsafe { (out.assume_filled(), lse.assume_filled()) })
     }
 
     #[allow(clippy::type_complexity)]
@@ -444,10 +444,11 @@ impl FlashAttention {
         let guard = self.lse.lock().unwrap();
         let Some(lse) = guard.as_ref() else { bail!("attention backward before its forward pass") };
         let lse = T::cpu_storage_as_slice(lse)?;
-        let mut dq = vec![T::ZERO; g.q.elems];
+        // dK and dV stay zero for keys of sequences without queries; dQ is written everywhere.
+        let mut dq = Filled::new(g.q.elems);
         let mut dk = vec![T::ZERO; g.k.elems];
         let mut dv = vec![T::ZERO; g.k.elems];
-        let (pq, pk, pv) = (SharedMut(dq.as_mut_ptr()), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
+        let (pq, pk, pv) = (dq.ptr(), SharedMut(dk.as_mut_ptr()), SharedMut(dv.as_mut_ptr()));
         let simd = simd_level();
         let scale = T::of(self.scale);
         let items: Vec<(usize, usize)> =
@@ -456,7 +457,8 @@ impl FlashAttention {
             || Scratch::new(g.hd),
             |scr, &(s, h)| bwd_item::<T>(simd, g, s, h, scale, q, k, v, o, d_o, lse, pq, pk, pv, scr),
         );
-        Ok((dq, dk, dv))
+        // SAFETY: each query head's rows are written by the item of its kv head.
+        Ok((unsafe { dq.assume_filled() }, dk, dv))
     }
 }
 

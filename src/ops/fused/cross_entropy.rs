@@ -3,7 +3,7 @@
 //! Forward: per row lse = max + ln sum exp(z - max) (saved); no (N, V) temporaries.
 //! Backward: dz = g / N * (exp(z - lse) - onehot(target)), written once.
 
-use super::{for_row_chunks, max, multiversion, simd_level, with_data, Real, SharedMut, LANES};
+use super::{for_row_chunks, max, multiversion, simd_level, with_data, Filled, Real, LANES};
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use std::sync::Mutex;
@@ -57,14 +57,16 @@ fn check_targets(t: &[u32], n: usize, v: usize) -> candle_core::Result<()> {
 impl CrossEntropy {
     fn forward<T: Real>(&self, z: &[T], t: &[u32], n: usize, v: usize) -> candle_core::Result<(T, Vec<T>)> {
         check_targets(t, n, v)?;
-        let mut lse = vec![T::ZERO; n];
-        let pl = SharedMut(lse.as_mut_ptr());
+        let mut lse = Filled::new(n);
+        let pl = lse.ptr();
         let simd = simd_level();
         for_row_chunks(n, v, |rg| {
             // SAFETY: each chunk writes only its own rows.
             let lc = unsafe { pl.slice(rg.start, rg.len()) };
             lse_rows::<T>(simd, &z[rg.start * v..rg.end * v], v, lc);
         });
+        // SAFETY: the chunks cover every row.
+        let lse = unsafe { lse.assume_filled() };
         // Summed in f64, in row order.
         let total: f64 = (0..n).map(|i| lse[i].to_f64() - z[i * v + t[i] as usize].to_f64()).sum();
         Ok((T::of(total / n as f64), lse))
@@ -75,8 +77,8 @@ impl CrossEntropy {
         let Some(lse) = guard.as_ref() else { bail!("cross_entropy backward before its forward pass") };
         let lse = T::cpu_storage_as_slice(lse)?;
         let scale = T::of(g / n as f64);
-        let mut dz = vec![T::ZERO; z.len()];
-        let pd = SharedMut(dz.as_mut_ptr());
+        let mut dz = Filled::new(z.len());
+        let pd = dz.ptr();
         let simd = simd_level();
         for_row_chunks(n, v, |rg| {
             // SAFETY: each chunk writes only its own rows.
@@ -86,7 +88,8 @@ impl CrossEntropy {
                 dc[r * v + t[i] as usize] -= scale;
             }
         });
-        Ok(dz)
+        // SAFETY: the chunks cover every row.
+        Ok(unsafe { dz.assume_filled() })
     }
 }
 

@@ -407,6 +407,31 @@ impl<T> SharedMut<T> {
     }
 }
 
+/// An output buffer that a kernel writes completely (from several threads) before anyone reads
+/// it, so it is not zeroed first: zeroing every output was a whole extra pass over memory.
+pub(crate) struct Filled<T> {
+    v: Vec<T>,
+    n: usize,
+}
+
+impl<T> Filled<T> {
+    pub fn new(n: usize) -> Self {
+        Filled { v: Vec::with_capacity(n), n }
+    }
+
+    /// Where the kernel writes; valid while `self` lives.
+    pub fn ptr(&mut self) -> SharedMut<T> {
+        SharedMut(self.v.as_mut_ptr())
+    }
+
+    /// # Safety
+    /// Every one of the `n` elements has been written through [`Filled::ptr`].
+    pub unsafe fn assume_filled(mut self) -> Vec<T> {
+        unsafe { self.v.set_len(self.n) };
+        self.v
+    }
+}
+
 /// Rows per parallel chunk for row-wise kernels: ~16K elements, at least one row. Fixed by the
 /// shape alone, so per-chunk partial sums (and hence results) do not depend on the thread count.
 pub(crate) fn rows_per_chunk(row_len: usize) -> usize {

@@ -2,7 +2,7 @@
 //! Forward: r = 1 / sqrt(mean(x^2) + eps) per row (saved), y = x * r * gain.
 //! Backward: dx = r * gain * dy - x * r^3 / D * sum(x * gain * dy);  dgain = sum_rows dy * x * r.
 
-use super::{dot, dot3, for_row_chunks, multiversion, simd_level, with_data, Real, SharedMut};
+use super::{dot, dot3, for_row_chunks, multiversion, simd_level, with_data, Filled, Real};
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use std::sync::Mutex;
@@ -48,16 +48,16 @@ impl RmsNorm {
             bail!("rms_norm: gain of {d} does not divide the input of {} elements", x.len());
         }
         let rows = x.len() / d;
-        let mut y = vec![T::ZERO; x.len()];
-        let mut r = vec![T::ZERO; rows];
-        let (py, pr) = (SharedMut(y.as_mut_ptr()), SharedMut(r.as_mut_ptr()));
+        let (mut y, mut r) = (Filled::new(x.len()), Filled::new(rows));
+        let (py, pr) = (y.ptr(), r.ptr());
         let (simd, eps) = (simd_level(), T::of(self.eps));
         for_row_chunks(rows, d, |rg| {
             // SAFETY: each chunk writes only its own rows.
             let (yc, rc) = unsafe { (py.slice(rg.start * d, rg.len() * d), pr.slice(rg.start, rg.len())) };
             fwd_rows::<T>(simd, &x[rg.start * d..rg.end * d], gain, d, eps, yc, rc);
         });
-        Ok((y, r))
+        // SAFETY: the chunks cover every row.
+        Ok(unsafe { (y.assume_filled(), r.assume_filled()) })
     }
 
     fn backward<T: Real>(&self, x: &[T], gain: &[T], dy: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
@@ -66,8 +66,8 @@ impl RmsNorm {
         let r = T::cpu_storage_as_slice(r)?;
         let d = gain.len();
         let rows = x.len() / d;
-        let mut dx = vec![T::ZERO; x.len()];
-        let pdx = SharedMut(dx.as_mut_ptr());
+        let mut dx = Filled::new(x.len());
+        let pdx = dx.ptr();
         let simd = simd_level();
         let parts = for_row_chunks(rows, d, |rg| {
             let mut dg = vec![T::ZERO; d];
@@ -84,7 +84,8 @@ impl RmsNorm {
                 *a += b;
             }
         }
-        Ok((dx, dgain))
+        // SAFETY: the chunks cover every row.
+        Ok((unsafe { dx.assume_filled() }, dgain))
     }
 }
 

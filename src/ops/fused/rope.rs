@@ -4,7 +4,7 @@
 //! Backward (the transposed rotation): dx1 = dy1 cos + dy2 sin, dx2 = dy2 cos - dy1 sin; and,
 //! only when the tables are tracked, dcos = sum_h dy1 x1 + dy2 x2, dsin = sum_h dy2 x1 - dy1 x2.
 
-use super::{for_row_chunks, multiversion, simd_level, with_data, Real, SharedMut};
+use super::{for_row_chunks, multiversion, simd_level, with_data, Filled, Real};
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
 
@@ -61,8 +61,8 @@ impl Rope {
         if x.len() != n * h * hd || cos.len() != n * (hd / 2) || sin.len() != cos.len() {
             bail!("rope: sizes do not match (N, H, hd) = {:?}", self.dims);
         }
-        let mut y = vec![T::ZERO; x.len()];
-        let py = SharedMut(y.as_mut_ptr());
+        let mut y = Filled::new(x.len());
+        let py = y.ptr();
         let (simd, row, half) = (simd_level(), h * hd, hd / 2);
         for_row_chunks(n, row, |rg| {
             // SAFETY: each chunk writes only its own tokens.
@@ -70,15 +70,15 @@ impl Rope {
             let (c, s) = (&cos[rg.start * half..rg.end * half], &sin[rg.start * half..rg.end * half]);
             rotate_rows::<T>(simd, &x[rg.start * row..rg.end * row], c, s, h, hd, T::of(sign), yc);
         });
-        Ok(y)
+        // SAFETY: the chunks cover every token.
+        Ok(unsafe { y.assume_filled() })
     }
 
     fn table_grads<T: Real>(&self, x: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
         let (n, h, hd) = self.dims;
         let (row, half) = (h * hd, hd / 2);
-        let mut dcos = vec![T::ZERO; n * half];
-        let mut dsin = vec![T::ZERO; n * half];
-        let (pc, ps) = (SharedMut(dcos.as_mut_ptr()), SharedMut(dsin.as_mut_ptr()));
+        let (mut dcos, mut dsin) = (Filled::new(n * half), Filled::new(n * half));
+        let (pc, ps) = (dcos.ptr(), dsin.ptr());
         let simd = simd_level();
         for_row_chunks(n, row, |rg| {
             // SAFETY: each chunk writes only its own tokens.
@@ -87,7 +87,8 @@ impl Rope {
             let (a, b) = (rg.start * row, rg.end * row);
             table_grad_rows::<T>(simd, &x[a..b], &dy[a..b], h, hd, dc, ds);
         });
-        (dcos, dsin)
+        // SAFETY: the chunks cover every token (each row is zeroed, then summed into).
+        unsafe { (dcos.assume_filled(), dsin.assume_filled()) }
     }
 }
 

@@ -2,7 +2,7 @@
 //! Forward: s = sigmoid(gate), y = gate * s * up (silu(gate) * up).
 //! Backward: dgate = dy * up * s * (1 + gate * (1 - s)),  dup = dy * gate * s.
 
-use super::{for_row_chunks, multiversion, simd_level, with_data, Real, SharedMut};
+use super::{for_row_chunks, multiversion, simd_level, with_data, Filled, Real};
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
 
@@ -31,28 +31,29 @@ fn forward<T: Real>(g: &[T], u: &[T]) -> candle_core::Result<Vec<T>> {
     if g.len() != u.len() {
         bail!("swiglu: gate has {} elements, up {}", g.len(), u.len());
     }
-    let mut y = vec![T::ZERO; g.len()];
-    let py = SharedMut(y.as_mut_ptr());
+    let mut y = Filled::new(g.len());
+    let py = y.ptr();
     let simd = simd_level();
     for_row_chunks(g.len(), 1, |rg| {
         // SAFETY: each chunk writes only its own elements.
         let yc = unsafe { py.slice(rg.start, rg.len()) };
         fwd_elems::<T>(simd, &g[rg.clone()], &u[rg], yc);
     });
-    Ok(y)
+    // SAFETY: the chunks cover every element.
+    Ok(unsafe { y.assume_filled() })
 }
 
 fn backward<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
-    let mut dg = vec![T::ZERO; g.len()];
-    let mut du = vec![T::ZERO; g.len()];
-    let (pg, pu) = (SharedMut(dg.as_mut_ptr()), SharedMut(du.as_mut_ptr()));
+    let (mut dg, mut du) = (Filled::new(g.len()), Filled::new(g.len()));
+    let (pg, pu) = (dg.ptr(), du.ptr());
     let simd = simd_level();
     for_row_chunks(g.len(), 1, |rg| {
         // SAFETY: each chunk writes only its own elements.
         let (dgc, duc) = unsafe { (pg.slice(rg.start, rg.len()), pu.slice(rg.start, rg.len())) };
         bwd_elems::<T>(simd, &g[rg.clone()], &u[rg.clone()], &dy[rg], dgc, duc);
     });
-    (dg, du)
+    // SAFETY: the chunks cover every element.
+    unsafe { (dg.assume_filled(), du.assume_filled()) }
 }
 
 impl CustomOp2 for Swiglu {
