@@ -46,8 +46,9 @@ fn time(reps: usize, mut f: impl FnMut()) -> (f64, f64) {
 type Op = Box<dyn Fn(&[Tensor]) -> itt::Result<Tensor>>;
 
 fn main() {
-    // As the CLI does: keep freed buffers in the heap.
+    // As the CLI does: keep freed buffers in the heap, element-wise ops on one thread.
     itt::util::tune_allocator();
+    itt::util::tune_threads();
     let (b, t, d, h, hd, f, v) = (8, 256, 256, 4, 64, 688, 4096);
     let n = b * t;
     let reps = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);

@@ -278,6 +278,7 @@ struct CalibrateArgs {
 
 fn main() {
     itt::util::tune_allocator();
+    itt::util::tune_threads();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         let _ = std::io::stdout().flush();

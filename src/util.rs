@@ -36,3 +36,15 @@ pub fn tune_allocator() {
         libc::mallopt(-1, 1 << 30);
     }
 }
+
+/// Run candle's element-wise ops on the calling thread unless `CANDLE_NUM_THREADS` is set.
+/// candle 0.11 splits element-wise ops of >= 64K elements over its own thread pool, and the
+/// caller spin-waits for the other threads; on 2 shared cores that spinning cost more than the
+/// second core gained (training step of preset `small`: ~27% less CPU and ~15-30% more tokens/s
+/// without it, docs/PERFORMANCE.md). Matrix products and the fused kernels in `ops` keep using
+/// every core. Call once at start-up, before any tensor op.
+pub fn tune_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
