@@ -262,6 +262,16 @@ struct BenchArgs {
     /// Vocabulary for the benchmark (random tokens).
     #[arg(long)]
     vocab: Option<usize>,
+    /// Measure prefill and decode (with and without KV cache) for these presets instead of training,
+    /// e.g. --decode tiny,tiny-loop4,tiny-itt4.
+    #[arg(long, value_delimiter = ',')]
+    decode: Option<Vec<String>>,
+    /// Prompt tokens per sequence for --decode.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Generated tokens per sequence for --decode.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
     #[arg(long)]
     json: bool,
 }
@@ -303,6 +313,22 @@ fn run(cli: Cli) -> Result<()> {
             }
             tok.save(&out)?;
             println!("{} tokenizer with {} tokens written to {}", tok.kind(), tok.vocab_size(), out.display());
+            Ok(())
+        }
+        Cmd::Bench(a) if a.decode.is_some() => {
+            println!("{}", itt::bench::DecodeBench::HEADER);
+            for p in a.decode.as_ref().unwrap() {
+                let mut cfg = config::preset(p)?;
+                if let Some(v) = a.vocab {
+                    cfg.model.vocab_size = v;
+                }
+                let r = itt::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens)?;
+                if a.json {
+                    println!("{}", serde_json::to_string(&r).unwrap());
+                } else {
+                    println!("{}", r.row());
+                }
+            }
             Ok(())
         }
         Cmd::Bench(a) => {
