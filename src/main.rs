@@ -38,6 +38,38 @@ enum Cmd {
     Bench(BenchArgs),
     /// Compute router thresholds for causal routing from text, for a checkpoint without them.
     Calibrate(CalibrateArgs),
+    /// Reproduce the paper's comparisons at small scale: table1, table2, table3, fig4, scaling.
+    Experiment(ExperimentArgs),
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    /// table1, table2, table3, fig4 or scaling.
+    name: String,
+    /// Model size(s): tiny, small, ... (scaling takes several, comma-separated).
+    #[arg(long, default_value = "tiny", value_delimiter = ',')]
+    preset: Vec<String>,
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Optimiser steps per run (default: the preset's).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Validation batches per evaluation (0 = whole split).
+    #[arg(long, default_value_t = 0)]
+    eval_batches: usize,
+    /// Output folder (runs are reused/resumed when present).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// Where a model's configuration comes from.
@@ -349,6 +381,24 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("{}", r.table());
             }
+            Ok(())
+        }
+        Cmd::Experiment(a) => {
+            let opts = itt::experiment::ExperimentOptions {
+                out: a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/experiment-{}", a.name))),
+                name: a.name,
+                sizes: a.preset,
+                data: DataSpec { path: a.data, tokenizer: a.tokenizer, ..Default::default() },
+                seeds: a.seeds,
+                steps: a.steps,
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                eval_batches: a.eval_batches,
+                quiet: a.quiet,
+            };
+            let r = itt::experiment::run(&opts)?;
+            println!("{}", itt::experiment::markdown(&r, &opts));
+            println!("written: {}/results.json, results.md, loss.png", opts.out.display());
             Ok(())
         }
         Cmd::Calibrate(a) => {

@@ -8,6 +8,19 @@ use serde::Serialize;
 
 /// Mean next-token loss over up to `max_batches` sequential batches of the shard (0 = all).
 pub fn shard_loss(model: &Model, shard: &TokenShard, batch: usize, seq_len: usize, max_batches: usize, routing: &RoutingOptions) -> Result<f64> {
+    shard_loss_recorded(model, shard, batch, seq_len, max_batches, routing, &mut crate::model::ForwardRecord::default())
+}
+
+/// `shard_loss`, also counting the tokens routed at each (layer, step) into `record`.
+pub fn shard_loss_recorded(
+    model: &Model,
+    shard: &TokenShard,
+    batch: usize,
+    seq_len: usize,
+    max_batches: usize,
+    routing: &RoutingOptions,
+    record: &mut crate::model::ForwardRecord,
+) -> Result<f64> {
     let mut total = 0.0;
     let mut count = 0usize;
     for (i, (inp, tgt)) in data::sequential_batches(shard, batch, seq_len).enumerate() {
@@ -15,7 +28,9 @@ pub fn shard_loss(model: &Model, shard: &TokenShard, batch: usize, seq_len: usiz
             break;
         }
         let rows = inp.len() / seq_len;
-        let nll = window_nll(model, &inp, &tgt, rows, seq_len, routing)?;
+        let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
+        let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, Some(&mut *record))?;
+        let nll = ops::token_nll(&logits, &tgt)?;
         total += nll.iter().sum::<f64>();
         count += nll.len();
     }
