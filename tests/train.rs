@@ -103,7 +103,10 @@ fn checkpoint_round_trips_bit_exactly() {
     train::run(&mut t, &ds, &RunOptions { quiet: true, stop_at: None }).unwrap();
     let (model, tok2, info) = checkpoint::load_model(&run).unwrap();
     assert_eq!(params(&model), params(&t.model));
-    assert_eq!(model.params.iter().map(|p| &p.0).collect::<Vec<_>>(), t.model.params.iter().map(|p| &p.0).collect::<Vec<_>>());
+    assert_eq!(
+        model.params.iter().map(|p| &p.0).collect::<Vec<_>>(),
+        t.model.params.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
     assert_eq!(tok2.fingerprint(), tok.fingerprint());
     assert_eq!(info.config, t.cfg);
     assert_eq!(info.calibration, t.calibration);

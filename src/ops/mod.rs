@@ -19,12 +19,7 @@ pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
 /// Rotary tables for positions 0..max_len: cos and sin of shape (max_len, head_dim / 2).
 /// Frequencies `theta^(-2i/head_dim)` (LLaMA); pairs are (i, i + head_dim/2), the rotate-half
 /// layout of Hugging Face checkpoints.
-pub fn rope_tables(
-    max_len: usize,
-    head_dim: usize,
-    theta: f64,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
+pub fn rope_tables(max_len: usize, head_dim: usize, theta: f64, device: &Device) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let mut cos = Vec::with_capacity(max_len * half);
     let mut sin = Vec::with_capacity(max_len * half);
@@ -38,10 +33,7 @@ pub fn rope_tables(
             sin.push(angle.sin() as f32);
         }
     }
-    Ok((
-        Tensor::from_vec(cos, (max_len, half), device)?,
-        Tensor::from_vec(sin, (max_len, half), device)?,
-    ))
+    Ok((Tensor::from_vec(cos, (max_len, half), device)?, Tensor::from_vec(sin, (max_len, half), device)?))
 }
 
 /// Apply rotary embeddings. x: (N, H, hd); cos, sin: (N, hd/2), already gathered at each
@@ -90,9 +82,7 @@ pub fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
         return Ok(x.clone());
     }
     let (b, hkv, l, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, hkv, rep, l, hd))?
-        .reshape((b, hkv * rep, l, hd))?)
+    Ok(x.unsqueeze(2)?.broadcast_as((b, hkv, rep, l, hd))?.reshape((b, hkv * rep, l, hd))?)
 }
 
 /// Scaled dot-product attention with a causal mask, composed.
@@ -128,12 +118,7 @@ pub fn token_nll(logits: &Tensor, targets: &[u32]) -> Result<Vec<f64>> {
     for i in 0..n {
         let row = &data[i * v..(i + 1) * v];
         let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let lse = row
-            .iter()
-            .map(|&z| (z as f64 - max).exp())
-            .sum::<f64>()
-            .ln()
-            + max;
+        let lse = row.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln() + max;
         out.push(lse - row[targets[i] as usize] as f64);
     }
     Ok(out)
