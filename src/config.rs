@@ -132,16 +132,16 @@ impl ModelConfig {
         pos("n_kv_heads", self.n_kv_heads)?;
         pos("mlp_hidden", self.mlp_hidden)?;
         pos("max_seq_len", self.max_seq_len)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "n_heads",
                 format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(Error::config("n_heads", "head dimension must be even for rotary embeddings"));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(
                 "n_kv_heads",
                 format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads),
@@ -160,13 +160,8 @@ impl ModelConfig {
         if th.steps < 1 {
             return Err(Error::config("thinking.steps", "must be at least 1"));
         }
-        if th.kind == ModelKind::Dense {
-            if th.steps != 1 {
-                return Err(Error::config(
-                    "thinking.steps",
-                    "a dense model takes exactly 1 step; use kind loop or itt",
-                ));
-            }
+        if th.kind == ModelKind::Dense && th.steps != 1 {
+            return Err(Error::config("thinking.steps", "a dense model takes exactly 1 step; use kind loop or itt"));
         }
         if th.kind == ModelKind::Itt && th.ratios.len() != th.steps - 1 {
             return Err(Error::config(

@@ -192,7 +192,7 @@ fn show_sample(
     };
     let max_depth = trainer.model.layer_steps().into_iter().max().unwrap_or(1) as u32;
     let mut text = String::new();
-    for ev in generate::generate(&trainer.model, tok, &[prompt.clone()], opts)? {
+    for ev in generate::generate(&trainer.model, tok, std::slice::from_ref(&prompt), opts)? {
         if let Event::Token(t) = ev? {
             if t.text.is_empty() {
                 continue;

@@ -313,7 +313,7 @@ impl Generation<'_> {
     /// Run to the end and return each sequence's generated text and finish reason.
     pub fn collect_all(mut self) -> Result<Vec<(String, FinishReason, Vec<u32>)>> {
         let mut out: Vec<Option<(String, FinishReason)>> = vec![None; self.seqs.len()];
-        while let Some(ev) = self.next() {
+        for ev in self.by_ref() {
             if let Event::Finished { seq, reason, text } = ev? {
                 out[seq] = Some((text, reason));
             }

@@ -7,7 +7,7 @@
 //! stopped at step N and resumed equals the uninterrupted run.
 
 use crate::checkpoint::{self, SaveParts, TrainState};
-use crate::config::{ModelKind, RunConfig};
+use crate::config::RunConfig;
 use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
 use crate::error::IoContext;
 use crate::flops::flops_per_token;
@@ -374,9 +374,4 @@ fn progress_bar(len: u64, pos: u64, quiet: bool) -> indicatif::ProgressBar {
     );
     bar.set_position(pos);
     bar
-}
-
-/// Whether this run trains an ITT model (for summaries).
-pub fn is_itt(cfg: &RunConfig) -> bool {
-    cfg.model.thinking.kind == ModelKind::Itt
 }

@@ -112,6 +112,9 @@ impl std::str::FromStr for Routing {
     }
 }
 
+/// Selected packed token indices per (layer, step).
+pub type Selections = BTreeMap<(usize, usize), Vec<u32>>;
+
 /// Per-call routing settings: the request's state, passed in, never stored in the model.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingOptions {
@@ -126,7 +129,7 @@ pub struct RoutingOptions {
     pub early_exit: Option<f32>,
     /// Use these selections (packed token indices per (layer, step)) instead of routing:
     /// holds selection fixed, e.g. for finite-difference gradient checks.
-    pub forced: Option<Arc<BTreeMap<(usize, usize), Vec<u32>>>>,
+    pub forced: Option<Arc<Selections>>,
 }
 
 /// Statistics of one (layer, step), accumulated over calls.
