@@ -273,6 +273,26 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
 }
 
+/// Training FLOPs per token at the shares of tokens actually routed (averaged over layers),
+/// to set against the analytic figure at the configured ratios (ITT-SPEC §7).
+fn counted_flops(cfg: &RunConfig, record: &ForwardRecord) -> Option<f64> {
+    if record.stats.is_empty() {
+        return None;
+    }
+    let steps = cfg.model.thinking.steps;
+    let shares: Vec<f64> = (2..=steps)
+        .map(|t| {
+            let (sel, cand) = record
+                .stats
+                .iter()
+                .filter(|((_, s), _)| *s == t)
+                .fold((0u64, 0u64), |a, (_, st)| (a.0 + st.selected, a.1 + st.candidates));
+            if cand == 0 { 0.0 } else { sel as f64 / cand as f64 }
+        })
+        .collect();
+    Some(flops_per_token(&cfg.model, cfg.train.seq_len, None, Some(&shares)).train)
+}
+
 fn routing_json(record: &ForwardRecord) -> serde_json::Value {
     record
         .stats
@@ -317,10 +337,11 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
         let tok_s = (trainer.state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
         if step % tc.log_interval == 0 || step == end {
             let mean_loss = window_loss.0 / window_loss.1 as f64;
+            let counted = counted_flops(&trainer.cfg, &window).unwrap_or(flops.train);
             let line = json!({
                 "step": step, "loss": mean_loss, "lr": rep.lr, "grad_norm": rep.grad_norm,
                 "tokens_seen": trainer.state.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": trainer.state.elapsed_s,
-                "flops_per_token": flops.train, "routing": routing_json(&window),
+                "flops_per_token": flops.train, "flops_per_token_counted": counted, "routing": routing_json(&window),
                 "phi_rms": trainer.phi_rms()?,
             });
             writeln!(metrics, "{line}").at(&metrics_path)?;
