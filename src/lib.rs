@@ -4,6 +4,7 @@
 //! layer), `ops` (kernels with their backward passes), `data` (tokenizers, corpora, shards),
 //! `train`, `checkpoint`, `eval`, `generate`.
 
+pub mod analysis;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
