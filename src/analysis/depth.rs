@@ -330,7 +330,7 @@ pub fn depth_css(layers: &[usize], max: u32) -> String {
             css.push_str(&format!(".v-l{l} .l{l}d{d}{{background:{}}}\n", css_rgb(d, max)));
         }
     }
-    for d in (max * 2 / 3).max(2)..=max {
+    for d in (1..=max).filter(|&d| super::depth_needs_light_text(d, max)) {
         css.push_str(&format!(".v-mean .m{d}{{color:#fff}}\n"));
         for l in layers {
             css.push_str(&format!(".v-l{l} .l{l}d{d}{{color:#fff}}\n"));

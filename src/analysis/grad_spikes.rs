@@ -461,7 +461,8 @@ pub fn picture(r: &SpikeReport, title: &str) -> Result<Png> {
                     .with_markers()
             })
             .chain(std::iter::once(
-                Series::new("1", r.layers.iter().map(|l| (l.layer as f64, 1.0)).collect(), plot::color(7)).dashed(),
+                Series::new("equal (1)", r.layers.iter().map(|l| (l.layer as f64, 1.0)).collect(), plot::color(7))
+                    .dashed(),
             ))
             .collect(),
         x_ticks: Some(ticks),

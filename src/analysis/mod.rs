@@ -95,6 +95,13 @@ pub fn depth_rgb(d: u32, max: u32) -> (u8, u8, u8) {
     (lerp(RAMP[i].0, RAMP[i + 1].0), lerp(RAMP[i].1, RAMP[i + 1].1), lerp(RAMP[i].2, RAMP[i + 1].2))
 }
 
+/// Whether text on the depth colour of `d` should be white (dark background) for contrast.
+pub fn depth_needs_light_text(d: u32, max: u32) -> bool {
+    let (r, g, b) = depth_rgb(d, max);
+    // Rec. 601 luma.
+    (0.299 * r as f64 + 0.587 * g as f64 + 0.114 * b as f64) < 110.0
+}
+
 /// What a token's text is made of, for "which tokens think more" (router analysis).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -380,6 +387,7 @@ mod tests {
         assert_eq!(depth_rgb(1, 4), (226, 232, 240));
         assert_eq!(depth_rgb(4, 4), (165, 15, 21));
         assert_eq!(depth_rgb(1, 1), (226, 232, 240));
+        assert!(depth_needs_light_text(4, 4) && !depth_needs_light_text(2, 4) && !depth_needs_light_text(1, 4));
     }
 
     #[test]

@@ -65,6 +65,10 @@ pub fn render(w: u32, h: u32, draw: impl FnOnce(&Area) -> DrawResult) -> Result<
         let mut enc = png::Encoder::new(&mut bytes, w, h);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
+        // Charts are flat colour and text: the best deflate level and adaptive filtering
+        // roughly halve the files, at a few milliseconds.
+        enc.set_compression(png::Compression::Best);
+        enc.set_adaptive_filter(png::AdaptiveFilterType::Adaptive);
         let mut writer = enc.write_header().map_err(plot_err)?;
         writer.write_image_data(&buf).map_err(plot_err)?;
     }
@@ -442,11 +446,15 @@ pub fn depth_heatmap(
     const CELL_W: i32 = 16;
     const CELL_H: i32 = 18;
     const PER_BAND: usize = 64;
-    const LABEL_H: i32 = 58;
     const LEFT: i32 = 64;
     let n = labels.len();
+    let shown: Vec<String> = labels.iter().map(|l| shorten(&super::visible(l), 8)).collect();
+    // One-character tokens (char/byte tokenizers) read best upright under their cell;
+    // longer ones are turned 90 degrees.
+    let upright = shown.iter().all(|l| l.chars().count() <= 1);
+    let label_h: i32 = if upright { 20 } else { 58 };
     let bands = n.div_ceil(PER_BAND).max(1);
-    let band_h = CELL_H * layers.len().max(1) as i32 + LABEL_H + 14;
+    let band_h = CELL_H * layers.len().max(1) as i32 + label_h + 16;
     let cols = n.min(PER_BAND).max(1) as i32;
     let w = (LEFT + cols * CELL_W + 24).max(560) as u32;
     let h = (44 + band_h * bands as i32 + 50) as u32;
@@ -468,13 +476,29 @@ pub fn depth_heatmap(
                     ))?;
                 }
             }
-            let ly = y0 + layers.len() as i32 * CELL_H + 4;
+            let ly = y0 + layers.len() as i32 * CELL_H + 3;
             for (col, i) in tokens.clone().enumerate() {
-                let x = LEFT + col as i32 * CELL_W + CELL_W / 2 - 6;
-                let style = font(11.0).transform(FontTransform::Rotate90);
-                root.draw(&Text::new(shorten(&super::visible(&labels[i]), 8), (x + 10, ly), style))?;
+                let x = LEFT + col as i32 * CELL_W + CELL_W / 2;
+                if upright {
+                    root.draw(&Text::new(
+                        shown[i].clone(),
+                        (x, ly),
+                        font(12.0).pos(Pos::new(HPos::Center, VPos::Top)),
+                    ))?;
+                } else {
+                    root.draw(&Text::new(
+                        shown[i].clone(),
+                        (x + 4, ly),
+                        font(11.0).transform(FontTransform::Rotate90),
+                    ))?;
+                }
             }
-            root.draw(&Text::new(format!("{}", tokens.start), (4, ly + 2), font(10.0)))?;
+            let anchor = Pos::new(HPos::Right, VPos::Top);
+            root.draw(&Text::new(
+                format!("#{}", tokens.start),
+                (LEFT - 6, ly + 2),
+                font(10.0).color(&RGBColor(120, 120, 120)).pos(anchor),
+            ))?;
         }
         // Legend: one swatch per depth.
         let ly = h as i32 - 36;

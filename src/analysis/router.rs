@@ -210,8 +210,8 @@ pub fn analyze(
     let layers: Vec<usize> = model.thinking.iter().flatten().map(|t| t.layer).collect();
     if !model.has_routers() {
         return Err(Error::usage(format!(
-            "this {:?} model has no routers, so there are no router statistics; give an ITT checkpoint with adaptive routing",
-            model.kind()
+            "this {} model has no routers, so there are no router statistics; give an ITT checkpoint with adaptive routing",
+            format!("{:?}", model.kind()).to_lowercase()
         )));
     }
     let seq_len = opts.seq_len.unwrap_or(model.cfg.max_seq_len).clamp(2, model.cfg.max_seq_len);

@@ -230,7 +230,7 @@ fn generations(run_dir: &Path, cfg: &RunConfig, opts: &ReportOptions) -> Result<
         for (text, depth) in ts {
             let mean = if depth.is_empty() { 1.0 } else { depth.iter().sum::<u32>() as f64 / depth.len() as f64 };
             let (r, g, b) = depth_rgb(mean.round() as u32, max_depth);
-            let fg = if mean.round() as u32 >= (max_depth * 2 / 3).max(2) { "color:#fff;" } else { "" };
+            let fg = if super::depth_needs_light_text(mean.round() as u32, max_depth) { "color:#fff;" } else { "" };
             let per: Vec<String> = layers.iter().zip(depth).map(|(l, d)| format!("layer {l}: {d}")).collect();
             h.push_str(&format!(
                 "<span class=\"t\" style=\"background:rgb({r},{g},{b});{fg}\">{}<span class=\"tip\">{}</span></span>",
