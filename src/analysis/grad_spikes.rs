@@ -259,8 +259,11 @@ fn answer_sample(
     })
 }
 
+/// Per layer: nuclear norms of the gradients of wq, wk, wv, wo.
+type LayerNorms = Vec<[f64; 4]>;
+
 /// Accuracy and loss on the targets and, when `grads`, the per-layer nuclear norms.
-fn measure(model: &Model, s: &Sample, grads: bool) -> Result<(f64, f64, Option<Vec<[f64; 4]>>)> {
+fn measure(model: &Model, s: &Sample, grads: bool) -> Result<(f64, f64, Option<LayerNorms>)> {
     let dev = model.device();
     let n = s.ids.len();
     let x = Tensor::from_slice(&s.ids, n, dev)?;

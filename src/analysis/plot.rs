@@ -455,7 +455,7 @@ pub fn depth_heatmap(
     let label_h: i32 = if upright { 20 } else { 58 };
     let bands = n.div_ceil(PER_BAND).max(1);
     let band_h = CELL_H * layers.len().max(1) as i32 + label_h + 16;
-    let cols = n.min(PER_BAND).max(1) as i32;
+    let cols = n.clamp(1, PER_BAND) as i32;
     let w = (LEFT + cols * CELL_W + 24).max(560) as u32;
     let h = (44 + band_h * bands as i32 + 50) as u32;
     render(w, h, |root| {
