@@ -26,6 +26,7 @@ use crate::data::{answer_spans, Tokenizer};
 use crate::model::{Model, RoutingOptions, SeqLayout};
 use crate::{checkpoint, ops, Error, Result};
 use candle_core::{DType, Tensor};
+use plotters::style::colors::BLACK;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -464,8 +465,7 @@ pub fn picture(r: &SpikeReport, title: &str) -> Result<Png> {
                     .with_markers()
             })
             .chain(std::iter::once(
-                Series::new("equal (1)", r.layers.iter().map(|l| (l.layer as f64, 1.0)).collect(), plot::color(7))
-                    .dashed(),
+                Series::new("equal (1)", r.layers.iter().map(|l| (l.layer as f64, 1.0)).collect(), BLACK).dashed(),
             ))
             .collect(),
         x_ticks: Some(ticks),
