@@ -401,6 +401,34 @@ fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> 
     std::fs::write(&json, serde_json::to_string_pretty(r).unwrap()).at(&json)?;
     let md = opts.out.join("results.md");
     std::fs::write(&md, markdown(r, opts)).at(&md)?;
+    use crate::analysis::plot::{self, Panel, Series};
+    let series: Vec<Series> = r
+        .curves
+        .iter()
+        .enumerate()
+        .map(|(i, c)| Series::new(&c.label, c.points.clone(), plot::color(i)).with_markers())
+        .collect();
+    let mut panels = vec![Panel::Line {
+        title: format!("{}: validation loss (mean of {} seeds)", r.name, opts.seeds),
+        x_label: "tokens seen".into(),
+        y_label: "validation loss (nats/token)".into(),
+        series,
+        x_ticks: None,
+    }];
+    if r.name == "table2" {
+        // Elastic inference: loss against inference FLOPs for each ratio setting.
+        let mut pts: Vec<(f64, f64)> = r.rows.iter().map(|row| (row.flops_vs_dense, row.val_loss_mean)).collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        panels.push(Panel::Line {
+            title: "loss against compute (each point a ratio setting)".into(),
+            x_label: "forward FLOPs / dense".into(),
+            y_label: "validation loss".into(),
+            series: vec![Series::new("settings", pts, plot::color(0)).with_markers()],
+            x_ticks: None,
+        });
+    }
+    let cols = panels.len();
+    plot::grid(&format!("itt experiment {}", r.name), &panels, cols, (640, 400))?.write(&opts.out.join("loss.png"))?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 // `!(x > 0.0)` is deliberate in validation: it also rejects NaN.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
+pub mod analysis;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

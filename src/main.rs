@@ -6,7 +6,7 @@ use itt::config::{self, RunConfig};
 use itt::generate::{Event, GenerateOptions, SamplingParams};
 use itt::model::{Routing, RoutingOptions};
 use itt::train::{DataSpec, RunOptions, Trainer};
-use itt::{checkpoint, data, demo, eval, flops, report, Error, Result};
+use itt::{analysis, checkpoint, data, demo, eval, flops, report, Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -40,6 +40,13 @@ enum Cmd {
     Calibrate(CalibrateArgs),
     /// Reproduce the paper's comparisons at small scale: table1, table2, table3, fig4, scaling.
     Experiment(ExperimentArgs),
+    /// See the thinking: per-token depth maps, router statistics, the gradient-spike study.
+    Analyze {
+        #[command(subcommand)]
+        cmd: AnalyzeCmd,
+    },
+    /// A self-contained HTML report of a training run: curves, routers, FLOPs, sample generations.
+    Report(ReportArgs),
 }
 
 #[derive(Args)]
@@ -330,6 +337,97 @@ struct CalibrateArgs {
     batches: usize,
 }
 
+#[derive(Subcommand)]
+enum AnalyzeCmd {
+    /// Steps each token took in each thinking layer: HTML page, PNG heat map, JSON, terminal colours.
+    Depth(DepthArgs),
+    /// Router weights, shares, step overlap, phi norms and which tokens think more: PNG + JSON.
+    Router(RouterArgs),
+    /// The paper's section 2 study: attention-gradient nuclear norms, easy vs hard samples: PNG + JSON.
+    GradSpikes(SpikeArgs),
+}
+
+#[derive(Args)]
+struct DepthArgs {
+    /// An ITT checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The text to analyse.
+    #[arg(long)]
+    text: Option<String>,
+    /// A text file, corpus folder, .jsonl file or `builtin`, instead of --text.
+    #[arg(long)]
+    data: Option<String>,
+    /// Folder for depth.json, depth.png and depth.html.
+    #[arg(long, default_value = "analysis/depth")]
+    out: PathBuf,
+    /// Window length (default: the checkpoint's training sequence length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Analyse at most this many tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    #[command(flatten)]
+    routing: RoutingArgs,
+}
+
+#[derive(Args)]
+struct RouterArgs {
+    /// An ITT checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `builtin` (the synthetic corpus: adds answer/prompt and per-task groups) or a corpus path.
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Folder for router.json and the PNGs.
+    #[arg(long, default_value = "analysis/router")]
+    out: PathBuf,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Tokens to route in all.
+    #[arg(long, default_value_t = 16384)]
+    max_tokens: usize,
+}
+
+#[derive(Args)]
+struct SpikeArgs {
+    /// Any checkpoint folder or run folder (dense, Loop or ITT).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `builtin` (task lines, answer tokens as targets), a .jsonl file with prompt/answer or
+    /// text/label fields, or any text (windows split at median accuracy).
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Folder for grad_spikes.json and grad_spikes.png.
+    #[arg(long, default_value = "analysis/grad-spikes")]
+    out: PathBuf,
+    /// Samples per class (easy, hard).
+    #[arg(long, default_value_t = 24)]
+    samples: usize,
+    /// Window length for plain text.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    #[arg(long, default_value = "text")]
+    jsonl_field: String,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// The run folder (the --out of `itt train`).
+    run_dir: PathBuf,
+    /// Where to write the page (default RUN_DIR/report.html).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Prompt for a sample generation (repeatable; default: a few built-in tasks).
+    #[arg(long)]
+    prompt: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// No sample generations.
+    #[arg(long)]
+    no_generate: bool,
+}
+
 fn main() {
     itt::util::tune_allocator();
     let cli = Cli::parse();
@@ -426,7 +524,59 @@ fn run(cli: Cli) -> Result<()> {
             println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
             Ok(())
         }
+        Cmd::Analyze { cmd } => cmd_analyze(cmd),
+        Cmd::Report(a) => {
+            let opts = analysis::run_report::ReportOptions {
+                out: a.out,
+                prompts: a.prompt,
+                max_new_tokens: a.max_new_tokens,
+                generate: !a.no_generate,
+            };
+            let path = analysis::run_report::run(&a.run_dir, &opts)?;
+            println!("report written to {}", path.display());
+            Ok(())
+        }
     }
+}
+
+fn cmd_analyze(cmd: AnalyzeCmd) -> Result<()> {
+    let written = |paths: &[&Path]| {
+        let p: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("wrote {}", p.join(", "));
+    };
+    match cmd {
+        AnalyzeCmd::Depth(a) => {
+            let text = analysis::read_text(a.text.as_deref(), a.data.as_deref(), Some(a.max_tokens as u64 * 64))?;
+            let opts = analysis::depth::DepthOptions {
+                routing: a.routing.options(None, Routing::TopK)?,
+                seq_len: a.seq_len,
+                max_tokens: a.max_tokens,
+                ..Default::default()
+            };
+            let r = analysis::depth::run(&a.checkpoint, &text, &opts, &a.out)?;
+            print!("{}", analysis::depth::render_terminal(&r.map, report::stdout_is_terminal()));
+            written(&[&r.json, &r.png, &r.html]);
+        }
+        AnalyzeCmd::Router(a) => {
+            let opts =
+                analysis::router::RouterOptions { seq_len: a.seq_len, max_tokens: a.max_tokens, ..Default::default() };
+            let (r, paths) = analysis::router::run(&a.checkpoint, &a.data, &opts, &a.out)?;
+            print!("{}", analysis::router::summary(&r));
+            written(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        }
+        AnalyzeCmd::GradSpikes(a) => {
+            let opts = analysis::grad_spikes::SpikeOptions {
+                samples: a.samples,
+                window: a.window,
+                jsonl_field: a.jsonl_field,
+                ..Default::default()
+            };
+            let (r, paths) = analysis::grad_spikes::run(&a.checkpoint, &a.data, &opts, &a.out)?;
+            print!("{}", analysis::grad_spikes::summary(&r));
+            written(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        }
+    }
+    Ok(())
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {

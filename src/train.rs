@@ -287,7 +287,11 @@ fn counted_flops(cfg: &RunConfig, record: &ForwardRecord) -> Option<f64> {
                 .iter()
                 .filter(|((_, s), _)| *s == t)
                 .fold((0u64, 0u64), |a, (_, st)| (a.0 + st.selected, a.1 + st.candidates));
-            if cand == 0 { 0.0 } else { sel as f64 / cand as f64 }
+            if cand == 0 {
+                0.0
+            } else {
+                sel as f64 / cand as f64
+            }
         })
         .collect();
     Some(flops_per_token(&cfg.model, cfg.train.seq_len, None, Some(&shares)).train)

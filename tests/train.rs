@@ -179,3 +179,37 @@ fn existing_runs_are_never_overwritten() {
     assert!(err.contains("--resume"), "{err}");
     assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
 }
+
+#[test]
+fn a_miniature_experiment_grid_writes_its_table_and_plot() {
+    use itt::experiment::{self, ExperimentOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["table2", "table3"] {
+        let opts = ExperimentOptions {
+            name: name.into(),
+            sizes: vec!["tiny".into()],
+            data: itt::train::DataSpec::default(),
+            seeds: 2,
+            steps: Some(2),
+            batch_size: Some(2),
+            seq_len: Some(16),
+            eval_batches: 2,
+            out: tmp.path().join(name),
+            quiet: true,
+        };
+        let r = experiment::run(&opts).unwrap();
+        let want_rows = if name == "table2" { 6 } else { 5 };
+        assert_eq!(r.rows.len(), want_rows);
+        assert!(r.rows.iter().all(|row| row.val_loss_mean.is_finite() && row.seeds == 2));
+        let md = std::fs::read_to_string(opts.out.join("results.md")).unwrap();
+        assert!(md.contains("| ITT x4 |") && md.contains("±"), "{md}");
+        let png = std::fs::read(opts.out.join("loss.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 2000);
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(opts.out.join("results.json")).unwrap()).unwrap();
+        assert_eq!(json["runs"].as_array().unwrap().len(), want_rows * 2);
+        // Re-running reuses the finished runs (same numbers).
+        let again = experiment::run(&opts).unwrap();
+        assert_eq!(again.rows[0].val_loss_mean, r.rows[0].val_loss_mean);
+    }
+}
