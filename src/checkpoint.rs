@@ -92,12 +92,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).at(path)
 }
 
+/// The safetensors header tag, e.g. `{"format": "itt-model-v1"}`. One key only: the header's
+/// map is written in hash order, and a single entry keeps checkpoints byte-for-byte repeatable.
 fn st_metadata(kind: &str) -> HashMap<String, String> {
-    HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("version".to_string(), VERSION.to_string()),
-        ("content".to_string(), kind.to_string()),
-    ])
+    HashMap::from([("format".to_string(), format!("{FORMAT}-{kind}-v{VERSION}"))])
 }
 
 fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>, kind: &str) -> Result<()> {
@@ -197,17 +195,15 @@ fn load_tensors(path: &Path, kind: &str) -> Result<HashMap<String, Tensor>> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e}); is it truncated?")))?;
     let info = meta.metadata().clone().unwrap_or_default();
-    if info.get("format").map(String::as_str) != Some(FORMAT) || info.get("content").map(String::as_str) != Some(kind) {
+    let tag = info.get("format").cloned().unwrap_or_default();
+    let Some(version) = tag.strip_prefix(&format!("{FORMAT}-{kind}-v")) else {
         return Err(Error::checkpoint(
             path,
-            format!("is a safetensors file from elsewhere (no '{FORMAT}' {kind} header); import it with the loaders of `itt convert` instead"),
+            format!("is a safetensors file from elsewhere (no '{FORMAT}-{kind}' header); import it with the loaders of `itt convert` instead"),
         ));
-    }
-    if info.get("version").and_then(|v| v.parse::<u32>().ok()) != Some(VERSION) {
-        return Err(Error::checkpoint(
-            path,
-            format!("has format version {:?}, this build reads {VERSION}", info.get("version")),
-        ));
+    };
+    if version.parse::<u32>().ok() != Some(VERSION) {
+        return Err(Error::checkpoint(path, format!("has format version {version}, this build reads {VERSION}")));
     }
     candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
         .map_err(|e| Error::checkpoint(path, format!("corrupt tensor data ({e}); is it truncated?")))
