@@ -617,6 +617,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 a.out.display()
             )));
         }
+        if a.out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+            return Err(Error::usage(format!(
+                "{} exists and is not empty (an unrelated folder, or a run stopped before its first checkpoint); \
+                 choose another --out",
+                a.out.display()
+            )));
+        }
         let (dataset, tok) = itt::train::prepare_data(&spec, &a.out.join("data"))?;
         if a.model.config.is_none() {
             // Presets take their vocabulary from the tokenizer; a config file must match it.

@@ -232,3 +232,13 @@ fn the_commands_work_on_a_trained_run() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FLOPs/token"));
 }
+
+#[test]
+fn train_refuses_a_non_empty_unrelated_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let precious = tmp.path().join("config.json");
+    std::fs::write(&precious, "my own file").unwrap();
+    fails_cleanly(&itt(&["train", "--preset", "tiny", "--steps", "1", "--out", tmp.path().to_str().unwrap()]), &["not empty"]);
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "my own file");
+    assert!(!tmp.path().join("data").exists());
+}
