@@ -90,3 +90,128 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         threads: candle_core::utils::get_num_threads(),
     })
 }
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeBench {
+    pub preset: Option<String>,
+    pub params: usize,
+    pub batch: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Prompt tokens per second, all prompts in one packed call.
+    pub prefill_tokens_per_s: f64,
+    /// Generated tokens per second with KV caches (threshold routing for ITT).
+    pub decode_cached_tokens_per_s: f64,
+    /// Generated tokens per second re-running the whole text for every token.
+    pub decode_uncached_tokens_per_s: f64,
+    /// KV-cache bytes after the last token, all sequences.
+    pub cache_bytes: usize,
+    /// The same if every (layer, step) cached every token (what routing saves).
+    pub cache_bytes_if_unrouted: usize,
+}
+
+/// Prefill and decode throughput of a freshly initialised model on random tokens.
+pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usize) -> Result<DecodeBench> {
+    use crate::model::{ForwardRecord, RouterCalibration, Routing, SeqLayout};
+    use candle_core::Tensor;
+    use std::sync::Arc;
+    let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+    let dev = Device::Cpu;
+    let mut rng = Rng::new(7);
+    let v = cfg.model.vocab_size as u64;
+    let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(v) as u32).collect() };
+    let mut routing = RoutingOptions::default();
+    if model.has_routers() {
+        // Thresholds from a top-k pass over random text, as `itt calibrate` would.
+        let ids = draw(4 * prompt_len);
+        let mut rec = ForwardRecord::with_scores();
+        model.forward(
+            &Tensor::from_slice(&ids, ids.len(), &dev)?,
+            &SeqLayout::uniform(4, prompt_len),
+            &routing,
+            None,
+            Some(&mut rec),
+        )?;
+        let mut cal = RouterCalibration::new();
+        cal.update(&mut rec, 0.0);
+        routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(Arc::new(cal)), ..Default::default() };
+    }
+    let prompts = draw(batch * prompt_len);
+    let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
+    // Warm-up (allocator, thread pool), not timed.
+    let warm = Tensor::from_slice(&prompts, prompts.len(), &dev)?;
+    model.forward_hidden(&warm, &SeqLayout::uniform(batch, prompt_len), &routing, None, None)?;
+    let t0 = Instant::now();
+    let x = Tensor::from_slice(&prompts, prompts.len(), &dev)?;
+    model.forward_hidden(&x, &SeqLayout::uniform(batch, prompt_len), &routing, Some(&mut caches), None)?;
+    let prefill = t0.elapsed().as_secs_f64();
+    let next = draw(batch * new_tokens);
+    let t0 = Instant::now();
+    for i in 0..new_tokens {
+        let ids: Vec<u32> = (0..batch).map(|b| next[b * new_tokens + i]).collect();
+        let layout = SeqLayout::with_past(&vec![1; batch], &vec![prompt_len + i; batch]);
+        let h = model.forward_hidden(
+            &Tensor::from_slice(&ids, batch, &dev)?,
+            &layout,
+            &routing,
+            Some(&mut caches),
+            None,
+        )?;
+        model.logits(&h)?;
+    }
+    let cached = t0.elapsed().as_secs_f64();
+    let cache_bytes = caches.iter().map(|c| c.bytes()).sum();
+    let per_token: usize = 2 * cfg.model.n_kv_heads * cfg.model.head_dim() * 4;
+    let slots: usize = model.layer_steps().iter().sum();
+    let cache_bytes_if_unrouted = batch * (prompt_len + new_tokens) * per_token * slots;
+    // Uncached: re-run the whole text for a few tokens (it grows; extrapolating is unfair).
+    let uncached_n = new_tokens.min(8);
+    let t0 = Instant::now();
+    for i in 0..uncached_n {
+        let len = prompt_len + i + 1;
+        let mut ids = Vec::with_capacity(batch * len);
+        for b in 0..batch {
+            ids.extend_from_slice(&prompts[b * prompt_len..(b + 1) * prompt_len]);
+            ids.extend((0..=i).map(|j| next[b * new_tokens + j]));
+        }
+        let h = model.forward_hidden(
+            &Tensor::from_slice(&ids, ids.len(), &dev)?,
+            &SeqLayout::uniform(batch, len),
+            &routing,
+            None,
+            None,
+        )?;
+        model.logits(&h)?;
+    }
+    let uncached = t0.elapsed().as_secs_f64();
+    Ok(DecodeBench {
+        preset: cfg.preset.clone(),
+        params: model.n_params(),
+        batch,
+        prompt_len,
+        new_tokens,
+        prefill_tokens_per_s: (batch * prompt_len) as f64 / prefill,
+        decode_cached_tokens_per_s: (batch * new_tokens) as f64 / cached,
+        decode_uncached_tokens_per_s: (batch * uncached_n) as f64 / uncached,
+        cache_bytes,
+        cache_bytes_if_unrouted,
+    })
+}
+
+impl DecodeBench {
+    pub fn row(&self) -> String {
+        format!(
+            "| {} | {:.2}M | {}x{} | {:.0} | {:.1} | {:.1} | {:.2} MiB ({:.0}% of unrouted) |",
+            self.preset.as_deref().unwrap_or("custom"),
+            self.params as f64 / 1e6,
+            self.batch,
+            self.prompt_len,
+            self.prefill_tokens_per_s,
+            self.decode_cached_tokens_per_s,
+            self.decode_uncached_tokens_per_s,
+            self.cache_bytes as f64 / (1 << 20) as f64,
+            100.0 * self.cache_bytes as f64 / self.cache_bytes_if_unrouted as f64
+        )
+    }
+    pub const HEADER: &'static str = "| preset | params | batch x prompt | prefill tok/s | decode tok/s (cache) | decode tok/s (no cache) | KV cache |\n|---|---|---|---|---|---|---|";
+}

@@ -59,12 +59,7 @@ impl Checkpoint {
     /// Build the model from the stored weights (consumes them).
     pub fn into_model(self, device: &Device) -> Result<(Model, CheckpointInfo)> {
         let origin = self.dir.join("model.safetensors");
-        let model = Model::from_tensors(
-            &self.config.model,
-            self.tensors,
-            &origin.to_string_lossy(),
-            device,
-        )?;
+        let model = Model::from_tensors(&self.config.model, self.tensors, &origin.to_string_lossy(), device)?;
         let info = CheckpointInfo {
             dir: self.dir,
             config: self.config,
@@ -97,12 +92,10 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).at(path)
 }
 
+/// The safetensors header tag, e.g. `{"format": "itt-model-v1"}`. One key only: the header's
+/// map is written in hash order, and a single entry keeps checkpoints byte-for-byte repeatable.
 fn st_metadata(kind: &str) -> HashMap<String, String> {
-    HashMap::from([
-        ("format".to_string(), FORMAT.to_string()),
-        ("version".to_string(), VERSION.to_string()),
-        ("content".to_string(), kind.to_string()),
-    ])
+    HashMap::from([("format".to_string(), format!("{FORMAT}-{kind}-v{VERSION}"))])
 }
 
 fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>, kind: &str) -> Result<()> {
@@ -112,10 +105,7 @@ fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>, kind: &str) -> Resu
 
 /// Model weights as named tensors (for saving or export).
 pub fn model_tensors(params: &[(String, Var)]) -> Vec<(String, Tensor)> {
-    params
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect()
+    params.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
 }
 
 /// Everything a checkpoint holds besides the weights.
@@ -129,54 +119,29 @@ pub struct SaveParts<'a> {
 
 /// Write a checkpoint folder `dir` atomically (temporary sibling folder, then rename).
 pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
-    let parent = dir
-        .parent()
-        .ok_or_else(|| Error::checkpoint(dir, "has no parent folder"))?;
+    let parent = dir.parent().ok_or_else(|| Error::checkpoint(dir, "has no parent folder"))?;
     std::fs::create_dir_all(parent).at(parent)?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::checkpoint(dir, "has no name"))?
-        .to_string_lossy()
-        .to_string();
+    let name = dir.file_name().ok_or_else(|| Error::checkpoint(dir, "has no name"))?.to_string_lossy().to_string();
     let tmp = parent.join(format!(".{name}.tmp{}", std::process::id()));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     std::fs::create_dir_all(&tmp).at(&tmp)?;
-    save_tensors(
-        &tmp.join("model.safetensors"),
-        model_tensors(&model.params),
-        "model",
-    )?;
+    save_tensors(&tmp.join("model.safetensors"), model_tensors(&model.params), "model")?;
     if let Some(opt) = parts.optimizer {
         let mut t = Vec::with_capacity(2 * model.params.len() + 1);
         for (i, (n, _)) in model.params.iter().enumerate() {
-            t.push((
-                format!("m.{n}"),
-                Tensor::from_slice(&opt.m[i], opt.m[i].len(), &Device::Cpu)?,
-            ));
-            t.push((
-                format!("v.{n}"),
-                Tensor::from_slice(&opt.v[i], opt.v[i].len(), &Device::Cpu)?,
-            ));
+            t.push((format!("m.{n}"), Tensor::from_slice(&opt.m[i], opt.m[i].len(), &Device::Cpu)?));
+            t.push((format!("v.{n}"), Tensor::from_slice(&opt.v[i], opt.v[i].len(), &Device::Cpu)?));
         }
-        t.push((
-            "t".to_string(),
-            Tensor::from_slice(&[opt.t as u32], 1, &Device::Cpu)?,
-        ));
+        t.push(("t".to_string(), Tensor::from_slice(&[opt.t as u32], 1, &Device::Cpu)?));
         save_tensors(&tmp.join("optimizer.safetensors"), t, "optimizer")?;
     }
     if let Some(state) = parts.state {
-        write_atomic(
-            &tmp.join("state.json"),
-            serde_json::to_string_pretty(state).unwrap().as_bytes(),
-        )?;
+        write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state).unwrap().as_bytes())?;
     }
     if let Some(cal) = parts.calibration {
-        write_atomic(
-            &tmp.join("router_calibration.json"),
-            serde_json::to_string(cal).unwrap().as_bytes(),
-        )?;
+        write_atomic(&tmp.join("router_calibration.json"), serde_json::to_string(cal).unwrap().as_bytes())?;
     }
     write_atomic(&tmp.join("config.json"), parts.config.to_json().as_bytes())?;
     write_atomic(&tmp.join("tokenizer.json"), parts.tokenizer_json.as_bytes())?;
@@ -204,10 +169,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         return Err(Error::checkpoint(path, "does not exist"));
     }
     if path.is_file() {
-        return Err(Error::checkpoint(
-            path,
-            "is a file; give a checkpoint folder or a run folder",
-        ));
+        return Err(Error::checkpoint(path, "is a file; give a checkpoint folder or a run folder"));
     }
     if path.join("model.safetensors").exists() {
         return Ok(path.to_path_buf());
@@ -221,54 +183,34 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         }
         return Err(Error::checkpoint(
             &latest,
-            format!(
-                "points to {} which holds no model.safetensors",
-                dir.display()
-            ),
+            format!("points to {} which holds no model.safetensors", dir.display()),
         ));
     }
-    Err(Error::checkpoint(
-        path,
-        "is neither a checkpoint folder (model.safetensors) nor a run folder (latest)",
-    ))
+    Err(Error::checkpoint(path, "is neither a checkpoint folder (model.safetensors) nor a run folder (latest)"))
 }
 
 /// Read an `itt` safetensors file, checking its header names this program.
 fn load_tensors(path: &Path, kind: &str) -> Result<HashMap<String, Tensor>> {
-    let bytes =
-        std::fs::read(path).map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
-    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| {
-        Error::checkpoint(
-            path,
-            format!("not a readable safetensors file ({e}); is it truncated?"),
-        )
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e}); is it truncated?")))?;
     let info = meta.metadata().clone().unwrap_or_default();
-    if info.get("format").map(String::as_str) != Some(FORMAT)
-        || info.get("content").map(String::as_str) != Some(kind)
-    {
+    let tag = info.get("format").cloned().unwrap_or_default();
+    let Some(version) = tag.strip_prefix(&format!("{FORMAT}-{kind}-v")) else {
         return Err(Error::checkpoint(
             path,
-            format!("is a safetensors file from elsewhere (no '{FORMAT}' {kind} header); import it with the loaders of `itt convert` instead"),
+            format!("is a safetensors file from elsewhere (no '{FORMAT}-{kind}' header); import it with the loaders of `itt convert` instead"),
         ));
+    };
+    if version.parse::<u32>().ok() != Some(VERSION) {
+        return Err(Error::checkpoint(path, format!("has format version {version}, this build reads {VERSION}")));
     }
-    if info.get("version").and_then(|v| v.parse::<u32>().ok()) != Some(VERSION) {
-        return Err(Error::checkpoint(
-            path,
-            format!(
-                "has format version {:?}, this build reads {VERSION}",
-                info.get("version")
-            ),
-        ));
-    }
-    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
-        Error::checkpoint(path, format!("corrupt tensor data ({e}); is it truncated?"))
-    })
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| Error::checkpoint(path, format!("corrupt tensor data ({e}); is it truncated?")))
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
+    let text = std::fs::read_to_string(path).map_err(|e| Error::checkpoint(path, format!("cannot read: {e}")))?;
     serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("malformed: {e}")))
 }
 
@@ -276,33 +218,16 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
 pub fn load(path: &Path) -> Result<Checkpoint> {
     let dir = resolve(path)?;
     let config: RunConfig = read_json(&dir.join("config.json"))?;
-    config
-        .validate()
-        .map_err(|e| Error::checkpoint(dir.join("config.json"), e.to_string()))?;
+    config.validate().map_err(|e| Error::checkpoint(dir.join("config.json"), e.to_string()))?;
     let tok_path = dir.join("tokenizer.json");
-    let tokenizer_json = std::fs::read_to_string(&tok_path)
-        .map_err(|e| Error::checkpoint(&tok_path, format!("cannot read: {e}")))?;
+    let tokenizer_json =
+        std::fs::read_to_string(&tok_path).map_err(|e| Error::checkpoint(&tok_path, format!("cannot read: {e}")))?;
     let tensors = load_tensors(&dir.join("model.safetensors"), "model")?;
     let state_path = dir.join("state.json");
-    let state = if state_path.exists() {
-        Some(read_json::<TrainState>(&state_path)?)
-    } else {
-        None
-    };
+    let state = if state_path.exists() { Some(read_json::<TrainState>(&state_path)?) } else { None };
     let cal_path = dir.join("router_calibration.json");
-    let calibration = if cal_path.exists() {
-        Some(read_json(&cal_path)?)
-    } else {
-        None
-    };
-    Ok(Checkpoint {
-        dir,
-        config,
-        tokenizer_json,
-        state,
-        calibration,
-        tensors,
-    })
+    let calibration = if cal_path.exists() { Some(read_json(&cal_path)?) } else { None };
+    Ok(Checkpoint { dir, config, tokenizer_json, state, calibration, tensors })
 }
 
 /// Load the AdamW state saved with a checkpoint, matching the model's parameters.
@@ -316,30 +241,19 @@ pub fn load_optimizer(dir: &Path, params: &[(String, Var)]) -> Result<AdamW> {
     }
     let mut t = load_tensors(&path, "optimizer")?;
     let mut take = |name: &str, len: usize| -> Result<Vec<f32>> {
-        let x = t
-            .remove(name)
-            .ok_or_else(|| Error::checkpoint(&path, format!("missing '{name}'")))?;
+        let x = t.remove(name).ok_or_else(|| Error::checkpoint(&path, format!("missing '{name}'")))?;
         let v = x.flatten_all()?.to_vec1::<f32>()?;
         if v.len() != len {
-            return Err(Error::checkpoint(
-                &path,
-                format!("'{name}' has {} values, the model needs {len}", v.len()),
-            ));
+            return Err(Error::checkpoint(&path, format!("'{name}' has {} values, the model needs {len}", v.len())));
         }
         Ok(v)
     };
-    let mut opt = AdamW {
-        m: vec![],
-        v: vec![],
-        t: 0,
-    };
+    let mut opt = AdamW { m: vec![], v: vec![], t: 0 };
     for (n, var) in params {
         opt.m.push(take(&format!("m.{n}"), var.elem_count())?);
         opt.v.push(take(&format!("v.{n}"), var.elem_count())?);
     }
-    let steps = t
-        .remove("t")
-        .ok_or_else(|| Error::checkpoint(&path, "missing 't'"))?;
+    let steps = t.remove("t").ok_or_else(|| Error::checkpoint(&path, "missing 't'"))?;
     opt.t = steps.to_vec1::<u32>()?[0] as u64;
     Ok(opt)
 }
@@ -352,11 +266,7 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     };
     let mut steps: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            p.file_name()
-                .map(|n| n.to_string_lossy().starts_with("step-"))
-                .unwrap_or(false)
-        })
+        .filter(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("step-")).unwrap_or(false))
         .collect();
     steps.sort();
     let n = steps.len();

@@ -132,28 +132,19 @@ impl ModelConfig {
         pos("n_kv_heads", self.n_kv_heads)?;
         pos("mlp_hidden", self.mlp_hidden)?;
         pos("max_seq_len", self.max_seq_len)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "n_heads",
-                format!(
-                    "d_model {} is not divisible by n_heads {}",
-                    self.d_model, self.n_heads
-                ),
+                format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads),
             ));
         }
-        if self.head_dim() % 2 != 0 {
-            return Err(Error::config(
-                "n_heads",
-                "head dimension must be even for rotary embeddings",
-            ));
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(Error::config("n_heads", "head dimension must be even for rotary embeddings"));
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(Error::config(
                 "n_kv_heads",
-                format!(
-                    "n_heads {} is not a multiple of n_kv_heads {}",
-                    self.n_heads, self.n_kv_heads
-                ),
+                format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads),
             ));
         }
         if !(self.rope_theta > 0.0) {
@@ -169,22 +160,13 @@ impl ModelConfig {
         if th.steps < 1 {
             return Err(Error::config("thinking.steps", "must be at least 1"));
         }
-        if th.kind == ModelKind::Dense {
-            if th.steps != 1 {
-                return Err(Error::config(
-                    "thinking.steps",
-                    "a dense model takes exactly 1 step; use kind loop or itt",
-                ));
-            }
+        if th.kind == ModelKind::Dense && th.steps != 1 {
+            return Err(Error::config("thinking.steps", "a dense model takes exactly 1 step; use kind loop or itt"));
         }
         if th.kind == ModelKind::Itt && th.ratios.len() != th.steps - 1 {
             return Err(Error::config(
                 "thinking.ratios",
-                format!(
-                    "needs steps - 1 = {} values (one per routed step), got {}",
-                    th.steps - 1,
-                    th.ratios.len()
-                ),
+                format!("needs steps - 1 = {} values (one per routed step), got {}", th.steps - 1, th.ratios.len()),
             ));
         }
         check_ratios("thinking.ratios", &th.ratios)?;
@@ -193,10 +175,7 @@ impl ModelConfig {
                 if l >= self.n_layers {
                     return Err(Error::config(
                         "thinking.layers",
-                        format!(
-                            "layer {l} is past the model's last layer {}",
-                            self.n_layers - 1
-                        ),
+                        format!("layer {l} is past the model's last layer {}", self.n_layers - 1),
                     ));
                 }
             }
@@ -221,11 +200,7 @@ impl ModelConfig {
         let mlp = 3 * d * self.mlp_hidden;
         let block = attn + mlp + 2 * d;
         let embed = self.vocab_size * d;
-        let head = if self.tie_embeddings {
-            0
-        } else {
-            self.vocab_size * d
-        };
+        let head = if self.tie_embeddings { 0 } else { self.vocab_size * d };
         let thinking = match self.thinking.kind {
             ModelKind::Itt => {
                 self.thinking_layers().len() * (self.thinking.steps - 1) * (d + 1 + d)
@@ -241,10 +216,7 @@ impl ModelConfig {
 pub fn check_ratios(field: &str, ratios: &[f64]) -> Result<()> {
     for (i, &r) in ratios.iter().enumerate() {
         if !(0.0..=1.0).contains(&r) {
-            return Err(Error::config(
-                field,
-                format!("ratio {} at position {} is outside [0, 1]", r, i + 1),
-            ));
+            return Err(Error::config(field, format!("ratio {} at position {} is outside [0, 1]", r, i + 1)));
         }
     }
     Ok(())
@@ -336,16 +308,10 @@ impl TrainConfig {
             return Err(Error::config("train.beta1/beta2", "must be in [0, 1)"));
         }
         if !(self.weight_decay >= 0.0) || !(self.grad_clip >= 0.0) || !(self.eps > 0.0) {
-            return Err(Error::config(
-                "train.weight_decay/grad_clip/eps",
-                "must be non-negative (eps positive)",
-            ));
+            return Err(Error::config("train.weight_decay/grad_clip/eps", "must be non-negative (eps positive)"));
         }
         if !(0.0..1.0).contains(&self.threshold_momentum) {
-            return Err(Error::config(
-                "train.threshold_momentum",
-                "must be in [0, 1)",
-            ));
+            return Err(Error::config("train.threshold_momentum", "must be in [0, 1)"));
         }
         Ok(())
     }
@@ -384,10 +350,7 @@ impl RunConfig {
         if self.format_version != CONFIG_FORMAT_VERSION {
             return Err(Error::config(
                 "format_version",
-                format!(
-                    "is {}, this build reads version {}",
-                    self.format_version, CONFIG_FORMAT_VERSION
-                ),
+                format!("is {}, this build reads version {}", self.format_version, CONFIG_FORMAT_VERSION),
             ));
         }
         self.model.validate()?;
@@ -395,10 +358,7 @@ impl RunConfig {
         if self.train.seq_len > self.model.max_seq_len {
             return Err(Error::config(
                 "train.seq_len",
-                format!(
-                    "{} exceeds model.max_seq_len {}",
-                    self.train.seq_len, self.model.max_seq_len
-                ),
+                format!("{} exceeds model.max_seq_len {}", self.train.seq_len, self.model.max_seq_len),
             ));
         }
         Ok(())
@@ -406,12 +366,10 @@ impl RunConfig {
 
     /// Read a JSON (or TOML, by extension) config file, rejecting unknown fields.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::input(path, format!("cannot read config: {e}")))?;
-        let cfg: RunConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::input(path, format!("malformed config: {e}")))?;
-        cfg.validate()
-            .map_err(|e| Error::input(path, e.to_string()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read config: {e}")))?;
+        let cfg: RunConfig =
+            serde_json::from_str(&text).map_err(|e| Error::input(path, format!("malformed config: {e}")))?;
+        cfg.validate().map_err(|e| Error::input(path, e.to_string()))?;
         Ok(cfg)
     }
 
@@ -441,58 +399,23 @@ fn size_preset(size: &str) -> Option<(ModelConfig, TrainConfig)> {
     Some(match size {
         "tiny" => (
             base(512, 128, 4, 4, 352, 256),
-            TrainConfig {
-                batch_size: 16,
-                seq_len: 128,
-                max_steps: 600,
-                lr: 3e-3,
-                warmup_steps: 20,
-                ..t
-            },
+            TrainConfig { batch_size: 16, seq_len: 128, max_steps: 600, lr: 3e-3, warmup_steps: 20, ..t },
         ),
         "small" => (
             base(4096, 256, 4, 4, 688, 512),
-            TrainConfig {
-                batch_size: 8,
-                seq_len: 256,
-                max_steps: 2000,
-                lr: 2e-3,
-                warmup_steps: 60,
-                ..t
-            },
+            TrainConfig { batch_size: 8, seq_len: 256, max_steps: 2000, lr: 2e-3, warmup_steps: 60, ..t },
         ),
         "paper-162m" => (
             base(32000, 1024, 8, 8, 2560, 4096),
-            TrainConfig {
-                batch_size: 256,
-                seq_len: 4096,
-                max_steps: 50_000,
-                lr: 3e-4,
-                warmup_steps: 1500,
-                ..t
-            },
+            TrainConfig { batch_size: 256, seq_len: 4096, max_steps: 50_000, lr: 3e-4, warmup_steps: 1500, ..t },
         ),
         "paper-230m" => (
             base(32000, 1536, 8, 12, 1536, 4096),
-            TrainConfig {
-                batch_size: 256,
-                seq_len: 4096,
-                max_steps: 50_000,
-                lr: 3e-4,
-                warmup_steps: 1500,
-                ..t
-            },
+            TrainConfig { batch_size: 256, seq_len: 4096, max_steps: 50_000, lr: 3e-4, warmup_steps: 1500, ..t },
         ),
         "paper-466m" => (
             base(32000, 2048, 8, 16, 4096, 4096),
-            TrainConfig {
-                batch_size: 256,
-                seq_len: 4096,
-                max_steps: 50_000,
-                lr: 3e-4,
-                warmup_steps: 1500,
-                ..t
-            },
+            TrainConfig { batch_size: 256, seq_len: 4096, max_steps: 50_000, lr: 3e-4, warmup_steps: 1500, ..t },
         ),
         _ => return None,
     })
@@ -515,27 +438,11 @@ pub fn preset_names() -> Vec<String> {
 
 /// A named preset, e.g. `tiny`, `small-itt4`, `paper-162m-loop4`.
 pub fn preset(name: &str) -> Result<RunConfig> {
-    let unknown = || {
-        Error::config(
-            "preset",
-            format!(
-                "unknown preset '{name}'; known: {}",
-                preset_names().join(", ")
-            ),
-        )
-    };
+    let unknown = || Error::config("preset", format!("unknown preset '{name}'; known: {}", preset_names().join(", ")));
     let (size, kind, steps) = if let Some((s, t)) = name.rsplit_once("-itt") {
-        (
-            s,
-            ModelKind::Itt,
-            t.parse::<usize>().map_err(|_| unknown())?,
-        )
+        (s, ModelKind::Itt, t.parse::<usize>().map_err(|_| unknown())?)
     } else if let Some((s, t)) = name.rsplit_once("-loop") {
-        (
-            s,
-            ModelKind::Loop,
-            t.parse::<usize>().map_err(|_| unknown())?,
-        )
+        (s, ModelKind::Loop, t.parse::<usize>().map_err(|_| unknown())?)
     } else {
         (name, ModelKind::Dense, 1)
     };
@@ -548,12 +455,7 @@ pub fn preset(name: &str) -> Result<RunConfig> {
     if kind == ModelKind::Itt {
         model.thinking.ratios = vec![0.7; steps - 1];
     }
-    let cfg = RunConfig {
-        format_version: CONFIG_FORMAT_VERSION,
-        preset: Some(name.to_string()),
-        model,
-        train,
-    };
+    let cfg = RunConfig { format_version: CONFIG_FORMAT_VERSION, preset: Some(name.to_string()), model, train };
     cfg.validate()?;
     Ok(cfg)
 }
@@ -570,20 +472,13 @@ mod tests {
             assert_eq!(back, cfg, "{name}");
         }
         assert!(preset("tiny-itt5").is_err());
-        assert!(preset("nope")
-            .unwrap_err()
-            .to_string()
-            .contains("unknown preset"));
+        assert!(preset("nope").unwrap_err().to_string().contains("unknown preset"));
     }
 
     #[test]
     fn paper_parameter_counts_match_table5() {
         // ITT-SPEC §2: 162M / 230M / 466M with untied 32000-token embeddings.
-        for (name, want) in [
-            ("paper-162m", 162e6),
-            ("paper-230m", 230e6),
-            ("paper-466m", 466e6),
-        ] {
+        for (name, want) in [("paper-162m", 162e6), ("paper-230m", 230e6), ("paper-466m", 466e6)] {
             let n = preset(name).unwrap().model.n_params() as f64;
             assert!((n - want).abs() / want < 0.02, "{name}: {n}");
         }
@@ -593,47 +488,22 @@ mod tests {
     fn bad_fields_are_named() {
         let mut c = preset("tiny-itt4").unwrap();
         c.model.thinking.ratios = vec![0.5, 1.5, 0.5];
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("thinking.ratios"));
+        assert!(c.validate().unwrap_err().to_string().contains("thinking.ratios"));
         c.model.thinking.ratios = vec![0.5];
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("thinking.ratios"));
+        assert!(c.validate().unwrap_err().to_string().contains("thinking.ratios"));
         c.model.thinking.ratios = vec![0.5; 3];
         c.model.thinking.layers = Some(vec![9]);
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("thinking.layers"));
+        assert!(c.validate().unwrap_err().to_string().contains("thinking.layers"));
         c.model.thinking.layers = None;
         c.model.thinking.steps = 0;
-        assert!(c
-            .validate()
-            .unwrap_err()
-            .to_string()
-            .contains("thinking.steps"));
+        assert!(c.validate().unwrap_err().to_string().contains("thinking.steps"));
         let unknown = r#"{"format_version":1,"model":{"bogus":1},"train":{}}"#;
-        assert!(serde_json::from_str::<RunConfig>(unknown)
-            .unwrap_err()
-            .to_string()
-            .contains("bogus"));
+        assert!(serde_json::from_str::<RunConfig>(unknown).unwrap_err().to_string().contains("bogus"));
     }
 
     #[test]
     fn schedule_warms_up_then_decays_to_floor() {
-        let t = TrainConfig {
-            lr: 1.0,
-            warmup_steps: 10,
-            max_steps: 110,
-            min_lr_ratio: 0.1,
-            ..Default::default()
-        };
+        let t = TrainConfig { lr: 1.0, warmup_steps: 10, max_steps: 110, min_lr_ratio: 0.1, ..Default::default() };
         assert!((t.lr_at(0) - 0.1).abs() < 1e-12);
         assert!((t.lr_at(9) - 1.0).abs() < 1e-12);
         assert!((t.lr_at(60) - 0.55).abs() < 1e-9);

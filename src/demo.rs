@@ -101,13 +101,25 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     );
     println!(
         "train    {} steps of {} x {} tokens, AdamW lr {} (warmup {}, cosine to 10%), seed {}",
-        cfg.train.max_steps, cfg.train.batch_size, cfg.train.seq_len, cfg.train.lr, cfg.train.warmup_steps, cfg.train.seed
+        cfg.train.max_steps,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        cfg.train.lr,
+        cfg.train.warmup_steps,
+        cfg.train.seed
     );
     let mut trainer = Trainer::new(cfg.clone(), &tok, out)?;
     let initial = trainer.evaluate(&dataset.val, cfg.train.eval_batches)?;
     let summary = train::run(&mut trainer, &dataset, &RunOptions::default())?;
     let entropy = unigram_entropy(&dataset.train);
-    let val = crate::eval::shard_loss(&trainer.model, &dataset.val, cfg.train.batch_size, cfg.train.seq_len, 0, &RoutingOptions::default())?;
+    let val = crate::eval::shard_loss(
+        &trainer.model,
+        &dataset.val,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        0,
+        &RoutingOptions::default(),
+    )?;
     println!(
         "         {} steps in {:.0} s ({:.0} tokens/s, peak RSS {:.0} MiB)",
         summary.steps, summary.seconds, summary.tokens_per_s, summary.peak_rss_mb
@@ -157,21 +169,18 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let s: Vec<String> = score.iter().map(|(k, (c, n))| format!("{k} {c}/{n}")).collect();
     println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", s.join(", "));
     show_sample(&trainer, &tok, calibration, mode)?;
-    println!(
-        "files    {}/metrics.jsonl, {}/checkpoints/, {}/data/",
-        out.display(),
-        out.display(),
-        out.display()
-    );
-    println!(
-        "next     itt generate --checkpoint {} --prompt \"47+85=\" --show-depth --temperature 0",
-        out.display()
-    );
+    println!("files    {}/metrics.jsonl, {}/checkpoints/, {}/data/", out.display(), out.display(), out.display());
+    println!("next     itt generate --checkpoint {} --prompt \"47+85=\" --show-depth --temperature 0", out.display());
     Ok(())
 }
 
 /// One problem answered with each token's thinking depth shown.
-fn show_sample(trainer: &Trainer, tok: &Tokenizer, calibration: Option<Arc<crate::model::RouterCalibration>>, mode: Routing) -> Result<()> {
+fn show_sample(
+    trainer: &Trainer,
+    tok: &Tokenizer,
+    calibration: Option<Arc<crate::model::RouterCalibration>>,
+    mode: Routing,
+) -> Result<()> {
     let prompt = "12 13 14 15\n5837+2694=".to_string();
     let opts = GenerateOptions {
         max_new_tokens: 8,
@@ -183,7 +192,7 @@ fn show_sample(trainer: &Trainer, tok: &Tokenizer, calibration: Option<Arc<crate
     };
     let max_depth = trainer.model.layer_steps().into_iter().max().unwrap_or(1) as u32;
     let mut text = String::new();
-    for ev in generate::generate(&trainer.model, tok, &[prompt.clone()], opts)? {
+    for ev in generate::generate(&trainer.model, tok, std::slice::from_ref(&prompt), opts)? {
         if let Event::Token(t) = ev? {
             if t.text.is_empty() {
                 continue;
@@ -198,4 +207,3 @@ fn show_sample(trainer: &Trainer, tok: &Tokenizer, calibration: Option<Arc<crate
     );
     Ok(())
 }
-

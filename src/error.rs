@@ -28,32 +28,20 @@ pub enum Error {
     Candle(#[from] candle_core::Error),
 
     #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config {
-            field: field.into(),
-            msg: msg.into(),
-        }
+        Error::Config { field: field.into(), msg: msg.into() }
     }
     pub fn input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Input {
-            path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Input { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
     pub fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint {
-            path: path.as_ref().to_path_buf(),
-            msg: msg.into(),
-        }
+        Error::Checkpoint { path: path.as_ref().to_path_buf(), msg: msg.into() }
     }
     pub fn usage(msg: impl Into<String>) -> Self {
         Error::Usage(msg.into())
@@ -67,9 +55,6 @@ pub trait IoContext<T> {
 
 impl<T> IoContext<T> for std::result::Result<T, std::io::Error> {
     fn at(self, path: impl AsRef<Path>) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            path: path.as_ref().to_path_buf(),
-            source,
-        })
+        self.map_err(|source| Error::Io { path: path.as_ref().to_path_buf(), source })
     }
 }

@@ -129,7 +129,12 @@ pub struct Generation<'a> {
 }
 
 /// Start generating continuations of `prompts`.
-pub fn generate<'a>(model: &'a Model, tok: &'a Tokenizer, prompts: &[String], opts: GenerateOptions) -> Result<Generation<'a>> {
+pub fn generate<'a>(
+    model: &'a Model,
+    tok: &'a Tokenizer,
+    prompts: &[String],
+    opts: GenerateOptions,
+) -> Result<Generation<'a>> {
     opts.sampling.validate()?;
     if prompts.is_empty() {
         return Err(Error::usage("no prompt given"));
@@ -188,21 +193,27 @@ impl Generation<'_> {
         let mut detail = ForwardRecord { keep_detail: true, ..Default::default() };
         let (logits, depth) = if self.opts.use_cache {
             // Feed what is not cached yet (the prompt, possibly in chunks, or the last token).
-            let mut last_rows: Vec<Tensor> = vec![];
+            let mut last_rows: Vec<Option<Tensor>> = vec![None; active.len()];
             let mut depth_rows: Vec<Vec<u32>> = vec![Vec::new(); active.len()];
             loop {
                 let chunk = if self.opts.prefill_chunk == 0 { usize::MAX } else { self.opts.prefill_chunk };
-                let lens: Vec<usize> = active.iter().map(|&i| (self.seqs[i].ids.len() - self.seqs[i].fed).min(chunk)).collect();
+                let lens: Vec<usize> =
+                    active.iter().map(|&i| (self.seqs[i].ids.len() - self.seqs[i].fed).min(chunk)).collect();
                 if lens.iter().all(|&n| n == 0) {
                     break;
                 }
                 let past: Vec<usize> = active.iter().map(|&i| self.seqs[i].fed).collect();
-                let ids: Vec<u32> =
-                    active.iter().zip(&lens).flat_map(|(&i, &n)| self.seqs[i].ids[self.seqs[i].fed..self.seqs[i].fed + n].to_vec()).collect();
-                let mut caches: Vec<SeqCache> = active.iter().map(|&i| std::mem::replace(&mut self.seqs[i].cache, empty_cache())).collect();
+                let ids: Vec<u32> = active
+                    .iter()
+                    .zip(&lens)
+                    .flat_map(|(&i, &n)| self.seqs[i].ids[self.seqs[i].fed..self.seqs[i].fed + n].to_vec())
+                    .collect();
+                let mut caches: Vec<SeqCache> =
+                    active.iter().map(|&i| std::mem::replace(&mut self.seqs[i].cache, empty_cache())).collect();
                 let layout = SeqLayout::with_past(&lens, &past);
                 let x = Tensor::from_slice(&ids, ids.len(), self.model.device())?;
-                let hidden = self.model.forward_hidden(&x, &layout, &self.opts.routing, Some(&mut caches), Some(&mut detail));
+                let hidden =
+                    self.model.forward_hidden(&x, &layout, &self.opts.routing, Some(&mut caches), Some(&mut detail));
                 for (&i, c) in active.iter().zip(caches) {
                     self.seqs[i].cache = c;
                 }
@@ -212,14 +223,16 @@ impl Generation<'_> {
                     self.seqs[i].fed += lens[k];
                     if lens[k] > 0 && self.seqs[i].fed == self.seqs[i].ids.len() {
                         let row = starts[k] + lens[k] - 1;
-                        last_rows.push(hidden.narrow(0, row, 1)?);
-                        depth_rows[k] = self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect();
+                        last_rows[k] = Some(hidden.narrow(0, row, 1)?);
+                        depth_rows[k] =
+                            self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect();
                     }
                 }
                 self.merge_stats(&detail);
                 detail.stats.clear();
             }
-            let h = Tensor::cat(&last_rows, 0)?;
+            let rows: Vec<Tensor> = last_rows.into_iter().map(|r| r.expect("every prompt was fed")).collect();
+            let h = Tensor::cat(&rows, 0)?;
             (self.model.logits(&h)?, depth_rows)
         } else {
             // No cache: the whole text so far, every time.
@@ -300,7 +313,7 @@ impl Generation<'_> {
     /// Run to the end and return each sequence's generated text and finish reason.
     pub fn collect_all(mut self) -> Result<Vec<(String, FinishReason, Vec<u32>)>> {
         let mut out: Vec<Option<(String, FinishReason)>> = vec![None; self.seqs.len()];
-        while let Some(ev) = self.next() {
+        for ev in self.by_ref() {
             if let Event::Finished { seq, reason, text } = ev? {
                 out[seq] = Some((text, reason));
             }
@@ -419,5 +432,108 @@ mod tests {
         // p = softmax([1, 3, 2, 3]) = [0.047, 0.35, 0.129, 0.35] (rounded)
         assert!((seen[0] as f64 / 2000.0 - 0.0466).abs() < 0.02, "{seen:?}");
         assert!((seen[2] as f64 / 2000.0 - 0.1288).abs() < 0.03, "{seen:?}");
+    }
+}
+
+#[cfg(test)]
+mod generation_tests {
+    use super::*;
+    use crate::config::preset;
+    use crate::model::{RouterCalibration, SeqLayout};
+    use candle_core::Device;
+    use std::sync::Arc;
+
+    fn setup() -> (Model, Tokenizer, Arc<RouterCalibration>) {
+        let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghij");
+        let mut cfg = preset("tiny-itt4").unwrap().model;
+        cfg.vocab_size = tok.vocab_size();
+        cfg.d_model = 32;
+        cfg.n_heads = 2;
+        cfg.n_kv_heads = 1;
+        cfg.mlp_hidden = 48;
+        cfg.max_seq_len = 64;
+        cfg.init_std = 0.2;
+        cfg.thinking.router_init_std = 0.5;
+        let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
+        let ids = tok.encode("12+34=46\n5+5=10\nabc def ghij\n901-3=898\n").unwrap();
+        let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
+        let mut rec = ForwardRecord::with_scores();
+        model.forward(&x, &SeqLayout::uniform(1, ids.len()), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
+        let mut cal = RouterCalibration::new();
+        cal.update(&mut rec, 0.0);
+        (model, tok, Arc::new(cal))
+    }
+
+    fn run(model: &Model, tok: &Tokenizer, prompts: &[&str], opts: &GenerateOptions) -> Vec<Vec<u32>> {
+        let prompts: Vec<String> = prompts.iter().map(|s| s.to_string()).collect();
+        generate(model, tok, &prompts, opts.clone()).unwrap().collect_all().unwrap().into_iter().map(|r| r.2).collect()
+    }
+
+    #[test]
+    fn batch_equals_alone_cached_equals_uncached_and_seeds_repeat() {
+        let (model, tok, cal) = setup();
+        let routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
+        let prompts = ["12+34=", "9", "abc def ghij\n77-"];
+        for sampling in [SamplingParams::greedy(), SamplingParams { temperature: 1.0, top_k: 5, top_p: 0.9, seed: 3 }] {
+            let opts = GenerateOptions { max_new_tokens: 12, sampling, routing: routing.clone(), ..Default::default() };
+            let batch = run(&model, &tok, &prompts, &opts);
+            for (i, p) in prompts.iter().enumerate() {
+                assert_eq!(run(&model, &tok, &[p], &opts)[0], batch[i], "prompt {p:?} alone vs in a batch");
+            }
+            assert_eq!(run(&model, &tok, &prompts, &opts), batch, "seeded generation repeats");
+            let uncached = GenerateOptions { use_cache: false, ..opts.clone() };
+            assert_eq!(run(&model, &tok, &prompts, &uncached), batch, "cache changes the tokens");
+            let chunked = GenerateOptions { prefill_chunk: 2, ..opts.clone() };
+            assert_eq!(run(&model, &tok, &prompts, &chunked), batch, "chunked prefill changes the tokens");
+        }
+    }
+
+    #[test]
+    fn early_exit_keeps_cached_equal_to_full_and_saves_steps() {
+        let (model, tok, cal) = setup();
+        let base = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
+        let exit = RoutingOptions { early_exit: Some(0.5), ..base.clone() };
+        let opts = GenerateOptions {
+            max_new_tokens: 10,
+            sampling: SamplingParams::greedy(),
+            routing: exit,
+            ..Default::default()
+        };
+        let cached = run(&model, &tok, &["12+34=", "abc"], &opts);
+        let full = run(&model, &tok, &["12+34=", "abc"], &GenerateOptions { use_cache: false, ..opts.clone() });
+        assert_eq!(cached, full);
+        let count = |r: &RoutingOptions| {
+            let ids = tok.encode("12+34=46\n5+5=10\n").unwrap();
+            let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
+            let mut rec = ForwardRecord::default();
+            model.forward(&x, &SeqLayout::uniform(1, ids.len()), r, None, Some(&mut rec)).unwrap();
+            rec.routed_tokens()
+        };
+        assert!(count(&opts.routing) < count(&base), "early exit should route fewer tokens");
+    }
+
+    #[test]
+    fn stop_sequences_and_limits() {
+        let (model, tok, cal) = setup();
+        let routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
+        let opts =
+            GenerateOptions { max_new_tokens: 30, sampling: SamplingParams::greedy(), routing, ..Default::default() };
+        let free = generate(&model, &tok, &["12+".to_string()], opts.clone()).unwrap().collect_all().unwrap();
+        let text = &free[0].0;
+        assert!(text.chars().count() >= 2, "{text:?}");
+        let stop: String = text.chars().skip(1).take(1).collect();
+        let stopped =
+            generate(&model, &tok, &["12+".to_string()], GenerateOptions { stop: vec![stop.clone()], ..opts.clone() })
+                .unwrap()
+                .collect_all()
+                .unwrap();
+        assert_eq!(stopped[0].1, FinishReason::Stop);
+        assert!(!stopped[0].0.contains(&stop) && text.starts_with(&stopped[0].0));
+        let short = GenerateOptions { max_new_tokens: 3, ..opts };
+        let r = generate(&model, &tok, &["1".to_string()], short).unwrap().collect_all().unwrap();
+        assert!(r[0].2.len() <= 3);
+        assert!(generate(&model, &tok, &[String::new()], GenerateOptions::default()).is_err());
+        let topk_cached = GenerateOptions { routing: RoutingOptions::default(), ..GenerateOptions::default() };
+        assert!(generate(&model, &tok, &["1".to_string()], topk_cached).err().unwrap().to_string().contains("causal"));
     }
 }

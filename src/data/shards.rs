@@ -43,10 +43,7 @@ fn tmp_path(path: &Path) -> PathBuf {
 }
 
 /// Write `path.tmp`, fsync it, rename it over `path`: readers never see a half-written file.
-fn write_atomic(
-    path: &Path,
-    write: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>,
-) -> Result<()> {
+fn write_atomic(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
     let tmp = tmp_path(path);
     let file = File::create(&tmp).at(&tmp)?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
@@ -63,17 +60,9 @@ fn write_atomic(
 }
 
 /// Write `tokens` as a shard. Every token must be below `vocab_size`.
-pub fn write_shard(
-    path: &Path,
-    tokens: &[u32],
-    vocab_size: usize,
-    tokenizer_fingerprint: &str,
-) -> Result<()> {
+pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize, tokenizer_fingerprint: &str) -> Result<()> {
     if vocab_size == 0 || vocab_size > u32::MAX as usize {
-        return Err(Error::usage(format!(
-            "shard {}: vocab size {vocab_size} must be in 1..2^32",
-            path.display()
-        )));
+        return Err(Error::usage(format!("shard {}: vocab size {vocab_size} must be in 1..2^32", path.display())));
     }
     if tokenizer_fingerprint.len() > FINGERPRINT_LEN || !tokenizer_fingerprint.is_ascii() {
         return Err(Error::usage(format!(
@@ -143,10 +132,7 @@ impl TokenShard {
         let mmap = unsafe { Mmap::map(&file) }.at(path)?;
         let redo = "re-create it with `itt prepare`";
         if mmap.len() < HEADER_LEN || &mmap[0..8] != SHARD_MAGIC {
-            return Err(Error::input(
-                path,
-                format!("not an itt token shard (no ITTTOK01 header); {redo}"),
-            ));
+            return Err(Error::input(path, format!("not an itt token shard (no ITTTOK01 header); {redo}")));
         }
         let u32_at = |o: usize| u32::from_le_bytes(mmap[o..o + 4].try_into().unwrap_or([0; 4]));
         let version = u32_at(8);
@@ -165,8 +151,7 @@ impl TokenShard {
         }
         let count = u64::from_le_bytes(mmap[16..24].try_into().unwrap_or([0; 8]));
         let vocab_size = u32_at(24) as usize;
-        let expected =
-            count.checked_mul(width as u64).and_then(|b| b.checked_add(HEADER_LEN as u64));
+        let expected = count.checked_mul(width as u64).and_then(|b| b.checked_add(HEADER_LEN as u64));
         if expected != Some(mmap.len() as u64) {
             return Err(Error::input(
                 path,
@@ -180,14 +165,7 @@ impl TokenShard {
         let fp = &mmap[32..32 + FINGERPRINT_LEN];
         let fp_len = fp.iter().position(|&b| b == 0).unwrap_or(FINGERPRINT_LEN);
         let fingerprint = String::from_utf8_lossy(&fp[..fp_len]).into_owned();
-        Ok(TokenShard {
-            path: path.to_path_buf(),
-            mmap,
-            len: count as usize,
-            width,
-            vocab_size,
-            fingerprint,
-        })
+        Ok(TokenShard { path: path.to_path_buf(), mmap, len: count as usize, width, vocab_size, fingerprint })
     }
 
     pub fn path(&self) -> &Path {
@@ -222,12 +200,7 @@ impl TokenShard {
 
     /// Tokens `start..start + len`. Panics if that runs past `len()`, like slice indexing.
     pub fn slice_to_vec(&self, start: usize, len: usize) -> Vec<u32> {
-        assert!(
-            start + len <= self.len,
-            "tokens {start}..{} of a {}-token shard",
-            start + len,
-            self.len
-        );
+        assert!(start + len <= self.len, "tokens {start}..{} of a {}-token shard", start + len, self.len);
         let b = self.bytes(start, len);
         match self.width {
             2 => b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]) as u32).collect(),
@@ -278,10 +251,7 @@ pub fn prepare_dataset(
     source: &str,
 ) -> Result<Dataset> {
     if !(val_fraction > 0.0 && val_fraction < 1.0) {
-        return Err(Error::config(
-            "val_fraction",
-            format!("{val_fraction} must be between 0 and 1 (e.g. 0.1)"),
-        ));
+        return Err(Error::config("val_fraction", format!("{val_fraction} must be between 0 and 1 (e.g. 0.1)")));
     }
     if docs.is_empty() {
         return Err(Error::usage(format!("no documents to prepare from {source}")));
@@ -306,8 +276,7 @@ pub fn prepare_dataset(
     };
     let (train, val, train_docs, val_docs) = if n == 1 {
         let all = flatten(&encoded);
-        let cut = (((1.0 - val_fraction) * all.len() as f64).floor() as usize)
-            .clamp(1, all.len().max(2) - 1);
+        let cut = (((1.0 - val_fraction) * all.len() as f64).floor() as usize).clamp(1, all.len().max(2) - 1);
         let cut = cut.min(all.len());
         (all[..cut].to_vec(), all[cut..].to_vec(), 1, 1)
     } else {
@@ -345,18 +314,14 @@ impl Dataset {
     pub fn open(dir: &Path) -> Result<Dataset> {
         let meta_path = dir.join("meta.json");
         let redo = "prepare the data again with `itt prepare`";
-        let text = std::fs::read_to_string(&meta_path).map_err(|_| {
-            Error::input(dir, format!("no readable meta.json: not a prepared dataset; {redo}"))
-        })?;
-        let meta: DatasetMeta = serde_json::from_str(&text)
-            .map_err(|e| Error::input(&meta_path, format!("malformed ({e}); {redo}")))?;
+        let text = std::fs::read_to_string(&meta_path)
+            .map_err(|_| Error::input(dir, format!("no readable meta.json: not a prepared dataset; {redo}")))?;
+        let meta: DatasetMeta =
+            serde_json::from_str(&text).map_err(|e| Error::input(&meta_path, format!("malformed ({e}); {redo}")))?;
         if meta.format_version != DATASET_VERSION {
             return Err(Error::input(
                 &meta_path,
-                format!(
-                    "dataset format version {}, this build reads {DATASET_VERSION}; {redo}",
-                    meta.format_version
-                ),
+                format!("dataset format version {}, this build reads {DATASET_VERSION}; {redo}", meta.format_version),
             ));
         }
         let train = TokenShard::open(&dir.join("train.bin"))?;
@@ -417,16 +382,9 @@ fn short(fp: &str) -> &str {
 
 /// `batch` rows of `seq_len` tokens from random offsets, row-major, and their next-token
 /// targets (the same rows shifted by one).
-pub fn sample_batch(
-    shard: &TokenShard,
-    rng: &mut Rng,
-    batch: usize,
-    seq_len: usize,
-) -> Result<(Vec<u32>, Vec<u32>)> {
+pub fn sample_batch(shard: &TokenShard, rng: &mut Rng, batch: usize, seq_len: usize) -> Result<(Vec<u32>, Vec<u32>)> {
     if batch == 0 || seq_len == 0 {
-        return Err(Error::usage(format!(
-            "batch ({batch}) and seq_len ({seq_len}) must be at least 1"
-        )));
+        return Err(Error::usage(format!("batch ({batch}) and seq_len ({seq_len}) must be at least 1")));
     }
     if shard.len() < seq_len + 1 {
         return Err(Error::input(
@@ -586,14 +544,10 @@ mod tests {
         let ds = prepare_dataset(&docs(10), &tok, 0.25, &out, "test docs").unwrap();
         // ceil(0.25 * 10) = 3 validation documents, the last three.
         assert_eq!((ds.meta.train_docs, ds.meta.val_docs, ds.meta.n_docs), (7, 3, 10));
-        let expect_val: Vec<u32> =
-            docs(10)[7..].iter().flat_map(|d| d.bytes().map(u32::from).chain([256])).collect();
+        let expect_val: Vec<u32> = docs(10)[7..].iter().flat_map(|d| d.bytes().map(u32::from).chain([256])).collect();
         assert_eq!(ds.val.slice_to_vec(0, ds.val.len()), expect_val);
         assert_eq!(ds.train.get(ds.train.len() - 1), 256);
-        assert_eq!(
-            ds.meta.train_tokens + ds.meta.val_tokens,
-            docs(10).iter().map(|d| d.len() as u64 + 1).sum::<u64>()
-        );
+        assert_eq!(ds.meta.train_tokens + ds.meta.val_tokens, docs(10).iter().map(|d| d.len() as u64 + 1).sum::<u64>());
         assert_eq!(ds.meta.source, "test docs");
         assert_eq!(ds.meta.tokenizer_fingerprint, tok.fingerprint());
 
@@ -629,8 +583,7 @@ mod tests {
         prepare_dataset(&docs(4), &tok, 0.25, &out, "x").unwrap();
         let meta_path = out.join("meta.json");
         let text = std::fs::read_to_string(&meta_path).unwrap();
-        std::fs::write(&meta_path, text.replace("\"vocab_size\": 257", "\"vocab_size\": 258"))
-            .unwrap();
+        std::fs::write(&meta_path, text.replace("\"vocab_size\": 257", "\"vocab_size\": 258")).unwrap();
         let e = Dataset::open(&out).unwrap_err().to_string();
         assert!(e.contains("train.bin") && e.contains("does not match meta.json"), "{e}");
         std::fs::write(&meta_path, "{}").unwrap();

@@ -132,8 +132,7 @@ pub fn solve(prompt: &str) -> Option<String> {
     let first = words.next()?;
     let rest: Vec<&str> = words.collect();
     let number = |s: &str| -> Option<u64> {
-        (!s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit()))
-            .then(|| s.parse().ok())?
+        (!s.is_empty() && s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().ok())?
     };
     match (first, rest.as_slice()) {
         ("close", [seq]) => {
@@ -153,9 +152,7 @@ pub fn solve(prompt: &str) -> Option<String> {
             Some(xs.iter().map(u64::to_string).collect::<Vec<_>>().join(" "))
         }
         ("rev", [word]) => Some(word.chars().rev().collect()),
-        ("count", [c, "in", word]) if c.chars().count() == 1 => {
-            Some(word.matches(c).count().to_string())
-        }
+        ("count", [c, "in", word]) if c.chars().count() == 1 => Some(word.matches(c).count().to_string()),
         (expr, []) => {
             if let Some((a, b)) = expr.split_once('+') {
                 Some((number(a)? + number(b)?).to_string())
@@ -368,8 +365,7 @@ mod tests {
         assert_eq!(answer_spans("1 2 3 4"), None);
         assert_eq!(answer_spans("1+2=\n"), None);
         let text = "1+2=3\nla la\nrev ab = ba\n";
-        let mask: String =
-            answer_byte_mask(text).iter().map(|&m| if m { '^' } else { '.' }).collect();
+        let mask: String = answer_byte_mask(text).iter().map(|&m| if m { '^' } else { '.' }).collect();
         assert_eq!(mask, concat!("....^.", "......", ".........^^."));
         assert_eq!(solve("99+1"), Some("100".into()));
         assert_eq!(solve("3-5"), None);
@@ -392,11 +388,9 @@ mod tests {
             }
         }
         let n = bytes as f64;
-        let entropy: f64 =
-            counts.values().map(|&k| k as f64 / n).map(|p| -p * p.log2()).sum::<f64>();
+        let entropy: f64 = counts.values().map(|&k| k as f64 / n).map(|p| -p * p.log2()).sum::<f64>();
         let lines: usize = docs.iter().map(|d| d.lines().count()).sum();
-        let answer: usize =
-            docs.iter().map(|d| answer_byte_mask(d).iter().filter(|&&m| m).count()).sum();
+        let answer: usize = docs.iter().map(|d| answer_byte_mask(d).iter().filter(|&&m| m).count()).sum();
         println!(
             "default synthetic corpus: {} docs, {lines} lines, {bytes} bytes, {} chars {:?}, \
              unigram entropy {entropy:.3} bits/char, answer bytes {:.1}%",

@@ -100,17 +100,15 @@ impl Tokenizer {
     /// Wrap an HF tokenizer. `eot` names its end-of-text token; `None` tries `EOT_CANDIDATES`.
     pub fn from_hf(tok: tokenizers::Tokenizer, eot: Option<&str>) -> Result<Self> {
         let eot_id = match eot {
-            Some(name) => tok.token_to_id(name).ok_or_else(|| {
-                Error::Tokenizer(format!("the tokenizer has no token {name:?} to end documents"))
-            })?,
-            None => {
-                EOT_CANDIDATES.iter().find_map(|name| tok.token_to_id(name)).ok_or_else(|| {
-                    Error::Tokenizer(format!(
+            Some(name) => tok
+                .token_to_id(name)
+                .ok_or_else(|| Error::Tokenizer(format!("the tokenizer has no token {name:?} to end documents")))?,
+            None => EOT_CANDIDATES.iter().find_map(|name| tok.token_to_id(name)).ok_or_else(|| {
+                Error::Tokenizer(format!(
                     "no end-of-text token found (looked for {}); add one of them to the tokenizer",
                     EOT_CANDIDATES.join(" ")
                 ))
-                })?
-            }
+            })?,
         };
         Ok(Tokenizer::Bpe { tok: Box::new(tok), eot_id })
     }
@@ -129,8 +127,7 @@ impl Tokenizer {
             Tokenizer::Char { chars, .. } => chars.len() + 2,
             Tokenizer::Bpe { tok, .. } => {
                 // Added tokens may sit above the model's ids; count up to the highest one.
-                let max_added =
-                    tok.get_added_tokens_decoder().keys().map(|&id| id as usize + 1).max();
+                let max_added = tok.get_added_tokens_decoder().keys().map(|&id| id as usize + 1).max();
                 tok.get_vocab_size(true).max(max_added.unwrap_or(0))
             }
         }
@@ -156,12 +153,8 @@ impl Tokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         match self {
             Tokenizer::Byte => Ok(text.bytes().map(u32::from).collect()),
-            Tokenizer::Char { index, .. } => {
-                Ok(text.chars().map(|c| *index.get(&c).unwrap_or(&CHAR_UNK)).collect())
-            }
-            Tokenizer::Bpe { tok, .. } => {
-                Ok(tok.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec())
-            }
+            Tokenizer::Char { index, .. } => Ok(text.chars().map(|c| *index.get(&c).unwrap_or(&CHAR_UNK)).collect()),
+            Tokenizer::Bpe { tok, .. } => Ok(tok.encode_fast(text, false).map_err(tok_err)?.get_ids().to_vec()),
         }
     }
 
@@ -258,8 +251,7 @@ impl Tokenizer {
                 json!({"format": FORMAT, "version": FORMAT_VERSION, "kind": "char", "chars": chars})
             }
             Tokenizer::Bpe { tok, eot_id } => {
-                let hf: Value = serde_json::from_str(&tok.to_string(false).map_err(tok_err)?)
-                    .map_err(tok_err)?;
+                let hf: Value = serde_json::from_str(&tok.to_string(false).map_err(tok_err)?).map_err(tok_err)?;
                 json!({"format": FORMAT, "version": FORMAT_VERSION, "kind": "bpe",
                        "eot_id": eot_id, "hf": hf})
             }
@@ -270,18 +262,14 @@ impl Tokenizer {
 
     /// Parse our JSON format, or a plain HF `tokenizer.json` (end-of-text token found by name).
     pub fn from_json(s: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(s)
-            .map_err(|e| Error::Tokenizer(format!("not valid JSON: {e}")))?;
+        let v: Value = serde_json::from_str(s).map_err(|e| Error::Tokenizer(format!("not valid JSON: {e}")))?;
         if v.get("format").and_then(Value::as_str) != Some(FORMAT) {
             if v.get("model").is_some() {
-                let tok: tokenizers::Tokenizer = s.parse().map_err(|e| {
-                    Error::Tokenizer(format!("not a usable HF tokenizer.json: {e}"))
-                })?;
+                let tok: tokenizers::Tokenizer =
+                    s.parse().map_err(|e| Error::Tokenizer(format!("not a usable HF tokenizer.json: {e}")))?;
                 return Self::from_hf(tok, None);
             }
-            return Err(Error::Tokenizer(
-                "neither an itt tokenizer file nor an HF tokenizer.json".into(),
-            ));
+            return Err(Error::Tokenizer("neither an itt tokenizer file nor an HF tokenizer.json".into()));
         }
         let version = v.get("version").and_then(Value::as_u64).unwrap_or(0);
         if version != FORMAT_VERSION {
@@ -289,33 +277,25 @@ impl Tokenizer {
                 "file format version {version}, this build reads {FORMAT_VERSION}; re-create the tokenizer"
             )));
         }
-        let field = |name: &str| {
-            v.get(name).ok_or_else(|| Error::Tokenizer(format!("field `{name}` is missing")))
-        };
+        let field = |name: &str| v.get(name).ok_or_else(|| Error::Tokenizer(format!("field `{name}` is missing")));
         match field("kind")?.as_str() {
             Some("byte") => Ok(Tokenizer::Byte),
             Some("char") => {
-                let list = field("chars")?.as_array().ok_or_else(|| {
-                    Error::Tokenizer("field `chars` must be a list of one-char strings".into())
-                })?;
+                let list = field("chars")?
+                    .as_array()
+                    .ok_or_else(|| Error::Tokenizer("field `chars` must be a list of one-char strings".into()))?;
                 let mut chars = Vec::with_capacity(list.len());
                 for item in list {
                     let mut it = item.as_str().unwrap_or("").chars();
                     match (it.next(), it.next()) {
                         (Some(c), None) => chars.push(c),
-                        _ => {
-                            return Err(Error::Tokenizer(format!(
-                                "field `chars`: {item} is not a one-char string"
-                            )))
-                        }
+                        _ => return Err(Error::Tokenizer(format!("field `chars`: {item} is not a one-char string"))),
                     }
                 }
                 let tok = Self::char_from_chars(chars.iter().copied());
                 match &tok {
                     Tokenizer::Char { chars: sorted, .. } if *sorted == chars => Ok(tok),
-                    _ => Err(Error::Tokenizer(
-                        "field `chars` must be sorted and without duplicates".into(),
-                    )),
+                    _ => Err(Error::Tokenizer("field `chars` must be sorted and without duplicates".into())),
                 }
             }
             Some("bpe") => {
@@ -372,10 +352,7 @@ pub fn from_spec(spec: &str, docs: &[String]) -> Result<Tokenizer> {
         _ => {
             if let Some(n) = spec.strip_prefix("bpe:") {
                 let n: usize = n.parse().map_err(|_| {
-                    Error::config(
-                        "tokenizer",
-                        format!("`{spec}`: write bpe:N with N a number, e.g. bpe:4096"),
-                    )
+                    Error::config("tokenizer", format!("`{spec}`: write bpe:N with N a number, e.g. bpe:4096"))
                 })?;
                 return Tokenizer::train_bpe(docs, n, 2);
             }
@@ -396,8 +373,7 @@ pub fn from_spec(spec: &str, docs: &[String]) -> Result<Tokenizer> {
 mod tests {
     use super::*;
 
-    const TEXT: &str =
-        "The quick brown fox jumps over the lazy dog.\nThe dog sleeps; the fox runs.\n\
+    const TEXT: &str = "The quick brown fox jumps over the lazy dog.\nThe dog sleeps; the fox runs.\n\
         Ünïcödé → ✓ and emoji 🦀 too.\n347+589=936 sort 5 3 9 1 = 1 3 5 9\n";
 
     fn docs() -> Vec<String> {
@@ -454,11 +430,8 @@ mod tests {
     #[test]
     fn json_round_trip_and_fingerprints() {
         let dir = tempfile::tempdir().unwrap();
-        let kinds = [
-            Tokenizer::byte(),
-            Tokenizer::char_from_text(TEXT),
-            Tokenizer::train_bpe(&docs(), 300, 2).unwrap(),
-        ];
+        let kinds =
+            [Tokenizer::byte(), Tokenizer::char_from_text(TEXT), Tokenizer::train_bpe(&docs(), 300, 2).unwrap()];
         let mut prints = Vec::new();
         for t in &kinds {
             let path = dir.path().join(format!("{}.json", t.kind()));
@@ -526,15 +499,11 @@ mod tests {
     #[test]
     fn bad_inputs_are_errors() {
         assert!(Tokenizer::from_json("{").is_err());
-        assert!(Tokenizer::from_json(r#"{"format":"itt-tokenizer","version":9,"kind":"byte"}"#)
-            .is_err());
+        assert!(Tokenizer::from_json(r#"{"format":"itt-tokenizer","version":9,"kind":"byte"}"#).is_err());
+        assert!(Tokenizer::from_json(r#"{"format":"itt-tokenizer","version":1,"kind":"x"}"#).is_err());
         assert!(
-            Tokenizer::from_json(r#"{"format":"itt-tokenizer","version":1,"kind":"x"}"#).is_err()
+            Tokenizer::from_json(r#"{"format":"itt-tokenizer","version":1,"kind":"char","chars":["b","a"]}"#).is_err()
         );
-        assert!(Tokenizer::from_json(
-            r#"{"format":"itt-tokenizer","version":1,"kind":"char","chars":["b","a"]}"#
-        )
-        .is_err());
         assert!(Tokenizer::train_bpe(&docs(), 100, 2).is_err());
         assert!(Tokenizer::load(Path::new("/nonexistent/tok.json")).is_err());
         assert!(from_spec("bpe:x", &docs()).is_err());

@@ -1,4 +1,7 @@
-//! Evaluation: loss, perplexity and bits per byte on token shards or any text.
+//! Evaluation: loss, perplexity and bits per byte on token shards or any text, and the
+//! paper's benchmarks by log-likelihood (`tasks`).
+
+pub mod tasks;
 
 use crate::data::{self, TokenShard, Tokenizer};
 use crate::model::{Model, RoutingOptions, SeqLayout};
@@ -7,7 +10,27 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 /// Mean next-token loss over up to `max_batches` sequential batches of the shard (0 = all).
-pub fn shard_loss(model: &Model, shard: &TokenShard, batch: usize, seq_len: usize, max_batches: usize, routing: &RoutingOptions) -> Result<f64> {
+pub fn shard_loss(
+    model: &Model,
+    shard: &TokenShard,
+    batch: usize,
+    seq_len: usize,
+    max_batches: usize,
+    routing: &RoutingOptions,
+) -> Result<f64> {
+    shard_loss_recorded(model, shard, batch, seq_len, max_batches, routing, &mut crate::model::ForwardRecord::default())
+}
+
+/// `shard_loss`, also counting the tokens routed at each (layer, step) into `record`.
+pub fn shard_loss_recorded(
+    model: &Model,
+    shard: &TokenShard,
+    batch: usize,
+    seq_len: usize,
+    max_batches: usize,
+    routing: &RoutingOptions,
+    record: &mut crate::model::ForwardRecord,
+) -> Result<f64> {
     let mut total = 0.0;
     let mut count = 0usize;
     for (i, (inp, tgt)) in data::sequential_batches(shard, batch, seq_len).enumerate() {
@@ -15,18 +38,30 @@ pub fn shard_loss(model: &Model, shard: &TokenShard, batch: usize, seq_len: usiz
             break;
         }
         let rows = inp.len() / seq_len;
-        let nll = window_nll(model, &inp, &tgt, rows, seq_len, routing)?;
+        let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
+        let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, Some(&mut *record))?;
+        let nll = ops::token_nll(&logits, &tgt)?;
         total += nll.iter().sum::<f64>();
         count += nll.len();
     }
     if count == 0 {
-        return Err(Error::input(shard.path(), format!("too few tokens ({}) for one sequence of {seq_len}", shard.len())));
+        return Err(Error::input(
+            shard.path(),
+            format!("too few tokens ({}) for one sequence of {seq_len}", shard.len()),
+        ));
     }
     Ok(total / count as f64)
 }
 
 /// Per-token negative log-likelihoods (nats) of `rows` sequences of `seq_len` tokens.
-pub fn window_nll(model: &Model, inp: &[u32], tgt: &[u32], rows: usize, seq_len: usize, routing: &RoutingOptions) -> Result<Vec<f64>> {
+pub fn window_nll(
+    model: &Model,
+    inp: &[u32],
+    tgt: &[u32],
+    rows: usize,
+    seq_len: usize,
+    routing: &RoutingOptions,
+) -> Result<Vec<f64>> {
     let x = Tensor::from_slice(inp, inp.len(), model.device())?;
     let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, None)?;
     ops::token_nll(&logits, tgt)
@@ -48,7 +83,14 @@ pub struct TextEval {
 /// training, where documents follow one) and cut into windows of `seq_len` predicted tokens,
 /// each window seeing only itself; so every token is predicted exactly once, and bits per
 /// byte is exact: sum of NLL / ln 2 / bytes.
-pub fn eval_text(model: &Model, tok: &Tokenizer, text: &str, seq_len: usize, batch: usize, routing: &RoutingOptions) -> Result<TextEval> {
+pub fn eval_text(
+    model: &Model,
+    tok: &Tokenizer,
+    text: &str,
+    seq_len: usize,
+    batch: usize,
+    routing: &RoutingOptions,
+) -> Result<TextEval> {
     if text.trim().is_empty() {
         return Err(Error::usage("the text to evaluate is empty"));
     }
@@ -92,7 +134,13 @@ pub fn eval_text(model: &Model, tok: &Tokenizer, text: &str, seq_len: usize, bat
 /// Router thresholds for causal routing measured on text (for checkpoints trained without
 /// them): top-k forward passes over up to `batches` windows of `seq_len`, all router logits
 /// pooled, quantiles taken once.
-pub fn calibrate(model: &Model, tok: &Tokenizer, docs: &[String], seq_len: usize, batches: usize) -> Result<crate::model::RouterCalibration> {
+pub fn calibrate(
+    model: &Model,
+    tok: &Tokenizer,
+    docs: &[String],
+    seq_len: usize,
+    batches: usize,
+) -> Result<crate::model::RouterCalibration> {
     use crate::model::{ForwardRecord, RouterCalibration};
     if !model.has_routers() {
         return Err(Error::usage("this model has no routers (it is not an ITT model with adaptive routing)"));
@@ -107,13 +155,22 @@ pub fn calibrate(model: &Model, tok: &Tokenizer, docs: &[String], seq_len: usize
     }
     let rows = (ids.len().saturating_sub(1)) / seq_len;
     if rows == 0 {
-        return Err(Error::usage(format!("the calibration text has {} tokens, fewer than one window of {seq_len}", ids.len())));
+        return Err(Error::usage(format!(
+            "the calibration text has {} tokens, fewer than one window of {seq_len}",
+            ids.len()
+        )));
     }
     let mut rec = ForwardRecord::with_scores();
     for chunk in (0..rows).collect::<Vec<_>>().chunks(8).take(batches.max(1)) {
         let inp: Vec<u32> = chunk.iter().flat_map(|&r| ids[r * seq_len..(r + 1) * seq_len].to_vec()).collect();
         let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
-        model.forward(&x, &SeqLayout::uniform(chunk.len(), seq_len), &RoutingOptions::default(), None, Some(&mut rec))?;
+        model.forward(
+            &x,
+            &SeqLayout::uniform(chunk.len(), seq_len),
+            &RoutingOptions::default(),
+            None,
+            Some(&mut rec),
+        )?;
     }
     let mut cal = RouterCalibration::new();
     cal.update(&mut rec, 0.0);

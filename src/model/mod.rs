@@ -43,10 +43,7 @@ pub struct ParamStore {
 
 enum ParamSource {
     Fresh(Rng),
-    Loaded {
-        tensors: HashMap<String, Tensor>,
-        origin: String,
-    },
+    Loaded { tensors: HashMap<String, Tensor>, origin: String },
 }
 
 impl ParamStore {
@@ -63,10 +60,7 @@ impl ParamStore {
     /// `origin` names the file the tensors came from, for error messages.
     pub fn loaded(tensors: HashMap<String, Tensor>, origin: &str, device: &Device) -> Self {
         ParamStore {
-            source: ParamSource::Loaded {
-                tensors,
-                origin: origin.to_string(),
-            },
+            source: ParamSource::Loaded { tensors, origin: origin.to_string() },
             device: device.clone(),
             dtype: DType::F32,
             names: vec![],
@@ -86,16 +80,15 @@ impl ParamStore {
             }
             ParamSource::Loaded { tensors, origin } => {
                 let t = tensors.remove(name).ok_or_else(|| {
-                    Error::checkpoint(origin.as_str(), format!("tensor '{name}' is missing (was it written by another model or config?)"))
+                    Error::checkpoint(
+                        origin.as_str(),
+                        format!("tensor '{name}' is missing (was it written by another model or config?)"),
+                    )
                 })?;
                 if t.dims() != shape {
                     return Err(Error::checkpoint(
                         origin.as_str(),
-                        format!(
-                            "tensor '{name}' has shape {:?}, the config needs {:?}",
-                            t.dims(),
-                            shape
-                        ),
+                        format!("tensor '{name}' has shape {:?}, the config needs {:?}", t.dims(), shape),
                     ));
                 }
                 t.to_dtype(self.dtype)?.to_device(&self.device)?
@@ -114,7 +107,10 @@ impl ParamStore {
             if let Some(extra) = tensors.keys().min() {
                 return Err(Error::checkpoint(
                     origin.as_str(),
-                    format!("unexpected tensor '{extra}' ({} extra in all): the file does not match this config", tensors.len()),
+                    format!(
+                        "unexpected tensor '{extra}' ({} extra in all): the file does not match this config",
+                        tensors.len()
+                    ),
                 ));
             }
         }
@@ -136,23 +132,13 @@ pub struct SeqLayout {
 impl SeqLayout {
     /// B sequences of T tokens at positions 0..T.
     pub fn uniform(b: usize, t: usize) -> Self {
-        SeqLayout {
-            lens: vec![t; b],
-            positions: (0..b).flat_map(|_| 0..t as u32).collect(),
-        }
+        SeqLayout { lens: vec![t; b], positions: (0..b).flat_map(|_| 0..t as u32).collect() }
     }
 
     /// Sequences of the given lengths, each continuing after `past[i]` cached tokens.
     pub fn with_past(lens: &[usize], past: &[usize]) -> Self {
-        let positions = lens
-            .iter()
-            .zip(past)
-            .flat_map(|(&n, &p)| (p..p + n).map(|x| x as u32))
-            .collect();
-        SeqLayout {
-            lens: lens.to_vec(),
-            positions,
-        }
+        let positions = lens.iter().zip(past).flat_map(|(&n, &p)| (p..p + n).map(|x| x as u32)).collect();
+        SeqLayout { lens: lens.to_vec(), positions }
     }
 
     pub fn n_tokens(&self) -> usize {
@@ -172,10 +158,7 @@ impl SeqLayout {
     /// Some((B, T)) when every sequence has the same length T.
     pub fn uniform_shape(&self) -> Option<(usize, usize)> {
         let t = *self.lens.first()?;
-        self.lens
-            .iter()
-            .all(|&n| n == t)
-            .then_some((self.lens.len(), t))
+        self.lens.iter().all(|&n| n == t).then_some((self.lens.len(), t))
     }
 }
 
@@ -189,10 +172,7 @@ pub struct RopeAt {
 impl RopeAt {
     /// The rows of the selected tokens (routed steps keep their original positions).
     pub fn select(&self, idx: &Tensor) -> Result<RopeAt> {
-        Ok(RopeAt {
-            cos: self.cos.index_select(idx, 0)?,
-            sin: self.sin.index_select(idx, 0)?,
-        })
+        Ok(RopeAt { cos: self.cos.index_select(idx, 0)?, sin: self.sin.index_select(idx, 0)? })
     }
 }
 
@@ -226,19 +206,12 @@ pub struct SeqCache {
 impl SeqCache {
     /// Cached tokens at each (layer, step), in the same [layer][step] shape.
     pub fn lens(&self) -> Vec<Vec<usize>> {
-        self.slots
-            .iter()
-            .map(|l| l.iter().map(|c| c.len()).collect())
-            .collect()
+        self.slots.iter().map(|l| l.iter().map(|c| c.len()).collect()).collect()
     }
 
     /// Bytes held by keys and values (f32).
     pub fn bytes(&self) -> usize {
-        self.slots
-            .iter()
-            .flatten()
-            .map(|c| c.k.as_ref().map(|k| 2 * k.elem_count() * 4).unwrap_or(0))
-            .sum()
+        self.slots.iter().flatten().map(|c| c.k.as_ref().map(|k| 2 * k.elem_count() * 4).unwrap_or(0)).sum()
     }
 }
 
@@ -259,20 +232,8 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(
-        ps: &mut ParamStore,
-        name: &str,
-        out_dim: usize,
-        in_dim: usize,
-        std: f64,
-    ) -> Result<Self> {
-        Ok(Linear {
-            weight: ps.get(
-                &format!("{name}.weight"),
-                &[out_dim, in_dim],
-                Init::Normal(std),
-            )?,
-        })
+    fn load(ps: &mut ParamStore, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Result<Self> {
+        Ok(Linear { weight: ps.get(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))? })
     }
     /// x: (N, in) -> (N, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -288,10 +249,7 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     fn load(ps: &mut ParamStore, name: &str, dim: usize, eps: f64) -> Result<Self> {
-        Ok(RmsNorm {
-            gain: ps.get(&format!("{name}.weight"), &[dim], Init::Const(1.0))?,
-            eps,
-        })
+        Ok(RmsNorm { gain: ps.get(&format!("{name}.weight"), &[dim], Init::Const(1.0))?, eps })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::rms_norm(x, &self.gain, self.eps)
@@ -316,20 +274,8 @@ impl Attention {
         let out_std = cfg.init_std / (2.0 * cfg.n_layers as f64).sqrt();
         Ok(Attention {
             wq: Linear::load(ps, &format!("{name}.wq"), cfg.n_heads * hd, d, cfg.init_std)?,
-            wk: Linear::load(
-                ps,
-                &format!("{name}.wk"),
-                cfg.n_kv_heads * hd,
-                d,
-                cfg.init_std,
-            )?,
-            wv: Linear::load(
-                ps,
-                &format!("{name}.wv"),
-                cfg.n_kv_heads * hd,
-                d,
-                cfg.init_std,
-            )?,
+            wk: Linear::load(ps, &format!("{name}.wk"), cfg.n_kv_heads * hd, d, cfg.init_std)?,
+            wv: Linear::load(ps, &format!("{name}.wv"), cfg.n_kv_heads * hd, d, cfg.init_std)?,
             wo: Linear::load(ps, &format!("{name}.wo"), d, cfg.n_heads * hd, out_std)?,
             n_heads: cfg.n_heads,
             n_kv_heads: cfg.n_kv_heads,
@@ -338,25 +284,11 @@ impl Attention {
     }
 
     /// x: (N, D) normalised input of the packed sequences -> (N, D).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        layout: &SeqLayout,
-        rope: &RopeAt,
-        cache: Option<CacheSlot>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, layout: &SeqLayout, rope: &RopeAt, cache: Option<CacheSlot>) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = ops::apply_rope(
-            &self.wq.forward(x)?.reshape((n, h, hd))?,
-            &rope.cos,
-            &rope.sin,
-        )?;
-        let k = ops::apply_rope(
-            &self.wk.forward(x)?.reshape((n, hkv, hd))?,
-            &rope.cos,
-            &rope.sin,
-        )?;
+        let q = ops::apply_rope(&self.wq.forward(x)?.reshape((n, h, hd))?, &rope.cos, &rope.sin)?;
+        let k = ops::apply_rope(&self.wk.forward(x)?.reshape((n, hkv, hd))?, &rope.cos, &rope.sin)?;
         let v = self.wv.forward(x)?.reshape((n, hkv, hd))?;
         let out = match cache {
             // Training, scoring and prefill without a cache: every packed sequence at once
@@ -379,17 +311,12 @@ impl Attention {
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let mut outs = Vec::with_capacity(layout.lens.len());
         for (i, (&start, &len)) in layout.starts().iter().zip(&layout.lens).enumerate() {
-            let slot = cache
-                .as_mut()
-                .map(|c| &mut c.seqs[i].slots[c.layer][c.step]);
+            let slot = cache.as_mut().map(|c| &mut c.seqs[i].slots[c.layer][c.step]);
             if len == 0 {
                 continue;
             }
             let part = |z: &Tensor, heads| -> Result<Tensor> {
-                Ok(z.narrow(0, start, len)?
-                    .reshape((1, len, heads, hd))?
-                    .transpose(1, 2)?
-                    .contiguous()?)
+                Ok(z.narrow(0, start, len)?.reshape((1, len, heads, hd))?.transpose(1, 2)?.contiguous()?)
             };
             let (qi, mut ki, mut vi) = (part(q, h)?, part(k, hkv)?, part(v, hkv)?);
             if let Some(slot) = slot {
@@ -422,34 +349,13 @@ impl Mlp {
     fn load(ps: &mut ParamStore, name: &str, cfg: &ModelConfig) -> Result<Self> {
         let out_std = cfg.init_std / (2.0 * cfg.n_layers as f64).sqrt();
         Ok(Mlp {
-            w_gate: Linear::load(
-                ps,
-                &format!("{name}.w_gate"),
-                cfg.mlp_hidden,
-                cfg.d_model,
-                cfg.init_std,
-            )?,
-            w_up: Linear::load(
-                ps,
-                &format!("{name}.w_up"),
-                cfg.mlp_hidden,
-                cfg.d_model,
-                cfg.init_std,
-            )?,
-            w_down: Linear::load(
-                ps,
-                &format!("{name}.w_down"),
-                cfg.d_model,
-                cfg.mlp_hidden,
-                out_std,
-            )?,
+            w_gate: Linear::load(ps, &format!("{name}.w_gate"), cfg.mlp_hidden, cfg.d_model, cfg.init_std)?,
+            w_up: Linear::load(ps, &format!("{name}.w_up"), cfg.mlp_hidden, cfg.d_model, cfg.init_std)?,
+            w_down: Linear::load(ps, &format!("{name}.w_down"), cfg.d_model, cfg.mlp_hidden, out_std)?,
         })
     }
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.w_down.forward(&ops::swiglu(
-            &self.w_gate.forward(x)?,
-            &self.w_up.forward(x)?,
-        )?)
+        self.w_down.forward(&ops::swiglu(&self.w_gate.forward(x)?, &self.w_up.forward(x)?)?)
     }
 }
 
@@ -474,16 +380,8 @@ impl Block {
     }
 
     /// x: (N, D) -> (N, D).
-    pub fn forward(
-        &self,
-        x: &Tensor,
-        layout: &SeqLayout,
-        rope: &RopeAt,
-        cache: Option<CacheSlot>,
-    ) -> Result<Tensor> {
-        let h = (x + self
-            .attn
-            .forward(&self.attn_norm.forward(x)?, layout, rope, cache)?)?;
+    pub fn forward(&self, x: &Tensor, layout: &SeqLayout, rope: &RopeAt, cache: Option<CacheSlot>) -> Result<Tensor> {
+        let h = (x + self.attn.forward(&self.attn_norm.forward(x)?, layout, rope, cache)?)?;
         Ok((&h + self.mlp.forward(&self.mlp_norm.forward(&h)?)?)?)
     }
 }
@@ -513,12 +411,7 @@ impl Model {
     }
 
     /// A fresh model in another dtype (F64 for finite-difference checks); same draws as `new`.
-    pub fn new_with_dtype(
-        cfg: &ModelConfig,
-        seed: u64,
-        device: &Device,
-        dtype: DType,
-    ) -> Result<Model> {
+    pub fn new_with_dtype(cfg: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> Result<Model> {
         let mut ps = ParamStore::fresh(seed, device);
         ps.dtype = dtype;
         Model::build(cfg, ps, device)
@@ -536,11 +429,7 @@ impl Model {
 
     fn build(cfg: &ModelConfig, mut ps: ParamStore, device: &Device) -> Result<Model> {
         cfg.validate()?;
-        let embed = ps.get(
-            "embed.weight",
-            &[cfg.vocab_size, cfg.d_model],
-            Init::Normal(cfg.init_std),
-        )?;
+        let embed = ps.get("embed.weight", &[cfg.vocab_size, cfg.d_model], Init::Normal(cfg.init_std))?;
         let think_layers = cfg.thinking_layers();
         let mut blocks = Vec::with_capacity(cfg.n_layers);
         let mut thinking = Vec::with_capacity(cfg.n_layers);
@@ -548,12 +437,7 @@ impl Model {
             let name = format!("layers.{i}");
             blocks.push(Block::load(&mut ps, &name, cfg)?);
             thinking.push(if think_layers.contains(&i) {
-                Some(ThinkingLayer::load(
-                    &mut ps,
-                    &format!("{name}.think"),
-                    cfg,
-                    i,
-                )?)
+                Some(ThinkingLayer::load(&mut ps, &format!("{name}.think"), cfg, i)?)
             } else {
                 None
             });
@@ -562,29 +446,12 @@ impl Model {
         let head = if cfg.tie_embeddings {
             None
         } else {
-            Some(Linear::load(
-                &mut ps,
-                "head",
-                cfg.vocab_size,
-                cfg.d_model,
-                cfg.init_std,
-            )?)
+            Some(Linear::load(&mut ps, "head", cfg.vocab_size, cfg.d_model, cfg.init_std)?)
         };
-        let (rope_cos, rope_sin) =
-            ops::rope_tables(cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta, device)?;
+        let (rope_cos, rope_sin) = ops::rope_tables(cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta, device)?;
         let (rope_cos, rope_sin) = (rope_cos.to_dtype(ps.dtype)?, rope_sin.to_dtype(ps.dtype)?);
         let params = ps.finish()?;
-        Ok(Model {
-            cfg: cfg.clone(),
-            embed,
-            blocks,
-            thinking,
-            norm,
-            head,
-            rope_cos,
-            rope_sin,
-            params,
-        })
+        Ok(Model { cfg: cfg.clone(), embed, blocks, thinking, norm, head, rope_cos, rope_sin, params })
     }
 
     pub fn device(&self) -> &Device {
@@ -597,22 +464,12 @@ impl Model {
 
     /// Steps each layer runs: T for thinking layers, 1 otherwise.
     pub fn layer_steps(&self) -> Vec<usize> {
-        self.thinking
-            .iter()
-            .map(|t| t.as_ref().map(|t| t.steps).unwrap_or(1))
-            .collect()
+        self.thinking.iter().map(|t| t.as_ref().map(|t| t.steps).unwrap_or(1)).collect()
     }
 
     /// An empty KV cache for one sequence.
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache {
-            slots: self
-                .layer_steps()
-                .iter()
-                .map(|&s| vec![KvCache::default(); s])
-                .collect(),
-            seen: 0,
-        }
+        SeqCache { slots: self.layer_steps().iter().map(|&s| vec![KvCache::default(); s]).collect(), seen: 0 }
     }
 
     /// Final hidden states (after the last norm): tokens (N,) u32 -> (N, D).
@@ -629,10 +486,7 @@ impl Model {
     ) -> Result<Tensor> {
         let n = layout.n_tokens();
         if tokens.dims() != [n] {
-            return Err(Error::usage(format!(
-                "tokens {:?} do not match the layout's {n} tokens",
-                tokens.dims()
-            )));
+            return Err(Error::usage(format!("tokens {:?} do not match the layout's {n} tokens", tokens.dims())));
         }
         if let Some(c) = caches.as_deref() {
             if c.len() != layout.lens.len() {
@@ -647,30 +501,17 @@ impl Model {
             )));
         }
         let pos = Tensor::from_slice(&layout.positions, n, self.device())?;
-        let rope = RopeAt {
-            cos: self.rope_cos.index_select(&pos, 0)?,
-            sin: self.rope_sin.index_select(&pos, 0)?,
-        };
+        let rope = RopeAt { cos: self.rope_cos.index_select(&pos, 0)?, sin: self.rope_sin.index_select(&pos, 0)? };
         let mut x = self.embed.index_select(tokens, 0)?; // (N, D)
         for (i, (block, think)) in self.blocks.iter().zip(&self.thinking).enumerate() {
             x = match think {
                 None => {
-                    let slot = caches.as_deref_mut().map(|seqs| CacheSlot {
-                        seqs,
-                        layer: i,
-                        step: 0,
-                    });
+                    let slot = caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer: i, step: 0 });
                     block.forward(&x, layout, &rope, slot)?
                 }
-                Some(t) => t.forward(
-                    block,
-                    &x,
-                    layout,
-                    &rope,
-                    routing,
-                    caches.as_deref_mut(),
-                    record.as_deref_mut(),
-                )?,
+                Some(t) => {
+                    t.forward(block, &x, layout, &rope, routing, caches.as_deref_mut(), record.as_deref_mut())?
+                }
             };
         }
         if let Some(c) = caches {
@@ -720,10 +561,7 @@ impl Model {
 
     /// Whether this model has routers (ITT with adaptive routing).
     pub fn has_routers(&self) -> bool {
-        self.thinking
-            .iter()
-            .flatten()
-            .any(|t| !t.routers.is_empty())
+        self.thinking.iter().flatten().any(|t| !t.routers.is_empty())
     }
 
     pub fn kind(&self) -> ModelKind {

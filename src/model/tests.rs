@@ -21,11 +21,7 @@ fn small_cfg(kind: ModelKind, steps: usize) -> ModelConfig {
         norm_eps: 1e-5,
         tie_embeddings: false,
         init_std: 0.3,
-        thinking: ThinkingConfig {
-            kind,
-            steps,
-            ..Default::default()
-        },
+        thinking: ThinkingConfig { kind, steps, ..Default::default() },
     };
     if kind == ModelKind::Itt {
         c.thinking.ratios = vec![0.5; steps - 1];
@@ -40,19 +36,8 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..n).map(|_| r.below(vocab as u64) as u32).collect()
 }
 
-fn loss_f64(
-    model: &Model,
-    inp: &[u32],
-    tgt: &[u32],
-    b: usize,
-    t: usize,
-    opts: &RoutingOptions,
-) -> f64 {
-    model
-        .loss(inp, tgt, b, t, opts, None)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+fn loss_f64(model: &Model, inp: &[u32], tgt: &[u32], b: usize, t: usize, opts: &RoutingOptions) -> f64 {
+    model.loss(inp, tgt, b, t, opts, None).unwrap().to_scalar::<f64>().unwrap()
 }
 
 /// Finite differences on a sample of elements of every parameter, selection held fixed.
@@ -63,47 +48,29 @@ fn grad_check(cfg: &ModelConfig) {
     let inp = tokens(b * t, cfg.vocab_size, 1);
     let tgt = tokens(b * t, cfg.vocab_size, 2);
     let mut rec = ForwardRecord::with_detail();
-    let loss = model
-        .loss(&inp, &tgt, b, t, &RoutingOptions::default(), Some(&mut rec))
-        .unwrap();
+    let loss = model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), Some(&mut rec)).unwrap();
     let grads = loss.backward().unwrap();
-    let forced = RoutingOptions {
-        forced: Some(Arc::new(rec.selections.clone())),
-        ..Default::default()
-    };
+    let forced = RoutingOptions { forced: Some(Arc::new(rec.selections.clone())), ..Default::default() };
     let mut rng = Rng::new(9);
     let mut worst = 0f64;
     for (name, var) in &model.params {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name} has no gradient"));
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
         let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
-        let base = var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
+        let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for _ in 0..3 {
             let j = rng.below(base.len() as u64) as usize;
             let eps = 1e-5;
             let eval = |delta: f64| {
                 let mut p = base.clone();
                 p[j] += delta;
-                var.set(&Tensor::from_vec(p, var.dims(), &dev).unwrap())
-                    .unwrap();
+                var.set(&Tensor::from_vec(p, var.dims(), &dev).unwrap()).unwrap();
                 loss_f64(&model, &inp, &tgt, b, t, &forced)
             };
             let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(base.clone(), var.dims(), &dev).unwrap())
-                .unwrap();
+            var.set(&Tensor::from_vec(base.clone(), var.dims(), &dev).unwrap()).unwrap();
             let err = (num - g[j]).abs() / (num.abs() + g[j].abs()).max(1e-6);
             worst = worst.max(err);
-            assert!(
-                err < 1e-5,
-                "{name}[{j}]: numeric {num:e} vs analytic {:e}",
-                g[j]
-            );
+            assert!(err < 1e-5, "{name}[{j}]: numeric {num:e} vs analytic {:e}", g[j]);
         }
     }
     eprintln!("max relative gradient error: {worst:e}");
@@ -133,52 +100,24 @@ fn every_parameter_gets_a_nonzero_gradient() {
     cfg.vocab_size = 40;
     let model = Model::new(&cfg, 3, &Device::Cpu).unwrap();
     let (b, t) = (2, 32);
-    let loss = model
-        .loss(
-            &tokens(b * t, 40, 4),
-            &tokens(b * t, 40, 5),
-            b,
-            t,
-            &RoutingOptions::default(),
-            None,
-        )
-        .unwrap();
+    let loss =
+        model.loss(&tokens(b * t, 40, 4), &tokens(b * t, 40, 5), b, t, &RoutingOptions::default(), None).unwrap();
     let grads = loss.backward().unwrap();
     for (name, var) in &model.params {
-        let g = grads
-            .get(var.as_tensor())
-            .unwrap_or_else(|| panic!("{name}: no gradient"));
-        let norm = g
-            .sqr()
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            norm > 0.0 && norm.is_finite(),
-            "{name}: gradient norm {norm}"
-        );
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let norm = g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(norm > 0.0 && norm.is_finite(), "{name}: gradient norm {norm}");
     }
 }
 
 fn logits(model: &Model, toks: &[u32], layout: &SeqLayout, opts: &RoutingOptions) -> Vec<f32> {
     let x = Tensor::from_slice(toks, toks.len(), model.device()).unwrap();
-    model
-        .forward(&x, layout, opts, None, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    model.forward(&x, layout, opts, None, None).unwrap().flatten_all().unwrap().to_vec1().unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 #[test]
@@ -192,10 +131,7 @@ fn itt_with_one_step_and_loop_with_one_step_equal_dense_bit_for_bit() {
     let layout = SeqLayout::uniform(2, 9);
     let d = logits(&dense, &toks, &layout, &RoutingOptions::default());
     assert_eq!(d, logits(&itt1, &toks, &layout, &RoutingOptions::default()));
-    assert_eq!(
-        d,
-        logits(&loop1, &toks, &layout, &RoutingOptions::default())
-    );
+    assert_eq!(d, logits(&loop1, &toks, &layout, &RoutingOptions::default()));
 }
 
 /// The spec's equations written out naively, one sequence and one step at a time, as the
@@ -219,19 +155,9 @@ fn reference_forward(model: &Model, toks: &[u32], lens: &[usize], ratios: &[f64]
                 continue;
             };
             // x1 = phi_1 * f(x0)
-            x = block
-                .forward(&x, &layout, &rope, None)
-                .unwrap()
-                .broadcast_mul(&th.phis[0])
-                .unwrap();
+            x = block.forward(&x, &layout, &rope, None).unwrap().broadcast_mul(&th.phis[0]).unwrap();
             for t in 2..=th.steps {
-                let w: Vec<f32> = th.routers[t - 2]
-                    .logits(&x)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let w: Vec<f32> = th.routers[t - 2].logits(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 let w: Vec<f32> = w.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect();
                 let k = (ratios[t - 2] * n as f64 - 1e-9).ceil() as usize;
                 let mut order: Vec<usize> = (0..n).collect();
@@ -243,41 +169,24 @@ fn reference_forward(model: &Model, toks: &[u32], lens: &[usize], ratios: &[f64]
                 }
                 let rows: Vec<Tensor> = sel.iter().map(|&i| x.narrow(0, i, 1).unwrap()).collect();
                 let xs = Tensor::cat(&rows, 0).unwrap();
-                let sub = SeqLayout {
-                    lens: vec![sel.len()],
-                    positions: sel.iter().map(|&i| i as u32).collect(),
-                };
+                let sub = SeqLayout { lens: vec![sel.len()], positions: sel.iter().map(|&i| i as u32).collect() };
                 let sp = Tensor::from_slice(&sub.positions, sel.len(), dev).unwrap();
                 let srope = RopeAt {
                     cos: model.rope_cos.index_select(&sp, 0).unwrap(),
                     sin: model.rope_sin.index_select(&sp, 0).unwrap(),
                 };
                 let y = block.forward(&xs, &sub, &srope, None).unwrap();
-                let mut new_rows: Vec<Tensor> =
-                    (0..n).map(|i| x.narrow(0, i, 1).unwrap()).collect();
+                let mut new_rows: Vec<Tensor> = (0..n).map(|i| x.narrow(0, i, 1).unwrap()).collect();
                 for (r, &i) in sel.iter().enumerate() {
-                    let upd = (y
-                        .narrow(0, r, 1)
-                        .unwrap()
-                        .broadcast_mul(&th.phis[t - 1])
-                        .unwrap()
-                        * w[i] as f64)
-                        .unwrap();
+                    let upd =
+                        (y.narrow(0, r, 1).unwrap().broadcast_mul(&th.phis[t - 1]).unwrap() * w[i] as f64).unwrap();
                     new_rows[i] = (&new_rows[i] + upd).unwrap();
                 }
                 x = Tensor::cat(&new_rows, 0).unwrap();
             }
         }
         let h = model.norm.forward(&x).unwrap();
-        out.extend(
-            model
-                .logits(&h)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap(),
-        );
+        out.extend(model.logits(&h).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
         start += n;
     }
     out
@@ -287,11 +196,8 @@ fn randomise(model: &Model, names_containing: &str, seed: u64) {
     let mut r = Rng::new(seed);
     for (name, var) in &model.params {
         if name.contains(names_containing) {
-            let v: Vec<f32> = (0..var.elem_count())
-                .map(|_| (0.5 + r.uniform()) as f32)
-                .collect();
-            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap())
-                .unwrap();
+            let v: Vec<f32> = (0..var.elem_count()).map(|_| (0.5 + r.uniform()) as f32).collect();
+            var.set(&Tensor::from_vec(v, var.dims(), &Device::Cpu).unwrap()).unwrap();
         }
     }
 }
@@ -303,12 +209,7 @@ fn itt_matches_the_spec_equations_per_sequence() {
     let model = Model::new(&cfg, 21, &Device::Cpu).unwrap();
     randomise(&model, ".phi.", 2);
     let toks = tokens(3 * 10, 13, 8);
-    let got = logits(
-        &model,
-        &toks,
-        &SeqLayout::uniform(3, 10),
-        &RoutingOptions::default(),
-    );
+    let got = logits(&model, &toks, &SeqLayout::uniform(3, 10), &RoutingOptions::default());
     let want = reference_forward(&model, &toks, &[10, 10, 10], &[0.5, 0.7, 0.3]);
     assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
     // Sequences of different lengths packed together.
@@ -326,12 +227,7 @@ fn itt_with_zero_ratios_is_dense_with_step_one_scaled_by_phi1() {
     let model = Model::new(&cfg, 4, &Device::Cpu).unwrap();
     randomise(&model, ".phi.1", 3);
     let toks = tokens(2 * 8, 13, 1);
-    let got = logits(
-        &model,
-        &toks,
-        &SeqLayout::uniform(2, 8),
-        &RoutingOptions::default(),
-    );
+    let got = logits(&model, &toks, &SeqLayout::uniform(2, 8), &RoutingOptions::default());
     let want = reference_forward(&model, &toks, &[8, 8], &[0.0; 3]);
     assert_eq!(got, want);
 }
@@ -356,31 +252,14 @@ fn itt_without_routing_and_step_encoding_sums_block_outputs() {
     };
     let th = model.thinking[1].as_ref().unwrap();
     let block = &model.blocks[1];
-    let got = th
-        .forward(
-            block,
-            &x0,
-            &layout,
-            &rope,
-            &RoutingOptions::default(),
-            None,
-            None,
-        )
-        .unwrap();
+    let got = th.forward(block, &x0, &layout, &rope, &RoutingOptions::default(), None, None).unwrap();
     let f0 = block.forward(&x0, &layout, &rope, None).unwrap();
     let x1 = f0.clone();
     let f1 = block.forward(&x1, &layout, &rope, None).unwrap();
     let x2 = (&x1 + &f1).unwrap();
     let f2 = block.forward(&x2, &layout, &rope, None).unwrap();
     let want = ((f0 + f1).unwrap() + f2).unwrap();
-    let d = (got - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-5, "{d}");
 }
 
@@ -392,29 +271,15 @@ fn selection_of_a_sequence_does_not_depend_on_the_batch() {
     let run = |toks: &[u32], nseq: usize| {
         let mut rec = ForwardRecord::with_detail();
         let x = Tensor::from_slice(toks, toks.len(), &Device::Cpu).unwrap();
-        let l = model
-            .forward(
-                &x,
-                &SeqLayout::uniform(nseq, 12),
-                &RoutingOptions::default(),
-                None,
-                Some(&mut rec),
-            )
-            .unwrap();
-        (
-            l.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            rec.selections,
-        )
+        let l =
+            model.forward(&x, &SeqLayout::uniform(nseq, 12), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
+        (l.flatten_all().unwrap().to_vec1::<f32>().unwrap(), rec.selections)
     };
     let (alone, sel_alone) = run(&a, 1);
     let both: Vec<u32> = a.iter().chain(&b).copied().collect();
     let (together, sel_together) = run(&both, 2);
     for (k, s) in &sel_alone {
-        let first: Vec<u32> = sel_together[k]
-            .iter()
-            .copied()
-            .filter(|&i| i < 12)
-            .collect();
+        let first: Vec<u32> = sel_together[k].iter().copied().filter(|&i| i < 12).collect();
         assert_eq!(&first, s, "{k:?}");
     }
     assert!(max_diff(&alone, &together[..alone.len()]) < 1e-5);
@@ -428,15 +293,7 @@ fn calibrated(model: &Model) -> Arc<RouterCalibration> {
     let mut rec = ForwardRecord::with_scores();
     let toks = tokens(4 * 16, 13, 77);
     let x = Tensor::from_slice(&toks, toks.len(), &Device::Cpu).unwrap();
-    model
-        .forward(
-            &x,
-            &SeqLayout::uniform(4, 16),
-            &RoutingOptions::default(),
-            None,
-            Some(&mut rec),
-        )
-        .unwrap();
+    model.forward(&x, &SeqLayout::uniform(4, 16), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
     let mut cal = RouterCalibration::new();
     cal.update(&mut rec, 0.0);
     Arc::new(cal)
@@ -445,19 +302,13 @@ fn calibrated(model: &Model) -> Arc<RouterCalibration> {
 /// Token-by-token and chunked decoding with KV caches equals the full forward pass.
 fn check_cached_decoding(cfg: &ModelConfig) {
     let model = Model::new(cfg, 31, &Device::Cpu).unwrap();
-    let opts = RoutingOptions {
-        mode: Routing::Threshold,
-        calibration: Some(calibrated(&model)),
-        ..Default::default()
-    };
+    let opts = RoutingOptions { mode: Routing::Threshold, calibration: Some(calibrated(&model)), ..Default::default() };
     let n = 14;
     let toks = tokens(n, 13, 5);
     let full = logits(&model, &toks, &SeqLayout::uniform(1, n), &opts);
     let mut rec = ForwardRecord::default();
     let x = Tensor::from_slice(&toks, n, &Device::Cpu).unwrap();
-    model
-        .forward(&x, &SeqLayout::uniform(1, n), &opts, None, Some(&mut rec))
-        .unwrap();
+    model.forward(&x, &SeqLayout::uniform(1, n), &opts, None, Some(&mut rec)).unwrap();
     let v = cfg.vocab_size;
     for chunk in [1usize, 3, 5, 14] {
         let mut cache = vec![model.new_cache()];
@@ -467,9 +318,7 @@ fn check_cached_decoding(cfg: &ModelConfig) {
             let m = chunk.min(n - i);
             let x = Tensor::from_slice(&toks[i..i + m], m, &Device::Cpu).unwrap();
             let layout = SeqLayout::with_past(&[m], &[i]);
-            let l = model
-                .forward(&x, &layout, &opts, Some(&mut cache), None)
-                .unwrap();
+            let l = model.forward(&x, &layout, &opts, Some(&mut cache), None).unwrap();
             got.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
             i += m;
         }
@@ -479,18 +328,10 @@ fn check_cached_decoding(cfg: &ModelConfig) {
         for ((layer, step), st) in &rec.stats {
             let cached = cache[0].slots[*layer][step - 1].len() as u64;
             assert_eq!(cached, st.selected, "layer {layer} step {step}");
-            assert!(
-                st.selected > 0 && st.selected < n as u64,
-                "layer {layer} step {step}: {}",
-                st.selected
-            );
+            assert!(st.selected > 0 && st.selected < n as u64, "layer {layer} step {step}: {}", st.selected);
         }
         let d = max_diff(&got, &full);
-        assert!(
-            d <= 1e-4,
-            "{:?} chunk {chunk}: max diff {d}",
-            cfg.thinking.kind
-        );
+        assert!(d <= 1e-4, "{:?} chunk {chunk}: max diff {d}", cfg.thinking.kind);
     }
 }
 
@@ -505,15 +346,8 @@ fn cached_decoding_equals_full_pass() {
 fn threshold_mode_without_calibration_is_a_clear_error() {
     let model = Model::new(&small_cfg(ModelKind::Itt, 2), 1, &Device::Cpu).unwrap();
     let x = Tensor::from_slice(&[1u32, 2, 3], 3, &Device::Cpu).unwrap();
-    let opts = RoutingOptions {
-        mode: Routing::Threshold,
-        ..Default::default()
-    };
-    let e = model
-        .forward(&x, &SeqLayout::uniform(1, 3), &opts, None, None)
-        .err()
-        .unwrap()
-        .to_string();
+    let opts = RoutingOptions { mode: Routing::Threshold, ..Default::default() };
+    let e = model.forward(&x, &SeqLayout::uniform(1, 3), &opts, None, None).err().unwrap().to_string();
     assert!(e.contains("itt calibrate"), "{e}");
     let _ = BTreeMap::<u8, u8>::new();
 }

@@ -107,12 +107,13 @@ impl std::str::FromStr for Routing {
         match s {
             "topk" => Ok(Routing::TopK),
             "threshold" | "causal" => Ok(Routing::Threshold),
-            _ => Err(Error::usage(format!(
-                "unknown routing mode '{s}' (use topk or threshold)"
-            ))),
+            _ => Err(Error::usage(format!("unknown routing mode '{s}' (use topk or threshold)"))),
         }
     }
 }
+
+/// Selected packed token indices per (layer, step).
+pub type Selections = BTreeMap<(usize, usize), Vec<u32>>;
 
 /// Per-call routing settings: the request's state, passed in, never stored in the model.
 #[derive(Clone, Debug, Default)]
@@ -128,7 +129,7 @@ pub struct RoutingOptions {
     pub early_exit: Option<f32>,
     /// Use these selections (packed token indices per (layer, step)) instead of routing:
     /// holds selection fixed, e.g. for finite-difference gradient checks.
-    pub forced: Option<Arc<BTreeMap<(usize, usize), Vec<u32>>>>,
+    pub forced: Option<Arc<Selections>>,
 }
 
 /// Statistics of one (layer, step), accumulated over calls.
@@ -167,9 +168,7 @@ impl StepStats {
             return 0.0;
         }
         let m = self.weight_mean();
-        (self.weight_sqsum / self.candidates as f64 - m * m)
-            .max(0.0)
-            .sqrt()
+        (self.weight_sqsum / self.candidates as f64 - m * m).max(0.0).sqrt()
     }
 }
 
@@ -193,16 +192,10 @@ pub struct ForwardRecord {
 
 impl ForwardRecord {
     pub fn with_scores() -> Self {
-        ForwardRecord {
-            keep_scores: true,
-            ..Default::default()
-        }
+        ForwardRecord { keep_scores: true, ..Default::default() }
     }
     pub fn with_detail() -> Self {
-        ForwardRecord {
-            keep_detail: true,
-            ..Default::default()
-        }
+        ForwardRecord { keep_detail: true, ..Default::default() }
     }
     /// Tokens actually run through the block, summed over layers and steps >= 2.
     pub fn routed_tokens(&self) -> u64 {
@@ -211,23 +204,14 @@ impl ForwardRecord {
 }
 
 impl ThinkingLayer {
-    pub(super) fn load(
-        ps: &mut ParamStore,
-        name: &str,
-        cfg: &ModelConfig,
-        layer: usize,
-    ) -> Result<Self> {
+    pub(super) fn load(ps: &mut ParamStore, name: &str, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         let th = &cfg.thinking;
         let d = cfg.d_model;
         let is_itt = th.kind == ModelKind::Itt;
         let mut phis = vec![];
         let mut routers = vec![];
         if is_itt && th.step_encoding {
-            let later = if th.residual_connection {
-                th.phi_init
-            } else {
-                1.0
-            };
+            let later = if th.residual_connection { th.phi_init } else { 1.0 };
             for t in 1..=th.steps {
                 let init = if t == 1 { 1.0 } else { later };
                 phis.push(ps.get(&format!("{name}.phi.{t}"), &[d], Init::Const(init))?);
@@ -236,11 +220,7 @@ impl ThinkingLayer {
         if is_itt && th.adaptive_routing {
             for t in 2..=th.steps {
                 routers.push(Router {
-                    weight: ps.get(
-                        &format!("{name}.router.{t}.weight"),
-                        &[1, d],
-                        Init::Normal(th.router_init_std),
-                    )?,
+                    weight: ps.get(&format!("{name}.router.{t}.weight"), &[1, d], Init::Normal(th.router_init_std))?,
                     bias: ps.get(&format!("{name}.router.{t}.bias"), &[1], Init::Const(0.0))?,
                 });
             }
@@ -266,10 +246,7 @@ impl ThinkingLayer {
     fn plan(&self, opts: &RoutingOptions) -> Result<(usize, Vec<f64>)> {
         let steps = opts.steps.unwrap_or(self.steps);
         if steps < 1 || steps > self.steps {
-            return Err(Error::usage(format!(
-                "steps must be between 1 and the trained {} (got {steps})",
-                self.steps
-            )));
+            return Err(Error::usage(format!("steps must be between 1 and the trained {} (got {steps})", self.steps)));
         }
         if self.kind == ModelKind::Loop || self.routers.is_empty() {
             // Loop, and ITT without routing: every token takes every step.
@@ -306,14 +283,8 @@ impl ThinkingLayer {
     ) -> Result<Tensor> {
         let (steps, ratios) = self.plan(opts)?;
         let layer = self.layer;
-        fn slot<'a>(
-            caches: &'a mut Option<&mut [SeqCache]>,
-            layer: usize,
-            step: usize,
-        ) -> Option<CacheSlot<'a>> {
-            caches
-                .as_deref_mut()
-                .map(|seqs| CacheSlot { seqs, layer, step })
+        fn slot<'a>(caches: &'a mut Option<&mut [SeqCache]>, layer: usize, step: usize) -> Option<CacheSlot<'a>> {
+            caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer, step })
         }
         let n = layout.n_tokens();
 
@@ -388,10 +359,7 @@ impl ThinkingLayer {
                     s.overlap_with_prev += sorted_intersection(prev, &selected) as u64;
                 }
                 if rec.keep_scores {
-                    rec.scores
-                        .entry((self.layer, t))
-                        .or_default()
-                        .extend_from_slice(&host);
+                    rec.scores.entry((self.layer, t)).or_default().extend_from_slice(&host);
                 }
                 if rec.keep_detail {
                     rec.selections.insert((self.layer, t), selected.clone());
@@ -411,12 +379,7 @@ impl ThinkingLayer {
             let idx = Tensor::from_slice(&selected, selected.len(), x.device())?;
             let sub_layout = sub_layout(layout, &selected);
             let xs = x.index_select(&idx, 0)?; // (M, D)
-            let y = block.forward(
-                &xs,
-                &sub_layout,
-                &rope.select(&idx)?,
-                slot(&mut caches, layer, t - 1),
-            )?;
+            let y = block.forward(&xs, &sub_layout, &rope.select(&idx)?, slot(&mut caches, layer, t - 1))?;
             let ws = w.index_select(&idx, 0)?; // (M, 1)
             let delta = self.delta(&xs, &y, Some(&ws), t)?;
             x = x.index_add(&idx, &delta, 0)?;
@@ -492,10 +455,7 @@ pub fn select_topk(logits: &[f32], lens: &[usize], rho: f64, alive: &[bool]) -> 
 /// Causal selection: every alive token whose logit exceeds `tau`.
 pub fn select_threshold(logits: &[f32], lens: &[usize], tau: f32, alive: &[bool]) -> Vec<u32> {
     let n: usize = lens.iter().sum();
-    (0..n)
-        .filter(|&i| alive[i] && logits[i] > tau)
-        .map(|i| i as u32)
-        .collect()
+    (0..n).filter(|&i| alive[i] && logits[i] > tau).map(|i| i as u32).collect()
 }
 
 /// The layout of the selected tokens: per-sequence counts and their original positions.
@@ -509,13 +469,7 @@ pub fn sub_layout(layout: &SeqLayout, selected: &[u32]) -> SeqLayout {
         }
         lens[seq] += 1;
     }
-    SeqLayout {
-        lens,
-        positions: selected
-            .iter()
-            .map(|&i| layout.positions[i as usize])
-            .collect(),
-    }
+    SeqLayout { lens, positions: selected.iter().map(|&i| layout.positions[i as usize]).collect() }
 }
 
 fn sorted_intersection(a: &[u32], b: &[u32]) -> usize {
@@ -553,11 +507,7 @@ pub struct CalibrationEntry {
 
 impl RouterCalibration {
     pub fn new() -> Self {
-        RouterCalibration {
-            levels: 100,
-            updates: 0,
-            entries: vec![],
-        }
+        RouterCalibration { levels: 100, updates: 0, entries: vec![] }
     }
 
     /// Fold in the router logits a record kept (`keep_scores`), then clear them:
@@ -568,24 +518,15 @@ impl RouterCalibration {
                 continue;
             }
             scores.sort_by(|a, b| a.total_cmp(b));
-            let batch: Vec<f32> = (0..=self.levels)
-                .map(|k| quantile_sorted(&scores, k as f64 / self.levels as f64))
-                .collect();
-            match self
-                .entries
-                .iter_mut()
-                .find(|e| e.layer == layer && e.step == step)
-            {
+            let batch: Vec<f32> =
+                (0..=self.levels).map(|k| quantile_sorted(&scores, k as f64 / self.levels as f64)).collect();
+            match self.entries.iter_mut().find(|e| e.layer == layer && e.step == step) {
                 Some(e) => {
                     for (q, b) in e.quantiles.iter_mut().zip(&batch) {
                         *q = (momentum * *q as f64 + (1.0 - momentum) * *b as f64) as f32;
                     }
                 }
-                None => self.entries.push(CalibrationEntry {
-                    layer,
-                    step,
-                    quantiles: batch,
-                }),
+                None => self.entries.push(CalibrationEntry { layer, step, quantiles: batch }),
             }
         }
         self.entries.sort_by_key(|e| (e.layer, e.step));
@@ -649,8 +590,7 @@ mod tests {
     #[test]
     fn calibration_thresholds_select_the_share() {
         let mut rec = ForwardRecord::with_scores();
-        rec.scores
-            .insert((1, 2), (0..1000).map(|i| i as f32 / 10.0).collect());
+        rec.scores.insert((1, 2), (0..1000).map(|i| i as f32 / 10.0).collect());
         let mut cal = RouterCalibration::new();
         cal.update(&mut rec, 0.9);
         let tau = cal.threshold(1, 2, 0.3).unwrap();

@@ -1,0 +1,66 @@
+"""Side by side: `itt` (Rust, candle) against the PyTorch twin in itt_torch.py, same shapes,
+same threads, alternating A B A B so that drift in the machine's speed hits both.
+
+    reference/compare.sh                       # sets up PyTorch, builds itt, runs everything
+    python reference/compare.py --repeats 3    # with torch importable and target/release/itt built
+
+Prints a markdown table of medians and the ratio itt / PyTorch for the training step (fp32,
+and PyTorch bf16 autocast), prefill and cached decode, with peak memory. Not a test.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ITT = os.path.join(HERE, "..", "target", "release", "itt")
+
+
+def run(cmd):
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr}")
+    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--train-presets", default="small,small-loop4,small-itt4")
+    ap.add_argument("--decode-presets", default="tiny,tiny-loop4,tiny-itt4")
+    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=5)
+    a = ap.parse_args()
+    py = [sys.executable, os.path.join(HERE, "itt_torch.py")]
+    rows = []
+    for p in a.train_presets.split(","):
+        res = {"itt": [], "torch": [], "torch_bf16": []}
+        for _ in range(a.repeats):
+            out = subprocess.run([ITT, "bench", "--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps), "--json"],
+                                 capture_output=True, text=True, check=True).stdout
+            res["itt"].append(json.loads(out))
+            res["torch"] += run(py + ["bench", "--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps)])
+            res["torch_bf16"] += run(py + ["bench", "--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps), "--bf16"])
+        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res.items()}
+        mem = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in res.items()}
+        rows.append(f"| train step | {p} | {med['itt']:.0f} | {med['torch']:.0f} | {med['itt'] / med['torch']:.2f} | {med['torch_bf16']:.0f} | {med['itt'] / med['torch_bf16']:.2f} | {mem['itt']:.0f} / {mem['torch']:.0f} |")
+    for p in a.decode_presets.split(","):
+        ours, theirs = [], []
+        for _ in range(a.repeats):
+            ours += run([ITT, "bench", "--decode", p, "--vocab", str(a.vocab), "--json"])
+            theirs += run(py + ["decode", "--preset", p, "--vocab", str(a.vocab)])
+        for key, label in [("prefill_tokens_per_s", "prefill"), ("decode_cached_tokens_per_s", "cached decode")]:
+            o = statistics.median(r[key] for r in ours)
+            t = statistics.median(r[key] for r in theirs)
+            rows.append(f"| {label} | {p} | {o:.0f} | {t:.0f} | {o / t:.2f} | – | – | – |")
+    print(f"vocab {a.vocab}, 2 threads, medians of {a.repeats} alternating runs\n")
+    print("| measurement | preset | itt tok/s | PyTorch fp32 tok/s | ratio | PyTorch bf16 tok/s | ratio | peak MiB itt / torch |")
+    print("|---|---|---|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

