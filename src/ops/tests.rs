@@ -189,7 +189,9 @@ fn attention_matches_composed_and_finite_differences() {
 #[test]
 fn varlen_attention_matches_composed_and_finite_differences() {
     // Packed sequences of different lengths, an empty one, cached keys, GQA.
-    let cases: [(&[usize], &[usize], usize, usize, usize); 3] =
+    // (query lengths, key lengths, H, Hkv, hd)
+    type Case<'a> = (&'a [usize], &'a [usize], usize, usize, usize);
+    let cases: [Case; 3] =
         [(&[5, 0, 67, 1], &[5, 0, 70, 9], 4, 2, 6), (&[64, 64], &[64, 64], 2, 2, 8), (&[3, 7], &[3, 7], 3, 1, 4)];
     for (i, &(lq, lk, h, hkv, hd)) in cases.iter().enumerate() {
         let (nq, nk) = (lq.iter().sum::<usize>(), lk.iter().sum::<usize>());

@@ -78,7 +78,7 @@ struct Geometry {
 
 impl Geometry {
     fn new(h: usize, hkv: usize, hd: usize, q: Side, k: Side) -> Result<Geometry> {
-        if hkv == 0 || h % hkv != 0 {
+        if hkv == 0 || !h.is_multiple_of(hkv) {
             return Err(Error::usage(format!("attention: {h} query heads is not a multiple of {hkv} kv heads")));
         }
         if let Some((a, b)) = q.lens.iter().zip(&k.lens).find(|(a, b)| a > b) {

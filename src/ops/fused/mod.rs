@@ -145,7 +145,7 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
     // 2^n: the integer n sits in t's low mantissa bits as n + 0x400000 above 0x4B000000.
     let bits = t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23;
@@ -163,7 +163,7 @@ pub(crate) fn hsum<T: Real>(acc: [T; LANES]) -> T {
     let mut w = LANES / 2;
     while w > 0 {
         for i in 0..w {
-            a[i] = a[i] + a[i + w];
+            a[i] += a[i + w];
         }
         w /= 2;
     }

@@ -44,7 +44,7 @@ struct RmsNorm {
 impl RmsNorm {
     fn forward<T: Real>(&self, x: &[T], gain: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let d = gain.len();
-        if d == 0 || x.len() % d != 0 {
+        if d == 0 || !x.len().is_multiple_of(d) {
             bail!("rms_norm: gain of {d} does not divide the input of {} elements", x.len());
         }
         let rows = x.len() / d;
