@@ -92,6 +92,13 @@ impl Geometry {
         }
         Ok(Geometry { h, hkv, hd, q, k, lse_base, lse_len: acc })
     }
+
+    /// Too little work to be worth waking other threads (one-token decoding steps): about
+    /// sum_s Lq_s * Lk_s * H * hd multiply-adds below 256K.
+    fn small(&self) -> bool {
+        let work: usize = self.q.lens.iter().zip(&self.k.lens).map(|(&a, &b)| a * b).sum::<usize>() * self.h * self.hd;
+        work < 256 * 1024
+    }
 }
 
 /// Per-thread buffers, reused across work items.
@@ -423,10 +430,14 @@ impl FlashAttention {
         let scale = T::of(self.scale);
         let items: Vec<(usize, usize)> =
             (0..g.q.lens.len()).filter(|&s| g.q.lens[s] > 0).flat_map(|s| (0..g.h).map(move |h| (s, h))).collect();
-        items.par_iter().for_each_init(
-            || Scratch::new(g.hd),
-            |scr, &(s, h)| fwd_item::<T>(simd, g, s, h, scale, q, k, v, po, pl, scr),
-        );
+        let run =
+            |scr: &mut Scratch<T>, &(s, h): &(usize, usize)| fwd_item::<T>(simd, g, s, h, scale, q, k, v, po, pl, scr);
+        if g.small() {
+            let mut scr = Scratch::new(g.hd);
+            items.iter().for_each(|it| run(&mut scr, it));
+        } else {
+            items.par_iter().for_each_init(|| Scratch::new(g.hd), run);
+        }
         // SAFETY: the items cover every (sequence, head) with queries, hence every query row.
         Ok(unsafe { (out.assume_filled(), lse.assume_filled()) })
     }
@@ -453,10 +464,15 @@ impl FlashAttention {
         let scale = T::of(self.scale);
         let items: Vec<(usize, usize)> =
             (0..g.q.lens.len()).filter(|&s| g.q.lens[s] > 0).flat_map(|s| (0..g.hkv).map(move |h| (s, h))).collect();
-        items.par_iter().for_each_init(
-            || Scratch::new(g.hd),
-            |scr, &(s, h)| bwd_item::<T>(simd, g, s, h, scale, q, k, v, o, d_o, lse, pq, pk, pv, scr),
-        );
+        let run = |scr: &mut Scratch<T>, &(s, h): &(usize, usize)| {
+            bwd_item::<T>(simd, g, s, h, scale, q, k, v, o, d_o, lse, pq, pk, pv, scr)
+        };
+        if g.small() {
+            let mut scr = Scratch::new(g.hd);
+            items.iter().for_each(|it| run(&mut scr, it));
+        } else {
+            items.par_iter().for_each_init(|| Scratch::new(g.hd), run);
+        }
         // SAFETY: each query head's rows are written by the item of its kv head.
         Ok((unsafe { dq.assume_filled() }, dk, dv))
     }
