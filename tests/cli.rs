@@ -238,7 +238,10 @@ fn train_refuses_a_non_empty_unrelated_folder() {
     let tmp = tempfile::tempdir().unwrap();
     let precious = tmp.path().join("config.json");
     std::fs::write(&precious, "my own file").unwrap();
-    fails_cleanly(&itt(&["train", "--preset", "tiny", "--steps", "1", "--out", tmp.path().to_str().unwrap()]), &["not empty"]);
+    fails_cleanly(
+        &itt(&["train", "--preset", "tiny", "--steps", "1", "--out", tmp.path().to_str().unwrap()]),
+        &["not empty"],
+    );
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "my own file");
     assert!(!tmp.path().join("data").exists());
 }
