@@ -10,8 +10,9 @@
 //!   the dense model's final loss (paper Figure 4: 56.8%);
 //! - `scaling`: dense and ITT x4 at two or more sizes.
 //!
-//! Runs live in `OUT/runs/VARIANT-sSEED`; a finished run is reused and a partial one resumed,
-//! so an interrupted experiment continues where it stopped.
+//! Runs live in `OUT/runs/VARIANT-sSEED` and results in `OUT/NAME/`; a finished run is reused
+//! and a partial one resumed, so an interrupted experiment continues where it stopped, and
+//! experiments sharing an `OUT` train each configuration once.
 
 use crate::config::{self, RunConfig};
 use crate::error::IoContext;
@@ -255,7 +256,16 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     }
     let (variants, paper_metric) = variants(opts)?;
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
-    let (dataset, tok) = train::prepare_data(&opts.data, &opts.out.join("data"))?;
+    // Every experiment in one --out folder shares its data and its runs: table1, table2,
+    // table3 and fig4 train the same dense / Loop / ITT configurations once.
+    let data_dir = opts.out.join("data");
+    let (dataset, tok) = match data::Dataset::open(&data_dir) {
+        Ok(ds) if ds.meta.source == opts.data.path => {
+            let tok = ds.load_tokenizer()?;
+            (ds, tok)
+        }
+        _ => train::prepare_data(&opts.data, &data_dir)?,
+    };
     let mut runs = vec![];
     let mut rows = vec![];
     let mut curves = vec![];
@@ -397,9 +407,11 @@ pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
 }
 
 fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> {
-    let json = opts.out.join("results.json");
+    let dir = opts.out.join(&r.name);
+    std::fs::create_dir_all(&dir).at(&dir)?;
+    let json = dir.join("results.json");
     std::fs::write(&json, serde_json::to_string_pretty(r).unwrap()).at(&json)?;
-    let md = opts.out.join("results.md");
+    let md = dir.join("results.md");
     std::fs::write(&md, markdown(r, opts)).at(&md)?;
     use crate::analysis::plot::{self, Panel, Series};
     let series: Vec<Series> = r
@@ -428,7 +440,7 @@ fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> 
         });
     }
     let cols = panels.len();
-    plot::grid(&format!("itt experiment {}", r.name), &panels, cols, (640, 400))?.write(&opts.out.join("loss.png"))?;
+    plot::grid(&format!("itt experiment {}", r.name), &panels, cols, (640, 400))?.write(&dir.join("loss.png"))?;
     Ok(())
 }
 

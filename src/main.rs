@@ -498,7 +498,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Experiment(a) => {
             let opts = itt::experiment::ExperimentOptions {
-                out: a.out.clone().unwrap_or_else(|| PathBuf::from(format!("runs/experiment-{}", a.name))),
+                out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs/experiments")),
                 name: a.name,
                 sizes: a.preset,
                 data: DataSpec { path: a.data, tokenizer: a.tokenizer, ..Default::default() },
@@ -511,7 +511,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let r = itt::experiment::run(&opts)?;
             println!("{}", itt::experiment::markdown(&r, &opts));
-            println!("written: {}/results.json, results.md, loss.png", opts.out.display());
+            println!("written: {}/{}/results.json, results.md, loss.png", opts.out.display(), opts.name);
             Ok(())
         }
         Cmd::Calibrate(a) => {

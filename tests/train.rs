@@ -194,19 +194,19 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             batch_size: Some(2),
             seq_len: Some(16),
             eval_batches: 2,
-            out: tmp.path().join(name),
+            out: tmp.path().join("shared"),
             quiet: true,
         };
         let r = experiment::run(&opts).unwrap();
         let want_rows = if name == "table2" { 6 } else { 5 };
         assert_eq!(r.rows.len(), want_rows);
         assert!(r.rows.iter().all(|row| row.val_loss_mean.is_finite() && row.seeds == 2));
-        let md = std::fs::read_to_string(opts.out.join("results.md")).unwrap();
+        let md = std::fs::read_to_string(opts.out.join(name).join("results.md")).unwrap();
         assert!(md.contains("| ITT x4 |") && md.contains("±"), "{md}");
-        let png = std::fs::read(opts.out.join("loss.png")).unwrap();
+        let png = std::fs::read(opts.out.join(name).join("loss.png")).unwrap();
         assert!(png.starts_with(b"\x89PNG") && png.len() > 2000);
         let json: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(opts.out.join("results.json")).unwrap()).unwrap();
+            serde_json::from_slice(&std::fs::read(opts.out.join(name).join("results.json")).unwrap()).unwrap();
         assert_eq!(json["runs"].as_array().unwrap().len(), want_rows * 2);
         // Re-running reuses the finished runs (same numbers).
         let again = experiment::run(&opts).unwrap();
