@@ -176,3 +176,49 @@ pub fn calibrate(
     cal.update(&mut rec, 0.0);
     Ok(cal)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::preset;
+    use candle_core::Device;
+
+    #[test]
+    fn perplexity_is_exp_of_the_mean_token_loss_and_bpb_counts_bytes() {
+        let text = "12+34=46\nsort 3 1 2 = 1 2 3\nrev abc = cba\n";
+        let tok = Tokenizer::char_from_text(text);
+        let mut cfg = preset("tiny-itt2").unwrap().model;
+        cfg.vocab_size = tok.vocab_size();
+        cfg.d_model = 16;
+        cfg.n_heads = 2;
+        cfg.n_kv_heads = 2;
+        cfg.mlp_hidden = 24;
+        cfg.max_seq_len = 64;
+        let model = Model::new(&cfg, 2, &Device::Cpu).unwrap();
+        // Independent: one forward over [eot] + text, hand-written log-softmax, mean.
+        let mut ids = vec![tok.eot_id()];
+        ids.extend(tok.encode(text).unwrap());
+        let x = Tensor::from_slice(&ids[..ids.len() - 1], ids.len() - 1, &Device::Cpu).unwrap();
+        let logits: Vec<Vec<f32>> = model
+            .forward(&x, &SeqLayout::uniform(1, ids.len() - 1), &RoutingOptions::default(), None, None)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let mut total = 0.0;
+        for (i, row) in logits.iter().enumerate() {
+            let m = row.iter().cloned().fold(f32::MIN, f32::max) as f64;
+            let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum();
+            total += m + z.ln() - row[ids[i + 1] as usize] as f64;
+        }
+        let mean = total / (ids.len() - 1) as f64;
+        let r = eval_text(&model, &tok, text, 64, 4, &RoutingOptions::default()).unwrap();
+        assert_eq!(r.tokens, ids.len() - 1);
+        assert!((r.loss - mean).abs() < 1e-5, "{} vs {mean}", r.loss);
+        assert!((r.perplexity - mean.exp()).abs() < 1e-4 * mean.exp());
+        assert!((r.bits_per_byte - total / std::f64::consts::LN_2 / text.len() as f64).abs() < 1e-5);
+        // Windows shorter than the text: every token is still predicted exactly once.
+        let short = eval_text(&model, &tok, text, 8, 2, &RoutingOptions::default()).unwrap();
+        assert_eq!(short.tokens, r.tokens);
+        assert!(eval_text(&model, &tok, "  ", 8, 2, &RoutingOptions::default()).is_err());
+    }
+}
