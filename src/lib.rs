@@ -13,6 +13,7 @@ pub mod error;
 pub mod eval;
 pub mod flops;
 pub mod generate;
+pub mod import;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -6,7 +6,7 @@
 //! norm gains, router weights and biases, or step vectors phi (rank 1 or routers): decaying
 //! those pulls gains and step encodings toward zero, which is not regularisation.
 
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, Trainable};
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -19,23 +19,34 @@ pub fn decays(name: &str, shape: &[usize]) -> bool {
 pub struct GradAccumulator {
     pub sums: Vec<Vec<f32>>,
     pub micro_batches: usize,
+    /// Frozen parameters: their gradients are not copied (their sums stay zero).
+    frozen: Vec<bool>,
 }
 
 impl GradAccumulator {
     pub fn new(params: &[(String, Var)]) -> Self {
+        Self::with_trainable(params, Trainable::All)
+    }
+
+    /// An accumulator that skips the parameters `trainable` leaves out.
+    pub fn with_trainable(params: &[(String, Var)], trainable: Trainable) -> Self {
         GradAccumulator {
             sums: params
                 .iter()
                 .map(|(_, v)| vec![0.0; v.elem_count()])
                 .collect(),
             micro_batches: 0,
+            frozen: params.iter().map(|(n, _)| !trainable.includes(n)).collect(),
         }
     }
 
     /// Add one backward pass's gradients; parameters without a gradient (not in the graph,
     /// e.g. the router of a skipped step) count as zero.
     pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
-        for ((_, var), sum) in params.iter().zip(self.sums.iter_mut()) {
+        for (((_, var), sum), &frozen) in params.iter().zip(self.sums.iter_mut()).zip(&self.frozen) {
+            if frozen {
+                continue;
+            }
             if let Some(g) = grads.get(var.as_tensor()) {
                 let g = g
                     .flatten_all()?
@@ -116,6 +127,9 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = cfg.eps as f32;
         for (i, (name, var)) in params.iter().enumerate() {
+            if !cfg.trainable.includes(name) {
+                continue;
+            }
             let shape = var.dims().to_vec();
             let decay = if decays(name, &shape) {
                 (lr * cfg.weight_decay) as f32
