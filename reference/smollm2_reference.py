@@ -74,6 +74,21 @@ def load_gguf():
     return tok, model.eval(), path
 
 
+def with_smollm_split(tok):
+    """The same tokenizer with llama.cpp's `smollm` pre-tokenizer rule (every \\p{N} character on
+    its own, then GPT-2's regex), which the file declares in `tokenizer.ggml.pre` and SmolLM2's
+    own tokenizer.json has as a `Digits(individual_digits=True)` step. transformers' GGUF
+    converter has no entry for `smollm` and uses GPT-2's regex alone; the two differ only on
+    text where a numeric character follows a space or another numeric character that the
+    vocabulary can merge with (e.g. " ½")."""
+    from tokenizers import pre_tokenizers
+
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
+    return tok
+
+
 def last_logits(model, ids):
     with torch.no_grad():
         out = model(torch.tensor([ids]))
@@ -97,20 +112,26 @@ def greedy(model, ids, n, eos):
 
 
 def make_fixture():
-    import gguf
+    from importlib.metadata import version
+
     import transformers
 
+    from transformers import AutoTokenizer
+
     tok, model, path = load_gguf()
+    split_tok = with_smollm_split(AutoTokenizer.from_pretrained(GGUF_DIR, gguf_file=GGUF_NAME))
     eos = tok.convert_tokens_to_ids(tok.eos_token)
     prompts, full = [], []
     for name, text, keep_full in PROMPTS:
         ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids_split = split_tok(text, add_special_tokens=False)["input_ids"]
         z = last_logits(model, ids)
         top = np.argsort(-z, kind="stable")[:TOP]
         entry = {
             "name": name,
             "text": text,
             "ids": ids,
+            "ids_smollm_split": ids_split,
             "top": [[int(i), float(z[i])] for i in top],
             "strided": [float(x) for x in z[::STRIDE]],
             "l2": float(np.linalg.norm(z)),
@@ -122,7 +143,8 @@ def make_fixture():
             entry["full_offset"] = sum(len(f) for f in full)
             full.append(z.astype("<f4"))
         prompts.append(entry)
-        print(f"{name:13} {len(ids):3} tokens, argmax {tok.decode([int(top[0])])!r}")
+        same = "same" if ids == ids_split else "differ"
+        print(f"{name:13} {len(ids):3} tokens ({same} with the smollm split), argmax {tok.decode([int(top[0])])!r}")
 
     # HF's own generate() as a cross-check of the hand-written greedy loop.
     by_name = {p["name"]: p for p in prompts}
@@ -141,7 +163,9 @@ def make_fixture():
         "about": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to f32) run by Hugging Face transformers; "
         "written by reference/smollm2_reference.py",
         "gguf": {"file": GGUF_NAME, "sha256": sha256(path)},
-        "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "gguf": gguf.__version__ if hasattr(gguf, "__version__") else "?"},
+        "versions": {"transformers": transformers.__version__, "torch": torch.__version__, "gguf": version("gguf")},
+        "ids_note": "ids: transformers' GGUF tokenizer as it is (the model inputs for the logits); ids_smollm_split: "
+        "the same with llama.cpp's `smollm` rule of one token split per numeric character (tokenizer.ggml.pre)",
         "vocab_size": int(model.config.vocab_size),
         "eos_id": int(eos),
         "stride": STRIDE,
@@ -164,7 +188,7 @@ def check_export(folder):
     worst = 0.0
     for p in fx["prompts"]:
         ids = tok(p["text"], add_special_tokens=False)["input_ids"]
-        same_ids = ids == p["ids"]
+        same_ids = ids == p["ids_smollm_split"]
         z = last_logits(model, p["ids"])
         if p["full_offset"] is not None:
             ref = full[p["full_offset"] : p["full_offset"] + len(z)].astype(np.float64)

@@ -17,7 +17,7 @@
 //! (out, in) like ours. The converter permutes the rows of Q and K for GGML's interleaved-pair
 //! RoPE; `unpermute_rotary` puts them back into the rotate-half layout of `ops::apply_rope`.
 
-use super::{unpermute_rotary, Imported};
+use super::{first_line, unpermute_rotary, Imported};
 use crate::config::{ModelConfig, ThinkingConfig};
 use crate::data::Tokenizer;
 use crate::{Error, Result};
@@ -109,10 +109,10 @@ fn read_content(path: &Path) -> Result<(Content, BufReader<File>)> {
     let file = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader).map_err(|e| {
-        let msg = e.to_string();
-        if msg.contains("unknown dtype for tensor") {
+        let msg = first_line(&e);
+        if let Some(rest) = msg.split("unknown dtype for tensor ").nth(1) {
             // candle names the ggml type id it does not know (IQ*, TQ*, MXFP4, ...).
-            let id = msg.rsplit(' ').next().unwrap_or("?").trim();
+            let id: String = rest.chars().take_while(char::is_ascii_digit).collect();
             Error::input(
                 path,
                 format!("uses tensor type {id} (a ggml type id), which cannot be dequantized here; supported types: {SUPPORTED_TYPES}"),
@@ -170,10 +170,14 @@ pub fn load(path: &Path) -> Result<Imported> {
             )
         })?;
         let info = &infos[name];
-        let q =
-            content.tensor(&mut reader, name, &dev).map_err(|e| Error::input(path, format!("tensor `{name}`: {e}")))?;
+        let q = content
+            .tensor(&mut reader, name, &dev)
+            .map_err(|e| Error::input(path, format!("tensor `{name}`: {}", first_line(&e))))?;
         let mut t = dequantize(&q).map_err(|e| {
-            Error::input(path, format!("tensor `{name}` ({:?}) cannot be dequantized: {e}", info.ggml_dtype))
+            Error::input(
+                path,
+                format!("tensor `{name}` ({:?}) cannot be dequantized: {}", info.ggml_dtype, first_line(&e)),
+            )
         })?;
         if ours.ends_with("attn.wq.weight") {
             t = unpermute_rotary(&t, config.n_heads)?;

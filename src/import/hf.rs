@@ -177,7 +177,7 @@ pub fn load(dir: &Path) -> Result<Imported> {
     let mut tensors = HashMap::new();
     for file in weight_files(dir)? {
         let loaded = candle_core::safetensors::load(&file, &Device::Cpu)
-            .map_err(|e| Error::input(&file, format!("not a readable safetensors file: {e}")))?;
+            .map_err(|e| Error::input(&file, format!("not a readable safetensors file: {}", super::first_line(&e))))?;
         for (name, t) in loaded {
             if name.ends_with("rotary_emb.inv_freq") {
                 continue; // a buffer older transformers saved; recomputed from rope_theta

@@ -126,6 +126,64 @@ pub fn save_checkpoint(imported: Imported, out: &Path) -> Result<Model> {
     Ok(model)
 }
 
+/// The first line of an error's message: candle's Display may append a backtrace, and our
+/// messages are one line.
+pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// The layouts `export` writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// One of our checkpoint folders, weights only (no optimiser state): model.safetensors,
+    /// config.json, tokenizer.json (+ router_calibration.json).
+    Itt,
+    /// A Hugging Face `LlamaForCausalLM` folder (dense models only), see `hf::export`.
+    Hf,
+}
+
+impl std::str::FromStr for ExportFormat {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "itt" => Ok(ExportFormat::Itt),
+            "hf" | "huggingface" => Ok(ExportFormat::Hf),
+            _ => Err(Error::usage(format!("unknown export format '{s}' (use itt or hf)"))),
+        }
+    }
+}
+
+/// Export any model `load` reads (our checkpoint, a GGUF, a Hugging Face folder) to `out`.
+/// Returns a one-line description of what was written.
+pub fn export(from: &Path, out: &Path, format: ExportFormat) -> Result<String> {
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
+        return Err(Error::usage(format!("{} exists and is not empty; choose another --out", out.display())));
+    }
+    let imported = load(from)?;
+    let source = imported.source;
+    match format {
+        ExportFormat::Itt => {
+            let model = save_checkpoint(imported, out)?;
+            Ok(format!(
+                "{source} model with {} parameters written as an itt checkpoint to {}",
+                model.n_params(),
+                out.display()
+            ))
+        }
+        ExportFormat::Hf => {
+            let cfg = imported.config.clone();
+            let (model, tok) = imported.into_model(&Device::Cpu)?;
+            let with_tok = hf::export(out, &cfg, &checkpoint::model_tensors(&model.params), &tok)?;
+            Ok(format!(
+                "{source} model with {} parameters written as a Hugging Face LlamaForCausalLM folder to {}{}",
+                model.n_params(),
+                out.display(),
+                if with_tok { "" } else { " (without tokenizer.json: only BPE tokenizers have a Hugging Face form)" }
+            ))
+        }
+    }
+}
+
 /// Rows of a Q or K projection from llama.cpp's interleaved-pair rotary layout back to the
 /// rotate-half layout (`ops::apply_rope` rotates pairs (i, i + hd/2)).
 ///
