@@ -187,6 +187,29 @@ mod tests {
     }
 
     #[test]
+    fn frozen_parameters_are_neither_updated_nor_counted() {
+        let dev = Device::Cpu;
+        let frozen = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &dev).unwrap()).unwrap();
+        let phi = Var::from_tensor(&Tensor::new(&[0.5f32, 0.5], &dev).unwrap()).unwrap();
+        let params = vec![
+            ("layers.1.attn.wq.weight".to_string(), frozen.clone()),
+            ("layers.1.think.phi.2".to_string(), phi.clone()),
+        ];
+        let loss = (frozen.as_tensor().sum_all().unwrap() * 3.0).unwrap() + (phi.as_tensor().sum_all().unwrap() * 4.0).unwrap();
+        let grads = loss.unwrap().backward().unwrap();
+        let mut acc = GradAccumulator::with_trainable(&params, Trainable::Thinking);
+        acc.add(&params, &grads).unwrap();
+        assert_eq!(acc.sums[0], vec![0.0, 0.0]);
+        // Only phi's gradient (4, 4) is in the norm.
+        assert!((acc.finish() - 32f64.sqrt()).abs() < 1e-9);
+        let cfg = TrainConfig { trainable: Trainable::Thinking, weight_decay: 0.1, ..Default::default() };
+        let mut opt = AdamW::new(&params);
+        opt.step(&params, &acc.sums, 0.0, 0.01, &cfg).unwrap();
+        assert_eq!(frozen.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+        assert_ne!(phi.as_tensor().to_vec1::<f32>().unwrap(), vec![0.5, 0.5]);
+    }
+
+    #[test]
     fn which_tensors_decay() {
         assert!(decays("layers.0.attn.wq.weight", &[4, 4]));
         assert!(decays("embed.weight", &[10, 4]));

@@ -228,7 +228,7 @@ pub fn config_json(cfg: &ModelConfig, tokenizer: Option<&Tokenizer>) -> Value {
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "torch_dtype": "float32",
-        "bos_token_id": eos,
+        "bos_token_id": null,
         "eos_token_id": eos,
         "use_cache": true,
     })

@@ -275,6 +275,62 @@ mod tests {
         assert!(rel > 0.0 && rel < 0.05, "relative L2 {rel}");
     }
 
+    /// End to end through `run`: a dense itt checkpoint, retrofitted with phi_t = 0, scores
+    /// exactly the pretrained validation loss before training; fine-tuning only the thinking
+    /// parameters leaves every backbone tensor bit for bit as it was and moves phi and routers.
+    #[test]
+    fn retrofit_run_keeps_the_backbone_frozen() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = data::read_corpus(Path::new("builtin"), &CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::char_from_text(&docs.join(""));
+        let mut cfg = preset("tiny").unwrap();
+        cfg.model.vocab_size = tok.vocab_size();
+        let d = Model::new(&cfg.model, 2, &Device::Cpu).unwrap();
+        let parts = crate::checkpoint::SaveParts {
+            config: &cfg,
+            tokenizer_json: &tok.to_json().unwrap(),
+            optimizer: None,
+            state: None,
+            calibration: None,
+        };
+        crate::checkpoint::save(&dir.path().join("dense"), &d, &parts).unwrap();
+        let opts = RetrofitOptions {
+            from: dir.path().join("dense"),
+            data: "builtin".into(),
+            val_fraction: 0.1,
+            out: dir.path().join("run"),
+            thinking: itt(3, vec![0.5, 0.5], 0.0),
+            train: crate::config::TrainConfig {
+                batch_size: 2,
+                seq_len: 32,
+                max_steps: 3,
+                warmup_steps: 1,
+                lr: 1e-2,
+                eval_batches: 2,
+                eval_interval: 100,
+                trainable: Trainable::Thinking,
+                ..Default::default()
+            },
+            quiet: true,
+        };
+        let r = run(&opts).unwrap();
+        assert_eq!(r.val_loss_retrofit, r.val_loss_pretrained);
+        assert!(r.val_loss_final.is_finite());
+        assert_eq!(r.params_trained, 2 * (3 * 128 + 2 * (128 + 1)));
+        let (after, _, _) = crate::checkpoint::load_model(&dir.path().join("run")).unwrap();
+        let before: HashMap<String, Tensor> = model_tensors(&d.params).into_iter().collect();
+        let mut moved = 0;
+        for (name, var) in &after.params {
+            let a: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            match before.get(name) {
+                Some(b) => assert_eq!(a, b.flatten_all().unwrap().to_vec1::<f32>().unwrap(), "{name} changed"),
+                None => moved += a.iter().any(|&x| x != 0.0 && x != 1.0) as usize,
+            }
+        }
+        assert!(moved > 0, "no thinking parameter moved");
+        assert!(std::fs::read_to_string(dir.path().join("run/retrofit.json")).unwrap().contains("val_loss_final"));
+    }
+
     #[test]
     fn only_thinking_parameters_are_added_and_itt_models_are_refused() {
         let d = dense();
