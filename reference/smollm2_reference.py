@@ -12,8 +12,10 @@ greedy continuations.
     /tmp/itt-ref-venv/bin/python reference/smollm2_reference.py            # writes the fixture
     /tmp/itt-ref-venv/bin/python reference/smollm2_reference.py --check-export DIR
 
-`--check-export DIR` loads a folder written by `itt export --format hf` with transformers and
-compares its tokenizer and logits with the fixture (the round trip GGUF -> itt -> HF).
+`--check-export DIR` loads a folder written by `itt export --format hf` (or a `model.gguf`
+written by `itt export --format gguf`) with transformers and compares its tokenizer and logits
+with the fixture (the round trip GGUF -> itt -> HF or GGUF). For a GGUF, transformers builds
+the tokenizer itself (without the smollm split, see README), so `symbols` shows DIFFER there.
 """
 
 import argparse
@@ -183,8 +185,13 @@ def check_export(folder):
 
     fx = json.loads(FIXTURE.read_text())
     full = np.frombuffer(FULL_LOGITS.read_bytes(), dtype="<f4")
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    path = Path(folder)
+    if path.suffix == ".gguf":  # an `itt export --format gguf` file
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    else:
+        tok = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     worst = 0.0
     for p in fx["prompts"]:
         ids = tok(p["text"], add_special_tokens=False)["input_ids"]

@@ -40,7 +40,7 @@ enum Cmd {
     Calibrate(CalibrateArgs),
     /// Import a pretrained LLaMA model (GGUF file or Hugging Face folder) as an itt checkpoint.
     Convert(ConvertArgs),
-    /// Write a model as safetensors + config.json: an itt checkpoint, or a Hugging Face LLaMA folder.
+    /// Write a model as an itt checkpoint, a Hugging Face LLaMA folder or a llama GGUF.
     Export(ExportArgs),
     /// Turn a pretrained dense model into ITT (every other layer thinks) and fine-tune it.
     Retrofit(RetrofitArgs),
@@ -299,7 +299,7 @@ struct ExportArgs {
     checkpoint: PathBuf,
     #[arg(long)]
     out: PathBuf,
-    /// itt (weights-only checkpoint) or hf (Hugging Face LlamaForCausalLM, dense models only).
+    /// itt (weights-only checkpoint), hf (Hugging Face LlamaForCausalLM) or gguf (llama, f32); hf and gguf: dense models only.
     #[arg(long, default_value = "itt")]
     format: String,
 }

@@ -27,7 +27,7 @@ use candle_core::{Device, Tensor};
 use serde_json::json;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Seek, Write};
+use std::io::{BufReader, Write};
 use std::path::Path;
 
 /// The tensor types candle can dequantize (named as llama.cpp names them).
@@ -393,8 +393,10 @@ fn tokenizer_from_meta(meta: &Meta) -> Result<Tokenizer> {
     Tokenizer::from_hf(tok, eot).map_err(|e| Error::input(meta.path, e.to_string()))
 }
 
-/// Write a dense model as an f32 llama GGUF (Q/K permuted the way llama.cpp's converter does).
-/// The tokenizer must be a byte-level BPE. Used by tests and for handing a model to llama.cpp.
+/// Write a dense model as an f32 llama GGUF (Q/K permuted the way llama.cpp's converter does),
+/// for llama.cpp and the tests. The tokenizer must be a byte-level BPE; its pre-tokenizer is
+/// declared `smollm` when it is a sequence (digits split, then byte level, as `load` builds
+/// it) and `gpt2` otherwise.
 pub fn write_f32(path: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], tokenizer: &Tokenizer) -> Result<()> {
     if cfg.thinking.kind != crate::config::ModelKind::Dense {
         return Err(Error::usage("only dense models can be written as GGUF (llama has no thinking layers)"));
@@ -427,9 +429,11 @@ pub fn write_f32(path: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], t
         .into_iter()
         .flatten()
         .map(|m| match m {
-            serde_json::Value::Array(p) => {
-                Value::String(format!("{} {}", p[0].as_str().unwrap_or(""), p[1].as_str().unwrap_or("")))
-            }
+            serde_json::Value::Array(p) => Value::String(format!(
+                "{} {}",
+                p.first().and_then(|x| x.as_str()).unwrap_or(""),
+                p.get(1).and_then(|x| x.as_str()).unwrap_or("")
+            )),
             other => Value::String(other.as_str().unwrap_or("").to_string()),
         })
         .collect();
@@ -475,7 +479,6 @@ pub fn write_f32(path: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], t
     let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
     candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs)?;
     f.flush().map_err(|e| Error::input(path, e.to_string()))?;
-    f.rewind().map_err(|e| Error::input(path, e.to_string()))?;
     Ok(())
 }
 

@@ -140,6 +140,9 @@ pub enum ExportFormat {
     Itt,
     /// A Hugging Face `LlamaForCausalLM` folder (dense models only), see `hf::export`.
     Hf,
+    /// `model.gguf`, llama architecture, f32 (dense models with a BPE tokenizer), see
+    /// `gguf::write_f32`.
+    Gguf,
 }
 
 impl std::str::FromStr for ExportFormat {
@@ -148,7 +151,8 @@ impl std::str::FromStr for ExportFormat {
         match s {
             "itt" => Ok(ExportFormat::Itt),
             "hf" | "huggingface" => Ok(ExportFormat::Hf),
-            _ => Err(Error::usage(format!("unknown export format '{s}' (use itt or hf)"))),
+            "gguf" => Ok(ExportFormat::Gguf),
+            _ => Err(Error::usage(format!("unknown export format '{s}' (use itt, hf or gguf)"))),
         }
     }
 }
@@ -170,10 +174,21 @@ pub fn export(from: &Path, out: &Path, format: ExportFormat) -> Result<String> {
                 out.display()
             ))
         }
-        ExportFormat::Hf => {
+        ExportFormat::Hf | ExportFormat::Gguf => {
             let cfg = imported.config.clone();
             let (model, tok) = imported.into_model(&Device::Cpu)?;
-            let with_tok = hf::export(out, &cfg, &checkpoint::model_tensors(&model.params), &tok)?;
+            let tensors = checkpoint::model_tensors(&model.params);
+            if format == ExportFormat::Gguf {
+                std::fs::create_dir_all(out).map_err(|e| Error::input(out, e.to_string()))?;
+                let path = out.join("model.gguf");
+                gguf::write_f32(&path, &cfg, &tensors, &tok)?;
+                return Ok(format!(
+                    "{source} model with {} parameters written as f32 GGUF to {}",
+                    model.n_params(),
+                    path.display()
+                ));
+            }
+            let with_tok = hf::export(out, &cfg, &tensors, &tok)?;
             Ok(format!(
                 "{source} model with {} parameters written as a Hugging Face LlamaForCausalLM folder to {}{}",
                 model.n_params(),

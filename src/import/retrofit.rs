@@ -14,7 +14,7 @@
 //! `itt retrofit`: "retrofit, before training" vs "pretrained") and the routers learn from the
 //! first step. Both are available through `phi_init`.
 //!
-//! Fine-tuning can update only the new parameters (`Trainable::Thinking`: phi and routers,
+//! `max_steps = 0` writes the retrofitted model untrained. Fine-tuning can update only the new parameters (`Trainable::Thinking`: phi and routers,
 //! the backbone frozen) or everything (`Trainable::All`).
 
 use super::Imported;
@@ -195,7 +195,23 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
 
     let run_cfg = RunConfig { train: train.clone(), ..super::run_config_for(&cfg) };
     let mut trainer = Trainer::from_model(run_cfg, model, &tokenizer, &opts.out)?;
-    let summary = crate::train::run(&mut trainer, &data, &RunOptions { quiet: opts.quiet, stop_at: None })?;
+    let summary = if train.max_steps == 0 {
+        // No fine-tuning: keep the retrofitted model as it starts (step 0) and its losses.
+        trainer.state.last_val_loss = Some(val_loss_retrofit);
+        let checkpoint = trainer.save()?;
+        TrainSummary {
+            steps: 0,
+            tokens_seen: 0,
+            final_train_loss: f64::NAN,
+            final_val_loss: val_loss_retrofit,
+            seconds: 0.0,
+            tokens_per_s: 0.0,
+            peak_rss_mb: crate::util::peak_rss_mb(),
+            checkpoint,
+        }
+    } else {
+        crate::train::run(&mut trainer, &data, &RunOptions { quiet: opts.quiet, stop_at: None })?
+    };
     let report = RetrofitReport {
         from: origin,
         kind: cfg.thinking.kind,
