@@ -201,6 +201,16 @@ pub fn load(dir: &Path) -> Result<Imported> {
     let eos = v.get("eos_token_id").and_then(|e| e.as_u64().or_else(|| e.get(0).and_then(Value::as_u64)));
     let eos_name = eos.and_then(|id| hf.id_to_token(id as u32));
     let tokenizer = Tokenizer::from_hf(hf, eos_name.as_deref()).map_err(|e| Error::input(&tok_path, e.to_string()))?;
+    if tokenizer.vocab_size() != config.vocab_size {
+        return Err(Error::input(
+            &tok_path,
+            format!(
+                "has {} tokens but config.json's vocab_size is {}; padded vocabularies are not supported",
+                tokenizer.vocab_size(),
+                config.vocab_size
+            ),
+        ));
+    }
     Ok(Imported { config, tensors, tokenizer, origin: dir.to_path_buf(), source: "hf", calibration: None })
 }
 
