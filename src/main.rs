@@ -329,6 +329,9 @@ struct RetrofitArgs {
     /// Initial phi_t of the routed steps (0 = the retrofit model equals the pretrained one exactly).
     #[arg(long, default_value_t = 0.01)]
     phi_init: f64,
+    /// What the routed steps accumulate: literal (f(x), the paper's Eq. 4) or update (f(x) - x).
+    #[arg(long, default_value = "literal")]
+    residual_form: String,
     /// What to fine-tune: thinking (alias routers: step vectors and routers only) or all.
     #[arg(long, default_value = "thinking")]
     train: String,
@@ -429,7 +432,7 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn cmd_retrofit(a: RetrofitArgs) -> Result<()> {
-    use itt::config::{ModelKind, ThinkingConfig, TrainConfig};
+    use itt::config::{ModelKind, ResidualForm, ThinkingConfig, TrainConfig};
     let thinking = if a.steps <= 1 {
         ThinkingConfig::default()
     } else {
@@ -439,6 +442,11 @@ fn cmd_retrofit(a: RetrofitArgs) -> Result<()> {
             ratios: a.ratios.clone().unwrap_or_else(|| vec![0.7; a.steps - 1]),
             layers: a.layers.clone(),
             phi_init: a.phi_init,
+            residual_form: match a.residual_form.as_str() {
+                "literal" => ResidualForm::Literal,
+                "update" => ResidualForm::Update,
+                other => return Err(Error::usage(format!("unknown --residual-form '{other}' (use literal or update)"))),
+            },
             ..Default::default()
         }
     };
