@@ -1,7 +1,9 @@
 //! Retrofit: turn a pretrained dense model into an ITT model and fine-tune it.
 //!
 //! Every other layer (ITT-SPEC §2: 1, 3, 5, ...) becomes a thinking layer. Its step 1 *is*
-//! the pretrained layer: phi_1 = 1 exactly, so x1 = f(x0) bit for bit (ITT-SPEC §3). The
+//! the pretrained layer: phi_1 = 1 exactly, so x1 = phi_1 * f(x0) = f(x0) bit for bit in the
+//! default literal residual form (ITT-SPEC §3; the `update` form computes x0 + (f(x0) - x0),
+//! equal only up to rounding). The
 //! routed steps t >= 2 start with phi_t = `phi_init` (here 1e-2 by default) and fresh routers
 //! R_t ~ N(0, router_init_std), bias 0, so they begin as a small perturbation of the
 //! pretrained network that fine-tuning can grow.
