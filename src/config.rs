@@ -257,6 +257,46 @@ pub struct TrainConfig {
     pub seed: u64,
     /// Momentum of the running router-score quantiles used by causal routing (ITT-SPEC §5).
     pub threshold_momentum: f64,
+    /// Which parameters the optimiser updates (`all`, or `thinking` to fine-tune only the step
+    /// vectors and routers of a model retrofitted from a pretrained one, `itt retrofit`).
+    #[serde(skip_serializing_if = "Trainable::is_all")]
+    pub trainable: Trainable,
+}
+
+/// Which parameters training updates; the others stay frozen (no update, no weight decay, and
+/// their gradients are left out of the clipping norm).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Trainable {
+    #[default]
+    All,
+    /// Only the thinking layers' own parameters, `layers.{i}.think.*` (phi_t and routers).
+    Thinking,
+}
+
+impl Trainable {
+    pub fn includes(self, name: &str) -> bool {
+        match self {
+            Trainable::All => true,
+            Trainable::Thinking => name.contains(".think."),
+        }
+    }
+    pub fn is_all(&self) -> bool {
+        *self == Trainable::All
+    }
+}
+
+impl std::str::FromStr for Trainable {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "all" => Ok(Trainable::All),
+            "thinking" | "routers" => Ok(Trainable::Thinking),
+            _ => Err(Error::usage(format!(
+                "unknown trainable set '{s}' (use all, or thinking = routers and step vectors)"
+            ))),
+        }
+    }
 }
 
 impl Default for TrainConfig {
@@ -281,6 +321,7 @@ impl Default for TrainConfig {
             log_interval: 10,
             seed: 1337,
             threshold_momentum: 0.95,
+            trainable: Trainable::All,
         }
     }
 }

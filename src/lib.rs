@@ -18,6 +18,7 @@ pub mod eval;
 pub mod experiment;
 pub mod flops;
 pub mod generate;
+pub mod import;
 pub mod model;
 pub mod ops;
 pub mod optim;

@@ -47,6 +47,12 @@ enum Cmd {
     },
     /// A self-contained HTML report of a training run: curves, routers, FLOPs, sample generations.
     Report(ReportArgs),
+    /// Import a pretrained LLaMA model (GGUF file or Hugging Face folder) as an itt checkpoint.
+    Convert(ConvertArgs),
+    /// Write a model as an itt checkpoint, a Hugging Face LLaMA folder or a llama GGUF.
+    Export(ExportArgs),
+    /// Turn a pretrained dense model into ITT (every other layer thinks) and fine-tune it.
+    Retrofit(RetrofitArgs),
 }
 
 #[derive(Args)]
@@ -428,6 +434,84 @@ struct ReportArgs {
     no_generate: bool,
 }
 
+#[derive(Args)]
+struct ConvertArgs {
+    /// A .gguf file (llama architecture) or a Hugging Face LlamaForCausalLM folder.
+    #[arg(long)]
+    from: PathBuf,
+    /// The checkpoint folder to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct ExportArgs {
+    /// An itt checkpoint or run folder (or a .gguf file / Hugging Face folder).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// itt (weights-only checkpoint), hf (Hugging Face LlamaForCausalLM) or gguf (llama, f32); hf and gguf: dense models only.
+    #[arg(long, default_value = "itt")]
+    format: String,
+}
+
+#[derive(Args)]
+struct RetrofitArgs {
+    /// The pretrained dense model: an itt checkpoint, a .gguf file or a Hugging Face folder.
+    #[arg(long)]
+    from: PathBuf,
+    /// Fine-tuning corpus (file, folder, .gz, .jsonl, builtin) or a dataset prepared with the model's tokenizer.
+    #[arg(long)]
+    data: String,
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Run folder.
+    #[arg(long, default_value = "runs/retrofit")]
+    out: PathBuf,
+    /// Thinking steps T of the ITT layers; 1 fine-tunes the dense model as it is (the baseline).
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Share of tokens per routed step (T - 1 values; default 0.7 each).
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    /// Layers that think (default every other layer: 1, 3, 5, ...).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Initial phi_t of the routed steps (0 = the retrofit model equals the pretrained one exactly).
+    #[arg(long, default_value_t = 0.01)]
+    phi_init: f64,
+    /// What the routed steps accumulate: literal (f(x), the paper's Eq. 4) or update (f(x) - x).
+    #[arg(long, default_value = "literal")]
+    residual_form: String,
+    /// What to fine-tune: thinking (alias routers: step vectors and routers only) or all.
+    #[arg(long, default_value = "thinking")]
+    train: String,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 200)]
+    max_steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Decoupled weight decay of matrices (0: keep the pretrained weights where they are).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 50)]
+    eval_interval: usize,
+    /// Validation batches per evaluation (the same ones each time).
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long)]
+    quiet: bool,
+}
+
 fn main() {
     itt::util::tune_allocator();
     itt::util::tune_threads();
@@ -525,6 +609,15 @@ fn run(cli: Cli) -> Result<()> {
             println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
             Ok(())
         }
+        Cmd::Convert(a) => {
+            println!("{}", itt::import::export(&a.from, &a.out, itt::import::ExportFormat::Itt)?);
+            Ok(())
+        }
+        Cmd::Export(a) => {
+            println!("{}", itt::import::export(&a.checkpoint, &a.out, a.format.parse()?)?);
+            Ok(())
+        }
+        Cmd::Retrofit(a) => cmd_retrofit(a),
         Cmd::Analyze { cmd } => cmd_analyze(cmd),
         Cmd::Report(a) => {
             let opts = analysis::run_report::ReportOptions {
@@ -577,6 +670,54 @@ fn cmd_analyze(cmd: AnalyzeCmd) -> Result<()> {
             written(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
         }
     }
+    Ok(())
+}
+
+fn cmd_retrofit(a: RetrofitArgs) -> Result<()> {
+    use itt::config::{ModelKind, ResidualForm, ThinkingConfig, TrainConfig};
+    let thinking = if a.steps <= 1 {
+        ThinkingConfig::default()
+    } else {
+        ThinkingConfig {
+            kind: ModelKind::Itt,
+            steps: a.steps,
+            ratios: a.ratios.clone().unwrap_or_else(|| vec![0.7; a.steps - 1]),
+            layers: a.layers.clone(),
+            phi_init: a.phi_init,
+            residual_form: match a.residual_form.as_str() {
+                "literal" => ResidualForm::Literal,
+                "update" => ResidualForm::Update,
+                other => {
+                    return Err(Error::usage(format!("unknown --residual-form '{other}' (use literal or update)")))
+                }
+            },
+            ..Default::default()
+        }
+    };
+    let train = TrainConfig {
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        max_steps: a.max_steps,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        eval_interval: a.eval_interval,
+        eval_batches: a.eval_batches,
+        seed: a.seed,
+        trainable: a.train.parse()?,
+        ..TrainConfig::default()
+    };
+    let opts = itt::import::retrofit::RetrofitOptions {
+        from: a.from,
+        data: a.data,
+        val_fraction: a.val_fraction,
+        out: a.out,
+        thinking,
+        train,
+        quiet: a.quiet,
+    };
+    let report = itt::import::retrofit::run(&opts)?;
+    println!("{}", report.table());
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 //! norm gains, router weights and biases, or step vectors phi (rank 1 or routers): decaying
 //! those pulls gains and step encodings toward zero, which is not regularisation.
 
-use crate::config::TrainConfig;
+use crate::config::{TrainConfig, Trainable};
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
@@ -19,17 +19,31 @@ pub fn decays(name: &str, shape: &[usize]) -> bool {
 pub struct GradAccumulator {
     pub sums: Vec<Vec<f32>>,
     pub micro_batches: usize,
+    /// Frozen parameters: their gradients are not copied (their sums stay zero).
+    frozen: Vec<bool>,
 }
 
 impl GradAccumulator {
     pub fn new(params: &[(String, Var)]) -> Self {
-        GradAccumulator { sums: params.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect(), micro_batches: 0 }
+        Self::with_trainable(params, Trainable::All)
+    }
+
+    /// An accumulator that skips the parameters `trainable` leaves out.
+    pub fn with_trainable(params: &[(String, Var)], trainable: Trainable) -> Self {
+        GradAccumulator {
+            sums: params.iter().map(|(_, v)| vec![0.0; v.elem_count()]).collect(),
+            micro_batches: 0,
+            frozen: params.iter().map(|(n, _)| !trainable.includes(n)).collect(),
+        }
     }
 
     /// Add one backward pass's gradients; parameters without a gradient (not in the graph,
     /// e.g. the router of a skipped step) count as zero.
     pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
-        for ((_, var), sum) in params.iter().zip(self.sums.iter_mut()) {
+        for (((_, var), sum), &frozen) in params.iter().zip(self.sums.iter_mut()).zip(&self.frozen) {
+            if frozen {
+                continue;
+            }
             if let Some(g) = grads.get(var.as_tensor()) {
                 let g = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
                 for (s, x) in sum.iter_mut().zip(g) {
@@ -98,6 +112,9 @@ impl AdamW {
         let bc2_sqrt = bc2.sqrt() as f32;
         let eps = cfg.eps as f32;
         for (i, (name, var)) in params.iter().enumerate() {
+            if !cfg.trainable.includes(name) {
+                continue;
+            }
             let shape = var.dims().to_vec();
             let decay = if decays(name, &shape) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
             let mut p = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
@@ -134,6 +151,30 @@ mod tests {
         for (g, w) in got.iter().zip(want) {
             assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
         }
+    }
+
+    #[test]
+    fn frozen_parameters_are_neither_updated_nor_counted() {
+        let dev = Device::Cpu;
+        let frozen = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0], &dev).unwrap()).unwrap();
+        let phi = Var::from_tensor(&Tensor::new(&[0.5f32, 0.5], &dev).unwrap()).unwrap();
+        let params = vec![
+            ("layers.1.attn.wq.weight".to_string(), frozen.clone()),
+            ("layers.1.think.phi.2".to_string(), phi.clone()),
+        ];
+        let loss = (frozen.as_tensor().sum_all().unwrap() * 3.0).unwrap()
+            + (phi.as_tensor().sum_all().unwrap() * 4.0).unwrap();
+        let grads = loss.unwrap().backward().unwrap();
+        let mut acc = GradAccumulator::with_trainable(&params, Trainable::Thinking);
+        acc.add(&params, &grads).unwrap();
+        assert_eq!(acc.sums[0], vec![0.0, 0.0]);
+        // Only phi's gradient (4, 4) is in the norm.
+        assert!((acc.finish() - 32f64.sqrt()).abs() < 1e-9);
+        let cfg = TrainConfig { trainable: Trainable::Thinking, weight_decay: 0.1, ..Default::default() };
+        let mut opt = AdamW::new(&params);
+        opt.step(&params, &acc.sums, 0.0, 0.01, &cfg).unwrap();
+        assert_eq!(frozen.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
+        assert_ne!(phi.as_tensor().to_vec1::<f32>().unwrap(), vec![0.5, 0.5]);
     }
 
     #[test]

@@ -85,6 +85,16 @@ impl Trainer {
     /// A fresh run in `run_dir`, which must not already hold one.
     pub fn new(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
         cfg.validate()?;
+        let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+        Self::from_model(cfg, model, tokenizer, run_dir)
+    }
+
+    /// A fresh run that starts from the given weights (a pretrained or retrofitted model).
+    pub fn from_model(cfg: RunConfig, model: Model, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
+        cfg.validate()?;
+        if model.cfg != cfg.model {
+            return Err(Error::usage("the model does not match the run's model config"));
+        }
         if run_dir.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",
@@ -98,13 +108,12 @@ impl Trainer {
             ));
         }
         std::fs::create_dir_all(run_dir).at(run_dir)?;
-        let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
         let tokenizer_json = tokenizer.to_json()?;
         std::fs::write(run_dir.join("config.json"), cfg.to_json()).at(run_dir.join("config.json"))?;
         std::fs::write(run_dir.join("tokenizer.json"), &tokenizer_json).at(run_dir.join("tokenizer.json"))?;
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         let opt = AdamW::new(&model.params);
-        let acc = GradAccumulator::new(&model.params);
+        let acc = GradAccumulator::with_trainable(&model.params, cfg.train.trainable);
         let data_rng = Rng::derive(cfg.train.seed, "data");
         let calibration = model.has_routers().then(RouterCalibration::new);
         let state = TrainState {
@@ -137,7 +146,7 @@ impl Trainer {
         let state =
             info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
         let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
-        let acc = GradAccumulator::new(&model.params);
+        let acc = GradAccumulator::with_trainable(&model.params, info.config.train.trainable);
         let calibration =
             if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
         truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;

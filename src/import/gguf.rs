@@ -1,0 +1,598 @@
+//! GGUF (llama.cpp's file format) for LLaMA-architecture models: hyperparameters and the
+//! byte-level BPE tokenizer from the metadata, weights dequantized to f32.
+//!
+//! Names, from llama.cpp's `convert_hf_to_gguf.py`:
+//!
+//! ```text
+//! token_embd.weight              embed.weight                      (V, D)
+//! blk.N.attn_norm.weight         layers.N.attn_norm.weight         (D,)
+//! blk.N.attn_{q,k,v,output}      layers.N.attn.{wq,wk,wv,wo}       (out, in)
+//! blk.N.ffn_norm.weight          layers.N.mlp_norm.weight          (D,)
+//! blk.N.ffn_{gate,up,down}       layers.N.mlp.{w_gate,w_up,w_down} (out, in)
+//! output_norm.weight             norm.weight                       (D,)
+//! output.weight                  head.weight (absent: tied to token_embd)
+//! ```
+//!
+//! GGUF lists dimensions innermost first; candle's reader reverses them, so shapes arrive as
+//! (out, in) like ours. The converter permutes the rows of Q and K for GGML's interleaved-pair
+//! RoPE; `unpermute_rotary` puts them back into the rotate-half layout of `ops::apply_rope`.
+
+use super::{first_line, unpermute_rotary, Imported};
+use crate::config::{ModelConfig, ThinkingConfig};
+use crate::data::Tokenizer;
+use crate::{Error, Result};
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use serde_json::json;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{BufReader, Write};
+use std::path::Path;
+
+/// The tensor types candle can dequantize (named as llama.cpp names them).
+pub const SUPPORTED_TYPES: &str =
+    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K";
+
+/// The GGUF metadata of one file, with typed getters that name the file and key on error.
+struct Meta<'a> {
+    path: &'a Path,
+    md: &'a HashMap<String, Value>,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.md.get(key).ok_or_else(|| {
+            Error::input(
+                self.path,
+                format!("GGUF metadata key `{key}` is missing; the file is incomplete or not a llama model"),
+            )
+        })
+    }
+
+    fn usize_opt(&self, key: &str) -> Result<Option<usize>> {
+        let Some(v) = self.md.get(key) else { return Ok(None) };
+        let n: Option<i128> = match v {
+            Value::U8(x) => Some(*x as i128),
+            Value::I8(x) => Some(*x as i128),
+            Value::U16(x) => Some(*x as i128),
+            Value::I16(x) => Some(*x as i128),
+            Value::U32(x) => Some(*x as i128),
+            Value::I32(x) => Some(*x as i128),
+            Value::U64(x) => Some(*x as i128),
+            Value::I64(x) => Some(*x as i128),
+            _ => None,
+        };
+        match n {
+            Some(n) if n >= 0 && n <= usize::MAX as i128 => Ok(Some(n as usize)),
+            _ => Err(Error::input(
+                self.path,
+                format!("GGUF metadata `{key}` should be a non-negative integer, found {v:?}"),
+            )),
+        }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize> {
+        self.get(key)?;
+        Ok(self.usize_opt(key)?.unwrap_or(0))
+    }
+
+    fn f64_opt(&self, key: &str) -> Result<Option<f64>> {
+        match self.md.get(key) {
+            None => Ok(None),
+            Some(Value::F32(x)) => Ok(Some(*x as f64)),
+            Some(Value::F64(x)) => Ok(Some(*x)),
+            Some(_) => Ok(self.usize_opt(key)?.map(|n| n as f64)),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<&str> {
+        match self.get(key)? {
+            Value::String(s) => Ok(s),
+            v => Err(Error::input(self.path, format!("GGUF metadata `{key}` should be a string, found {v:?}"))),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<&str>> {
+        let bad = || Error::input(self.path, format!("GGUF metadata `{key}` should be a list of strings"));
+        match self.get(key)? {
+            Value::Array(items) => {
+                items.iter().map(|v| if let Value::String(s) = v { Ok(s.as_str()) } else { Err(bad()) }).collect()
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Read a GGUF header, turning candle's messages into ours.
+fn read_content(path: &Path) -> Result<(Content, BufReader<File>)> {
+    let file = File::open(path).map_err(|e| Error::input(path, format!("cannot open: {e}")))?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| {
+        let msg = first_line(&e);
+        if let Some(rest) = msg.split("unknown dtype for tensor ").nth(1) {
+            // candle names the ggml type id it does not know (IQ*, TQ*, MXFP4, ...).
+            let id: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            Error::input(
+                path,
+                format!("uses tensor type {id} (a ggml type id), which cannot be dequantized here; supported types: {SUPPORTED_TYPES}"),
+            )
+        } else if msg.contains("magic") {
+            Error::input(path, "is not a GGUF file (wrong magic number)")
+        } else {
+            Error::input(path, format!("is not a readable GGUF file: {msg}"))
+        }
+    })?;
+    Ok((content, reader))
+}
+
+/// Load a llama-architecture GGUF file: config, f32 weights under our names, tokenizer.
+pub fn load(path: &Path) -> Result<Imported> {
+    let (content, mut reader) = read_content(path)?;
+    let meta = Meta { path, md: &content.metadata };
+    let arch = meta.string("general.architecture")?;
+    if arch != "llama" {
+        return Err(Error::input(
+            path,
+            format!("GGUF architecture `{arch}` is not supported; only `llama` models (LLaMA, SmolLM2, ...) can be imported"),
+        ));
+    }
+    let infos = &content.tensor_infos;
+    if infos.contains_key("rope_freqs.weight") {
+        return Err(Error::input(
+            path,
+            "uses scaled RoPE frequencies (rope_freqs.weight, LLaMA 3.1 style), which are not supported",
+        ));
+    }
+    if let Some(Value::String(s)) = content.metadata.get("llama.rope.scaling.type") {
+        if s != "none" {
+            return Err(Error::input(path, format!("uses RoPE scaling `{s}`, which is not supported")));
+        }
+    }
+    let config = config_from_meta(&meta, infos.contains_key("output.weight"), infos)?;
+    let tokenizer = tokenizer_from_meta(&meta)?;
+    if tokenizer.vocab_size() != config.vocab_size {
+        return Err(Error::input(
+            path,
+            format!("the tokenizer has {} tokens but the embedding {} rows", tokenizer.vocab_size(), config.vocab_size),
+        ));
+    }
+
+    let dev = Device::Cpu;
+    let mut tensors = HashMap::with_capacity(infos.len());
+    let mut names: Vec<&String> = infos.keys().collect();
+    names.sort();
+    for name in names {
+        let ours = our_name(name).ok_or_else(|| {
+            Error::input(
+                path,
+                format!("has tensor `{name}`, which a plain llama model does not have; it cannot be imported"),
+            )
+        })?;
+        let info = &infos[name];
+        let q = content
+            .tensor(&mut reader, name, &dev)
+            .map_err(|e| Error::input(path, format!("tensor `{name}`: {}", first_line(&e))))?;
+        let mut t = dequantize(&q).map_err(|e| {
+            Error::input(
+                path,
+                format!("tensor `{name}` ({:?}) cannot be dequantized: {}", info.ggml_dtype, first_line(&e)),
+            )
+        })?;
+        if ours.ends_with("attn.wq.weight") {
+            t = unpermute_rotary(&t, config.n_heads)?;
+        } else if ours.ends_with("attn.wk.weight") {
+            t = unpermute_rotary(&t, config.n_kv_heads)?;
+        }
+        tensors.insert(ours, t);
+    }
+    Ok(Imported { config, tensors, tokenizer, origin: path.to_path_buf(), source: "gguf", calibration: None })
+}
+
+fn dequantize(q: &QTensor) -> candle_core::Result<Tensor> {
+    match q.dtype() {
+        GgmlDType::F32 => q.dequantize(&Device::Cpu),
+        _ => q.dequantize(&Device::Cpu)?.to_dtype(candle_core::DType::F32),
+    }
+}
+
+/// GGUF tensor name -> ours; `None` for names a plain llama model does not have.
+fn our_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd.weight" => Some("embed.weight"),
+        "output_norm.weight" => Some("norm.weight"),
+        "output.weight" => Some("head.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let ours = match part {
+        "attn_norm.weight" => "attn_norm.weight",
+        "attn_q.weight" => "attn.wq.weight",
+        "attn_k.weight" => "attn.wk.weight",
+        "attn_v.weight" => "attn.wv.weight",
+        "attn_output.weight" => "attn.wo.weight",
+        "ffn_norm.weight" => "mlp_norm.weight",
+        "ffn_gate.weight" => "mlp.w_gate.weight",
+        "ffn_up.weight" => "mlp.w_up.weight",
+        "ffn_down.weight" => "mlp.w_down.weight",
+        _ => return None,
+    };
+    Some(format!("layers.{layer}.{ours}"))
+}
+
+/// Our name -> the GGUF one (for writing).
+fn gguf_name(ours: &str) -> Option<String> {
+    let fixed = match ours {
+        "embed.weight" => Some("token_embd.weight"),
+        "norm.weight" => Some("output_norm.weight"),
+        "head.weight" => Some("output.weight"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = ours.strip_prefix("layers.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let g = match part {
+        "attn_norm.weight" => "attn_norm.weight",
+        "attn.wq.weight" => "attn_q.weight",
+        "attn.wk.weight" => "attn_k.weight",
+        "attn.wv.weight" => "attn_v.weight",
+        "attn.wo.weight" => "attn_output.weight",
+        "mlp_norm.weight" => "ffn_norm.weight",
+        "mlp.w_gate.weight" => "ffn_gate.weight",
+        "mlp.w_up.weight" => "ffn_up.weight",
+        "mlp.w_down.weight" => "ffn_down.weight",
+        _ => return None,
+    };
+    Some(format!("blk.{layer}.{g}"))
+}
+
+fn config_from_meta(
+    meta: &Meta,
+    has_output: bool,
+    infos: &HashMap<String, candle_core::quantized::gguf_file::TensorInfo>,
+) -> Result<ModelConfig> {
+    let d = meta.usize("llama.embedding_length")?;
+    let n_heads = meta.usize("llama.attention.head_count")?;
+    let n_kv_heads = meta.usize_opt("llama.attention.head_count_kv")?.unwrap_or(n_heads);
+    // The vocabulary: the metadata's when given, else the embedding's rows.
+    let vocab = match meta.usize_opt("llama.vocab_size")? {
+        Some(v) => v,
+        None => match infos.get("token_embd.weight") {
+            Some(i) => i.shape.dims().first().copied().unwrap_or(0),
+            None => return Err(Error::input(meta.path, "has no token_embd.weight tensor")),
+        },
+    };
+    let cfg = ModelConfig {
+        vocab_size: vocab,
+        d_model: d,
+        n_layers: meta.usize("llama.block_count")?,
+        n_heads,
+        n_kv_heads,
+        mlp_hidden: meta.usize("llama.feed_forward_length")?,
+        max_seq_len: meta.usize("llama.context_length")?,
+        rope_theta: meta.f64_opt("llama.rope.freq_base")?.unwrap_or(10000.0),
+        norm_eps: meta
+            .f64_opt("llama.attention.layer_norm_rms_epsilon")?
+            .ok_or_else(|| meta.get("llama.attention.layer_norm_rms_epsilon").unwrap_err())?,
+        tie_embeddings: !has_output,
+        init_std: 0.02,
+        thinking: ThinkingConfig::default(),
+    };
+    if n_heads == 0 || d % n_heads != 0 {
+        return Err(Error::input(meta.path, format!("embedding_length {d} is not a multiple of head_count {n_heads}")));
+    }
+    let hd = d / n_heads;
+    for key in ["llama.rope.dimension_count", "llama.attention.key_length", "llama.attention.value_length"] {
+        if let Some(v) = meta.usize_opt(key)? {
+            if v != hd {
+                return Err(Error::input(
+                    meta.path,
+                    format!(
+                        "`{key}` is {v} but embedding_length / head_count is {hd}; only full-width heads are supported"
+                    ),
+                ));
+            }
+        }
+    }
+    cfg.validate().map_err(|e| Error::input(meta.path, e.to_string()))?;
+    Ok(cfg)
+}
+
+/// Byte-level BPE from `tokenizer.ggml.*`, built as a Hugging Face `tokenizer.json` (so the
+/// same JSON is what `hf::export` writes). The pre-tokenizer follows llama.cpp's
+/// `tokenizer.ggml.pre`: `smollm` splits every digit on its own before GPT-2's regex (as
+/// SmolLM2's own tokenizer.json does); `gpt2`/`default` use GPT-2's regex alone.
+fn tokenizer_from_meta(meta: &Meta) -> Result<Tokenizer> {
+    let model = meta.string("tokenizer.ggml.model")?;
+    if model != "gpt2" {
+        return Err(Error::input(
+            meta.path,
+            format!(
+                "tokenizer model `{model}` is not supported; only byte-level BPE (`gpt2`) tokenizers can be imported"
+            ),
+        ));
+    }
+    let pre = match meta.md.get("tokenizer.ggml.pre") {
+        Some(Value::String(s)) => s.as_str(),
+        _ => "default",
+    };
+    let byte_level = json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+    let pre_tokenizer = match pre {
+        "smollm" => {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+        }
+        "gpt2" | "default" => byte_level,
+        other => {
+            return Err(Error::input(
+                meta.path,
+                format!(
+                "pre-tokenizer `{other}` is not supported (known: smollm, gpt2, default); its split rules would differ"
+            ),
+            ))
+        }
+    };
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let merges = meta.strings("tokenizer.ggml.merges")?;
+    let types: Vec<usize> = match meta.md.get("tokenizer.ggml.token_type") {
+        Some(Value::Array(v)) => v
+            .iter()
+            .map(|x| match x {
+                Value::I32(t) => *t as usize,
+                Value::U32(t) => *t as usize,
+                _ => 1,
+            })
+            .collect(),
+        _ => vec![1; tokens.len()],
+    };
+    let mut vocab = serde_json::Map::with_capacity(tokens.len());
+    let mut added = vec![];
+    for (id, tok) in tokens.iter().enumerate() {
+        if vocab.insert(tok.to_string(), json!(id)).is_some() {
+            return Err(Error::input(meta.path, format!("token {tok:?} appears twice in tokenizer.ggml.tokens")));
+        }
+        // llama.cpp token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
+        match types.get(id) {
+            Some(3) | Some(4) => added.push(json!({
+                "id": id, "content": tok, "single_word": false, "lstrip": false, "rstrip": false,
+                "normalized": false, "special": types[id] == 3,
+            })),
+            _ => {}
+        }
+    }
+    let merges: Vec<serde_json::Value> = merges
+        .iter()
+        .map(|m| match m.split_once(' ') {
+            Some((a, b)) => Ok(json!([a, b])),
+            None => Err(Error::input(meta.path, format!("merge {m:?} is not two tokens separated by a space"))),
+        })
+        .collect::<Result<_>>()?;
+    let hf = json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    let tok: tokenizers::Tokenizer = serde_json::from_value(hf)
+        .map_err(|e| Error::input(meta.path, format!("the tokenizer in the metadata is unusable: {e}")))?;
+    // The end of text is the file's declared end-of-sequence token (SmolLM2-Instruct:
+    // `<|im_end|>`), which is also where Hugging Face's generation stops.
+    let eos = meta.usize_opt("tokenizer.ggml.eos_token_id")?;
+    let eot = eos.and_then(|id| tokens.get(id).copied());
+    Tokenizer::from_hf(tok, eot).map_err(|e| Error::input(meta.path, e.to_string()))
+}
+
+/// Write a dense model as an f32 llama GGUF (Q/K permuted the way llama.cpp's converter does),
+/// for llama.cpp and the tests. The tokenizer must be a byte-level BPE; its pre-tokenizer is
+/// declared `smollm` when it is a sequence (digits split, then byte level, as `load` builds
+/// it) and `gpt2` otherwise.
+pub fn write_f32(path: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], tokenizer: &Tokenizer) -> Result<()> {
+    if cfg.thinking.kind != crate::config::ModelKind::Dense {
+        return Err(Error::usage("only dense models can be written as GGUF (llama has no thinking layers)"));
+    }
+    let hf = tokenizer.hf().ok_or_else(|| Error::usage("a GGUF needs a byte-level BPE tokenizer"))?;
+    let tj: serde_json::Value =
+        serde_json::from_str(&hf.to_string(false).map_err(|e| Error::Tokenizer(e.to_string()))?)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+    let mut by_id: Vec<(u32, String)> = tj["model"]["vocab"]
+        .as_object()
+        .map(|m| m.iter().filter_map(|(k, v)| v.as_u64().map(|id| (id as u32, k.clone()))).collect())
+        .unwrap_or_default();
+    let specials: Vec<u32> = tj["added_tokens"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["id"].as_u64().map(|x| x as u32)).collect())
+        .unwrap_or_default();
+    for t in tj["added_tokens"].as_array().into_iter().flatten() {
+        if let (Some(id), Some(c)) = (t["id"].as_u64(), t["content"].as_str()) {
+            if !by_id.iter().any(|(i, _)| *i == id as u32) {
+                by_id.push((id as u32, c.to_string()));
+            }
+        }
+    }
+    by_id.sort();
+    if by_id.iter().enumerate().any(|(i, (id, _))| i as u32 != *id) {
+        return Err(Error::usage("the tokenizer's ids are not contiguous from 0"));
+    }
+    let merges: Vec<Value> = tj["model"]["merges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|m| match m {
+            serde_json::Value::Array(p) => Value::String(format!(
+                "{} {}",
+                p.first().and_then(|x| x.as_str()).unwrap_or(""),
+                p.get(1).and_then(|x| x.as_str()).unwrap_or("")
+            )),
+            other => Value::String(other.as_str().unwrap_or("").to_string()),
+        })
+        .collect();
+    let u = |x: usize| Value::U32(x as u32);
+    let pre = if tj["pre_tokenizer"]["type"] == "Sequence" { "smollm" } else { "gpt2" };
+    let md: Vec<(&str, Value)> = vec![
+        ("general.architecture", Value::String("llama".into())),
+        ("llama.block_count", u(cfg.n_layers)),
+        ("llama.context_length", u(cfg.max_seq_len)),
+        ("llama.embedding_length", u(cfg.d_model)),
+        ("llama.feed_forward_length", u(cfg.mlp_hidden)),
+        ("llama.attention.head_count", u(cfg.n_heads)),
+        ("llama.attention.head_count_kv", u(cfg.n_kv_heads)),
+        ("llama.rope.freq_base", Value::F32(cfg.rope_theta as f32)),
+        ("llama.attention.layer_norm_rms_epsilon", Value::F32(cfg.norm_eps as f32)),
+        ("llama.vocab_size", u(cfg.vocab_size)),
+        ("llama.rope.dimension_count", u(cfg.head_dim())),
+        ("tokenizer.ggml.model", Value::String("gpt2".into())),
+        ("tokenizer.ggml.pre", Value::String(pre.into())),
+        ("tokenizer.ggml.tokens", Value::Array(by_id.iter().map(|(_, s)| Value::String(s.clone())).collect())),
+        (
+            "tokenizer.ggml.token_type",
+            Value::Array(by_id.iter().map(|(id, _)| Value::I32(if specials.contains(id) { 3 } else { 1 })).collect()),
+        ),
+        ("tokenizer.ggml.merges", Value::Array(merges)),
+        ("tokenizer.ggml.eos_token_id", u(tokenizer.eot_id() as usize)),
+    ];
+    let mut qts = vec![];
+    for (name, t) in tensors {
+        let g = gguf_name(name).ok_or_else(|| Error::usage(format!("tensor `{name}` has no GGUF name")))?;
+        let t = t.to_dtype(candle_core::DType::F32)?;
+        let t = if name.ends_with("attn.wq.weight") {
+            super::permute_rotary(&t, cfg.n_heads)?
+        } else if name.ends_with("attn.wk.weight") {
+            super::permute_rotary(&t, cfg.n_kv_heads)?
+        } else {
+            t
+        };
+        qts.push((g, QTensor::quantize(&t, GgmlDType::F32)?));
+    }
+    let mut f = File::create(path).map_err(|e| Error::input(path, format!("cannot create: {e}")))?;
+    let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
+    let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs)?;
+    f.flush().map_err(|e| Error::input(path, e.to_string()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::model_tensors;
+    use crate::config::preset;
+    use crate::model::{Model, RoutingOptions, SeqLayout};
+
+    fn docs() -> Vec<String> {
+        (0..30).map(|i| format!("The cat sat on the mat {i}. Ünïcödé 中文 🦀 the dog 1234 ran.\n")).collect()
+    }
+
+    /// A small random dense model with GQA and tied embeddings, its BPE tokenizer, and the
+    /// model written as a GGUF the way llama.cpp would.
+    fn small_gguf(dir: &Path) -> (Model, Tokenizer, std::path::PathBuf) {
+        let tok = Tokenizer::train_bpe(&docs(), 300, 2).unwrap();
+        let mut cfg = preset("tiny").unwrap().model;
+        cfg.vocab_size = tok.vocab_size();
+        cfg.n_kv_heads = 2;
+        cfg.tie_embeddings = true;
+        cfg.rope_theta = 100000.0;
+        let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
+        let path = dir.join("m.gguf");
+        write_f32(&path, &cfg, &model_tensors(&model.params), &tok).unwrap();
+        (model, tok, path)
+    }
+
+    fn logits(m: &Model, ids: &[u32]) -> Vec<f32> {
+        let x = Tensor::from_slice(ids, ids.len(), &Device::Cpu).unwrap();
+        let l = m.forward(&x, &SeqLayout::uniform(1, ids.len()), &RoutingOptions::default(), None, None).unwrap();
+        l.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn gguf_round_trip_gives_the_same_model_and_tokenizer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (model, tok, path) = small_gguf(dir.path());
+        let imp = load(&path).unwrap();
+        assert_eq!(imp.config.vocab_size, model.cfg.vocab_size);
+        assert_eq!((imp.config.n_heads, imp.config.n_kv_heads), (4, 2));
+        assert!(imp.config.tie_embeddings);
+        assert_eq!(imp.config.rope_theta, 100000.0);
+        let (back, tok2) = imp.into_model(&Device::Cpu).unwrap();
+        let text = "The cat 12 中文 🦀 sat.";
+        let ids = tok.encode(text).unwrap();
+        assert_eq!(tok2.encode(text).unwrap(), ids);
+        assert_eq!(tok2.eot_id(), tok.eot_id());
+        // Q and K went through permute (write) and unpermute (load): logits are identical.
+        assert_eq!(logits(&model, &ids), logits(&back, &ids));
+    }
+
+    #[test]
+    fn loading_without_unpermuting_would_change_the_logits() {
+        // Guards the test above: the permutation is not a no-op on this model.
+        let dir = tempfile::tempdir().unwrap();
+        let (model, _tok, _) = small_gguf(dir.path());
+        let mut t: HashMap<String, Tensor> = model_tensors(&model.params).into_iter().collect();
+        let wq = t["layers.0.attn.wq.weight"].clone();
+        t.insert("layers.0.attn.wq.weight".into(), crate::import::permute_rotary(&wq, 4).unwrap());
+        let wrong = Model::from_tensors(&model.cfg, t, "test", &Device::Cpu).unwrap();
+        assert_ne!(logits(&model, &[1, 2, 3, 4]), logits(&wrong, &[1, 2, 3, 4]));
+    }
+
+    /// Rewrite one metadata string value in a GGUF written by `write_f32` (same length).
+    fn patch(path: &Path, from: &[u8], to: &[u8]) {
+        assert_eq!(from.len(), to.len());
+        let mut bytes = std::fs::read(path).unwrap();
+        let pos = bytes.windows(from.len()).position(|w| w == from).expect("pattern present");
+        bytes[pos..pos + to.len()].copy_from_slice(to);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn other_architectures_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _, path) = small_gguf(dir.path());
+        // "general.architecture" -> "llama" is stored as u64 length 5 + bytes; make it "gemma".
+        patch(&path, b"\x05\x00\x00\x00\x00\x00\x00\x00llama", b"\x05\x00\x00\x00\x00\x00\x00\x00gemma");
+        let e = load(&path).err().unwrap().to_string();
+        assert!(e.contains("architecture `gemma` is not supported"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+    }
+
+    #[test]
+    fn unsupported_tensor_types_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _, path) = small_gguf(dir.path());
+        // The first tensor info: name, n_dims u32, dims u64 each, then the type u32 (0 = F32).
+        // Set it to 16 (IQ2_XXS), which candle cannot dequantize.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let name = b"blk.0.attn_k.weight";
+        let pos = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+        let n_dims = u32::from_le_bytes(bytes[pos..pos + 4].try_into().unwrap()) as usize;
+        let ty = pos + 4 + 8 * n_dims;
+        assert_eq!(&bytes[ty..ty + 4], &[0, 0, 0, 0]);
+        bytes[ty] = 16;
+        std::fs::write(&path, bytes).unwrap();
+        let e = load(&path).err().unwrap().to_string();
+        assert!(e.contains("tensor type 16") && e.contains("Q4_1"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+    }
+
+    #[test]
+    fn missing_metadata_and_non_gguf_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _, path) = small_gguf(dir.path());
+        patch(&path, b"llama.block_count", b"llama.block_xxxxx");
+        let e = load(&path).err().unwrap().to_string();
+        assert!(e.contains("`llama.block_count` is missing"), "{e}");
+        let txt = dir.path().join("x.gguf");
+        std::fs::write(&txt, "hello, not a gguf").unwrap();
+        let e = load(&txt).err().unwrap().to_string();
+        assert!(e.contains("GGUF"), "{e}");
+    }
+}
