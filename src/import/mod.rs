@@ -68,10 +68,8 @@ pub fn load(path: &Path) -> Result<Imported> {
     if path.is_file() {
         return gguf::load(path);
     }
-    if path.join("model.safetensors").exists() || path.join("latest").exists() {
-        if is_itt_checkpoint(path) {
-            return load_checkpoint(path);
-        }
+    if (path.join("model.safetensors").exists() || path.join("latest").exists()) && is_itt_checkpoint(path) {
+        return load_checkpoint(path);
     }
     if path.join("config.json").exists() {
         return hf::load(path);
