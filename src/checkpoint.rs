@@ -100,7 +100,19 @@ fn st_metadata(kind: &str) -> HashMap<String, String> {
 
 fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>, kind: &str) -> Result<()> {
     safetensors::serialize_to_file(tensors, Some(st_metadata(kind)), path)
-        .map_err(|e| Error::checkpoint(path, format!("cannot write: {e}")))
+        .map_err(|e| Error::checkpoint(path, format!("cannot write: {e}")))?;
+    make_world_readable(path)
+}
+
+/// `safetensors` writes through a private temporary file (mode 0600); checkpoints are shared
+/// artefacts like the JSON files beside them, so give them the usual 0644.
+pub fn make_world_readable(path: &Path) -> Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).at(path)?;
+    }
+    Ok(())
 }
 
 /// Model weights as named tensors (for saving or export).

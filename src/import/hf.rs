@@ -264,6 +264,7 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(named, Some(meta), &st)
         .map_err(|e| Error::input(&st, format!("cannot write: {e}")))?;
+    crate::checkpoint::make_world_readable(&st)?;
     let cfg_path = dir.join("config.json");
     let body = serde_json::to_string_pretty(&config_json(cfg, Some(tokenizer))).unwrap_or_default();
     std::fs::write(&cfg_path, body).at(&cfg_path)?;
