@@ -130,7 +130,14 @@ fn parse_line(line: &str) -> std::result::Result<Parsed, String> {
         let continuation = s(req, "continuation").ok_or("request.continuation missing")?;
         let idx = v.get("idx").and_then(|x| x.as_u64()).ok_or("idx missing")? as usize;
         let doc_key = v.get("doc_id").map(|d| d.to_string()).ok_or("doc_id missing")?;
-        let gold = v.get("doc").and_then(|d| d.get("gold")).and_then(|g| g.as_u64()).map(|g| g as usize);
+        // Most tasks keep the answer in doc.gold; WinoGrande (partial scoring: the choices are
+        // the contexts) only in the top-level "label". LAMBADA's label is a list of words: no gold.
+        let gold = v
+            .get("doc")
+            .and_then(|d| d.get("gold"))
+            .or_else(|| v.get("label"))
+            .and_then(|g| g.as_u64())
+            .map(|g| g as usize);
         return Ok(Parsed::Request { doc_key, context, continuation, idx, gold });
     }
     let context =
@@ -417,15 +424,23 @@ mod tests {
             "{\"context\": \"ab\", \"choices\": [\" x\", \" y\"], \"gold\": 1}\n\
              {\"request\": {\"context\": \"q\", \"continuation\": \" a\"}, \"idx\": 0, \"doc_id\": 7, \"doc\": {\"gold\": 1}}\n\
              {\"request\": {\"context\": \"q\", \"continuation\": \" b\"}, \"idx\": 1, \"doc_id\": 7, \"doc\": {\"gold\": 1}}\n\
-             {broken\n",
+             {broken\n\
+             {\"request\": {\"context\": \"Sam so Sam\", \"continuation\": \" won.\"}, \"idx\": 0, \"doc_id\": 8, \"doc\": {}, \"label\": 1}\n\
+             {\"request\": {\"context\": \"Sam so Max\", \"continuation\": \" won.\"}, \"idx\": 1, \"doc_id\": 8, \"doc\": {}, \"label\": 1}\n\
+             {\"request\": {\"context\": \"a b\", \"continuation\": \" c\"}, \"idx\": 0, \"doc_id\": 9, \"doc\": {}, \"label\": [\"c\"]}\n",
         )
         .unwrap();
         let err = load_items(&p, OnError::Stop).unwrap_err().to_string();
         assert!(err.contains("line 4"), "{err}");
         let (items, skipped) = load_items(&p, OnError::Skip).unwrap();
-        assert_eq!(items.len(), 2);
+        assert_eq!(items.len(), 4);
         assert_eq!(items[1].continuations, vec![" a", " b"]);
         assert_eq!(items[1].gold, Some(1));
+        // WinoGrande: the gold is the top-level label, the choices differ in their contexts.
+        assert_eq!(items[2].contexts, vec!["Sam so Sam", "Sam so Max"]);
+        assert_eq!(items[2].gold, Some(1));
+        // LAMBADA: a list label is not a gold index; the item is scored as a cloze.
+        assert_eq!(items[3].gold, None);
         assert_eq!(skipped.len(), 1);
         assert!(skipped[0].contains("line 4"));
         assert!(task_path(dir.path(), "nonsense").unwrap_err().to_string().contains("unknown task"));
