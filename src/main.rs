@@ -365,7 +365,7 @@ struct DepthArgs {
     #[arg(long)]
     data: Option<String>,
     /// Folder for depth.json, depth.png and depth.html.
-    #[arg(long, default_value = "analysis/depth")]
+    #[arg(long, default_value = "runs/analysis/depth")]
     out: PathBuf,
     /// Window length (default: the checkpoint's training sequence length).
     #[arg(long)]
@@ -386,7 +386,7 @@ struct RouterArgs {
     #[arg(long, default_value = "builtin")]
     data: String,
     /// Folder for router.json and the PNGs.
-    #[arg(long, default_value = "analysis/router")]
+    #[arg(long, default_value = "runs/analysis/router")]
     out: PathBuf,
     #[arg(long)]
     seq_len: Option<usize>,
@@ -405,7 +405,7 @@ struct SpikeArgs {
     #[arg(long, default_value = "builtin")]
     data: String,
     /// Folder for grad_spikes.json and grad_spikes.png.
-    #[arg(long, default_value = "analysis/grad-spikes")]
+    #[arg(long, default_value = "runs/analysis/grad-spikes")]
     out: PathBuf,
     /// Samples per class (easy, hard).
     #[arg(long, default_value_t = 24)]
