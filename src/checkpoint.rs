@@ -207,7 +207,12 @@ fn load_tensors(path: &Path, kind: &str) -> Result<HashMap<String, Tensor>> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::checkpoint(path, format!("not a readable safetensors file ({e}); is it truncated?")))?;
     let info = meta.metadata().clone().unwrap_or_default();
-    let tag = info.get("format").cloned().unwrap_or_default();
+    let mut tag = info.get("format").cloned().unwrap_or_default();
+    // Checkpoints written before the single-tag header (commit 93ee281) carry three keys:
+    // {"format": "itt", "content": KIND, "version": N}. Read them as the same format.
+    if tag == FORMAT && info.get("content").map(String::as_str) == Some(kind) {
+        tag = format!("{FORMAT}-{kind}-v{}", info.get("version").map(String::as_str).unwrap_or(""));
+    }
     let Some(version) = tag.strip_prefix(&format!("{FORMAT}-{kind}-v")) else {
         return Err(Error::checkpoint(
             path,
@@ -305,4 +310,33 @@ pub fn load_model(path: &Path) -> Result<(Model, crate::data::Tokenizer, Checkpo
     }
     let (model, info) = ck.into_model(&Device::Cpu)?;
     Ok((model, tok, info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_with_header(path: &Path, header: &[(&str, &str)]) {
+        let t = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
+        let meta: HashMap<String, String> = header.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        safetensors::serialize_to_file(vec![("w".to_string(), t)], Some(meta), path).unwrap();
+    }
+
+    #[test]
+    fn current_and_earlier_headers_load_and_foreign_ones_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |name: &str, header: &[(&str, &str)]| {
+            let p = dir.path().join(name);
+            write_with_header(&p, header);
+            load_tensors(&p, "model").map(|m| m["w"].to_vec1::<f32>().unwrap())
+        };
+        assert_eq!(read("now.safetensors", &[("format", "itt-model-v1")]).unwrap(), vec![1.0, 2.0, 3.0]);
+        let earlier = [("format", "itt"), ("content", "model"), ("version", "1")];
+        assert_eq!(read("earlier.safetensors", &earlier).unwrap(), vec![1.0, 2.0, 3.0]);
+        let wrong_kind = [("format", "itt"), ("content", "optimizer"), ("version", "1")];
+        assert!(read("opt.safetensors", &wrong_kind).unwrap_err().to_string().contains("from elsewhere"));
+        assert!(read("pt.safetensors", &[("format", "pt")]).unwrap_err().to_string().contains("from elsewhere"));
+        let e = read("v9.safetensors", &[("format", "itt-model-v9")]).unwrap_err().to_string();
+        assert!(e.contains("format version 9"), "{e}");
+    }
 }
