@@ -478,8 +478,8 @@ struct RetrofitArgs {
     /// Layers that think (default every other layer: 1, 3, 5, ...).
     #[arg(long, value_delimiter = ',')]
     layers: Option<Vec<usize>>,
-    /// Initial phi_t of the routed steps (0 = the retrofit model equals the pretrained one exactly).
-    #[arg(long, default_value_t = 0.01)]
+    /// Initial phi_t of the routed steps (0, the default: the retrofit model equals the pretrained one exactly).
+    #[arg(long, default_value_t = 0.0)]
     phi_init: f64,
     /// What the routed steps accumulate: literal (f(x), the paper's Eq. 4) or update (f(x) - x).
     #[arg(long, default_value = "literal")]

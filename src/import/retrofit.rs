@@ -4,17 +4,16 @@
 //! the pretrained layer: phi_1 = 1 exactly, so x1 = phi_1 * f(x0) = f(x0) bit for bit in the
 //! default literal residual form (ITT-SPEC §3; the `update` form computes x0 + (f(x0) - x0),
 //! equal only up to rounding). The
-//! routed steps t >= 2 start with phi_t = `phi_init` (here 1e-2 by default) and fresh routers
-//! R_t ~ N(0, router_init_std), bias 0, so they begin as a small perturbation of the
-//! pretrained network that fine-tuning can grow.
+//! routed steps t >= 2 start with phi_t = `phi_init` (`itt retrofit` default 0) and fresh
+//! routers R_t ~ N(0, router_init_std), bias 0.
 //!
-//! Why phi_t small and not zero: with phi_t = 0 the routed update w * phi_t * f(x) is exactly
-//! zero, so the retrofitted model equals the pretrained one bit for bit, but the router's only
-//! gradient, through w, is multiplied by phi_t and vanishes; phi_t itself does get a gradient
-//! (f(x) * w * dL/dx), so with Adam the routers start to learn one step later. With phi_t =
-//! 1e-2 the model starts within a small distance of the pretrained one (measured by
-//! `itt retrofit`: "retrofit, before training" vs "pretrained") and the routers learn from the
-//! first step. Both are available through `phi_init`.
+//! Why phi_t = 0 by default: the routed update w * phi_t * f(x) is then exactly zero, so the
+//! retrofitted model equals the pretrained one bit for bit (the issue asks for this). The
+//! routers' gradient, through w, is multiplied by phi_t and vanishes at first, but phi_t itself
+//! gets a gradient (f(x) * w * dL/dx), so after one Adam step phi_t is about the learning rate
+//! and the routers learn from then on. Measured on the tiny char model of
+//! `scripts/retrofit_experiment.sh tiny` (60 steps of 16 x 128, routers + phi trained):
+//! phi_init 0: 1.6348 -> 1.6324; phi_init 0.01: 1.6350 before training -> 1.6329.
 //!
 //! `max_steps = 0` writes the retrofitted model untrained. Fine-tuning can update only the new parameters (`Trainable::Thinking`: phi and routers,
 //! the backbone frozen) or everything (`Trainable::All`).
@@ -131,7 +130,7 @@ impl RetrofitReport {
         format!(
             "{kind}, training {:?} ({} of {} parameters)\n\
              validation loss: pretrained {:.4} | retrofit, before training {:.4} | after {} steps {:.4}\n\
-             {:.0} tokens/s, {:.2} GFLOPs per training token, {:.1} s\ncheckpoint: {}",
+             {:.0} tokens/s, {:.4} GFLOPs per training token, {:.1} s\ncheckpoint: {}",
             self.trainable,
             self.params_trained,
             self.params_total,
