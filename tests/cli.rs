@@ -202,31 +202,11 @@ fn the_commands_work_on_a_trained_run() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["bits_per_byte"].as_f64().unwrap() > 0.0);
-    let out = itt(&[
-        "generate",
-        "--checkpoint",
-        run,
-        "--prompt",
-        "12+",
-        "--max-new-tokens",
-        "5",
-        "--seed",
-        "3",
-        "--show-depth",
-    ]);
+    let generate =
+        ["generate", "--checkpoint", run, "--prompt", "12+", "--max-new-tokens", "5", "--seed", "3", "--show-depth"];
+    let out = itt(&generate);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let again = itt(&[
-        "generate",
-        "--checkpoint",
-        run,
-        "--prompt",
-        "12+",
-        "--max-new-tokens",
-        "5",
-        "--seed",
-        "3",
-        "--show-depth",
-    ]);
+    let again = itt(&generate);
     assert_eq!(out.stdout, again.stdout, "seeded sampling must repeat");
     let out = itt(&["info", "--checkpoint", run, "--ratios", "0.5"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
