@@ -27,13 +27,20 @@ pub struct TrainBench {
     pub gflops_per_s: f64,
     pub peak_rss_mb: f64,
     pub threads: usize,
+    /// Number format of the matrix products (`ops::Precision`).
+    pub precision: crate::ops::Precision,
+    /// Rate of one large square matrix product (2048^3) in that precision on this machine, and
+    /// the model FLOP utilisation against it (`gflops_per_s / gemm_gflops_per_s`).
+    pub gemm_gflops_per_s: f64,
+    pub mfu: f64,
 }
 
 impl TrainBench {
     pub fn table(&self) -> String {
         format!(
             "preset {} | {:.2}M params | batch {}x{} | {} steps\n\
-             step {:.3} s median ({:.3} min) | {:.0} tokens/s | {:.1} GFLOP/s | peak RSS {:.0} MiB | {} threads",
+             step {:.3} s median ({:.3} min) | {:.0} tokens/s | {:.1} GFLOP/s | peak RSS {:.0} MiB | {} threads\n\
+             {} products; a 2048^3 product runs at {:.0} GFLOP/s here, so model FLOP utilisation {:.0}%",
             self.preset.as_deref().unwrap_or("custom"),
             self.params as f64 / 1e6,
             self.batch,
@@ -44,7 +51,10 @@ impl TrainBench {
             self.tokens_per_s,
             self.gflops_per_s,
             self.peak_rss_mb,
-            self.threads
+            self.threads,
+            self.precision.name(),
+            self.gemm_gflops_per_s,
+            100.0 * self.mfu
         )
     }
 }
@@ -63,8 +73,10 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         let tgt: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
         let t0 = Instant::now();
         acc.zero();
-        let loss = model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)?;
-        let grads = loss.backward()?;
+        let loss = crate::ops::with_precision(cfg.train.precision, || {
+            model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)
+        })?;
+        let grads = crate::ops::with_precision(cfg.train.precision, || loss.backward())?;
         acc.add(&model.params, &grads)?;
         let norm = acc.finish();
         opt.step(&model.params, &acc.sums, norm, 1e-4, &cfg.train)?;
@@ -75,6 +87,8 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
     times.sort_by(|a, b| a.total_cmp(b));
     let med = times[times.len() / 2];
     let f = flops_per_token(&cfg.model, t, None, None);
+    let gemm_rate = gemm_gflops(cfg.train.precision)?;
+    let rate = f.train * (b * t) as f64 / med / 1e9;
     Ok(TrainBench {
         preset: cfg.preset.clone(),
         params: model.n_params(),
@@ -85,10 +99,29 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         step_s_min: times[0],
         tokens_per_s: (b * t) as f64 / med,
         train_flops_per_token: f.train,
-        gflops_per_s: f.train * (b * t) as f64 / med / 1e9,
+        gflops_per_s: rate,
         peak_rss_mb: crate::util::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
+        precision: cfg.train.precision,
+        gemm_gflops_per_s: gemm_rate,
+        mfu: rate / gemm_rate,
     })
+}
+
+/// GFLOP/s of a 2048 x 2048 x 2048 product through `ops::linear` in `precision` (best of 3),
+/// the yardstick for model FLOP utilisation.
+pub fn gemm_gflops(precision: crate::ops::Precision) -> Result<f64> {
+    let n = 2048;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        let y = crate::ops::with_precision(precision, || crate::ops::linear(&x, &w))?;
+        drop(y);
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * (n * n * n) as f64 / best / 1e9)
 }
 
 #[derive(Clone, Debug, Serialize)]

@@ -5,6 +5,7 @@
 //! `tiny`, `small`, `paper-162m`, `paper-230m`, `paper-466m`, each also as `SIZE-loopT` and
 //! `SIZE-ittT` for T = 2, 3, 4.
 
+pub use crate::ops::Precision;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -261,6 +262,10 @@ pub struct TrainConfig {
     /// vectors and routers of a model retrofitted from a pretrained one, `itt retrofit`).
     #[serde(skip_serializing_if = "Trainable::is_all")]
     pub trainable: Trainable,
+    /// Number format of the matrix products in training and validation: `f32`, or `bf16`
+    /// (bf16 operands, f32 sums; `ops::Precision`). Left out of files when f32.
+    #[serde(skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
 }
 
 /// Which parameters training updates; the others stay frozen (no update, no weight decay, and
@@ -322,6 +327,7 @@ impl Default for TrainConfig {
             seed: 1337,
             threshold_momentum: 0.95,
             trainable: Trainable::All,
+            precision: Precision::F32,
         }
     }
 }

@@ -200,6 +200,9 @@ struct TrainArgs {
     eval_interval: Option<usize>,
     #[arg(long)]
     checkpoint_interval: Option<usize>,
+    /// Matrix products in f32, or bf16 (bf16 operands, f32 sums, f32 master weights).
+    #[arg(long)]
+    precision: Option<itt::ops::Precision>,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -319,6 +322,9 @@ struct BenchArgs {
     /// Vocabulary for the benchmark (random tokens).
     #[arg(long)]
     vocab: Option<usize>,
+    /// Matrix products of the training step in f32 or bf16 (see `itt train --precision`).
+    #[arg(long)]
+    precision: Option<itt::ops::Precision>,
     /// Measure prefill and decode (with and without KV cache) for these presets instead of training,
     /// e.g. --decode tiny,tiny-loop4,tiny-itt4.
     #[arg(long, value_delimiter = ',')]
@@ -571,6 +577,9 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(v) = a.vocab {
                 cfg.model.vocab_size = v;
             }
+            if let Some(p) = a.precision {
+                cfg.train.precision = p;
+            }
             cfg.validate()?;
             let r = itt::bench::train_step(&cfg, a.steps)?;
             if a.json {
@@ -753,6 +762,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         set!(warmup_steps, a.warmup);
         set!(eval_interval, a.eval_interval);
         set!(checkpoint_interval, a.checkpoint_interval);
+        set!(precision, a.precision);
         if a.out.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",

@@ -163,8 +163,13 @@ impl Trainer {
         })
     }
 
-    /// One optimiser step over `grad_accum` micro-batches drawn from `shard`.
+    /// One optimiser step over `grad_accum` micro-batches drawn from `shard`, with the matrix
+    /// products in the run's precision.
     pub fn step(&mut self, shard: &TokenShard) -> Result<StepReport> {
+        crate::ops::with_precision(self.cfg.train.precision, || self.step_in_precision(shard))
+    }
+
+    fn step_in_precision(&mut self, shard: &TokenShard) -> Result<StepReport> {
         let t0 = Instant::now();
         let tc = self.cfg.train.clone();
         let (b, t) = (tc.batch_size, tc.seq_len);
@@ -204,7 +209,9 @@ impl Trainer {
     /// Mean validation loss over up to `batches` sequential batches (0 = all).
     pub fn evaluate(&self, shard: &TokenShard, batches: usize) -> Result<f64> {
         let tc = &self.cfg.train;
-        crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
+        crate::ops::with_precision(tc.precision, || {
+            crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
+        })
     }
 
     /// Write a checkpoint of the current step and point `latest` at it.

@@ -213,3 +213,41 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
         assert_eq!(again.rows[0].val_loss_mean, r.rows[0].val_loss_mean);
     }
 }
+
+#[test]
+fn bf16_training_tracks_f32_and_resumes_exactly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, tok) = dataset(tmp.path());
+    let mut cfg = small_run("tiny-itt3", &tok, 6);
+    let quiet = RunOptions { quiet: true, stop_at: None };
+    let f32_run = tmp.path().join("f32");
+    let mut t32 = Trainer::new(cfg.clone(), &tok, &f32_run).unwrap();
+    train::run(&mut t32, &ds, &quiet).unwrap();
+
+    cfg.train.precision = config::Precision::Bf16;
+    let a = tmp.path().join("bf16");
+    let mut ta = Trainer::new(cfg.clone(), &tok, &a).unwrap();
+    train::run(&mut ta, &ds, &quiet).unwrap();
+    // The precision is saved with the run, and the products really were rounded.
+    let saved = std::fs::read_to_string(checkpoint::resolve(&a).unwrap().join("config.json")).unwrap();
+    assert!(saved.contains("\"precision\": \"bf16\""), "{saved}");
+    assert_ne!(params(&t32.model), params(&ta.model));
+    let last = |run: &Path| -> f64 {
+        let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let v: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        v["val_loss"].as_f64().unwrap()
+    };
+    let (l32, l16) = (last(&f32_run), last(&a));
+    assert!((l16 - l32).abs() < 0.02 * l32, "validation loss f32 {l32} vs bf16 {l16}");
+
+    // Resume from step 3 in bf16 (the precision comes from the checkpoint): bit-exact.
+    let c = tmp.path().join("bf16-resumed");
+    let mut tc = Trainer::new(cfg.clone(), &tok, &c).unwrap();
+    train::run(&mut tc, &ds, &RunOptions { quiet: true, stop_at: Some(3) }).unwrap();
+    drop(tc);
+    let mut tc = Trainer::resume(&c, None).unwrap();
+    assert_eq!(tc.cfg.train.precision, config::Precision::Bf16);
+    train::run(&mut tc, &ds, &quiet).unwrap();
+    assert_eq!(params(&ta.model), params(&tc.model), "resumed bf16 run differs");
+    assert_eq!(losses(&a), losses(&c));
+}

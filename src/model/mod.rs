@@ -237,7 +237,7 @@ impl Linear {
     }
     /// x: (N, in) -> (N, out).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?)
+        ops::linear(x, &self.weight)
     }
 }
 
@@ -526,7 +526,7 @@ impl Model {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.head {
             Some(h) => h.forward(hidden),
-            None => Ok(hidden.matmul(&self.embed.t()?)?),
+            None => ops::linear(hidden, &self.embed),
         }
     }
 

@@ -90,6 +90,69 @@ pub fn with_composed<R>(kernels: &[Kernel], f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Number format of the matrix products in `linear` (training and its validation; `f32`
+/// elsewhere unless asked). `Bf16` rounds both operands of every product to bfloat16 and sums in
+/// f32, in the forward and backward passes, like PyTorch's CPU autocast; everything else (norms,
+/// attention, softmax, the optimiser and its master weights) stays f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = crate::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(crate::Error::usage(format!("unknown precision '{s}' (use f32 or bf16)"))),
+        }
+    }
+}
+
+thread_local! {
+    static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
+}
+
+/// Run `f` with the matrix products of `linear` in `precision` on this thread.
+pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
+    let old = PRECISION.with(|c| c.replace(precision));
+    let r = f();
+    PRECISION.with(|c| c.set(old));
+    r
+}
+
+/// The precision `linear` uses on this thread now.
+pub fn precision() -> Precision {
+    PRECISION.with(|c| c.get())
+}
+
+/// x W^T: x (N, in), W (out, in) -> (N, out). In bf16 precision (see [`Precision`]) an f32 CPU
+/// product runs as the fused mixed-precision kernel (`fused::linear_bf16`, AMX tiles where the
+/// CPU has them); otherwise candle's matmul.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if precision() == Precision::Bf16 && x.dtype() == DType::F32 && w.dtype() == DType::F32 && fused::supports(x) {
+        fused::linear_bf16(x, w)
+    } else {
+        Ok(x.matmul(&w.t()?)?)
+    }
+}
+
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * gain`.
 /// x: (N, D), gain: (D,) -> (N, D).
 pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {

@@ -275,3 +275,56 @@ fn model_with_fused_ops_matches_composed_ops() {
     assert!((lf - lc).abs() < 1e-5 * lc.abs(), "loss {lf} vs {lc}");
     assert!(rel_diff(&gf, &gc) < 1e-4);
 }
+
+/// bf16-rounded copy of f64 values (round to nearest even, as `to_dtype(BF16)`).
+fn bf16_round(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&x| half::bf16::from_f32(x as f32).to_f64()).collect()
+}
+
+/// c (m, n) = a (m, k) . b (k, n) in f64, with element accessors.
+fn product(m: usize, n: usize, k: usize, a: impl Fn(usize, usize) -> f64, b: impl Fn(usize, usize) -> f64) -> Vec<f64> {
+    let mut c = vec![0.0; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            c[i * n + j] = (0..k).map(|kk| a(i, kk) * b(kk, j)).sum();
+        }
+    }
+    c
+}
+
+#[test]
+fn linear_bf16_is_the_product_of_bf16_rounded_operands_forward_and_backward() {
+    for (n, k, o) in [(37, 45, 29), (1, 1, 1), (64, 256, 96), (5, 70, 3)] {
+        let (x, w) = (randn(&[n, k], 7, DType::F32), randn(&[o, k], 8, DType::F32));
+        let f = |t: &[Tensor]| fused::linear_bf16(&t[0], &t[1]);
+        let (y, g) = value_and_grads(&f, &[x.clone(), w.clone()]);
+        // L = sum(y * R), so dy = R: the same fixed tensor `value_and_grads` uses.
+        let r = bf16_round(&host(&randn(&[n, o], 99, DType::F32)));
+        let (xr, wr) = (bf16_round(&host(&x)), bf16_round(&host(&w)));
+        let want_y = product(n, o, k, |i, kk| xr[i * k + kk], |kk, j| wr[j * k + kk]);
+        let want_dx = product(n, k, o, |i, j| r[i * o + j], |j, kk| wr[j * k + kk]);
+        let want_dw = product(o, k, n, |j, i| r[i * o + j], |i, kk| xr[i * k + kk]);
+        for (what, got, want) in [("y", &y, &want_y), ("dx", &g[0], &want_dx), ("dW", &g[1], &want_dw)] {
+            let d = rel_diff(got, want);
+            assert!(d < 1e-5, "linear_bf16 {n}x{k}x{o} {what}: relative difference {d:e}");
+        }
+        // And close to the f32 product (bf16 keeps 8 significant bits).
+        let (y32, g32) = value_and_grads(&|t: &[Tensor]| Ok(t[0].matmul(&t[1].t()?)?), &[x, w]);
+        assert!(rel_diff(&y, &y32) < 2e-2 && rel_diff(&g[0], &g32[0]) < 2e-2 && rel_diff(&g[1], &g32[1]) < 2e-2);
+    }
+}
+
+#[test]
+fn linear_runs_in_the_precision_asked_and_f64_stays_exact() {
+    use super::{linear, with_precision, Precision};
+    let (x, w) = (randn(&[9, 33], 1, DType::F32), randn(&[5, 33], 2, DType::F32));
+    let exact = x.matmul(&w.t().unwrap()).unwrap();
+    let f32_out = with_precision(Precision::F32, || linear(&x, &w)).unwrap();
+    assert_eq!(host(&f32_out), host(&exact));
+    let bf16_out = with_precision(Precision::Bf16, || linear(&x, &w)).unwrap();
+    assert!(host(&bf16_out) != host(&exact) && rel_diff(&host(&bf16_out), &host(&exact)) < 2e-2);
+    // f64 (finite-difference checks) never rounds.
+    let (x64, w64) = (x.to_dtype(DType::F64).unwrap(), w.to_dtype(DType::F64).unwrap());
+    let out64 = with_precision(Precision::Bf16, || linear(&x64, &w64)).unwrap();
+    assert_eq!(host(&out64), host(&x64.matmul(&w64.t().unwrap()).unwrap()));
+}

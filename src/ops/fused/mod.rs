@@ -12,13 +12,16 @@
 //! ([`simd_level`]); nothing needs `-C target-cpu`.
 
 mod attention;
+pub mod bf16_gemm;
 mod cross_entropy;
+mod linear;
 mod rms_norm;
 mod rope;
 mod swiglu;
 
 pub use attention::{causal_attention_varlen, causal_sdpa};
 pub use cross_entropy::cross_entropy;
+pub use linear::linear_bf16;
 pub use rms_norm::rms_norm;
 pub use rope::apply_rope;
 pub use swiglu::swiglu;
