@@ -4,8 +4,9 @@ same threads, alternating A B A B so that drift in the machine's speed hits both
     reference/compare.sh                       # sets up PyTorch, builds itt, runs everything
     python reference/compare.py --repeats 3    # with torch importable and target/release/itt built
 
-Prints a markdown table of medians and the ratio itt / PyTorch for the training step (fp32,
-and PyTorch bf16 autocast), prefill and cached decode, with peak memory. Not a test.
+Prints a markdown table of medians and the ratio itt / PyTorch for the training step (fp32
+against fp32, and `itt --precision bf16` against PyTorch bf16 autocast), prefill and cached
+decode, with peak memory. Not a test.
 """
 
 import argparse
@@ -37,16 +38,20 @@ def main():
     py = [sys.executable, os.path.join(HERE, "itt_torch.py")]
     rows = []
     for p in a.train_presets.split(","):
-        res = {"itt": [], "torch": [], "torch_bf16": []}
+        res = {"itt": [], "torch": [], "itt_bf16": [], "torch_bf16": []}
+        common = ["--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps)]
         for _ in range(a.repeats):
-            out = subprocess.run([ITT, "bench", "--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps), "--json"],
-                                 capture_output=True, text=True, check=True).stdout
-            res["itt"].append(json.loads(out))
-            res["torch"] += run(py + ["bench", "--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps)])
-            res["torch_bf16"] += run(py + ["bench", "--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps), "--bf16"])
+            res["itt"] += run([ITT, "bench", *common, "--json"])
+            res["torch"] += run(py + ["bench", *common])
+            res["itt_bf16"] += run([ITT, "bench", *common, "--precision", "bf16", "--json"])
+            res["torch_bf16"] += run(py + ["bench", *common, "--bf16"])
         med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res.items()}
         mem = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in res.items()}
-        rows.append(f"| train step | {p} | {med['itt']:.0f} | {med['torch']:.0f} | {med['itt'] / med['torch']:.2f} | {med['torch_bf16']:.0f} | {med['itt'] / med['torch_bf16']:.2f} | {mem['itt']:.0f} / {mem['torch']:.0f} |")
+        rows.append(
+            f"| train step | {p} | {med['itt']:.0f} | {med['torch']:.0f} | {med['itt'] / med['torch']:.2f} "
+            f"| {med['itt_bf16']:.0f} | {med['torch_bf16']:.0f} | {med['itt_bf16'] / med['torch_bf16']:.2f} "
+            f"| {mem['itt']:.0f} / {mem['torch']:.0f} | {mem['itt_bf16']:.0f} / {mem['torch_bf16']:.0f} |"
+        )
     for p in a.decode_presets.split(","):
         ours, theirs = [], []
         for _ in range(a.repeats):
@@ -55,10 +60,11 @@ def main():
         for key, label in [("prefill_tokens_per_s", "prefill"), ("decode_cached_tokens_per_s", "cached decode")]:
             o = statistics.median(r[key] for r in ours)
             t = statistics.median(r[key] for r in theirs)
-            rows.append(f"| {label} | {p} | {o:.0f} | {t:.0f} | {o / t:.2f} | – | – | – |")
+            rows.append(f"| {label} | {p} | {o:.0f} | {t:.0f} | {o / t:.2f} | – | – | – | – | – |")
     print(f"vocab {a.vocab}, 2 threads, medians of {a.repeats} alternating runs\n")
-    print("| measurement | preset | itt tok/s | PyTorch fp32 tok/s | ratio | PyTorch bf16 tok/s | ratio | peak MiB itt / torch |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| measurement | preset | itt f32 tok/s | PyTorch fp32 tok/s | ratio | itt bf16 tok/s "
+          "| PyTorch bf16 tok/s | ratio | peak MiB f32 itt / torch | peak MiB bf16 itt / torch |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

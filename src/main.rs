@@ -583,7 +583,7 @@ fn run(cli: Cli) -> Result<()> {
             cfg.validate()?;
             let r = itt::bench::train_step(&cfg, a.steps)?;
             if a.json {
-                println!("{}", serde_json::to_string_pretty(&r).unwrap());
+                println!("{}", serde_json::to_string(&r).unwrap());
             } else {
                 println!("{}", r.table());
             }
