@@ -10,6 +10,7 @@ use crate::config::{TrainConfig, Trainable};
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{Tensor, Var};
+use rayon::prelude::*;
 
 pub fn decays(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && !name.contains(".router.")
@@ -119,13 +120,22 @@ impl AdamW {
             let decay = if decays(name, &shape) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
             let mut p = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], &grads[i]);
-            for j in 0..p.len() {
-                let gj = g[j] * clip;
-                m[j] = b1 * m[j] + (1.0 - b1) * gj;
-                v[j] = b2 * v[j] + (1.0 - b2) * gj * gj;
-                p[j] -= decay * p[j];
-                p[j] -= step_size * m[j] / (v[j].sqrt() / bc2_sqrt + eps);
-            }
+            // Element-wise, so chunks on several threads give the same bits as one loop; the
+            // zipped iterators (no indexing) let LLVM vectorise, sqrt and division included.
+            const CHUNK: usize = 1 << 15;
+            p.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(g.par_chunks(CHUNK))
+                .for_each(|(((p, m), v), g)| {
+                    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                        let gj = g * clip;
+                        *m = b1 * *m + (1.0 - b1) * gj;
+                        *v = b2 * *v + (1.0 - b2) * gj * gj;
+                        *p -= decay * *p;
+                        *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                    }
+                });
             let t = Tensor::from_vec(p, shape.as_slice(), var.device())?.to_dtype(var.dtype())?;
             var.set(&t)?;
         }
