@@ -113,11 +113,9 @@ struct Scratch<T> {
     /// Query tile, pre-scaled: (BQ, hd); dO tile (BQ, hd).
     qs: Vec<T>,
     dot: Vec<T>,
-    /// Score / probability tile (BQ, BK) and dP / dS tile (BQ, BK); their transposes (BK, BQ).
+    /// Score / probability tile (BQ, BK) and dP / dS tile (BQ, BK).
     st: Vec<T>,
     dpt: Vec<T>,
-    pt: Vec<T>,
-    dst: Vec<T>,
     /// Output accumulator (forward) or dQ accumulator (backward): (BQ, hd).
     acc: Vec<T>,
     /// dK, dV accumulators of the kv head: (Lk, hd).
@@ -136,8 +134,6 @@ impl<T: Real> Scratch<T> {
             dot: z(BQ * hd),
             st: z(BQ * BK),
             dpt: z(BQ * BK),
-            pt: z(BK * BQ),
-            dst: z(BK * BQ),
             acc: z(BQ * hd),
             m: z(BQ),
             l: z(BQ),
@@ -171,26 +167,18 @@ fn gather_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, out
     }
 }
 
-/// a (rows, cols), row stride lda -> at (cols, rows), row stride ldt.
-#[inline(always)]
-fn transpose_tile<T: Real>(a: &[T], lda: usize, rows: usize, cols: usize, at: &mut [T], ldt: usize) {
-    for i in 0..rows {
-        for (j, &x) in a[i * lda..][..cols].iter().enumerate() {
-            at[j * ldt + i] = x;
-        }
-    }
-}
-
 /// Register-tile width of [`gemm_acc`]: 64 columns (four AVX-512 vectors of f32) by MR rows.
 const NR: usize = 64;
 const MR: usize = 4;
 
 /// c (m, n) += a (m, k) . b (k, n), row-major with leading dimensions lda, ldb, ldc: every
-/// product of the kernel. Full 4 x 64 blocks keep their accumulators in registers while k runs
-/// (16 FMAs per 4 loads); edges fall back to row-by-row axpy.
+/// product of the kernel. With `TA` the first operand is stored transposed, (k, m): element
+/// (i, kk) at `a[kk * lda + i]`, so P^T dO and dS^T Q need no transposed copy of the tile.
+/// Full 4 x 64 blocks keep their accumulators in registers while k runs (16 FMAs per 4 loads);
+/// edges fall back to row-by-row axpy.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm_acc<T: Real, const FMA: bool>(
+fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
     m: usize,
     n: usize,
     k: usize,
@@ -201,21 +189,34 @@ fn gemm_acc<T: Real, const FMA: bool>(
     c: &mut [T],
     ldc: usize,
 ) {
+    let a_at = |i: usize, kk: usize| if TA { a[kk * lda + i] } else { a[i * lda + kk] };
     let mut j0 = 0;
     while j0 + NR <= n {
         let mut i = 0;
         while i + MR <= m {
-            let ar: [&[T]; MR] = std::array::from_fn(|r| &a[(i + r) * lda..][..k]);
             let mut acc = [[T::ZERO; NR]; MR];
             for (r, row) in acc.iter_mut().enumerate() {
                 row.copy_from_slice(&c[(i + r) * ldc + j0..][..NR]);
             }
-            for kk in 0..k {
-                let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
-                for r in 0..MR {
-                    let x = ar[r][kk];
-                    for j in 0..NR {
-                        acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
+            if TA {
+                for kk in 0..k {
+                    let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
+                    let ac: &[T; MR] = a[kk * lda + i..][..MR].try_into().unwrap();
+                    for r in 0..MR {
+                        for j in 0..NR {
+                            acc[r][j] = madd::<T, FMA>(ac[r], bv[j], acc[r][j]);
+                        }
+                    }
+                }
+            } else {
+                let ar: [&[T]; MR] = std::array::from_fn(|r| &a[(i + r) * lda..][..k]);
+                for kk in 0..k {
+                    let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
+                    for r in 0..MR {
+                        let x = ar[r][kk];
+                        for j in 0..NR {
+                            acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
+                        }
                     }
                 }
             }
@@ -225,10 +226,10 @@ fn gemm_acc<T: Real, const FMA: bool>(
             i += MR;
         }
         while i < m {
-            let ar = &a[i * lda..][..k];
             let mut acc = [T::ZERO; NR];
             acc.copy_from_slice(&c[i * ldc + j0..][..NR]);
-            for (kk, &x) in ar.iter().enumerate() {
+            for kk in 0..k {
+                let x = a_at(i, kk);
                 let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
                 for j in 0..NR {
                     acc[j] = madd::<T, FMA>(x, bv[j], acc[j]);
@@ -243,8 +244,8 @@ fn gemm_acc<T: Real, const FMA: bool>(
         let w = n - j0;
         for i in 0..m {
             let cr = &mut c[i * ldc + j0..][..w];
-            for (kk, &x) in a[i * lda..][..k].iter().enumerate() {
-                axpy::<T, FMA>(x, &b[kk * ldb + j0..][..w], cr);
+            for kk in 0..k {
+                axpy::<T, FMA>(a_at(i, kk), &b[kk * ldb + j0..][..w], cr);
             }
         }
     }
@@ -285,7 +286,7 @@ multiversion! {
             for j0 in (0..kend).step_by(BK) {
                 let kc = BK.min(kend - j0);
                 st[..bq * BK].fill(T::ZERO);
-                gemm_acc::<T, FMA>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T: (bq, BK)
+                gemm_acc::<T, FMA, false>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T: (bq, BK)
                 for i in 0..bq {
                     let row = &mut st[i * BK..][..BK];
                     // Keys < lim are visible to this query; masked entries become p = 0.
@@ -307,7 +308,7 @@ multiversion! {
                         acc[i * hd..][..hd].iter_mut().for_each(|x| *x *= alpha);
                     }
                 }
-                gemm_acc::<T, FMA>(bq, hd, kc, st, BK, &vc[j0 * hd..], hd, acc, hd); // O += P V
+                gemm_acc::<T, FMA, false>(bq, hd, kc, st, BK, &vc[j0 * hd..], hd, acc, hd); // O += P V
             }
             for i in 0..bq {
                 let inv = T::ONE / l[i];
@@ -351,7 +352,7 @@ multiversion! {
         scr.dk.resize(lk * hd, T::ZERO);
         scr.dv.clear();
         scr.dv.resize(lk * hd, T::ZERO);
-        let Scratch { kt, vt, kc: kcont, qs, dot: dot_t, st, dpt, pt, dst, acc: dq_t, dk: dk_acc, dv: dv_acc, m: lse_t, l: delta, .. } = scr;
+        let Scratch { kt, vt, kc: kcont, qs, dot: dot_t, st, dpt, acc: dq_t, dk: dk_acc, dv: dv_acc, m: lse_t, l: delta, .. } = scr;
         for h in kvh * rep..(kvh + 1) * rep {
             for i0 in (0..lq).step_by(BQ) {
                 let bq = BQ.min(lq - i0);
@@ -371,8 +372,8 @@ multiversion! {
                     let kc = BK.min(kend - j0);
                     st[..bq * BK].fill(T::ZERO);
                     dpt[..bq * BK].fill(T::ZERO);
-                    gemm_acc::<T, FMA>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T
-                    gemm_acc::<T, FMA>(bq, BK, hd, dot_t, hd, &vt[j0..], ldk, dpt, BK); // dP = dO V^T
+                    gemm_acc::<T, FMA, false>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T
+                    gemm_acc::<T, FMA, false>(bq, BK, hd, dot_t, hd, &vt[j0..], ldk, dpt, BK); // dP = dO V^T
                     for i in 0..bq {
                         let (p, ds) = (&mut st[i * BK..][..BK], &mut dpt[i * BK..][..BK]);
                         let lim = past + i0 + i + 1;
@@ -385,11 +386,9 @@ multiversion! {
                         p[c..].fill(T::ZERO);
                         ds[c..].fill(T::ZERO);
                     }
-                    transpose_tile(st, BK, bq, kc, pt, BQ);
-                    transpose_tile(dpt, BK, bq, kc, dst, BQ);
-                    gemm_acc::<T, FMA>(kc, hd, bq, pt, BQ, dot_t, hd, &mut dv_acc[j0 * hd..], hd); // dV += P^T dO
-                    gemm_acc::<T, FMA>(kc, hd, bq, dst, BQ, qs, hd, &mut dk_acc[j0 * hd..], hd); // dK += dS^T Qs
-                    gemm_acc::<T, FMA>(bq, hd, kc, dpt, BK, &kcont[j0 * hd..], hd, dq_t, hd); // dQ += dS K
+                    gemm_acc::<T, FMA, true>(kc, hd, bq, st, BK, dot_t, hd, &mut dv_acc[j0 * hd..], hd); // dV += P^T dO
+                    gemm_acc::<T, FMA, true>(kc, hd, bq, dpt, BK, qs, hd, &mut dk_acc[j0 * hd..], hd); // dK += dS^T Qs
+                    gemm_acc::<T, FMA, false>(bq, hd, kc, dpt, BK, &kcont[j0 * hd..], hd, dq_t, hd); // dQ += dS K
                 }
                 for i in 0..bq {
                     // SAFETY: query head h is in this item's group, so its dQ rows are ours.
