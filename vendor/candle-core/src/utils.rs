@@ -380,6 +380,14 @@ pub fn init_global_threadpool() {
 }
 
 fn default_num_threads() -> usize {
+    // [itt patch] The count is found once: `get_num_threads` runs for every matmul, and on
+    // Linux the lookup parses /proc/cpuinfo (num_cpus::get_physical), which was ~15% of the
+    // CPU time of one-token decoding steps. The environment variables are still read per call.
+    static DEFAULT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *DEFAULT.get_or_init(find_default_num_threads)
+}
+
+fn find_default_num_threads() -> usize {
     let physical = {
         #[cfg(target_os = "macos")]
         {
