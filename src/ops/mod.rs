@@ -27,11 +27,14 @@ pub enum Kernel {
     Rope,
     Swiglu,
     CrossEntropy,
+    /// x W^T in f32 straight through gemm (no transposed-weight node, no zero-filled output);
+    /// in bf16 precision the product is always the fused mixed-precision one.
+    Linear,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 5] =
-        [Kernel::Attention, Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::CrossEntropy];
+    pub const ALL: [Kernel; 6] =
+        [Kernel::Attention, Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::CrossEntropy, Kernel::Linear];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +43,7 @@ impl Kernel {
             Kernel::Rope => "rope",
             Kernel::Swiglu => "swiglu",
             Kernel::CrossEntropy => "cross_entropy",
+            Kernel::Linear => "linear",
         }
     }
 
@@ -142,14 +146,15 @@ pub fn precision() -> Precision {
     PRECISION.with(|c| c.get())
 }
 
-/// x W^T: x (N, in), W (out, in) -> (N, out). In bf16 precision (see [`Precision`]) an f32 CPU
-/// product runs as the fused mixed-precision kernel (`fused::linear_bf16`, AMX tiles where the
-/// CPU has them); otherwise candle's matmul.
+/// x W^T: x (N, in), W (out, in) -> (N, out). For f32 CPU tensors this is the fused op
+/// (`fused::linear`): in bf16 precision (see [`Precision`]) the mixed-precision product (AMX
+/// tiles where the CPU has them), in f32 gemm called directly. Otherwise candle's matmul.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    if precision() == Precision::Bf16 && x.dtype() == DType::F32 && w.dtype() == DType::F32 && fused::supports(x) {
-        fused::linear_bf16(x, w)
-    } else {
-        Ok(x.matmul(&w.t()?)?)
+    let f32_cpu = x.dtype() == DType::F32 && w.dtype() == DType::F32 && fused::supports(x);
+    match precision() {
+        Precision::Bf16 if f32_cpu => fused::linear(x, w, Precision::Bf16),
+        _ if f32_cpu && fused_enabled(Kernel::Linear, x) => fused::linear(x, w, Precision::F32),
+        _ => Ok(x.matmul(&w.t()?)?),
     }
 }
 

@@ -296,7 +296,7 @@ fn product(m: usize, n: usize, k: usize, a: impl Fn(usize, usize) -> f64, b: imp
 fn linear_bf16_is_the_product_of_bf16_rounded_operands_forward_and_backward() {
     for (n, k, o) in [(37, 45, 29), (1, 1, 1), (64, 256, 96), (5, 70, 3)] {
         let (x, w) = (randn(&[n, k], 7, DType::F32), randn(&[o, k], 8, DType::F32));
-        let f = |t: &[Tensor]| fused::linear_bf16(&t[0], &t[1]);
+        let f = |t: &[Tensor]| fused::linear(&t[0], &t[1], super::Precision::Bf16);
         let (y, g) = value_and_grads(&f, &[x.clone(), w.clone()]);
         // L = sum(y * R), so dy = R: the same fixed tensor `value_and_grads` uses.
         let r = bf16_round(&host(&randn(&[n, o], 99, DType::F32)));
@@ -327,4 +327,17 @@ fn linear_runs_in_the_precision_asked_and_f64_stays_exact() {
     let (x64, w64) = (x.to_dtype(DType::F64).unwrap(), w.to_dtype(DType::F64).unwrap());
     let out64 = with_precision(Precision::Bf16, || linear(&x64, &w64)).unwrap();
     assert_eq!(host(&out64), host(&x64.matmul(&w64.t().unwrap()).unwrap()));
+}
+
+#[test]
+fn linear_f32_matches_matmul_values_and_gradients() {
+    for (n, k, o) in [(37, 45, 29), (1, 1, 1), (64, 256, 96), (300, 70, 3)] {
+        let (x, w) = (randn(&[n, k], 3, DType::F32), randn(&[o, k], 4, DType::F32));
+        let fused = |t: &[Tensor]| fused::linear(&t[0], &t[1], super::Precision::F32);
+        let composed = |t: &[Tensor]| Ok(t[0].matmul(&t[1].t()?)?);
+        let (y, g) = value_and_grads(&fused, &[x.clone(), w.clone()]);
+        let (want, want_g) = value_and_grads(&composed, &[x, w]);
+        assert!(rel_diff(&y, &want) < 1e-6, "linear {n}x{k}x{o}: values");
+        assert!(rel_diff(&g[0], &want_g[0]) < 1e-6 && rel_diff(&g[1], &want_g[1]) < 1e-6, "linear {n}x{k}x{o}: grads");
+    }
 }

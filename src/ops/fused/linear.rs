@@ -1,28 +1,68 @@
-//! Linear layer in mixed precision: y = x W^T with both operands rounded to bfloat16 and the
-//! products summed in f32, forward and backward, as PyTorch's CPU autocast does for `linear`.
-//! x (N, in), W (out, in) -> y (N, out). Backward: dx = dy W (N, in), dW = dy^T x (out, in),
-//! the gradients' operands rounded to bf16 as well; the f32 master weights and the optimiser
-//! are untouched. The products run in `bf16_gemm` (AMX tiles where the CPU has them). Its
-//! composed twin is `x.to_dtype(BF16).to_dtype(F32)` times the rounded W^T in f32 (`ops::tests`).
+//! Linear layer, x (N, in), W (out, in) -> y = x W^T (N, out), as one graph node whose backward
+//! pass computes dx = dy W (N, in) and dW = dy^T x (out, in) with the operands read through
+//! strides (no transposed copies, no zero-filled outputs).
+//! - f32: the products run in gemm directly; composed twin `x.matmul(&w.t())`.
+//! - bf16: both operands of every product (forward and backward) rounded to bfloat16 and the
+//!   products summed in f32, as PyTorch's CPU autocast does for `linear`; the f32 master
+//!   weights and the optimiser are untouched. The products run in `bf16_gemm` (AMX tiles where
+//!   the CPU has them). Oracle: f64 products of the bf16-rounded operands (`ops::tests`).
 
 use super::bf16_gemm::{gemm_bf16, MatRef};
 use super::{cpu_data, with_data, Filled};
+use crate::ops::Precision;
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
-struct LinearBf16;
+struct Linear(Precision);
 
-/// c (m, n) = a . b (row-major, c_rs = n), every element written.
-fn product(m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f32> {
-    if k == 0 {
+/// c (m, n) = a (m, k) . b (k, n) in f32 through gemm (the same call candle's matmul makes,
+/// minus its zero-filled output), split over rayon's threads by gemm.
+fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
+    assert!(c.len() >= m * n);
+    let threads = rayon::current_num_threads();
+    let par =
+        if threads > 1 && m * n * k >= 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: `a` and `b` hold every (row, col) their strides reach for these m, n, k (the
+    // callers pass whole contiguous matrices), c holds m * n elements, written and not read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// c (m, n) = a . b (row-major, c_rs = n) in `precision`, every element written.
+fn product(precision: Precision, m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f32> {
+    if k == 0 || m == 0 || n == 0 {
         return vec![0.0; m * n];
     }
     let mut c = Filled::new(m * n);
     let pc = c.ptr();
     // SAFETY: the buffer holds m * n elements and nothing else touches it during the call.
     let cs = unsafe { pc.slice(0, m * n) };
-    gemm_bf16(m, n, k, a, b, cs, n, false);
-    // SAFETY: gemm_bf16 without `accumulate` writes every element of c.
+    match precision {
+        Precision::Bf16 => gemm_bf16(m, n, k, a, b, cs, n, false),
+        Precision::F32 => gemm_f32(m, n, k, a, b, cs),
+    }
+    // SAFETY: both products, without `accumulate` / `read_dst`, write every element of c.
     unsafe { c.assume_filled() }
 }
 
@@ -35,9 +75,12 @@ fn dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     Ok((n, k, o))
 }
 
-impl CustomOp2 for LinearBf16 {
+impl CustomOp2 for Linear {
     fn name(&self) -> &'static str {
-        "itt-linear-bf16"
+        match self.0 {
+            Precision::F32 => "itt-linear",
+            Precision::Bf16 => "itt-linear-bf16",
+        }
     }
 
     fn cpu_fwd(
@@ -52,7 +95,7 @@ impl CustomOp2 for LinearBf16 {
         // y (n, o) = x (n, k) . W^T, W^T[kk][j] = w[j * k + kk].
         let a = MatRef { data: x, row_stride: k, col_stride: 1 };
         let b = MatRef { data: w, row_stride: 1, col_stride: k };
-        Ok((CpuStorage::F32(product(n, o, k, a, b)), Shape::from((n, o))))
+        Ok((CpuStorage::F32(product(self.0, n, o, k, a, b)), Shape::from((n, o))))
     }
 
     fn bwd(
@@ -68,6 +111,7 @@ impl CustomOp2 for LinearBf16 {
                 with_data::<f32, _>(grad, |dy| {
                     // dx (n, k) = dy (n, o) . W (o, k)
                     let dx = product(
+                        self.0,
                         n,
                         k,
                         o,
@@ -76,6 +120,7 @@ impl CustomOp2 for LinearBf16 {
                     );
                     // dW (o, k) = dy^T (o, n) . x (n, k); dy^T[j][t] = dy[t * o + j].
                     let dw = product(
+                        self.0,
                         o,
                         k,
                         n,
@@ -90,18 +135,15 @@ impl CustomOp2 for LinearBf16 {
     }
 }
 
-/// y = x W^T in bf16 x bf16 -> f32 products: x (N, in), W (out, in) f32 on the CPU -> (N, out).
-pub fn linear_bf16(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// y = x W^T for f32 CPU tensors x (N, in), W (out, in) -> (N, out), with the products in
+/// `precision` (f32, or bf16 x bf16 -> f32).
+pub fn linear(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Tensor> {
     if x.dtype() != DType::F32 || w.dtype() != DType::F32 {
-        return Err(Error::usage(format!(
-            "linear_bf16: f32 tensors expected, got {:?} and {:?}",
-            x.dtype(),
-            w.dtype()
-        )));
+        return Err(Error::usage(format!("linear: f32 tensors expected, got {:?} and {:?}", x.dtype(), w.dtype())));
     }
     let (x_dims, w_dims) = (x.dims(), w.dims());
     if x_dims.len() != 2 || w_dims.len() != 2 || x_dims[1] != w_dims[1] {
-        return Err(Error::usage(format!("linear_bf16: x {x_dims:?} and W {w_dims:?} do not fit x W^T")));
+        return Err(Error::usage(format!("linear: x {x_dims:?} and W {w_dims:?} do not fit x W^T")));
     }
-    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, LinearBf16)?)
+    Ok(x.contiguous()?.apply_op2(&w.contiguous()?, Linear(precision))?)
 }

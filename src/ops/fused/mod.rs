@@ -21,7 +21,7 @@ mod swiglu;
 
 pub use attention::{causal_attention_varlen, causal_sdpa};
 pub use cross_entropy::cross_entropy;
-pub use linear::linear_bf16;
+pub use linear::linear;
 pub use rms_norm::rms_norm;
 pub use rope::apply_rope;
 pub use swiglu::swiglu;
