@@ -12,6 +12,7 @@
 //! ([`simd_level`]); nothing needs `-C target-cpu`.
 
 mod attention;
+pub mod bf16_gemm;
 mod cross_entropy;
 mod rms_norm;
 mod rope;
