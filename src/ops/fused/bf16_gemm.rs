@@ -605,23 +605,216 @@ struct Buf([f32; 32 * 32]);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::Rng;
+
+    type Gemm = fn(usize, usize, usize, MatRef, MatRef, &mut [f32], usize, bool);
+
+    /// A rows x cols operand in one of five layouts (row-major, padded rows, transposed,
+    /// padded transposed, neither stride 1), NaN wherever the view has no element: a read
+    /// outside the view poisons the result.
+    struct Operand {
+        data: Vec<f32>,
+        rs: usize,
+        cs: usize,
+        rows: usize,
+        cols: usize,
+    }
+
+    impl Operand {
+        fn new(rows: usize, cols: usize, layout: usize, rng: &mut Rng) -> Self {
+            let (rs, cs) = match layout % 5 {
+                0 => (cols, 1),
+                1 => (cols + 3, 1),
+                2 => (1, rows),
+                3 => (1, rows + 5),
+                _ => (2 * cols + 1, 2),
+            };
+            let len = (rows - 1) * rs + (cols - 1) * cs + 1;
+            let mut data = vec![f32::NAN; len];
+            for i in 0..rows {
+                for j in 0..cols {
+                    data[i * rs + j * cs] = rng.normal() as f32;
+                }
+            }
+            Operand { data, rs, cs, rows, cols }
+        }
+
+        fn view(&self) -> MatRef<'_> {
+            MatRef { data: &self.data, row_stride: self.rs, col_stride: self.cs }
+        }
+
+        /// The bf16-rounded values, row-major, in f64.
+        fn rounded(&self) -> Vec<f64> {
+            let v = self.view();
+            (0..self.rows * self.cols).map(|e| round_bf16(v.at(e / self.cols, e % self.cols)) as f64).collect()
+        }
+    }
+
+    /// Runs `f` on one case and checks every element against the f64 product of the rounded
+    /// inputs: |error| <= 1e-5 * (|c0| + sum_k |a||b|), far below bf16's own 4e-3, so unrounded
+    /// or wrongly rounded inputs fail. C's row gaps (c_rs > n) must come back untouched.
+    #[allow(clippy::too_many_arguments)]
+    fn check_case(f: Gemm, m: usize, n: usize, k: usize, la: usize, lb: usize, pad: usize, acc: bool, seed: u64) {
+        let mut rng = Rng::new(seed);
+        let a = Operand::new(m, k, la, &mut rng);
+        let b = Operand::new(k, n, lb, &mut rng);
+        let c_rs = n + pad;
+        let gap = f32::from_bits(0x7FC0_1234);
+        let c0: Vec<f32> =
+            (0..(m - 1) * c_rs + n).map(|e| if e % c_rs < n { rng.normal() as f32 } else { gap }).collect();
+        let mut c = c0.clone();
+        f(m, n, k, a.view(), b.view(), &mut c, c_rs, acc);
+        let (ar, br) = (a.rounded(), b.rounded());
+        for i in 0..m {
+            for j in 0..n {
+                let c0 = c0[i * c_rs + j] as f64;
+                let (mut want, mut mag) = if acc { (c0, c0.abs()) } else { (0.0, 0.0) };
+                for kk in 0..k {
+                    want += ar[i * k + kk] * br[kk * n + j];
+                    mag += (ar[i * k + kk] * br[kk * n + j]).abs();
+                }
+                let got = c[i * c_rs + j] as f64;
+                assert!(
+                    (got - want).abs() <= 1e-5 * mag + 1e-30,
+                    "{m}x{n}x{k} layouts {la},{lb} pad {pad} acc {acc}: C[{i}][{j}] = {got}, want {want} (scale {mag})"
+                );
+            }
+            if i + 1 < m {
+                for j in n..c_rs {
+                    assert_eq!(c[i * c_rs + j].to_bits(), gap.to_bits(), "row gap written at [{i}][{j}]");
+                }
+            }
+        }
+    }
+
+    const SIZES: [usize; 11] = [1, 15, 16, 17, 31, 32, 33, 64, 100, 256, 688];
+
+    /// Shapes: the named odd ones, then every size in each position with varied partners
+    /// (products kept small enough for the f64 reference).
+    fn cases() -> Vec<(usize, usize, usize)> {
+        let mut v = vec![(1, 1, 1), (17, 33, 45), (31, 1, 70), (9, 13, 1), (1, 64, 33), (70, 70, 70)];
+        for (i, &d) in SIZES.iter().enumerate() {
+            let p = SIZES[(i + 4) % 11].min(100);
+            let q = SIZES[(i + 8) % 11].min(64);
+            v.push((d, p, q));
+            v.push((q, d, p));
+            v.push((p, q, d));
+        }
+        v.push((64, 256, 688));
+        v.push((100, 33, 256));
+        v
+    }
+
+    /// Every case, each with its own operand layouts, C row padding and accumulate flag.
+    fn check_all(f: Gemm) {
+        for (t, &(m, n, k)) in cases().iter().enumerate() {
+            check_case(f, m, n, k, t, t / 5 + t, [0, 7][t % 2], t % 3 == 1, t as u64);
+        }
+    }
 
     #[test]
-    fn smoke() {
+    fn amx_matches_reference() {
         if !amx_available() {
-            eprintln!("AMX not available");
+            eprintln!("bf16_gemm::amx_matches_reference SKIPPED: no AMX on this machine (or ITT_AMX=0)");
             return;
         }
-        let (m, n, k) = (33, 47, 70);
-        let av: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.37).collect();
-        let bv: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.21).collect();
-        let a = MatRef { data: &av, row_stride: k, col_stride: 1 };
-        let b = MatRef { data: &bv, row_stride: n, col_stride: 1 };
-        let mut c1 = vec![0f32; m * n];
-        let mut c2 = vec![0f32; m * n];
-        gemm_amx(m, n, k, a, b, &mut c1, n, false);
-        gemm_fallback(m, n, k, a, b, &mut c2, n, false);
-        let d = c1.iter().zip(&c2).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(d < 1e-3, "{d}");
+        check_all(gemm_amx);
+    }
+
+    #[test]
+    fn fallback_matches_reference() {
+        check_all(gemm_fallback);
+    }
+
+    #[test]
+    fn public_entry_matches_reference() {
+        check_case(gemm_bf16, 65, 40, 77, 0, 2, 3, true, 9);
+        check_case(gemm_bf16, 40, 65, 77, 2, 0, 0, false, 10);
+    }
+
+    #[test]
+    fn empty_k_zeroes_or_keeps_c() {
+        let a = MatRef { data: &[], row_stride: 0, col_stride: 1 };
+        let b = MatRef { data: &[], row_stride: 3, col_stride: 1 };
+        let mut paths: Vec<Gemm> = vec![gemm_bf16, gemm_fallback];
+        if amx_available() {
+            paths.push(gemm_amx);
+        }
+        for f in paths {
+            let mut c = vec![5.0f32; 6];
+            f(2, 3, 0, a, b, &mut c, 3, true);
+            assert_eq!(c, vec![5.0; 6]);
+            f(2, 3, 0, a, b, &mut c, 3, false);
+            assert_eq!(c, vec![0.0; 6]);
+        }
+    }
+
+    /// Same call twice, then on a 1-thread and a 3-thread pool: identical bits, for whichever
+    /// paths this machine has. Shapes with many tasks and edge blocks, transposed A.
+    #[test]
+    fn bit_for_bit_deterministic() {
+        let mut paths: Vec<(&str, Gemm)> = vec![("fallback", gemm_fallback)];
+        if amx_available() {
+            paths.push(("amx", gemm_amx));
+        } else {
+            eprintln!("bf16_gemm::bit_for_bit_deterministic: no AMX, checking the fallback only");
+        }
+        let mut rng = Rng::new(3);
+        for (m, n, k, la) in [(300, 200, 150, 0), (257, 129, 300, 2)] {
+            let a = Operand::new(m, k, la, &mut rng);
+            let b = Operand::new(k, n, 0, &mut rng);
+            let c0: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
+            for &(name, f) in &paths {
+                let run = || {
+                    let mut c = c0.clone();
+                    f(m, n, k, a.view(), b.view(), &mut c, n, true);
+                    c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+                };
+                let first = run();
+                assert_eq!(first, run(), "{name}: second call differs");
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    assert_eq!(first, pool.install(run), "{name}: differs on {threads} thread(s)");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rne_rounding() {
+        let cases: [(u32, u16); 20] = [
+            (0x3F80_0000, 0x3F80), // 1.0
+            (0x3F80_8000, 0x3F80), // tie, even below: down
+            (0x3F81_8000, 0x3F82), // tie, odd below: up
+            (0x3F80_8001, 0x3F81), // just above the tie
+            (0x3F80_7FFF, 0x3F80), // just below the tie
+            (0xBF81_8000, 0xBF82), // negative tie rounds the magnitude
+            (0x3FFF_8000, 0x4000), // carry into the exponent
+            (0x7F7F_FFFF, 0x7F80), // f32::MAX rounds to infinity
+            (0x7F7F_7FFF, 0x7F7F), // largest value that stays finite
+            (0x7F80_0000, 0x7F80), // +inf
+            (0xFF80_0000, 0xFF80), // -inf
+            (0x7FC0_0000, 0x7FC0), // quiet NaN
+            (0x7F80_0001, 0x7FC0), // signalling NaN, payload only in the low half: stays NaN
+            (0xFFFF_FFFF, 0xFFFF), // all-ones NaN does not wrap to zero
+            (0x8000_0000, 0x8000), // -0
+            (0x0000_8000, 0x0000), // subnormal tie, even: down to 0
+            (0x0001_8000, 0x0002), // subnormal tie, odd: up
+            (0x0000_8001, 0x0001), // rounds up to the smallest bf16 subnormal
+            (0x0000_0001, 0x0000), // smallest f32 subnormal
+            (0x007F_FFFF, 0x0080), // largest subnormal rounds to the smallest normal
+        ];
+        for (x, want) in cases {
+            let got = to_bf16_bits(f32::from_bits(x));
+            assert_eq!(got, want, "{x:#010x}: got {got:#06x}, want {want:#06x}");
+        }
+        assert!(round_bf16(f32::NAN).is_nan());
+        // Against the `half` crate on random bit patterns (it also rounds to nearest even).
+        let mut rng = Rng::new(5);
+        for _ in 0..100_000 {
+            let x = f32::from_bits(rng.next_u64() as u32);
+            let want = half::bf16::from_f32(x).to_bits();
+            assert_eq!(to_bf16_bits(x), want, "{:#010x}", x.to_bits());
+        }
     }
 }
