@@ -165,17 +165,10 @@ fn fallback_rows_per_task(m: usize) -> usize {
     m.div_ceil(16).max(16)
 }
 
+/// [`gemm_bf16`] without AMX: bf16-rounded copies of A and B, then an f32 `gemm` (for tests and
+/// A/B timing; [`gemm_bf16`] picks it by itself where AMX is missing or `ITT_AMX=0`).
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_fallback(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: MatRef,
-    b: MatRef,
-    c: &mut [f32],
-    c_rs: usize,
-    accumulate: bool,
-) {
+pub fn gemm_fallback(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, accumulate: bool) {
     if trivial(m, n, k, &a, &b, c, c_rs, accumulate) {
         return;
     }
@@ -490,8 +483,12 @@ thread_local! {
     static PACK_BUFS: std::cell::RefCell<(Vec<u16>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// [`gemm_bf16`] on AMX, whatever `ITT_AMX` says (tests, A/B timing).
+///
+/// # Panics
+/// Where the CPU or the kernel does not allow AMX.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, accumulate: bool) {
+pub fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, accumulate: bool) {
     assert!(amx_hardware(), "gemm_amx called without AMX");
     if trivial(m, n, k, &a, &b, c, c_rs, accumulate) {
         return;
@@ -523,7 +520,7 @@ fn gemm_amx_with(
     let (m32, n32, kbc) = (m.div_ceil(32), n.div_ceil(32), k.div_ceil(TK));
     let a_strip = kbc * TILE; // u16 per 16-row strip of A
     let b_strip = kbc * TILE / 2; // u32 per 16-column strip of B
-    // Every element is written by the packers (zeros included), so old contents do not matter.
+                                  // Every element is written by the packers (zeros included), so old contents do not matter.
     if pa.len() < 2 * m32 * a_strip {
         pa.resize(2 * m32 * a_strip, 0);
     }
