@@ -240,7 +240,7 @@ fn pack_a_strip_imp(a: &MatRef, m: usize, k: usize, r0: usize, out: &mut [u16]) 
     let rows = m.saturating_sub(r0).min(16);
     if rows < 16 {
         out.fill(0);
-    } else if k % TK != 0 {
+    } else if !k.is_multiple_of(TK) {
         out[(kbc - 1) * TILE..].fill(0);
     }
     if rows == 0 {
