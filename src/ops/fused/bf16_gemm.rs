@@ -232,121 +232,236 @@ const TK: usize = 32;
 /// Elements (u16) in one 16 x 32 bf16 tile.
 const TILE: usize = 512;
 
-/// Packs one strip of 16 rows of A (rows r0..r0+16, zero beyond m) into `kbc` consecutive
-/// tiles: tile kb, row r, column c = bf16(A[r0 + r][kb * 32 + c]), zero beyond k.
-#[inline(always)]
-fn pack_a_strip_imp(a: &MatRef, m: usize, k: usize, r0: usize, out: &mut [u16]) {
-    let kbc = out.len() / TILE;
-    let rows = m.saturating_sub(r0).min(16);
-    if rows < 16 {
-        out.fill(0);
-    } else if !k.is_multiple_of(TK) {
-        out[(kbc - 1) * TILE..].fill(0);
-    }
-    if rows == 0 {
-        return;
-    }
-    if a.col_stride == 1 {
-        // Row-major A: each tile row is 32 consecutive values.
-        for r in 0..rows {
-            let row = &a.data[(r0 + r) * a.row_stride..][..k];
-            let mut chunks = row.chunks_exact(TK);
-            for (kb, src) in (&mut chunks).enumerate() {
-                let dst = &mut out[kb * TILE + r * TK..][..TK];
-                for (d, &s) in dst.iter_mut().zip(src) {
-                    *d = to_bf16_bits(s);
-                }
-            }
-            let rem = chunks.remainder();
-            if !rem.is_empty() {
-                let dst = &mut out[(kbc - 1) * TILE + r * TK..][..rem.len()];
-                for (d, &s) in dst.iter_mut().zip(rem) {
-                    *d = to_bf16_bits(s);
-                }
-            }
-        }
-    } else if a.row_stride == 1 {
-        // Transposed A (the weight gradient's X^T): the 16 rows of one k are consecutive.
-        for kk in 0..k {
-            let src = &a.data[kk * a.col_stride + r0..][..rows];
-            let dst = &mut out[(kk / TK) * TILE + kk % TK..];
-            for (r, &s) in src.iter().enumerate() {
-                dst[r * TK] = to_bf16_bits(s);
-            }
-        }
-    } else {
-        for r in 0..rows {
-            for kk in 0..k {
-                out[(kk / TK) * TILE + r * TK + kk % TK] = to_bf16_bits(a.at(r0 + r, kk));
-            }
+// Packed layouts. A: strip s (rows 16s..16s+16) is a run of kbc tiles, tile kb holding
+// bf16(A[16s + r][32kb + c]) at row r, column c. B: strip s (columns 16s..16s+16) is a run of
+// kbc tiles, tile kb holding, as 32-bit lane (p, j), bf16(B[32kb + 2p][16s + j]) in the low and
+// bf16(B[32kb + 2p + 1][16s + j]) in the high half. Zeros beyond m, n, k.
+
+/// One A tile element by element (edge tiles, or strides the vector code does not cover).
+fn pack_a_tile_scalar(a: &MatRef, m: usize, k: usize, r0: usize, k0: usize, out: &mut [u16]) {
+    for r in 0..16 {
+        for c in 0..TK {
+            let (i, kk) = (r0 + r, k0 + c);
+            out[r * TK + c] = if i < m && kk < k { to_bf16_bits(a.at(i, kk)) } else { 0 };
         }
     }
 }
 
-/// Packs one strip of 16 columns of B (j0..j0+16, zero beyond n) in the pair layout: for
-/// k-pair p (tile p / 16, tile row p % 16) and column j, the 32-bit lane
-/// out[p * 16 + j] = bf16(B[2p][j0 + j]) | bf16(B[2p + 1][j0 + j]) << 16, zero beyond k.
-#[inline(always)]
-fn pack_b_strip_imp(b: &MatRef, k: usize, n: usize, j0: usize, out: &mut [u32]) {
-    let pairs = out.len() / 16;
-    let cols = n.saturating_sub(j0).min(16);
-    if cols < 16 {
-        out.fill(0);
-    } else if k < 2 * pairs {
-        out[(k / 2) * 16..].fill(0);
-    }
-    if cols == 0 {
-        return;
-    }
-    let bits = |kk: usize, j: usize| if kk < k { to_bf16_bits(b.at(kk, j0 + j)) as u32 } else { 0 };
-    if b.col_stride == 1 {
-        // Row-major B: a tile row interleaves two consecutive rows of 16 columns.
-        for p in 0..k / 2 {
-            let lo = &b.data[2 * p * b.row_stride + j0..][..cols];
-            let hi = &b.data[(2 * p + 1) * b.row_stride + j0..][..cols];
-            let dst = &mut out[p * 16..][..cols];
-            for ((d, &l), &h) in dst.iter_mut().zip(lo).zip(hi) {
-                *d = to_bf16_bits(l) as u32 | (to_bf16_bits(h) as u32) << 16;
-            }
-        }
-        if k % 2 == 1 {
-            let p = k / 2;
-            for j in 0..cols {
-                out[p * 16 + j] = bits(2 * p, j);
-            }
-        }
-    } else if b.row_stride == 1 {
-        // B = W^T with W row-major: a column of B is consecutive in memory.
-        for j in 0..cols {
-            let col = &b.data[(j0 + j) * b.col_stride..][..k];
-            let mut chunks = col.chunks_exact(2);
-            for (p, s) in (&mut chunks).enumerate() {
-                out[p * 16 + j] = to_bf16_bits(s[0]) as u32 | (to_bf16_bits(s[1]) as u32) << 16;
-            }
-            if let [last] = chunks.remainder() {
-                out[(k / 2) * 16 + j] = to_bf16_bits(*last) as u32;
-            }
-        }
-    } else {
-        for p in 0..k.div_ceil(2) {
-            for j in 0..cols {
-                out[p * 16 + j] = bits(2 * p, j) | bits(2 * p + 1, j) << 16;
-            }
+/// One B tile element by element.
+fn pack_b_tile_scalar(b: &MatRef, k: usize, n: usize, j0: usize, k0: usize, out: &mut [u32]) {
+    let bits = |kk: usize, j: usize| if kk < k && j < n { to_bf16_bits(b.at(kk, j)) as u32 } else { 0 };
+    for p in 0..16 {
+        for j in 0..16 {
+            out[p * 16 + j] = bits(k0 + 2 * p, j0 + j) | bits(k0 + 2 * p + 1, j0 + j) << 16;
         }
     }
 }
 
-/// The packers compiled for AVX-512 (every AMX CPU has it), where the conversions vectorise.
+/// AVX-512 pieces of the packers: whole tiles of row- or column-major operands.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn pack_a_strip(a: &MatRef, m: usize, k: usize, r0: usize, out: &mut [u16]) {
-    pack_a_strip_imp(a, m, k, r0, out)
+mod simd {
+    use super::TK;
+    use std::arch::x86_64::*;
+
+    /// 16 f32 -> their bf16 bits in the low half of each 32-bit lane ([`super::to_bf16_bits`]).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn cvt16(p: *const f32) -> __m512i {
+        let x = unsafe { _mm512_loadu_si512(p as *const __m512i) };
+        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
+        let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
+        let abs = _mm512_and_si512(x, _mm512_set1_epi32(0x7FFF_FFFF));
+        let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7F80_0000));
+        let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(0x40));
+        _mm512_mask_mov_epi32(rounded, nan, quiet)
+    }
+
+    /// Lanes (lo[i], hi[i]) as one 32-bit lane: a k-pair of B, or two k of A.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn pair(lo: __m512i, hi: __m512i) -> __m512i {
+        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi))
+    }
+
+    /// 32 consecutive f32 -> 32 consecutive bf16.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn cvt32(p: *const f32) -> __m512i {
+        let (lo, hi) = unsafe { (cvt16(p), cvt16(p.add(16))) };
+        // The low 16 bits of every 32-bit lane of lo, then of hi: words 0, 2, ..., 62.
+        let idx = _mm512_set_epi16(
+            62, 60, 58, 56, 54, 52, 50, 48, 46, 44, 42, 40, 38, 36, 34, 32, 30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10,
+            8, 6, 4, 2, 0,
+        );
+        _mm512_permutex2var_epi16(lo, idx, hi)
+    }
+
+    /// Transpose of a 16 x 16 matrix of 32-bit lanes (rows in, rows out).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+        // t: 2x2 blocks; u[4g + q]: within each 128-bit lane L, column 4L + q of rows 4g..4g+4.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for g in 0..4 {
+            let t0 = _mm512_unpacklo_epi32(r[4 * g], r[4 * g + 1]);
+            let t1 = _mm512_unpackhi_epi32(r[4 * g], r[4 * g + 1]);
+            let t2 = _mm512_unpacklo_epi32(r[4 * g + 2], r[4 * g + 3]);
+            let t3 = _mm512_unpackhi_epi32(r[4 * g + 2], r[4 * g + 3]);
+            u[4 * g] = _mm512_unpacklo_epi64(t0, t2);
+            u[4 * g + 1] = _mm512_unpackhi_epi64(t0, t2);
+            u[4 * g + 2] = _mm512_unpacklo_epi64(t1, t3);
+            u[4 * g + 3] = _mm512_unpackhi_epi64(t1, t3);
+        }
+        // Gather the four row groups' lane L of column 4L + q across 128-bit lanes.
+        let mut out = [_mm512_setzero_si512(); 16];
+        for q in 0..4 {
+            let v0 = _mm512_shuffle_i32x4::<0x88>(u[q], u[4 + q]);
+            let v4 = _mm512_shuffle_i32x4::<0xDD>(u[q], u[4 + q]);
+            let v8 = _mm512_shuffle_i32x4::<0x88>(u[8 + q], u[12 + q]);
+            let v12 = _mm512_shuffle_i32x4::<0xDD>(u[8 + q], u[12 + q]);
+            out[q] = _mm512_shuffle_i32x4::<0x88>(v0, v8);
+            out[8 + q] = _mm512_shuffle_i32x4::<0xDD>(v0, v8);
+            out[4 + q] = _mm512_shuffle_i32x4::<0x88>(v4, v12);
+            out[12 + q] = _mm512_shuffle_i32x4::<0xDD>(v4, v12);
+        }
+        out
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn store_rows(rows: [__m512i; 16], out: *mut u16) {
+        for (r, v) in rows.into_iter().enumerate() {
+            unsafe { _mm512_storeu_si512(out.add(r * TK) as *mut __m512i, v) };
+        }
+    }
+
+    /// A tile from row-major A: row r is 32 consecutive values at `src + r * rs`.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; the 16 x 32 values exist; `out` holds a tile.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn a_tile_rows(src: *const f32, rs: usize, out: *mut u16) {
+        let rows: [__m512i; 16] = std::array::from_fn(|r| unsafe { cvt32(src.add(r * rs)) });
+        unsafe { store_rows(rows, out) }
+    }
+
+    /// A tile from column-major A (A^T row-major): the 16 rows of one k are consecutive at
+    /// `src + kk * cs`. Pairs of k become 32-bit lanes, then a transpose makes them tile rows.
+    ///
+    /// # Safety
+    /// As [`a_tile_rows`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn a_tile_cols(src: *const f32, cs: usize, out: *mut u16) {
+        let pairs: [__m512i; 16] =
+            std::array::from_fn(|p| unsafe { pair(cvt16(src.add(2 * p * cs)), cvt16(src.add((2 * p + 1) * cs))) });
+        unsafe { store_rows(transpose16(pairs), out) }
+    }
+
+    /// A B tile from row-major B: tile row p interleaves rows 2p and 2p + 1 (16 values each,
+    /// at `src + kk * rs`).
+    ///
+    /// # Safety
+    /// As [`a_tile_rows`], for 32 x 16 values of B.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn b_tile_rows(src: *const f32, rs: usize, out: *mut u32) {
+        let rows: [__m512i; 16] =
+            std::array::from_fn(|p| unsafe { pair(cvt16(src.add(2 * p * rs)), cvt16(src.add((2 * p + 1) * rs))) });
+        unsafe { store_rows(rows, out as *mut u16) }
+    }
+
+    /// A B tile from column-major B (B = W^T, W row-major): column j is 32 consecutive k at
+    /// `src + j * cs`, which as bf16 are already the 16 k-pairs of that column; a transpose
+    /// makes them tile rows.
+    ///
+    /// # Safety
+    /// As [`b_tile_rows`].
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn b_tile_cols(src: *const f32, cs: usize, out: *mut u32) {
+        let cols: [__m512i; 16] = std::array::from_fn(|j| unsafe { cvt32(src.add(j * cs)) });
+        unsafe { store_rows(transpose16(cols), out as *mut u16) }
+    }
 }
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma")]
-unsafe fn pack_b_strip(b: &MatRef, k: usize, n: usize, j0: usize, out: &mut [u32]) {
-    pack_b_strip_imp(b, k, n, j0, out)
+/// Strips per packing work item, and k-tiles per work item: a unit of 4 x 16 tiles (64 KiB of
+/// bf16), enough work to amortise the task, small enough that short dimensions still split.
+const PACK_STRIPS: usize = 4;
+const PACK_KTILES: usize = 16;
+
+/// Packs A (strips s of 16 rows, `a_strip` u16 each) into `pa`, in parallel when `par`. Work
+/// items are (strip group, k-tile range); within one, k-tiles outer and strips inner, so that a
+/// column-major A is read in runs of 4 x 64 bytes per k.
+fn pack_a(a: &MatRef, m: usize, k: usize, pa: &mut [u16], par: bool) {
+    let kbc = k.div_ceil(TK);
+    let strips = pa.len() / (kbc * TILE);
+    let out = SharedMut(pa.as_mut_ptr());
+    let (ng, nk) = (strips.div_ceil(PACK_STRIPS), kbc.div_ceil(PACK_KTILES));
+    let item = |w: usize| {
+        let (g, kg) = (w / nk, w % nk);
+        for kb in kg * PACK_KTILES..((kg + 1) * PACK_KTILES).min(kbc) {
+            for s in g * PACK_STRIPS..((g + 1) * PACK_STRIPS).min(strips) {
+                // SAFETY: each (strip, k-tile) tile belongs to one work item.
+                let tile = unsafe { out.slice((s * kbc + kb) * TILE, TILE) };
+                let (r0, k0) = (16 * s, TK * kb);
+                let full = r0 + 16 <= m && k0 + TK <= k;
+                // SAFETY: AVX-512F/BW present (amx_hardware); a full tile's elements all lie in
+                // `a.data` (check_args covers the whole view).
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let src = a.data.as_ptr().add(r0 * a.row_stride + k0 * a.col_stride);
+                    if full && a.col_stride == 1 {
+                        simd::a_tile_rows(src, a.row_stride, tile.as_mut_ptr());
+                        continue;
+                    } else if full && a.row_stride == 1 {
+                        simd::a_tile_cols(src, a.col_stride, tile.as_mut_ptr());
+                        continue;
+                    }
+                }
+                pack_a_tile_scalar(a, m, k, r0, k0, tile);
+            }
+        }
+    };
+    if par {
+        (0..ng * nk).into_par_iter().for_each(item);
+    } else {
+        (0..ng * nk).for_each(item);
+    }
+}
+
+/// Packs B (strips of 16 columns, `a_strip / 2` u32 each) into `pb`, as [`pack_a`] does A.
+fn pack_b(b: &MatRef, k: usize, n: usize, pb: &mut [u32], par: bool) {
+    let kbc = k.div_ceil(TK);
+    let strips = pb.len() / (kbc * TILE / 2);
+    let out = SharedMut(pb.as_mut_ptr());
+    let (ng, nk) = (strips.div_ceil(PACK_STRIPS), kbc.div_ceil(PACK_KTILES));
+    let item = |w: usize| {
+        let (g, kg) = (w / nk, w % nk);
+        for kb in kg * PACK_KTILES..((kg + 1) * PACK_KTILES).min(kbc) {
+            for s in g * PACK_STRIPS..((g + 1) * PACK_STRIPS).min(strips) {
+                // SAFETY: each (strip, k-tile) tile belongs to one work item.
+                let tile = unsafe { out.slice((s * kbc + kb) * TILE / 2, TILE / 2) };
+                let (j0, k0) = (16 * s, TK * kb);
+                let full = j0 + 16 <= n && k0 + TK <= k;
+                // SAFETY: as in pack_a.
+                #[cfg(target_arch = "x86_64")]
+                unsafe {
+                    let src = b.data.as_ptr().add(k0 * b.row_stride + j0 * b.col_stride);
+                    if full && b.col_stride == 1 {
+                        simd::b_tile_rows(src, b.row_stride, tile.as_mut_ptr());
+                        continue;
+                    } else if full && b.row_stride == 1 {
+                        simd::b_tile_cols(src, b.col_stride, tile.as_mut_ptr());
+                        continue;
+                    }
+                }
+                pack_b_tile_scalar(b, k, n, j0, k0, tile);
+            }
+        }
+    };
+    if par {
+        (0..ng * nk).into_par_iter().for_each(item);
+    } else {
+        (0..ng * nk).for_each(item);
+    }
 }
 
 /// Tile configuration (palette 1): all eight tiles 16 rows x 64 bytes.
@@ -529,17 +644,11 @@ fn gemm_amx_with(
     }
     let (pa, pb) = (&mut pa[..2 * m32 * a_strip], &mut pb[..2 * n32 * b_strip]);
     let par = m * n * k >= 1 << 18;
-    // SAFETY (packers): amx_hardware checked AVX-512F/BW.
-    let pack_a = |(s, out): (usize, &mut [u16])| unsafe { pack_a_strip(&a, m, k, s * 16, out) };
-    let pack_b = |(s, out): (usize, &mut [u32])| unsafe { pack_b_strip(&b, k, n, s * 16, out) };
     if par {
-        rayon::join(
-            || pa.par_chunks_mut(a_strip).enumerate().for_each(pack_a),
-            || pb.par_chunks_mut(b_strip).enumerate().for_each(pack_b),
-        );
+        rayon::join(|| pack_a(&a, m, k, pa, true), || pack_b(&b, k, n, pb, true));
     } else {
-        pa.chunks_mut(a_strip).enumerate().for_each(pack_a);
-        pb.chunks_mut(b_strip).enumerate().for_each(pack_b);
+        pack_a(&a, m, k, pa, false);
+        pack_b(&b, k, n, pb, false);
     }
     let (pa, pb) = (&*pa, &*pb);
 
@@ -772,6 +881,51 @@ mod tests {
                 for threads in [1, 3] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     assert_eq!(first, pool.install(run), "{name}: differs on {threads} thread(s)");
+                }
+            }
+        }
+    }
+
+    /// The vector packers (row- and column-major tiles, with their transposes) against the
+    /// element-by-element ones, on every layout, with edge tiles in both directions.
+    #[test]
+    fn packers_match_scalar() {
+        #[cfg(target_arch = "x86_64")]
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")) {
+            eprintln!("bf16_gemm::packers_match_scalar SKIPPED: no AVX-512");
+            return;
+        }
+        let (rows, cols) = (72, 100);
+        let mut rng = Rng::new(11);
+        for layout in 0..5 {
+            let (mut x, mut xt) =
+                (Operand::new(rows, cols, layout, &mut rng), Operand::new(cols, rows, layout, &mut rng));
+            // Special values (ties, NaNs, infinities, subnormals) among the random ones.
+            let special =
+                [0x3F80_8000u32, 0x3F81_8000, 0x7F80_0001, 0xFFFF_FFFF, 0xFF80_0000, 0x0001_8000, 0x7F7F_FFFF];
+            for op in [&mut x, &mut xt] {
+                for e in (0..rows * cols).step_by(5) {
+                    let (i, j) = (e / op.cols, e % op.cols);
+                    op.data[i * op.rs + j * op.cs] = f32::from_bits(special[e % special.len()]);
+                }
+            }
+            // x as A (m = 72, k = 100), xt as B (k = 100, n = 72).
+            let (kbc, strips) = (cols.div_ceil(TK), rows.div_ceil(16));
+            let mut pa = vec![7u16; strips * kbc * TILE];
+            pack_a(&x.view(), rows, cols, &mut pa, false);
+            let mut pb = vec![7u32; strips * kbc * TILE / 2];
+            pack_b(&xt.view(), cols, rows, &mut pb, true);
+            let (mut ta, mut tb) = (vec![0u16; TILE], vec![0u32; TILE / 2]);
+            for s in 0..strips {
+                for kb in 0..kbc {
+                    pack_a_tile_scalar(&x.view(), rows, cols, 16 * s, TK * kb, &mut ta);
+                    assert_eq!(&pa[(s * kbc + kb) * TILE..][..TILE], &ta[..], "A layout {layout} tile {s},{kb}");
+                    pack_b_tile_scalar(&xt.view(), cols, rows, 16 * s, TK * kb, &mut tb);
+                    assert_eq!(
+                        &pb[(s * kbc + kb) * TILE / 2..][..TILE / 2],
+                        &tb[..],
+                        "B layout {layout} tile {s},{kb}"
+                    );
                 }
             }
         }
