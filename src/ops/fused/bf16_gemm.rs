@@ -567,6 +567,33 @@ unsafe fn kernel_32x32(
     }
 }
 
+/// Other architectures never reach the AMX code (`amx_hardware` is false there); these stand-ins
+/// keep it compiling.
+#[cfg(not(target_arch = "x86_64"))]
+struct TileGuard;
+
+#[cfg(not(target_arch = "x86_64"))]
+impl TileGuard {
+    unsafe fn new() -> Self {
+        unreachable!("AMX is x86_64 only")
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_32x32(
+    _: *const u16,
+    _: *const u16,
+    _: *const u32,
+    _: *const u32,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+) {
+    unreachable!("AMX is x86_64 only")
+}
+
 /// Task grid over C in 32 x 32 micro-blocks: (micro-rows, micro-columns) per task, chosen from
 /// the shape alone. Tasks take whole rows of C where there are enough of them (each task packs
 /// its own rows of A, so splitting columns would pack them again): up to 4 micro-rows (128 rows)
