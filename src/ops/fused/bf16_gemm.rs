@@ -16,6 +16,14 @@
 //! Determinism: C is split into blocks by the shape alone, each block is computed by one task in
 //! a fixed k order, so results are bit-for-bit identical on any number of threads.
 //!
+//! One difference between the paths besides summation order: `tdpbf16ps` treats bf16 subnormal
+//! inputs (|x| < 2^-126) as zero and flushes subnormal results, the fallback keeps them. Training
+//! values that small contribute nothing measurable.
+//!
+//! Speed (`cargo bench --bench bf16_gemm`, 2 cores, shared machine): the AMX path runs at
+//! 2.4-3.5x the f32 `gemm` at the training shapes. A lone 32x32 kernel with its tiles in L1 reaches
+//! ~2.4 TFLOP/s per core, so what remains is memory traffic: reading f32 A and B, writing f32 C.
+//!
 //! The AMX instructions are written with `asm!` (stable Rust has no AMX intrinsics); the
 //! assembler accepts them without target features. Tile registers are invisible to the compiler,
 //! so they keep their contents between `asm!` blocks; every block is side-effecting (no `pure`),
