@@ -191,8 +191,13 @@ fn varlen_attention_matches_composed_and_finite_differences() {
     // Packed sequences of different lengths, an empty one, cached keys, GQA.
     // (query lengths, key lengths, H, Hkv, hd)
     type Case<'a> = (&'a [usize], &'a [usize], usize, usize, usize);
-    let cases: [Case; 3] =
-        [(&[5, 0, 67, 1], &[5, 0, 70, 9], 4, 2, 6), (&[64, 64], &[64, 64], 2, 2, 8), (&[3, 7], &[3, 7], 3, 1, 4)];
+    // hd 16 with lengths across 16-row blocks: the register-transpose path of f32 on AVX-512.
+    let cases: [Case; 4] = [
+        (&[5, 0, 67, 1], &[5, 0, 70, 9], 4, 2, 6),
+        (&[64, 64], &[64, 64], 2, 2, 8),
+        (&[3, 7], &[3, 7], 3, 1, 4),
+        (&[20, 33], &[20, 40], 2, 1, 16),
+    ];
     for (i, &(lq, lk, h, hkv, hd)) in cases.iter().enumerate() {
         let (nq, nk) = (lq.iter().sum::<usize>(), lk.iter().sum::<usize>());
         let fused = |t: &[Tensor]| fused::causal_attention_varlen(&t[0], &t[1], &t[2], lq, lk);

@@ -143,19 +143,54 @@ impl<T: Real> Scratch<T> {
 }
 
 /// X^T of one (sequence, head): rows (L, hd) of `x` -> `xt` (hd, ld), zero-padded; returns ld.
+/// In f32 on AVX-512, whole 16 x 16 blocks go through registers (`transpose16`): the element
+/// by element version was ~15% of the forward kernel's time (strided scalar stores).
 #[inline(always)]
 fn transpose_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, xt: &mut Vec<T>) -> usize {
     let l = side.lens[s];
     let ld = l.div_ceil(BK) * BK;
     xt.clear();
     xt.resize(hd * ld, T::ZERO);
-    for j in 0..l {
+    let mut j0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == candle_core::DType::F32 && hd % 16 == 0 && super::simd_level() == super::Simd::Avx512 {
+        // SAFETY: T is f32 (checked above), so the slices reinterpret f32 data as f32.
+        let (xf, xtf) = unsafe {
+            (
+                std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
+                std::slice::from_raw_parts_mut(xt.as_mut_ptr() as *mut f32, xt.len()),
+            )
+        };
+        while j0 + 16 <= l {
+            for d0 in (0..hd).step_by(16) {
+                let rows: [&[f32]; 16] = std::array::from_fn(|r| &xf[side.at(s, h, j0 + r) + d0..][..16]);
+                // SAFETY: AVX-512 is present (simd_level); rows are 16 floats each, and the 16
+                // output rows (d0 + c) * ld + j0 .. + 16 lie inside xt (d0 + c < hd, j0 + 16 <= ld).
+                unsafe { transpose_block_f32(rows, &mut xtf[d0 * ld + j0..], ld) };
+            }
+            j0 += 16;
+        }
+    }
+    for j in j0..l {
         let row = &x[side.at(s, h, j)..][..hd];
         for (d, &v) in row.iter().enumerate() {
             xt[d * ld + j] = v;
         }
     }
     ld
+}
+
+/// out[c * ld + r] = rows[r][c] for a 16 x 16 block.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn transpose_block_f32(rows: [&[f32]; 16], out: &mut [f32], ld: usize) {
+    use std::arch::x86_64::*;
+    assert!(out.len() >= 15 * ld + 16);
+    let r: [__m512i; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_si512(rows[i].as_ptr() as *const __m512i) });
+    let t = super::bf16_gemm::simd::transpose16(r);
+    for (c, v) in t.into_iter().enumerate() {
+        unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(c * ld) as *mut __m512i, v) };
+    }
 }
 
 /// Rows (L, hd) of one (sequence, head) of `x`, copied contiguous into `out`.

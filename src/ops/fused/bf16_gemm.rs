@@ -268,7 +268,7 @@ fn pack_b_tile_scalar(b: &MatRef, k: usize, n: usize, j0: usize, k0: usize, out:
 
 /// AVX-512 pieces of the packers: whole tiles of row- or column-major operands.
 #[cfg(target_arch = "x86_64")]
-mod simd {
+pub(crate) mod simd {
     use super::TK;
     use std::arch::x86_64::*;
 
@@ -308,7 +308,7 @@ mod simd {
     /// Transpose of a 16 x 16 matrix of 32-bit lanes (rows in, rows out).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
-    pub(super) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
+    pub(crate) fn transpose16(r: [__m512i; 16]) -> [__m512i; 16] {
         // t: 2x2 blocks; u[4g + q]: within each 128-bit lane L, column 4L + q of rows 4g..4g+4.
         let mut u = [_mm512_setzero_si512(); 16];
         for g in 0..4 {
