@@ -153,7 +153,7 @@ fn transpose_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, 
     xt.resize(hd * ld, T::ZERO);
     let mut j0 = 0;
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == candle_core::DType::F32 && hd % 16 == 0 && super::simd_level() == super::Simd::Avx512 {
+    if T::DTYPE == candle_core::DType::F32 && hd.is_multiple_of(16) && super::simd_level() == super::Simd::Avx512 {
         // SAFETY: T is f32 (checked above), so the slices reinterpret f32 data as f32.
         let (xf, xtf) = unsafe {
             (
