@@ -174,6 +174,46 @@ fn fallback_rows_per_task(m: usize) -> usize {
     m.div_ceil(16).max(16)
 }
 
+/// c (m, n) = a (m, k) . b (k, n) in f32 through gemm (the same call candle's matmul makes,
+/// minus its zero-filled output), split over rayon's threads by gemm: `ops::linear` in f32 and
+/// the yardstick in `benches/bf16_gemm.rs`.
+pub fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
+    assert!(c.len() >= m * n, "gemm_f32: C ({m} x {n}) exceeds {}", c.len());
+    a.check(m, k, "A");
+    b.check(k, n, "B");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = rayon::current_num_threads();
+    let par =
+        if threads > 1 && m * n * k >= 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    // SAFETY: `a` and `b` hold every (row, col) their strides reach for these m, n, k (checked
+    // above), c holds m * n elements, written and not read.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
 /// [`gemm_bf16`] without AMX: bf16-rounded copies of A and B, then an f32 `gemm` (for tests and
 /// A/B timing; [`gemm_bf16`] picks it by itself where AMX is missing or `ITT_AMX=0`).
 #[allow(clippy::too_many_arguments)]

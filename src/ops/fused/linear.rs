@@ -7,47 +7,13 @@
 //!   weights and the optimiser are untouched. The products run in `bf16_gemm` (AMX tiles where
 //!   the CPU has them). Oracle: f64 products of the bf16-rounded operands (`ops::tests`).
 
-use super::bf16_gemm::{gemm_bf16, MatRef};
+use super::bf16_gemm::{gemm_bf16, gemm_f32, MatRef};
 use super::{cpu_data, with_data, Filled};
 use crate::ops::Precision;
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Shape, Tensor};
 
 struct Linear(Precision);
-
-/// c (m, n) = a (m, k) . b (k, n) in f32 through gemm (the same call candle's matmul makes,
-/// minus its zero-filled output), split over rayon's threads by gemm.
-fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
-    assert!(c.len() >= m * n);
-    let threads = rayon::current_num_threads();
-    let par =
-        if threads > 1 && m * n * k >= 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-    // SAFETY: `a` and `b` hold every (row, col) their strides reach for these m, n, k (the
-    // callers pass whole contiguous matrices), c holds m * n elements, written and not read.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
-}
 
 /// c (m, n) = a . b (row-major, c_rs = n) in `precision`, every element written.
 fn product(precision: Precision, m: usize, n: usize, k: usize, a: MatRef, b: MatRef) -> Vec<f32> {
