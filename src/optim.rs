@@ -46,9 +46,19 @@ impl GradAccumulator {
                 continue;
             }
             if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-                for (s, x) in sum.iter_mut().zip(g) {
-                    *s += x;
+                if g.dtype() == candle_core::DType::F32 && crate::ops::fused::supports(g) {
+                    // Read the gradient in place: no host copy of every gradient per micro-batch.
+                    crate::ops::fused::with_data::<f32, _>(g, |d| {
+                        for (s, &x) in sum.iter_mut().zip(d) {
+                            *s += x;
+                        }
+                        Ok(())
+                    })?;
+                } else {
+                    let g = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+                    for (s, x) in sum.iter_mut().zip(g) {
+                        *s += x;
+                    }
                 }
             }
         }
