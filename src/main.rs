@@ -202,7 +202,7 @@ struct TrainArgs {
     checkpoint_interval: Option<usize>,
     /// Matrix products in f32, or bf16 (bf16 operands, f32 sums, f32 master weights).
     #[arg(long)]
-    precision: Option<itt::ops::Precision>,
+    precision: Option<String>,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -324,7 +324,7 @@ struct BenchArgs {
     vocab: Option<usize>,
     /// Matrix products of the training step in f32 or bf16 (see `itt train --precision`).
     #[arg(long)]
-    precision: Option<itt::ops::Precision>,
+    precision: Option<String>,
     /// Measure prefill and decode (with and without KV cache) for these presets instead of training,
     /// e.g. --decode tiny,tiny-loop4,tiny-itt4.
     #[arg(long, value_delimiter = ',')]
@@ -551,6 +551,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Bench(a) if a.decode.is_some() => {
+            if a.precision.is_some() {
+                return Err(Error::usage(
+                    "--precision applies to the training benchmark, not to --decode (decoding runs in f32)",
+                ));
+            }
             println!("{}", itt::bench::DecodeBench::HEADER);
             for p in a.decode.as_ref().unwrap() {
                 let mut cfg = config::preset(p)?;
@@ -577,8 +582,8 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(v) = a.vocab {
                 cfg.model.vocab_size = v;
             }
-            if let Some(p) = a.precision {
-                cfg.train.precision = p;
+            if let Some(p) = &a.precision {
+                cfg.train.precision = p.parse()?;
             }
             cfg.validate()?;
             let r = itt::bench::train_step(&cfg, a.steps)?;
@@ -762,7 +767,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         set!(warmup_steps, a.warmup);
         set!(eval_interval, a.eval_interval);
         set!(checkpoint_interval, a.checkpoint_interval);
-        set!(precision, a.precision);
+        if let Some(p) = &a.precision {
+            t.precision = p.parse()?;
+        }
         if a.out.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",
