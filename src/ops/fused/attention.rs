@@ -236,10 +236,13 @@ fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
             if TA {
                 for kk in 0..k {
                     let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
-                    let ac: &[T; MR] = a[kk * lda + i..][..MR].try_into().unwrap();
+                    // A copy, not a reference: with `&[T; MR]` LLVM kept the accumulators on
+                    // the stack (perf annotate: ~45% of the backward kernel in spills).
+                    let xs: [T; MR] = a[kk * lda + i..][..MR].try_into().unwrap();
                     for r in 0..MR {
+                        let x = xs[r];
                         for j in 0..NR {
-                            acc[r][j] = madd::<T, FMA>(ac[r], bv[j], acc[r][j]);
+                            acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
                         }
                     }
                 }
@@ -287,8 +290,34 @@ fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
 }
 
 multiversion! {
+    /// One tile product ([`gemm_acc`]) in a function of its own: inlined into the attention
+    /// items, the 16 accumulators competed with the exp constants for registers and LLVM kept
+    /// them on the stack (perf annotate: spills around every FMA of the backward kernel).
+    #[inline(never)]
+    fn tile_product<T: Real, const FMA: bool>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[T],
+        lda: usize,
+        a_transposed: bool,
+        b: &[T],
+        ldb: usize,
+        c: &mut [T],
+        ldc: usize,
+    ) {
+        if a_transposed {
+            gemm_acc::<T, FMA, true>(m, n, k, a, lda, b, ldb, c, ldc)
+        } else {
+            gemm_acc::<T, FMA, false>(m, n, k, a, lda, b, ldb, c, ldc)
+        }
+    }
+}
+
+multiversion! {
     /// Forward pass of one (sequence s, query head h): writes its rows of `out` and `lse`.
     fn fwd_item<T: Real, const FMA: bool>(
+        level: super::Simd,
         g: &Geometry,
         s: usize,
         h: usize,
@@ -321,7 +350,7 @@ multiversion! {
             for j0 in (0..kend).step_by(BK) {
                 let kc = BK.min(kend - j0);
                 st[..bq * BK].fill(T::ZERO);
-                gemm_acc::<T, FMA, false>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T: (bq, BK)
+                tile_product::<T>(level, bq, BK, hd, qs, hd, false, &kt[j0..], ldk, st, BK); // S = Qs K^T: (bq, BK)
                 for i in 0..bq {
                     let row = &mut st[i * BK..][..BK];
                     // Keys < lim are visible to this query; masked entries become p = 0.
@@ -343,7 +372,7 @@ multiversion! {
                         acc[i * hd..][..hd].iter_mut().for_each(|x| *x *= alpha);
                     }
                 }
-                gemm_acc::<T, FMA, false>(bq, hd, kc, st, BK, &vc[j0 * hd..], hd, acc, hd); // O += P V
+                tile_product::<T>(level, bq, hd, kc, st, BK, false, &vc[j0 * hd..], hd, acc, hd); // O += P V
             }
             for i in 0..bq {
                 let inv = T::ONE / l[i];
@@ -362,6 +391,7 @@ multiversion! {
     /// Backward pass of one (sequence s, kv head g): dK, dV of that head and dQ of the query
     /// heads that share it.
     fn bwd_item<T: Real, const FMA: bool>(
+        level: super::Simd,
         g: &Geometry,
         s: usize,
         kvh: usize,
@@ -407,8 +437,8 @@ multiversion! {
                     let kc = BK.min(kend - j0);
                     st[..bq * BK].fill(T::ZERO);
                     dpt[..bq * BK].fill(T::ZERO);
-                    gemm_acc::<T, FMA, false>(bq, BK, hd, qs, hd, &kt[j0..], ldk, st, BK); // S = Qs K^T
-                    gemm_acc::<T, FMA, false>(bq, BK, hd, dot_t, hd, &vt[j0..], ldk, dpt, BK); // dP = dO V^T
+                    tile_product::<T>(level, bq, BK, hd, qs, hd, false, &kt[j0..], ldk, st, BK); // S = Qs K^T
+                    tile_product::<T>(level, bq, BK, hd, dot_t, hd, false, &vt[j0..], ldk, dpt, BK); // dP = dO V^T
                     for i in 0..bq {
                         let (p, ds) = (&mut st[i * BK..][..BK], &mut dpt[i * BK..][..BK]);
                         let lim = past + i0 + i + 1;
@@ -421,9 +451,9 @@ multiversion! {
                         p[c..].fill(T::ZERO);
                         ds[c..].fill(T::ZERO);
                     }
-                    gemm_acc::<T, FMA, true>(kc, hd, bq, st, BK, dot_t, hd, &mut dv_acc[j0 * hd..], hd); // dV += P^T dO
-                    gemm_acc::<T, FMA, true>(kc, hd, bq, dpt, BK, qs, hd, &mut dk_acc[j0 * hd..], hd); // dK += dS^T Qs
-                    gemm_acc::<T, FMA, false>(bq, hd, kc, dpt, BK, &kcont[j0 * hd..], hd, dq_t, hd); // dQ += dS K
+                    tile_product::<T>(level, kc, hd, bq, st, BK, true, dot_t, hd, &mut dv_acc[j0 * hd..], hd); // dV += P^T dO
+                    tile_product::<T>(level, kc, hd, bq, dpt, BK, true, qs, hd, &mut dk_acc[j0 * hd..], hd); // dK += dS^T Qs
+                    tile_product::<T>(level, bq, hd, kc, dpt, BK, false, &kcont[j0 * hd..], hd, dq_t, hd); // dQ += dS K
                 }
                 for i in 0..bq {
                     // SAFETY: query head h is in this item's group, so its dQ rows are ours.
@@ -464,8 +494,9 @@ impl FlashAttention {
         let scale = T::of(self.scale);
         let items: Vec<(usize, usize)> =
             (0..g.q.lens.len()).filter(|&s| g.q.lens[s] > 0).flat_map(|s| (0..g.h).map(move |h| (s, h))).collect();
-        let run =
-            |scr: &mut Scratch<T>, &(s, h): &(usize, usize)| fwd_item::<T>(simd, g, s, h, scale, q, k, v, po, pl, scr);
+        let run = |scr: &mut Scratch<T>, &(s, h): &(usize, usize)| {
+            fwd_item::<T>(simd, simd, g, s, h, scale, q, k, v, po, pl, scr)
+        };
         if g.small() {
             let mut scr = Scratch::new(g.hd);
             items.iter().for_each(|it| run(&mut scr, it));
@@ -499,7 +530,7 @@ impl FlashAttention {
         let items: Vec<(usize, usize)> =
             (0..g.q.lens.len()).filter(|&s| g.q.lens[s] > 0).flat_map(|s| (0..g.hkv).map(move |h| (s, h))).collect();
         let run = |scr: &mut Scratch<T>, &(s, h): &(usize, usize)| {
-            bwd_item::<T>(simd, g, s, h, scale, q, k, v, o, d_o, lse, pq, pk, pv, scr)
+            bwd_item::<T>(simd, simd, g, s, h, scale, q, k, v, o, d_o, lse, pq, pk, pv, scr)
         };
         if g.small() {
             let mut scr = Scratch::new(g.hd);
