@@ -76,7 +76,8 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         let loss = crate::ops::with_precision(cfg.train.precision, || {
             model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)
         })?;
-        let grads = crate::ops::with_precision(cfg.train.precision, || loss.backward())?;
+        // The backward pass needs no precision context: each linear node carries its own.
+        let grads = loss.backward()?;
         acc.add(&model.params, &grads)?;
         let norm = acc.finish();
         opt.step(&model.params, &acc.sums, norm, 1e-4, &cfg.train)?;

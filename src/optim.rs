@@ -46,20 +46,13 @@ impl GradAccumulator {
                 continue;
             }
             if let Some(g) = grads.get(var.as_tensor()) {
-                if g.dtype() == candle_core::DType::F32 && crate::ops::fused::supports(g) {
-                    // Read the gradient in place: no host copy of every gradient per micro-batch.
-                    crate::ops::fused::with_data::<f32, _>(g, |d| {
-                        for (s, &x) in sum.iter_mut().zip(d) {
-                            *s += x;
-                        }
-                        Ok(())
-                    })?;
-                } else {
-                    let g = g.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
-                    for (s, x) in sum.iter_mut().zip(g) {
+                // Read in place (no host copy per micro-batch); `to_dtype` is free for f32.
+                crate::ops::fused::with_data::<f32, _>(&g.to_dtype(candle_core::DType::F32)?, |d| {
+                    for (s, &x) in sum.iter_mut().zip(d) {
                         *s += x;
                     }
-                }
+                    Ok(())
+                })?;
             }
         }
         self.micro_batches += 1;

@@ -13,7 +13,7 @@
 //! backward pass, so each item owns the gradient rows it writes (dK, dV of its kv head and dQ of
 //! the query heads in its group) and no atomics or reductions across threads are needed.
 
-use super::{axpy, dot, madd, max, multiversion, simd_level, sum, with_data, Filled, Real, SharedMut};
+use super::{axpy, dot, madd, max, multiversion, simd_level, sum, with_data, Filled, Real, SharedMut, Simd};
 use crate::ops::composed;
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
@@ -146,14 +146,14 @@ impl<T: Real> Scratch<T> {
 /// In f32 on AVX-512, whole 16 x 16 blocks go through registers (`transpose16`): the element
 /// by element version was ~15% of the forward kernel's time (strided scalar stores).
 #[inline(always)]
-fn transpose_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, xt: &mut Vec<T>) -> usize {
+fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize, hd: usize, xt: &mut Vec<T>) -> usize {
     let l = side.lens[s];
     let ld = l.div_ceil(BK) * BK;
     xt.clear();
     xt.resize(hd * ld, T::ZERO);
     let mut j0 = 0;
     #[cfg(target_arch = "x86_64")]
-    if T::DTYPE == candle_core::DType::F32 && hd.is_multiple_of(16) && super::simd_level() == super::Simd::Avx512 {
+    if T::DTYPE == candle_core::DType::F32 && hd.is_multiple_of(16) && level == Simd::Avx512 {
         // SAFETY: T is f32 (checked above), so the slices reinterpret f32 data as f32.
         let (xf, xtf) = unsafe {
             (
@@ -164,7 +164,7 @@ fn transpose_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, 
         while j0 + 16 <= l {
             for d0 in (0..hd).step_by(16) {
                 let rows: [&[f32]; 16] = std::array::from_fn(|r| &xf[side.at(s, h, j0 + r) + d0..][..16]);
-                // SAFETY: AVX-512 is present (simd_level); rows are 16 floats each, and the 16
+                // SAFETY: AVX-512 is present (`level` comes from simd_level); rows are 16 floats each, and the 16
                 // output rows (d0 + c) * ld + j0 .. + 16 lie inside xt (d0 + c < hd, j0 + 16 <= ld).
                 unsafe { transpose_block_f32(rows, &mut xtf[d0 * ld + j0..], ld) };
             }
@@ -236,8 +236,6 @@ fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
             if TA {
                 for kk in 0..k {
                     let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
-                    // A copy, not a reference: with `&[T; MR]` LLVM kept the accumulators on
-                    // the stack (perf annotate: ~45% of the backward kernel in spills).
                     let xs: [T; MR] = a[kk * lda + i..][..MR].try_into().unwrap();
                     for r in 0..MR {
                         let x = xs[r];
@@ -317,7 +315,7 @@ multiversion! {
 multiversion! {
     /// Forward pass of one (sequence s, query head h): writes its rows of `out` and `lse`.
     fn fwd_item<T: Real, const FMA: bool>(
-        level: super::Simd,
+        level: Simd,
         g: &Geometry,
         s: usize,
         h: usize,
@@ -332,7 +330,7 @@ multiversion! {
         let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
         let past = lk - lq;
         let kvh = h / (g.h / g.hkv);
-        let ldk = transpose_into(k, &g.k, s, kvh, hd, &mut scr.kt);
+        let ldk = transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
         gather_into(v, &g.k, s, kvh, hd, &mut scr.vc);
         let Scratch { kt, vc, qs, st, acc, m, l, .. } = scr;
         for i0 in (0..lq).step_by(BQ) {
@@ -391,7 +389,7 @@ multiversion! {
     /// Backward pass of one (sequence s, kv head g): dK, dV of that head and dQ of the query
     /// heads that share it.
     fn bwd_item<T: Real, const FMA: bool>(
-        level: super::Simd,
+        level: Simd,
         g: &Geometry,
         s: usize,
         kvh: usize,
@@ -410,8 +408,8 @@ multiversion! {
         let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
         let past = lk - lq;
         let rep = g.h / g.hkv;
-        let ldk = transpose_into(k, &g.k, s, kvh, hd, &mut scr.kt);
-        transpose_into(v, &g.k, s, kvh, hd, &mut scr.vt);
+        let ldk = transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
+        transpose_into(level, v, &g.k, s, kvh, hd, &mut scr.vt);
         gather_into(k, &g.k, s, kvh, hd, &mut scr.kc);
         scr.dk.clear();
         scr.dk.resize(lk * hd, T::ZERO);
