@@ -21,6 +21,11 @@ pub struct TrainBench {
     /// Median seconds per optimiser step (forward + backward + AdamW).
     pub step_s_median: f64,
     pub step_s_min: f64,
+    /// Median seconds of the step's phases: forward (loss included), backward, and gradient
+    /// accumulation + clipping norm + AdamW.
+    pub forward_s_median: f64,
+    pub backward_s_median: f64,
+    pub optimizer_s_median: f64,
     pub tokens_per_s: f64,
     /// Analytic training FLOPs per token and the rate they imply at the median step time.
     pub train_flops_per_token: f64,
@@ -40,6 +45,7 @@ impl TrainBench {
         format!(
             "preset {} | {:.2}M params | batch {}x{} | {} steps\n\
              step {:.3} s median ({:.3} min) | {:.0} tokens/s | {:.1} GFLOP/s | peak RSS {:.0} MiB | {} threads\n\
+             phases (medians): forward {:.3} s | backward {:.3} s | gradients + AdamW {:.3} s\n\
              {} products; a 2048^3 product runs at {:.0} GFLOP/s here, so model FLOP utilisation {:.0}%",
             self.preset.as_deref().unwrap_or("custom"),
             self.params as f64 / 1e6,
@@ -52,6 +58,9 @@ impl TrainBench {
             self.gflops_per_s,
             self.peak_rss_mb,
             self.threads,
+            self.forward_s_median,
+            self.backward_s_median,
+            self.optimizer_s_median,
             self.precision.name(),
             self.gemm_gflops_per_s,
             100.0 * self.mfu
@@ -66,7 +75,7 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
     let mut rng = Rng::new(cfg.train.seed);
     let mut opt = AdamW::new(&model.params);
     let mut acc = GradAccumulator::new(&model.params);
-    let mut times = vec![];
+    let (mut times, mut fwd, mut bwd, mut opt_times) = (vec![], vec![], vec![], vec![]);
     for i in 0..steps.max(1) + 1 {
         let v = cfg.model.vocab_size as u64;
         let inp: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
@@ -76,17 +85,27 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         let loss = crate::ops::with_precision(cfg.train.precision, || {
             model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)
         })?;
+        let t1 = Instant::now();
         // The backward pass needs no precision context: each linear node carries its own.
         let grads = loss.backward()?;
+        let t2 = Instant::now();
         acc.add(&model.params, &grads)?;
+        drop(grads);
         let norm = acc.finish();
         opt.step(&model.params, &acc.sums, norm, 1e-4, &cfg.train)?;
         if i > 0 {
-            times.push(t0.elapsed().as_secs_f64());
+            let t3 = Instant::now();
+            times.push((t3 - t0).as_secs_f64());
+            fwd.push((t1 - t0).as_secs_f64());
+            bwd.push((t2 - t1).as_secs_f64());
+            opt_times.push((t3 - t2).as_secs_f64());
         }
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let med = times[times.len() / 2];
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let med = median(&mut times);
     let f = flops_per_token(&cfg.model, t, None, None);
     let gemm_rate = gemm_gflops(cfg.train.precision)?;
     let rate = f.train * (b * t) as f64 / med / 1e9;
@@ -98,6 +117,9 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         steps: times.len(),
         step_s_median: med,
         step_s_min: times[0],
+        forward_s_median: median(&mut fwd),
+        backward_s_median: median(&mut bwd),
+        optimizer_s_median: median(&mut opt_times),
         tokens_per_s: (b * t) as f64 / med,
         train_flops_per_token: f.train,
         gflops_per_s: rate,

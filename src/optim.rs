@@ -9,7 +9,7 @@
 use crate::config::{TrainConfig, Trainable};
 use crate::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::Var;
 use rayon::prelude::*;
 
 pub fn decays(name: &str, shape: &[usize]) -> bool {
@@ -39,20 +39,28 @@ impl GradAccumulator {
     }
 
     /// Add one backward pass's gradients; parameters without a gradient (not in the graph,
-    /// e.g. the router of a skipped step) count as zero.
+    /// e.g. the router of a skipped step) count as zero. The first pass after `zero` copies
+    /// instead of adding to zeros (x + 0 = x exactly, so the sums are the same bits).
     pub fn add(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
+        let first = self.micro_batches == 0;
         for (((_, var), sum), &frozen) in params.iter().zip(self.sums.iter_mut()).zip(&self.frozen) {
             if frozen {
                 continue;
             }
-            if let Some(g) = grads.get(var.as_tensor()) {
+            match grads.get(var.as_tensor()) {
                 // Read in place (no host copy per micro-batch); `to_dtype` is free for f32.
-                crate::ops::fused::with_data::<f32, _>(&g.to_dtype(candle_core::DType::F32)?, |d| {
-                    for (s, &x) in sum.iter_mut().zip(d) {
-                        *s += x;
-                    }
+                Some(g) => crate::ops::fused::with_data::<f32, _>(&g.to_dtype(candle_core::DType::F32)?, |d| {
+                    sum.par_chunks_mut(CHUNK).zip(d.par_chunks(CHUNK)).for_each(|(s, d)| {
+                        if first {
+                            s.copy_from_slice(d);
+                        } else {
+                            s.iter_mut().zip(d).for_each(|(s, &x)| *s += x);
+                        }
+                    });
                     Ok(())
-                })?;
+                })?,
+                None if first => sum.par_chunks_mut(CHUNK).for_each(|s| s.fill(0.0)),
+                None => {}
             }
         }
         self.micro_batches += 1;
@@ -60,25 +68,46 @@ impl GradAccumulator {
     }
 
     /// Average over micro-batches; returns the global L2 norm of the averaged gradient.
+    ///
+    /// The squares are summed in f64 over fixed chunks, each with eight interleaved partial
+    /// sums (so the loop vectorises), and the chunks' sums added in order: the same bits on
+    /// any number of threads.
     pub fn finish(&mut self) -> f64 {
         let scale = 1.0 / self.micro_batches.max(1) as f32;
         let mut sq = 0f64;
         for sum in &mut self.sums {
-            for s in sum.iter_mut() {
-                *s *= scale;
-                sq += (*s as f64) * (*s as f64);
-            }
+            let parts: Vec<f64> = sum
+                .par_chunks_mut(CHUNK)
+                .map(|chunk| {
+                    if scale != 1.0 {
+                        chunk.iter_mut().for_each(|s| *s *= scale);
+                    }
+                    let mut lanes = [0f64; 8];
+                    let mut blocks = chunk.chunks_exact(8);
+                    for b in &mut blocks {
+                        for (l, &x) in lanes.iter_mut().zip(b) {
+                            *l += (x as f64) * (x as f64);
+                        }
+                    }
+                    for (l, &x) in lanes.iter_mut().zip(blocks.remainder()) {
+                        *l += (x as f64) * (x as f64);
+                    }
+                    lanes.iter().sum::<f64>()
+                })
+                .collect();
+            sq += parts.iter().sum::<f64>();
         }
         sq.sqrt()
     }
 
+    /// Start a new optimiser step. The sums are overwritten by the next `add`.
     pub fn zero(&mut self) {
-        for s in &mut self.sums {
-            s.iter_mut().for_each(|x| *x = 0.0);
-        }
         self.micro_batches = 0;
     }
 }
+
+/// Element-wise passes split into chunks of this many values, one per rayon task.
+const CHUNK: usize = 1 << 15;
 
 /// AdamW state: first and second moments per parameter, and the number of updates.
 #[derive(Clone, Debug, PartialEq)]
@@ -119,28 +148,55 @@ impl AdamW {
             if !cfg.trainable.includes(name) {
                 continue;
             }
-            let shape = var.dims().to_vec();
-            let decay = if decays(name, &shape) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
-            let mut p = var.as_tensor().flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+            let decay = if decays(name, var.dims()) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], &grads[i]);
             // Element-wise, so chunks on several threads give the same bits as one loop; the
             // zipped iterators (no indexing) let LLVM vectorise, sqrt and division included.
-            const CHUNK: usize = 1 << 15;
-            p.par_chunks_mut(CHUNK)
-                .zip(m.par_chunks_mut(CHUNK))
-                .zip(v.par_chunks_mut(CHUNK))
-                .zip(g.par_chunks(CHUNK))
-                .for_each(|(((p, m), v), g)| {
-                    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                        let gj = g * clip;
-                        *m = b1 * *m + (1.0 - b1) * gj;
-                        *v = b2 * *v + (1.0 - b2) * gj * gj;
-                        *p -= decay * *p;
-                        *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                    }
-                });
-            let t = Tensor::from_vec(p, shape.as_slice(), var.device())?.to_dtype(var.dtype())?;
-            var.set(&t)?;
+            let update = |p: &mut [f32]| {
+                p.par_chunks_mut(CHUNK)
+                    .zip(m.par_chunks_mut(CHUNK))
+                    .zip(v.par_chunks_mut(CHUNK))
+                    .zip(g.par_chunks(CHUNK))
+                    .for_each(|(((p, m), v), g)| {
+                        for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                            let gj = g * clip;
+                            *m = b1 * *m + (1.0 - b1) * gj;
+                            *v = b2 * *v + (1.0 - b2) * gj * gj;
+                            *p -= decay * *p;
+                            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+                        }
+                    });
+            };
+            // The parameter's own storage is updated in place (no copies out and back).
+            var.as_tensor().inplace_op1(&InPlace(std::sync::Mutex::new(update)))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs a closure on a tensor's values in place: f32 storage directly; other float dtypes
+/// (f64 parameters of gradient checks) through an f32 copy, as `to_dtype` would.
+struct InPlace<F>(std::sync::Mutex<F>);
+
+impl<F: FnMut(&mut [f32])> candle_core::InplaceOp1 for InPlace<F> {
+    fn name(&self) -> &'static str {
+        "itt-adamw-update"
+    }
+
+    fn cpu_fwd(&self, storage: &mut candle_core::CpuStorage, layout: &candle_core::Layout) -> candle_core::Result<()> {
+        use candle_core::CpuStorage;
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("AdamW: a parameter is not contiguous");
+        };
+        let mut f = self.0.lock().unwrap();
+        match storage {
+            CpuStorage::F32(d) => f(&mut d[start..end]),
+            CpuStorage::F64(d) => {
+                let mut tmp: Vec<f32> = d[start..end].iter().map(|&x| x as f32).collect();
+                f(&mut tmp);
+                d[start..end].iter_mut().zip(tmp).for_each(|(x, y)| *x = y as f64);
+            }
+            _ => candle_core::bail!("AdamW: parameters must be f32 or f64"),
         }
         Ok(())
     }
@@ -149,7 +205,44 @@ impl AdamW {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn accumulator_overwrites_after_zero_and_averages_micro_batches() {
+        let dev = Device::Cpu;
+        let a = Var::from_tensor(&Tensor::new(&[1.0f32, 2.0, 3.0], &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::new(&[1.0f32], &dev).unwrap()).unwrap();
+        let params = vec![("a".to_string(), a.clone()), ("b".to_string(), b.clone())];
+        let mut acc = GradAccumulator::new(&params);
+        // Step 1: both parameters get gradients.
+        let both = (a.as_tensor().sum_all().unwrap() * 2.0).unwrap() + (b.as_tensor().sum_all().unwrap() * 5.0);
+        acc.add(&params, &both.unwrap().backward().unwrap()).unwrap();
+        assert_eq!(acc.sums, vec![vec![2.0, 2.0, 2.0], vec![5.0]]);
+        // Step 2: two micro-batches; `b` has no gradient, so its stale sum must not survive.
+        acc.zero();
+        let only_a = |k: f64| (a.as_tensor().sqr().unwrap().sum_all().unwrap() * k).unwrap();
+        acc.add(&params, &only_a(1.0).backward().unwrap()).unwrap();
+        acc.add(&params, &only_a(3.0).backward().unwrap()).unwrap();
+        let norm = acc.finish();
+        // d/da (1 + 3) a^2 / 2 micro-batches = 4a.
+        assert_eq!(acc.sums, vec![vec![4.0, 8.0, 12.0], vec![0.0]]);
+        assert!((norm - (16.0f64 + 64.0 + 144.0).sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn adamw_updates_in_place_for_every_clone_and_in_f64() {
+        let dev = Device::Cpu;
+        let cfg = TrainConfig { weight_decay: 0.0, grad_clip: 0.0, ..Default::default() };
+        for dtype in [DType::F32, DType::F64] {
+            let var = Var::from_tensor(&Tensor::new(&[1.0f32, -2.0], &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let alias = var.as_tensor().clone(); // as the model holds it
+            let params = vec![("w".to_string(), var.clone())];
+            let mut opt = AdamW::new(&params);
+            opt.step(&params, &[vec![0.5, -0.25]], 0.0, 0.01, &cfg).unwrap();
+            let got = alias.to_dtype(DType::F64).unwrap().to_vec1::<f64>().unwrap();
+            assert!((got[0] - 0.99).abs() < 1e-6 && (got[1] + 1.99).abs() < 1e-6, "{dtype:?}: {got:?}");
+        }
+    }
 
     #[test]
     fn adamw_matches_hand_computed_update() {
