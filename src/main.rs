@@ -522,7 +522,7 @@ fn main() {
     itt::util::tune_allocator();
     itt::util::tune_threads();
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    if let Err(e) = itt::util::on_worker_thread(|| run(cli)) {
         let _ = std::io::stdout().flush();
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -37,6 +37,20 @@ pub fn tune_allocator() {
     }
 }
 
+/// Run `f` on a worker of a rayon pool with the default number of threads, so that every
+/// parallel region (matrix products, fused kernels, the optimiser) is forked from a pool thread
+/// that takes part in the work, instead of from the main thread, which would hand the work to
+/// the pool and sleep until woken. On 2 cores that saves a third thread's sleep and wake-up per
+/// region, hundreds of times a training step (docs/PERFORMANCE.md). The workers get the main
+/// thread's 8 MiB stack (backward passes recurse over the graph). Falls back to the calling
+/// thread if the pool cannot be built.
+pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match rayon::ThreadPoolBuilder::new().stack_size(8 << 20).build() {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
+}
+
 /// Run candle's element-wise ops on the calling thread unless `CANDLE_NUM_THREADS` is set.
 /// candle 0.11 splits element-wise ops of >= 64K elements over its own thread pool, and the
 /// caller spin-waits for the other threads; on 2 shared cores that spinning cost more than the
