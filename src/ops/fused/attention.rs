@@ -142,15 +142,20 @@ impl<T: Real> Scratch<T> {
     }
 }
 
-/// X^T of one (sequence, head): rows (L, hd) of `x` -> `xt` (hd, ld), zero-padded; returns ld.
+/// X^T of one (sequence, head), blocked by key tile: rows (L, hd) of `x` -> `xt` holding, for
+/// each tile of BK keys, its (hd, BK) transpose, contiguous and zero-padded; element (d, j) is
+/// at `(j / BK) * hd * BK + d * BK + j % BK`, so tile j0 starts at `j0 * hd` with row stride BK.
+/// A row stride of L (the unblocked layout) put the 64 rows a tile product reads 1 KiB apart
+/// at L = 256, onto a quarter of L1's sets: the product ran at ~75% of its rate on a 256-byte
+/// stride (examples in docs/PERFORMANCE.md).
 /// In f32 on AVX-512, whole 16 x 16 blocks go through registers (`transpose16`): the element
 /// by element version was ~15% of the forward kernel's time (strided scalar stores).
 #[inline(always)]
-fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize, hd: usize, xt: &mut Vec<T>) -> usize {
+fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize, hd: usize, xt: &mut Vec<T>) {
     let l = side.lens[s];
-    let ld = l.div_ceil(BK) * BK;
     xt.clear();
-    xt.resize(hd * ld, T::ZERO);
+    xt.resize(hd * l.div_ceil(BK) * BK, T::ZERO);
+    let at = |d: usize, j: usize| (j / BK) * hd * BK + d * BK + j % BK;
     let mut j0 = 0;
     #[cfg(target_arch = "x86_64")]
     if T::DTYPE == candle_core::DType::F32 && hd.is_multiple_of(16) && level == Simd::Avx512 {
@@ -164,9 +169,10 @@ fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize
         while j0 + 16 <= l {
             for d0 in (0..hd).step_by(16) {
                 let rows: [&[f32]; 16] = std::array::from_fn(|r| &xf[side.at(s, h, j0 + r) + d0..][..16]);
-                // SAFETY: AVX-512 is present (`level` comes from simd_level); rows are 16 floats each, and the 16
-                // output rows (d0 + c) * ld + j0 .. + 16 lie inside xt (d0 + c < hd, j0 + 16 <= ld).
-                unsafe { transpose_block_f32(rows, &mut xtf[d0 * ld + j0..], ld) };
+                // SAFETY: AVX-512 is present (`level` comes from simd_level); rows are 16 floats each; BK is a
+                // multiple of 16, so keys j0..j0 + 16 share a tile and the 16 output rows at (d0 + c, j0), c < 16,
+                // lie inside xt.
+                unsafe { transpose_block_f32(rows, &mut xtf[at(d0, j0)..], BK) };
             }
             j0 += 16;
         }
@@ -174,10 +180,9 @@ fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize
     for j in j0..l {
         let row = &x[side.at(s, h, j)..][..hd];
         for (d, &v) in row.iter().enumerate() {
-            xt[d * ld + j] = v;
+            xt[at(d, j)] = v;
         }
     }
-    ld
 }
 
 /// out[c * ld + r] = rows[r][c] for a 16 x 16 block.
@@ -202,15 +207,16 @@ fn gather_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, out
     }
 }
 
-/// Register-tile width of [`gemm_acc`]: 64 columns (four AVX-512 vectors of f32) by MR rows.
+/// Register-tile width of [`gemm_acc`]: 64 columns, four AVX-512 vectors of f32.
 const NR: usize = 64;
-const MR: usize = 4;
 
 /// c (m, n) += a (m, k) . b (k, n), row-major with leading dimensions lda, ldb, ldc: every
 /// product of the kernel. With `TA` the first operand is stored transposed, (k, m): element
 /// (i, kk) at `a[kk * lda + i]`, so P^T dO and dS^T Q need no transposed copy of the tile.
-/// Full 4 x 64 blocks keep their accumulators in registers while k runs (16 FMAs per 4 loads);
-/// edges fall back to row-by-row axpy.
+/// Rows go in register blocks of 6, then 4, then one at a time; a 6 x 64 block keeps its 24
+/// accumulators in registers while k runs (24 FMAs per 4 loads of b and 6 broadcasts of a):
+/// ~1.15x the 4-row block's rate on a 64 x 64 x 64 product in L1; columns past the last whole
+/// 64 fall back to row-by-row axpy.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
@@ -228,50 +234,16 @@ fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
     let mut j0 = 0;
     while j0 + NR <= n {
         let mut i = 0;
-        while i + MR <= m {
-            let mut acc = [[T::ZERO; NR]; MR];
-            for (r, row) in acc.iter_mut().enumerate() {
-                row.copy_from_slice(&c[(i + r) * ldc + j0..][..NR]);
-            }
-            if TA {
-                for kk in 0..k {
-                    let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
-                    let xs: [T; MR] = a[kk * lda + i..][..MR].try_into().unwrap();
-                    for r in 0..MR {
-                        let x = xs[r];
-                        for j in 0..NR {
-                            acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
-                        }
-                    }
-                }
-            } else {
-                let ar: [&[T]; MR] = std::array::from_fn(|r| &a[(i + r) * lda..][..k]);
-                for kk in 0..k {
-                    let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
-                    for r in 0..MR {
-                        let x = ar[r][kk];
-                        for j in 0..NR {
-                            acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
-                        }
-                    }
-                }
-            }
-            for (r, row) in acc.iter().enumerate() {
-                c[(i + r) * ldc + j0..][..NR].copy_from_slice(row);
-            }
-            i += MR;
+        while i + 6 <= m {
+            block::<T, FMA, TA, 6>(i, j0, k, a, lda, b, ldb, c, ldc);
+            i += 6;
+        }
+        if i + 4 <= m {
+            block::<T, FMA, TA, 4>(i, j0, k, a, lda, b, ldb, c, ldc);
+            i += 4;
         }
         while i < m {
-            let mut acc = [T::ZERO; NR];
-            acc.copy_from_slice(&c[i * ldc + j0..][..NR]);
-            for kk in 0..k {
-                let x = a_at(i, kk);
-                let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
-                for j in 0..NR {
-                    acc[j] = madd::<T, FMA>(x, bv[j], acc[j]);
-                }
-            }
-            c[i * ldc + j0..][..NR].copy_from_slice(&acc);
+            block::<T, FMA, TA, 1>(i, j0, k, a, lda, b, ldb, c, ldc);
             i += 1;
         }
         j0 += NR;
@@ -284,6 +256,50 @@ fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
                 axpy::<T, FMA>(a_at(i, kk), &b[kk * ldb + j0..][..w], cr);
             }
         }
+    }
+}
+
+/// Rows i..i + R, columns j0..j0 + NR of [`gemm_acc`], accumulators in registers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn block<T: Real, const FMA: bool, const TA: bool, const R: usize>(
+    i: usize,
+    j0: usize,
+    k: usize,
+    a: &[T],
+    lda: usize,
+    b: &[T],
+    ldb: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    let mut acc = [[T::ZERO; NR]; R];
+    for (r, row) in acc.iter_mut().enumerate() {
+        row.copy_from_slice(&c[(i + r) * ldc + j0..][..NR]);
+    }
+    let step = |acc: &mut [[T; NR]; R], xs: [T; R], bv: &[T; NR]| {
+        for r in 0..R {
+            let x = xs[r];
+            for j in 0..NR {
+                acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
+            }
+        }
+    };
+    if TA {
+        for kk in 0..k {
+            let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
+            let xs: [T; R] = a[kk * lda + i..][..R].try_into().unwrap();
+            step(&mut acc, xs, bv);
+        }
+    } else {
+        let ar: [&[T]; R] = std::array::from_fn(|r| &a[(i + r) * lda..][..k]);
+        for kk in 0..k {
+            let bv: &[T; NR] = b[kk * ldb + j0..][..NR].try_into().unwrap();
+            step(&mut acc, std::array::from_fn(|r| ar[r][kk]), bv);
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        c[(i + r) * ldc + j0..][..NR].copy_from_slice(row);
     }
 }
 
@@ -330,7 +346,7 @@ multiversion! {
         let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
         let past = lk - lq;
         let kvh = h / (g.h / g.hkv);
-        let ldk = transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
+        transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
         gather_into(v, &g.k, s, kvh, hd, &mut scr.vc);
         let Scratch { kt, vc, qs, st, acc, m, l, .. } = scr;
         for i0 in (0..lq).step_by(BQ) {
@@ -348,7 +364,7 @@ multiversion! {
             for j0 in (0..kend).step_by(BK) {
                 let kc = BK.min(kend - j0);
                 st[..bq * BK].fill(T::ZERO);
-                tile_product::<T>(level, bq, BK, hd, qs, hd, false, &kt[j0..], ldk, st, BK); // S = Qs K^T: (bq, BK)
+                tile_product::<T>(level, bq, BK, hd, qs, hd, false, &kt[j0 * hd..], BK, st, BK); // S = Qs K^T: (bq, BK)
                 for i in 0..bq {
                     let row = &mut st[i * BK..][..BK];
                     // Keys < lim are visible to this query; masked entries become p = 0.
@@ -408,7 +424,7 @@ multiversion! {
         let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
         let past = lk - lq;
         let rep = g.h / g.hkv;
-        let ldk = transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
+        transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
         transpose_into(level, v, &g.k, s, kvh, hd, &mut scr.vt);
         gather_into(k, &g.k, s, kvh, hd, &mut scr.kc);
         scr.dk.clear();
@@ -435,8 +451,8 @@ multiversion! {
                     let kc = BK.min(kend - j0);
                     st[..bq * BK].fill(T::ZERO);
                     dpt[..bq * BK].fill(T::ZERO);
-                    tile_product::<T>(level, bq, BK, hd, qs, hd, false, &kt[j0..], ldk, st, BK); // S = Qs K^T
-                    tile_product::<T>(level, bq, BK, hd, dot_t, hd, false, &vt[j0..], ldk, dpt, BK); // dP = dO V^T
+                    tile_product::<T>(level, bq, BK, hd, qs, hd, false, &kt[j0 * hd..], BK, st, BK); // S = Qs K^T
+                    tile_product::<T>(level, bq, BK, hd, dot_t, hd, false, &vt[j0 * hd..], BK, dpt, BK); // dP = dO V^T
                     for i in 0..bq {
                         let (p, ds) = (&mut st[i * BK..][..BK], &mut dpt[i * BK..][..BK]);
                         let lim = past + i0 + i + 1;
