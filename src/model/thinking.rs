@@ -381,8 +381,11 @@ impl ThinkingLayer {
             let xs = x.index_select(&idx, 0)?; // (M, D)
             let y = block.forward(&xs, &sub_layout, &rope.select(&idx)?, slot(&mut caches, layer, t - 1))?;
             let ws = w.index_select(&idx, 0)?; // (M, 1)
-            let delta = self.delta(&xs, &y, Some(&ws), t)?;
-            x = x.index_add(&idx, &delta, 0)?;
+            x = match (self.residual_connection, self.residual_form, self.phi(t)) {
+                // The default ITT form in one node: x[S] += (y * phi_t) * w[S].
+                (true, ResidualForm::Literal, Some(phi)) => crate::ops::routed_update(&x, &selected, &y, phi, &ws)?,
+                _ => x.index_add(&idx, &self.delta(&xs, &y, Some(&ws), t)?, 0)?,
+            };
             prev_selected = Some(selected);
         }
         if let Some(rec) = record {

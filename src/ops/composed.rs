@@ -103,3 +103,12 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let picked = shifted.gather(&targets.reshape((n, 1))?, 1)?; // (N, 1)
     Ok((lse - picked)?.mean_all()?)
 }
+
+/// The state update of a routed thinking step (ITT-SPEC §3): x (N, D) with (y * phi) * w added
+/// to rows `idx`; y (M, D), phi (D,), w (M, 1) or (M,).
+pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let m = idx.len();
+    let idx = Tensor::from_slice(idx, m, x.device())?;
+    let delta = y.broadcast_mul(phi)?.broadcast_mul(&w.reshape((m, 1))?)?;
+    Ok(x.index_add(&idx, &delta, 0)?)
+}

@@ -30,11 +30,20 @@ pub enum Kernel {
     /// x W^T in f32 straight through gemm (no transposed-weight node, no zero-filled output);
     /// in bf16 precision the product is always the fused mixed-precision one.
     Linear,
+    /// The state update of a routed thinking step, x[idx] += (y * phi) * w.
+    RoutedUpdate,
 }
 
 impl Kernel {
-    pub const ALL: [Kernel; 6] =
-        [Kernel::Attention, Kernel::RmsNorm, Kernel::Rope, Kernel::Swiglu, Kernel::CrossEntropy, Kernel::Linear];
+    pub const ALL: [Kernel; 7] = [
+        Kernel::Attention,
+        Kernel::RmsNorm,
+        Kernel::Rope,
+        Kernel::Swiglu,
+        Kernel::CrossEntropy,
+        Kernel::Linear,
+        Kernel::RoutedUpdate,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -44,6 +53,7 @@ impl Kernel {
             Kernel::Swiglu => "swiglu",
             Kernel::CrossEntropy => "cross_entropy",
             Kernel::Linear => "linear",
+            Kernel::RoutedUpdate => "routed_update",
         }
     }
 
@@ -258,6 +268,17 @@ pub fn causal_attention_varlen(
         fused::causal_attention_varlen(q, k, v, lens_q, lens_k)
     } else {
         composed::causal_attention_varlen(q, k, v, lens_q, lens_k)
+    }
+}
+
+/// The state update of a routed thinking step (ITT-SPEC §3, literal residual connection):
+/// x (N, D) with (y * phi) * w added to the distinct rows `idx`; y (M, D), phi (D,), w (M, 1).
+pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let same = |t: &Tensor| t.dtype() == x.dtype();
+    if fused_enabled(Kernel::RoutedUpdate, x) && same(y) && same(phi) && same(w) {
+        fused::routed_update(x, idx, y, phi, w)
+    } else {
+        composed::routed_update(x, idx, y, phi, w)
     }
 }
 

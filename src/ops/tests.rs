@@ -211,6 +211,40 @@ fn varlen_attention_matches_composed_and_finite_differences() {
 }
 
 #[test]
+fn routed_update_matches_composed_and_finite_differences() {
+    // (N, D, selected rows): none, one, scattered and unordered, every row.
+    let cases: [(usize, usize, &[u32]); 4] =
+        [(5, 3, &[]), (4, 7, &[2]), (70, 33, &[69, 0, 5, 17, 40, 41, 3]), (300, 64, &[])];
+    for (i, &(n, d, sel)) in cases.iter().enumerate() {
+        let all: Vec<u32> = (0..n as u32).rev().collect();
+        let sel = if i == 3 { &all[..] } else { sel };
+        let m = sel.len();
+        let fused = |t: &[Tensor]| fused::routed_update(&t[0], sel, &t[1], &t[2], &t[3]);
+        let composed = |t: &[Tensor]| composed::routed_update(&t[0], sel, &t[1], &t[2], &t[3]);
+        let name = format!("routed_update N{n} D{d} M{m}");
+        check_twins(&name, &fused, &composed, &[&[n, d], &[m, d], &[d], &[m, 1]], 150 + i as u64);
+        if i == 2 {
+            check_finite_differences(&name, &fused, &[&[n, d], &[m, d], &[d], &[m, 1]], 160);
+        }
+    }
+    // The forward pass and dy are the composed products in the same order: equal bits.
+    let (x, y, phi, w) = (
+        randn(&[9, 5], 1, DType::F32),
+        randn(&[3, 5], 2, DType::F32),
+        randn(&[5], 3, DType::F32),
+        randn(&[3, 1], 4, DType::F32),
+    );
+    let sel = [7u32, 1, 4];
+    let a = fused::routed_update(&x, &sel, &y, &phi, &w).unwrap();
+    let b = composed::routed_update(&x, &sel, &y, &phi, &w).unwrap();
+    assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    // Repeated or out-of-range rows are refused (the kernel writes rows from several threads).
+    assert!(fused::routed_update(&x, &[1, 1, 4], &y, &phi, &w).is_err());
+    assert!(fused::routed_update(&x, &[1, 9, 4], &y, &phi, &w).is_err());
+    assert!(fused::routed_update(&x, &[1, 2], &y, &phi, &w).is_err());
+}
+
+#[test]
 fn fused_results_do_not_depend_on_the_thread_count() {
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -224,6 +258,12 @@ fn fused_results_do_not_depend_on_the_thread_count() {
             let (v2, g2) = value_and_grads(&|t| fused::rms_norm(&t[0], &t[1], 1e-5), &[x, g]);
             vals.extend(v2);
             grads.extend(g2);
+            let sel: Vec<u32> = (0..1800).step_by(3).collect(); // 600 x 64 rows: the parallel path
+            let upd = [[1800, 64], [600, 64]].iter().map(|s| randn(s, 6, DType::F32));
+            let upd: Vec<Tensor> = upd.chain([randn(&[64], 7, DType::F32), randn(&[600, 1], 8, DType::F32)]).collect();
+            let (v3, g3) = value_and_grads(&|t| fused::routed_update(&t[0], &sel, &t[1], &t[2], &t[3]), &upd);
+            vals.extend(v3);
+            grads.extend(g3);
             (vals, grads)
         })
     };

@@ -17,6 +17,7 @@ mod cross_entropy;
 mod linear;
 mod rms_norm;
 mod rope;
+mod routed_update;
 mod swiglu;
 
 pub use attention::{causal_attention_varlen, causal_sdpa};
@@ -24,6 +25,7 @@ pub use cross_entropy::cross_entropy;
 pub use linear::linear;
 pub use rms_norm::rms_norm;
 pub use rope::apply_rope;
+pub use routed_update::routed_update;
 pub use swiglu::swiglu;
 
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
