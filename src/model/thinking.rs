@@ -69,7 +69,7 @@ pub struct Router {
 impl Router {
     /// Router logits for every token: (N, D) -> (N, 1).
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.weight.t()?)?.broadcast_add(&self.bias)?)
+        crate::ops::router_logits(x, &self.weight, &self.bias)
     }
 }
 
@@ -292,7 +292,7 @@ impl ThinkingLayer {
         let f0 = block.forward(x0, layout, rope, slot(&mut caches, layer, 0))?;
         let mut x = match (self.kind, self.phi(1), self.residual_form) {
             (ModelKind::Loop, _, _) | (_, None, _) => f0,
-            (_, Some(phi), ResidualForm::Literal) => f0.broadcast_mul(phi)?,
+            (_, Some(phi), ResidualForm::Literal) => crate::ops::scale_columns(&f0, phi)?,
             (_, Some(phi), ResidualForm::Update) => (x0 + (f0 - x0)?.broadcast_mul(phi)?)?,
         };
 

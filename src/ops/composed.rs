@@ -112,3 +112,13 @@ pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tens
     let delta = y.broadcast_mul(phi)?.broadcast_mul(&w.reshape((m, 1))?)?;
     Ok(x.index_add(&idx, &delta, 0)?)
 }
+
+/// A router's logits: x (N, D), w (1, D), b (1,) -> x w^T + b (N, 1).
+pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?.broadcast_add(b)?)
+}
+
+/// Columns scaled by a vector: x (N, D) * phi (D,).
+pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_mul(phi)?)
+}

@@ -30,8 +30,9 @@ pub enum Kernel {
     /// x W^T in f32 straight through gemm (no transposed-weight node, no zero-filled output);
     /// in bf16 precision the product is always the fused mixed-precision one.
     Linear,
-    /// The state update of a routed thinking step, x[idx] += (y * phi) * w.
-    RoutedUpdate,
+    /// The thinking layer's element-wise ops: router logits, step-1 phi scaling, and a routed
+    /// step's update x[idx] += (y * phi) * w (`fused::thinking`).
+    Thinking,
 }
 
 impl Kernel {
@@ -42,7 +43,7 @@ impl Kernel {
         Kernel::Swiglu,
         Kernel::CrossEntropy,
         Kernel::Linear,
-        Kernel::RoutedUpdate,
+        Kernel::Thinking,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,7 +54,7 @@ impl Kernel {
             Kernel::Swiglu => "swiglu",
             Kernel::CrossEntropy => "cross_entropy",
             Kernel::Linear => "linear",
-            Kernel::RoutedUpdate => "routed_update",
+            Kernel::Thinking => "thinking",
         }
     }
 
@@ -275,10 +276,28 @@ pub fn causal_attention_varlen(
 /// x (N, D) with (y * phi) * w added to the distinct rows `idx`; y (M, D), phi (D,), w (M, 1).
 pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tensor) -> Result<Tensor> {
     let same = |t: &Tensor| t.dtype() == x.dtype();
-    if fused_enabled(Kernel::RoutedUpdate, x) && same(y) && same(phi) && same(w) {
+    if fused_enabled(Kernel::Thinking, x) && same(y) && same(phi) && same(w) {
         fused::routed_update(x, idx, y, phi, w)
     } else {
         composed::routed_update(x, idx, y, phi, w)
+    }
+}
+
+/// A router's logits R(x) = x w^T + b: x (N, D), w (1, D), b (1,) -> (N, 1).
+pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if fused_enabled(Kernel::Thinking, x) && w.dtype() == x.dtype() && b.dtype() == x.dtype() {
+        fused::router_logits(x, w, b)
+    } else {
+        composed::router_logits(x, w, b)
+    }
+}
+
+/// x (N, D) with column d scaled by phi[d]: the step encoding of ITT-SPEC §3.
+pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
+    if fused_enabled(Kernel::Thinking, x) && phi.dtype() == x.dtype() && x.rank() == 2 {
+        fused::scale_columns(x, phi)
+    } else {
+        composed::scale_columns(x, phi)
     }
 }
 

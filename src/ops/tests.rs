@@ -211,6 +211,27 @@ fn varlen_attention_matches_composed_and_finite_differences() {
 }
 
 #[test]
+fn router_logits_and_column_scaling_match_composed_and_finite_differences() {
+    let router = |t: &[Tensor]| fused::router_logits(&t[0], &t[1], &t[2]);
+    let router_c = |t: &[Tensor]| composed::router_logits(&t[0], &t[1], &t[2]);
+    let scale = |t: &[Tensor]| fused::scale_columns(&t[0], &t[1]);
+    let scale_c = |t: &[Tensor]| composed::scale_columns(&t[0], &t[1]);
+    // One row (decoding), odd sizes, and enough rows for the parallel path.
+    for (i, (n, d)) in [(1, 1), (7, 33), (1000, 64)].into_iter().enumerate() {
+        check_twins(&format!("router N{n} D{d}"), &router, &router_c, &[&[n, d], &[1, d], &[1]], 170 + i as u64);
+        check_twins(&format!("scale_columns N{n} D{d}"), &scale, &scale_c, &[&[n, d], &[d]], 180 + i as u64);
+    }
+    check_finite_differences("router", &router, &[&[9, 13], &[1, 13], &[1]], 190);
+    check_finite_differences("scale_columns", &scale, &[&[9, 13], &[13]], 191);
+    // Column scaling is the same product as the broadcast one: equal bits.
+    let (x, phi) = (randn(&[5, 7], 1, DType::F32), randn(&[7], 2, DType::F32));
+    let bits = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(bits(fused::scale_columns(&x, &phi).unwrap()), bits(composed::scale_columns(&x, &phi).unwrap()));
+    assert!(fused::router_logits(&x, &randn(&[1, 6], 3, DType::F32), &randn(&[1], 4, DType::F32)).is_err());
+    assert!(fused::scale_columns(&x, &randn(&[5], 5, DType::F32)).is_err());
+}
+
+#[test]
 fn routed_update_matches_composed_and_finite_differences() {
     // (N, D, selected rows): none, one, scattered and unordered, every row.
     let cases: [(usize, usize, &[u32]); 4] =
@@ -264,6 +285,16 @@ fn fused_results_do_not_depend_on_the_thread_count() {
             let (v3, g3) = value_and_grads(&|t| fused::routed_update(&t[0], &sel, &t[1], &t[2], &t[3]), &upd);
             vals.extend(v3);
             grads.extend(g3);
+            let (x, w, b, phi) = (
+                randn(&[1800, 64], 9, DType::F32),
+                randn(&[1, 64], 10, DType::F32),
+                randn(&[1], 11, DType::F32),
+                randn(&[64], 12, DType::F32),
+            );
+            let (v4, g4) = value_and_grads(&|t| fused::router_logits(&t[0], &t[1], &t[2]), &[x.clone(), w, b]);
+            let (v5, g5) = value_and_grads(&|t| fused::scale_columns(&t[0], &t[1]), &[x, phi]);
+            vals.extend(v4.into_iter().chain(v5));
+            grads.extend(g4.into_iter().chain(g5));
             (vals, grads)
         })
     };

@@ -17,16 +17,16 @@ mod cross_entropy;
 mod linear;
 mod rms_norm;
 mod rope;
-mod routed_update;
 mod swiglu;
+mod thinking;
 
 pub use attention::{causal_attention_varlen, causal_sdpa};
 pub use cross_entropy::cross_entropy;
 pub use linear::linear;
 pub use rms_norm::rms_norm;
 pub use rope::apply_rope;
-pub use routed_update::routed_update;
 pub use swiglu::swiglu;
+pub use thinking::{routed_update, router_logits, scale_columns};
 
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use std::cell::Cell;

@@ -1,0 +1,405 @@
+//! The thinking layer's own element-wise ops (ITT-SPEC §3; `model/thinking.rs`), each one graph
+//! node with its backward pass, in place of chains of candle's broadcast products, gathers and
+//! reductions (`itt bench` with candle's backward timed per op showed the router's D -> 1
+//! product and the phi_1 scaling at ~0.7 ms and ~2 ms a call in backward at 2048 x 256):
+//! - [`router_logits`]: R(x) = x w^T + b, a dot product per row.
+//! - [`scale_columns`]: x * phi, step 1's `phi_1 * f(x0)`.
+//! - [`routed_update`]: a routed step's `x[S] += (y * phi) * w`.
+//!
+//! Each has a composed twin in `ops::composed` (test oracle, and the path for other dtypes and
+//! devices); sums over rows go by fixed chunks added in order, so results do not depend on the
+//! thread count.
+//!
+//! ## routed_update
+//! The state update of a routed thinking step, residual thinking connection in its literal form:
+//!
+//! ```text
+//! out = x;  out[idx[r]] += (y[r] * phi) * w[r]     for the M selected rows r
+//! ```
+//! x (N, D) the state, y (M, D) the block's output on the selected rows, phi (D,) the step
+//! encoding, w (M,) their router weights, idx (M,) distinct rows of x (held by the op).
+//! phi and w travel packed as one vector [phi; w] because a custom op takes at most three
+//! tensors; `Tensor::cat`'s backward splits the gradient again.
+//!
+//! Backward, g = dL/dout (N, D), a[r] = g[idx[r]] * w[r]:
+//! dx = g;  dy[r] = a[r] * phi;  dphi = sum_r a[r] * y[r];  dw[r] = sum_d g[idx[r], d] * y[r, d] * phi[d].
+//!
+//! Composed twin (`composed::routed_update`): `x.index_add(idx, (y * phi) * w)`, whose forward
+//! and dy this op reproduces bit for bit (same products in the same order); dphi and dw are
+//! sums in another order. It replaces ten nodes (two broadcast products, the scatter, and the
+//! backward's gathers, products and reductions over (M, D) temporaries).
+
+use super::{dot, for_row_chunks, with_data, Filled, Real, SharedMut};
+use crate::{Error, Result};
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+
+struct RoutedUpdate {
+    idx: Vec<u32>,
+}
+
+fn forward<T: Real>(idx: &[u32], x: &[T], y: &[T], pw: &[T], d: usize) -> Vec<T> {
+    let (phi, w) = pw.split_at(d);
+    let mut out = x.to_vec();
+    let po = SharedMut(out.as_mut_ptr());
+    for_row_chunks(idx.len(), d, |rows| {
+        for r in rows {
+            // SAFETY: the op's constructor checked that idx holds distinct rows < N, so each
+            // output row is written by exactly one r.
+            let o = unsafe { po.slice(idx[r] as usize * d, d) };
+            let wr = w[r];
+            for ((o, &yv), &p) in o.iter_mut().zip(&y[r * d..][..d]).zip(phi) {
+                *o += (yv * p) * wr;
+            }
+        }
+    });
+    out
+}
+
+/// (dy (M, D), [dphi; dw] (D + M,)).
+fn backward<T: Real>(idx: &[u32], y: &[T], pw: &[T], g: &[T], d: usize) -> (Vec<T>, Vec<T>) {
+    let m = idx.len();
+    let (phi, w) = pw.split_at(d);
+    let mut dy = Filled::new(m * d);
+    let mut dpw = vec![T::ZERO; d + m];
+    let (pdy, pdw) = (dy.ptr(), SharedMut(dpw[d..].as_mut_ptr()));
+    // Each chunk of rows writes its rows of dy and dw and returns its part of dphi; the parts
+    // are added in chunk order, so the sum does not depend on the thread count.
+    let parts = for_row_chunks(m, d, |rows| {
+        let mut dphi = vec![T::ZERO; d];
+        for r in rows {
+            let (gr, yr) = (&g[idx[r] as usize * d..][..d], &y[r * d..][..d]);
+            // SAFETY: row r of dy and element r of dw belong to this chunk only.
+            let dyr = unsafe { pdy.slice(r * d, d) };
+            let wr = w[r];
+            let mut dw = T::ZERO;
+            for ((((dyv, dp), &gv), &yv), &p) in dyr.iter_mut().zip(dphi.iter_mut()).zip(gr).zip(yr).zip(phi) {
+                let a = gv * wr;
+                *dyv = a * p;
+                *dp += a * yv;
+                dw += gv * (yv * p);
+            }
+            unsafe { pdw.slice(r, 1)[0] = dw };
+        }
+        dphi
+    });
+    for part in parts {
+        for (s, v) in dpw[..d].iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    // SAFETY: the chunks cover every row of dy.
+    (unsafe { dy.assume_filled() }, dpw)
+}
+
+impl CustomOp3 for RoutedUpdate {
+    fn name(&self) -> &'static str {
+        "itt-routed-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use super::cpu_data as c;
+        let d = l1.shape().dims2()?.1;
+        let out = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(&self.idx, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
+            CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(&self.idx, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
+            _ => bail!("routed update: fused kernel runs in f32 or f64"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        y: &Tensor,
+        pw: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(
+            op: &RoutedUpdate,
+            y: &Tensor,
+            pw: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Tensor, Tensor)> {
+            let d = y.dims2()?.1;
+            let (dy, dpw) = with_data::<T, _>(y, |yd| {
+                with_data::<T, _>(pw, |pd| with_data::<T, _>(grad, |gd| Ok(backward(&op.idx, yd, pd, gd, d))))
+            })?;
+            Ok((Tensor::from_vec(dy, y.shape(), y.device())?, Tensor::from_vec(dpw, pw.shape(), pw.device())?))
+        }
+        let (dy, dpw) = match y.dtype() {
+            candle_core::DType::F32 => run::<f32>(self, y, pw, grad)?,
+            candle_core::DType::F64 => run::<f64>(self, y, pw, grad)?,
+            dt => bail!("routed update: fused kernel runs in f32 or f64, not {dt:?}"),
+        };
+        // The state passes through unchanged: its gradient is g itself.
+        Ok((Some(grad.clone()), Some(dy), Some(dpw)))
+    }
+}
+
+/// Fused twin of `composed::routed_update`: x (N, D) with (y * phi) * w added to rows `idx`.
+/// y (M, D), phi (D,), w (M, 1) or (M,); `idx` distinct rows of x.
+pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let (n, d) = x.dims2()?;
+    let m = idx.len();
+    if y.dims() != [m, d] || phi.dims() != [d] || w.elem_count() != m {
+        return Err(Error::usage(format!(
+            "routed update: x {:?}, y {:?}, phi {:?}, w {:?} do not fit {m} selected rows",
+            x.dims(),
+            y.dims(),
+            phi.dims(),
+            w.dims()
+        )));
+    }
+    // Distinct rows inside x: the forward pass writes rows from several threads.
+    let mut seen = vec![false; n];
+    for &i in idx {
+        let i = i as usize;
+        if i >= n || std::mem::replace(&mut seen[i], true) {
+            return Err(Error::usage(format!("routed update: row {i} repeated or outside the {n} rows of x")));
+        }
+    }
+    if m == 0 {
+        return Ok(x.clone());
+    }
+    let pw = Tensor::cat(&[phi.contiguous()?, w.flatten_all()?.contiguous()?], 0)?;
+    Ok(x.contiguous()?.apply_op3(&y.contiguous()?, &pw, RoutedUpdate { idx: idx.to_vec() })?)
+}
+
+/// Partial column sums of a chunk of rows, added in chunk order: `sum_r f(r)[d]` for every d.
+fn column_sums<T: Real>(m: usize, d: usize, row: impl Fn(usize, &mut [T]) + Sync) -> Vec<T> {
+    let parts = for_row_chunks(m, d, |rows| {
+        let mut acc = vec![T::ZERO; d];
+        for r in rows {
+            row(r, &mut acc);
+        }
+        acc
+    });
+    let mut out = vec![T::ZERO; d];
+    for part in parts {
+        for (s, v) in out.iter_mut().zip(part) {
+            *s += v;
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// router_logits
+
+/// z (N, 1) = x (N, D) . w^T + b, w (1, D), b (1,).
+/// Backward: dx[r] = g[r] * w;  dw = sum_r g[r] * x[r];  db = sum_r g[r].
+struct RouterLogits;
+
+fn router_forward<T: Real>(x: &[T], w: &[T], b: T, d: usize) -> Vec<T> {
+    let n = x.len() / d;
+    let mut z = Filled::new(n);
+    let pz = z.ptr();
+    for_row_chunks(n, d, |rows| {
+        // SAFETY: each chunk writes only its own rows.
+        let zc = unsafe { pz.slice(rows.start, rows.len()) };
+        for (o, r) in zc.iter_mut().zip(rows) {
+            *o = dot(&x[r * d..][..d], w) + b;
+        }
+    });
+    // SAFETY: the chunks cover every row.
+    unsafe { z.assume_filled() }
+}
+
+/// (dx (N, D), dw (D,), db).
+fn router_backward<T: Real>(x: &[T], w: &[T], g: &[T], d: usize) -> (Vec<T>, Vec<T>, T) {
+    let n = g.len();
+    let mut dx = Filled::new(n * d);
+    let pdx = dx.ptr();
+    let dw = column_sums(n, d, |r, acc| {
+        // SAFETY: row r of dx is written by the chunk that holds r only.
+        let dxr = unsafe { pdx.slice(r * d, d) };
+        let (gr, xr) = (g[r], &x[r * d..][..d]);
+        for ((o, a), (&wv, &xv)) in dxr.iter_mut().zip(acc.iter_mut()).zip(w.iter().zip(xr)) {
+            *o = gr * wv;
+            *a += gr * xv;
+        }
+    });
+    let db = column_sums(n, 1, |r, acc| acc[0] += g[r])[0];
+    // SAFETY: the chunks cover every row of dx.
+    (unsafe { dx.assume_filled() }, dw, db)
+}
+
+impl CustomOp3 for RouterLogits {
+    fn name(&self) -> &'static str {
+        "itt-router-logits"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use super::cpu_data as c;
+        let (n, d) = l1.shape().dims2()?;
+        let z = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(router_forward::<f32>(c(s1, l1)?, c(s2, l2)?, c(s3, l3)?[0], d)),
+            CpuStorage::F64(_) => CpuStorage::F64(router_forward::<f64>(c(s1, l1)?, c(s2, l2)?, c(s3, l3)?[0], d)),
+            _ => bail!("router logits: fused kernel runs in f32 or f64"),
+        };
+        Ok((z, Shape::from((n, 1))))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(
+            x: &Tensor,
+            w: &Tensor,
+            b: &Tensor,
+            grad: &Tensor,
+        ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+            let d = x.dims2()?.1;
+            let (dx, dw, db) = with_data::<T, _>(x, |xd| {
+                with_data::<T, _>(w, |wd| with_data::<T, _>(grad, |gd| Ok(router_backward(xd, wd, gd, d))))
+            })?;
+            let dev = x.device();
+            Ok((
+                Tensor::from_vec(dx, x.shape(), dev)?,
+                Tensor::from_vec(dw, w.shape(), dev)?,
+                Tensor::from_vec(vec![db], b.shape(), dev)?,
+            ))
+        }
+        let (dx, dw, db) = match x.dtype() {
+            candle_core::DType::F32 => run::<f32>(x, w, b, grad)?,
+            candle_core::DType::F64 => run::<f64>(x, w, b, grad)?,
+            dt => bail!("router logits: fused kernel runs in f32 or f64, not {dt:?}"),
+        };
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// Fused twin of `composed::router_logits`: x (N, D), w (1, D), b (1,) -> x w^T + b (N, 1).
+pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (n, d) = x.dims2()?;
+    if w.dims() != [1, d] || b.dims() != [1] {
+        return Err(Error::usage(format!(
+            "router: x {:?}, weight {:?}, bias {:?} do not fit (N, D), (1, D), (1,)",
+            x.dims(),
+            w.dims(),
+            b.dims()
+        )));
+    }
+    if n == 0 {
+        return crate::ops::composed::router_logits(x, w, b);
+    }
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, RouterLogits)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// scale_columns
+
+/// y (N, D) = x * phi, phi (D,). Backward: dx = g * phi;  dphi = sum_r g[r] * x[r].
+struct ScaleColumns;
+
+fn scale_forward<T: Real>(x: &[T], phi: &[T]) -> Vec<T> {
+    let d = phi.len();
+    let mut y = Filled::new(x.len());
+    let py = y.ptr();
+    for_row_chunks(x.len() / d, d, |rows| {
+        // SAFETY: each chunk writes only its own rows.
+        let yc = unsafe { py.slice(rows.start * d, rows.len() * d) };
+        for (yr, xr) in yc.chunks_exact_mut(d).zip(x[rows.start * d..rows.end * d].chunks_exact(d)) {
+            for ((o, &xv), &p) in yr.iter_mut().zip(xr).zip(phi) {
+                *o = xv * p;
+            }
+        }
+    });
+    // SAFETY: the chunks cover every row.
+    unsafe { y.assume_filled() }
+}
+
+fn scale_backward<T: Real>(x: &[T], phi: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
+    let d = phi.len();
+    let mut dx = Filled::new(x.len());
+    let pdx = dx.ptr();
+    let dphi = column_sums(x.len() / d, d, |r, acc| {
+        // SAFETY: row r of dx is written by the chunk that holds r only.
+        let dxr = unsafe { pdx.slice(r * d, d) };
+        let (gr, xr) = (&g[r * d..][..d], &x[r * d..][..d]);
+        for (((o, a), &p), (&gv, &xv)) in dxr.iter_mut().zip(acc.iter_mut()).zip(phi).zip(gr.iter().zip(xr)) {
+            *o = gv * p;
+            *a += gv * xv;
+        }
+    });
+    // SAFETY: the chunks cover every row of dx.
+    (unsafe { dx.assume_filled() }, dphi)
+}
+
+impl CustomOp2 for ScaleColumns {
+    fn name(&self) -> &'static str {
+        "itt-scale-columns"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        use super::cpu_data as c;
+        let y = match s1 {
+            CpuStorage::F32(_) => CpuStorage::F32(scale_forward::<f32>(c(s1, l1)?, c(s2, l2)?)),
+            CpuStorage::F64(_) => CpuStorage::F64(scale_forward::<f64>(c(s1, l1)?, c(s2, l2)?)),
+            _ => bail!("column scaling: fused kernel runs in f32 or f64"),
+        };
+        Ok((y, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        phi: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        fn run<T: Real>(x: &Tensor, phi: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+            let (dx, dphi) = with_data::<T, _>(x, |xd| {
+                with_data::<T, _>(phi, |pd| with_data::<T, _>(grad, |gd| Ok(scale_backward(xd, pd, gd))))
+            })?;
+            Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dphi, phi.shape(), phi.device())?))
+        }
+        let (dx, dphi) = match x.dtype() {
+            candle_core::DType::F32 => run::<f32>(x, phi, grad)?,
+            candle_core::DType::F64 => run::<f64>(x, phi, grad)?,
+            dt => bail!("column scaling: fused kernel runs in f32 or f64, not {dt:?}"),
+        };
+        Ok((Some(dx), Some(dphi)))
+    }
+}
+
+/// Fused twin of `composed::scale_columns`: x (N, D) * phi (D,), bit-equal forward.
+pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
+    let (n, d) = x.dims2()?;
+    if phi.dims() != [d] {
+        return Err(Error::usage(format!("column scaling: x {:?} and phi {:?} do not fit", x.dims(), phi.dims())));
+    }
+    if n == 0 || d == 0 {
+        return crate::ops::composed::scale_columns(x, phi);
+    }
+    Ok(x.contiguous()?.apply_op2(&phi.contiguous()?, ScaleColumns)?)
+}
