@@ -1,7 +1,8 @@
 //! The vendored candle-core's backward pass (vendor/candle-core/ITT-PATCH.md) stores a node's
 //! first gradient as it is instead of adding it to zeros. These check what that could break:
 //! gradients that arrive as views (transposed, broadcast), gradients shared by both sides of an
-//! add, several paths into one variable, and a backward rule returning the wrong shape.
+//! add, several paths into one variable, and a backward rule returning the wrong shape; and
+//! patch 3's sums on several threads.
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var};
 
@@ -67,4 +68,54 @@ fn a_gradient_of_the_wrong_shape_is_an_error_not_stored() {
     let y = w.as_tensor().apply_op1(WrongShapeGrad).unwrap();
     let err = y.sum_all().unwrap().backward().unwrap_err().to_string();
     assert!(err.contains("shape mismatch"), "{err}");
+}
+
+#[test]
+fn large_gradient_sums_are_exact_on_any_thread_count() {
+    // Patch 3: sums of >= 64K f32 elements are added on rayon's threads. A variable reached by
+    // four paths (two plain products, a transposed view, which candle's `add` takes, and a narrow
+    // slice) must get the same bits on any number of threads, and the sum of its paths.
+    let (r, c) = (300, 256);
+    let n = r * c;
+    let data = |k: f32| (0..n).map(|i| ((i as f32 * 0.37 + k).sin())).collect::<Vec<f32>>();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let x = var(&data(0.0), (r, c));
+            let (a, b) = (
+                Tensor::from_vec(data(1.0), (r, c), &Device::Cpu).unwrap(),
+                Tensor::from_vec(data(2.0), (r, c), &Device::Cpu).unwrap(),
+            );
+            let bt = Tensor::from_vec(data(3.0), (c, r), &Device::Cpu).unwrap();
+            let xt = x.as_tensor().t().unwrap();
+            let loss = ((x.as_tensor() * &a).unwrap().sum_all().unwrap()
+                + (x.as_tensor() * &b).unwrap().sum_all().unwrap()
+                + (&xt * &bt).unwrap().sum_all().unwrap()
+                + x.as_tensor().narrow(0, 10, 200).unwrap().sqr().unwrap().sum_all().unwrap())
+            .unwrap();
+            let g =
+                loss.backward().unwrap().get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            (g, a, b, bt, x)
+        })
+    };
+    let (g1, a, b, bt, x) = run(1);
+    let (g3, ..) = run(3);
+    assert_eq!(g1, g3, "the sum changed with the thread count");
+    // The order candle adds the paths in is its own, so compare with the host's sum within one
+    // rounding per addition.
+    let (a, b, btt, xv) = (
+        a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        bt.t().unwrap().contiguous().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        x.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+    );
+    for i in 0..n {
+        let row = i / c;
+        let sq = if (10..210).contains(&row) { 2.0 * xv[i] } else { 0.0 };
+        let want = a[i] + b[i] + btt[i] + sq;
+        assert!(
+            (g1[i] - want).abs() <= 4.0 * f32::EPSILON * (a[i].abs() + b[i].abs() + btt[i].abs() + sq.abs()),
+            "element {i}"
+        );
+    }
 }
