@@ -77,7 +77,7 @@ fn large_gradient_sums_are_exact_on_any_thread_count() {
     // slice) must get the same bits on any number of threads, and the sum of its paths.
     let (r, c) = (300, 256);
     let n = r * c;
-    let data = |k: f32| (0..n).map(|i| ((i as f32 * 0.37 + k).sin())).collect::<Vec<f32>>();
+    let data = |k: f32| (0..n).map(|i| (i as f32 * 0.37 + k).sin()).collect::<Vec<f32>>();
     let run = |threads: usize| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
