@@ -171,8 +171,9 @@ pub struct RopeAt {
 
 impl RopeAt {
     /// The rows of the selected tokens (routed steps keep their original positions).
-    pub fn select(&self, idx: &Tensor) -> Result<RopeAt> {
-        Ok(RopeAt { cos: self.cos.index_select(idx, 0)?, sin: self.sin.index_select(idx, 0)? })
+    /// `selected`: distinct packed token indices.
+    pub fn select(&self, selected: &[u32]) -> Result<RopeAt> {
+        Ok(RopeAt { cos: ops::gather_rows(&self.cos, selected)?, sin: ops::gather_rows(&self.sin, selected)? })
     }
 }
 

@@ -376,15 +376,17 @@ impl ThinkingLayer {
 
             // Gather the selected tokens, run the block on them (causal among themselves, at
             // their own positions), scale and add back.
-            let idx = Tensor::from_slice(&selected, selected.len(), x.device())?;
             let sub_layout = sub_layout(layout, &selected);
-            let xs = x.index_select(&idx, 0)?; // (M, D)
-            let y = block.forward(&xs, &sub_layout, &rope.select(&idx)?, slot(&mut caches, layer, t - 1))?;
-            let ws = w.index_select(&idx, 0)?; // (M, 1)
+            let xs = crate::ops::gather_rows(&x, &selected)?; // (M, D)
+            let y = block.forward(&xs, &sub_layout, &rope.select(&selected)?, slot(&mut caches, layer, t - 1))?;
+            let ws = crate::ops::gather_rows(&w, &selected)?; // (M, 1)
             x = match (self.residual_connection, self.residual_form, self.phi(t)) {
                 // The default ITT form in one node: x[S] += (y * phi_t) * w[S].
                 (true, ResidualForm::Literal, Some(phi)) => crate::ops::routed_update(&x, &selected, &y, phi, &ws)?,
-                _ => x.index_add(&idx, &self.delta(&xs, &y, Some(&ws), t)?, 0)?,
+                _ => {
+                    let idx = Tensor::from_slice(&selected, selected.len(), x.device())?;
+                    x.index_add(&idx, &self.delta(&xs, &y, Some(&ws), t)?, 0)?
+                }
             };
             prev_selected = Some(selected);
         }
@@ -445,9 +447,14 @@ pub fn select_topk(logits: &[f32], lens: &[usize], rho: f64, alive: &[bool]) -> 
     for &n in lens {
         let k = ((rho * n as f64 - 1e-9).ceil().max(0.0) as usize).min(n);
         let mut cand: Vec<usize> = (start..start + n).filter(|&i| alive[i]).collect();
-        // Descending logit, then ascending index: a total order, so the result is deterministic.
-        cand.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
-        cand.truncate(k);
+        // Descending logit, then ascending index: a total order, so the k first are one set
+        // whatever the algorithm, and partitioning (linear time) finds the same set a sort would.
+        if k < cand.len() {
+            if k > 0 {
+                cand.select_nth_unstable_by(k - 1, |&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+            }
+            cand.truncate(k);
+        }
         cand.sort_unstable();
         out.extend(cand.into_iter().map(|i| i as u32));
         start += n;
@@ -580,6 +587,31 @@ mod tests {
         assert_eq!(select_topk(&l, &[3, 3], 0.33, &[true; 6]), vec![0, 5]);
         assert_eq!(select_topk(&l, &[3, 3], 0.34, &[true; 6]), vec![0, 2, 3, 5]);
         assert_eq!(select_topk(&l, &[3, 3], 0.0, &[true; 6]), Vec::<u32>::new());
+    }
+
+    #[test]
+    fn topk_partition_selects_what_a_full_sort_selects() {
+        // Random logits drawn from few values (many ties), random lengths, ratios and dead tokens.
+        let mut rng = crate::rng::Rng::new(7);
+        for _ in 0..300 {
+            let lens: Vec<usize> = (0..1 + rng.below(4)).map(|_| rng.below(40) as usize).collect();
+            let n: usize = lens.iter().sum();
+            let logits: Vec<f32> = (0..n).map(|_| rng.below(5) as f32 - 2.0).collect();
+            let alive: Vec<bool> = (0..n).map(|_| rng.below(6) != 0).collect();
+            let rho = rng.below(11) as f64 / 10.0;
+            let mut want = Vec::new();
+            let mut start = 0;
+            for &len in &lens {
+                let k = ((rho * len as f64 - 1e-9).ceil().max(0.0) as usize).min(len);
+                let mut c: Vec<usize> = (start..start + len).filter(|&i| alive[i]).collect();
+                c.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+                c.truncate(k);
+                c.sort_unstable();
+                want.extend(c.into_iter().map(|i| i as u32));
+                start += len;
+            }
+            assert_eq!(select_topk(&logits, &lens, rho, &alive), want, "lens {lens:?} rho {rho}");
+        }
     }
 
     #[test]

@@ -122,3 +122,8 @@ pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
 pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
     Ok(x.broadcast_mul(phi)?)
 }
+
+/// The rows `idx` of x (N, D) -> (M, D).
+pub fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
+    Ok(x.index_select(&Tensor::from_slice(idx, idx.len(), x.device())?, 0)?)
+}

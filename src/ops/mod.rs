@@ -30,8 +30,8 @@ pub enum Kernel {
     /// x W^T in f32 straight through gemm (no transposed-weight node, no zero-filled output);
     /// in bf16 precision the product is always the fused mixed-precision one.
     Linear,
-    /// The thinking layer's element-wise ops: router logits, step-1 phi scaling, and a routed
-    /// step's update x[idx] += (y * phi) * w (`fused::thinking`).
+    /// The thinking layer's element-wise ops: router logits, step-1 phi scaling, a routed
+    /// step's gather x[idx] and update x[idx] += (y * phi) * w (`fused::thinking`).
     Thinking,
 }
 
@@ -289,6 +289,15 @@ pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
         fused::router_logits(x, w, b)
     } else {
         composed::router_logits(x, w, b)
+    }
+}
+
+/// The distinct rows `idx` of x (N, D) -> (M, D): a routed step's gather.
+pub fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
+    if fused_enabled(Kernel::Thinking, x) && x.rank() == 2 {
+        fused::gather_rows(x, idx)
+    } else {
+        composed::gather_rows(x, idx)
     }
 }
 

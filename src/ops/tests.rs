@@ -232,6 +232,23 @@ fn router_logits_and_column_scaling_match_composed_and_finite_differences() {
 }
 
 #[test]
+fn gather_rows_matches_composed_and_finite_differences() {
+    let cases: [(usize, usize, &[u32]); 3] = [(4, 3, &[2]), (70, 33, &[69, 0, 5, 17, 40, 41, 3]), (1200, 64, &[])];
+    for (i, &(n, d, sel)) in cases.iter().enumerate() {
+        let every_other: Vec<u32> = (0..n as u32).step_by(2).collect();
+        let sel = if i == 2 { &every_other[..] } else { sel };
+        let fused = |t: &[Tensor]| fused::gather_rows(&t[0], sel);
+        let composed = |t: &[Tensor]| composed::gather_rows(&t[0], sel);
+        check_twins(&format!("gather_rows N{n} D{d} M{}", sel.len()), &fused, &composed, &[&[n, d]], 200 + i as u64);
+    }
+    let idx = [6u32, 0, 3];
+    check_finite_differences("gather_rows", &|t: &[Tensor]| fused::gather_rows(&t[0], &idx), &[&[7, 5]], 210);
+    let x = randn(&[4, 2], 1, DType::F32);
+    assert!(fused::gather_rows(&x, &[1, 1]).is_err() && fused::gather_rows(&x, &[4]).is_err());
+    assert_eq!(fused::gather_rows(&x, &[]).unwrap().dims(), &[0, 2]);
+}
+
+#[test]
 fn routed_update_matches_composed_and_finite_differences() {
     // (N, D, selected rows): none, one, scattered and unordered, every row.
     let cases: [(usize, usize, &[u32]); 4] =

@@ -26,7 +26,7 @@ pub use linear::linear;
 pub use rms_norm::rms_norm;
 pub use rope::apply_rope;
 pub use swiglu::swiglu;
-pub use thinking::{routed_update, router_logits, scale_columns};
+pub use thinking::{gather_rows, routed_update, router_logits, scale_columns};
 
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Storage, Tensor, WithDType};
 use std::cell::Cell;

@@ -5,6 +5,8 @@
 //! - [`router_logits`]: R(x) = x w^T + b, a dot product per row.
 //! - [`scale_columns`]: x * phi, step 1's `phi_1 * f(x0)`.
 //! - [`routed_update`]: a routed step's `x[S] += (y * phi) * w`.
+//! - [`gather_rows`]: `x[S]`, the selected rows (candle's `index_select` runs on one thread, and
+//!   its backward copies the whole summed gradient of x to add the rows in).
 //!
 //! Each has a composed twin in `ops::composed` (test oracle, and the path for other dtypes and
 //! devices); sums over rows go by fixed chunks added in order, so results do not depend on the
@@ -176,13 +178,7 @@ pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tens
         )));
     }
     // Distinct rows inside x: each row of x takes at most one update.
-    let mut seen = vec![false; n];
-    for &i in idx {
-        let i = i as usize;
-        if i >= n || std::mem::replace(&mut seen[i], true) {
-            return Err(Error::usage(format!("routed update: row {i} repeated or outside the {n} rows of x")));
-        }
-    }
+    check_distinct_rows("routed update", idx, n)?;
     if m == 0 {
         return Ok(x.clone());
     }
@@ -418,4 +414,102 @@ pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
         return crate::ops::composed::scale_columns(x, phi);
     }
     Ok(x.contiguous()?.apply_op2(&phi.contiguous()?, ScaleColumns)?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// gather_rows
+
+/// y (M, D) = x[idx] for distinct rows idx of x (N, D).
+/// Backward: dx (N, D) = g's rows at idx, zero elsewhere.
+struct GatherRows {
+    idx: Vec<u32>,
+}
+
+fn gather_forward<T: Real>(idx: &[u32], x: &[T], d: usize) -> Vec<T> {
+    let mut y = Filled::new(idx.len() * d);
+    let py = y.ptr();
+    for_row_chunks(idx.len(), d, |rows| {
+        // SAFETY: each chunk writes only its own rows.
+        let yc = unsafe { py.slice(rows.start * d, rows.len() * d) };
+        for (yr, r) in yc.chunks_exact_mut(d).zip(rows) {
+            yr.copy_from_slice(&x[idx[r] as usize * d..][..d]);
+        }
+    });
+    // SAFETY: the chunks cover every row.
+    unsafe { y.assume_filled() }
+}
+
+fn gather_backward<T: Real>(idx: &[u32], g: &[T], n: usize, d: usize) -> Vec<T> {
+    let mut slot = vec![u32::MAX; n];
+    for (r, &i) in idx.iter().enumerate() {
+        slot[i as usize] = r as u32;
+    }
+    let mut dx = Filled::new(n * d);
+    let pdx = dx.ptr();
+    for_row_chunks(n, d, |rows| {
+        // SAFETY: each chunk writes only its own rows.
+        let dc = unsafe { pdx.slice(rows.start * d, rows.len() * d) };
+        for (o, i) in dc.chunks_exact_mut(d).zip(rows) {
+            match slot[i] {
+                u32::MAX => o.fill(T::ZERO),
+                r => o.copy_from_slice(&g[r as usize * d..][..d]),
+            }
+        }
+    });
+    // SAFETY: the chunks cover every row.
+    unsafe { dx.assume_filled() }
+}
+
+impl candle_core::CustomOp1 for GatherRows {
+    fn name(&self) -> &'static str {
+        "itt-gather-rows"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        use super::cpu_data as c;
+        let d = l.shape().dims2()?.1;
+        let y = match s {
+            CpuStorage::F32(_) => CpuStorage::F32(gather_forward::<f32>(&self.idx, c(s, l)?, d)),
+            CpuStorage::F64(_) => CpuStorage::F64(gather_forward::<f64>(&self.idx, c(s, l)?, d)),
+            _ => bail!("row gather: fused kernel runs in f32 or f64"),
+        };
+        Ok((y, Shape::from((self.idx.len(), d))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let (n, d) = x.dims2()?;
+        let dx = match x.dtype() {
+            candle_core::DType::F32 => with_data::<f32, _>(grad, |g| {
+                Tensor::from_vec(gather_backward(&self.idx, g, n, d), (n, d), x.device())
+            })?,
+            candle_core::DType::F64 => with_data::<f64, _>(grad, |g| {
+                Tensor::from_vec(gather_backward(&self.idx, g, n, d), (n, d), x.device())
+            })?,
+            dt => bail!("row gather: fused kernel runs in f32 or f64, not {dt:?}"),
+        };
+        Ok(Some(dx))
+    }
+}
+
+/// Fused twin of `composed::gather_rows`: the rows `idx` of x (N, D), which must be distinct
+/// (the backward pass writes each row of dx once) -> (M, D).
+pub fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
+    let (n, _) = x.dims2()?;
+    check_distinct_rows("row gather", idx, n)?;
+    if idx.is_empty() {
+        return crate::ops::composed::gather_rows(x, idx);
+    }
+    Ok(x.contiguous()?.apply_op1(GatherRows { idx: idx.to_vec() })?)
+}
+
+/// Every index below n and none repeated.
+fn check_distinct_rows(what: &str, idx: &[u32], n: usize) -> Result<()> {
+    let mut seen = vec![false; n];
+    for &i in idx {
+        let i = i as usize;
+        if i >= n || std::mem::replace(&mut seen[i], true) {
+            return Err(Error::usage(format!("{what}: row {i} repeated or outside the {n} rows")));
+        }
+    }
+    Ok(())
 }
