@@ -31,7 +31,7 @@
 //! sums in another order. It replaces ten nodes (two broadcast products, the scatter, and the
 //! backward's gathers, products and reductions over (M, D) temporaries).
 
-use super::{dot, for_row_chunks, with_data, Filled, Real, SharedMut};
+use super::{dot, for_row_chunks, with_data, Filled, Real};
 use crate::{Error, Result};
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
 
@@ -78,35 +78,25 @@ fn backward<T: Real>(idx: &[u32], y: &[T], pw: &[T], g: &[T], d: usize) -> (Vec<
     let m = idx.len();
     let (phi, w) = pw.split_at(d);
     let mut dy = Filled::new(m * d);
-    let mut dpw = vec![T::ZERO; d + m];
-    let (pdy, pdw) = (dy.ptr(), SharedMut(dpw[d..].as_mut_ptr()));
-    // Each chunk of rows writes its rows of dy and dw and returns its part of dphi; the parts
-    // are added in chunk order, so the sum does not depend on the thread count.
-    let parts = for_row_chunks(m, d, |rows| {
-        let mut dphi = vec![T::ZERO; d];
-        for r in rows {
-            let (gr, yr) = (&g[idx[r] as usize * d..][..d], &y[r * d..][..d]);
-            // SAFETY: row r of dy and element r of dw belong to this chunk only.
-            let dyr = unsafe { pdy.slice(r * d, d) };
-            let wr = w[r];
-            let mut dw = T::ZERO;
-            for ((((dyv, dp), &gv), &yv), &p) in dyr.iter_mut().zip(dphi.iter_mut()).zip(gr).zip(yr).zip(phi) {
-                let a = gv * wr;
-                *dyv = a * p;
-                *dp += a * yv;
-                dw += gv * (yv * p);
-            }
-            unsafe { pdw.slice(r, 1)[0] = dw };
+    let mut dw = Filled::new(m);
+    let (pdy, pdw) = (dy.ptr(), dw.ptr());
+    let dphi = column_sums(m, d, |r, dphi| {
+        let (gr, yr) = (&g[idx[r] as usize * d..][..d], &y[r * d..][..d]);
+        // SAFETY: row r of dy and element r of dw are written by the chunk that holds r only.
+        let dyr = unsafe { pdy.slice(r * d, d) };
+        let wr = w[r];
+        let mut dwr = T::ZERO;
+        for ((((dyv, dp), &gv), &yv), &p) in dyr.iter_mut().zip(dphi.iter_mut()).zip(gr).zip(yr).zip(phi) {
+            let a = gv * wr;
+            *dyv = a * p;
+            *dp += a * yv;
+            dwr += gv * (yv * p);
         }
-        dphi
+        unsafe { pdw.slice(r, 1)[0] = dwr };
     });
-    for part in parts {
-        for (s, v) in dpw[..d].iter_mut().zip(part) {
-            *s += v;
-        }
-    }
-    // SAFETY: the chunks cover every row of dy.
-    (unsafe { dy.assume_filled() }, dpw)
+    // SAFETY: the chunks cover every row of dy and every element of dw.
+    let (dy, dw) = unsafe { (dy.assume_filled(), dw.assume_filled()) };
+    (dy, dphi.into_iter().chain(dw).collect())
 }
 
 impl CustomOp3 for RoutedUpdate {
