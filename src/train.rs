@@ -339,7 +339,6 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     let tokens_at_start = trainer.state.tokens_seen;
     let mut window = ForwardRecord::default();
     let mut window_loss = (0.0, 0usize);
-    let mut last_val = trainer.state.last_val_loss.unwrap_or(f64::NAN);
     while trainer.state.step < end {
         let rep = trainer.step(&data.train)?;
         for (k, s) in &rep.record.stats {
@@ -366,8 +365,13 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
             });
             writeln!(metrics, "{line}").at(&metrics_path)?;
             let share: Vec<String> = window.stats.values().map(|s| format!("{:.2}", s.share())).collect();
+            // Before the first evaluation there is no validation loss to show.
+            let val = match trainer.state.last_val_loss {
+                Some(v) => format!("{v:.4}"),
+                None => "-".to_string(),
+            };
             let msg = format!(
-                "loss {mean_loss:.4} | val {last_val:.4} | lr {:.2e} | {tok_s:.0} tok/s{}",
+                "loss {mean_loss:.4} | val {val} | lr {:.2e} | {tok_s:.0} tok/s{}",
                 rep.lr,
                 if share.is_empty() { String::new() } else { format!(" | routed {}", share.join("/")) }
             );
@@ -379,7 +383,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
             window_loss = (0.0, 0);
         }
         if step % tc.eval_interval == 0 || step == end {
-            last_val = trainer.evaluate(&data.val, tc.eval_batches)?;
+            let last_val = trainer.evaluate(&data.val, tc.eval_batches)?;
             trainer.state.last_val_loss = Some(last_val);
             let line = json!({"step": step, "val_loss": last_val, "val_ppl": last_val.exp(), "tokens_seen": trainer.state.tokens_seen});
             writeln!(metrics, "{line}").at(&metrics_path)?;
