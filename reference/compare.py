@@ -3,6 +3,7 @@ same threads, alternating A B A B so that drift in the machine's speed hits both
 
     reference/compare.sh                       # sets up PyTorch, builds itt, runs everything
     python reference/compare.py --repeats 3    # with torch importable and target/release/itt built
+    python reference/compare.py --itt-vs-loop 16   # ITT x4 @0.5 against Loop x4 (itt only)
 
 Prints a markdown table of medians and the ratio itt / PyTorch for the training step (fp32
 against fp32, and `itt --precision bf16` against PyTorch bf16 autocast), prefill and cached
@@ -34,7 +35,13 @@ def main():
     ap.add_argument("--decode-presets", default="tiny,tiny-loop4,tiny-itt4")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--itt-vs-loop", type=int, metavar="PAIRS", default=0,
+                    help="instead: issue 7's routing target, PAIRS alternating runs of ITT x4 at ratios "
+                         "0.5/0.5/0.5 and Loop x4 (itt only, no PyTorch), f32 and bf16")
     a = ap.parse_args()
+    if a.itt_vs_loop:
+        itt_vs_loop(a.itt_vs_loop, a.vocab, max(a.steps, 6))
+        return
     py = [sys.executable, os.path.join(HERE, "itt_torch.py")]
     rows = []
     for p in a.train_presets.split(","):
@@ -66,6 +73,35 @@ def main():
           "| PyTorch bf16 tok/s | ratio | peak MiB f32 itt / torch | peak MiB bf16 itt / torch |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+
+
+def itt_vs_loop(pairs, vocab, steps):
+    """Step time of small-itt4 with every routed step at ratio 0.5 over that of small-loop4,
+    taken pair by pair from alternating runs (the machine's speed drifts between minutes)."""
+    import tempfile
+
+    out = subprocess.run([ITT, "info", "--preset", "small-itt4", "--json"], capture_output=True, text=True, check=True)
+    cfg = json.loads(out.stdout)["config"]
+    cfg["model"]["thinking"]["ratios"] = [0.5, 0.5, 0.5]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(cfg, f)
+    common = ["--vocab", str(vocab), "--steps", str(steps), "--json"]
+    print(f"ITT x4 @0.5/0.5/0.5 vs Loop x4, vocab {vocab}, {steps} timed steps a run, {pairs} pairs\n")
+    print("| precision | ITT s (median) | Loop s (median) | ratio: median of pairs | min | max |")
+    print("|---|---|---|---|---|---|")
+    try:
+        for precision in ["f32", "bf16"]:
+            itt, loop, ratios = [], [], []
+            for _ in range(pairs):
+                a = run([ITT, "bench", "--config", f.name, "--precision", precision, *common])[0]["step_s_median"]
+                b = run([ITT, "bench", "--preset", "small-loop4", "--precision", precision, *common])[0]["step_s_median"]
+                itt.append(a)
+                loop.append(b)
+                ratios.append(a / b)
+            print(f"| {precision} | {statistics.median(itt):.3f} | {statistics.median(loop):.3f} "
+                  f"| {statistics.median(ratios):.3f} | {min(ratios):.3f} | {max(ratios):.3f} |")
+    finally:
+        os.unlink(f.name)
 
 
 if __name__ == "__main__":
