@@ -318,8 +318,8 @@ impl ThinkingLayer {
                 continue;
             };
 
-            let logits = router.logits(&x)?; // (N, 1)
-            let w = candle_nn::ops::sigmoid(&logits)?; // (N, 1)
+            // Every token's router logit, for selection and statistics only: outside the graph.
+            let logits = router.logits(&x.detach())?; // (N, 1)
             let host: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
             let selected = match opts.forced.as_ref().and_then(|f| f.get(&(self.layer, t))) {
                 Some(sel) => sel.clone(),
@@ -379,7 +379,11 @@ impl ThinkingLayer {
             let sub_layout = sub_layout(layout, &selected);
             let xs = crate::ops::gather_rows(&x, &selected)?; // (M, D)
             let y = block.forward(&xs, &sub_layout, &rope.select(&selected)?, slot(&mut caches, layer, t - 1))?;
-            let ws = crate::ops::gather_rows(&w, &selected)?; // (M, 1)
+            // The selected tokens' weights w = sigmoid(R(x)), recomputed from their gathered rows:
+            // the same dot products, and only these M logits reach the loss, so the router's
+            // gradient reaches x through the gather's M rows instead of an (N, D) outer product
+            // summed into x's gradient.
+            let ws = candle_nn::ops::sigmoid(&router.logits(&xs)?)?; // (M, 1)
             x = match (self.residual_connection, self.residual_form, self.phi(t)) {
                 // The default ITT form in one node: x[S] += (y * phi_t) * w[S].
                 (true, ResidualForm::Literal, Some(phi)) => crate::ops::routed_update(&x, &selected, &y, phi, &ws)?,
