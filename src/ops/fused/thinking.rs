@@ -37,19 +37,16 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor}
 
 struct RoutedUpdate {
     idx: Vec<u32>,
+    /// [`row_slots`] of idx.
+    slot: Vec<u32>,
 }
 
 /// One pass over the rows of x on every thread: each output row is x's row, plus the update
 /// where the row was selected (a copy of x followed by a scatter was ~0.5 ms a call at
 /// 2048 x 256, the copy on one thread).
-fn forward<T: Real>(idx: &[u32], x: &[T], y: &[T], pw: &[T], d: usize) -> Vec<T> {
+fn forward<T: Real>(slot: &[u32], x: &[T], y: &[T], pw: &[T], d: usize) -> Vec<T> {
     let (phi, w) = pw.split_at(d);
     let n = x.len() / d;
-    // slot[i] = the selected row r with idx[r] = i, or u32::MAX.
-    let mut slot = vec![u32::MAX; n];
-    for (r, &i) in idx.iter().enumerate() {
-        slot[i as usize] = r as u32;
-    }
     let mut out = Filled::new(x.len());
     let po = out.ptr();
     for_row_chunks(n, d, |rows| {
@@ -116,8 +113,8 @@ impl CustomOp3 for RoutedUpdate {
         use super::cpu_data as c;
         let d = l1.shape().dims2()?.1;
         let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(&self.idx, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
-            CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(&self.idx, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
+            CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(&self.slot, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
+            CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(&self.slot, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
             _ => bail!("routed update: fused kernel runs in f32 or f64"),
         };
         Ok((out, l1.shape().clone()))
@@ -168,12 +165,12 @@ pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tens
         )));
     }
     // Distinct rows inside x: each row of x takes at most one update.
-    check_distinct_rows("routed update", idx, n)?;
+    let slot = row_slots("routed update", idx, n)?;
     if m == 0 {
         return Ok(x.clone());
     }
     let pw = Tensor::cat(&[phi.contiguous()?, w.flatten_all()?.contiguous()?], 0)?;
-    Ok(x.contiguous()?.apply_op3(&y.contiguous()?, &pw, RoutedUpdate { idx: idx.to_vec() })?)
+    Ok(x.contiguous()?.apply_op3(&y.contiguous()?, &pw, RoutedUpdate { idx: idx.to_vec(), slot })?)
 }
 
 /// Partial column sums of a chunk of rows, added in chunk order: `sum_r f(r)[d]` for every d.
@@ -413,6 +410,8 @@ pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
 /// Backward: dx (N, D) = g's rows at idx, zero elsewhere.
 struct GatherRows {
     idx: Vec<u32>,
+    /// [`row_slots`] of idx.
+    slot: Vec<u32>,
 }
 
 fn gather_forward<T: Real>(idx: &[u32], x: &[T], d: usize) -> Vec<T> {
@@ -429,11 +428,8 @@ fn gather_forward<T: Real>(idx: &[u32], x: &[T], d: usize) -> Vec<T> {
     unsafe { y.assume_filled() }
 }
 
-fn gather_backward<T: Real>(idx: &[u32], g: &[T], n: usize, d: usize) -> Vec<T> {
-    let mut slot = vec![u32::MAX; n];
-    for (r, &i) in idx.iter().enumerate() {
-        slot[i as usize] = r as u32;
-    }
+fn gather_backward<T: Real>(slot: &[u32], g: &[T], d: usize) -> Vec<T> {
+    let n = slot.len();
     let mut dx = Filled::new(n * d);
     let pdx = dx.ptr();
     for_row_chunks(n, d, |rows| {
@@ -469,12 +465,12 @@ impl candle_core::CustomOp1 for GatherRows {
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
         let (n, d) = x.dims2()?;
         let dx = match x.dtype() {
-            candle_core::DType::F32 => with_data::<f32, _>(grad, |g| {
-                Tensor::from_vec(gather_backward(&self.idx, g, n, d), (n, d), x.device())
-            })?,
-            candle_core::DType::F64 => with_data::<f64, _>(grad, |g| {
-                Tensor::from_vec(gather_backward(&self.idx, g, n, d), (n, d), x.device())
-            })?,
+            candle_core::DType::F32 => {
+                with_data::<f32, _>(grad, |g| Tensor::from_vec(gather_backward(&self.slot, g, d), (n, d), x.device()))?
+            }
+            candle_core::DType::F64 => {
+                with_data::<f64, _>(grad, |g| Tensor::from_vec(gather_backward(&self.slot, g, d), (n, d), x.device()))?
+            }
             dt => bail!("row gather: fused kernel runs in f32 or f64, not {dt:?}"),
         };
         Ok(Some(dx))
@@ -485,21 +481,23 @@ impl candle_core::CustomOp1 for GatherRows {
 /// (the backward pass writes each row of dx once) -> (M, D).
 pub fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
     let (n, _) = x.dims2()?;
-    check_distinct_rows("row gather", idx, n)?;
+    let slot = row_slots("row gather", idx, n)?;
     if idx.is_empty() {
         return crate::ops::composed::gather_rows(x, idx);
     }
-    Ok(x.contiguous()?.apply_op1(GatherRows { idx: idx.to_vec() })?)
+    Ok(x.contiguous()?.apply_op1(GatherRows { idx: idx.to_vec(), slot })?)
 }
 
-/// Every index below n and none repeated.
-fn check_distinct_rows(what: &str, idx: &[u32], n: usize) -> Result<()> {
-    let mut seen = vec![false; n];
-    for &i in idx {
+/// For each of the n rows, the position r with idx[r] = that row, or u32::MAX where it is not
+/// selected; an error unless every index is below n and none repeats (the kernels write each
+/// row from one thread).
+fn row_slots(what: &str, idx: &[u32], n: usize) -> Result<Vec<u32>> {
+    let mut slot = vec![u32::MAX; n];
+    for (r, &i) in idx.iter().enumerate() {
         let i = i as usize;
-        if i >= n || std::mem::replace(&mut seen[i], true) {
+        if i >= n || std::mem::replace(&mut slot[i], r as u32) != u32::MAX {
             return Err(Error::usage(format!("{what}: row {i} repeated or outside the {n} rows")));
         }
     }
-    Ok(())
+    Ok(slot)
 }
