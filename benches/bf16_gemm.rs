@@ -1,7 +1,9 @@
 //! GFLOP/s of the bf16 gemm (`ops::fused::bf16_gemm`) at the training shapes of preset `small`
-//! (batch 8 x 256 tokens, d 256, SwiGLU 688, vocab 4096): the AMX path, the fallback (bf16
-//! rounding + f32 gemm), and plain f32 `gemm::gemm` as candle calls it. Median of REPS runs
-//! (default 10) after a warm-up; nothing is asserted.
+//! (batch 8 x 256 tokens, d 256, SwiGLU 688, vocab 4096; 1024 rows: a routed step at ratio
+//! 0.5): the AMX path, the fallback (bf16 rounding + f32 gemm), the f32 product `ops::linear`
+//! uses (`gemm_f32`: C's rows shared out over the threads) and the same product with gemm's
+//! own thread split (`Parallelism::Rayon`, as candle calls it). Median of REPS runs (default
+//! 10) after a warm-up; nothing is asserted.
 //!
 //!     cargo bench --bench bf16_gemm            (REPS=n to change the count)
 
@@ -41,15 +43,20 @@ fn main() {
         (2048, 256, 256, false, true, "x W^T (attention projections)"),
         (2048, 688, 256, false, true, "x W^T (SwiGLU up)"),
         (2048, 256, 688, false, true, "h W^T (SwiGLU down)"),
+        (1024, 256, 256, false, true, "x W^T, routed step"),
+        (1024, 688, 256, false, true, "x W^T up, routed step"),
+        (2048, 256, 256, false, false, "dY W (input gradient)"),
         (256, 256, 2048, true, false, "dY^T X (weight gradient)"),
+        (256, 688, 2048, true, false, "dY^T X (weight gradient, down)"),
+        (256, 256, 1024, true, false, "dY^T X (weight gradient, routed)"),
         (2048, 4096, 256, false, true, "x E^T (logits)"),
         (4096, 256, 2048, true, false, "dZ^T X (embedding gradient)"),
         (2048, 2048, 2048, false, false, "square"),
     ];
     let amx = amx_available();
     println!("threads {}, AMX {}, median of {reps}\n", rayon::current_num_threads(), if amx { "on" } else { "off" });
-    println!("| m x n x k | operands | AMX GFLOP/s | fallback GFLOP/s | f32 gemm GFLOP/s | AMX / f32 |");
-    println!("|---|---|---|---|---|---|");
+    println!("| m x n x k | operands | AMX GFLOP/s | fallback GFLOP/s | f32 gemm GFLOP/s | gemm's split GFLOP/s | AMX / f32 |");
+    println!("|---|---|---|---|---|---|---|");
     for (m, n, k, at, bt, what) in shapes {
         let (av, bv) = (data(m * k, 1), data(k * n, 2));
         // Transposed operands are views of the stored (k x m) or (n x k) row-major matrix.
@@ -68,9 +75,39 @@ fn main() {
         let amx_gf = if amx { Some(flop / time(reps, || gemm_bf16(m, n, k, a, b, &mut c, n, false))) } else { None };
         let fb_gf = flop / time(reps, || gemm_fallback(m, n, k, a, b, &mut c, n, false));
         let f32_gf = flop / time(reps, || gemm_f32(m, n, k, a, b, &mut c));
+        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
+        // SAFETY: the views hold every element of their m x k and k x n operands; c holds m x n.
+        let own_gf = flop
+            / time(reps, || unsafe {
+                gemm::gemm(
+                    m,
+                    n,
+                    k,
+                    c.as_mut_ptr(),
+                    1,
+                    n as isize,
+                    false,
+                    a.data.as_ptr(),
+                    a.col_stride as isize,
+                    a.row_stride as isize,
+                    b.data.as_ptr(),
+                    b.col_stride as isize,
+                    b.row_stride as isize,
+                    0.0f32,
+                    1.0f32,
+                    false,
+                    false,
+                    false,
+                    par,
+                )
+            });
         let t = |at: bool| if at { "T" } else { "N" };
         let amx_s = amx_gf.map_or("-".into(), |g| format!("{g:.0}"));
         let ratio = amx_gf.map_or("-".into(), |g| format!("{:.1}x", g / f32_gf));
-        println!("| {m}x{n}x{k} | A{} B{} {what} | {amx_s} | {fb_gf:.0} | {f32_gf:.0} | {ratio} |", t(at), t(bt));
+        println!(
+            "| {m}x{n}x{k} | A{} B{} {what} | {amx_s} | {fb_gf:.0} | {f32_gf:.0} | {own_gf:.0} | {ratio} |",
+            t(at),
+            t(bt)
+        );
     }
 }

@@ -174,9 +174,27 @@ fn fallback_rows_per_task(m: usize) -> usize {
     m.div_ceil(16).max(16)
 }
 
+/// Rows of C per thread when [`gemm_f32`] splits the rows itself: the rows shared out evenly,
+/// rounded up to 64 (a multiple of gemm's AVX-512 and AVX2 micro-tile heights, so no thread
+/// gets a ragged edge tile it would not have had anyway). `None` below 64 rows a thread, where
+/// gemm's own parallel split is kept.
+fn f32_rows_per_thread(m: usize, threads: usize) -> Option<usize> {
+    let rows = m.div_ceil(threads).div_ceil(64) * 64;
+    (threads > 1 && m >= 2 * 64 && rows < m).then_some(rows)
+}
+
 /// c (m, n) = a (m, k) . b (k, n) in f32 through gemm (the same call candle's matmul makes,
-/// minus its zero-filled output), split over rayon's threads by gemm: `ops::linear` in f32 and
-/// the yardstick in `benches/bf16_gemm.rs`.
+/// minus its zero-filled output): `ops::linear` in f32 and the yardstick in
+/// `benches/bf16_gemm.rs`.
+///
+/// Threads: C's rows are shared out, one block of [`f32_rows_per_thread`] rows per rayon
+/// thread, each block one single-threaded gemm call that packs all of B for itself. gemm's
+/// own split (`Parallelism::Rayon`) was up to 10-25% slower at the training shapes
+/// (`benches/bf16_gemm.rs`, last two columns): most at the weight gradients (256 x 688 x 2048:
+/// 260 vs 328 GFLOP/s) and at the 1024-row products of a routed step (1024 x 256 x 256: 329 vs
+/// 410); it is kept where B is large (2048 x 2048 x 2048: 426 vs 391, each thread packing all
+/// of B). Every element is the same dot product either way (gemm's k blocking depends on k and
+/// the caches only), so the result does not depend on the split or the thread count.
 pub fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
     assert!(c.len() >= m * n, "gemm_f32: C ({m} x {n}) exceeds {}", c.len());
     a.check(m, k, "A");
@@ -185,10 +203,27 @@ pub fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32
         return;
     }
     let threads = rayon::current_num_threads();
-    let par =
-        if threads > 1 && m * n * k >= 1 << 16 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    let big = m * n * k >= 1 << 16;
+    match f32_rows_per_thread(m, threads) {
+        Some(rows) if big && k * n <= 1 << 20 => {
+            c[..m * n].par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
+                let (r0, mi) = (i * rows, block.len() / n);
+                let ai = MatRef { data: &a.data[r0 * a.row_stride..], ..a };
+                gemm_f32_call(mi, n, k, ai, b, block, gemm::Parallelism::None)
+            })
+        }
+        _ => {
+            let par = if threads > 1 && big { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            gemm_f32_call(m, n, k, a, b, c, par)
+        }
+    }
+}
+
+/// One gemm call, c (m, n) row-major = a . b, c written and not read; shapes checked by the
+/// caller ([`gemm_f32`]).
+fn gemm_f32_call(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], par: gemm::Parallelism) {
     // SAFETY: `a` and `b` hold every (row, col) their strides reach for these m, n, k (checked
-    // above), c holds m * n elements, written and not read.
+    // by `gemm_f32`; a block's A starts at its first row), c holds m * n elements.
     unsafe {
         gemm::gemm(
             m,
@@ -940,6 +975,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `gemm_f32` sharing C's rows out over the threads gives, bit for bit, what one
+    /// single-threaded gemm call over the whole of C gives, on 1 to 4 threads (ragged last
+    /// blocks, too few rows to split, every operand layout), and agrees with an f64 product.
+    #[test]
+    fn f32_row_split_matches_one_call() {
+        let mut rng = Rng::new(4);
+        for (m, n, k, layout) in [
+            (300, 70, 90, 0),
+            (1000, 64, 33, 2),
+            (129, 5, 300, 3),
+            (100, 40, 40, 4),
+            (256, 256, 1, 1),
+            (130, 2100, 600, 0),
+        ] {
+            let a = Operand::new(m, k, layout, &mut rng);
+            let b = Operand::new(k, n, layout + 2, &mut rng);
+            let mut whole = vec![0f32; m * n];
+            gemm_f32_call(m, n, k, a.view(), b.view(), &mut whole, gemm::Parallelism::None);
+            for i in 0..m {
+                for j in 0..n {
+                    let exact: f64 = (0..k).map(|kk| a.view().at(i, kk) as f64 * b.view().at(kk, j) as f64).sum();
+                    let got = whole[i * n + j] as f64;
+                    assert!((got - exact).abs() <= 1e-4 * (1.0 + exact.abs()), "({i}, {j}): {got} vs {exact}");
+                }
+            }
+            for threads in 1..=4 {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut c = vec![f32::NAN; m * n];
+                pool.install(|| gemm_f32(m, n, k, a.view(), b.view(), &mut c));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                assert_eq!(bits(&whole), bits(&c), "{m}x{n}x{k}: differs on {threads} thread(s)");
+            }
+        }
+        assert_eq!(f32_rows_per_thread(1024, 2), Some(512));
+        assert_eq!(f32_rows_per_thread(300, 4), Some(128));
+        assert_eq!(f32_rows_per_thread(100, 2), None);
+        assert_eq!(f32_rows_per_thread(2048, 1), None);
     }
 
     /// The vector packers (row- and column-major tiles, with their transposes) against the
