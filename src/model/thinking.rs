@@ -378,11 +378,12 @@ impl ThinkingLayer {
             // their own positions), scale and add back.
             let sub_layout = sub_layout(layout, &selected);
             let xs = crate::ops::gather_rows(&x, &selected)?; // (M, D)
-                                                              // The selected tokens' weights w = sigmoid(R(x)), recomputed from their gathered rows:
-                                                              // the same dot products, and only these M logits reach the loss, so the router's
-                                                              // gradient reaches x through the gather's M rows instead of an (N, D) outer product
-                                                              // summed into x's gradient. Computed before the block runs, while the gathered rows
-                                                              // are still in cache (after it, this read was ~2x slower).
+
+            // The selected tokens' weights w = sigmoid(R(x)), recomputed from their gathered rows:
+            // the same dot products, and only these M logits reach the loss, so the router's
+            // gradient reaches x through the gather's M rows instead of an (N, D) outer product
+            // summed into x's gradient. Computed before the block runs, while the gathered rows
+            // are still in cache (after it, this read was ~2x slower).
             let ws = candle_nn::ops::sigmoid(&router.logits(&xs)?)?; // (M, 1)
             let y = block.forward(&xs, &sub_layout, &rope.select(&selected)?, slot(&mut caches, layer, t - 1))?;
             x = match (self.residual_connection, self.residual_form, self.phi(t)) {

@@ -176,8 +176,8 @@ fn fallback_rows_per_task(m: usize) -> usize {
 
 /// Rows of C per thread when [`gemm_f32`] splits the rows itself: the rows shared out evenly,
 /// rounded up to 64 (a multiple of gemm's AVX-512 and AVX2 micro-tile heights, so no thread
-/// gets a ragged edge tile it would not have had anyway). `None` below 64 rows a thread, where
-/// gemm's own parallel split is kept.
+/// gets a ragged edge tile it would not have had anyway). `None` on one thread, below 128 rows,
+/// or where one block would hold every row: gemm's own parallel split is kept there.
 fn f32_rows_per_thread(m: usize, threads: usize) -> Option<usize> {
     let rows = m.div_ceil(threads).div_ceil(64) * 64;
     (threads > 1 && m >= 2 * 64 && rows < m).then_some(rows)
