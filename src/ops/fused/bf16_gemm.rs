@@ -176,11 +176,11 @@ fn fallback_rows_per_task(m: usize) -> usize {
 
 /// Rows of C per thread when [`gemm_f32`] splits the rows itself: the rows shared out evenly,
 /// rounded up to 64 (a multiple of gemm's AVX-512 and AVX2 micro-tile heights, so no thread
-/// gets a ragged edge tile it would not have had anyway). `None` on one thread, below 128 rows,
-/// or where one block would hold every row: gemm's own parallel split is kept there.
+/// gets a ragged edge tile it would not have had anyway). `None` on one thread or below 128
+/// rows a thread, where gemm's own split is kept: it also splits columns, so short products
+/// (a 256-row weight gradient on 16 threads) still use every thread.
 fn f32_rows_per_thread(m: usize, threads: usize) -> Option<usize> {
-    let rows = m.div_ceil(threads).div_ceil(64) * 64;
-    (threads > 1 && m >= 2 * 64 && rows < m).then_some(rows)
+    (threads > 1 && m.div_ceil(threads) >= 128).then(|| m.div_ceil(threads).div_ceil(64) * 64)
 }
 
 /// c (m, n) = a (m, k) . b (k, n) in f32 through gemm (the same call candle's matmul makes,
@@ -992,6 +992,7 @@ mod tests {
         for (m, n, k, layout) in [
             (300, 70, 90, 0),
             (1000, 64, 33, 2),
+            (700, 30, 50, 1),
             (129, 5, 300, 3),
             (100, 40, 40, 4),
             (256, 256, 1, 1),
@@ -1017,8 +1018,10 @@ mod tests {
             }
         }
         assert_eq!(f32_rows_per_thread(1024, 2), Some(512));
-        assert_eq!(f32_rows_per_thread(300, 4), Some(128));
-        assert_eq!(f32_rows_per_thread(100, 2), None);
+        assert_eq!(f32_rows_per_thread(256, 2), Some(128));
+        assert_eq!(f32_rows_per_thread(1000, 3), Some(384));
+        assert_eq!(f32_rows_per_thread(254, 2), None);
+        assert_eq!(f32_rows_per_thread(256, 16), None);
         assert_eq!(f32_rows_per_thread(2048, 1), None);
     }
 
