@@ -7,7 +7,7 @@
 //!
 //!     cargo bench --bench bf16_gemm            (REPS=n to change the count)
 
-use itt::ops::fused::bf16_gemm::{amx_available, gemm_bf16, gemm_f32, gemm_fallback, MatRef};
+use itt::ops::fused::bf16_gemm::{amx_available, gemm_bf16, gemm_f32, gemm_f32_gemm_split, gemm_fallback, MatRef};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -75,32 +75,7 @@ fn main() {
         let amx_gf = if amx { Some(flop / time(reps, || gemm_bf16(m, n, k, a, b, &mut c, n, false))) } else { None };
         let fb_gf = flop / time(reps, || gemm_fallback(m, n, k, a, b, &mut c, n, false));
         let f32_gf = flop / time(reps, || gemm_f32(m, n, k, a, b, &mut c));
-        let par = gemm::Parallelism::Rayon(rayon::current_num_threads());
-        // SAFETY: the views hold every element of their m x k and k x n operands; c holds m x n.
-        let own_gf = flop
-            / time(reps, || unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    c.as_mut_ptr(),
-                    1,
-                    n as isize,
-                    false,
-                    a.data.as_ptr(),
-                    a.col_stride as isize,
-                    a.row_stride as isize,
-                    b.data.as_ptr(),
-                    b.col_stride as isize,
-                    b.row_stride as isize,
-                    0.0f32,
-                    1.0f32,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            });
+        let own_gf = flop / time(reps, || gemm_f32_gemm_split(m, n, k, a, b, &mut c));
         let t = |at: bool| if at { "T" } else { "N" };
         let amx_s = amx_gf.map_or("-".into(), |g| format!("{g:.0}"));
         let ratio = amx_gf.map_or("-".into(), |g| format!("{:.1}x", g / f32_gf));

@@ -196,34 +196,52 @@ fn f32_rows_per_thread(m: usize, threads: usize) -> Option<usize> {
 /// of B). Every element is the same dot product either way (gemm's k blocking depends on k and
 /// the caches only), so the result does not depend on the split or the thread count.
 pub fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
-    assert!(c.len() >= m * n, "gemm_f32: C ({m} x {n}) exceeds {}", c.len());
-    a.check(m, k, "A");
-    b.check(k, n, "B");
-    if m == 0 || n == 0 {
+    if !check_f32(m, n, k, &a, &b, c) {
         return;
     }
-    let threads = rayon::current_num_threads();
-    let big = m * n * k >= 1 << 16;
-    match f32_rows_per_thread(m, threads) {
-        Some(rows) if big && k * n <= 1 << 20 => {
+    match f32_rows_per_thread(m, rayon::current_num_threads()) {
+        Some(rows) if m * n * k >= 1 << 16 && k * n <= 1 << 20 => {
             c[..m * n].par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
                 let (r0, mi) = (i * rows, block.len() / n);
                 let ai = MatRef { data: &a.data[r0 * a.row_stride..], ..a };
                 gemm_f32_call(mi, n, k, ai, b, block, gemm::Parallelism::None)
             })
         }
-        _ => {
-            let par = if threads > 1 && big { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-            gemm_f32_call(m, n, k, a, b, c, par)
-        }
+        _ => gemm_f32_call(m, n, k, a, b, c, gemm_split(m, n, k)),
+    }
+}
+
+/// [`gemm_f32`] with gemm's own thread split throughout, as candle calls it: the yardstick the
+/// row split is measured against (`benches/bf16_gemm.rs`).
+pub fn gemm_f32_gemm_split(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
+    if check_f32(m, n, k, &a, &b, c) {
+        gemm_f32_call(m, n, k, a, b, c, gemm_split(m, n, k))
+    }
+}
+
+/// Panics unless the views and C fit m, n, k; false when there is nothing to compute.
+fn check_f32(m: usize, n: usize, k: usize, a: &MatRef, b: &MatRef, c: &[f32]) -> bool {
+    assert!(c.len() >= m * n, "gemm_f32: C ({m} x {n}) exceeds {}", c.len());
+    a.check(m, k, "A");
+    b.check(k, n, "B");
+    m > 0 && n > 0
+}
+
+/// gemm's own split over rayon's threads, or none for small products.
+fn gemm_split(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 16 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
     }
 }
 
 /// One gemm call, c (m, n) row-major = a . b, c written and not read; shapes checked by the
-/// caller ([`gemm_f32`]).
+/// caller ([`check_f32`]).
 fn gemm_f32_call(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], par: gemm::Parallelism) {
     // SAFETY: `a` and `b` hold every (row, col) their strides reach for these m, n, k (checked
-    // by `gemm_f32`; a block's A starts at its first row), c holds m * n elements.
+    // by `check_f32`; a block's A starts at its first row), c holds m * n elements.
     unsafe {
         gemm::gemm(
             m,
