@@ -70,7 +70,8 @@ impl TrainBench {
 
 /// Time `steps` training steps (after one warm-up step) of the configuration.
 pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
-    let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+    let mut model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+    model.precision = cfg.train.precision;
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let mut rng = Rng::new(cfg.train.seed);
     let mut opt = AdamW::new(&model.params);
@@ -82,11 +83,9 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         let tgt: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
         let t0 = Instant::now();
         acc.zero();
-        let loss = crate::ops::with_precision(cfg.train.precision, || {
-            model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)
-        })?;
+        let loss = model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)?;
         let t1 = Instant::now();
-        // The backward pass needs no precision context: each linear node carries its own.
+        // Each linear node carries its precision into the backward pass.
         let grads = loss.backward()?;
         let t2 = Instant::now();
         acc.add(&model.params, &grads)?;
@@ -140,7 +139,7 @@ pub fn gemm_gflops(precision: crate::ops::Precision) -> Result<f64> {
     let mut best = f64::INFINITY;
     for _ in 0..3 {
         let t0 = Instant::now();
-        let y = crate::ops::with_precision(precision, || crate::ops::linear(&x, &w))?;
+        let y = crate::ops::linear(&x, &w, precision)?;
         drop(y);
         best = best.min(t0.elapsed().as_secs_f64());
     }

@@ -60,6 +60,12 @@ pub struct ThinkingConfig {
     pub phi_init: f64,
     /// Standard deviation of the router weights at initialisation.
     pub router_init_std: f64,
+    /// alpha, a fixed factor beside the router weight of every routed step: the paper's
+    /// alpha^(t) (no value given; docs/DESIGN.md §3.3). 1 leaves the update as it is.
+    pub step_scale: f64,
+    /// Routers read RMSNorm(x) (unit gain) instead of the raw residual stream, whose scale
+    /// grows with depth and training (docs/DESIGN.md §4.4).
+    pub router_norm: bool,
 }
 
 impl Default for ThinkingConfig {
@@ -75,6 +81,8 @@ impl Default for ThinkingConfig {
             residual_form: ResidualForm::Literal,
             phi_init: 0.1,
             router_init_std: 0.02,
+            step_scale: 1.0,
+            router_norm: false,
         }
     }
 }
@@ -190,6 +198,21 @@ impl ModelConfig {
         if !th.phi_init.is_finite() {
             return Err(Error::config("thinking.phi_init", "must be finite"));
         }
+        if !(th.step_scale.is_finite() && th.step_scale > 0.0) {
+            return Err(Error::config("thinking.step_scale", "must be a positive number"));
+        }
+        if !(th.router_init_std >= 0.0 && th.router_init_std.is_finite()) {
+            return Err(Error::config("thinking.router_init_std", "must be a non-negative number"));
+        }
+        if th.kind == ModelKind::Itt && !th.residual_connection && th.residual_form == ResidualForm::Update {
+            // x + w (r - x) with r = x + phi (f(x) - x) is x + w phi (f(x) - x): the same formula
+            // as the residual connection, so "without RTC" would silently be ITT (DESIGN §4.5).
+            return Err(Error::config(
+                "thinking.residual_connection",
+                "false (the without-RTC ablation) is defined for residual_form literal only; in the update \
+                 form replacing the state equals accumulating the update",
+            ));
+        }
         Ok(())
     }
 
@@ -266,6 +289,15 @@ pub struct TrainConfig {
     /// (bf16 operands, f32 sums; `ops::Precision`). Left out of files when f32.
     #[serde(skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
+    /// Learning-rate multiplier of the thinking parameters (routers and step vectors phi_t,
+    /// which are never weight-decayed): their own optimiser group (docs/DESIGN.md §4.7).
+    pub thinking_lr_scale: f64,
+    /// Capacity warm-up: over this share of `max_steps` the routed shares fall linearly from 1
+    /// (every token thinks) to the configured ratios (docs/DESIGN.md §4.8). 0 = off.
+    pub capacity_warmup: f64,
+    /// Weight of the router auxiliary loss (binary cross-entropy of each router logit against
+    /// top-k membership, docs/DESIGN.md §4.6) added to the training loss. 0 = off.
+    pub router_aux_weight: f64,
 }
 
 /// Which parameters training updates; the others stay frozen (no update, no weight decay, and
@@ -328,6 +360,9 @@ impl Default for TrainConfig {
             threshold_momentum: 0.95,
             trainable: Trainable::All,
             precision: Precision::F32,
+            thinking_lr_scale: 1.0,
+            capacity_warmup: 0.0,
+            router_aux_weight: 0.0,
         }
     }
 }
@@ -360,7 +395,28 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.threshold_momentum) {
             return Err(Error::config("train.threshold_momentum", "must be in [0, 1)"));
         }
+        if !(self.thinking_lr_scale > 0.0 && self.thinking_lr_scale.is_finite()) {
+            return Err(Error::config("train.thinking_lr_scale", "must be a positive number"));
+        }
+        if !(0.0..=1.0).contains(&self.capacity_warmup) {
+            return Err(Error::config("train.capacity_warmup", "must be a share of max_steps in [0, 1]"));
+        }
+        if !(self.router_aux_weight >= 0.0 && self.router_aux_weight.is_finite()) {
+            return Err(Error::config("train.router_aux_weight", "must be a non-negative number"));
+        }
         Ok(())
+    }
+
+    /// Routed shares at optimiser step `step` (0-based) under capacity warm-up: from 1 down to
+    /// `ratios`, linearly over the first `capacity_warmup * max_steps` steps; `None` once the
+    /// warm-up is over (or off), meaning the model's own ratios.
+    pub fn capacity_at(&self, step: usize, ratios: &[f64]) -> Option<Vec<f64>> {
+        let span = self.capacity_warmup * self.max_steps as f64;
+        if span <= 0.0 || step as f64 >= span {
+            return None;
+        }
+        let left = 1.0 - step as f64 / span; // 1 at the start, -> 0 at the end of the warm-up
+        Some(ratios.iter().map(|&r| if r == 0.0 { 0.0 } else { r + (1.0 - r) * left }).collect())
     }
 
     /// Tokens per optimiser step.
@@ -546,6 +602,38 @@ mod tests {
         assert!(c.validate().unwrap_err().to_string().contains("thinking.steps"));
         let unknown = r#"{"format_version":1,"model":{"bogus":1},"train":{}}"#;
         assert!(serde_json::from_str::<RunConfig>(unknown).unwrap_err().to_string().contains("bogus"));
+    }
+
+    #[test]
+    fn update_form_without_rtc_is_rejected_and_knobs_are_checked() {
+        let mut c = preset("tiny-itt4").unwrap();
+        c.model.thinking.residual_form = ResidualForm::Update;
+        c.model.thinking.residual_connection = false;
+        assert!(c.validate().unwrap_err().to_string().contains("thinking.residual_connection"));
+        c.model.thinking.residual_connection = true;
+        c.validate().unwrap();
+        c.model.thinking.step_scale = 0.0;
+        assert!(c.validate().unwrap_err().to_string().contains("thinking.step_scale"));
+        c.model.thinking.step_scale = 1.0;
+        c.train.capacity_warmup = 1.5;
+        assert!(c.validate().unwrap_err().to_string().contains("train.capacity_warmup"));
+        c.train.capacity_warmup = 0.2;
+        c.train.thinking_lr_scale = -1.0;
+        assert!(c.validate().unwrap_err().to_string().contains("train.thinking_lr_scale"));
+        c.train.thinking_lr_scale = 3.0;
+        c.train.router_aux_weight = f64::NAN;
+        assert!(c.validate().unwrap_err().to_string().contains("train.router_aux_weight"));
+    }
+
+    #[test]
+    fn capacity_warmup_falls_linearly_from_one_to_the_ratios() {
+        let t = TrainConfig { max_steps: 100, capacity_warmup: 0.2, ..Default::default() };
+        let r = [0.5, 0.7, 0.0];
+        assert_eq!(t.capacity_at(0, &r), Some(vec![1.0, 1.0, 0.0]));
+        let mid = t.capacity_at(10, &r).unwrap();
+        assert!((mid[0] - 0.75).abs() < 1e-12 && (mid[1] - 0.85).abs() < 1e-12 && mid[2] == 0.0);
+        assert_eq!(t.capacity_at(20, &r), None);
+        assert_eq!(TrainConfig::default().capacity_at(0, &r), None);
     }
 
     #[test]

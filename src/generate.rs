@@ -179,7 +179,7 @@ pub fn generate<'a>(
             done: None,
         });
     }
-    let layers = model.thinking.iter().flatten().map(|t| t.layer).collect();
+    let layers = model.thinking_layers().map(|t| t.layer).collect();
     Ok(Generation { model, tok, opts, seqs, pending: VecDeque::new(), layers, record: ForwardRecord::default() })
 }
 
@@ -228,7 +228,7 @@ impl Generation<'_> {
                             self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect();
                     }
                 }
-                self.merge_stats(&detail);
+                self.record.merge_stats(&detail);
                 detail.stats.clear();
             }
             let rows: Vec<Tensor> = last_rows.into_iter().map(|r| r.expect("every prompt was fed")).collect();
@@ -249,7 +249,7 @@ impl Generation<'_> {
                 rows.push(hidden.narrow(0, row, 1)?);
                 depth_rows.push(self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect());
             }
-            self.merge_stats(&detail);
+            self.record.merge_stats(&detail);
             (self.model.logits(&Tensor::cat(&rows, 0)?)?, depth_rows)
         };
         let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
@@ -258,19 +258,6 @@ impl Generation<'_> {
             self.push_token(i, id, depth[k].clone())?;
         }
         Ok(())
-    }
-
-    fn merge_stats(&mut self, detail: &ForwardRecord) {
-        for (k, s) in &detail.stats {
-            let w = self.record.stats.entry(*k).or_default();
-            w.selected += s.selected;
-            w.candidates += s.candidates;
-            w.weight_sum += s.weight_sum;
-            w.weight_sqsum += s.weight_sqsum;
-            w.logit_sum += s.logit_sum;
-            w.logit_sqsum += s.logit_sqsum;
-            w.overlap_with_prev += s.overlap_with_prev;
-        }
     }
 
     fn push_token(&mut self, i: usize, id: u32, depth: Vec<u32>) -> Result<()> {

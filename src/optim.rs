@@ -149,6 +149,9 @@ impl AdamW {
                 continue;
             }
             let decay = if decays(name, var.dims()) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
+            // Routers and step vectors form their own group: lr * thinking_lr_scale, no decay
+            // (`decays` leaves them out; docs/DESIGN.md §4.7).
+            let step_size = if name.contains(".think.") { step_size * cfg.thinking_lr_scale as f32 } else { step_size };
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], &grads[i]);
             // Element-wise, so chunks on several threads give the same bits as one loop; the
             // zipped iterators (no indexing) let LLVM vectorise, sqrt and division included.
@@ -281,6 +284,23 @@ mod tests {
         opt.step(&params, &acc.sums, 0.0, 0.01, &cfg).unwrap();
         assert_eq!(frozen.as_tensor().to_vec1::<f32>().unwrap(), vec![1.0, 2.0]);
         assert_ne!(phi.as_tensor().to_vec1::<f32>().unwrap(), vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn thinking_parameters_take_their_own_learning_rate() {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::new(&[1.0f32, 1.0], &dev).unwrap()).unwrap();
+        let phi = Var::from_tensor(&Tensor::new(&[1.0f32, 1.0], &dev).unwrap()).unwrap();
+        let params = vec![
+            ("layers.1.mlp_norm.weight".to_string(), w.clone()),
+            ("layers.1.think.phi.2".to_string(), phi.clone()),
+        ];
+        let cfg = TrainConfig { thinking_lr_scale: 4.0, grad_clip: 0.0, ..Default::default() };
+        let mut opt = AdamW::new(&params);
+        opt.step(&params, &[vec![0.5, 0.5], vec![0.5, 0.5]], 0.0, 0.01, &cfg).unwrap();
+        // First Adam step moves each by lr * sign(g) (up to eps): 0.01 and 0.04.
+        let moved = |v: &Var| 1.0 - v.as_tensor().to_vec1::<f32>().unwrap()[0];
+        assert!((moved(&w) - 0.01).abs() < 1e-6 && (moved(&phi) - 0.04).abs() < 1e-6, "{} {}", moved(&w), moved(&phi));
     }
 
     #[test]

@@ -61,11 +61,54 @@ pub fn prepare_data(spec: &DataSpec, out_dir: &Path) -> Result<(Dataset, Tokeniz
 #[derive(Clone, Debug)]
 pub struct StepReport {
     pub step: usize,
+    /// Mean cross-entropy over the micro-batches (the auxiliary loss not included).
     pub loss: f64,
+    /// Mean router auxiliary loss, when trained with one.
+    pub router_aux: Option<f64>,
     pub lr: f64,
     pub grad_norm: f64,
     pub seconds: f64,
     pub record: ForwardRecord,
+    /// On measured steps: the gradient norms reaching each thinking layer's routers and phi_t.
+    pub thinking_grads: Vec<ThinkingGrad>,
+}
+
+/// L2 norms of the (micro-batch averaged, unclipped) gradient of one (layer, step)'s router
+/// (weight and bias together) and step vector phi_t (docs/DESIGN.md §7).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ThinkingGrad {
+    pub layer: usize,
+    pub step: usize,
+    pub router: Option<f64>,
+    pub phi: Option<f64>,
+}
+
+/// Which (layer, step) and part a thinking parameter is, from its name
+/// (`layers.{i}.think.router.{t}.weight|bias`, `layers.{i}.think.phi.{t}`): (layer, step, router?).
+pub fn thinking_param(name: &str) -> Option<(usize, usize, bool)> {
+    let rest = name.strip_prefix("layers.")?;
+    let (layer, rest) = rest.split_once(".think.")?;
+    let layer = layer.parse().ok()?;
+    if let Some(r) = rest.strip_prefix("router.") {
+        let (t, _) = r.split_once('.')?;
+        return Some((layer, t.parse().ok()?, true));
+    }
+    Some((layer, rest.strip_prefix("phi.")?.parse().ok()?, false))
+}
+
+/// Gradient norms per (layer, step) of the thinking parameters, from the summed gradients.
+fn thinking_grads(params: &[(String, candle_core::Var)], sums: &[Vec<f32>]) -> Vec<ThinkingGrad> {
+    let mut acc: std::collections::BTreeMap<(usize, usize), (Option<f64>, Option<f64>)> = Default::default();
+    for ((name, _), g) in params.iter().zip(sums) {
+        let Some((layer, step, router)) = thinking_param(name) else { continue };
+        let sq: f64 = g.iter().map(|&x| (x as f64) * (x as f64)).sum();
+        let e = acc.entry((layer, step)).or_default();
+        let slot = if router { &mut e.0 } else { &mut e.1 };
+        *slot = Some(slot.unwrap_or(0.0) + sq);
+    }
+    acc.into_iter()
+        .map(|((layer, step), (r, p))| ThinkingGrad { layer, step, router: r.map(f64::sqrt), phi: p.map(f64::sqrt) })
+        .collect()
 }
 
 pub struct Trainer {
@@ -112,6 +155,8 @@ impl Trainer {
         std::fs::write(run_dir.join("config.json"), cfg.to_json()).at(run_dir.join("config.json"))?;
         std::fs::write(run_dir.join("tokenizer.json"), &tokenizer_json).at(run_dir.join("tokenizer.json"))?;
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        let mut model = model;
+        model.precision = cfg.train.precision;
         let opt = AdamW::new(&model.params);
         let acc = GradAccumulator::with_trainable(&model.params, cfg.train.trainable);
         let data_rng = Rng::derive(cfg.train.seed, "data");
@@ -142,7 +187,8 @@ impl Trainer {
     /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`).
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
         let ck = checkpoint::load(from.unwrap_or(run_dir))?;
-        let (model, info) = ck.into_model(&Device::Cpu)?;
+        let (mut model, info) = ck.into_model(&Device::Cpu)?;
+        model.precision = info.config.train.precision;
         let state =
             info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
         let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
@@ -164,25 +210,39 @@ impl Trainer {
     }
 
     /// One optimiser step over `grad_accum` micro-batches drawn from `shard`, with the matrix
-    /// products in the run's precision.
-    pub fn step(&mut self, shard: &TokenShard) -> Result<StepReport> {
-        crate::ops::with_precision(self.cfg.train.precision, || self.step_in_precision(shard))
-    }
-
-    fn step_in_precision(&mut self, shard: &TokenShard) -> Result<StepReport> {
+    /// products in the run's precision (set on the model when the trainer is made).
+    ///
+    /// `measure`: also measure each routed step's contribution and the gradient norms reaching
+    /// the routers and step vectors (a few reductions; `run` asks at its log steps).
+    pub fn step(&mut self, shard: &TokenShard, measure: bool) -> Result<StepReport> {
         let t0 = Instant::now();
         let tc = self.cfg.train.clone();
         let (b, t) = (tc.batch_size, tc.seq_len);
-        let routing = RoutingOptions::default();
-        let mut record = ForwardRecord { keep_scores: self.calibration.is_some(), ..Default::default() };
-        let mut loss_sum = 0.0;
+        let ratios = if self.model.has_routers() {
+            tc.capacity_at(self.state.step, &self.cfg.model.thinking.ratios)
+        } else {
+            None
+        };
+        let routing = RoutingOptions { ratios, ..Default::default() };
+        let mut record = ForwardRecord { keep_scores: self.calibration.is_some(), measure, ..Default::default() };
+        let with_aux = tc.router_aux_weight > 0.0;
+        let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
+        let scalar =
+            |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
         self.acc.zero();
         for _ in 0..tc.grad_accum {
             let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
-            let loss = self.model.loss(&inp, &tgt, b, t, &routing, Some(&mut record))?;
-            let grads = loss.backward()?;
+            let parts = self.model.train_loss(&inp, &tgt, b, t, &routing, Some(&mut record), with_aux)?;
+            let grads = match &parts.router_aux {
+                // The objective: cross-entropy + weight * router auxiliary loss (DESIGN §4.6).
+                Some(aux) => {
+                    *aux_sum.get_or_insert(0.0) += scalar(aux)?;
+                    (&parts.ce + (aux * tc.router_aux_weight)?)?.backward()?
+                }
+                None => parts.ce.backward()?,
+            };
             self.acc.add(&self.model.params, &grads)?;
-            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            loss_sum += scalar(&parts.ce)?;
             if let Some(cal) = &mut self.calibration {
                 cal.update(&mut record, tc.threshold_momentum);
             }
@@ -195,6 +255,7 @@ impl Trainer {
             )));
         }
         let grad_norm = self.acc.finish();
+        let thinking_grads = if measure { thinking_grads(&self.model.params, &self.acc.sums) } else { vec![] };
         let lr = tc.lr_at(self.state.step);
         self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
         self.state.step += 1;
@@ -203,15 +264,22 @@ impl Trainer {
         self.state.last_train_loss = Some(loss);
         let seconds = t0.elapsed().as_secs_f64();
         self.state.elapsed_s += seconds;
-        Ok(StepReport { step: self.state.step, loss, lr, grad_norm, seconds, record })
+        Ok(StepReport {
+            step: self.state.step,
+            loss,
+            router_aux: aux_sum.map(|a| a / tc.grad_accum as f64),
+            lr,
+            grad_norm,
+            seconds,
+            record,
+            thinking_grads,
+        })
     }
 
     /// Mean validation loss over up to `batches` sequential batches (0 = all).
     pub fn evaluate(&self, shard: &TokenShard, batches: usize) -> Result<f64> {
         let tc = &self.cfg.train;
-        crate::ops::with_precision(tc.precision, || {
-            crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
-        })
+        crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
     }
 
     /// Write a checkpoint of the current step and point `latest` at it.
@@ -236,7 +304,7 @@ impl Trainer {
     /// Root-mean-square of each thinking layer's step vectors phi_t: [(layer, [rms per t])].
     pub fn phi_rms(&self) -> Result<Vec<(usize, Vec<f64>)>> {
         let mut out = vec![];
-        for th in self.model.thinking.iter().flatten() {
+        for th in self.model.thinking_layers() {
             let mut v = vec![];
             for phi in &th.phis {
                 v.push(phi.sqr()?.mean_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?.sqrt());
@@ -313,15 +381,21 @@ fn counted_flops(cfg: &RunConfig, record: &ForwardRecord) -> Option<f64> {
     Some(flops_per_token(&cfg.model, cfg.train.seq_len, None, Some(&shares)).train)
 }
 
-fn routing_json(record: &ForwardRecord) -> serde_json::Value {
+/// One entry per routed (layer, step): shares, router weights (all, selected, passed over),
+/// overlap with the previous step, the step's contribution and the gradient norms reaching its
+/// router and phi_t (docs/DESIGN.md §7).
+fn routing_json(record: &ForwardRecord, grads: &[ThinkingGrad]) -> serde_json::Value {
     record
         .stats
         .iter()
-        .map(|((layer, step), s)| {
+        .map(|(&(layer, step), s)| {
+            let g = grads.iter().find(|g| g.layer == layer && g.step == step);
             json!({
                 "layer": layer, "step": step, "selected": s.selected, "candidates": s.candidates,
                 "share": s.share(), "w_mean": s.weight_mean(), "w_std": s.weight_std(),
-                "overlap_prev": if s.selected > 0 { s.overlap_with_prev as f64 / s.selected as f64 } else { 0.0 },
+                "w_selected": s.weight_mean_selected(), "w_passed": s.weight_mean_passed(),
+                "overlap_prev": s.overlap_prev(), "contribution": s.contribution(),
+                "grad_router": g.and_then(|g| g.router), "grad_phi": g.and_then(|g| g.phi),
             })
         })
         .collect()
@@ -340,15 +414,9 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     let mut window = ForwardRecord::default();
     let mut window_loss = (0.0, 0usize);
     while trainer.state.step < end {
-        let rep = trainer.step(&data.train)?;
-        for (k, s) in &rep.record.stats {
-            let w = window.stats.entry(*k).or_default();
-            w.selected += s.selected;
-            w.candidates += s.candidates;
-            w.weight_sum += s.weight_sum;
-            w.weight_sqsum += s.weight_sqsum;
-            w.overlap_with_prev += s.overlap_with_prev;
-        }
+        let next = trainer.state.step + 1;
+        let rep = trainer.step(&data.train, next % tc.log_interval == 0 || next == end)?;
+        window.merge_stats(&rep.record);
         window_loss.0 += rep.loss;
         window_loss.1 += 1;
         let step = rep.step;
@@ -360,7 +428,9 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
             let line = json!({
                 "step": step, "loss": mean_loss, "lr": rep.lr, "grad_norm": rep.grad_norm,
                 "tokens_seen": trainer.state.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": trainer.state.elapsed_s,
-                "flops_per_token": flops.train, "flops_per_token_counted": counted, "routing": routing_json(&window),
+                "flops_per_token": flops.train, "flops_per_token_counted": counted,
+                "routing": routing_json(&window, &rep.thinking_grads), "router_aux": rep.router_aux,
+                "phi_grad_step1": rep.thinking_grads.iter().filter(|g| g.step == 1).map(|g| json!({"layer": g.layer, "norm": g.phi})).collect::<Vec<_>>(),
                 "phi_rms": trainer.phi_rms()?,
             });
             writeln!(metrics, "{line}").at(&metrics_path)?;

@@ -156,7 +156,7 @@ fn routed_share_during_training_matches_the_configured_ratio() {
     let mut cfg = small_run("tiny-itt4", &tok, 2);
     cfg.model.thinking.ratios = vec![0.5, 0.25, 0.75];
     let mut t = Trainer::new(cfg, &tok, &tmp.path().join("r")).unwrap();
-    let rep = t.step(&ds.train).unwrap();
+    let rep = t.step(&ds.train, false).unwrap();
     for ((_, step), s) in &rep.record.stats {
         let want = [0.5, 0.25, 0.75][step - 2];
         // ceil(rho * 32) of 32 tokens per sequence.

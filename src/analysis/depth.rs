@@ -92,7 +92,7 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
     if text.trim().is_empty() {
         return Err(Error::usage("the text to analyse is empty"));
     }
-    let layers: Vec<usize> = model.thinking.iter().flatten().map(|t| t.layer).collect();
+    let layers: Vec<usize> = model.thinking_layers().map(|t| t.layer).collect();
     if layers.is_empty() {
         return Err(Error::usage(
             "this is a dense model: it has no thinking layers, every token takes exactly one step, so there is no depth \
@@ -100,7 +100,7 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
         ));
     }
     let seq_len = opts.seq_len.unwrap_or(model.cfg.max_seq_len).clamp(1, model.cfg.max_seq_len);
-    let trained = model.thinking.iter().flatten().next().map(|t| (t.steps, t.ratios.clone())).unwrap_or((1, vec![]));
+    let trained = model.thinking_layers().next().map(|t| (t.steps, t.ratios.clone())).unwrap_or((1, vec![]));
     let steps = opts.routing.steps.unwrap_or(trained.0);
     let ratios = opts
         .routing
@@ -430,7 +430,7 @@ pub fn run(ckpt: &Path, text: &str, opts: &DepthOptions, out: &Path) -> Result<D
         ));
     }
     let (model, tok, info) = checkpoint::load_model(ckpt)?;
-    if model.thinking.iter().all(Option::is_none) {
+    if model.thinking_layers().next().is_none() {
         return Err(Error::checkpoint(
             &info.dir,
             "is a dense model: it has no thinking layers, every token takes exactly one step, so there is no depth to map; \

@@ -288,8 +288,8 @@ fn measure(model: &Model, s: &Sample, grads: bool) -> Result<(f64, f64, Option<L
         return Ok((acc, loss_v, None));
     }
     let g = loss.backward()?;
-    let mut norms = Vec::with_capacity(model.blocks.len());
-    for b in &model.blocks {
+    let mut norms = Vec::with_capacity(model.layers.len());
+    for b in model.layers.iter().map(|l| &l.block) {
         let mut row = [0.0; 4];
         for (k, w) in
             [&b.attn.wq.weight, &b.attn.wk.weight, &b.attn.wv.weight, &b.attn.wo.weight].into_iter().enumerate()
@@ -378,11 +378,11 @@ pub fn analyze(
     }
     let class = |h: bool| results.iter().filter(|r| r.hard == h).collect::<Vec<_>>();
     let (e, h) = (class(false), class(true));
-    let thinking: Vec<bool> = model.thinking.iter().map(Option::is_some).collect();
+    let thinking: Vec<bool> = model.layers.iter().map(|l| l.thinking.is_some()).collect();
     let stat = |rs: &[&SampleResult], l: usize, k: usize| {
         super::mean_std(&rs.iter().map(|r| r.norms[l][k]).collect::<Vec<_>>())
     };
-    let layers = (0..model.blocks.len())
+    let layers = (0..model.layers.len())
         .map(|l| {
             let mut ls = LayerSpikes {
                 layer: l,

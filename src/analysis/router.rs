@@ -207,7 +207,7 @@ pub fn analyze(
     data: &str,
     opts: &RouterOptions,
 ) -> Result<RouterReport> {
-    let layers: Vec<usize> = model.thinking.iter().flatten().map(|t| t.layer).collect();
+    let layers: Vec<usize> = model.thinking_layers().map(|t| t.layer).collect();
     if !model.has_routers() {
         return Err(Error::usage(format!(
             "this {} model has no routers, so there are no router statistics; give an ITT checkpoint with adaptive routing",
@@ -222,8 +222,7 @@ pub fn analyze(
     let bands = frequency_bands(&info);
     let windows: Vec<(usize, usize)> =
         (0..ids.len()).step_by(seq_len).map(|s| (s, seq_len.min(ids.len() - s))).collect();
-    let trained: BTreeMap<usize, Vec<f64>> =
-        model.thinking.iter().flatten().map(|t| (t.layer, t.ratios.clone())).collect();
+    let trained: BTreeMap<usize, Vec<f64>> = model.thinking_layers().map(|t| (t.layer, t.ratios.clone())).collect();
 
     // Per (layer, step): weights and selected flags over all tokens; overlap counts.
     let mut w_all: BTreeMap<(usize, usize), Vec<(f32, bool)>> = BTreeMap::new();
@@ -303,7 +302,7 @@ pub fn analyze(
     }
 
     let mut phi = vec![];
-    for th in model.thinking.iter().flatten() {
+    for th in model.thinking_layers() {
         for (t, p) in th.phis.iter().enumerate() {
             let v: Vec<f64> = p.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
             let n = v.len().max(1) as f64;

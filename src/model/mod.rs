@@ -12,13 +12,13 @@
 pub mod thinking;
 
 use crate::config::{ModelConfig, ModelKind};
-use crate::ops;
+use crate::ops::{self, Precision};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
 
-pub use thinking::{ForwardRecord, RouterCalibration, Routing, RoutingOptions, ThinkingLayer};
+pub use thinking::{ForwardRecord, RouterCalibration, Routing, RoutingOptions, StepStats, ThinkingLayer};
 
 // ---------------------------------------------------------------------------------------------
 // Parameters
@@ -42,14 +42,20 @@ pub struct ParamStore {
 }
 
 enum ParamSource {
-    Fresh(Rng),
-    Loaded { tensors: HashMap<String, Tensor>, origin: String },
+    /// Each parameter draws from its own stream, derived from the seed and its name: a
+    /// parameter starts the same in every model that has it, so dense, Loop and ITT runs of
+    /// one seed share their backbone's initial weights (paired comparisons, DESIGN §8).
+    Fresh(u64),
+    Loaded {
+        tensors: HashMap<String, Tensor>,
+        origin: String,
+    },
 }
 
 impl ParamStore {
     pub fn fresh(seed: u64, device: &Device) -> Self {
         ParamStore {
-            source: ParamSource::Fresh(Rng::derive(seed, "init")),
+            source: ParamSource::Fresh(seed),
             device: device.clone(),
             dtype: DType::F32,
             names: vec![],
@@ -70,7 +76,8 @@ impl ParamStore {
 
     pub fn get(&mut self, name: &str, shape: &[usize], init: Init) -> Result<Tensor> {
         let t = match &mut self.source {
-            ParamSource::Fresh(rng) => {
+            ParamSource::Fresh(seed) => {
+                let mut rng = Rng::derive(*seed, &format!("init/{name}"));
                 let n: usize = shape.iter().product();
                 let data: Vec<f32> = match init {
                     Init::Normal(std) => (0..n).map(|_| (rng.normal() * std) as f32).collect(),
@@ -177,6 +184,48 @@ impl RopeAt {
     }
 }
 
+/// Where one call's tokens sit: their packed layout and the rotary rows at their positions.
+#[derive(Clone)]
+pub struct Positions {
+    pub layout: SeqLayout,
+    pub rope: RopeAt,
+}
+
+impl Positions {
+    /// The selected tokens (distinct packed indices, ascending) at their original positions:
+    /// the tokens of a routed step (docs/DESIGN.md §3.4).
+    pub fn select(&self, selected: &[u32]) -> Result<Positions> {
+        Ok(Positions { layout: thinking::sub_layout(&self.layout, selected), rope: self.rope.select(selected)? })
+    }
+}
+
+/// The per-call context every layer sees: where the tokens are, the request's routing settings,
+/// the number format of the products, the KV caches to extend, the record of what was routed,
+/// and (training) the router auxiliary-loss terms. Per-request state is passed in, never kept
+/// in the model.
+pub struct Call<'a> {
+    pub pos: Positions,
+    pub routing: &'a RoutingOptions,
+    pub precision: Precision,
+    pub caches: Option<&'a mut [SeqCache]>,
+    pub record: Option<&'a mut ForwardRecord>,
+    /// `Some` when the caller trains with the router auxiliary loss: one mean binary
+    /// cross-entropy per routed (layer, step) (docs/DESIGN.md §4.6).
+    pub router_aux: Option<Vec<Tensor>>,
+}
+
+impl Call<'_> {
+    /// The KV caches of (layer, step), when this call extends caches.
+    pub fn slot(&mut self, layer: usize, step: usize) -> Option<CacheSlot<'_>> {
+        self.caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer, step })
+    }
+
+    /// The call's positions together with the caches of (layer, step).
+    pub fn pos_and_slot(&mut self, layer: usize, step: usize) -> (&Positions, Option<CacheSlot<'_>>) {
+        (&self.pos, self.caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer, step }))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // KV cache
 
@@ -236,9 +285,9 @@ impl Linear {
     fn load(ps: &mut ParamStore, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Result<Self> {
         Ok(Linear { weight: ps.get(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))? })
     }
-    /// x: (N, in) -> (N, out).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight)
+    /// x: (N, in) -> (N, out), the product in `precision`.
+    pub fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
+        ops::linear(x, &self.weight, precision)
     }
 }
 
@@ -285,19 +334,20 @@ impl Attention {
     }
 
     /// x: (N, D) normalised input of the packed sequences -> (N, D).
-    pub fn forward(&self, x: &Tensor, layout: &SeqLayout, rope: &RopeAt, cache: Option<CacheSlot>) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, pos: &Positions, prec: Precision, cache: Option<CacheSlot>) -> Result<Tensor> {
         let n = x.dim(0)?;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let q = ops::apply_rope(&self.wq.forward(x)?.reshape((n, h, hd))?, &rope.cos, &rope.sin)?;
-        let k = ops::apply_rope(&self.wk.forward(x)?.reshape((n, hkv, hd))?, &rope.cos, &rope.sin)?;
-        let v = self.wv.forward(x)?.reshape((n, hkv, hd))?;
+        let (layout, rope) = (&pos.layout, &pos.rope);
+        let q = ops::apply_rope(&self.wq.forward(x, prec)?.reshape((n, h, hd))?, &rope.cos, &rope.sin)?;
+        let k = ops::apply_rope(&self.wk.forward(x, prec)?.reshape((n, hkv, hd))?, &rope.cos, &rope.sin)?;
+        let v = self.wv.forward(x, prec)?.reshape((n, hkv, hd))?;
         let out = match cache {
             // Training, scoring and prefill without a cache: every packed sequence at once
             // (equal lengths or not, routed subsets included), no transposes. (N, H, hd)
             None => ops::causal_attention_varlen(&q, &k, &v, &layout.lens, &layout.lens)?.reshape((n, h * hd))?,
             cache => self.forward_per_sequence(&q, &k, &v, layout, cache)?,
         };
-        self.wo.forward(&out)
+        self.wo.forward(&out, prec)
     }
 
     /// Sequences continuing from a KV cache: one at a time.
@@ -355,8 +405,9 @@ impl Mlp {
             w_down: Linear::load(ps, &format!("{name}.w_down"), cfg.d_model, cfg.mlp_hidden, out_std)?,
         })
     }
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.w_down.forward(&ops::swiglu(&self.w_gate.forward(x)?, &self.w_up.forward(x)?)?)
+    pub fn forward(&self, x: &Tensor, prec: Precision) -> Result<Tensor> {
+        let (gate, up) = (self.w_gate.forward(x, prec)?, self.w_up.forward(x, prec)?);
+        self.w_down.forward(&ops::swiglu(&gate, &up)?, prec)
     }
 }
 
@@ -381,9 +432,36 @@ impl Block {
     }
 
     /// x: (N, D) -> (N, D).
-    pub fn forward(&self, x: &Tensor, layout: &SeqLayout, rope: &RopeAt, cache: Option<CacheSlot>) -> Result<Tensor> {
-        let h = (x + self.attn.forward(&self.attn_norm.forward(x)?, layout, rope, cache)?)?;
-        Ok((&h + self.mlp.forward(&self.mlp_norm.forward(&h)?)?)?)
+    pub fn forward(&self, x: &Tensor, pos: &Positions, prec: Precision, cache: Option<CacheSlot>) -> Result<Tensor> {
+        let h = (x + self.attn.forward(&self.attn_norm.forward(x)?, pos, prec, cache)?)?;
+        Ok((&h + self.mlp.forward(&self.mlp_norm.forward(&h)?, prec)?)?)
+    }
+}
+
+/// One decoder layer: its block `f`, and for the layers that think, the thinking (ITT or Loop)
+/// wrapped around it.
+#[derive(Clone, Debug)]
+pub struct Layer {
+    pub block: Block,
+    pub thinking: Option<ThinkingLayer>,
+}
+
+impl Layer {
+    /// Steps this layer runs: T when it thinks, 1 otherwise.
+    pub fn steps(&self) -> usize {
+        self.thinking.as_ref().map(|t| t.steps).unwrap_or(1)
+    }
+
+    /// x: (N, D) -> (N, D), one step or T.
+    pub fn forward(&self, index: usize, x: &Tensor, call: &mut Call) -> Result<Tensor> {
+        match &self.thinking {
+            None => {
+                let prec = call.precision;
+                let (pos, slot) = call.pos_and_slot(index, 0);
+                self.block.forward(x, pos, prec, slot)
+            }
+            Some(t) => t.forward(&self.block, x, call),
+        }
     }
 }
 
@@ -393,9 +471,7 @@ impl Block {
 pub struct Model {
     pub cfg: ModelConfig,
     pub embed: Tensor,
-    pub blocks: Vec<Block>,
-    /// `Some` for the layers that think (ITT or Loop), aligned with `blocks`.
-    pub thinking: Vec<Option<ThinkingLayer>>,
+    pub layers: Vec<Layer>,
     pub norm: RmsNorm,
     /// Untied output head (V, D); `None` when tied to `embed`.
     pub head: Option<Linear>,
@@ -403,6 +479,18 @@ pub struct Model {
     rope_sin: Tensor,
     /// Every parameter, named, in creation order.
     pub params: Vec<(String, Var)>,
+    /// Number format of the matrix products (`ops::Precision`): f32 unless the caller asks
+    /// for bf16, e.g. a run trained in bf16 (`Trainer` sets the run's), or `itt eval --precision`.
+    pub precision: Precision,
+}
+
+/// The losses of one training forward pass.
+pub struct TrainLoss {
+    /// Mean next-token cross-entropy: the loss reported and validated.
+    pub ce: Tensor,
+    /// Mean over routed (layer, step) of the router auxiliary loss, when asked for and the
+    /// model has routed steps (docs/DESIGN.md §4.6).
+    pub router_aux: Option<Tensor>,
 }
 
 impl Model {
@@ -432,16 +520,16 @@ impl Model {
         cfg.validate()?;
         let embed = ps.get("embed.weight", &[cfg.vocab_size, cfg.d_model], Init::Normal(cfg.init_std))?;
         let think_layers = cfg.thinking_layers();
-        let mut blocks = Vec::with_capacity(cfg.n_layers);
-        let mut thinking = Vec::with_capacity(cfg.n_layers);
+        let mut layers = Vec::with_capacity(cfg.n_layers);
         for i in 0..cfg.n_layers {
             let name = format!("layers.{i}");
-            blocks.push(Block::load(&mut ps, &name, cfg)?);
-            thinking.push(if think_layers.contains(&i) {
+            let block = Block::load(&mut ps, &name, cfg)?;
+            let thinking = if think_layers.contains(&i) {
                 Some(ThinkingLayer::load(&mut ps, &format!("{name}.think"), cfg, i)?)
             } else {
                 None
-            });
+            };
+            layers.push(Layer { block, thinking });
         }
         let norm = RmsNorm::load(&mut ps, "norm", cfg.d_model, cfg.norm_eps)?;
         let head = if cfg.tie_embeddings {
@@ -452,7 +540,7 @@ impl Model {
         let (rope_cos, rope_sin) = ops::rope_tables(cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta, device)?;
         let (rope_cos, rope_sin) = (rope_cos.to_dtype(ps.dtype)?, rope_sin.to_dtype(ps.dtype)?);
         let params = ps.finish()?;
-        Ok(Model { cfg: cfg.clone(), embed, blocks, thinking, norm, head, rope_cos, rope_sin, params })
+        Ok(Model { cfg: cfg.clone(), embed, layers, norm, head, rope_cos, rope_sin, params, precision: Precision::F32 })
     }
 
     pub fn device(&self) -> &Device {
@@ -463,14 +551,33 @@ impl Model {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
     }
 
+    /// The thinking layers (ITT or Loop), in order.
+    pub fn thinking_layers(&self) -> impl Iterator<Item = &ThinkingLayer> {
+        self.layers.iter().filter_map(|l| l.thinking.as_ref())
+    }
+
     /// Steps each layer runs: T for thinking layers, 1 otherwise.
     pub fn layer_steps(&self) -> Vec<usize> {
-        self.thinking.iter().map(|t| t.as_ref().map(|t| t.steps).unwrap_or(1)).collect()
+        self.layers.iter().map(Layer::steps).collect()
     }
 
     /// An empty KV cache for one sequence.
     pub fn new_cache(&self) -> SeqCache {
         SeqCache { slots: self.layer_steps().iter().map(|&s| vec![KvCache::default(); s]).collect(), seen: 0 }
+    }
+
+    /// The positions of a call's tokens: the layout and the rotary rows gathered at it.
+    pub fn positions(&self, layout: &SeqLayout) -> Result<Positions> {
+        let max_pos = layout.positions.iter().copied().max().unwrap_or(0) as usize;
+        if max_pos >= self.cfg.max_seq_len {
+            return Err(Error::usage(format!(
+                "sequence position {max_pos} is past the model's context of {} tokens",
+                self.cfg.max_seq_len
+            )));
+        }
+        let pos = Tensor::from_slice(&layout.positions, layout.n_tokens(), self.device())?;
+        let rope = RopeAt { cos: self.rope_cos.index_select(&pos, 0)?, sin: self.rope_sin.index_select(&pos, 0)? };
+        Ok(Positions { layout: layout.clone(), rope })
     }
 
     /// Final hidden states (after the last norm): tokens (N,) u32 -> (N, D).
@@ -482,41 +589,31 @@ impl Model {
         tokens: &Tensor,
         layout: &SeqLayout,
         routing: &RoutingOptions,
-        mut caches: Option<&mut [SeqCache]>,
-        mut record: Option<&mut ForwardRecord>,
+        caches: Option<&mut [SeqCache]>,
+        record: Option<&mut ForwardRecord>,
     ) -> Result<Tensor> {
-        let n = layout.n_tokens();
+        let mut call =
+            Call { pos: self.positions(layout)?, routing, precision: self.precision, caches, record, router_aux: None };
+        self.run(tokens, &mut call)
+    }
+
+    /// The layers and the final norm over one call: tokens (N,) -> (N, D).
+    pub fn run(&self, tokens: &Tensor, call: &mut Call) -> Result<Tensor> {
+        let n = call.pos.layout.n_tokens();
         if tokens.dims() != [n] {
             return Err(Error::usage(format!("tokens {:?} do not match the layout's {n} tokens", tokens.dims())));
         }
-        if let Some(c) = caches.as_deref() {
-            if c.len() != layout.lens.len() {
+        if let Some(c) = call.caches.as_deref() {
+            if c.len() != call.pos.layout.lens.len() {
                 return Err(Error::usage("one cache per packed sequence is needed"));
             }
         }
-        let max_pos = layout.positions.iter().copied().max().unwrap_or(0) as usize;
-        if max_pos >= self.cfg.max_seq_len {
-            return Err(Error::usage(format!(
-                "sequence position {max_pos} is past the model's context of {} tokens",
-                self.cfg.max_seq_len
-            )));
-        }
-        let pos = Tensor::from_slice(&layout.positions, n, self.device())?;
-        let rope = RopeAt { cos: self.rope_cos.index_select(&pos, 0)?, sin: self.rope_sin.index_select(&pos, 0)? };
         let mut x = self.embed.index_select(tokens, 0)?; // (N, D)
-        for (i, (block, think)) in self.blocks.iter().zip(&self.thinking).enumerate() {
-            x = match think {
-                None => {
-                    let slot = caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer: i, step: 0 });
-                    block.forward(&x, layout, &rope, slot)?
-                }
-                Some(t) => {
-                    t.forward(block, &x, layout, &rope, routing, caches.as_deref_mut(), record.as_deref_mut())?
-                }
-            };
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(i, &x, call)?;
         }
-        if let Some(c) = caches {
-            for (seq, &len) in c.iter_mut().zip(&layout.lens) {
+        if let Some(c) = call.caches.as_deref_mut() {
+            for (seq, &len) in c.iter_mut().zip(&call.pos.layout.lens) {
                 seq.seen += len;
             }
         }
@@ -526,8 +623,8 @@ impl Model {
     /// Output logits for hidden states: (N, D) -> (N, V).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         match &self.head {
-            Some(h) => h.forward(hidden),
-            None => ops::linear(hidden, &self.embed),
+            Some(h) => h.forward(hidden, self.precision),
+            None => ops::linear(hidden, &self.embed, self.precision),
         }
     }
 
@@ -553,16 +650,48 @@ impl Model {
         routing: &RoutingOptions,
         record: Option<&mut ForwardRecord>,
     ) -> Result<Tensor> {
+        Ok(self.train_loss(inputs, targets, b, t, routing, record, false)?.ce)
+    }
+
+    /// The cross-entropy and, when `router_aux`, the router auxiliary loss of B sequences of T
+    /// tokens (the training objective: ce + weight * router_aux, `train.rs`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_loss(
+        &self,
+        inputs: &[u32],
+        targets: &[u32],
+        b: usize,
+        t: usize,
+        routing: &RoutingOptions,
+        record: Option<&mut ForwardRecord>,
+        router_aux: bool,
+    ) -> Result<TrainLoss> {
         let dev = self.device();
         let tokens = Tensor::from_slice(inputs, b * t, dev)?;
         let targets = Tensor::from_slice(targets, b * t, dev)?;
-        let logits = self.forward(&tokens, &SeqLayout::uniform(b, t), routing, None, record)?;
-        ops::cross_entropy(&logits, &targets)
+        let mut call = Call {
+            pos: self.positions(&SeqLayout::uniform(b, t))?,
+            routing,
+            precision: self.precision,
+            caches: None,
+            record,
+            router_aux: router_aux.then(Vec::new),
+        };
+        let hidden = self.run(&tokens, &mut call)?;
+        let ce = ops::cross_entropy(&self.logits(&hidden)?, &targets)?;
+        let router_aux = match call.router_aux {
+            Some(terms) if !terms.is_empty() => {
+                let k = terms.len() as f64;
+                Some((Tensor::stack(&terms, 0)?.sum_all()? / k)?)
+            }
+            _ => None,
+        };
+        Ok(TrainLoss { ce, router_aux })
     }
 
     /// Whether this model has routers (ITT with adaptive routing).
     pub fn has_routers(&self) -> bool {
-        self.thinking.iter().flatten().any(|t| !t.routers.is_empty())
+        self.thinking_layers().any(|t| !t.routers.is_empty())
     }
 
     pub fn kind(&self) -> ModelKind {

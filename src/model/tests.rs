@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::config::{preset, ModelConfig, ModelKind, ResidualForm, ThinkingConfig};
+use crate::ops::Precision;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
@@ -36,24 +37,45 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
     (0..n).map(|_| r.below(vocab as u64) as u32).collect()
 }
 
-fn loss_f64(model: &Model, inp: &[u32], tgt: &[u32], b: usize, t: usize, opts: &RoutingOptions) -> f64 {
-    model.loss(inp, tgt, b, t, opts, None).unwrap().to_scalar::<f64>().unwrap()
+/// The training objective ce + aux_weight * router_aux as a graph node.
+#[allow(clippy::too_many_arguments)]
+fn objective(
+    model: &Model,
+    inp: &[u32],
+    tgt: &[u32],
+    b: usize,
+    t: usize,
+    opts: &RoutingOptions,
+    record: Option<&mut ForwardRecord>,
+    aux_weight: f64,
+) -> Tensor {
+    let parts = model.train_loss(inp, tgt, b, t, opts, record, aux_weight > 0.0).unwrap();
+    match parts.router_aux {
+        Some(aux) => (parts.ce + (aux * aux_weight).unwrap()).unwrap(),
+        None => parts.ce,
+    }
 }
 
 /// Finite differences on a sample of elements of every parameter, selection held fixed.
 fn grad_check(cfg: &ModelConfig) {
+    grad_check_objective(cfg, 0.0, "")
+}
+
+/// `grad_check` of cross-entropy plus `aux_weight` times the router auxiliary loss, on the
+/// parameters whose names contain `only`.
+fn grad_check_objective(cfg: &ModelConfig, aux_weight: f64, only: &str) {
     let dev = Device::Cpu;
     let model = Model::new_with_dtype(cfg, 5, &dev, DType::F64).unwrap();
     let (b, t) = (2, 7);
     let inp = tokens(b * t, cfg.vocab_size, 1);
     let tgt = tokens(b * t, cfg.vocab_size, 2);
     let mut rec = ForwardRecord::with_detail();
-    let loss = model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), Some(&mut rec)).unwrap();
+    let loss = objective(&model, &inp, &tgt, b, t, &RoutingOptions::default(), Some(&mut rec), aux_weight);
     let grads = loss.backward().unwrap();
     let forced = RoutingOptions { forced: Some(Arc::new(rec.selections.clone())), ..Default::default() };
     let mut rng = Rng::new(9);
     let mut worst = 0f64;
-    for (name, var) in &model.params {
+    for (name, var) in model.params.iter().filter(|(n, _)| n.contains(only)) {
         let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name} has no gradient"));
         let g = g.flatten_all().unwrap().to_vec1::<f64>().unwrap();
         let base = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
@@ -64,7 +86,7 @@ fn grad_check(cfg: &ModelConfig) {
                 let mut p = base.clone();
                 p[j] += delta;
                 var.set(&Tensor::from_vec(p, var.dims(), &dev).unwrap()).unwrap();
-                loss_f64(&model, &inp, &tgt, b, t, &forced)
+                objective(&model, &inp, &tgt, b, t, &forced, None, aux_weight).to_scalar::<f64>().unwrap()
             };
             let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
             var.set(&Tensor::from_vec(base.clone(), var.dims(), &dev).unwrap()).unwrap();
@@ -89,9 +111,65 @@ fn gradients_match_finite_differences_itt_and_loop() {
     grad_check(&small_cfg(ModelKind::Itt, 3));
     let mut upd = small_cfg(ModelKind::Itt, 3);
     upd.thinking.residual_form = ResidualForm::Update;
-    upd.thinking.residual_connection = false;
     grad_check(&upd);
+    let mut no_rtc = small_cfg(ModelKind::Itt, 3);
+    no_rtc.thinking.residual_connection = false;
+    grad_check(&no_rtc);
     grad_check(&small_cfg(ModelKind::Loop, 2));
+}
+
+#[test]
+fn gradients_match_finite_differences_with_the_recipe_knobs() {
+    // Normalised router input, a step scale, the update form: every parameter, routers included.
+    let mut cfg = small_cfg(ModelKind::Itt, 3);
+    cfg.thinking.router_norm = true;
+    cfg.thinking.step_scale = 0.6;
+    cfg.thinking.residual_form = ResidualForm::Update;
+    grad_check(&cfg);
+    // No step encoding with a step scale (the composed path scales by alpha itself).
+    cfg.thinking.step_encoding = false;
+    grad_check(&cfg);
+    // The router auxiliary loss, a large weight so that its part of the gradient dominates the
+    // routers' (selection held fixed: the targets are the top-k memberships). The loss reads x
+    // detached (it trains the routers only, DESIGN §4.6), so the routers' gradients are the true
+    // derivatives of the objective only where no later router reads a state they changed: one
+    // thinking layer, the last, with one routed step.
+    let mut aux = small_cfg(ModelKind::Itt, 2);
+    aux.thinking.router_norm = true;
+    aux.thinking.layers = Some(vec![3]);
+    grad_check_objective(&aux, 5.0, ".router.");
+}
+
+#[test]
+fn router_aux_loss_is_the_mean_bce_of_logits_against_topk_membership() {
+    let cfg = small_cfg(ModelKind::Itt, 2);
+    let model = Model::new_with_dtype(&cfg, 3, &Device::Cpu, DType::F64).unwrap();
+    let (b, t) = (2, 6);
+    let (inp, tgt) = (tokens(b * t, 13, 1), tokens(b * t, 13, 2));
+    let mut rec = ForwardRecord::with_detail();
+    let parts = model.train_loss(&inp, &tgt, b, t, &RoutingOptions::default(), Some(&mut rec), true).unwrap();
+    let got = parts.router_aux.unwrap().to_scalar::<f64>().unwrap();
+    // By hand: per (layer, step), mean over tokens of softplus(z) - [selected] z; then the mean.
+    let mut terms = vec![];
+    for (&key, w) in &rec.weights {
+        let sel = &rec.selections[&key];
+        let n = w.len();
+        let mut sum = 0.0;
+        for (i, &wi) in w.iter().enumerate() {
+            let z = (wi as f64 / (1.0 - wi as f64)).ln(); // logit from the recorded weight
+            let y = if sel.contains(&(i as u32)) { 1.0 } else { 0.0 };
+            sum += (1.0 + z.exp()).ln() - y * z;
+        }
+        terms.push(sum / n as f64);
+    }
+    assert_eq!(terms.len(), 2, "two thinking layers, one routed step each");
+    let want = terms.iter().sum::<f64>() / terms.len() as f64;
+    assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+    // Without the flag, or for a model without routers, there is no auxiliary term.
+    let plain = model.train_loss(&inp, &tgt, b, t, &RoutingOptions::default(), None, false).unwrap();
+    assert!(plain.router_aux.is_none());
+    let dense = Model::new(&small_cfg(ModelKind::Dense, 1), 3, &Device::Cpu).unwrap();
+    assert!(dense.train_loss(&inp, &tgt, b, t, &RoutingOptions::default(), None, true).unwrap().router_aux.is_none());
 }
 
 #[test]
@@ -142,20 +220,16 @@ fn reference_forward(model: &Model, toks: &[u32], lens: &[usize], ratios: &[f64]
     let mut start = 0;
     for &n in lens {
         let seq = Tensor::from_slice(&toks[start..start + n], n, dev).unwrap();
-        let layout = SeqLayout::uniform(1, n);
-        let pos = Tensor::from_slice(&layout.positions, n, dev).unwrap();
-        let rope = RopeAt {
-            cos: model.rope_cos.index_select(&pos, 0).unwrap(),
-            sin: model.rope_sin.index_select(&pos, 0).unwrap(),
-        };
+        let pos = model.positions(&SeqLayout::uniform(1, n)).unwrap();
+        let f32 = Precision::F32;
         let mut x = model.embed.index_select(&seq, 0).unwrap();
-        for (block, think) in model.blocks.iter().zip(&model.thinking) {
-            let Some(th) = think else {
-                x = block.forward(&x, &layout, &rope, None).unwrap();
+        for Layer { block, thinking } in &model.layers {
+            let Some(th) = thinking else {
+                x = block.forward(&x, &pos, f32, None).unwrap();
                 continue;
             };
             // x1 = phi_1 * f(x0)
-            x = block.forward(&x, &layout, &rope, None).unwrap().broadcast_mul(&th.phis[0]).unwrap();
+            x = block.forward(&x, &pos, f32, None).unwrap().broadcast_mul(&th.phis[0]).unwrap();
             for t in 2..=th.steps {
                 let w: Vec<f32> = th.routers[t - 2].logits(&x).unwrap().flatten_all().unwrap().to_vec1().unwrap();
                 let w: Vec<f32> = w.iter().map(|z| 1.0 / (1.0 + (-z).exp())).collect();
@@ -170,12 +244,7 @@ fn reference_forward(model: &Model, toks: &[u32], lens: &[usize], ratios: &[f64]
                 let rows: Vec<Tensor> = sel.iter().map(|&i| x.narrow(0, i, 1).unwrap()).collect();
                 let xs = Tensor::cat(&rows, 0).unwrap();
                 let sub = SeqLayout { lens: vec![sel.len()], positions: sel.iter().map(|&i| i as u32).collect() };
-                let sp = Tensor::from_slice(&sub.positions, sel.len(), dev).unwrap();
-                let srope = RopeAt {
-                    cos: model.rope_cos.index_select(&sp, 0).unwrap(),
-                    sin: model.rope_sin.index_select(&sp, 0).unwrap(),
-                };
-                let y = block.forward(&xs, &sub, &srope, None).unwrap();
+                let y = block.forward(&xs, &model.positions(&sub).unwrap(), f32, None).unwrap();
                 let mut new_rows: Vec<Tensor> = (0..n).map(|i| x.narrow(0, i, 1).unwrap()).collect();
                 for (r, &i) in sel.iter().enumerate() {
                     let upd =
@@ -243,21 +312,25 @@ fn itt_without_routing_and_step_encoding_sums_block_outputs() {
     cfg.n_layers = 2;
     let model = Model::new(&cfg, 6, &Device::Cpu).unwrap();
     let n = 9;
-    let layout = SeqLayout::uniform(1, n);
     let x0 = Tensor::randn(0f32, 1.0, (n, 8), &Device::Cpu).unwrap();
-    let pos = Tensor::from_slice(&layout.positions, n, &Device::Cpu).unwrap();
-    let rope = RopeAt {
-        cos: model.rope_cos.index_select(&pos, 0).unwrap(),
-        sin: model.rope_sin.index_select(&pos, 0).unwrap(),
+    let pos = model.positions(&SeqLayout::uniform(1, n)).unwrap();
+    let layer = &model.layers[1];
+    let opts = RoutingOptions::default();
+    let mut call = Call {
+        pos: pos.clone(),
+        routing: &opts,
+        precision: Precision::F32,
+        caches: None,
+        record: None,
+        router_aux: None,
     };
-    let th = model.thinking[1].as_ref().unwrap();
-    let block = &model.blocks[1];
-    let got = th.forward(block, &x0, &layout, &rope, &RoutingOptions::default(), None, None).unwrap();
-    let f0 = block.forward(&x0, &layout, &rope, None).unwrap();
+    let got = layer.forward(1, &x0, &mut call).unwrap();
+    let (block, f32) = (&layer.block, Precision::F32);
+    let f0 = block.forward(&x0, &pos, f32, None).unwrap();
     let x1 = f0.clone();
-    let f1 = block.forward(&x1, &layout, &rope, None).unwrap();
+    let f1 = block.forward(&x1, &pos, f32, None).unwrap();
     let x2 = (&x1 + &f1).unwrap();
-    let f2 = block.forward(&x2, &layout, &rope, None).unwrap();
+    let f2 = block.forward(&x2, &pos, f32, None).unwrap();
     let want = ((f0 + f1).unwrap() + f2).unwrap();
     let d = (got - want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(d < 1e-5, "{d}");
@@ -350,4 +423,64 @@ fn threshold_mode_without_calibration_is_a_clear_error() {
     let e = model.forward(&x, &SeqLayout::uniform(1, 3), &opts, None, None).err().unwrap().to_string();
     assert!(e.contains("itt calibrate"), "{e}");
     let _ = BTreeMap::<u8, u8>::new();
+}
+
+#[test]
+fn early_exit_stops_a_token_at_the_step_its_weight_falls_below_the_cut() {
+    let mut cfg = small_cfg(ModelKind::Itt, 4);
+    cfg.thinking.ratios = vec![0.9; 3];
+    cfg.thinking.router_init_std = 1.0;
+    let model = Model::new(&cfg, 12, &Device::Cpu).unwrap();
+    let toks = tokens(2 * 12, 13, 4);
+    let x = Tensor::from_slice(&toks, toks.len(), &Device::Cpu).unwrap();
+    // The cut: the median router weight of the first routed step of layer 1.
+    let mut probe = ForwardRecord::with_detail();
+    model.forward(&x, &SeqLayout::uniform(2, 12), &RoutingOptions::default(), None, Some(&mut probe)).unwrap();
+    let mut w = probe.weights[&(1, 2)].clone();
+    w.sort_by(f32::total_cmp);
+    let cut = w[w.len() / 2];
+    let opts = RoutingOptions { early_exit: Some(cut), ..Default::default() };
+    let mut rec = ForwardRecord::with_detail();
+    model.forward(&x, &SeqLayout::uniform(2, 12), &opts, None, Some(&mut rec)).unwrap();
+    let mut stopped_somewhere = false;
+    for layer in [1, 3] {
+        let mut stopped = vec![false; toks.len()];
+        for t in 2..=4 {
+            let (w, sel) = (&rec.weights[&(layer, t)], &rec.selections[&(layer, t)]);
+            for i in 0..toks.len() {
+                stopped[i] |= w[i] < cut;
+            }
+            for &i in sel {
+                assert!(!stopped[i as usize], "layer {layer} step {t}: token {i} below the cut took the step");
+            }
+            stopped_somewhere |= stopped.iter().any(|&s| s);
+        }
+    }
+    assert!(stopped_somewhere);
+}
+
+#[test]
+fn measured_contribution_scales_with_the_step_scale_and_vanishes_with_phi() {
+    let contribution = |alpha: f64, phi: f64| {
+        let mut cfg = small_cfg(ModelKind::Itt, 3);
+        cfg.thinking.step_scale = alpha;
+        cfg.thinking.phi_init = phi;
+        let model = Model::new(&cfg, 2, &Device::Cpu).unwrap();
+        let toks = tokens(2 * 10, 13, 6);
+        let x = Tensor::from_slice(&toks, toks.len(), &Device::Cpu).unwrap();
+        let mut rec = ForwardRecord { measure: true, ..Default::default() };
+        model.forward(&x, &SeqLayout::uniform(2, 10), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
+        let s = &rec.stats[&(1, 2)];
+        assert!(s.weight_mean_selected().unwrap() >= s.weight_mean_passed().unwrap(), "top-k picks the heavier");
+        s.contribution().unwrap()
+    };
+    let (one, two) = (contribution(1.0, 0.5), contribution(2.0, 0.5));
+    assert!(one > 0.0 && ((two / one) - 2.0).abs() < 1e-4, "{one} {two}");
+    assert!(contribution(1.0, 0.0) == 0.0);
+    // Not measured unless asked: no cost on ordinary steps.
+    let model = Model::new(&small_cfg(ModelKind::Itt, 3), 2, &Device::Cpu).unwrap();
+    let x = Tensor::from_slice(&tokens(8, 13, 1), 8, &Device::Cpu).unwrap();
+    let mut rec = ForwardRecord::default();
+    model.forward(&x, &SeqLayout::uniform(1, 8), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
+    assert!(rec.stats.values().all(|s| s.contribution().is_none()));
 }

@@ -1,57 +1,55 @@
-//! The thinking layer: Inner Thinking Transformer (ITT) and Loop, ITT-SPEC §3–§5.
+//! The thinking layer: Inner Thinking Transformer (ITT) and Loop (docs/DESIGN.md §3–§5).
 //!
 //! Paper: Chen et al., "Inner Thinking Transformer", arXiv 2502.13842, §3 (Eqs. 3–6).
 //! `f` is a whole decoder block, residual paths included (`Block::forward`), `x0` its input,
 //! T the number of steps, rho_t the share of a sequence's tokens selected at step t, phi_t a
-//! learned vector of size D, R_t a router Linear(D -> 1). This file implements
+//! learned vector of size D, R_t a router Linear(D -> 1), alpha a fixed step scale. This file
+//! implements (DESIGN §3, each line's function in brackets)
 //!
 //! ```text
-//! x1 = phi_1 * f(x0)                           step 1, every token           [forward: step 1]
-//! for t in 2..=T:
-//!     w   = sigmoid(R_t(x_{t-1}))               one router per step & layer   [Router::logits]
-//!     S   = top ceil(rho_t * n) tokens of w     per sequence, every step      [select]
-//!     y   = f(x_{t-1}[S])                       block on the selected tokens  [forward: gather]
-//!     x_t = x_{t-1};  x_t[S] += w[S] * (phi_t * y)                            [forward: index_add]
+//! x1 = phi_1 * f(x0)                                 step 1, every token    [first_step]
+//! for t in 2..=T:                                                           [forward]
+//!     w   = sigmoid(R_t(x_{t-1}))                     one router a step      [Router::logits]
+//!     S   = top ceil(rho_t * n) tokens of w           per sequence           [select]
+//!     y   = f(x_{t-1}[S])                             selected tokens only   [apply_step]
+//!     x_t = x_{t-1};  x_t[S] += alpha * w[S] * (phi_t * y)                   [apply_step]
 //! return x_T
 //! ```
 //!
-//! The three components and their switches (config `thinking.*`):
+//! The three components and their switches (config `thinking.*`, DESIGN §3.1–§3.3):
 //! - Residual Thinking Connection (RTC, `residual_connection`): the accumulation above; the
 //!   literal Eq. 4 sums block outputs, x_T = sum_t phi_t * f(x_{t-1}).
 //! - Thinking Step Encoding (TSE, `step_encoding`): the vectors phi_t; off = phi fixed to 1.
 //! - Adaptive Token Routing (ATR, `adaptive_routing`): routers and top-k; the router learns
-//!   only through `w` scaling the update (no auxiliary loss, as in the paper). Off = every
-//!   token takes every step with weight 1.
+//!   through `w` scaling the update, and optionally through an auxiliary loss (DESIGN §4.6).
+//!   Off = every token takes every step with weight 1.
 //!
-//! Departures from the paper and choices it leaves open (each "here" in ITT-SPEC):
-//! - Attention inside a routed step (not stated in the paper; here as in Mixture-of-Depths):
-//!   selected tokens attend causally to the selected tokens of the same sequence and step, at
-//!   their original rotary positions. Unselected tokens add nothing at that step.
-//! - Residual form (`residual_form`): `literal` (default) accumulates f(x) as Eq. 4 writes it;
-//!   `update` accumulates only the block's update f(x) - x, so x1 = x0 + phi_1*(f(x0) - x0)
-//!   and x_t[S] += w * phi_t * (y - x_{t-1}[S]).
-//! - Initialisation (not given): phi_1 = 1 (step 1 is an ordinary layer), phi_t = `phi_init`
-//!   (0.1) for t >= 2 so a fresh model starts close to dense; routers N(0, 0.02), bias 0.
-//! - Without RTC (Table 3 ablation, the paper gives no formula): the selected tokens' state is
-//!   *replaced*, moved to the step's output by the router weight:
-//!   x_t[S] = (1 - w) * x_{t-1}[S] + w * r with r = phi_t * y (literal) or
-//!   x_{t-1}[S] + phi_t * (y - x_{t-1}[S]) (update); with w = 1 (no ATR) this is plain
-//!   replacement. Here phi_t starts at 1 in this ablation, since a replaced state scaled by
-//!   a small phi would collapse.
-//! - k = ceil(rho * n) computed with a 1e-9 guard so 0.7 * 10 selects 7, not 8. Ties in the
-//!   router score break towards the earlier position, so selection is deterministic.
-//! - Causal routing (ITT-SPEC §5, not in the paper): mode `Threshold` selects token i at step
-//!   t iff its router logit exceeds tau_t, the (1 - rho_t) quantile of router logits tracked
-//!   during training (`RouterCalibration`). Each token's choice then depends only on its past,
-//!   so cached decoding equals the full pass. Top-k (the paper's rule) stays the default.
-//! - Elastic inference (ITT-SPEC §6): `RoutingOptions` may override the ratios and use fewer
-//!   steps; a ratio of 0 skips that step. `early_exit` drops a token from later steps once its
-//!   router weight falls below the given value.
+//! Choices the paper leaves open (DESIGN §4):
+//! - Attention inside a routed step (§4.1): selected tokens attend causally to the selected
+//!   tokens of the same sequence and step, at their original rotary positions.
+//! - Residual form (§4.2, `residual_form`): `literal` accumulates f(x) as Eq. 4 writes it;
+//!   `update` accumulates only the block's update f(x) - x: x1 = x0 + phi_1 * (f(x0) - x0) and
+//!   x_t[S] += alpha * w * phi_t * (y - x_{t-1}[S]).
+//! - Initialisation (§4.3): phi_1 = 1, phi_t = `phi_init` for t >= 2; routers N(0,
+//!   `router_init_std`), bias 0.
+//! - Router input (§4.4, `router_norm`): the raw residual stream x, or RMSNorm(x) without gain.
+//! - Without RTC (§4.5, Table 3 ablation; literal form only): the selected tokens' state is
+//!   *replaced*, moved to r = phi_t * y by the weight: x_t[S] = x[S] + alpha * w * (r - x[S]).
+//!   In the update form replacement and accumulation are the same formula, so the config
+//!   rejects that pair. phi_t starts at 1 in this ablation.
+//! - k = ceil(rho * n) with a 1e-9 guard so 0.7 * 10 selects 7, not 8; ties in the router
+//!   score break towards the earlier position, so selection is deterministic.
+//! - Causal routing (§5, not in the paper): mode `Threshold` selects token i at step t iff its
+//!   router logit exceeds tau_t, the (1 - rho_t) quantile of router logits tracked during
+//!   training (`RouterCalibration`); cached decoding then equals the full pass.
+//! - Elastic inference (§6): `RoutingOptions` may override the ratios and use fewer steps; a
+//!   ratio of 0 skips that step. `early_exit` e: a token whose router weight at step t is
+//!   below e takes neither step t nor any later step.
 //!
-//! Loop xT (ITT-SPEC §4) shares this file: x_t = f(x_{t-1}) on every token, no router, phi or
+//! Loop xT (DESIGN §3.5) shares this file: x_t = f(x_{t-1}) on every token, no router, phi or
 //! accumulation.
 
-use super::{Block, CacheSlot, Init, ParamStore, RopeAt, SeqCache, SeqLayout};
+use super::{Block, Call, Init, ParamStore};
 use crate::config::{ModelConfig, ModelKind, ResidualForm};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -59,17 +57,26 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use super::SeqLayout;
+
 /// R_t: Linear(D -> 1) with bias; its sigmoid is the router weight w.
 #[derive(Clone, Debug)]
 pub struct Router {
     pub weight: Tensor, // (1, D)
     pub bias: Tensor,   // (1,)
+    /// `router_norm`: the input is RMSNorm(x) with unit gain (D,) and this epsilon.
+    pub norm: Option<(Tensor, f64)>,
 }
 
 impl Router {
     /// Router logits for every token: (N, D) -> (N, 1).
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        crate::ops::router_logits(x, &self.weight, &self.bias)
+        match &self.norm {
+            Some((gain, eps)) => {
+                crate::ops::router_logits(&crate::ops::rms_norm(x, gain, *eps)?, &self.weight, &self.bias)
+            }
+            None => crate::ops::router_logits(x, &self.weight, &self.bias),
+        }
     }
 }
 
@@ -88,16 +95,20 @@ pub struct ThinkingLayer {
     pub ratios: Vec<f64>,
     pub residual_connection: bool,
     pub residual_form: ResidualForm,
+    /// alpha, the fixed factor beside the router weight of every routed step (DESIGN §3.3).
+    pub step_scale: f64,
 }
 
-/// Which rule picks the tokens of a routed step (ITT-SPEC §5).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Which rule picks the tokens of a routed step (DESIGN §5).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Routing {
     /// The paper's per-sequence top-k; not causal. Training and full-text scoring.
     #[default]
+    #[value(name = "topk")]
     TopK,
     /// Causal: a token takes a step iff its router logit exceeds the calibrated threshold.
+    #[value(alias = "causal")]
     Threshold,
 }
 
@@ -121,11 +132,11 @@ pub struct RoutingOptions {
     pub mode: Routing,
     /// Needed for `Threshold` routing: the checkpoint's tracked router quantiles.
     pub calibration: Option<Arc<RouterCalibration>>,
-    /// Elastic ratios for t = 2..=steps (ITT-SPEC §6); `None` = the trained ratios.
+    /// Elastic ratios for t = 2..=steps (DESIGN §6); `None` = the trained ratios.
     pub ratios: Option<Vec<f64>>,
     /// Elastic number of steps (at most the trained T); `None` = T.
     pub steps: Option<usize>,
-    /// Stop giving steps to a token once its router weight is below this value.
+    /// A token whose router weight falls below this value takes no further step (this one included).
     pub early_exit: Option<f32>,
     /// Use these selections (packed token indices per (layer, step)) instead of routing:
     /// holds selection fixed, e.g. for finite-difference gradient checks.
@@ -144,11 +155,31 @@ pub struct StepStats {
     /// Router weight w = sigmoid(logit), over all candidates.
     pub weight_sum: f64,
     pub weight_sqsum: f64,
+    /// Router weight summed over the selected tokens only.
+    pub selected_weight_sum: f64,
     /// Sum over calls of |S_t ∩ S_{t-1}| / |S_t| numerators (overlap with the previous step).
     pub overlap_with_prev: u64,
+    /// With `ForwardRecord::measure`: squared norms, summed over the selected tokens of the
+    /// measured calls, of what the step added (alpha * w * phi_t * delta) and of the state it
+    /// was added to (x_{t-1}[S]); `contribution` is the square root of their ratio.
+    pub update_sqsum: f64,
+    pub state_sqsum: f64,
 }
 
 impl StepStats {
+    /// Add another call's (or window's) statistics to these.
+    pub fn merge(&mut self, o: &StepStats) {
+        self.selected += o.selected;
+        self.candidates += o.candidates;
+        self.logit_sum += o.logit_sum;
+        self.logit_sqsum += o.logit_sqsum;
+        self.weight_sum += o.weight_sum;
+        self.weight_sqsum += o.weight_sqsum;
+        self.selected_weight_sum += o.selected_weight_sum;
+        self.overlap_with_prev += o.overlap_with_prev;
+        self.update_sqsum += o.update_sqsum;
+        self.state_sqsum += o.state_sqsum;
+    }
     pub fn share(&self) -> f64 {
         if self.candidates == 0 {
             0.0
@@ -170,6 +201,26 @@ impl StepStats {
         let m = self.weight_mean();
         (self.weight_sqsum / self.candidates as f64 - m * m).max(0.0).sqrt()
     }
+    /// Mean router weight of the tokens that took the step.
+    pub fn weight_mean_selected(&self) -> Option<f64> {
+        (self.selected > 0).then(|| self.selected_weight_sum / self.selected as f64)
+    }
+    /// Mean router weight of the tokens passed over.
+    pub fn weight_mean_passed(&self) -> Option<f64> {
+        let n = self.candidates - self.selected;
+        (n > 0).then(|| (self.weight_sum - self.selected_weight_sum) / n as f64)
+    }
+    /// ||alpha w phi_t delta|| / ||x_{t-1}|| over the selected tokens, when measured.
+    pub fn contribution(&self) -> Option<f64> {
+        (self.state_sqsum > 0.0).then(|| (self.update_sqsum / self.state_sqsum).sqrt())
+    }
+    pub fn overlap_prev(&self) -> f64 {
+        if self.selected > 0 {
+            self.overlap_with_prev as f64 / self.selected as f64
+        } else {
+            0.0
+        }
+    }
 }
 
 /// What the thinking layers did: statistics accumulated over calls, and optionally the raw
@@ -180,6 +231,9 @@ pub struct ForwardRecord {
     pub keep_scores: bool,
     /// Keep the last call's selections and per-token depths.
     pub keep_detail: bool,
+    /// Measure each routed step's contribution (`StepStats::contribution`); a few extra
+    /// reductions over the selected rows, so training asks for it at log steps only.
+    pub measure: bool,
     pub stats: BTreeMap<(usize, usize), StepStats>,
     pub scores: BTreeMap<(usize, usize), Vec<f32>>,
     /// Last call: selected packed token indices per (layer, step).
@@ -201,6 +255,29 @@ impl ForwardRecord {
     pub fn routed_tokens(&self) -> u64 {
         self.stats.values().map(|s| s.selected).sum()
     }
+    /// Fold another record's statistics into this one.
+    pub fn merge_stats(&mut self, other: &ForwardRecord) {
+        for (k, s) in &other.stats {
+            self.stats.entry(*k).or_default().merge(s);
+        }
+    }
+}
+
+/// The tokens a routed step picked, with every token's router logit and weight (host copies).
+struct Route {
+    selected: Vec<u32>,
+    logits: Vec<f32>,
+    weights: Vec<f32>,
+}
+
+/// Per-token bookkeeping across one layer's steps.
+struct Walk {
+    /// Steps taken so far by each token.
+    depth: Vec<u32>,
+    /// Tokens still eligible for further steps (early exit).
+    alive: Vec<bool>,
+    /// The previous routed step's selection (None before the first).
+    prev: Option<Vec<u32>>,
 }
 
 impl ThinkingLayer {
@@ -218,10 +295,12 @@ impl ThinkingLayer {
             }
         }
         if is_itt && th.adaptive_routing {
+            let norm = if th.router_norm { Some((Tensor::ones(d, ps.dtype, &ps.device)?, cfg.norm_eps)) } else { None };
             for t in 2..=th.steps {
                 routers.push(Router {
                     weight: ps.get(&format!("{name}.router.{t}.weight"), &[1, d], Init::Normal(th.router_init_std))?,
                     bias: ps.get(&format!("{name}.router.{t}.bias"), &[1], Init::Const(0.0))?,
+                    norm: norm.clone(),
                 });
             }
         }
@@ -234,6 +313,7 @@ impl ThinkingLayer {
             ratios: if is_itt { th.ratios.clone() } else { vec![] },
             residual_connection: th.residual_connection,
             residual_form: th.residual_form,
+            step_scale: th.step_scale,
         })
     }
 
@@ -242,7 +322,7 @@ impl ThinkingLayer {
         self.phis.get(t - 1)
     }
 
-    /// Steps and ratios in effect for this call (elastic inference, ITT-SPEC §6).
+    /// Steps and ratios in effect for this call (elastic inference, DESIGN §6).
     fn plan(&self, opts: &RoutingOptions) -> Result<(usize, Vec<f64>)> {
         let steps = opts.steps.unwrap_or(self.steps);
         if steps < 1 || steps > self.steps {
@@ -270,40 +350,18 @@ impl ThinkingLayer {
     }
 
     /// Run the layer's T steps on x0: (N, D) -> (N, D).
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        &self,
-        block: &Block,
-        x0: &Tensor,
-        layout: &SeqLayout,
-        rope: &RopeAt,
-        opts: &RoutingOptions,
-        mut caches: Option<&mut [SeqCache]>,
-        mut record: Option<&mut ForwardRecord>,
-    ) -> Result<Tensor> {
-        let (steps, ratios) = self.plan(opts)?;
-        let layer = self.layer;
-        fn slot<'a>(caches: &'a mut Option<&mut [SeqCache]>, layer: usize, step: usize) -> Option<CacheSlot<'a>> {
-            caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer, step })
-        }
-        let n = layout.n_tokens();
-
-        // Step 1, every token: x1 = phi_1 * f(x0).
-        let f0 = block.forward(x0, layout, rope, slot(&mut caches, layer, 0))?;
-        let mut x = match (self.kind, self.phi(1), self.residual_form) {
-            (ModelKind::Loop, _, _) | (_, None, _) => f0,
-            (_, Some(phi), ResidualForm::Literal) => crate::ops::scale_columns(&f0, phi)?,
-            (_, Some(phi), ResidualForm::Update) => (x0 + (f0 - x0)?.broadcast_mul(phi)?)?,
-        };
-
-        let mut depth = vec![1u32; n];
-        let mut alive = vec![true; n];
-        let mut prev_selected: Option<Vec<u32>> = None;
+    pub fn forward(&self, block: &Block, x0: &Tensor, call: &mut Call) -> Result<Tensor> {
+        let (steps, ratios) = self.plan(call.routing)?;
+        let n = call.pos.layout.n_tokens();
+        let mut x = self.first_step(block, x0, call)?;
+        let mut walk = Walk { depth: vec![1; n], alive: vec![true; n], prev: None };
         for t in 2..=steps {
             if self.kind == ModelKind::Loop {
                 // Loop xT: x_t = f(x_{t-1}) on every token.
-                x = block.forward(&x, layout, rope, slot(&mut caches, layer, t - 1))?;
-                depth.iter_mut().for_each(|d| *d += 1);
+                let prec = call.precision;
+                let (pos, slot) = call.pos_and_slot(self.layer, t - 1);
+                x = block.forward(&x, pos, prec, slot)?;
+                walk.depth.iter_mut().for_each(|d| *d += 1);
                 continue;
             }
             let rho = ratios[t - 2];
@@ -312,137 +370,207 @@ impl ThinkingLayer {
             }
             let Some(router) = self.routers.get(t - 2) else {
                 // No ATR: every token, weight 1.
-                let y = block.forward(&x, layout, rope, slot(&mut caches, layer, t - 1))?;
-                x = self.accumulate(&x, &y, None, t)?;
-                depth.iter_mut().for_each(|d| *d += 1);
+                let prec = call.precision;
+                let (pos, slot) = call.pos_and_slot(self.layer, t - 1);
+                let y = block.forward(&x, pos, prec, slot)?;
+                x = (&x + self.delta(&x, &y, None, t)?)?;
+                walk.depth.iter_mut().for_each(|d| *d += 1);
                 continue;
             };
-
-            // Every token's router logit, for selection and statistics only: outside the graph.
-            let logits = router.logits(&x.detach())?; // (N, 1)
-            let host: Vec<f32> = logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
-            let selected = match opts.forced.as_ref().and_then(|f| f.get(&(self.layer, t))) {
-                Some(sel) => sel.clone(),
-                None => match opts.mode {
-                    Routing::TopK => select_topk(&host, &layout.lens, rho, &alive),
-                    Routing::Threshold => {
-                        let cal = opts.calibration.as_ref().ok_or_else(|| {
-                            Error::usage(
-                                "threshold routing needs router thresholds; this checkpoint has none \
-                                 (train it with this version, or run `itt calibrate --checkpoint PATH --data TEXT`)",
-                            )
-                        })?;
-                        let tau = cal.threshold(self.layer, t, rho)?;
-                        select_threshold(&host, &layout.lens, tau, &alive)
-                    }
-                },
-            };
-            let weights: Vec<f32> = host.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
-            if let Some(e) = opts.early_exit {
-                for (a, &wi) in alive.iter_mut().zip(&weights) {
-                    if wi < e {
-                        *a = false;
-                    }
-                }
+            let route = self.select(router, &x, t, rho, call, &mut walk)?;
+            if let Some(aux) = call.router_aux.as_mut() {
+                aux.push(router_aux_term(router, &x, &route.selected)?);
             }
-            if let Some(rec) = record.as_deref_mut() {
-                let s = rec.stats.entry((self.layer, t)).or_default();
-                s.selected += selected.len() as u64;
-                s.candidates += n as u64;
-                for (&z, &wi) in host.iter().zip(&weights) {
-                    s.logit_sum += z as f64;
-                    s.logit_sqsum += (z as f64) * (z as f64);
-                    s.weight_sum += wi as f64;
-                    s.weight_sqsum += (wi as f64) * (wi as f64);
-                }
-                if let Some(prev) = &prev_selected {
-                    s.overlap_with_prev += sorted_intersection(prev, &selected) as u64;
-                }
-                if rec.keep_scores {
-                    rec.scores.entry((self.layer, t)).or_default().extend_from_slice(&host);
-                }
-                if rec.keep_detail {
-                    rec.selections.insert((self.layer, t), selected.clone());
-                    rec.weights.insert((self.layer, t), weights.clone());
-                }
+            if let Some(rec) = call.record.as_deref_mut() {
+                self.record_step(rec, t, &route, &walk);
             }
-            for &i in &selected {
-                depth[i as usize] += 1;
+            for &i in &route.selected {
+                walk.depth[i as usize] += 1;
             }
-            if selected.is_empty() {
-                prev_selected = Some(selected);
-                continue;
+            if !route.selected.is_empty() {
+                x = self.apply_step(block, router, &x, t, &route.selected, call)?;
             }
-
-            // Gather the selected tokens, run the block on them (causal among themselves, at
-            // their own positions), scale and add back.
-            let sub_layout = sub_layout(layout, &selected);
-            let xs = crate::ops::gather_rows(&x, &selected)?; // (M, D)
-
-            // The selected tokens' weights w = sigmoid(R(x)), recomputed from their gathered rows:
-            // the same dot products, and only these M logits reach the loss, so the router's
-            // gradient reaches x through the gather's M rows instead of an (N, D) outer product
-            // summed into x's gradient. Computed before the block runs, while the gathered rows
-            // are still in cache (after it, this read was ~2x slower).
-            let ws = candle_nn::ops::sigmoid(&router.logits(&xs)?)?; // (M, 1)
-            let y = block.forward(&xs, &sub_layout, &rope.select(&selected)?, slot(&mut caches, layer, t - 1))?;
-            x = match (self.residual_connection, self.residual_form, self.phi(t)) {
-                // The default ITT form in one node: x[S] += (y * phi_t) * w[S].
-                (true, ResidualForm::Literal, Some(phi)) => crate::ops::routed_update(&x, &selected, &y, phi, &ws)?,
-                _ => {
-                    let idx = Tensor::from_slice(&selected, selected.len(), x.device())?;
-                    x.index_add(&idx, &self.delta(&xs, &y, Some(&ws), t)?, 0)?
-                }
-            };
-            prev_selected = Some(selected);
+            walk.prev = Some(route.selected);
         }
-        if let Some(rec) = record {
+        if let Some(rec) = call.record.as_deref_mut() {
             if rec.keep_detail {
-                rec.depth.insert(self.layer, depth);
+                rec.depth.insert(self.layer, walk.depth);
             }
         }
         Ok(x)
     }
 
-    /// The amount added to the selected tokens' state at step t (see the header).
-    /// xs: (M, D) their state, y = f(xs): (M, D), w: (M, 1) or None for weight 1.
-    fn delta(&self, xs: &Tensor, y: &Tensor, w: Option<&Tensor>, t: usize) -> Result<Tensor> {
-        let scaled = |z: Tensor| -> Result<Tensor> {
-            let z = match self.phi(t) {
-                Some(phi) => z.broadcast_mul(phi)?,
-                None => z,
-            };
-            Ok(match w {
-                Some(w) => z.broadcast_mul(w)?,
-                None => z,
-            })
-        };
-        let update = || -> Result<Tensor> { Ok((y - xs)?) };
-        if self.residual_connection {
-            match self.residual_form {
-                ResidualForm::Literal => scaled(y.clone()),
-                ResidualForm::Update => scaled(update()?),
+    /// Step 1, every token: x1 = phi_1 * f(x0) (literal) or x0 + phi_1 * (f(x0) - x0) (update).
+    fn first_step(&self, block: &Block, x0: &Tensor, call: &mut Call) -> Result<Tensor> {
+        let prec = call.precision;
+        let (pos, slot) = call.pos_and_slot(self.layer, 0);
+        let f0 = block.forward(x0, pos, prec, slot)?;
+        Ok(match (self.kind, self.phi(1), self.residual_form) {
+            (ModelKind::Loop, _, _) | (_, None, _) => f0,
+            (_, Some(phi), ResidualForm::Literal) => crate::ops::scale_columns(&f0, phi)?,
+            (_, Some(phi), ResidualForm::Update) => (x0 + (f0 - x0)?.broadcast_mul(phi)?)?,
+        })
+    }
+
+    /// Which tokens take step t: every token's router logit (outside the graph: selection and
+    /// statistics only), then top-k per sequence or the causal threshold, among the tokens
+    /// that early exit has not stopped.
+    fn select(&self, router: &Router, x: &Tensor, t: usize, rho: f64, call: &Call, walk: &mut Walk) -> Result<Route> {
+        let opts = call.routing;
+        let lens = &call.pos.layout.lens;
+        let logits: Vec<f32> = router.logits(&x.detach())?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let weights: Vec<f32> = logits.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
+        if let Some(e) = opts.early_exit {
+            // This step's weight decides this step already (DESIGN §6).
+            for (a, &wi) in walk.alive.iter_mut().zip(&weights) {
+                if wi < e {
+                    *a = false;
+                }
             }
-        } else {
-            // Replacement: x <- x + w * (r - x), r = phi*y (literal) or x + phi*(y - x) (update).
-            let r = match (self.residual_form, self.phi(t)) {
-                (ResidualForm::Literal, Some(phi)) => y.broadcast_mul(phi)?,
-                (ResidualForm::Literal, None) => y.clone(),
-                (ResidualForm::Update, Some(phi)) => (xs + update()?.broadcast_mul(phi)?)?,
-                (ResidualForm::Update, None) => y.clone(),
-            };
-            let moved = (r - xs)?;
-            Ok(match w {
-                Some(w) => moved.broadcast_mul(w)?,
-                None => moved,
-            })
+        }
+        let selected = match opts.forced.as_ref().and_then(|f| f.get(&(self.layer, t))) {
+            Some(sel) => sel.clone(),
+            None => match opts.mode {
+                Routing::TopK => select_topk(&logits, lens, rho, &walk.alive),
+                Routing::Threshold => {
+                    let cal = opts.calibration.as_ref().ok_or_else(|| {
+                        Error::usage(
+                            "threshold routing needs router thresholds; this checkpoint has none \
+                             (train it with this version, or run `itt calibrate --checkpoint PATH --data TEXT`)",
+                        )
+                    })?;
+                    let tau = cal.threshold(self.layer, t, rho)?;
+                    select_threshold(&logits, lens, tau, &walk.alive)
+                }
+            },
+        };
+        Ok(Route { selected, logits, weights })
+    }
+
+    /// Fold one routed step into the record's statistics (and detail, when kept).
+    fn record_step(&self, rec: &mut ForwardRecord, t: usize, route: &Route, walk: &Walk) {
+        let key = (self.layer, t);
+        let s = rec.stats.entry(key).or_default();
+        s.selected += route.selected.len() as u64;
+        s.candidates += route.logits.len() as u64;
+        for (&z, &wi) in route.logits.iter().zip(&route.weights) {
+            s.logit_sum += z as f64;
+            s.logit_sqsum += (z as f64) * (z as f64);
+            s.weight_sum += wi as f64;
+            s.weight_sqsum += (wi as f64) * (wi as f64);
+        }
+        s.selected_weight_sum += route.selected.iter().map(|&i| route.weights[i as usize] as f64).sum::<f64>();
+        if let Some(prev) = &walk.prev {
+            s.overlap_with_prev += sorted_intersection(prev, &route.selected) as u64;
+        }
+        if rec.keep_scores {
+            rec.scores.entry(key).or_default().extend_from_slice(&route.logits);
+        }
+        if rec.keep_detail {
+            rec.selections.insert(key, route.selected.clone());
+            rec.weights.insert(key, route.weights.clone());
         }
     }
 
-    /// Every-token step (no ATR): x + delta on the whole tensor, no gather.
-    fn accumulate(&self, x: &Tensor, y: &Tensor, w: Option<&Tensor>, t: usize) -> Result<Tensor> {
-        Ok((x + self.delta(x, y, w, t)?)?)
+    /// Run the block on the selected tokens (causal among themselves, at their own positions)
+    /// and add the scaled result to their state.
+    fn apply_step(
+        &self,
+        block: &Block,
+        router: &Router,
+        x: &Tensor,
+        t: usize,
+        selected: &[u32],
+        call: &mut Call,
+    ) -> Result<Tensor> {
+        let sub = call.pos.select(selected)?;
+        let xs = crate::ops::gather_rows(x, selected)?; // (M, D)
+
+        // The selected tokens' weights w = sigmoid(R(x)), recomputed from their gathered rows:
+        // the same dot products, and only these M logits reach the loss, so the router's
+        // gradient reaches x through the gather's M rows instead of an (N, D) outer product
+        // summed into x's gradient. Computed before the block runs, while the gathered rows
+        // are still in cache (after it, this read was ~2x slower).
+        let mut ws = candle_nn::ops::sigmoid(&router.logits(&xs)?)?; // (M, 1)
+        if self.step_scale != 1.0 {
+            ws = (ws * self.step_scale)?;
+        }
+        let prec = call.precision;
+        let y = block.forward(&xs, &sub, prec, call.slot(self.layer, t - 1))?;
+        let (x_new, update) = match (self.residual_connection, self.residual_form, self.phi(t)) {
+            // The default ITT forms in one node: x[S] += (delta * phi_t) * (alpha w[S]).
+            (true, form, Some(phi)) => {
+                let delta = match form {
+                    ResidualForm::Literal => y,
+                    ResidualForm::Update => (&y - &xs)?,
+                };
+                let measured = match call.record.as_deref() {
+                    Some(r) if r.measure => Some(delta.detach().broadcast_mul(phi)?.broadcast_mul(&ws.detach())?),
+                    _ => None,
+                };
+                (crate::ops::routed_update(x, selected, &delta, phi, &ws)?, measured)
+            }
+            _ => {
+                let idx = Tensor::from_slice(selected, selected.len(), x.device())?;
+                let delta = self.delta(&xs, &y, Some(&ws), t)?;
+                let measured = call.record.as_deref().filter(|r| r.measure).map(|_| delta.detach());
+                (x.index_add(&idx, &delta, 0)?, measured)
+            }
+        };
+        if let (Some(u), Some(rec)) = (update, call.record.as_deref_mut()) {
+            let sq = |z: &Tensor| -> Result<f64> { Ok(z.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?) };
+            let s = rec.stats.entry((self.layer, t)).or_default();
+            s.update_sqsum += sq(&u)?;
+            s.state_sqsum += sq(&xs.detach())?;
+        }
+        Ok(x_new)
     }
+
+    /// The amount added to the selected tokens' state at step t on the composed paths (no
+    /// step encoding, or no RTC; see the header). xs: (M, D) their state, y = f(xs): (M, D),
+    /// w: (M, 1) already scaled by alpha, or None for weight 1 (no ATR; alpha applied here).
+    fn delta(&self, xs: &Tensor, y: &Tensor, w: Option<&Tensor>, t: usize) -> Result<Tensor> {
+        let weighted = |z: Tensor| -> Result<Tensor> {
+            Ok(match w {
+                Some(w) => z.broadcast_mul(w)?,
+                None if self.step_scale != 1.0 => (z * self.step_scale)?,
+                None => z,
+            })
+        };
+        let phi_times = |z: Tensor| -> Result<Tensor> {
+            Ok(match self.phi(t) {
+                Some(phi) => z.broadcast_mul(phi)?,
+                None => z,
+            })
+        };
+        if self.residual_connection {
+            match self.residual_form {
+                ResidualForm::Literal => weighted(phi_times(y.clone())?),
+                ResidualForm::Update => weighted(phi_times((y - xs)?)?),
+            }
+        } else {
+            // Replacement (literal form only, checked by the config): x <- x + alpha w (phi y - x).
+            weighted((phi_times(y.clone())? - xs)?)
+        }
+    }
+}
+
+/// The router auxiliary loss of one routed step (DESIGN §4.6, as Mixture-of-Recursions does):
+/// the mean binary cross-entropy of every token's router logit against whether the step
+/// selected it, log(1 + e^z) - [selected] * z. The router sees x detached, so this loss
+/// trains the router alone (teaching it to score as top-k selects, which is also what causal
+/// threshold routing needs), not the representation.
+fn router_aux_term(router: &Router, x: &Tensor, selected: &[u32]) -> Result<Tensor> {
+    let z = router.logits(&x.detach())?; // (N, 1)
+    let n = z.dim(0)?;
+    let mut target = vec![0f32; n];
+    for &i in selected {
+        target[i as usize] = 1.0;
+    }
+    let target = Tensor::from_vec(target, (n, 1), z.device())?.to_dtype(z.dtype())?;
+    // softplus(z) = max(z, 0) + log(1 + e^-|z|), stable for any z.
+    let softplus = (z.relu()? + ((z.abs()?.neg()?.exp()? + 1.0)?.log()?))?;
+    Ok((softplus - (z * target)?)?.mean_all()?)
 }
 
 /// Per sequence, the ceil(rho * n) alive tokens with the highest router logits; ties go to

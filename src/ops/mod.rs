@@ -140,29 +140,13 @@ impl std::str::FromStr for Precision {
     }
 }
 
-thread_local! {
-    static PRECISION: Cell<Precision> = const { Cell::new(Precision::F32) };
-}
-
-/// Run `f` with the matrix products of `linear` in `precision` on this thread.
-pub fn with_precision<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
-    let old = PRECISION.with(|c| c.replace(precision));
-    let r = f();
-    PRECISION.with(|c| c.set(old));
-    r
-}
-
-/// The precision `linear` uses on this thread now.
-pub fn precision() -> Precision {
-    PRECISION.with(|c| c.get())
-}
-
 /// x W^T: x (N, in), W (out, in) -> (N, out). For f32 CPU tensors this is the fused op
 /// (`fused::linear`): in bf16 precision (see [`Precision`]) the mixed-precision product (AMX
 /// tiles where the CPU has them), in f32 gemm called directly. Otherwise candle's matmul.
-pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+/// The precision is the caller's (the model's, `Model::precision`), never ambient state.
+pub fn linear(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Tensor> {
     let f32_cpu = x.dtype() == DType::F32 && w.dtype() == DType::F32 && fused::supports(x);
-    match precision() {
+    match precision {
         Precision::Bf16 if f32_cpu => fused::linear(x, w, Precision::Bf16),
         _ if f32_cpu && fused_enabled(Kernel::Linear, x) => fused::linear(x, w, Precision::F32),
         _ => Ok(x.matmul(&w.t()?)?),

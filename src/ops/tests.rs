@@ -409,16 +409,16 @@ fn linear_bf16_is_the_product_of_bf16_rounded_operands_forward_and_backward() {
 
 #[test]
 fn linear_runs_in_the_precision_asked_and_f64_stays_exact() {
-    use super::{linear, with_precision, Precision};
+    use super::{linear, Precision};
     let (x, w) = (randn(&[9, 33], 1, DType::F32), randn(&[5, 33], 2, DType::F32));
     let exact = x.matmul(&w.t().unwrap()).unwrap();
-    let f32_out = with_precision(Precision::F32, || linear(&x, &w)).unwrap();
+    let f32_out = linear(&x, &w, Precision::F32).unwrap();
     assert_eq!(host(&f32_out), host(&exact));
-    let bf16_out = with_precision(Precision::Bf16, || linear(&x, &w)).unwrap();
+    let bf16_out = linear(&x, &w, Precision::Bf16).unwrap();
     assert!(host(&bf16_out) != host(&exact) && rel_diff(&host(&bf16_out), &host(&exact)) < 2e-2);
     // f64 (finite-difference checks) never rounds.
     let (x64, w64) = (x.to_dtype(DType::F64).unwrap(), w.to_dtype(DType::F64).unwrap());
-    let out64 = with_precision(Precision::Bf16, || linear(&x64, &w64)).unwrap();
+    let out64 = linear(&x64, &w64, Precision::Bf16).unwrap();
     assert_eq!(host(&out64), host(&x64.matmul(&w64.t().unwrap()).unwrap()));
 }
 
