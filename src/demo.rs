@@ -4,11 +4,11 @@
 use crate::config;
 use crate::data::{self, synthetic, Tokenizer};
 use crate::error::IoContext;
+use crate::eval::reasoning;
 use crate::generate::{self, Event, GenerateOptions, SamplingParams};
 use crate::model::{Routing, RoutingOptions};
 use crate::train::{self, DataSpec, RunOptions, Trainer};
 use crate::{report, Error, Result};
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -31,28 +31,6 @@ fn unigram_entropy(shard: &data::TokenShard) -> f64 {
     }
     let n = all.len() as f64;
     counts.iter().filter(|&&c| c > 0).map(|&c| -(c as f64 / n) * (c as f64 / n).ln()).sum()
-}
-
-/// Held-out problems: (context + prompt up to the answer, expected answer, task name).
-fn held_out_problems(n_docs_val: usize, per_kind: usize) -> Vec<(String, String, &'static str)> {
-    let docs = synthetic::synthetic_corpus(&synthetic::SyntheticOptions::default());
-    let mut by_kind: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let mut out = vec![];
-    for doc in docs.iter().rev().take(n_docs_val) {
-        let lines: Vec<&str> = doc.lines().collect();
-        for (i, line) in lines.iter().enumerate().skip(2) {
-            let Some(span) = synthetic::answer_spans(line) else { continue };
-            let kind = synthetic::line_kind(line).name();
-            let c = by_kind.entry(kind).or_default();
-            if *c >= per_kind {
-                continue;
-            }
-            *c += 1;
-            let context = format!("{}\n{}\n{}", lines[i - 2], lines[i - 1], &line[..span.start]);
-            out.push((context, line[span].to_string(), kind));
-        }
-    }
-    out
 }
 
 pub fn run(opts: &DemoOptions) -> Result<()> {
@@ -112,14 +90,10 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let initial = trainer.evaluate(&dataset.val, cfg.train.eval_batches)?;
     let summary = train::run(&mut trainer, &dataset, &RunOptions::default())?;
     let entropy = unigram_entropy(&dataset.train);
-    let val = crate::eval::shard_loss(
-        &trainer.model,
-        &dataset.val,
-        cfg.train.batch_size,
-        cfg.train.seq_len,
-        0,
-        &RoutingOptions::default(),
-    )?;
+    let val_with = |routing: &RoutingOptions| {
+        crate::eval::shard_loss(&trainer.model, &dataset.val, cfg.train.batch_size, cfg.train.seq_len, 0, routing)
+    };
+    let val = val_with(&RoutingOptions::default())?;
     println!(
         "         {} steps in {:.0} s ({:.0} tokens/s, peak RSS {:.0} MiB)",
         summary.steps, summary.seconds, summary.tokens_per_s, summary.peak_rss_mb
@@ -138,36 +112,53 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         .and_then(|r| r.as_array().cloned())
         .unwrap_or_default()
         .iter()
-        .map(|r| format!("L{}s{} {:.0}%", r["layer"], r["step"], 100.0 * r["share"].as_f64().unwrap_or(0.0)))
+        .map(|r| {
+            format!(
+                "L{}s{} {:.0}% (adds {:.2} of |x|)",
+                r["layer"],
+                r["step"],
+                100.0 * r["share"].as_f64().unwrap_or(0.0),
+                r["contribution"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
         .collect();
     if !routing_line.is_empty() {
         println!("routing  share of tokens taking each extra step (layer, step): {}", routing_line.join(", "));
     }
 
-    // Held-out problems, answered greedily with KV-cached, causally routed decoding.
+    // What the thinking buys: the same weights with the extra steps off (one step per layer).
     let calibration = trainer.calibration.clone().map(Arc::new);
     let mode = if calibration.is_some() { Routing::Threshold } else { Routing::TopK };
-    let problems = held_out_problems(40, 12);
-    let prompts: Vec<String> = problems.iter().map(|p| p.0.clone()).collect();
-    let gen_opts = GenerateOptions {
-        max_new_tokens: 24,
-        stop: vec!["\n".into()],
-        sampling: SamplingParams::greedy(),
-        routing: RoutingOptions { mode, calibration: calibration.clone(), ..Default::default() },
-        use_cache: true,
-        prefill_chunk: 0,
-    };
-    let answers = generate::generate(&trainer.model, &tok, &prompts, gen_opts)?.collect_all()?;
-    let mut score: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
-    for ((_, want, kind), (got, _, _)) in problems.iter().zip(&answers) {
-        let e = score.entry(kind).or_default();
-        e.1 += 1;
-        if got.trim() == want.trim() {
-            e.0 += 1;
-        }
+    let causal = RoutingOptions { mode, calibration: calibration.clone(), ..Default::default() };
+    let off = RoutingOptions { steps: Some(1), ..Default::default() };
+    let thinks = trainer.model.thinking_layers().next().is_some();
+    if thinks {
+        let val_off = val_with(&off)?;
+        let val_causal = val_with(&causal)?;
+        println!(
+            "thinking validation loss {val_off:.4} with the extra steps off, {val:.4} on (top-k), {val_causal:.4} on (causal): \
+             thinking gain {:.4} nats/token",
+            val_off - val
+        );
     }
-    let s: Vec<String> = score.iter().map(|(k, (c, n))| format!("{k} {c}/{n}")).collect();
-    println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", s.join(", "));
+
+    // Held-out problems, answered greedily with KV-cached, causally routed decoding.
+    let problems = reasoning::default_problems();
+    let on = reasoning::solve_rates(&trainer.model, &tok, &problems, &causal)?;
+    println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", on.line());
+    if thinks {
+        let without = reasoning::solve_rates(&trainer.model, &tok, &problems, &off)?;
+        println!(
+            "         thinking on {}/{} ({:.1}%), off {}/{} ({:.1}%); off: {}",
+            on.solved(),
+            on.asked(),
+            100.0 * on.accuracy(),
+            without.solved(),
+            without.asked(),
+            100.0 * without.accuracy(),
+            without.line()
+        );
+    }
     show_sample(&trainer, &tok, calibration, mode)?;
     println!("files    {}/metrics.jsonl, {}/checkpoints/, {}/data/", out.display(), out.display(), out.display());
     println!("next     itt generate --checkpoint {} --prompt \"47+85=\" --show-depth --temperature 0", out.display());

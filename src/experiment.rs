@@ -1,29 +1,41 @@
-//! `itt experiment NAME`: the paper's comparisons at small scale (ITT-SPEC §8), each a grid
-//! of training runs over several seeds, written as `results.json`, a markdown table with
-//! mean ± standard deviation, FLOPs per token and wall time, and PNG loss curves.
+//! `itt experiment NAME`: the paper's comparisons at small scale (docs/DESIGN.md §8), each a
+//! grid of training runs over several seeds, written as `results.json`, a markdown table and
+//! PNG loss curves.
 //!
 //! - `table1`: dense vs Loop x4 vs ITT x4 at equal parameters and tokens (paper Table 1);
 //! - `table2`: one ITT x4 per seed evaluated at the paper's ratio settings, plus Loop x4
 //!   (paper Table 2, elastic inference);
 //! - `table3`: ITT x4 vs without RTC / ATR / TSE, and dense (paper Table 3);
-//! - `fig4`: validation loss against tokens seen; the share of tokens ITT x4 needs to reach
-//!   the dense model's final loss (paper Figure 4: 56.8%);
-//! - `scaling`: dense and ITT x4 at two or more sizes.
+//! - `fig4`: validation loss against tokens seen; the share of tokens each model needs to
+//!   reach the dense model's final loss (paper Figure 4: 56.8% for ITT);
+//! - `scaling`: dense and ITT x4 at two or more sizes;
+//! - `steps`: dense, Loop x2/x3/x4 and ITT x2/x3/x4 (paper Figure 5, Table 1's step rows);
+//! - `recipe`: the thinking-recipe search of DESIGN §9 (residual form, step scale, router
+//!   input, optimiser group, capacity warm-up, router auxiliary loss) against dense and Loop.
+//!
+//! Every model with thinking layers is also scored with its thinking off (same weights, one
+//! step: the routed steps skipped), giving the *thinking gain* loss(off) - loss(on); ITT with
+//! routers is scored both with the paper's top-k (not causal) and with causal threshold
+//! routing. Against dense, each row reports the paired per-seed difference with its 95%
+//! t-interval (runs of one seed share the backbone's initial weights and the data order). On
+//! the built-in corpus each model also answers held-out problems (`eval::reasoning`).
 //!
 //! Runs live in `OUT/runs/VARIANT-sSEED` and results in `OUT/NAME/`; a finished run is reused
 //! and a partial one resumed, so an interrupted experiment continues where it stopped, and
 //! experiments sharing an `OUT` train each configuration once.
 
-use crate::config::{self, RunConfig};
+use crate::config::{self, ModelKind, ResidualForm, RunConfig};
 use crate::error::IoContext;
+use crate::eval::reasoning::{self, SolveRates};
 use crate::flops::flops_per_token;
-use crate::model::RoutingOptions;
+use crate::model::{Routing, RoutingOptions};
 use crate::train::{self, DataSpec, RunOptions, Trainer};
 use crate::{checkpoint, data, eval, Error, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-pub const NAMES: [&str; 5] = ["table1", "table2", "table3", "fig4", "scaling"];
+pub const NAMES: [&str; 7] = ["table1", "table2", "table3", "fig4", "scaling", "steps", "recipe"];
 
 #[derive(Clone, Debug)]
 pub struct ExperimentOptions {
@@ -37,8 +49,36 @@ pub struct ExperimentOptions {
     pub seq_len: Option<usize>,
     /// Validation batches per evaluation (0 = the whole split).
     pub eval_batches: usize,
+    /// Held-out problems of each kind for the reasoning column (built-in data only; 0 = none).
+    pub problems: usize,
     pub out: PathBuf,
     pub quiet: bool,
+    /// The command line that ran this, written into results.md.
+    pub command: String,
+}
+
+/// What a setting measures, for the derived columns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// As trained (ITT: the paper's top-k routing).
+    Trained,
+    /// ITT with causal threshold routing at the trained ratios.
+    Causal,
+    /// Same weights, thinking off: one step, the routed (or looped) steps skipped.
+    Off,
+    /// ITT at other ratios (paper Table 2).
+    Elastic,
+}
+
+/// One way of scoring a trained model.
+#[derive(Clone, Debug)]
+struct Setting {
+    label: String,
+    role: Role,
+    routing: RoutingOptions,
+    /// Paper Table 2's number for this setting.
+    paper: Option<f64>,
 }
 
 /// One trained configuration of the grid.
@@ -46,9 +86,9 @@ struct Variant {
     name: String,
     label: String,
     cfg: RunConfig,
-    /// Inference settings evaluated on each trained model: (label, ratios override).
-    evals: Vec<(String, Option<Vec<f64>>)>,
-    /// The paper's number for this row, and what it is.
+    /// Extra settings (elastic ratios) beyond the standard trained / causal / off.
+    extra: Vec<Setting>,
+    /// The paper's number for this row.
     paper: Option<f64>,
 }
 
@@ -56,6 +96,7 @@ struct Variant {
 pub struct RunResult {
     pub variant: String,
     pub setting: String,
+    pub role: Role,
     pub seed: u64,
     pub val_loss: f64,
     pub train_loss: f64,
@@ -65,19 +106,75 @@ pub struct RunResult {
     pub wall_s: f64,
     pub tokens: u64,
     pub routed_share: Option<f64>,
+    /// Held-out problems solved (built-in data, settings Trained for dense/Loop, Causal for
+    /// ITT, and Off).
+    pub solved: Option<SolveRates>,
+}
+
+/// A mean with the half-width of its 95% t-interval over seeds (None with one seed).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Estimate {
+    pub mean: f64,
+    pub sd: f64,
+    pub n: usize,
+    pub ci95: Option<f64>,
+}
+
+impl Estimate {
+    pub fn of(xs: &[f64]) -> Estimate {
+        let (mean, sd) = mean_std(xs);
+        let ci95 = (xs.len() > 1).then(|| t_975(xs.len() - 1) * sd / (xs.len() as f64).sqrt());
+        Estimate { mean, sd, n: xs.len(), ci95 }
+    }
+    /// Whether the 95% interval excludes 0.
+    pub fn excludes_zero(&self) -> bool {
+        self.ci95.is_some_and(|h| self.mean.abs() > h)
+    }
+    fn text(&self, digits: usize) -> String {
+        match self.ci95 {
+            Some(h) => {
+                format!("{:+.*} [{:+.*}, {:+.*}]", digits, self.mean, digits, self.mean - h, digits, self.mean + h)
+            }
+            None => format!("{:+.*}", digits, self.mean),
+        }
+    }
+}
+
+/// The 0.975 quantile of Student's t with `df` degrees of freedom.
+pub fn t_975(df: usize) -> f64 {
+    const T: [f64; 30] = [
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ];
+    match df {
+        0 => f64::NAN,
+        1..=30 => T[df - 1],
+        _ => 1.96,
+    }
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    pub variant: String,
     pub label: String,
     pub setting: String,
+    pub role: Role,
     pub val_loss_mean: f64,
     pub val_loss_std: f64,
     pub val_ppl_mean: f64,
+    /// Paired per-seed loss difference to dense (this - dense), when the grid has dense.
+    pub vs_dense: Option<Estimate>,
+    /// Paired per-seed thinking gain loss(off) - loss(this), for Trained and Causal rows.
+    pub thinking_gain: Option<Estimate>,
+    /// Mean share of held-out problems solved (built-in data).
+    pub solved: Option<f64>,
     pub params: usize,
     pub eval_flops_per_token: f64,
     pub flops_vs_dense: f64,
     pub wall_s_mean: f64,
+    /// Share of the dense run's tokens this model needed to reach dense's final validation
+    /// loss (seed-averaged curves; Trained rows).
+    pub tokens_to_dense: Option<f64>,
     pub seeds: usize,
     pub paper: Option<f64>,
 }
@@ -85,16 +182,18 @@ pub struct Row {
 #[derive(Clone, Debug, Serialize)]
 pub struct ExperimentResults {
     pub name: String,
+    pub command: String,
     pub paper_metric: String,
     pub rows: Vec<Row>,
     pub runs: Vec<RunResult>,
-    /// fig4: share of the dense run's tokens ITT needs to reach dense's final loss.
+    /// fig4 / table1: share of the dense run's tokens ITT x4 needs to reach dense's final loss.
     pub data_share_to_match_dense: Option<f64>,
     pub curves: Vec<Curve>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Curve {
+    pub variant: String,
     pub label: String,
     /// (tokens seen, validation loss) averaged over seeds.
     pub points: Vec<(f64, f64)>,
@@ -128,13 +227,125 @@ const PAPER_T2: [(&str, [f64; 3], f64); 5] = [
     ("90/90/0", [0.9, 0.9, 0.0], 10.40),
 ];
 
+/// A recipe of the search (DESIGN §9), every field set explicitly so that the variant does not
+/// move when the presets' defaults do.
+struct Recipe {
+    name: &'static str,
+    label: &'static str,
+    form: ResidualForm,
+    phi_init: f64,
+    ratio: f64,
+    router_norm: bool,
+    lr_scale: f64,
+    warmup: f64,
+    aux: f64,
+}
+
+const RECIPES: [Recipe; 7] = [
+    Recipe {
+        name: "r-literal",
+        label: "literal, φ 0.1, 70%",
+        form: ResidualForm::Literal,
+        phi_init: 0.1,
+        ratio: 0.7,
+        router_norm: false,
+        lr_scale: 1.0,
+        warmup: 0.0,
+        aux: 0.0,
+    },
+    Recipe {
+        name: "r-update70",
+        label: "update, φ 1, 70%",
+        form: ResidualForm::Update,
+        phi_init: 1.0,
+        ratio: 0.7,
+        router_norm: false,
+        lr_scale: 1.0,
+        warmup: 0.0,
+        aux: 0.0,
+    },
+    Recipe {
+        name: "r-update50",
+        label: "update, φ 1, 50%",
+        form: ResidualForm::Update,
+        phi_init: 1.0,
+        ratio: 0.5,
+        router_norm: false,
+        lr_scale: 1.0,
+        warmup: 0.0,
+        aux: 0.0,
+    },
+    Recipe {
+        name: "r-norm",
+        label: "+ router RMSNorm",
+        form: ResidualForm::Update,
+        phi_init: 1.0,
+        ratio: 0.5,
+        router_norm: true,
+        lr_scale: 1.0,
+        warmup: 0.0,
+        aux: 0.0,
+    },
+    Recipe {
+        name: "r-warm",
+        label: "+ norm, capacity warm-up 25%",
+        form: ResidualForm::Update,
+        phi_init: 1.0,
+        ratio: 0.5,
+        router_norm: true,
+        lr_scale: 1.0,
+        warmup: 0.25,
+        aux: 0.0,
+    },
+    Recipe {
+        name: "r-aux",
+        label: "+ norm, router aux loss 0.1",
+        form: ResidualForm::Update,
+        phi_init: 1.0,
+        ratio: 0.5,
+        router_norm: true,
+        lr_scale: 1.0,
+        warmup: 0.0,
+        aux: 0.1,
+    },
+    Recipe {
+        name: "r-lr5",
+        label: "+ norm, thinking lr x5",
+        form: ResidualForm::Update,
+        phi_init: 1.0,
+        ratio: 0.5,
+        router_norm: true,
+        lr_scale: 5.0,
+        warmup: 0.0,
+        aux: 0.0,
+    },
+];
+
+fn recipe_config(size: &str, r: &Recipe, opts: &ExperimentOptions) -> Result<RunConfig> {
+    let mut cfg = sized(size, "-itt4", opts)?;
+    let th = &mut cfg.model.thinking;
+    th.residual_form = r.form;
+    th.phi_init = r.phi_init;
+    th.ratios = vec![r.ratio; 3];
+    th.router_norm = r.router_norm;
+    th.step_scale = 1.0;
+    th.residual_connection = true;
+    th.adaptive_routing = true;
+    th.step_encoding = true;
+    let t = &mut cfg.train;
+    t.thinking_lr_scale = r.lr_scale;
+    t.capacity_warmup = r.warmup;
+    t.router_aux_weight = r.aux;
+    Ok(cfg)
+}
+
 fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
     let size = opts.sizes.first().map(String::as_str).unwrap_or("tiny");
     let v = |name: &str, label: &str, cfg: RunConfig, paper: Option<f64>| Variant {
         name: name.into(),
         label: label.into(),
         cfg,
-        evals: vec![("trained".into(), None)],
+        extra: vec![],
         paper,
     };
     Ok(match opts.name.as_str() {
@@ -148,16 +359,30 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
         ),
         "table2" => {
             let mut itt = v("itt4", "ITT x4", sized(size, "-itt4", opts)?, None);
-            itt.evals = PAPER_T2.iter().map(|(l, r, _)| (l.to_string(), Some(r.to_vec()))).collect();
+            itt.extra = PAPER_T2
+                .iter()
+                .map(|(l, r, p)| Setting {
+                    label: l.to_string(),
+                    role: Role::Elastic,
+                    routing: RoutingOptions { ratios: Some(r.to_vec()), ..Default::default() },
+                    paper: Some(*p),
+                })
+                .collect();
             (
-                vec![itt, v("loop4", "Loop x4 (100/100/100)", sized(size, "-loop4", opts)?, Some(10.78))],
+                vec![
+                    v("dense", "Dense", sized(size, "", opts)?, Some(11.13)),
+                    itt,
+                    v("loop4", "Loop x4 (100/100/100)", sized(size, "-loop4", opts)?, Some(10.78)),
+                ],
                 "162M validation PPL (paper Table 2; lower is better)".into(),
             )
         }
         "table3" => {
             let base = sized(size, "-itt4", opts)?;
             let mut no_rtc = base.clone();
+            // Replacement is defined in the literal form only (DESIGN §4.5).
             no_rtc.model.thinking.residual_connection = false;
+            no_rtc.model.thinking.residual_form = ResidualForm::Literal;
             let mut no_atr = base.clone();
             no_atr.model.thinking.adaptive_routing = false;
             no_atr.model.thinking.ratios = vec![1.0; 3];
@@ -176,13 +401,11 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
         }
         "scaling" => {
             let mut out = vec![];
-            let paper = [("tiny", 0), ("small", 1)];
             let sizes = if opts.sizes.len() >= 2 { opts.sizes.clone() } else { vec!["tiny".into(), "small".into()] };
             for s in &sizes {
-                let idx = paper.iter().find(|p| p.0 == s).map(|p| p.1);
-                let (pd, pi) = match idx {
-                    Some(0) => (Some(40.4), Some(42.1)),
-                    Some(1) => (Some(41.8), Some(43.9)),
+                let (pd, pi) = match s.as_str() {
+                    "tiny" => (Some(40.4), Some(42.1)),
+                    "small" => (Some(41.8), Some(43.9)),
                     _ => (None, None),
                 };
                 out.push(v(&format!("{s}-dense"), &format!("{s} dense"), sized(s, "", opts)?, pd));
@@ -190,8 +413,65 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
             }
             (out, "avg accuracy at 162M/230M (paper Table 1; sizes are not comparable)".into())
         }
+        "steps" => {
+            let mut out = vec![v("dense", "Dense", sized(size, "", opts)?, Some(40.4))];
+            for t in 2..=4 {
+                let paper = (t == 4).then_some(40.7);
+                out.push(v(
+                    &format!("loop{t}"),
+                    &format!("Loop x{t}"),
+                    sized(size, &format!("-loop{t}"), opts)?,
+                    paper,
+                ));
+            }
+            for t in 2..=4 {
+                let paper = (t == 4).then_some(42.1);
+                out.push(v(&format!("itt{t}"), &format!("ITT x{t}"), sized(size, &format!("-itt{t}"), opts)?, paper));
+            }
+            (out, "162M avg accuracy of 10 tasks (paper Table 1 / Figure 5)".into())
+        }
+        "recipe" => {
+            let mut out = vec![
+                v("dense", "Dense", sized(size, "", opts)?, None),
+                v("loop4", "Loop x4", sized(size, "-loop4", opts)?, None),
+            ];
+            for r in &RECIPES {
+                out.push(v(r.name, &format!("ITT x4 {}", r.label), recipe_config(size, r, opts)?, None));
+            }
+            (out, "none (the recipe search is this project's, DESIGN §9)".into())
+        }
         other => return Err(Error::usage(format!("unknown experiment '{other}'; known: {}", NAMES.join(", ")))),
     })
+}
+
+/// The settings a trained variant is scored in: as trained, causal (ITT with routers), with
+/// thinking off (models that think), and the variant's extra ones.
+fn settings(var: &Variant, calibration: Option<Arc<crate::model::RouterCalibration>>) -> Vec<Setting> {
+    let th = &var.cfg.model.thinking;
+    let mut out = vec![Setting {
+        label: if th.kind == ModelKind::Itt && th.adaptive_routing { "top-k" } else { "trained" }.into(),
+        role: Role::Trained,
+        routing: RoutingOptions::default(),
+        paper: None,
+    }];
+    if th.kind == ModelKind::Itt && th.adaptive_routing {
+        out.push(Setting {
+            label: "causal".into(),
+            role: Role::Causal,
+            routing: RoutingOptions { mode: Routing::Threshold, calibration, ..Default::default() },
+            paper: None,
+        });
+    }
+    out.extend(var.extra.iter().cloned());
+    if th.kind != ModelKind::Dense {
+        out.push(Setting {
+            label: "thinking off".into(),
+            role: Role::Off,
+            routing: RoutingOptions { steps: Some(1), ..Default::default() },
+            paper: None,
+        });
+    }
+    out
 }
 
 /// Train (or reuse, or resume) one run of a variant.
@@ -250,6 +530,12 @@ fn tokens_to_reach(points: &[(f64, f64)], target: f64) -> Option<f64> {
     None
 }
 
+/// Per-seed paired differences a - b over the seeds both have.
+fn paired(a: &[&RunResult], b: &[&RunResult], f: impl Fn(&RunResult, &RunResult) -> f64) -> Option<Estimate> {
+    let d: Vec<f64> = a.iter().filter_map(|x| b.iter().find(|y| y.seed == x.seed).map(|y| f(x, y))).collect();
+    (!d.is_empty()).then(|| Estimate::of(&d))
+}
+
 pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     if opts.seeds == 0 {
         return Err(Error::usage("--seeds must be at least 1"));
@@ -266,13 +552,15 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         }
         _ => train::prepare_data(&opts.data, &data_dir)?,
     };
-    let mut runs = vec![];
-    let mut rows = vec![];
+    let builtin = opts.data.path == "builtin";
+    let problems = if builtin && opts.problems > 0 { reasoning::held_out_problems(50, opts.problems) } else { vec![] };
+    let mut runs: Vec<RunResult> = vec![];
     let mut curves = vec![];
-    for var in &variants {
+    // (variant index, setting label, role, paper) in table order.
+    let mut row_keys: Vec<(usize, String, Role, Option<f64>)> = vec![];
+    for (vi, var) in variants.iter().enumerate() {
         let mut cfg = var.cfg.clone();
         cfg.model.vocab_size = tok.vocab_size();
-        let mut per_setting: Vec<Vec<RunResult>> = vec![vec![]; var.evals.len()];
         let mut seed_curves = vec![];
         for s in 0..opts.seeds {
             let mut cfg = cfg.clone();
@@ -284,8 +572,11 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             }
             let t = train_one(&cfg, &run_dir, &dataset, &tok, opts.quiet)?;
             seed_curves.push(val_curve(&run_dir));
-            for (k, (setting, ratios)) in var.evals.iter().enumerate() {
-                let routing = RoutingOptions { ratios: ratios.clone(), ..Default::default() };
+            let settings = settings(var, t.calibration.clone().map(Arc::new));
+            if s == 0 {
+                row_keys.extend(settings.iter().map(|st| (vi, st.label.clone(), st.role, st.paper.or(var.paper))));
+            }
+            for st in &settings {
                 let mut rec = crate::model::ForwardRecord::default();
                 let val = eval::shard_loss_recorded(
                     &t.model,
@@ -293,7 +584,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
                     cfg.train.batch_size,
                     cfg.train.seq_len,
                     opts.eval_batches,
-                    &routing,
+                    &st.routing,
                     &mut rec,
                 )?;
                 let routed = (!rec.stats.is_empty()).then(|| {
@@ -301,10 +592,23 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
                         rec.stats.values().fold((0u64, 0u64), |a, s| (a.0 + s.selected, a.1 + s.candidates));
                     sel as f64 / cand.max(1) as f64
                 });
-                let f = flops_per_token(&cfg.model, cfg.train.seq_len, None, ratios.as_deref());
-                per_setting[k].push(RunResult {
-                    variant: var.label.clone(),
-                    setting: setting.clone(),
+                // Answers are generated causally: ITT with routers in threshold mode.
+                let answers_here = match st.role {
+                    Role::Off => true,
+                    Role::Causal => true,
+                    Role::Trained => !(cfg.model.thinking.kind == ModelKind::Itt && t.model.has_routers()),
+                    Role::Elastic => false,
+                };
+                let solved = if !problems.is_empty() && answers_here {
+                    Some(reasoning::solve_rates(&t.model, &tok, &problems, &st.routing)?)
+                } else {
+                    None
+                };
+                let f = flops_per_token(&cfg.model, cfg.train.seq_len, st.routing.steps, st.routing.ratios.as_deref());
+                runs.push(RunResult {
+                    variant: var.name.clone(),
+                    setting: st.label.clone(),
+                    role: st.role,
                     seed: cfg.train.seed,
                     val_loss: val,
                     train_loss: t.state.last_train_loss.unwrap_or(f64::NAN),
@@ -314,6 +618,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
                     wall_s: t.state.elapsed_s,
                     tokens: t.state.tokens_seen,
                     routed_share: routed,
+                    solved,
                 });
             }
             let _ = checkpoint::resolve(&run_dir)?;
@@ -323,44 +628,69 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         let points = (0..n_pts)
             .map(|i| (seed_curves[0][i].0, seed_curves.iter().map(|c| c[i].1).sum::<f64>() / seed_curves.len() as f64))
             .collect();
-        curves.push(Curve { label: var.label.clone(), points });
-        for (k, results) in per_setting.into_iter().enumerate() {
-            let losses: Vec<f64> = results.iter().map(|r| r.val_loss).collect();
-            let (m, sd) = mean_std(&losses);
-            let paper = if opts.name == "table2" && var.name == "itt4" { Some(PAPER_T2[k].2) } else { var.paper };
-            let ef = results[0].eval_flops_per_token;
-            let ratios = var.evals[k].1.as_deref();
-            let vs_dense = flops_per_token(&cfg.model, cfg.train.seq_len, None, ratios).ratio_to_dense;
-            rows.push(Row {
-                label: var.label.clone(),
-                setting: results[0].setting.clone(),
-                val_loss_mean: m,
-                val_loss_std: sd,
-                val_ppl_mean: losses.iter().map(|l| l.exp()).sum::<f64>() / losses.len() as f64,
-                params: results[0].params,
-                eval_flops_per_token: ef,
-                flops_vs_dense: vs_dense,
-                wall_s_mean: results.iter().map(|r| r.wall_s).sum::<f64>() / results.len() as f64,
-                seeds: results.len(),
-                paper,
-            });
-            runs.extend(results);
-        }
+        curves.push(Curve { variant: var.name.clone(), label: var.label.clone(), points });
     }
-    let data_share = if opts.name == "fig4" || opts.name == "table1" {
-        let dense = curves.iter().find(|c| c.label == "Dense");
-        let itt = curves.iter().find(|c| c.label == "ITT x4");
-        match (dense, itt) {
-            (Some(d), Some(i)) => {
-                d.points.last().and_then(|&(total, target)| tokens_to_reach(&i.points, target).map(|t| t / total))
+
+    let of = |variant: &str, setting: &str| -> Vec<&RunResult> {
+        runs.iter().filter(|r| r.variant == variant && r.setting == setting).collect()
+    };
+    let dense_name = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense).map(|v| v.name.clone());
+    let dense_runs = dense_name.as_deref().map(|d| of(d, "trained")).unwrap_or_default();
+    let dense_curve = dense_name.as_deref().and_then(|d| curves.iter().find(|c| c.variant == d));
+    let mut rows = vec![];
+    for (vi, setting, role, paper) in &row_keys {
+        let var = &variants[*vi];
+        let results = of(&var.name, setting);
+        let losses: Vec<f64> = results.iter().map(|r| r.val_loss).collect();
+        let (m, sd) = mean_std(&losses);
+        let is_dense = dense_name.as_deref() == Some(var.name.as_str());
+        let vs_dense = (!is_dense && !dense_runs.is_empty())
+            .then(|| paired(&results, &dense_runs, |a, b| a.val_loss - b.val_loss))
+            .flatten();
+        let thinking_gain = matches!(role, Role::Trained | Role::Causal)
+            .then(|| paired(&of(&var.name, "thinking off"), &results, |off, on| off.val_loss - on.val_loss))
+            .flatten();
+        let solved: Vec<f64> = results.iter().filter_map(|r| r.solved.as_ref().map(SolveRates::accuracy)).collect();
+        let routing = RoutingOptions {
+            steps: if *role == Role::Off { Some(1) } else { None },
+            ratios: var.extra.iter().find(|e| &e.label == setting).and_then(|e| e.routing.ratios.clone()),
+            ..Default::default()
+        };
+        let mut cfg = var.cfg.clone();
+        cfg.model.vocab_size = tok.vocab_size();
+        let f = flops_per_token(&cfg.model, cfg.train.seq_len, routing.steps, routing.ratios.as_deref());
+        let tokens_to_dense = match (dense_curve, *role == Role::Trained && !is_dense) {
+            (Some(d), true) => {
+                let mine = curves.iter().find(|c| c.variant == var.name).map(|c| c.points.as_slice()).unwrap_or(&[]);
+                d.points.last().and_then(|&(total, target)| tokens_to_reach(mine, target).map(|t| t / total))
             }
             _ => None,
-        }
-    } else {
-        None
-    };
+        };
+        rows.push(Row {
+            variant: var.name.clone(),
+            label: var.label.clone(),
+            setting: setting.clone(),
+            role: *role,
+            val_loss_mean: m,
+            val_loss_std: sd,
+            val_ppl_mean: losses.iter().map(|l| l.exp()).sum::<f64>() / losses.len() as f64,
+            vs_dense,
+            thinking_gain,
+            solved: (!solved.is_empty()).then(|| solved.iter().sum::<f64>() / solved.len() as f64),
+            params: results[0].params,
+            eval_flops_per_token: f.forward,
+            flops_vs_dense: f.ratio_to_dense,
+            wall_s_mean: results.iter().map(|r| r.wall_s).sum::<f64>() / results.len() as f64,
+            tokens_to_dense,
+            seeds: results.len(),
+            paper: *paper,
+        });
+    }
+    let data_share =
+        rows.iter().find(|r| r.variant == "itt4" && r.role == Role::Trained).and_then(|r| r.tokens_to_dense);
     let results = ExperimentResults {
         name: opts.name.clone(),
+        command: opts.command.clone(),
         paper_metric,
         rows,
         runs,
@@ -373,28 +703,43 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
 
 pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
     let mut s = format!(
-        "## {} — {} on {}, {} seed(s)\n\n| model | setting | val loss (mean ± sd) | val PPL | params | forward FLOPs/token | vs dense | train wall s | paper: {} |\n|---|---|---|---|---|---|---|---|---|\n",
+        "## {} — {} on {}, {} seed(s)\n\n`{}`\n\n\
+         | model | setting | val loss (mean ± sd) | vs dense, paired (95% CI) | thinking gain (95% CI) | solved | params | forward FLOPs/token | vs dense | tokens to dense's loss | train wall s | paper: {} |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         r.name,
         opts.sizes.join(", "),
         opts.data.path,
         opts.seeds,
+        r.command,
         r.paper_metric
     );
+    let dash = || "–".to_string();
     for row in &r.rows {
         s.push_str(&format!(
-            "| {} | {} | {:.4} ± {:.4} | {:.3} | {:.3}M | {:.2}M | {:.2}x | {:.0} | {} |\n",
+            "| {} | {} | {:.4} ± {:.4} | {} | {} | {} | {:.3}M | {:.2}M | {:.2}x | {} | {:.0} | {} |\n",
             row.label,
             row.setting,
             row.val_loss_mean,
             row.val_loss_std,
-            row.val_ppl_mean,
+            row.vs_dense.map(|e| e.text(4)).unwrap_or_else(dash),
+            row.thinking_gain.map(|e| e.text(4)).unwrap_or_else(dash),
+            row.solved.map(|a| format!("{:.1}%", 100.0 * a)).unwrap_or_else(dash),
             row.params as f64 / 1e6,
             row.eval_flops_per_token / 1e6,
             row.flops_vs_dense,
+            row.tokens_to_dense.map(|t| format!("{:.1}%", 100.0 * t)).unwrap_or_else(dash),
             row.wall_s_mean,
-            row.paper.map(|p| format!("{p}")).unwrap_or_else(|| "–".into())
+            row.paper.map(|p| format!("{p}")).unwrap_or_else(dash)
         ));
     }
+    s.push_str(
+        "\n`vs dense`: per-seed difference to the dense run of the same seed (same initial backbone weights and \
+         data order), mean and 95% t-interval over seeds; negative = lower loss than dense. `thinking gain`: \
+         loss with thinking off (one step, same weights) minus loss in this setting, paired per seed. `top-k` \
+         is the paper's routing (not causal); `causal` routes by the thresholds tracked in training, as \
+         generation does. `solved`: exact answers to held-out problems of the built-in corpus, greedy, KV \
+         cache, causal routing.\n",
+    );
     if let Some(share) = r.data_share_to_match_dense {
         s.push_str(&format!(
             "\nITT x4 reaches the dense model's final validation loss after {:.1}% of the tokens (paper Figure 4: 56.8%).\n",
@@ -402,6 +747,28 @@ pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
         ));
     } else if r.name == "fig4" {
         s.push_str("\nITT x4 did not reach the dense model's final validation loss within the run.\n");
+    }
+    let per_kind: Vec<String> = r
+        .rows
+        .iter()
+        .filter(|row| row.solved.is_some())
+        .map(|row| {
+            let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+            for run in r.runs.iter().filter(|x| x.variant == row.variant && x.setting == row.setting) {
+                for (k, (c, n)) in run.solved.iter().flat_map(|s| s.by_kind.iter()) {
+                    let e = by_kind.entry(k.clone()).or_default();
+                    e.0 += c;
+                    e.1 += n;
+                }
+            }
+            let parts: Vec<String> = by_kind.iter().map(|(k, (c, n))| format!("{k} {c}/{n}")).collect();
+            format!("- {} ({}): {}", row.label, row.setting, parts.join(", "))
+        })
+        .collect();
+    if !per_kind.is_empty() {
+        s.push_str("\nHeld-out problems solved, per kind, all seeds together:\n\n");
+        s.push_str(&per_kind.join("\n"));
+        s.push('\n');
     }
     s
 }
@@ -428,11 +795,16 @@ fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> 
         x_ticks: None,
     }];
     if r.name == "table2" {
-        // Elastic inference: loss against inference FLOPs for each ratio setting.
-        let mut pts: Vec<(f64, f64)> = r.rows.iter().map(|row| (row.flops_vs_dense, row.val_loss_mean)).collect();
+        // Elastic inference: loss against inference FLOPs for each ratio setting of ITT.
+        let mut pts: Vec<(f64, f64)> = r
+            .rows
+            .iter()
+            .filter(|row| row.variant == "itt4" && row.role != Role::Causal)
+            .map(|row| (row.flops_vs_dense, row.val_loss_mean))
+            .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
         panels.push(Panel::Line {
-            title: "loss against compute (each point a ratio setting)".into(),
+            title: "ITT x4: loss against compute (each point a ratio setting)".into(),
             x_label: "forward FLOPs / dense".into(),
             y_label: "validation loss".into(),
             series: vec![Series::new("settings", pts, plot::color(0)).with_markers()],
@@ -455,5 +827,16 @@ mod tests {
         assert_eq!(tokens_to_reach(&pts, 1.0), None);
         let (m, s) = mean_std(&[1.0, 2.0, 3.0]);
         assert_eq!((m, s), (2.0, 1.0));
+    }
+
+    #[test]
+    fn t_intervals() {
+        // Differences 1, 2, 3: mean 2, sd 1, half-width t(2) / sqrt(3) = 4.303 / 1.732.
+        let e = Estimate::of(&[1.0, 2.0, 3.0]);
+        assert!((e.ci95.unwrap() - 4.303 / 3f64.sqrt()).abs() < 1e-9);
+        assert!(e.excludes_zero());
+        assert!(!Estimate::of(&[-1.0, 2.0, 3.0]).excludes_zero());
+        assert!(Estimate::of(&[0.5]).ci95.is_none() && !Estimate::of(&[0.5]).excludes_zero());
+        assert_eq!(t_975(40), 1.96);
     }
 }

@@ -146,7 +146,10 @@ pub fn generate<'a>(
             model.cfg.vocab_size
         )));
     }
-    if opts.use_cache && model.has_routers() && opts.routing.mode == Routing::TopK {
+    // With one step, or every routed share 0, nothing is routed and top-k is trivially causal.
+    let routes =
+        opts.routing.steps != Some(1) && !opts.routing.ratios.as_ref().is_some_and(|r| r.iter().all(|&x| x == 0.0));
+    if opts.use_cache && model.has_routers() && opts.routing.mode == Routing::TopK && routes {
         return Err(Error::usage(
             "top-k routing is not causal, so it cannot decode with a KV cache; use threshold routing or disable the cache",
         ));

@@ -38,7 +38,7 @@ enum Cmd {
     Bench(BenchArgs),
     /// Compute router thresholds for causal routing from text, for a checkpoint without them.
     Calibrate(CalibrateArgs),
-    /// Reproduce the paper's comparisons at small scale: table1, table2, table3, fig4, scaling.
+    /// The paper's comparisons at small scale: table1, table2, table3, fig4, scaling, steps, recipe.
     Experiment(ExperimentArgs),
     /// See the thinking: per-token depth maps, router statistics, the gradient-spike study.
     Analyze {
@@ -57,7 +57,7 @@ enum Cmd {
 
 #[derive(Args)]
 struct ExperimentArgs {
-    /// table1, table2, table3, fig4 or scaling.
+    /// table1, table2, table3, fig4, scaling, steps or recipe.
     name: String,
     /// Model size(s): tiny, small, ... (scaling takes several, comma-separated).
     #[arg(long, default_value = "tiny", value_delimiter = ',')]
@@ -78,6 +78,9 @@ struct ExperimentArgs {
     /// Validation batches per evaluation (0 = whole split).
     #[arg(long, default_value_t = 0)]
     eval_batches: usize,
+    /// Held-out problems of each kind every model answers (built-in data; 0 = none).
+    #[arg(long, default_value_t = 40)]
+    problems: usize,
     /// Output folder (runs are reused/resumed when present).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -605,7 +608,9 @@ fn run(cli: Cli) -> Result<()> {
                 batch_size: a.batch_size,
                 seq_len: a.seq_len,
                 eval_batches: a.eval_batches,
+                problems: a.problems,
                 quiet: a.quiet,
+                command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
             };
             let r = itt::experiment::run(&opts)?;
             println!("{}", itt::experiment::markdown(&r, &opts));

@@ -194,15 +194,39 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             batch_size: Some(2),
             seq_len: Some(16),
             eval_batches: 2,
+            problems: if name == "table2" { 1 } else { 0 },
             out: tmp.path().join("shared"),
             quiet: true,
+            command: format!("itt experiment {name} (test)"),
         };
         let r = experiment::run(&opts).unwrap();
-        let want_rows = if name == "table2" { 6 } else { 5 };
+        // table2: dense; ITT top-k, causal, 5 ratio settings, off; Loop trained, off.
+        // table3: ITT, without RTC, without TSE (top-k, causal, off each); without ATR (trained,
+        // off); dense.
+        let want_rows = if name == "table2" { 11 } else { 12 };
         assert_eq!(r.rows.len(), want_rows);
         assert!(r.rows.iter().all(|row| row.val_loss_mean.is_finite() && row.seeds == 2));
+        for row in &r.rows {
+            let is_dense = row.label == "Dense";
+            assert_eq!(row.vs_dense.is_some(), !is_dense, "{}", row.label);
+            let gain = matches!(row.role, experiment::Role::Trained | experiment::Role::Causal) && !is_dense;
+            assert_eq!(row.thinking_gain.is_some(), gain, "{} {}", row.label, row.setting);
+            if gain {
+                // The gain is the difference of two rows of the table, seed by seed.
+                let off = r.rows.iter().find(|o| o.variant == row.variant && o.setting == "thinking off").unwrap();
+                let g = row.thinking_gain.unwrap();
+                assert!((g.mean - (off.val_loss_mean - row.val_loss_mean)).abs() < 1e-9);
+                assert!(g.ci95.is_some());
+            }
+        }
+        if name == "table2" {
+            // Six held-out problems answered by dense, by ITT causally and off, by Loop and Loop off.
+            let answered: Vec<_> = r.runs.iter().filter_map(|x| x.solved.as_ref()).collect();
+            assert_eq!(answered.len(), 5 * 2);
+            assert!(answered.iter().all(|s| s.asked() == 6));
+        }
         let md = std::fs::read_to_string(opts.out.join(name).join("results.md")).unwrap();
-        assert!(md.contains("| ITT x4 |") && md.contains("±"), "{md}");
+        assert!(md.contains("| ITT x4 |") && md.contains("±") && md.contains("(test)"), "{md}");
         let png = std::fs::read(opts.out.join(name).join("loss.png")).unwrap();
         assert!(png.starts_with(b"\x89PNG") && png.len() > 2000);
         let json: serde_json::Value =

@@ -1,6 +1,7 @@
 //! Evaluation: loss, perplexity and bits per byte on token shards or any text, and the
 //! paper's benchmarks by log-likelihood (`tasks`).
 
+pub mod reasoning;
 pub mod tasks;
 
 use crate::data::{self, TokenShard, Tokenizer};
