@@ -33,11 +33,13 @@ pub struct RouterOptions {
     pub batch: usize,
     /// Histogram bins of router weights.
     pub bins: usize,
+    /// Batches of windows whose loss is back-propagated for the gradient norms.
+    pub grad_batches: usize,
 }
 
 impl Default for RouterOptions {
     fn default() -> Self {
-        RouterOptions { seq_len: None, max_tokens: 16384, batch: 8, bins: 40 }
+        RouterOptions { seq_len: None, max_tokens: 16384, batch: 8, bins: 40, grad_batches: 4 }
     }
 }
 
@@ -60,6 +62,13 @@ pub struct StepStat {
     pub overlap_prev: Option<f64>,
     /// The same if S_t were drawn independently of S_{t-1}: the share of step t-1.
     pub overlap_random: Option<f64>,
+    /// ||alpha w phi_t delta|| / ||x_{t-1}|| over the selected tokens: how much the step
+    /// changes the state of the tokens it takes (docs/DESIGN.md §7).
+    pub contribution: Option<f64>,
+    /// L2 norm of the loss gradient reaching this step's router (weight and bias) and phi_t,
+    /// averaged over the first `grad_batches` batches of windows.
+    pub grad_router: Option<f64>,
+    pub grad_phi: Option<f64>,
     /// Histogram of w over [lo, hi] in equal bins.
     pub hist_lo: f64,
     pub hist_hi: f64,
@@ -228,13 +237,42 @@ pub fn analyze(
     let mut w_all: BTreeMap<(usize, usize), Vec<(f32, bool)>> = BTreeMap::new();
     let mut overlap: BTreeMap<(usize, usize), (u64, u64)> = BTreeMap::new();
     let mut depth: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+    let mut measured = ForwardRecord::default();
+    // Squared gradient norms of the thinking parameters per (layer, step): (router, phi, batches).
+    let mut grad_sq: BTreeMap<(usize, usize), (f64, f64)> = BTreeMap::new();
+    let mut grad_done = 0usize;
     for group in windows.chunks(opts.batch.max(1)) {
         let chunk: Vec<u32> = group.iter().flat_map(|&(s, n)| ids[s..s + n].iter().copied()).collect();
         let lens: Vec<usize> = group.iter().map(|w| w.1).collect();
         let layout = SeqLayout::with_past(&lens, &vec![0; lens.len()]);
         let x = Tensor::from_slice(&chunk, chunk.len(), model.device())?;
-        let mut rec = ForwardRecord::with_detail();
-        model.forward_hidden(&x, &layout, &RoutingOptions::default(), None, Some(&mut rec))?;
+        let mut rec = ForwardRecord { measure: true, ..ForwardRecord::with_detail() };
+        let hidden = model.forward_hidden(&x, &layout, &RoutingOptions::default(), None, Some(&mut rec))?;
+        measured.merge_stats(&rec);
+        // The gradient reaching routers and phi: next-token loss of the windows that have a
+        // next token for every position.
+        let end = group.last().map(|&(s, n)| s + n).unwrap_or(0);
+        if grad_done < opts.grad_batches && end < ids.len() {
+            let targets: Vec<u32> = group.iter().flat_map(|&(s, n)| ids[s + 1..s + n + 1].iter().copied()).collect();
+            let targets = Tensor::from_slice(&targets, targets.len(), model.device())?;
+            let loss = crate::ops::cross_entropy(&model.logits(&hidden)?, &targets)?;
+            let grads = loss.backward()?;
+            for (name, var) in &model.params {
+                let (Some((layer, step, router)), Some(g)) =
+                    (crate::train::thinking_param(name), grads.get(var.as_tensor()))
+                else {
+                    continue;
+                };
+                let sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let e = grad_sq.entry((layer, step)).or_default();
+                if router {
+                    e.0 += sq;
+                } else {
+                    e.1 += sq;
+                }
+            }
+            grad_done += 1;
+        }
         for (&key, w) in &rec.weights {
             let sel = rec.selections.get(&key).cloned().unwrap_or_default();
             let mut flags = vec![false; w.len()];
@@ -294,6 +332,9 @@ pub fn analyze(
             w_mean_unselected: mean_of(false),
             overlap_prev: overlap.get(&(layer, step)).map(|&(b, s)| b as f64 / s.max(1) as f64),
             overlap_random: if step >= 3 { prev_share } else { None },
+            contribution: measured.stats.get(&(layer, step)).and_then(|s| s.contribution()),
+            grad_router: grad_sq.get(&(layer, step)).map(|g| (g.0 / grad_done.max(1) as f64).sqrt()),
+            grad_phi: grad_sq.get(&(layer, step)).map(|g| (g.1 / grad_done.max(1) as f64).sqrt()),
             hist_lo: lo,
             hist_hi: hi,
             hist_selected: hs,
@@ -421,6 +462,13 @@ pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
             ],
         },
     ];
+    panels.push(Panel::Bars {
+        title: "What each step adds: ||alpha w phi delta|| / ||x||".into(),
+        x_label: "layer, step".into(),
+        y_label: "contribution".into(),
+        categories: r.steps.iter().map(|s| format!("L{} t{}", s.layer, s.step)).collect(),
+        groups: vec![("selected tokens".into(), r.steps.iter().map(|s| s.contribution.unwrap_or(f64::NAN)).collect())],
+    });
     if overlap_steps.is_empty() {
         panels.push(Panel::Note { title: "Overlap with previous step".into(), text: "needs at least 3 steps".into() });
     } else {
@@ -523,17 +571,30 @@ pub fn run(ckpt: &Path, data: &str, opts: &RouterOptions, out: &Path) -> Result<
 /// A terminal summary of the report.
 pub fn summary(r: &RouterReport) -> String {
     let mut s = format!("{} tokens in {} windows of {}\n", r.tokens, r.windows, r.seq_len);
-    s.push_str("layer step  rho   share  w_mean (sel / other)   overlap_prev (independent)\n");
+    s.push_str(
+        "layer step  rho   share  w_mean (sel / other)   contribution  grad router / phi   overlap_prev (independent)\n",
+    );
+    let opt = |v: Option<f64>, d: usize| v.map(|x| format!("{x:.d$}")).unwrap_or_else(|| "-".into());
     for st in &r.steps {
         let ov = match (st.overlap_prev, st.overlap_random) {
             (Some(a), Some(b)) => format!("{a:.3} ({b:.3})"),
             _ => "-".into(),
         };
         s.push_str(&format!(
-            "{:>5} {:>4}  {:.2}  {:.3}  {:.3} ({:.3} / {:.3})  {ov}\n",
-            st.layer, st.step, st.ratio, st.share, st.w_mean, st.w_mean_selected, st.w_mean_unselected
+            "{:>5} {:>4}  {:.2}  {:.3}  {:.3} ({:.3} / {:.3})  {:>12}  {:>8} / {:<8}  {ov}\n",
+            st.layer,
+            st.step,
+            st.ratio,
+            st.share,
+            st.w_mean,
+            st.w_mean_selected,
+            st.w_mean_unselected,
+            opt(st.contribution, 4),
+            opt(st.grad_router.map(|g| g * 1e3), 3),
+            opt(st.grad_phi.map(|g| g * 1e3), 3),
         ));
     }
+    s.push_str("(contribution: ||alpha w phi delta|| / ||x|| over the selected tokens; gradient norms x 1e-3)\n");
     for g in &r.groups {
         let per: Vec<String> = g.mean_extra_steps.iter().map(|x| format!("{x:.2}")).collect();
         s.push_str(&format!(
@@ -583,6 +644,10 @@ mod tests {
                 .sum();
             assert_eq!(h, s["candidates"].as_u64().unwrap());
             assert_eq!(s["overlap_prev"].is_null(), s["step"] == 2);
+            // The step's contribution and the gradients reaching its router and phi are measured.
+            let c = s["contribution"].as_f64().unwrap();
+            assert!(c > 0.0 && c.is_finite(), "{s}");
+            assert!(s["grad_router"].as_f64().unwrap() > 0.0 && s["grad_phi"].as_f64().unwrap() > 0.0, "{s}");
         }
         assert_eq!(json["phi"].as_array().unwrap().len(), 2 * 4);
         assert!(!r.synthetic);
