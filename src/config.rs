@@ -1,7 +1,7 @@
 //! Configuration as plain data: serde structs, named presets, derived values as methods.
 //!
 //! A run's `RunConfig` (model + training) is saved next to every checkpoint with
-//! `format_version`, so a checkpoint always says what it is. Presets (ITT-SPEC §2, §4):
+//! `format_version`, so a checkpoint always says what it is. Presets (DESIGN §2, §4):
 //! `tiny`, `small`, `paper-162m`, `paper-230m`, `paper-466m`, each also as `SIZE-loopT` and
 //! `SIZE-ittT` for T = 2, 3, 4.
 
@@ -13,7 +13,7 @@ use std::path::Path;
 /// Bumped whenever the meaning of a saved field changes.
 pub const CONFIG_FORMAT_VERSION: u32 = 1;
 
-/// Which family of model the thinking layers make (ITT-SPEC §4).
+/// Which family of model the thinking layers make (DESIGN §3.5).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelKind {
@@ -25,7 +25,7 @@ pub enum ModelKind {
     Itt,
 }
 
-/// What the accumulated term holds (ITT-SPEC §3, last bullets): the literal block output
+/// What the accumulated term holds (DESIGN §3, last bullets): the literal block output
 /// `f(x)` of the paper's Eq. 4 (default), or only the block's update `f(x) - x`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
@@ -39,7 +39,7 @@ pub enum ResidualForm {
 #[serde(deny_unknown_fields, default)]
 pub struct ThinkingConfig {
     pub kind: ModelKind,
-    /// 0-indexed layers that think; `None` = every other layer, 1, 3, 5, ... (ITT-SPEC §2).
+    /// 0-indexed layers that think; `None` = every other layer, 1, 3, 5, ... (DESIGN §2).
     pub layers: Option<Vec<usize>>,
     /// T, the number of steps including the first full pass (the paper's "x4" is T = 4).
     pub steps: usize,
@@ -56,7 +56,7 @@ pub struct ThinkingConfig {
     pub step_encoding: bool,
     pub residual_form: ResidualForm,
     /// Initial value of phi_t for t >= 2 (here: small, so a fresh model starts near dense;
-    /// ITT-SPEC §3). phi_1 starts at 1.
+    /// DESIGN §3). phi_1 starts at 1.
     pub phi_init: f64,
     /// Standard deviation of the router weights at initialisation.
     pub router_init_std: f64,
@@ -87,7 +87,7 @@ impl Default for ThinkingConfig {
     }
 }
 
-/// The LLaMA-style backbone (ITT-SPEC §2) plus the thinking settings.
+/// The LLaMA-style backbone (DESIGN §2) plus the thinking settings.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
@@ -259,7 +259,7 @@ pub struct TrainConfig {
     pub max_steps: usize,
     /// Peak learning rate.
     pub lr: f64,
-    /// Final learning rate as a share of the peak (cosine decay ends here; ITT-SPEC §2: 10%).
+    /// Final learning rate as a share of the peak (cosine decay ends here; DESIGN §2: 10%).
     pub min_lr_ratio: f64,
     pub warmup_steps: usize,
     /// Decoupled weight decay, applied to matrices (linear weights, embeddings) only.
@@ -279,7 +279,7 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     pub log_interval: usize,
     pub seed: u64,
-    /// Momentum of the running router-score quantiles used by causal routing (ITT-SPEC §5).
+    /// Momentum of the running router-score quantiles used by causal routing (DESIGN §5).
     pub threshold_momentum: f64,
     /// Which parameters the optimiser updates (`all`, or `thinking` to fine-tune only the step
     /// vectors and routers of a model retrofitted from a pretrained one, `itt retrofit`).
@@ -481,8 +481,8 @@ impl RunConfig {
     }
 }
 
-/// The backbone sizes (ITT-SPEC §2). `small` is the shape of the CPU speed measurements
-/// (../shared/CANDLE-NOTES.md); the paper shapes use heads = d/128 and vocab 32000.
+/// The backbone sizes (DESIGN §2). `small` is the shape of the CPU speed measurements
+/// (docs/PERFORMANCE.md); the paper shapes use heads = d/128 and vocab 32000.
 fn size_preset(size: &str) -> Option<(ModelConfig, TrainConfig)> {
     let base = |vocab, d, layers, heads, mlp, ctx| ModelConfig {
         vocab_size: vocab,
@@ -580,7 +580,7 @@ mod tests {
 
     #[test]
     fn paper_parameter_counts_match_table5() {
-        // ITT-SPEC §2: 162M / 230M / 466M with untied 32000-token embeddings.
+        // DESIGN §2: 162M / 230M / 466M with untied 32000-token embeddings.
         for (name, want) in [("paper-162m", 162e6), ("paper-230m", 230e6), ("paper-466m", 466e6)] {
             let n = preset(name).unwrap().model.n_params() as f64;
             assert!((n - want).abs() / want < 0.02, "{name}: {n}");

@@ -1,4 +1,4 @@
-//! Analytic compute per token (ITT-SPEC §7): matrix products (2 FLOPs per multiply-add) plus
+//! Analytic compute per token (DESIGN §7): matrix products (2 FLOPs per multiply-add) plus
 //! attention's length-dependent term, for any configuration, ratios and number of steps.
 //!
 //! A block on one token costs 2 * P_block for its projections and MLP, plus 4 * d * c for
@@ -6,7 +6,7 @@
 //! to c = (n + 1) / 2 keys. A routed step with share rho runs on rho * n tokens of the
 //! sequence, which attend among themselves: per sequence token that is
 //! rho * (2 P_block + 4 d (rho n + 1) / 2), plus 2 d for the router on every token.
-//! The paper's rule dense * (1 + 1/2 * sum rho) (ITT-SPEC §7) is this without attention,
+//! The paper's rule dense * (1 + 1/2 * sum rho) (DESIGN §7) is this without attention,
 //! embeddings and head.
 
 use crate::config::{ModelConfig, ModelKind};

@@ -4,7 +4,7 @@
 //! Prompts of different lengths are packed (see `model::SeqLayout`) rather than left-padded,
 //! so a prompt gives the same tokens alone or in a batch. With `use_cache`, each sequence keeps
 //! its own KV caches per (layer, step); for ITT this needs causal (threshold) routing, so that
-//! a token's steps depend only on its past (ITT-SPEC §5). Without the cache every new token
+//! a token's steps depend only on its past (DESIGN §5). Without the cache every new token
 //! re-runs the whole text, which also allows the paper's top-k routing.
 
 use crate::data::Tokenizer;
@@ -54,7 +54,7 @@ pub struct GenerateOptions {
     /// Stop a sequence when its generated text ends with one of these (not included).
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
-    /// Routing mode, elastic ratios/steps, early exit (ITT-SPEC §5, §6).
+    /// Routing mode, elastic ratios/steps, early exit (DESIGN §5, §6).
     pub routing: RoutingOptions,
     pub use_cache: bool,
     /// Prefill prompts in chunks of at most this many tokens (0 = whole prompt at once).

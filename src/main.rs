@@ -109,7 +109,7 @@ impl ModelSource {
     }
 }
 
-/// Elastic-inference and routing settings (ITT-SPEC §5, §6).
+/// Elastic-inference and routing settings (DESIGN §5, §6).
 #[derive(Args, Clone, Default)]
 struct RoutingArgs {
     /// Share of tokens per routed step, e.g. 0.5,0.5,0.5 (default: the trained ratios).

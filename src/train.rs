@@ -358,7 +358,7 @@ pub struct TrainSummary {
 }
 
 /// Training FLOPs per token at the shares of tokens actually routed (averaged over layers),
-/// to set against the analytic figure at the configured ratios (ITT-SPEC §7).
+/// to set against the analytic figure at the configured ratios (DESIGN §7).
 fn counted_flops(cfg: &RunConfig, record: &ForwardRecord) -> Option<f64> {
     if record.stats.is_empty() {
         return None;

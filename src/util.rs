@@ -27,7 +27,7 @@ pub fn reset_peak_rss() -> bool {
 
 /// Keep freed large buffers in the heap instead of returning them to the kernel: every
 /// tensor op allocates fresh buffers, and glibc's default mmap/munmap of large blocks cost
-/// ~30% of a training step (../shared/CANDLE-NOTES.md). Call once at start-up.
+/// ~30% of a training step (docs/DESIGN.md §11). Call once at start-up.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     unsafe {

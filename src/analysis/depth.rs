@@ -1,4 +1,4 @@
-//! `itt analyze depth`: how many steps each token took in each thinking layer (ITT-SPEC §3),
+//! `itt analyze depth`: how many steps each token took in each thinking layer (DESIGN §3),
 //! under top-k routing (the paper's rule) or causal threshold routing (§5), at the trained or
 //! elastic ratios and steps (§6). Written as JSON, a self-contained HTML page (tokens coloured
 //! by depth, per-layer detail on hover), a PNG heat map (tokens x layers) and terminal text.

@@ -1,4 +1,4 @@
-//! `itt analyze grad-spikes`: the paper's motivating study (§2; ITT-SPEC §9) on any checkpoint.
+//! `itt analyze grad-spikes`: the paper's motivating study (§2; DESIGN §10) on any checkpoint.
 //! Samples are split into "easy" (the model predicts the targets) and "hard" (it does not);
 //! for each sample, the loss on its targets is differentiated, and per layer the nuclear norm
 //! ||dL/dW||_* of each attention projection W in {wq, wk, wv, wo} is taken; the norms are

@@ -1,4 +1,4 @@
-//! Singular values for the gradient-spike study (ITT-SPEC §9): the nuclear norm
+//! Singular values for the gradient-spike study (DESIGN §10): the nuclear norm
 //! ||G||_* = sum_i sigma_i(G), with sigma_i^2 the eigenvalues of the Gram matrix G^T G (or
 //! G G^T, whichever is smaller), found by the cyclic Jacobi method in f64.
 //!

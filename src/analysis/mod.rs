@@ -1,5 +1,5 @@
 //! Seeing the thinking (issue 8): per-token depth maps, router statistics, the paper's
-//! gradient-spike study (ITT-SPEC §9) and training-run reports, as JSON plus pictures.
+//! gradient-spike study (DESIGN §10) and training-run reports, as JSON plus pictures.
 //!
 //! - `depth`: steps each token took in each thinking layer -> HTML, PNG heat map, terminal, JSON.
 //! - `router`: router weights, shares, step overlap, phi norms, depth by token type -> PNG, JSON.

@@ -1,4 +1,4 @@
-//! `itt analyze router`: what the routers of an ITT model do over a corpus (ITT-SPEC §3, §10):
+//! `itt analyze router`: what the routers of an ITT model do over a corpus (DESIGN §3, §10):
 //! the distribution of router weights w = sigmoid(R_t(x)) per layer and step (split into
 //! selected and passed-over tokens), the share selected, the overlap between consecutive
 //! steps' selections against the overlap independent choices would give, the step vectors'
@@ -76,7 +76,7 @@ pub struct StepStat {
     pub hist_unselected: Vec<u64>,
 }
 
-/// Step vector phi_t of one thinking layer (ITT-SPEC §3, TSE).
+/// Step vector phi_t of one thinking layer (DESIGN §3, TSE).
 #[derive(Clone, Debug, Serialize)]
 pub struct PhiNorm {
     pub layer: usize,

@@ -1,12 +1,12 @@
 //! `itt report RUN_DIR`: one self-contained HTML page for a training run: its config, size
-//! and FLOPs (ITT-SPEC §7), loss and validation curves, learning rate, throughput, gradient
+//! and FLOPs (DESIGN §7), loss and validation curves, learning rate, throughput, gradient
 //! norm, the routers over training (share routed, mean weight, step overlap, phi norms; §3,
 //! §10) and sample generations from the latest checkpoint with each generated token coloured
 //! by the thinking depth that produced it. Pictures are PNGs embedded as `data:` URLs, so the
 //! page is one file that can be mailed or attached to an issue.
 //!
 //! Generation routing: causal threshold routing with KV caches when the checkpoint stores
-//! router thresholds (`router_calibration.json`, ITT-SPEC §5); otherwise the paper's top-k
+//! router thresholds (`router_calibration.json`, DESIGN §5); otherwise the paper's top-k
 //! with no cache (the whole text re-run per token), which needs no thresholds.
 
 use super::depth::BASE_CSS;

@@ -1,5 +1,5 @@
 //! Multiple-choice and cloze benchmarks by log-likelihood, as lm-evaluation-harness scores them
-//! (ITT-SPEC §10: the paper's 0-shot tasks).
+//! (DESIGN §8: the paper's 0-shot tasks).
 //!
 //! Each item is a context and several continuations; the model's answer is the continuation
 //! with the highest log-likelihood given the context. Reported: `acc` (raw sum of

@@ -1,8 +1,8 @@
 //! Retrofit: turn a pretrained dense model into an ITT model and fine-tune it.
 //!
-//! Every other layer (ITT-SPEC §2: 1, 3, 5, ...) becomes a thinking layer. Its step 1 *is*
+//! Every other layer (DESIGN §2: 1, 3, 5, ...) becomes a thinking layer. Its step 1 *is*
 //! the pretrained layer: phi_1 = 1 exactly, so x1 = phi_1 * f(x0) = f(x0) bit for bit in the
-//! default literal residual form (ITT-SPEC §3; the `update` form computes x0 + (f(x0) - x0),
+//! default literal residual form (DESIGN §3; the `update` form computes x0 + (f(x0) - x0),
 //! equal only up to rounding). The
 //! routed steps t >= 2 start with phi_t = `phi_init` (`itt retrofit` default 0) and fresh
 //! routers R_t ~ N(0, router_init_std), bias 0.

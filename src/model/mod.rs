@@ -1,4 +1,4 @@
-//! The LLaMA-style decoder (ITT-SPEC §2), read top to bottom: parameters, norm, attention,
+//! The LLaMA-style decoder (DESIGN §2), read top to bottom: parameters, norm, attention,
 //! MLP, block, model. The thinking layers (ITT, Loop) live in `thinking.rs`; the per-request
 //! state they use (KV caches, routing settings, the record of what was routed) is passed in.
 //!
@@ -230,7 +230,7 @@ impl Call<'_> {
 // KV cache
 
 /// One sequence's keys and values at one (layer, step): (1, Hkv, L, hd) each, RoPE applied.
-/// A routed step's cache holds only the tokens selected at that step (ITT-SPEC §5).
+/// A routed step's cache holds only the tokens selected at that step (DESIGN §5).
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     pub k: Option<Tensor>,
@@ -275,7 +275,7 @@ pub struct CacheSlot<'a> {
 // ---------------------------------------------------------------------------------------------
 // Layers
 
-/// y = x W^T. Weight (out, in); no bias (ITT-SPEC §2).
+/// y = x W^T. Weight (out, in); no bias (DESIGN §2).
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
@@ -411,7 +411,7 @@ impl Mlp {
     }
 }
 
-/// The decoder block `f` of ITT-SPEC §3, residual paths included:
+/// The decoder block `f` of DESIGN §3, residual paths included:
 /// h = x + Attn(norm(x)); f(x) = h + MLP(norm(h)).
 #[derive(Clone, Debug)]
 pub struct Block {

@@ -303,7 +303,7 @@ fn itt_with_zero_ratios_is_dense_with_step_one_scaled_by_phi1() {
 
 #[test]
 fn itt_without_routing_and_step_encoding_sums_block_outputs() {
-    // x_T = sum_t f(x_{t-1}) for every token (ITT-SPEC §3, Eq. 4 literal).
+    // x_T = sum_t f(x_{t-1}) for every token (DESIGN §3, Eq. 4 literal).
     let mut cfg = small_cfg(ModelKind::Itt, 3);
     cfg.thinking.ratios = vec![1.0; 2];
     cfg.thinking.adaptive_routing = false;

@@ -633,7 +633,7 @@ fn sorted_intersection(a: &[u32], b: &[u32]) -> usize {
 }
 
 /// Running quantiles of router logits per (layer, step), tracked during training, so that
-/// causal routing can select any share rho at inference (ITT-SPEC §5, §6).
+/// causal routing can select any share rho at inference (DESIGN §5, §6).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RouterCalibration {
     /// Quantiles stored at levels k / `levels`, k = 0..=levels.

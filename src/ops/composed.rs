@@ -1,5 +1,5 @@
 //! The composed ops: built from candle primitives whose gradients candle gets right
-//! (../shared/CANDLE-NOTES.md). They are the oracles of the fused kernels (`ops::tests`) and what
+//! (docs/DESIGN.md §11). They are the oracles of the fused kernels (`ops::tests`) and what
 //! `ops::*` runs for other dtypes or devices, or when `ITT_COMPOSED_OPS` asks for them.
 
 use super::{causal_mask, repeat_kv};
@@ -104,7 +104,7 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     Ok((lse - picked)?.mean_all()?)
 }
 
-/// The state update of a routed thinking step (ITT-SPEC §3): x (N, D) with (y * phi) * w added
+/// The state update of a routed thinking step (DESIGN §3): x (N, D) with (y * phi) * w added
 /// to rows `idx`; y (M, D), phi (D,), w (M, 1) or (M,).
 pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tensor) -> Result<Tensor> {
     let m = idx.len();

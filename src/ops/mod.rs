@@ -1,7 +1,7 @@
 //! Tensor operations of the model, each with a correct backward pass.
 //!
 //! candle-nn's fused `rms_norm`, `softmax_last_dim`, rotary and `sdpa` have no backward pass
-//! and silently drop gradients (../shared/CANDLE-NOTES.md), so every op here is either
+//! and silently drop gradients (docs/DESIGN.md §11), so every op here is either
 //! composed from primitives whose gradients candle gets right (`composed`), or a fused CPU
 //! kernel that carries its own backward pass (`fused`) and has the composed version as its test
 //! oracle (`tests`). The functions below pick the fused kernel for f32/f64 CPU tensors, the
@@ -184,7 +184,7 @@ pub fn rope_tables(max_len: usize, head_dim: usize, theta: f64, device: &Device)
 }
 
 /// Apply rotary embeddings. x: (N, H, hd); cos, sin: (N, hd/2), already gathered at each
-/// token's own position (so routed subsets keep their original positions, ITT-SPEC §3).
+/// token's own position (so routed subsets keep their original positions, DESIGN §3).
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_enabled(Kernel::Rope, x) && cos.dtype() == x.dtype() && sin.dtype() == x.dtype() {
         fused::apply_rope(x, cos, sin)
@@ -256,7 +256,7 @@ pub fn causal_attention_varlen(
     }
 }
 
-/// The state update of a routed thinking step (ITT-SPEC §3, literal residual connection):
+/// The state update of a routed thinking step (DESIGN §3, literal residual connection):
 /// x (N, D) with (y * phi) * w added to the distinct rows `idx`; y (M, D), phi (D,), w (M, 1).
 pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tensor) -> Result<Tensor> {
     let same = |t: &Tensor| t.dtype() == x.dtype();
@@ -285,7 +285,7 @@ pub fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
     }
 }
 
-/// x (N, D) with column d scaled by phi[d]: the step encoding of ITT-SPEC §3.
+/// x (N, D) with column d scaled by phi[d]: the step encoding of DESIGN §3.
 pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
     if fused_enabled(Kernel::Thinking, x) && phi.dtype() == x.dtype() && x.rank() == 2 {
         fused::scale_columns(x, phi)

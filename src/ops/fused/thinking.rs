@@ -1,4 +1,4 @@
-//! The thinking layer's own element-wise ops (ITT-SPEC §3; `model/thinking.rs`), each one graph
+//! The thinking layer's own element-wise ops (DESIGN §3; `model/thinking.rs`), each one graph
 //! node with its backward pass, in place of chains of candle's broadcast products, gathers and
 //! reductions (`itt bench` with candle's backward timed per op showed the router's D -> 1
 //! product and the phi_1 scaling at ~0.7 ms and ~2 ms a call in backward at 2048 x 256):
