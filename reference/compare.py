@@ -81,7 +81,7 @@ def itt_vs_loop(pairs, vocab, steps):
     import tempfile
 
     out = subprocess.run([ITT, "info", "--preset", "small-itt4", "--json"], capture_output=True, text=True, check=True)
-    cfg = json.loads(out.stdout)["config"]
+    cfg = json.loads(out.stdout)
     cfg["model"]["thinking"]["ratios"] = [0.5, 0.5, 0.5]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(cfg, f)

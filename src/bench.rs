@@ -34,6 +34,8 @@ pub struct TrainBench {
     pub threads: usize,
     /// Number format of the matrix products (`ops::Precision`).
     pub precision: crate::ops::Precision,
+    /// Which kernels the products ran on (`Precision::kernels`).
+    pub kernels: String,
     /// Rate of one large square matrix product (2048^3) in that precision on this machine, and
     /// the model FLOP utilisation against it (`gflops_per_s / gemm_gflops_per_s`).
     pub gemm_gflops_per_s: f64,
@@ -46,7 +48,7 @@ impl TrainBench {
             "preset {} | {:.2}M params | batch {}x{} | {} steps\n\
              step {:.3} s median ({:.3} min) | {:.0} tokens/s | {:.1} GFLOP/s | peak RSS {:.0} MiB | {} threads\n\
              phases (medians): forward {:.3} s | backward {:.3} s | gradients + AdamW {:.3} s\n\
-             {} products; a 2048^3 product runs at {:.0} GFLOP/s here, so model FLOP utilisation {:.0}%",
+             {} products ({}); a 2048^3 product runs at {:.0} GFLOP/s here, so model FLOP utilisation {:.0}%",
             self.preset.as_deref().unwrap_or("custom"),
             self.params as f64 / 1e6,
             self.batch,
@@ -62,6 +64,7 @@ impl TrainBench {
             self.backward_s_median,
             self.optimizer_s_median,
             self.precision.name(),
+            self.kernels,
             self.gemm_gflops_per_s,
             100.0 * self.mfu
         )
@@ -125,6 +128,7 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         peak_rss_mb: crate::util::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
         precision: cfg.train.precision,
+        kernels: cfg.train.precision.kernels(),
         gemm_gflops_per_s: gemm_rate,
         mfu: rate / gemm_rate,
     })

@@ -289,7 +289,7 @@ struct InfoArgs {
     ratios: Option<Vec<f64>>,
     #[arg(long)]
     steps: Option<usize>,
-    /// Print the full config and figures as JSON.
+    /// Print the run config as JSON, exactly what `--config FILE` accepts (figures stay in the text form).
     #[arg(long)]
     json: bool,
 }
@@ -788,13 +788,26 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
                 a.out.display()
             )));
         }
-        let (dataset, tok) = itt::train::prepare_data(&spec, &a.out.join("data"))?;
-        if a.model.config.is_none() {
-            // Presets take their vocabulary from the tokenizer; a config file must match it.
-            cfg.model.vocab_size = tok.vocab_size();
+        let created = !a.out.exists();
+        let setup = || -> Result<(Trainer, data::Dataset)> {
+            let (dataset, tok) = itt::train::prepare_data(&spec, &a.out.join("data"))?;
+            if a.model.config.is_none() {
+                // Presets take their vocabulary from the tokenizer; a config file must match it.
+                cfg.model.vocab_size = tok.vocab_size();
+            }
+            cfg.validate()?;
+            Ok((Trainer::new(cfg, &tok, &a.out)?, dataset))
+        };
+        match setup() {
+            Ok(x) => x,
+            Err(e) => {
+                // A run that never started leaves nothing behind in a folder it created.
+                if created {
+                    let _ = std::fs::remove_dir_all(&a.out);
+                }
+                return Err(e);
+            }
         }
-        cfg.validate()?;
-        (Trainer::new(cfg, &tok, &a.out)?, dataset)
     };
     let summary = itt::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
     println!("{}", report::train_summary(&summary));
@@ -943,13 +956,7 @@ fn cmd_info(a: InfoArgs) -> Result<()> {
     let n = a.seq_len.unwrap_or(cfg.train.seq_len);
     let f = flops::flops_per_token(&cfg.model, n, a.steps, a.ratios.as_deref());
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(
-                &serde_json::json!({"config": cfg, "params": cfg.model.n_params(), "flops": f, "seq_len": n})
-            )
-            .unwrap()
-        );
+        println!("{}", cfg.to_json());
     } else {
         println!("{}", report::info(&cfg, &f, n));
     }

@@ -12,6 +12,7 @@ use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
 use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
+use crate::ops::Precision;
 use crate::optim::{AdamW, GradAccumulator};
 use crate::rng::Rng;
 use crate::{Error, Result};
@@ -133,8 +134,16 @@ impl Trainer {
     }
 
     /// A fresh run that starts from the given weights (a pretrained or retrofitted model).
-    pub fn from_model(cfg: RunConfig, model: Model, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
+    pub fn from_model(mut cfg: RunConfig, model: Model, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
         cfg.validate()?;
+        if cfg.train.precision == Precision::Bf16 && Precision::bf16_falls_back() {
+            // Emulated bf16 is slower than f32 and no more accurate: run (and record) f32.
+            eprintln!(
+                "notice: this CPU has no bf16 matrix units (AMX); --precision bf16 would be emulated at about \
+                 2/3 the speed of f32, so this run computes its products in f32 (recorded in config.json; ITT_BF16_EMULATE=1 keeps bf16)"
+            );
+            cfg.train.precision = Precision::F32;
+        }
         if model.cfg != cfg.model {
             return Err(Error::usage("the model does not match the run's model config"));
         }
@@ -189,6 +198,13 @@ impl Trainer {
         let ck = checkpoint::load(from.unwrap_or(run_dir))?;
         let (mut model, info) = ck.into_model(&Device::Cpu)?;
         model.precision = info.config.train.precision;
+        if model.precision == Precision::Bf16 && Precision::bf16_falls_back() {
+            eprintln!(
+                "notice: this run trained with bf16 products, but this CPU has no bf16 matrix units (AMX); it \
+                 continues in f32 (emulated bf16 would be slower), so it will not match a bf16 continuation bit for bit"
+            );
+            model.precision = Precision::F32;
+        }
         let state =
             info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
         let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;

@@ -233,3 +233,72 @@ fn train_refuses_a_non_empty_unrelated_folder() {
     assert_eq!(std::fs::read_to_string(&precious).unwrap(), "my own file");
     assert!(!tmp.path().join("data").exists());
 }
+
+#[test]
+fn info_json_is_a_config_that_train_accepts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = itt(&["info", "--preset", "tiny-itt2", "--json"]);
+    assert!(out.status.success());
+    let path = tmp.path().join("cfg.json");
+    std::fs::write(&path, &out.stdout).unwrap();
+    let run = tmp.path().join("run");
+    let out = itt(&[
+        "train",
+        "--config",
+        path.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--quiet",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    // The preset's vocabulary (512) is not the built-in data's: the config is read, and refused
+    // for that reason only, naming the field.
+    fails_cleanly(&out, &["vocab_size"]);
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["model"]["vocab_size"] = serde_json::json!(51);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let out = itt(&[
+        "train",
+        "--config",
+        path.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--quiet",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn bf16_without_bf16_hardware_falls_back_to_f32_and_says_so() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_itt"))
+        .args(["train", "--preset", "tiny", "--precision", "bf16", "--steps", "1", "--batch-size", "2"])
+        .args(["--seq-len", "16", "--quiet", "--out", run.to_str().unwrap()])
+        .env_remove("ITT_BF16_EMULATE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let saved = std::fs::read_to_string(run.join("config.json")).unwrap();
+    if itt::ops::Precision::bf16_in_hardware() {
+        assert!(saved.contains("bf16") && !stderr.contains("notice"), "{stderr}");
+    } else {
+        assert!(!saved.contains("bf16") && stderr.contains("notice") && stderr.contains("AMX"), "{stderr}");
+    }
+    // The benchmark runs what it is asked and names the kernels.
+    let out = itt(&["bench", "--preset", "tiny", "--vocab", "64", "--steps", "1", "--batch-size", "2"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("f32 gemm"));
+}

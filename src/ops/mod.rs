@@ -121,6 +121,34 @@ impl Precision {
     pub fn is_f32(&self) -> bool {
         *self == Precision::F32
     }
+
+    /// Whether this CPU computes bf16 products in hardware (AMX tiles). Without it the bf16
+    /// path rounds the operands and multiplies in f32 (`bf16_gemm::gemm_fallback`): ~0.66x the
+    /// speed of plain f32 on an AVX2 EPYC, so training falls back to f32 there (`train.rs`).
+    pub fn bf16_in_hardware() -> bool {
+        fused::bf16_gemm::amx_available()
+    }
+
+    /// Whether a bf16 run should fall back to f32 products here: no bf16 hardware, and the
+    /// emulation not asked for with `ITT_BF16_EMULATE=1` (to compare numerics on such a CPU).
+    pub fn bf16_falls_back() -> bool {
+        !Self::bf16_in_hardware() && std::env::var("ITT_BF16_EMULATE").as_deref() != Ok("1")
+    }
+
+    /// The kernels the products of this precision run on this machine, e.g. for `itt bench`.
+    pub fn kernels(self) -> String {
+        match self {
+            Precision::Bf16 if Self::bf16_in_hardware() => "bf16 operands on AMX tiles, f32 sums".into(),
+            Precision::Bf16 => "bf16 emulated: operands rounded to bf16, products in f32 (no AMX here)".into(),
+            Precision::F32 => {
+                #[cfg(target_arch = "x86_64")]
+                let isa = if std::arch::is_x86_feature_detected!("avx512f") { "AVX-512" } else { "AVX2/FMA" };
+                #[cfg(not(target_arch = "x86_64"))]
+                let isa = "portable";
+                format!("f32 gemm, {isa} micro-kernels")
+            }
+        }
+    }
     pub fn name(self) -> &'static str {
         match self {
             Precision::F32 => "f32",
