@@ -240,9 +240,16 @@ struct EvalArgs {
     batch_size: usize,
     #[command(flatten)]
     routing: RoutingArgs,
-    /// Print JSON instead of a table.
+    /// Print JSON instead of a table (every kind of eval).
     #[arg(long)]
     json: bool,
+    /// With --task/--task-file: write every item's choices' log-likelihoods, token and byte
+    /// counts and the picks to this JSONL file (it must not exist yet).
+    #[arg(long)]
+    per_item: Option<PathBuf>,
+    /// Number format of the products: f32, or bf16 (default: the precision the run trained in).
+    #[arg(long)]
+    precision: Option<String>,
 }
 
 #[derive(Args)]
@@ -831,7 +838,26 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     for f in &a.task_file {
         task_files.push((f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), f.clone()));
     }
-    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    if let Some(p) = &a.per_item {
+        if task_files.is_empty() {
+            return Err(Error::usage("--per-item needs --task or --task-file"));
+        }
+        if p.exists() {
+            return Err(Error::usage(format!("{} exists; choose another --per-item file", p.display())));
+        }
+    }
+    let (mut model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    model.precision = match &a.precision {
+        Some(p) => p.parse()?,
+        None => info.config.train.precision,
+    };
+    if model.precision == itt::ops::Precision::Bf16 && itt::ops::Precision::bf16_falls_back() {
+        eprintln!("notice: no bf16 matrix units (AMX) on this CPU: scoring in f32");
+        model.precision = itt::ops::Precision::F32;
+    }
+    if !a.json {
+        eprintln!("scoring with {} products", model.precision.name());
+    }
     let routing = a.routing.options(info.calibration.as_ref(), Routing::TopK)?;
     if !task_files.is_empty() {
         let mut results = vec![];
@@ -850,6 +876,14 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             }
             results.push(r);
         }
+        if let Some(p) = &a.per_item {
+            let lines: Vec<String> =
+                results.iter().flat_map(|r| &r.per_item).map(|it| serde_json::to_string(it).unwrap()).collect();
+            itt::util::write_new(p, (lines.join("\n") + "\n").as_bytes())?;
+            if !a.json {
+                eprintln!("{} item scores written to {}", lines.len(), p.display());
+            }
+        }
         if a.json {
             println!("{}", serde_json::to_string_pretty(&results).unwrap());
         } else {
@@ -866,7 +900,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
                 let ds = data::Dataset::open(p)?;
                 ds.check_tokenizer(&tok)?;
                 let loss = eval::shard_loss(&model, &ds.val, a.batch_size, seq_len, 0, &routing)?;
-                println!("validation loss {loss:.4} | perplexity {:.3} | {} tokens", loss.exp(), ds.val.len());
+                if a.json {
+                    let v = serde_json::json!({"split": "validation", "loss": loss, "perplexity": loss.exp(), "tokens": ds.val.len(), "precision": model.precision.name()});
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap());
+                } else {
+                    println!("validation loss {loss:.4} | perplexity {:.3} | {} tokens", loss.exp(), ds.val.len());
+                }
                 return Ok(());
             }
             data::read_corpus(p, &data::CorpusOptions::default())?.join("\n")

@@ -62,3 +62,14 @@ pub fn tune_threads() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
 }
+
+/// Write a new file, refusing to replace one that exists (user files are never overwritten).
+pub fn write_new(path: &std::path::Path, bytes: &[u8]) -> crate::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| crate::Error::input(path, format!("cannot create: {e}")))?;
+    f.write_all(bytes).map_err(|e| crate::Error::input(path, format!("cannot write: {e}")))
+}

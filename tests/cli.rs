@@ -302,3 +302,40 @@ fn bf16_without_bf16_hardware_falls_back_to_f32_and_says_so() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("f32 gemm"));
 }
+
+#[test]
+fn eval_writes_per_item_scores_and_json_for_every_kind() {
+    let run = trained().to_str().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let task = tmp.path().join("t.jsonl");
+    std::fs::write(
+        &task,
+        "{\"context\": \"12+34=\", \"choices\": [\"46\", \"47\", \"4\"], \"gold\": 0}\n\
+         {\"context\": \"sort 3 1 2 =\", \"choices\": [\" 1 2 3\", \" 3 2 1\"], \"gold\": 0}\n",
+    )
+    .unwrap();
+    let per_item = tmp.path().join("items.jsonl");
+    let args = ["eval", "--checkpoint", run, "--task-file", task.to_str().unwrap(), "--json"];
+    let out = itt(&[&args[..], &["--per-item", per_item.to_str().unwrap()]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let items: Vec<serde_json::Value> =
+        std::fs::read_to_string(&per_item).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(items.len(), 2);
+    assert_eq!(items[0]["choices"].as_array().unwrap().len(), 3);
+    // The summary's accuracy is the share of items whose pick is gold.
+    let right = items.iter().filter(|i| i["pick"] == i["gold"]).count() as f64 / 2.0;
+    assert_eq!(summary[0]["acc"].as_f64().unwrap(), right);
+    for c in items[1]["choices"].as_array().unwrap() {
+        assert!(c["logprob"].as_f64().unwrap() < 0.0 && c["bytes"].as_u64().unwrap() == 6, "{c}");
+    }
+    // An existing file is never replaced.
+    let again = itt(&[&args[..], &["--per-item", per_item.to_str().unwrap()]].concat());
+    fails_cleanly(&again, &["exists"]);
+    // --json on a prepared dataset's validation split is JSON too.
+    let data = format!("{run}/data");
+    let out = itt(&["eval", "--checkpoint", run, "--data", &data, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["loss"].as_f64().unwrap() > 0.0 && v["precision"] == "f32");
+}

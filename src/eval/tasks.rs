@@ -253,6 +253,23 @@ pub struct TaskResult {
     pub bits_per_byte: Option<f64>,
     /// Malformed lines skipped.
     pub skipped_lines: Vec<String>,
+    /// Every item's scores (written by `itt eval --per-item`, not part of the summary).
+    #[serde(skip)]
+    pub per_item: Vec<ItemScore>,
+}
+
+/// One item's scores, for checking the scorer item by item against another harness.
+#[derive(Clone, Debug, Serialize)]
+pub struct ItemScore {
+    pub task: String,
+    pub id: String,
+    pub gold: Option<usize>,
+    /// Per choice: log-likelihood of the continuation, its tokens and bytes, whether it is greedy.
+    pub choices: Vec<Scored>,
+    /// The choice picked by raw log-likelihood, per byte and per token (multiple choice).
+    pub pick: Option<usize>,
+    pub pick_norm: Option<usize>,
+    pub pick_norm_token: Option<usize>,
 }
 
 fn argmax(xs: impl Iterator<Item = f64>) -> usize {
@@ -279,15 +296,31 @@ pub fn evaluate_items(
     let mut k = 0;
     let (mut acc, mut norm, mut norm_tok, mut mc) = (0usize, 0usize, 0usize, 0usize);
     let (mut greedy, mut cloze, mut nll_bits, mut bytes) = (0usize, 0usize, 0f64, 0usize);
+    let mut per_item = Vec::with_capacity(items.len());
     for it in items {
         let s = &scored[k..k + it.continuations.len()];
         k += it.continuations.len();
+        let mut record = ItemScore {
+            task: task.to_string(),
+            id: it.id.clone(),
+            gold: it.gold,
+            choices: s.to_vec(),
+            pick: None,
+            pick_norm: None,
+            pick_norm_token: None,
+        };
         match it.gold {
             Some(g) => {
                 mc += 1;
-                acc += (argmax(s.iter().map(|x| x.logprob)) == g) as usize;
-                norm += (argmax(s.iter().map(|x| x.logprob / x.bytes as f64)) == g) as usize;
-                norm_tok += (argmax(s.iter().map(|x| x.logprob / x.tokens as f64)) == g) as usize;
+                let picks = (
+                    argmax(s.iter().map(|x| x.logprob)),
+                    argmax(s.iter().map(|x| x.logprob / x.bytes as f64)),
+                    argmax(s.iter().map(|x| x.logprob / x.tokens as f64)),
+                );
+                acc += (picks.0 == g) as usize;
+                norm += (picks.1 == g) as usize;
+                norm_tok += (picks.2 == g) as usize;
+                (record.pick, record.pick_norm, record.pick_norm_token) = (Some(picks.0), Some(picks.1), Some(picks.2));
             }
             None => {
                 for x in s {
@@ -298,6 +331,7 @@ pub fn evaluate_items(
                 }
             }
         }
+        per_item.push(record);
     }
     let share = |a: usize, n: usize| (n > 0).then(|| a as f64 / n as f64);
     Ok(TaskResult {
@@ -309,6 +343,7 @@ pub fn evaluate_items(
         greedy_acc: share(greedy, cloze),
         bits_per_byte: (bytes > 0).then(|| nll_bits / bytes as f64),
         skipped_lines: vec![],
+        per_item,
     })
 }
 
