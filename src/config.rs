@@ -34,6 +34,18 @@ pub enum ResidualForm {
     Update,
 }
 
+/// Which tokens the selected tokens of a routed step attend to (DESIGN §4.1).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutedAttention {
+    /// The selected tokens of the same step, as in Mixture-of-Depths.
+    #[default]
+    Selected,
+    /// Every token of the sequence up to their own position, keys and values from every
+    /// token's current state (queries, MLP and update still on the selected tokens only).
+    All,
+}
+
 /// Settings of the thinking layers. Ignored (beyond validation) for `kind = dense`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -66,6 +78,8 @@ pub struct ThinkingConfig {
     /// Routers read RMSNorm(x) (unit gain) instead of the raw residual stream, whose scale
     /// grows with depth and training (docs/DESIGN.md §4.4).
     pub router_norm: bool,
+    /// What a routed step's selected tokens attend to: `selected` or `all` (DESIGN §4.1).
+    pub routed_attention: RoutedAttention,
 }
 
 impl Default for ThinkingConfig {
@@ -83,6 +97,7 @@ impl Default for ThinkingConfig {
             router_init_std: 0.02,
             step_scale: 1.0,
             router_norm: false,
+            routed_attention: RoutedAttention::Selected,
         }
     }
 }

@@ -9,7 +9,7 @@
 //! The paper's rule dense * (1 + 1/2 * sum rho) (DESIGN §7) is this without attention,
 //! embeddings and head.
 
-use crate::config::{ModelConfig, ModelKind};
+use crate::config::{ModelConfig, ModelKind, RoutedAttention};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -39,6 +39,17 @@ fn block_step(cfg: &ModelConfig, n: usize, rho: f64) -> f64 {
     rho * (2.0 * block_params(cfg) + 4.0 * d * keys)
 }
 
+/// A routed step whose selected tokens attend to every token (`routed_attention: all`): keys
+/// and values are projected for every token, and each selected token attends to (n + 1) / 2
+/// keys on average.
+fn block_step_all_keys(cfg: &ModelConfig, n: usize, rho: f64) -> f64 {
+    let d = cfg.d_model as f64;
+    let kv = (cfg.n_kv_heads * cfg.head_dim()) as f64;
+    let kv_proj = 2.0 * 2.0 * d * kv;
+    let keys = (n as f64 + 1.0) / 2.0;
+    kv_proj + rho * (2.0 * block_params(cfg) - kv_proj + 4.0 * d * keys)
+}
+
 /// FLOPs per token at sequence length `n` with the given steps and per-step ratios
 /// (`None` = the configured ones). Loop uses share 1 at every step.
 pub fn flops_per_token(cfg: &ModelConfig, n: usize, steps: Option<usize>, ratios: Option<&[f64]>) -> Flops {
@@ -65,7 +76,8 @@ pub fn flops_per_token(cfg: &ModelConfig, n: usize, steps: Option<usize>, ratios
     for l in 0..cfg.n_layers {
         if thinking.contains(&l) {
             for (t, &rho) in step_shares.iter().enumerate() {
-                forward += block_step(cfg, n, rho);
+                let all_keys = t > 0 && routers && rho > 0.0 && th.routed_attention == RoutedAttention::All;
+                forward += if all_keys { block_step_all_keys(cfg, n, rho) } else { block_step(cfg, n, rho) };
                 if t > 0 && routers && rho > 0.0 {
                     forward += 2.0 * d;
                 }

@@ -350,6 +350,89 @@ impl Attention {
         self.wo.forward(&out, prec)
     }
 
+    /// A routed step whose selected tokens attend to every token (DESIGN §4.1,
+    /// `routed_attention: all`): queries from the selected rows `hs` (M, D) at positions
+    /// `sub`, keys and values from every token's normalised state `hn` (N, D) at `pos`.
+    /// With a KV cache the step's cache holds every token. -> (M, D).
+    pub fn forward_routed(
+        &self,
+        hn: &Tensor,
+        hs: &Tensor,
+        selected: &[u32],
+        pos: &Positions,
+        sub: &Positions,
+        prec: Precision,
+        cache: Option<CacheSlot>,
+    ) -> Result<Tensor> {
+        let (n, m) = (hn.dim(0)?, hs.dim(0)?);
+        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let q = ops::apply_rope(&self.wq.forward(hs, prec)?.reshape((m, h, hd))?, &sub.rope.cos, &sub.rope.sin)?;
+        let k = ops::apply_rope(&self.wk.forward(hn, prec)?.reshape((n, hkv, hd))?, &pos.rope.cos, &pos.rope.sin)?;
+        let v = self.wv.forward(hn, prec)?.reshape((n, hkv, hd))?;
+        // Each selected token sees the keys of its sequence up to its own place among them.
+        let starts = pos.layout.starts();
+        let mut seq = 0;
+        let mut limits = Vec::with_capacity(m);
+        let past: Vec<usize> = match &cache {
+            Some(c) => (0..pos.layout.lens.len()).map(|i| c.seqs[i].slots[c.layer][c.step].len()).collect(),
+            None => vec![0; pos.layout.lens.len()],
+        };
+        for &i in selected {
+            while seq + 1 < starts.len() && i as usize >= starts[seq + 1] {
+                seq += 1;
+            }
+            limits.push((past[seq] + i as usize - starts[seq] + 1) as u32);
+        }
+        let out = match cache {
+            None => ops::attention_varlen_limited(&q, &k, &v, &sub.layout.lens, &pos.layout.lens, &limits)?,
+            Some(c) => {
+                let (k_all, v_all, lens_k) = self.extend_cache(&k, &v, &pos.layout, c)?;
+                ops::attention_varlen_limited(&q, &k_all, &v_all, &sub.layout.lens, &lens_k, &limits)?
+            }
+        };
+        self.wo.forward(&out.reshape((m, h * hd))?, prec)
+    }
+
+    /// Append every token's keys and values k, v (N, Hkv, hd) to their sequences' caches and
+    /// return all cached keys and values packed by sequence, with their lengths.
+    fn extend_cache(
+        &self,
+        k: &Tensor,
+        v: &Tensor,
+        layout: &SeqLayout,
+        c: CacheSlot,
+    ) -> Result<(Tensor, Tensor, Vec<usize>)> {
+        let (hkv, hd) = (self.n_kv_heads, self.head_dim);
+        let (mut ks, mut vs, mut lens_k) = (vec![], vec![], vec![]);
+        for (i, (&start, &len)) in layout.starts().iter().zip(&layout.lens).enumerate() {
+            let slot = &mut c.seqs[i].slots[c.layer][c.step];
+            let part = |z: &Tensor| -> Result<Tensor> {
+                Ok(z.narrow(0, start, len)?.reshape((1, len, hkv, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (mut ki, mut vi) = (part(k)?, part(v)?); // (1, Hkv, len, hd)
+            if let (Some(pk), Some(pv)) = (&slot.k, &slot.v) {
+                ki = Tensor::cat(&[pk, &ki], 2)?;
+                vi = Tensor::cat(&[pv, &vi], 2)?;
+            }
+            slot.k = Some(ki.clone());
+            slot.v = Some(vi.clone());
+            lens_k.push(ki.dim(2)?);
+            ks.push(ki.squeeze(0)?.transpose(0, 1)?); // (L, Hkv, hd)
+            vs.push(vi.squeeze(0)?.transpose(0, 1)?);
+        }
+        Ok((Tensor::cat(&ks, 0)?.contiguous()?, Tensor::cat(&vs, 0)?.contiguous()?, lens_k))
+    }
+
+    /// A routed step (`routed_attention: all`) that selected no token of this call still
+    /// caches every token's keys and values, for the tokens that come later.
+    pub fn cache_only(&self, hn: &Tensor, pos: &Positions, prec: Precision, cache: CacheSlot) -> Result<()> {
+        let (n, hkv, hd) = (hn.dim(0)?, self.n_kv_heads, self.head_dim);
+        let k = ops::apply_rope(&self.wk.forward(hn, prec)?.reshape((n, hkv, hd))?, &pos.rope.cos, &pos.rope.sin)?;
+        let v = self.wv.forward(hn, prec)?.reshape((n, hkv, hd))?;
+        self.extend_cache(&k, &v, &pos.layout, cache)?;
+        Ok(())
+    }
+
     /// Sequences continuing from a KV cache: one at a time.
     fn forward_per_sequence(
         &self,
@@ -434,6 +517,27 @@ impl Block {
     /// x: (N, D) -> (N, D).
     pub fn forward(&self, x: &Tensor, pos: &Positions, prec: Precision, cache: Option<CacheSlot>) -> Result<Tensor> {
         let h = (x + self.attn.forward(&self.attn_norm.forward(x)?, pos, prec, cache)?)?;
+        Ok((&h + self.mlp.forward(&self.mlp_norm.forward(&h)?, prec)?)?)
+    }
+}
+
+impl Block {
+    /// `f` on the selected rows `xs` = x[S] (M, D) of a routed step whose tokens attend to every
+    /// token (DESIGN §4.1, `routed_attention: all`); x (N, D) is every token's state. -> (M, D).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_routed(
+        &self,
+        x: &Tensor,
+        xs: &Tensor,
+        selected: &[u32],
+        pos: &Positions,
+        sub: &Positions,
+        prec: Precision,
+        cache: Option<CacheSlot>,
+    ) -> Result<Tensor> {
+        let hn = self.attn_norm.forward(x)?; // (N, D)
+        let hs = ops::gather_rows(&hn, selected)?; // (M, D): the norm is per row
+        let h = (xs + self.attn.forward_routed(&hn, &hs, selected, pos, sub, prec, cache)?)?;
         Ok((&h + self.mlp.forward(&self.mlp_norm.forward(&h)?, prec)?)?)
     }
 }

@@ -2,7 +2,7 @@
 //! properties, and cached decoding against the full pass.
 
 use super::*;
-use crate::config::{preset, ModelConfig, ModelKind, ResidualForm, ThinkingConfig};
+use crate::config::{preset, ModelConfig, ModelKind, ResidualForm, RoutedAttention, ThinkingConfig};
 use crate::ops::Precision;
 use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor};
@@ -126,6 +126,9 @@ fn gradients_match_finite_differences_with_the_recipe_knobs() {
     cfg.thinking.step_scale = 0.6;
     cfg.thinking.residual_form = ResidualForm::Update;
     grad_check(&cfg);
+    // Selected tokens attending to every token (keys and values of all rows reach the loss).
+    cfg.thinking.routed_attention = RoutedAttention::All;
+    grad_check(&cfg);
     // No step encoding with a step scale (the composed path scales by alpha itself).
     cfg.thinking.step_encoding = false;
     grad_check(&cfg);
@@ -244,7 +247,17 @@ fn reference_forward(model: &Model, toks: &[u32], lens: &[usize], ratios: &[f64]
                 let rows: Vec<Tensor> = sel.iter().map(|&i| x.narrow(0, i, 1).unwrap()).collect();
                 let xs = Tensor::cat(&rows, 0).unwrap();
                 let sub = SeqLayout { lens: vec![sel.len()], positions: sel.iter().map(|&i| i as u32).collect() };
-                let y = block.forward(&xs, &model.positions(&sub).unwrap(), f32, None).unwrap();
+                let y = match th.routed_attention {
+                    // The selected tokens among themselves, at their own positions.
+                    RoutedAttention::Selected => {
+                        block.forward(&xs, &model.positions(&sub).unwrap(), f32, None).unwrap()
+                    }
+                    // Each selected token as the full block would compute it over every token.
+                    RoutedAttention::All => {
+                        let full = block.forward(&x, &pos, f32, None).unwrap();
+                        Tensor::cat(&sel.iter().map(|&i| full.narrow(0, i, 1).unwrap()).collect::<Vec<_>>(), 0).unwrap()
+                    }
+                };
                 let mut new_rows: Vec<Tensor> = (0..n).map(|i| x.narrow(0, i, 1).unwrap()).collect();
                 for (r, &i) in sel.iter().enumerate() {
                     let upd =
@@ -287,6 +300,25 @@ fn itt_matches_the_spec_equations_per_sequence() {
     let got = logits(&model, &toks, &layout, &RoutingOptions::default());
     let want = reference_forward(&model, &toks, &[6, 11], &[0.5, 0.7, 0.3]);
     assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+}
+
+#[test]
+fn routed_steps_attending_to_every_token_match_the_full_block_on_the_selected_rows() {
+    let mut cfg = small_cfg(ModelKind::Itt, 4);
+    cfg.thinking.ratios = vec![0.5, 0.7, 0.3];
+    cfg.thinking.routed_attention = RoutedAttention::All;
+    let model = Model::new(&cfg, 21, &Device::Cpu).unwrap();
+    randomise(&model, ".phi.", 2);
+    let toks = tokens(6 + 11, 13, 9);
+    let layout = SeqLayout::with_past(&[6, 11], &[0, 0]);
+    let got = logits(&model, &toks, &layout, &RoutingOptions::default());
+    let want = reference_forward(&model, &toks, &[6, 11], &[0.5, 0.7, 0.3]);
+    assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    // And it differs from attending among the selected tokens only.
+    cfg.thinking.routed_attention = RoutedAttention::Selected;
+    let sel_only = Model::new(&cfg, 21, &Device::Cpu).unwrap();
+    randomise(&sel_only, ".phi.", 2);
+    assert!(max_diff(&got, &logits(&sel_only, &toks, &layout, &RoutingOptions::default())) > 1e-4);
 }
 
 #[test]
@@ -400,7 +432,9 @@ fn check_cached_decoding(cfg: &ModelConfig) {
         // not trivial (some tokens take the step, some do not).
         for ((layer, step), st) in &rec.stats {
             let cached = cache[0].slots[*layer][step - 1].len() as u64;
-            assert_eq!(cached, st.selected, "layer {layer} step {step}");
+            // Attending to every token, a routed step caches every token.
+            let want = if cfg.thinking.routed_attention == RoutedAttention::All { n as u64 } else { st.selected };
+            assert_eq!(cached, want, "layer {layer} step {step}");
             assert!(st.selected > 0 && st.selected < n as u64, "layer {layer} step {step}: {}", st.selected);
         }
         let d = max_diff(&got, &full);
@@ -413,6 +447,9 @@ fn cached_decoding_equals_full_pass() {
     check_cached_decoding(&small_cfg(ModelKind::Dense, 1));
     check_cached_decoding(&small_cfg(ModelKind::Loop, 3));
     check_cached_decoding(&small_cfg(ModelKind::Itt, 4));
+    let mut all = small_cfg(ModelKind::Itt, 4);
+    all.thinking.routed_attention = RoutedAttention::All;
+    check_cached_decoding(&all);
 }
 
 #[test]

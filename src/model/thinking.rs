@@ -50,7 +50,7 @@
 //! accumulation.
 
 use super::{Block, Call, Init, ParamStore};
-use crate::config::{ModelConfig, ModelKind, ResidualForm};
+use crate::config::{ModelConfig, ModelKind, ResidualForm, RoutedAttention};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -97,6 +97,8 @@ pub struct ThinkingLayer {
     pub residual_form: ResidualForm,
     /// alpha, the fixed factor beside the router weight of every routed step (DESIGN §3.3).
     pub step_scale: f64,
+    /// What the selected tokens of a routed step attend to (DESIGN §4.1).
+    pub routed_attention: RoutedAttention,
 }
 
 /// Which rule picks the tokens of a routed step (DESIGN §5).
@@ -314,6 +316,7 @@ impl ThinkingLayer {
             residual_connection: th.residual_connection,
             residual_form: th.residual_form,
             step_scale: th.step_scale,
+            routed_attention: th.routed_attention,
         })
     }
 
@@ -389,6 +392,12 @@ impl ThinkingLayer {
             }
             if !route.selected.is_empty() {
                 x = self.apply_step(block, router, &x, t, &route.selected, call)?;
+            } else if self.routed_attention == RoutedAttention::All {
+                // Later tokens attend to these ones at this step: cache them all the same.
+                let prec = call.precision;
+                if let (pos, Some(slot)) = call.pos_and_slot(self.layer, t - 1) {
+                    block.attn.cache_only(&block.attn_norm.forward(&x)?, pos, prec, slot)?;
+                }
             }
             walk.prev = Some(route.selected);
         }
@@ -496,7 +505,13 @@ impl ThinkingLayer {
             ws = (ws * self.step_scale)?;
         }
         let prec = call.precision;
-        let y = block.forward(&xs, &sub, prec, call.slot(self.layer, t - 1))?;
+        let y = match self.routed_attention {
+            RoutedAttention::Selected => block.forward(&xs, &sub, prec, call.slot(self.layer, t - 1))?,
+            RoutedAttention::All => {
+                let (pos, slot) = call.pos_and_slot(self.layer, t - 1);
+                block.forward_routed(x, &xs, selected, pos, &sub, prec, slot)?
+            }
+        };
         let (x_new, update) = match (self.residual_connection, self.residual_form, self.phi(t)) {
             // The default ITT forms in one node: x[S] += (delta * phi_t) * (alpha w[S]).
             (true, form, Some(phi)) => {

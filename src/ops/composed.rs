@@ -94,6 +94,48 @@ pub fn causal_attention_varlen(
     Ok(Tensor::cat(&outs, 0)?)
 }
 
+/// Packed attention where query r of sequence s sees the first `limits[r]` keys of s (any
+/// subset of positions; DESIGN §4.1): one masked softmax attention per sequence.
+/// q: (sum lens_q, H, hd); k, v: (sum lens_k, Hkv, hd) -> (sum lens_q, H, hd).
+pub fn attention_varlen_limited(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_q: &[usize],
+    lens_k: &[usize],
+    limits: &[u32],
+) -> Result<Tensor> {
+    let (nq, h, hd) = q.dims3()?;
+    let hkv = k.dim(1)?;
+    let (mut sq, mut sk) = (0, 0);
+    let mut outs = Vec::with_capacity(lens_q.len());
+    for (&lq, &lk) in lens_q.iter().zip(lens_k) {
+        if lq > 0 {
+            let part = |z: &Tensor, start, len, heads| -> Result<Tensor> {
+                Ok(z.narrow(0, start, len)?.reshape((1, len, heads, hd))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (qs, ks, vs) = (part(q, sq, lq, h)?, part(k, sk, lk, hkv)?, part(v, sk, lk, hkv)?);
+            let rep = h / hkv;
+            let (ks, vs) = (super::repeat_kv(&ks, rep)?, super::repeat_kv(&vs, rep)?);
+            let scores = (qs.matmul(&ks.transpose(2, 3)?.contiguous()?)? / (hd as f64).sqrt())?; // (1, H, lq, lk)
+            let mut mask = vec![0f32; lq * lk];
+            for (i, &lim) in limits[sq..sq + lq].iter().enumerate() {
+                mask[i * lk + lim as usize..(i + 1) * lk].fill(f32::NEG_INFINITY);
+            }
+            let mask = Tensor::from_vec(mask, (lq, lk), q.device())?.to_dtype(q.dtype())?;
+            let p = softmax_last(&scores.broadcast_add(&mask)?)?;
+            let o = p.matmul(&vs)?; // (1, H, lq, hd)
+            outs.push(o.transpose(1, 2)?.reshape((lq, h, hd))?);
+        }
+        sq += lq;
+        sk += lk;
+    }
+    if outs.is_empty() {
+        return Ok(Tensor::zeros((nq, h, hd), q.dtype(), q.device())?);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     let n = logits.dim(0)?;

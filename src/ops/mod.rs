@@ -284,6 +284,26 @@ pub fn causal_attention_varlen(
     }
 }
 
+/// Packed attention with the queries at any positions: query r of sequence s sees the first
+/// `limits[r]` keys of s. The selected tokens of a routed step attending to every token of
+/// their sequence up to their own position (DESIGN §4.1, `routed_attention: all`).
+/// q: (sum lens_q, H, hd); k, v: (sum lens_k, Hkv, hd) -> (sum lens_q, H, hd).
+pub fn attention_varlen_limited(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_q: &[usize],
+    lens_k: &[usize],
+    limits: &[u32],
+) -> Result<Tensor> {
+    if fused_enabled(Kernel::Attention, q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        fused::attention_varlen_limited(q, k, v, lens_q, lens_k, limits)
+    } else {
+        fused::attention::check_limits(lens_q, lens_k, limits)?;
+        composed::attention_varlen_limited(q, k, v, lens_q, lens_k, limits)
+    }
+}
+
 /// The state update of a routed thinking step (DESIGN §3, literal residual connection):
 /// x (N, D) with (y * phi) * w added to the distinct rows `idx`; y (M, D), phi (D,), w (M, 1).
 pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tensor) -> Result<Tensor> {

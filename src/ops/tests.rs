@@ -211,6 +211,50 @@ fn varlen_attention_matches_composed_and_finite_differences() {
 }
 
 #[test]
+fn attention_with_key_limits_matches_composed_and_finite_differences() {
+    // Queries at arbitrary positions among their sequence's keys (a routed step's selected
+    // tokens attending to every token up to their own position), several tiles long.
+    // (query limits per sequence, key lengths, H, Hkv, hd)
+    type Case = (Vec<Vec<u32>>, Vec<usize>, usize, usize, usize);
+    let mut r = Rng::new(5);
+    let mut subset =
+        |lk: usize, share: u64| -> Vec<u32> { (1..=lk as u32).filter(|_| r.below(100) < share).collect::<Vec<_>>() };
+    let cases: Vec<Case> = vec![
+        (vec![vec![1, 3, 4], vec![], vec![2, 9]], vec![5, 4, 9], 4, 2, 6),
+        (vec![subset(150, 50), subset(70, 30)], vec![150, 70], 2, 1, 16),
+        (vec![vec![7]], vec![7], 3, 3, 8),
+    ];
+    for (i, (limits, lk, h, hkv, hd)) in cases.iter().enumerate() {
+        let lq: Vec<usize> = limits.iter().map(Vec::len).collect();
+        let flat: Vec<u32> = limits.concat();
+        let (nq, nk) = (lq.iter().sum::<usize>(), lk.iter().sum::<usize>());
+        let fused = |t: &[Tensor]| fused::attention_varlen_limited(&t[0], &t[1], &t[2], &lq, lk, &flat);
+        let composed = |t: &[Tensor]| composed::attention_varlen_limited(&t[0], &t[1], &t[2], &lq, lk, &flat);
+        let name = format!("limited attention {lq:?}/{lk:?} H{h} Hkv{hkv} hd{hd}");
+        check_twins(&name, &fused, &composed, &[&[nq, *h, *hd], &[nk, *hkv, *hd], &[nk, *hkv, *hd]], 150 + i as u64);
+        if i == 0 {
+            check_finite_differences(
+                "limited attention",
+                &fused,
+                &[&[nq, *h, *hd], &[nk, *hkv, *hd], &[nk, *hkv, *hd]],
+                160,
+            );
+        }
+    }
+    // The last Lq queries of their keys: the same as causal attention with cached keys.
+    let (lq, lk) = ([3usize, 2], [5usize, 2]);
+    let limits = [3u32, 4, 5, 1, 2];
+    let (q, k, v) =
+        (randn(&[5, 2, 4], 1, DType::F32), randn(&[7, 2, 4], 2, DType::F32), randn(&[7, 2, 4], 3, DType::F32));
+    let a = fused::attention_varlen_limited(&q, &k, &v, &lq, &lk, &limits).unwrap();
+    let b = fused::causal_attention_varlen(&q, &k, &v, &lq, &lk).unwrap();
+    assert_eq!(a.flatten_all().unwrap().to_vec1::<f32>().unwrap(), b.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    // A query that sees no key, or more keys than its sequence has, is refused.
+    assert!(fused::attention_varlen_limited(&q, &k, &v, &lq, &lk, &[0, 4, 5, 1, 2]).is_err());
+    assert!(fused::attention_varlen_limited(&q, &k, &v, &lq, &lk, &[3, 4, 6, 1, 2]).is_err());
+}
+
+#[test]
 fn router_logits_and_column_scaling_match_composed_and_finite_differences() {
     let router = |t: &[Tensor]| fused::router_logits(&t[0], &t[1], &t[2]);
     let router_c = |t: &[Tensor]| composed::router_logits(&t[0], &t[1], &t[2]);

@@ -74,6 +74,11 @@ struct Geometry {
     /// lse of (s, h, i) at `lse_base[s] + h * Lq_s + i`.
     lse_base: Vec<usize>,
     lse_len: usize,
+    /// Keys visible to each query, packed over sequences (query i of sequence s at
+    /// `q_start[s] + i`), when the queries are not the last Lq of the keys: a routed step
+    /// whose selected tokens attend to every token (DESIGN §4.1). `None`: past + i + 1.
+    limits: Option<Vec<u32>>,
+    q_start: Vec<usize>,
 }
 
 impl Geometry {
@@ -85,12 +90,30 @@ impl Geometry {
             return Err(Error::usage(format!("attention: {a} queries but only {b} keys in a sequence")));
         }
         let mut lse_base = Vec::with_capacity(q.lens.len());
-        let mut acc = 0;
+        let mut q_start = Vec::with_capacity(q.lens.len());
+        let (mut acc, mut rows) = (0, 0);
         for &n in &q.lens {
             lse_base.push(acc);
+            q_start.push(rows);
             acc += h * n;
+            rows += n;
         }
-        Ok(Geometry { h, hkv, hd, q, k, lse_base, lse_len: acc })
+        Ok(Geometry { h, hkv, hd, q, k, lse_base, lse_len: acc, limits: None, q_start })
+    }
+
+    /// Keys visible to query i of sequence s.
+    #[inline(always)]
+    fn limit(&self, s: usize, i: usize) -> usize {
+        match &self.limits {
+            Some(l) => l[self.q_start[s] + i] as usize,
+            None => self.k.lens[s] - self.q.lens[s] + i + 1,
+        }
+    }
+
+    /// Keys a block of queries i0..i0+bq of sequence s scans: the largest of their limits.
+    #[inline(always)]
+    fn block_end(&self, s: usize, i0: usize, bq: usize) -> usize {
+        (i0..i0 + bq).map(|i| self.limit(s, i)).max().unwrap_or(0)
     }
 
     /// Too little work to be worth waking other threads (one-token decoding steps): about
@@ -343,8 +366,7 @@ multiversion! {
         lse: SharedMut<T>,
         scr: &mut Scratch<T>,
     ) {
-        let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
-        let past = lk - lq;
+        let (lq, hd) = (g.q.lens[s], g.hd);
         let kvh = h / (g.h / g.hkv);
         transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
         gather_into(v, &g.k, s, kvh, hd, &mut scr.vc);
@@ -360,7 +382,7 @@ multiversion! {
             m[..bq].fill(T::NEG_INF);
             l[..bq].fill(T::ZERO);
             acc[..bq * hd].fill(T::ZERO);
-            let kend = past + i0 + bq;
+            let kend = g.block_end(s, i0, bq);
             for j0 in (0..kend).step_by(BK) {
                 let kc = BK.min(kend - j0);
                 st[..bq * BK].fill(T::ZERO);
@@ -368,7 +390,7 @@ multiversion! {
                 for i in 0..bq {
                     let row = &mut st[i * BK..][..BK];
                     // Keys < lim are visible to this query; masked entries become p = 0.
-                    let lim = past + i0 + i + 1;
+                    let lim = g.limit(s, i0 + i);
                     if lim <= j0 {
                         row.fill(T::ZERO);
                         continue;
@@ -422,7 +444,6 @@ multiversion! {
         scr: &mut Scratch<T>,
     ) {
         let (lq, lk, hd) = (g.q.lens[s], g.k.lens[s], g.hd);
-        let past = lk - lq;
         let rep = g.h / g.hkv;
         transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
         transpose_into(level, v, &g.k, s, kvh, hd, &mut scr.vt);
@@ -446,7 +467,7 @@ multiversion! {
                     lse_t[i] = lse[g.lse_base[s] + h * lq + i0 + i];
                 }
                 dq_t[..bq * hd].fill(T::ZERO);
-                let kend = past + i0 + bq;
+                let kend = g.block_end(s, i0, bq);
                 for j0 in (0..kend).step_by(BK) {
                     let kc = BK.min(kend - j0);
                     st[..bq * BK].fill(T::ZERO);
@@ -455,7 +476,7 @@ multiversion! {
                     tile_product::<T>(level, bq, BK, hd, dot_t, hd, false, &vt[j0 * hd..], BK, dpt, BK); // dP = dO V^T
                     for i in 0..bq {
                         let (p, ds) = (&mut st[i * BK..][..BK], &mut dpt[i * BK..][..BK]);
-                        let lim = past + i0 + i + 1;
+                        let lim = g.limit(s, i0 + i);
                         let c = if lim <= j0 { 0 } else { BK.min(lim - j0) };
                         let (li, di) = (lse_t[i], delta[i]);
                         for (p, ds) in p[..c].iter_mut().zip(ds[..c].iter_mut()) {
@@ -661,6 +682,21 @@ pub fn causal_attention_varlen(
     lens_q: &[usize],
     lens_k: &[usize],
 ) -> Result<Tensor> {
+    let (nq, h, hkv, hd) = check_varlen(q, k, v, lens_q, lens_k)?;
+    if nq == 0 {
+        return Ok(Tensor::zeros((0, h, hd), q.dtype(), q.device())?);
+    }
+    apply(q, k, v, Geometry::new(h, hkv, hd, Side::packed(lens_q, h, hd), Side::packed(lens_k, hkv, hd))?)
+}
+
+/// Shapes of packed attention: (queries, heads, kv heads, head dim).
+fn check_varlen(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_q: &[usize],
+    lens_k: &[usize],
+) -> Result<(usize, usize, usize, usize)> {
     let (nq, h, hd) = q.dims3()?;
     let (nk, hkv, hdk) = k.dims3()?;
     if lens_q.len() != lens_k.len()
@@ -678,8 +714,49 @@ pub fn causal_attention_varlen(
             lens_k.len()
         )));
     }
+    Ok((nq, h, hkv, hd))
+}
+
+/// Fused twin of `composed::attention_varlen_limited`: packed sequences whose queries see the
+/// first `limits[r]` keys of their sequence (query row r, packed), any subset of positions:
+/// the selected tokens of a routed step attending to every token before them (DESIGN §4.1).
+/// q: (sum lens_q, H, hd); k, v: (sum lens_k, Hkv, hd); limits: (sum lens_q,), each in
+/// 1..=lens_k[s] -> (sum lens_q, H, hd).
+pub fn attention_varlen_limited(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_q: &[usize],
+    lens_k: &[usize],
+    limits: &[u32],
+) -> Result<Tensor> {
+    let (nq, h, hkv, hd) = check_varlen(q, k, v, lens_q, lens_k)?;
+    check_limits(lens_q, lens_k, limits)?;
     if nq == 0 {
         return Ok(Tensor::zeros((0, h, hd), q.dtype(), q.device())?);
     }
-    apply(q, k, v, Geometry::new(h, hkv, hd, Side::packed(lens_q, h, hd), Side::packed(lens_k, hkv, hd))?)
+    let mut g = Geometry::new(h, hkv, hd, Side::packed(lens_q, h, hd), Side::packed(lens_k, hkv, hd))?;
+    g.limits = Some(limits.to_vec());
+    apply(q, k, v, g)
+}
+
+/// Each query sees at least one key and at most its sequence's keys.
+pub fn check_limits(lens_q: &[usize], lens_k: &[usize], limits: &[u32]) -> Result<()> {
+    if limits.len() != lens_q.iter().sum::<usize>() || lens_q.len() != lens_k.len() {
+        return Err(Error::usage(format!(
+            "attention: {} key limits for {} queries",
+            limits.len(),
+            lens_q.iter().sum::<usize>()
+        )));
+    }
+    let mut r = 0;
+    for (&lq, &lk) in lens_q.iter().zip(lens_k) {
+        for &l in &limits[r..r + lq] {
+            if l == 0 || l as usize > lk {
+                return Err(Error::usage(format!("attention: a query sees {l} of its sequence's {lk} keys")));
+            }
+        }
+        r += lq;
+    }
+    Ok(())
 }

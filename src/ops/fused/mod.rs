@@ -11,7 +11,7 @@
 //! each hot loop is also compiled for AVX2+FMA and AVX-512 and picked at run time
 //! ([`simd_level`]); nothing needs `-C target-cpu`.
 
-mod attention;
+pub(crate) mod attention;
 pub mod bf16_gemm;
 mod cross_entropy;
 mod linear;
@@ -20,7 +20,7 @@ mod rope;
 mod swiglu;
 mod thinking;
 
-pub use attention::{causal_attention_varlen, causal_sdpa};
+pub use attention::{attention_varlen_limited, causal_attention_varlen, causal_sdpa};
 pub use cross_entropy::cross_entropy;
 pub use linear::linear;
 pub use rms_norm::rms_norm;
