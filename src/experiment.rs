@@ -368,6 +368,16 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
                     paper: Some(*p),
                 })
                 .collect();
+            // Extended thinking: steps the model was not trained with, reusing its last step's
+            // router, step vector and share (DESIGN §6).
+            for extra in 1..=2 {
+                itt.extra.push(Setting {
+                    label: format!("x{} (+{extra} untrained step{})", 4 + extra, if extra > 1 { "s" } else { "" }),
+                    role: Role::Elastic,
+                    routing: RoutingOptions { steps: Some(4 + extra), ..Default::default() },
+                    paper: None,
+                });
+            }
             (
                 vec![
                     v("dense", "Dense", sized(size, "", opts)?, Some(11.13)),
@@ -651,10 +661,9 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             .then(|| paired(&of(&var.name, "thinking off"), &results, |off, on| off.val_loss - on.val_loss))
             .flatten();
         let solved: Vec<f64> = results.iter().filter_map(|r| r.solved.as_ref().map(SolveRates::accuracy)).collect();
-        let routing = RoutingOptions {
-            steps: if *role == Role::Off { Some(1) } else { None },
-            ratios: var.extra.iter().find(|e| &e.label == setting).and_then(|e| e.routing.ratios.clone()),
-            ..Default::default()
+        let routing = match var.extra.iter().find(|e| &e.label == setting) {
+            Some(e) => e.routing.clone(),
+            None => RoutingOptions { steps: if *role == Role::Off { Some(1) } else { None }, ..Default::default() },
         };
         let mut cfg = var.cfg.clone();
         cfg.model.vocab_size = tok.vocab_size();

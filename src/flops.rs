@@ -63,7 +63,8 @@ pub fn flops_per_token(cfg: &ModelConfig, n: usize, steps: Option<usize>, ratios
         ModelKind::Itt => {
             let mut s = vec![1.0];
             let r = ratios.unwrap_or(&th.ratios);
-            s.extend(r.iter().take(steps - 1));
+            // Extended steps (past T) take the last share.
+            s.extend((0..steps - 1).map(|i| r.get(i).or(r.last()).copied().unwrap_or(0.0)));
             s
         }
     };

@@ -115,7 +115,8 @@ struct RoutingArgs {
     /// Share of tokens per routed step, e.g. 0.5,0.5,0.5 (default: the trained ratios).
     #[arg(long, value_delimiter = ',')]
     ratios: Option<Vec<f64>>,
-    /// Number of thinking steps to run (at most the trained T).
+    /// Number of thinking steps to run: fewer than the trained T, or up to 4 more (extended
+    /// thinking: the extra steps reuse the last step's router, step vector and share).
     #[arg(long)]
     steps: Option<usize>,
     /// topk (the paper's rule, not causal) or threshold (causal, needs stored thresholds).

@@ -200,10 +200,10 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             command: format!("itt experiment {name} (test)"),
         };
         let r = experiment::run(&opts).unwrap();
-        // table2: dense; ITT top-k, causal, 5 ratio settings, off; Loop trained, off.
+        // table2: dense; ITT top-k, causal, 5 ratio settings, 2 extended, off; Loop trained, off.
         // table3: ITT, without RTC, without TSE (top-k, causal, off each); without ATR (trained,
         // off); dense.
-        let want_rows = if name == "table2" { 11 } else { 12 };
+        let want_rows = if name == "table2" { 13 } else { 12 };
         assert_eq!(r.rows.len(), want_rows);
         assert!(r.rows.iter().all(|row| row.val_loss_mean.is_finite() && row.seeds == 2));
         for row in &r.rows {

@@ -217,12 +217,21 @@ pub struct Call<'a> {
 impl Call<'_> {
     /// The KV caches of (layer, step), when this call extends caches.
     pub fn slot(&mut self, layer: usize, step: usize) -> Option<CacheSlot<'_>> {
-        self.caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer, step })
+        self.pos_and_slot(layer, step).1
     }
 
-    /// The call's positions together with the caches of (layer, step).
+    /// The call's positions together with the caches of (layer, step). Steps past the trained
+    /// ones (extended thinking) get their caches when first used.
     pub fn pos_and_slot(&mut self, layer: usize, step: usize) -> (&Positions, Option<CacheSlot<'_>>) {
-        (&self.pos, self.caches.as_deref_mut().map(|seqs| CacheSlot { seqs, layer, step }))
+        let slot = self.caches.as_deref_mut().map(|seqs| {
+            for s in seqs.iter_mut() {
+                if s.slots[layer].len() <= step {
+                    s.slots[layer].resize(step + 1, KvCache::default());
+                }
+            }
+            CacheSlot { seqs, layer, step }
+        });
+        (&self.pos, slot)
     }
 }
 

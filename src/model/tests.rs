@@ -521,3 +521,45 @@ fn measured_contribution_scales_with_the_step_scale_and_vanishes_with_phi() {
     model.forward(&x, &SeqLayout::uniform(1, 8), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
     assert!(rec.stats.values().all(|s| s.contribution().is_none()));
 }
+
+#[test]
+fn extended_steps_reuse_the_last_router_step_vector_and_share() {
+    // T = 3 run at 4 steps equals a T = 4 model whose step 4 is a copy of step 3.
+    let mut c3 = small_cfg(ModelKind::Itt, 3);
+    c3.thinking.ratios = vec![0.5, 0.7];
+    let mut c4 = small_cfg(ModelKind::Itt, 4);
+    c4.thinking.ratios = vec![0.5, 0.7, 0.7];
+    let (m3, m4) = (Model::new(&c3, 8, &Device::Cpu).unwrap(), Model::new(&c4, 8, &Device::Cpu).unwrap());
+    randomise(&m3, ".phi.", 4);
+    let value = |m: &Model, name: &str| m.params.iter().find(|(n, _)| n == name).unwrap().1.as_tensor().copy().unwrap();
+    for (name, var) in &m4.params {
+        // Same names start the same (per-name init); step 4 copies step 3.
+        let from = name.replace("router.4", "router.3").replace("phi.4", "phi.3");
+        var.set(&value(&m3, &from)).unwrap();
+    }
+    let toks = tokens(2 * 12, 13, 3);
+    let layout = SeqLayout::uniform(2, 12);
+    let extended = RoutingOptions { steps: Some(4), ..Default::default() };
+    let got = logits(&m3, &toks, &layout, &extended);
+    assert_eq!(got, logits(&m4, &toks, &layout, &RoutingOptions::default()));
+    assert_ne!(got, logits(&m3, &toks, &layout, &RoutingOptions::default()));
+    // Cached decoding with the extended step equals the full pass (its caches grow on use).
+    let cal = calibrated(&m3);
+    let opts =
+        RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), steps: Some(4), ..Default::default() };
+    let full = logits(&m3, &toks[..12], &SeqLayout::uniform(1, 12), &opts);
+    let mut cache = vec![m3.new_cache()];
+    let mut got = vec![];
+    for i in 0..12 {
+        let x = Tensor::from_slice(&toks[i..i + 1], 1, &Device::Cpu).unwrap();
+        let l = m3.forward(&x, &SeqLayout::with_past(&[1], &[i]), &opts, Some(&mut cache), None).unwrap();
+        got.extend(l.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    assert!(max_diff(&got, &full) <= 1e-4);
+    assert_eq!(cache[0].slots[1].len(), 4);
+    // Past the limit: a clear error.
+    let too_many = RoutingOptions { steps: Some(3 + thinking::MAX_EXTRA_STEPS + 1), ..Default::default() };
+    let x = Tensor::from_slice(&toks[..4], 4, &Device::Cpu).unwrap();
+    let e = m3.forward(&x, &SeqLayout::uniform(1, 4), &too_many, None, None).err().unwrap().to_string();
+    assert!(e.contains("steps must be between"), "{e}");
+}

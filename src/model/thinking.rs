@@ -59,6 +59,9 @@ use std::sync::Arc;
 
 use super::SeqLayout;
 
+/// How many steps past the trained T a call may run (extended thinking at inference, DESIGN §6).
+pub const MAX_EXTRA_STEPS: usize = 4;
+
 /// R_t: Linear(D -> 1) with bias; its sigmoid is the router weight w.
 #[derive(Clone, Debug)]
 pub struct Router {
@@ -321,15 +324,25 @@ impl ThinkingLayer {
     }
 
     /// phi_t (1-based t), or None when step encoding is off (phi = 1).
+    /// Steps past the trained T (extended thinking at inference) reuse the last step's.
     fn phi(&self, t: usize) -> Option<&Tensor> {
-        self.phis.get(t - 1)
+        self.phis.get(t - 1).or(if t > self.steps { self.phis.last() } else { None })
+    }
+
+    /// R_t; steps past the trained T reuse the last router (DESIGN §6).
+    fn router(&self, t: usize) -> Option<&Router> {
+        self.routers.get(t - 2).or(if t > self.steps { self.routers.last() } else { None })
     }
 
     /// Steps and ratios in effect for this call (elastic inference, DESIGN §6).
     fn plan(&self, opts: &RoutingOptions) -> Result<(usize, Vec<f64>)> {
         let steps = opts.steps.unwrap_or(self.steps);
-        if steps < 1 || steps > self.steps {
-            return Err(Error::usage(format!("steps must be between 1 and the trained {} (got {steps})", self.steps)));
+        let most = MAX_EXTRA_STEPS + self.steps;
+        if steps < 1 || steps > most {
+            return Err(Error::usage(format!(
+                "steps must be between 1 and {most} (the trained {} plus up to {MAX_EXTRA_STEPS} extended ones), got {steps}",
+                self.steps
+            )));
         }
         if self.kind == ModelKind::Loop || self.routers.is_empty() {
             // Loop, and ITT without routing: every token takes every step.
@@ -347,7 +360,8 @@ impl ThinkingLayer {
                 crate::config::check_ratios("--ratios", r)?;
                 r.clone()
             }
-            None => self.ratios[..steps - 1].to_vec(),
+            // Extended steps take the last trained step's share.
+            None => (2..=steps).map(|t| self.ratios[(t - 2).min(self.ratios.len() - 1)]).collect(),
         };
         Ok((steps, ratios))
     }
@@ -371,7 +385,7 @@ impl ThinkingLayer {
             if rho == 0.0 {
                 continue; // a skipped step (e.g. 90/90/0)
             }
-            let Some(router) = self.routers.get(t - 2) else {
+            let Some(router) = self.router(t) else {
                 // No ATR: every token, weight 1.
                 let prec = call.precision;
                 let (pos, slot) = call.pos_and_slot(self.layer, t - 1);
@@ -448,7 +462,7 @@ impl ThinkingLayer {
                              (train it with this version, or run `itt calibrate --checkpoint PATH --data TEXT`)",
                         )
                     })?;
-                    let tau = cal.threshold(self.layer, t, rho)?;
+                    let tau = cal.threshold(self.layer, t.min(self.steps), rho)?;
                     select_threshold(&logits, lens, tau, &walk.alive)
                 }
             },
