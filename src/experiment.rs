@@ -24,7 +24,7 @@
 //! and a partial one resumed, so an interrupted experiment continues where it stopped, and
 //! experiments sharing an `OUT` train each configuration once.
 
-use crate::config::{self, ModelKind, ResidualForm, RunConfig};
+use crate::config::{self, ModelKind, ResidualForm, RoutedAttention, RunConfig};
 use crate::error::IoContext;
 use crate::eval::reasoning::{self, SolveRates};
 use crate::flops::flops_per_token;
@@ -236,89 +236,37 @@ struct Recipe {
     phi_init: f64,
     ratio: f64,
     router_norm: bool,
+    attention: RoutedAttention,
     lr_scale: f64,
     warmup: f64,
     aux: f64,
 }
 
-const RECIPES: [Recipe; 7] = [
+const fn recipe(name: &'static str, label: &'static str, ratio: f64) -> Recipe {
     Recipe {
-        name: "r-literal",
-        label: "literal, φ 0.1, 70%",
-        form: ResidualForm::Literal,
-        phi_init: 0.1,
-        ratio: 0.7,
+        name,
+        label,
+        form: ResidualForm::Update,
+        phi_init: 1.0,
+        ratio,
         router_norm: false,
+        attention: RoutedAttention::Selected,
         lr_scale: 1.0,
         warmup: 0.0,
         aux: 0.0,
-    },
-    Recipe {
-        name: "r-update70",
-        label: "update, φ 1, 70%",
-        form: ResidualForm::Update,
-        phi_init: 1.0,
-        ratio: 0.7,
-        router_norm: false,
-        lr_scale: 1.0,
-        warmup: 0.0,
-        aux: 0.0,
-    },
-    Recipe {
-        name: "r-update50",
-        label: "update, φ 1, 50%",
-        form: ResidualForm::Update,
-        phi_init: 1.0,
-        ratio: 0.5,
-        router_norm: false,
-        lr_scale: 1.0,
-        warmup: 0.0,
-        aux: 0.0,
-    },
-    Recipe {
-        name: "r-norm",
-        label: "+ router RMSNorm",
-        form: ResidualForm::Update,
-        phi_init: 1.0,
-        ratio: 0.5,
-        router_norm: true,
-        lr_scale: 1.0,
-        warmup: 0.0,
-        aux: 0.0,
-    },
-    Recipe {
-        name: "r-warm",
-        label: "+ norm, capacity warm-up 25%",
-        form: ResidualForm::Update,
-        phi_init: 1.0,
-        ratio: 0.5,
-        router_norm: true,
-        lr_scale: 1.0,
-        warmup: 0.25,
-        aux: 0.0,
-    },
-    Recipe {
-        name: "r-aux",
-        label: "+ norm, router aux loss 0.1",
-        form: ResidualForm::Update,
-        phi_init: 1.0,
-        ratio: 0.5,
-        router_norm: true,
-        lr_scale: 1.0,
-        warmup: 0.0,
-        aux: 0.1,
-    },
-    Recipe {
-        name: "r-lr5",
-        label: "+ norm, thinking lr x5",
-        form: ResidualForm::Update,
-        phi_init: 1.0,
-        ratio: 0.5,
-        router_norm: true,
-        lr_scale: 5.0,
-        warmup: 0.0,
-        aux: 0.0,
-    },
+    }
+}
+
+const RECIPES: [Recipe; 9] = [
+    Recipe { form: ResidualForm::Literal, phi_init: 0.1, ..recipe("r-literal", "literal, φ 0.1, 70% (the old default)", 0.7) },
+    recipe("r-update50", "update, φ 1, 50%", 0.5),
+    recipe("r-update70", "update, φ 1, 70%", 0.7),
+    recipe("r-update100", "update, φ 1, 100% (routers weigh, all tokens)", 1.0),
+    Recipe { attention: RoutedAttention::All, ..recipe("r-all70", "update, φ 1, 70%, routed tokens attend to all", 0.7) },
+    Recipe { router_norm: true, ..recipe("r-norm70", "update, φ 1, 70%, router RMSNorm", 0.7) },
+    Recipe { router_norm: true, aux: 0.1, ..recipe("r-aux70", "... + router aux loss 0.1", 0.7) },
+    Recipe { router_norm: true, warmup: 0.25, ..recipe("r-warm70", "... + capacity warm-up 25%", 0.7) },
+    Recipe { router_norm: true, lr_scale: 5.0, ..recipe("r-lr70", "... + thinking lr x5", 0.7) },
 ];
 
 fn recipe_config(size: &str, r: &Recipe, opts: &ExperimentOptions) -> Result<RunConfig> {
@@ -328,6 +276,7 @@ fn recipe_config(size: &str, r: &Recipe, opts: &ExperimentOptions) -> Result<Run
     th.phi_init = r.phi_init;
     th.ratios = vec![r.ratio; 3];
     th.router_norm = r.router_norm;
+    th.routed_attention = r.attention;
     th.step_scale = 1.0;
     th.residual_connection = true;
     th.adaptive_routing = true;
