@@ -258,11 +258,18 @@ const fn recipe(name: &'static str, label: &'static str, ratio: f64) -> Recipe {
 }
 
 const RECIPES: [Recipe; 9] = [
-    Recipe { form: ResidualForm::Literal, phi_init: 0.1, ..recipe("r-literal", "literal, φ 0.1, 70% (the old default)", 0.7) },
+    Recipe {
+        form: ResidualForm::Literal,
+        phi_init: 0.1,
+        ..recipe("r-literal", "literal, φ 0.1, 70% (the old default)", 0.7)
+    },
     recipe("r-update50", "update, φ 1, 50%", 0.5),
     recipe("r-update70", "update, φ 1, 70%", 0.7),
     recipe("r-update100", "update, φ 1, 100% (routers weigh, all tokens)", 1.0),
-    Recipe { attention: RoutedAttention::All, ..recipe("r-all70", "update, φ 1, 70%, routed tokens attend to all", 0.7) },
+    Recipe {
+        attention: RoutedAttention::All,
+        ..recipe("r-all70", "update, φ 1, 70%, routed tokens attend to all", 0.7)
+    },
     Recipe { router_norm: true, ..recipe("r-norm70", "update, φ 1, 70%, router RMSNorm", 0.7) },
     Recipe { router_norm: true, aux: 0.1, ..recipe("r-aux70", "... + router aux loss 0.1", 0.7) },
     Recipe { router_norm: true, warmup: 0.25, ..recipe("r-warm70", "... + capacity warm-up 25%", 0.7) },

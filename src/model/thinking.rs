@@ -268,11 +268,13 @@ impl ForwardRecord {
     }
 }
 
-/// The tokens a routed step picked, with every token's router logit and weight (host copies).
+/// The tokens a routed step picked, with every token's router logit and weight (host copies),
+/// and the logits as a node whose only inputs with gradients are the router's (x detached).
 struct Route {
     selected: Vec<u32>,
     logits: Vec<f32>,
     weights: Vec<f32>,
+    router_logits: Tensor, // (N, 1)
 }
 
 /// Per-token bookkeeping across one layer's steps.
@@ -396,7 +398,7 @@ impl ThinkingLayer {
             };
             let route = self.select(router, &x, t, rho, call, &mut walk)?;
             if let Some(aux) = call.router_aux.as_mut() {
-                aux.push(router_aux_term(router, &x, &route.selected)?);
+                aux.push(router_aux_term(&route.router_logits, &route.selected)?);
             }
             if let Some(rec) = call.record.as_deref_mut() {
                 self.record_step(rec, t, &route, &walk);
@@ -441,7 +443,8 @@ impl ThinkingLayer {
     fn select(&self, router: &Router, x: &Tensor, t: usize, rho: f64, call: &Call, walk: &mut Walk) -> Result<Route> {
         let opts = call.routing;
         let lens = &call.pos.layout.lens;
-        let logits: Vec<f32> = router.logits(&x.detach())?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+        let router_logits = router.logits(&x.detach())?; // (N, 1)
+        let logits: Vec<f32> = router_logits.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
         let weights: Vec<f32> = logits.iter().map(|&z| 1.0 / (1.0 + (-z).exp())).collect();
         if let Some(e) = opts.early_exit {
             // This step's weight decides this step already (DESIGN §6).
@@ -467,7 +470,7 @@ impl ThinkingLayer {
                 }
             },
         };
-        Ok(Route { selected, logits, weights })
+        Ok(Route { selected, logits, weights, router_logits })
     }
 
     /// Fold one routed step into the record's statistics (and detail, when kept).
@@ -585,12 +588,11 @@ impl ThinkingLayer {
 }
 
 /// The router auxiliary loss of one routed step (DESIGN §4.6, as Mixture-of-Recursions does):
-/// the mean binary cross-entropy of every token's router logit against whether the step
-/// selected it, log(1 + e^z) - [selected] * z. The router sees x detached, so this loss
-/// trains the router alone (teaching it to score as top-k selects, which is also what causal
-/// threshold routing needs), not the representation.
-fn router_aux_term(router: &Router, x: &Tensor, selected: &[u32]) -> Result<Tensor> {
-    let z = router.logits(&x.detach())?; // (N, 1)
+/// the mean binary cross-entropy of every token's router logit z (N, 1) against whether the
+/// step selected it, log(1 + e^z) - [selected] * z. The logits were computed from x detached,
+/// so this loss trains the router alone (teaching it to score as top-k selects, which is also
+/// what causal threshold routing needs), not the representation.
+fn router_aux_term(z: &Tensor, selected: &[u32]) -> Result<Tensor> {
     let n = z.dim(0)?;
     let mut target = vec![0f32; n];
     for &i in selected {
