@@ -27,7 +27,7 @@ pub enum ModelKind {
 
 /// What the accumulated term holds (DESIGN §3, last bullets): the literal block output
 /// `f(x)` of the paper's Eq. 4 (default), or only the block's update `f(x) - x`.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ResidualForm {
     Literal,
@@ -317,12 +317,13 @@ pub struct TrainConfig {
 
 /// Which parameters training updates; the others stay frozen (no update, no weight decay, and
 /// their gradients are left out of the clipping norm).
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Trainable {
     #[default]
     All,
     /// Only the thinking layers' own parameters, `layers.{i}.think.*` (phi_t and routers).
+    #[value(alias = "routers")]
     Thinking,
 }
 

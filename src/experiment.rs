@@ -796,11 +796,13 @@ mod tests {
 
     #[test]
     fn t_intervals() {
-        // Differences 1, 2, 3: mean 2, sd 1, half-width t(2) / sqrt(3) = 4.303 / 1.732.
+        // Differences 1, 2, 3: mean 2, sd 1, half-width t(2) / sqrt(3) = 2.48 > 2: includes 0.
         let e = Estimate::of(&[1.0, 2.0, 3.0]);
         assert!((e.ci95.unwrap() - 4.303 / 3f64.sqrt()).abs() < 1e-9);
-        assert!(e.excludes_zero());
-        assert!(!Estimate::of(&[-1.0, 2.0, 3.0]).excludes_zero());
+        assert!(!e.excludes_zero());
+        // 1.9, 2, 2.1: half-width 0.248, excludes 0 (and so does its negative).
+        assert!(Estimate::of(&[1.9, 2.0, 2.1]).excludes_zero());
+        assert!(Estimate::of(&[-1.9, -2.0, -2.1]).excludes_zero());
         assert!(Estimate::of(&[0.5]).ci95.is_none() && !Estimate::of(&[0.5]).excludes_zero());
         assert_eq!(t_975(40), 1.96);
     }

@@ -10,6 +10,7 @@
 pub mod analysis;
 pub mod bench;
 pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod data;
 pub mod demo;

@@ -124,7 +124,7 @@ fn configs_malformed_unknown_field_bad_values_unknown_preset() {
     fails_cleanly(&itt(&["train", "--preset", "enormous-itt9", "--out", o]), &["unknown preset", "enormous-itt9"]);
     fails_cleanly(&itt(&["info", "--preset", "tiny-itt4", "--ratios", "0.5,2"]), &["--ratios"]);
     // Precision: an unknown one on the command line or in a config, and one that does not apply.
-    fails_cleanly(&itt(&["train", "--precision", "fp8", "--out", o]), &["fp8", "f32 or bf16"]);
+    fails_cleanly(&itt(&["train", "--precision", "fp8", "--out", o]), &["fp8", "f32, bf16"]);
     cfg["model"]["thinking"]["ratios"] = serde_json::json!([0.7, 0.7, 0.7]);
     cfg["train"]["precision"] = serde_json::json!("fp8");
     let precision = tmp.path().join("precision.json");

@@ -39,7 +39,7 @@ pub struct Item {
 }
 
 /// What to do with a malformed line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnError {
     Stop,
     Skip,

@@ -131,12 +131,13 @@ pub(crate) fn first_line(e: &impl std::fmt::Display) -> String {
 }
 
 /// The layouts `export` writes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
     /// One of our checkpoint folders, weights only (no optimiser state): model.safetensors,
     /// config.json, tokenizer.json (+ router_calibration.json).
     Itt,
     /// A Hugging Face `LlamaForCausalLM` folder (dense models only), see `hf::export`.
+    #[value(alias = "huggingface")]
     Hf,
     /// `model.gguf`, llama architecture, f32 (dense models with a BPE tokenizer), see
     /// `gguf::write_f32`.

@@ -109,10 +109,11 @@ pub fn with_composed<R>(kernels: &[Kernel], f: impl FnOnce() -> R) -> R {
 /// elsewhere unless asked). `Bf16` rounds both operands of every product to bfloat16 and sums in
 /// f32, in the forward and backward passes, like PyTorch's CPU autocast; everything else (norms,
 /// attention, softmax, the optimiser and its master weights) stays f32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     #[default]
+    #[value(alias = "fp32")]
     F32,
     Bf16,
 }

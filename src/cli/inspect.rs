@@ -1,0 +1,327 @@
+//! Commands that look at models, runs and the machine: info, tokenizer, bench, analyze,
+//! report, convert, export.
+
+use super::{ModelSource, RoutingArgs};
+use crate::model::Routing;
+use crate::ops::Precision;
+use crate::{analysis, checkpoint, config, data, flops, report, Error, Result};
+use clap::{Args, Subcommand};
+use std::path::{Path, PathBuf};
+
+#[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    model: ModelSource,
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    /// Sequence length for the attention term (default: the config's training length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Print the run config as JSON, exactly what `--config FILE` accepts (figures stay in the text form).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum TokenizerCmd {
+    /// Train a tokenizer on a corpus and save it as JSON.
+    Train {
+        #[arg(long)]
+        data: PathBuf,
+        /// bpe (byte-level BPE), char or byte.
+        #[arg(long, default_value = "bpe")]
+        kind: String,
+        #[arg(long, default_value_t = 4096)]
+        vocab_size: usize,
+        #[arg(long, default_value = "text")]
+        jsonl_field: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelSource,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Vocabulary for the benchmark (random tokens).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Matrix products of the training step in f32 or bf16 (see `itt train --precision`).
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// Measure prefill and decode (with and without KV cache) for these presets instead of training,
+    /// e.g. --decode tiny,tiny-loop4,tiny-itt4.
+    #[arg(long, value_delimiter = ',')]
+    decode: Option<Vec<String>>,
+    /// Prompt tokens per sequence for --decode.
+    #[arg(long, default_value_t = 128)]
+    prompt_len: usize,
+    /// Generated tokens per sequence for --decode.
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+pub enum AnalyzeCmd {
+    /// Steps each token took in each thinking layer: HTML page, PNG heat map, JSON, terminal colours.
+    Depth(DepthArgs),
+    /// Router weights, shares, step overlap, phi norms and which tokens think more: PNG + JSON.
+    Router(RouterArgs),
+    /// The paper's section 2 study: attention-gradient nuclear norms, easy vs hard samples: PNG + JSON.
+    GradSpikes(SpikeArgs),
+}
+
+#[derive(Args)]
+pub struct DepthArgs {
+    /// An ITT checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// The text to analyse.
+    #[arg(long)]
+    text: Option<String>,
+    /// A text file, corpus folder, .jsonl file or `builtin`, instead of --text.
+    #[arg(long)]
+    data: Option<String>,
+    /// Folder for depth.json, depth.png and depth.html.
+    #[arg(long, default_value = "runs/analysis/depth")]
+    out: PathBuf,
+    /// Window length (default: the checkpoint's training sequence length).
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Analyse at most this many tokens.
+    #[arg(long, default_value_t = 2048)]
+    max_tokens: usize,
+    #[command(flatten)]
+    routing: RoutingArgs,
+}
+
+#[derive(Args)]
+pub struct RouterArgs {
+    /// An ITT checkpoint folder or run folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `builtin` (the synthetic corpus: adds answer/prompt and per-task groups) or a corpus path.
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Folder for router.json and the PNGs.
+    #[arg(long, default_value = "runs/analysis/router")]
+    out: PathBuf,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Tokens to route in all.
+    #[arg(long, default_value_t = 16384)]
+    max_tokens: usize,
+}
+
+#[derive(Args)]
+pub struct SpikeArgs {
+    /// Any checkpoint folder or run folder (dense, Loop or ITT).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    /// `builtin` (task lines, answer tokens as targets), a .jsonl file with prompt/answer or
+    /// text/label fields, or any text (windows split at median accuracy).
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Folder for grad_spikes.json and grad_spikes.png.
+    #[arg(long, default_value = "runs/analysis/grad-spikes")]
+    out: PathBuf,
+    /// Samples per class (easy, hard).
+    #[arg(long, default_value_t = 24)]
+    samples: usize,
+    /// Window length for plain text.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+    #[arg(long, default_value = "text")]
+    jsonl_field: String,
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// The run folder (the --out of `itt train`).
+    run_dir: PathBuf,
+    /// Where to write the page (default RUN_DIR/report.html).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Prompt for a sample generation (repeatable; default: a few built-in tasks).
+    #[arg(long)]
+    prompt: Vec<String>,
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// No sample generations.
+    #[arg(long)]
+    no_generate: bool,
+}
+
+#[derive(Args)]
+pub struct ConvertArgs {
+    /// A .gguf file (llama architecture) or a Hugging Face LlamaForCausalLM folder.
+    #[arg(long)]
+    from: PathBuf,
+    /// The checkpoint folder to write.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// An itt checkpoint or run folder (or a .gguf file / Hugging Face folder).
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long)]
+    out: PathBuf,
+    /// itt (weights-only checkpoint), hf (Hugging Face LlamaForCausalLM) or gguf (llama, f32); hf and gguf: dense models only.
+    #[arg(long, default_value = "itt")]
+    format: crate::import::ExportFormat,
+}
+
+pub fn info(a: InfoArgs) -> Result<()> {
+    let cfg = match &a.checkpoint {
+        Some(c) => checkpoint::load(c)?.config,
+        None => a.model.load("tiny")?,
+    };
+    if let Some(r) = &a.ratios {
+        config::check_ratios("--ratios", r)?;
+    }
+    let n = a.seq_len.unwrap_or(cfg.train.seq_len);
+    let f = flops::flops_per_token(&cfg.model, n, a.steps, a.ratios.as_deref());
+    if a.json {
+        println!("{}", cfg.to_json());
+    } else {
+        println!("{}", report::info(&cfg, &f, n));
+    }
+    Ok(())
+}
+
+pub fn tokenizer(cmd: TokenizerCmd) -> Result<()> {
+    let TokenizerCmd::Train { data, kind, vocab_size, jsonl_field, out } = cmd;
+    let opts = data::CorpusOptions { jsonl_field, ..Default::default() };
+    let docs = data::read_corpus(&data, &opts)?;
+    let spec = if kind == "bpe" { format!("bpe:{vocab_size}") } else { kind };
+    let tok = data::from_spec(&spec, &docs)?;
+    if out.exists() {
+        return Err(Error::usage(format!("{} exists; choose another --out", out.display())));
+    }
+    tok.save(&out)?;
+    println!("{} tokenizer with {} tokens written to {}", tok.kind(), tok.vocab_size(), out.display());
+    Ok(())
+}
+
+pub fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(presets) = &a.decode {
+        if a.precision.is_some() {
+            return Err(Error::usage(
+                "--precision applies to the training benchmark, not to --decode (decoding runs in f32)",
+            ));
+        }
+        println!("{}", crate::bench::DecodeBench::HEADER);
+        for p in presets {
+            let mut cfg = config::preset(p)?;
+            if let Some(v) = a.vocab {
+                cfg.model.vocab_size = v;
+            }
+            let r = crate::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r).unwrap());
+            } else {
+                println!("{}", r.row());
+            }
+        }
+        return Ok(());
+    }
+    let mut cfg = a.model.load("small")?;
+    if let Some(b) = a.batch_size {
+        cfg.train.batch_size = b;
+    }
+    if let Some(t) = a.seq_len {
+        cfg.train.seq_len = t;
+    }
+    if let Some(v) = a.vocab {
+        cfg.model.vocab_size = v;
+    }
+    if let Some(p) = a.precision {
+        cfg.train.precision = p;
+    }
+    cfg.validate()?;
+    let r = crate::bench::train_step(&cfg, a.steps)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r).unwrap());
+    } else {
+        println!("{}", r.table());
+    }
+    Ok(())
+}
+
+pub fn analyze(cmd: AnalyzeCmd) -> Result<()> {
+    let written = |paths: &[&Path]| {
+        let p: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("wrote {}", p.join(", "));
+    };
+    match cmd {
+        AnalyzeCmd::Depth(a) => {
+            let text = analysis::read_text(a.text.as_deref(), a.data.as_deref(), Some(a.max_tokens as u64 * 64))?;
+            let opts = analysis::depth::DepthOptions {
+                routing: a.routing.options(None, Routing::TopK)?,
+                seq_len: a.seq_len,
+                max_tokens: a.max_tokens,
+                ..Default::default()
+            };
+            let r = analysis::depth::run(&a.checkpoint, &text, &opts, &a.out)?;
+            print!("{}", analysis::depth::render_terminal(&r.map, report::stdout_is_terminal()));
+            written(&[&r.json, &r.png, &r.html]);
+        }
+        AnalyzeCmd::Router(a) => {
+            let opts =
+                analysis::router::RouterOptions { seq_len: a.seq_len, max_tokens: a.max_tokens, ..Default::default() };
+            let (r, paths) = analysis::router::run(&a.checkpoint, &a.data, &opts, &a.out)?;
+            print!("{}", analysis::router::summary(&r));
+            written(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        }
+        AnalyzeCmd::GradSpikes(a) => {
+            let opts = analysis::grad_spikes::SpikeOptions {
+                samples: a.samples,
+                window: a.window,
+                jsonl_field: a.jsonl_field,
+                ..Default::default()
+            };
+            let (r, paths) = analysis::grad_spikes::run(&a.checkpoint, &a.data, &opts, &a.out)?;
+            print!("{}", analysis::grad_spikes::summary(&r));
+            written(&paths.iter().map(PathBuf::as_path).collect::<Vec<_>>());
+        }
+    }
+    Ok(())
+}
+
+pub fn report(a: ReportArgs) -> Result<()> {
+    let opts = analysis::run_report::ReportOptions {
+        out: a.out,
+        prompts: a.prompt,
+        max_new_tokens: a.max_new_tokens,
+        generate: !a.no_generate,
+    };
+    let path = analysis::run_report::run(&a.run_dir, &opts)?;
+    println!("report written to {}", path.display());
+    Ok(())
+}
+
+pub fn convert(a: ConvertArgs) -> Result<()> {
+    println!("{}", crate::import::export(&a.from, &a.out, crate::import::ExportFormat::Itt)?);
+    Ok(())
+}
+
+pub fn export(a: ExportArgs) -> Result<()> {
+    println!("{}", crate::import::export(&a.checkpoint, &a.out, a.format)?);
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! The command-line interface: clap argument structs and the call into the library that each
+//! command makes. `src/main.rs` only parses and reports errors; everything a command does is
+//! a library call (training, evaluation, generation, analysis), so the CLI and any other front
+//! end (tests, a server) run the same code.
+
+mod eval;
+mod inspect;
+mod train;
+
+use crate::config::{self, RunConfig};
+use crate::model::{Routing, RoutingOptions};
+use crate::{Error, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+pub use eval::{CalibrateArgs, EvalArgs, GenerateArgs};
+pub use inspect::{AnalyzeCmd, BenchArgs, ConvertArgs, ExportArgs, InfoArgs, ReportArgs, TokenizerCmd};
+pub use train::{DemoArgs, ExperimentArgs, RetrofitArgs, TrainArgs};
+
+#[derive(Parser)]
+#[command(name = "itt", version, about = "Inner Thinking Transformers: train, evaluate, analyse and serve them on CPU")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// The main job: train a tiny ITT model on the built-in data, evaluate it, sample from it.
+    Demo(DemoArgs),
+    /// Train a model (from a preset or config) on a corpus; resumable.
+    Train(TrainArgs),
+    /// Loss, perplexity and bits per byte of a checkpoint on a text or dataset.
+    Eval(EvalArgs),
+    /// Generate text from a checkpoint, streamed to stdout.
+    Generate(GenerateArgs),
+    /// Parameters and FLOPs per token of a preset, config or checkpoint.
+    Info(InfoArgs),
+    /// Tokenizer tools.
+    Tokenizer {
+        #[command(subcommand)]
+        cmd: TokenizerCmd,
+    },
+    /// Measure training tokens/s and peak memory of a preset (a benchmark, not a test).
+    Bench(BenchArgs),
+    /// Compute router thresholds for causal routing from text, for a checkpoint without them.
+    Calibrate(CalibrateArgs),
+    /// The paper's comparisons at small scale: table1, table2, table3, fig4, scaling, steps, recipe.
+    Experiment(ExperimentArgs),
+    /// See the thinking: per-token depth maps, router statistics, the gradient-spike study.
+    Analyze {
+        #[command(subcommand)]
+        cmd: AnalyzeCmd,
+    },
+    /// A self-contained HTML report of a training run: curves, routers, FLOPs, sample generations.
+    Report(ReportArgs),
+    /// Import a pretrained LLaMA model (GGUF file or Hugging Face folder) as an itt checkpoint.
+    Convert(ConvertArgs),
+    /// Write a model as an itt checkpoint, a Hugging Face LLaMA folder or a llama GGUF.
+    Export(ExportArgs),
+    /// Turn a pretrained dense model into ITT (every other layer thinks) and fine-tune it.
+    Retrofit(RetrofitArgs),
+}
+
+/// Where a model's configuration comes from.
+#[derive(Args, Clone)]
+pub struct ModelSource {
+    /// A named preset: tiny, small, paper-162m, paper-230m, paper-466m, each also -loopT / -ittT (T = 2, 3, 4).
+    #[arg(long)]
+    pub preset: Option<String>,
+    /// A JSON run config (see `itt info --preset tiny --json` for the format).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+impl ModelSource {
+    pub fn load(&self, default: &str) -> Result<RunConfig> {
+        match (&self.preset, &self.config) {
+            (Some(_), Some(_)) => Err(Error::usage("give either --preset or --config, not both")),
+            (None, Some(path)) => RunConfig::load(path),
+            (p, None) => config::preset(p.as_deref().unwrap_or(default)),
+        }
+    }
+}
+
+/// Elastic-inference and routing settings (DESIGN §5, §6).
+#[derive(Args, Clone, Default)]
+pub struct RoutingArgs {
+    /// Share of tokens per routed step, e.g. 0.5,0.5,0.5 (default: the trained ratios).
+    #[arg(long, value_delimiter = ',')]
+    pub ratios: Option<Vec<f64>>,
+    /// Number of thinking steps to run: fewer than the trained T, or up to 4 more (extended
+    /// thinking: the extra steps reuse the last step's router, step vector and share).
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// topk (the paper's rule, not causal) or threshold (causal, needs stored thresholds).
+    #[arg(long)]
+    pub routing: Option<Routing>,
+    /// Stop giving a token further steps once its router weight falls below this.
+    #[arg(long)]
+    pub early_exit: Option<f32>,
+}
+
+impl RoutingArgs {
+    pub fn options(
+        &self,
+        calibration: Option<&crate::model::RouterCalibration>,
+        default: Routing,
+    ) -> Result<RoutingOptions> {
+        let mode = self.routing.unwrap_or(default);
+        Ok(RoutingOptions {
+            mode,
+            calibration: calibration.cloned().map(std::sync::Arc::new),
+            ratios: self.ratios.clone(),
+            steps: self.steps,
+            early_exit: self.early_exit,
+            forced: None,
+        })
+    }
+}
+
+/// Run one parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Demo(a) => train::demo(a),
+        Cmd::Train(a) => train::train(a),
+        Cmd::Retrofit(a) => train::retrofit(a),
+        Cmd::Experiment(a) => train::experiment(a),
+        Cmd::Eval(a) => eval::eval(a),
+        Cmd::Generate(a) => eval::generate(a),
+        Cmd::Calibrate(a) => eval::calibrate(a),
+        Cmd::Info(a) => inspect::info(a),
+        Cmd::Tokenizer { cmd } => inspect::tokenizer(cmd),
+        Cmd::Bench(a) => inspect::bench(a),
+        Cmd::Analyze { cmd } => inspect::analyze(cmd),
+        Cmd::Report(a) => inspect::report(a),
+        Cmd::Convert(a) => inspect::convert(a),
+        Cmd::Export(a) => inspect::export(a),
+    }
+}

@@ -1,0 +1,307 @@
+//! Commands that train: demo, train, retrofit, experiment.
+
+use super::ModelSource;
+use crate::config::{ResidualForm, Trainable};
+use crate::ops::Precision;
+use crate::train::{DataSpec, RunOptions, Trainer};
+use crate::{data, demo, report, Error, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Run folder (replaced if it holds an earlier demo).
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    #[arg(long, default_value = "tiny-itt4")]
+    preset: String,
+    /// Optimiser steps (about 3 minutes on 2 cores).
+    #[arg(long, default_value_t = 300)]
+    steps: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    model: ModelSource,
+    /// Corpus: `builtin`, a text/.gz/.jsonl file, a folder, or a prepared dataset folder.
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    /// Tokenizer for a raw corpus: char, byte, bpe:N, or a tokenizer file.
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    jsonl_field: String,
+    /// Share of documents held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Run folder.
+    #[arg(long, default_value = "runs/train")]
+    out: PathBuf,
+    /// Continue the run in --out from its latest checkpoint (or from --checkpoint).
+    #[arg(long)]
+    resume: bool,
+    /// With --resume: the checkpoint to resume from.
+    #[arg(long)]
+    checkpoint: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Stop after this step (the schedule still runs to --steps); resume later.
+    #[arg(long)]
+    stop_at: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    warmup: Option<usize>,
+    #[arg(long)]
+    eval_interval: Option<usize>,
+    #[arg(long)]
+    checkpoint_interval: Option<usize>,
+    /// Matrix products in f32, or bf16 (bf16 operands, f32 sums, f32 master weights).
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// No progress output.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct RetrofitArgs {
+    /// The pretrained dense model: an itt checkpoint, a .gguf file or a Hugging Face folder.
+    #[arg(long)]
+    from: PathBuf,
+    /// Fine-tuning corpus (file, folder, .gz, .jsonl, builtin) or a dataset prepared with the model's tokenizer.
+    #[arg(long)]
+    data: String,
+    #[arg(long, default_value_t = 0.1)]
+    val_fraction: f64,
+    /// Run folder.
+    #[arg(long, default_value = "runs/retrofit")]
+    out: PathBuf,
+    /// Thinking steps T of the ITT layers; 1 fine-tunes the dense model as it is (the baseline).
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Share of tokens per routed step (T - 1 values; default 0.7 each).
+    #[arg(long, value_delimiter = ',')]
+    ratios: Option<Vec<f64>>,
+    /// Layers that think (default every other layer: 1, 3, 5, ...).
+    #[arg(long, value_delimiter = ',')]
+    layers: Option<Vec<usize>>,
+    /// Initial phi_t of the routed steps (0, the default: the retrofit model equals the pretrained one exactly).
+    #[arg(long, default_value_t = 0.0)]
+    phi_init: f64,
+    /// What the routed steps accumulate: literal (f(x), the paper's Eq. 4) or update (f(x) - x).
+    #[arg(long, default_value = "literal")]
+    residual_form: ResidualForm,
+    /// What to fine-tune: thinking (alias routers: step vectors and routers only) or all.
+    #[arg(long, default_value = "thinking")]
+    train: Trainable,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 200)]
+    max_steps: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 128)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    /// Decoupled weight decay of matrices (0: keep the pretrained weights where they are).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 50)]
+    eval_interval: usize,
+    /// Validation batches per evaluation (the same ones each time).
+    #[arg(long, default_value_t = 8)]
+    eval_batches: usize,
+    #[arg(long, default_value_t = 1337)]
+    seed: u64,
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+pub struct ExperimentArgs {
+    /// table1, table2, table3, fig4, scaling, steps or recipe.
+    name: String,
+    /// Model size(s): tiny, small, ... (scaling takes several, comma-separated).
+    #[arg(long, default_value = "tiny", value_delimiter = ',')]
+    preset: Vec<String>,
+    #[arg(long, default_value = "builtin")]
+    data: String,
+    #[arg(long, default_value = "char")]
+    tokenizer: String,
+    #[arg(long, default_value_t = 3)]
+    seeds: usize,
+    /// Optimiser steps per run (default: the preset's).
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    /// Validation batches per evaluation (0 = whole split).
+    #[arg(long, default_value_t = 0)]
+    eval_batches: usize,
+    /// Held-out problems of each kind every model answers (built-in data; 0 = none).
+    #[arg(long, default_value_t = 40)]
+    problems: usize,
+    /// Output folder (runs are reused/resumed when present).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    quiet: bool,
+}
+
+pub fn demo(a: DemoArgs) -> Result<()> {
+    demo::run(&demo::DemoOptions { out: a.out, preset: a.preset, steps: Some(a.steps), seed: a.seed })
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let spec = DataSpec {
+        path: a.data.clone(),
+        tokenizer: a.tokenizer.clone(),
+        corpus: data::CorpusOptions { jsonl_field: a.jsonl_field.clone(), ..Default::default() },
+        val_fraction: a.val_fraction,
+    };
+    let (mut trainer, dataset) = if a.resume {
+        let trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
+        let dataset = data::Dataset::open(&a.out.join("data"))
+            .or_else(|_| crate::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
+        dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
+        (trainer, dataset)
+    } else {
+        let mut cfg = a.model.load("tiny")?;
+        let t = &mut cfg.train;
+        macro_rules! set {
+            ($field:ident, $v:expr) => {
+                if let Some(v) = $v {
+                    t.$field = v;
+                }
+            };
+        }
+        set!(seed, a.seed);
+        set!(max_steps, a.steps);
+        set!(batch_size, a.batch_size);
+        set!(seq_len, a.seq_len);
+        set!(grad_accum, a.grad_accum);
+        set!(lr, a.lr);
+        set!(warmup_steps, a.warmup);
+        set!(eval_interval, a.eval_interval);
+        set!(checkpoint_interval, a.checkpoint_interval);
+        if let Some(p) = a.precision {
+            t.precision = p;
+        }
+        if a.out.join("latest").exists() {
+            return Err(Error::usage(format!(
+                "{} already holds a training run; pass --resume to continue it or choose another --out",
+                a.out.display()
+            )));
+        }
+        if a.out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+            return Err(Error::usage(format!(
+                "{} exists and is not empty (an unrelated folder, or a run stopped before its first checkpoint); \
+                 choose another --out",
+                a.out.display()
+            )));
+        }
+        let created = !a.out.exists();
+        let setup = || -> Result<(Trainer, data::Dataset)> {
+            let (dataset, tok) = crate::train::prepare_data(&spec, &a.out.join("data"))?;
+            if a.model.config.is_none() {
+                // Presets take their vocabulary from the tokenizer; a config file must match it.
+                cfg.model.vocab_size = tok.vocab_size();
+            }
+            cfg.validate()?;
+            Ok((Trainer::new(cfg, &tok, &a.out)?, dataset))
+        };
+        match setup() {
+            Ok(x) => x,
+            Err(e) => {
+                // A run that never started leaves nothing behind in a folder it created.
+                if created {
+                    let _ = std::fs::remove_dir_all(&a.out);
+                }
+                return Err(e);
+            }
+        }
+    };
+    let summary = crate::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
+    println!("{}", report::train_summary(&summary));
+    Ok(())
+}
+
+pub fn retrofit(a: RetrofitArgs) -> Result<()> {
+    use crate::config::{ModelKind, ThinkingConfig, TrainConfig};
+    let thinking = if a.steps <= 1 {
+        ThinkingConfig::default()
+    } else {
+        ThinkingConfig {
+            kind: ModelKind::Itt,
+            steps: a.steps,
+            ratios: a.ratios.clone().unwrap_or_else(|| vec![0.7; a.steps - 1]),
+            layers: a.layers.clone(),
+            phi_init: a.phi_init,
+            residual_form: a.residual_form,
+            ..Default::default()
+        }
+    };
+    let train = TrainConfig {
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        max_steps: a.max_steps,
+        lr: a.lr,
+        warmup_steps: a.warmup,
+        weight_decay: a.weight_decay,
+        eval_interval: a.eval_interval,
+        eval_batches: a.eval_batches,
+        seed: a.seed,
+        trainable: a.train,
+        ..TrainConfig::default()
+    };
+    let opts = crate::import::retrofit::RetrofitOptions {
+        from: a.from,
+        data: a.data,
+        val_fraction: a.val_fraction,
+        out: a.out,
+        thinking,
+        train,
+        quiet: a.quiet,
+    };
+    let report = crate::import::retrofit::run(&opts)?;
+    println!("{}", report.table());
+    Ok(())
+}
+
+pub fn experiment(a: ExperimentArgs) -> Result<()> {
+    let opts = crate::experiment::ExperimentOptions {
+        out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs/experiments")),
+        name: a.name,
+        sizes: a.preset,
+        data: DataSpec { path: a.data, tokenizer: a.tokenizer, ..Default::default() },
+        seeds: a.seeds,
+        steps: a.steps,
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        eval_batches: a.eval_batches,
+        problems: a.problems,
+        quiet: a.quiet,
+        command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
+    };
+    let r = crate::experiment::run(&opts)?;
+    println!("{}", crate::experiment::markdown(&r, &opts));
+    println!("written: {}/{}/results.json, results.md, loss.png", opts.out.display(), opts.name);
+    Ok(())
+}
