@@ -19,10 +19,12 @@ use crate::config::RunConfig;
 use crate::error::IoContext;
 use crate::model::{Model, RouterCalibration};
 use crate::optim::AdamW;
+use crate::util::write_atomic;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "itt";
@@ -81,15 +83,8 @@ pub struct CheckpointInfo {
     pub calibration: Option<RouterCalibration>,
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).at(&tmp)?;
-        f.write_all(bytes).at(&tmp)?;
-        f.sync_all().at(&tmp)?;
-    }
-    std::fs::rename(&tmp, path).at(path)
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |w| w.write_all(bytes))
 }
 
 /// The safetensors header tag, e.g. `{"format": "itt-model-v1"}`. One key only: the header's
@@ -150,13 +145,13 @@ pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
         save_tensors(&tmp.join("optimizer.safetensors"), t, "optimizer")?;
     }
     if let Some(state) = parts.state {
-        write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state).unwrap().as_bytes())?;
+        write_bytes(&tmp.join("state.json"), serde_json::to_string_pretty(state).unwrap().as_bytes())?;
     }
     if let Some(cal) = parts.calibration {
-        write_atomic(&tmp.join("router_calibration.json"), serde_json::to_string(cal).unwrap().as_bytes())?;
+        write_bytes(&tmp.join("router_calibration.json"), serde_json::to_string(cal).unwrap().as_bytes())?;
     }
-    write_atomic(&tmp.join("config.json"), parts.config.to_json().as_bytes())?;
-    write_atomic(&tmp.join("tokenizer.json"), parts.tokenizer_json.as_bytes())?;
+    write_bytes(&tmp.join("config.json"), parts.config.to_json().as_bytes())?;
+    write_bytes(&tmp.join("tokenizer.json"), parts.tokenizer_json.as_bytes())?;
     if dir.exists() {
         // Re-saving a step (e.g. after a resume): move the old one aside first.
         let old = parent.join(format!(".{name}.old{}", std::process::id()));
@@ -172,7 +167,7 @@ pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
 /// Point `RUN/latest` at a checkpoint folder (relative path), atomically.
 pub fn set_latest(run_dir: &Path, ckpt_dir: &Path) -> Result<()> {
     let rel = ckpt_dir.strip_prefix(run_dir).unwrap_or(ckpt_dir);
-    write_atomic(&run_dir.join("latest"), rel.to_string_lossy().as_bytes())
+    write_bytes(&run_dir.join("latest"), rel.to_string_lossy().as_bytes())
 }
 
 /// A checkpoint folder, or a run folder whose `latest` names one.

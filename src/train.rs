@@ -14,6 +14,7 @@ use crate::flops::flops_per_token;
 use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
 use crate::optim::{AdamW, GradAccumulator};
 use crate::rng::Rng;
+use crate::util::write_atomic;
 use crate::{Error, Result};
 use candle_core::Device;
 use serde_json::json;
@@ -152,8 +153,8 @@ impl Trainer {
         }
         std::fs::create_dir_all(run_dir).at(run_dir)?;
         let tokenizer_json = tokenizer.to_json()?;
-        std::fs::write(run_dir.join("config.json"), cfg.to_json()).at(run_dir.join("config.json"))?;
-        std::fs::write(run_dir.join("tokenizer.json"), &tokenizer_json).at(run_dir.join("tokenizer.json"))?;
+        write_atomic(&run_dir.join("config.json"), |w| w.write_all(cfg.to_json().as_bytes()))?;
+        write_atomic(&run_dir.join("tokenizer.json"), |w| w.write_all(tokenizer_json.as_bytes()))?;
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         let mut model = model;
         model.precision = cfg.train.precision;
@@ -332,7 +333,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !body.is_empty() {
         body.push('\n');
     }
-    std::fs::write(path, body).at(path)
+    write_atomic(path, |w| w.write_all(body.as_bytes()))
 }
 
 /// Options of a whole training run.
