@@ -53,6 +53,14 @@ enum Cmd {
     Export(ExportArgs),
     /// Turn a pretrained dense model into ITT (every other layer thinks) and fine-tune it.
     Retrofit(RetrofitArgs),
+    /// Check a checkpoint's files (or every checkpoint of a run) against their manifest's sha256.
+    Verify(VerifyArgs),
+}
+
+#[derive(Args)]
+struct VerifyArgs {
+    /// A checkpoint folder, or a run folder (all its checkpoints).
+    path: PathBuf,
 }
 
 #[derive(Args)]
@@ -623,8 +631,8 @@ fn run(cli: Cli) -> Result<()> {
             let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
             let cal = itt::eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;
             let path = info.dir.join("router_calibration.json");
-            std::fs::write(&path, serde_json::to_string(&cal).unwrap())
-                .map_err(|e| Error::input(&path, e.to_string()))?;
+            let json = serde_json::to_string(&cal).map_err(|e| Error::input(&path, e.to_string()))?;
+            checkpoint::write_file(&info.dir, "router_calibration.json", json.as_bytes())?;
             println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
             Ok(())
         }
@@ -637,6 +645,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Retrofit(a) => cmd_retrofit(a),
+        Cmd::Verify(a) => cmd_verify(&a.path),
         Cmd::Analyze { cmd } => cmd_analyze(cmd),
         Cmd::Report(a) => {
             let opts = analysis::run_report::ReportOptions {
@@ -749,6 +758,9 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     };
     let (mut trainer, dataset) = if a.resume {
         let trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
+        for n in &trainer.notices {
+            eprintln!("{n}");
+        }
         let dataset = data::Dataset::open(&a.out.join("data"))
             .or_else(|_| itt::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
         dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
@@ -799,6 +811,45 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     let summary = itt::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
     println!("{}", report::train_summary(&summary));
     Ok(())
+}
+
+/// Print each checkpoint's files as ok / BAD; fail if any is damaged.
+fn cmd_verify(path: &Path) -> Result<()> {
+    let dir = checkpoint::resolve(path);
+    let dirs = match &dir {
+        Ok(d) if d == path => vec![d.clone()],
+        _ => checkpoint::run_checkpoints(path),
+    };
+    if dirs.is_empty() {
+        return Err(dir.err().unwrap_or_else(|| Error::checkpoint(path, "holds no checkpoint")));
+    }
+    let mut damaged = vec![];
+    for d in &dirs {
+        match checkpoint::verify(d, checkpoint::Check::Hashes) {
+            Ok(v) => {
+                println!("{v}");
+                if !v.is_intact() {
+                    damaged.push(d.display().to_string());
+                }
+            }
+            Err(e) => {
+                println!("{}: DAMAGED\n  {e}", d.display());
+                damaged.push(d.display().to_string());
+            }
+        }
+    }
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    Err(Error::checkpoint(
+        path,
+        format!(
+            "{} of {} checkpoint(s) damaged ({}); `itt train --resume` continues from the newest intact one",
+            damaged.len(),
+            dirs.len(),
+            damaged.join(", ")
+        ),
+    ))
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {

@@ -6,7 +6,7 @@
 //! the host in a fixed order. So a run is the same bit for bit for the same seed, and a run
 //! stopped at step N and resumed equals the uninterrupted run.
 
-use crate::checkpoint::{self, SaveParts, TrainState};
+use crate::checkpoint::{self, Check, SaveParts, TrainState};
 use crate::config::RunConfig;
 use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
 use crate::error::IoContext;
@@ -121,6 +121,9 @@ pub struct Trainer {
     pub calibration: Option<RouterCalibration>,
     pub tokenizer_json: String,
     pub run_dir: PathBuf,
+    /// One-line notices for the user from `resume`: checkpoints skipped as damaged, or resumed
+    /// without a manifest to check.
+    pub notices: Vec<String>,
     data_rng: Rng,
     acc: GradAccumulator,
 }
@@ -180,14 +183,53 @@ impl Trainer {
             calibration,
             tokenizer_json,
             run_dir: run_dir.to_path_buf(),
+            notices: vec![],
             data_rng,
             acc,
         })
     }
 
-    /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`).
+    /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`),
+    /// after checking every file's sha256 against the checkpoint's manifest. Without `from`, a
+    /// damaged checkpoint is skipped for the newest intact one, and `notices` says which and why.
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
-        let ck = checkpoint::load(from.unwrap_or(run_dir))?;
+        let candidates = match from {
+            Some(p) => vec![p.to_path_buf()],
+            None => checkpoint::run_checkpoints(run_dir),
+        };
+        if candidates.is_empty() {
+            // No checkpoint at all: `load` says what the folder is instead.
+            return Self::resume_from(run_dir, run_dir);
+        }
+        let mut notices = vec![];
+        let mut skipped = vec![];
+        for dir in &candidates {
+            match Self::resume_from(run_dir, dir) {
+                Ok(mut t) => {
+                    if !skipped.is_empty() {
+                        notices.push(format!(
+                            "resuming from {} (step {}), the newest intact checkpoint",
+                            dir.display(),
+                            t.state.step
+                        ));
+                    }
+                    t.notices.splice(0..0, notices);
+                    truncate_metrics(&run_dir.join("metrics.jsonl"), t.state.step)?;
+                    return Ok(t);
+                }
+                Err(e) if from.is_none() => {
+                    notices.push(format!("skipped {e}"));
+                    skipped.push(e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::checkpoint(run_dir, format!("holds no intact checkpoint to resume from: {}", skipped.join("; "))))
+    }
+
+    /// The trainer of one checkpoint, its files checked against their sha256.
+    fn resume_from(run_dir: &Path, ckpt: &Path) -> Result<Self> {
+        let (ck, verified) = checkpoint::load_checked(ckpt, Check::Hashes)?;
         let (mut model, info) = ck.into_model(&Device::Cpu)?;
         model.precision = info.config.train.precision;
         let state =
@@ -196,7 +238,6 @@ impl Trainer {
         let acc = GradAccumulator::with_trainable(&model.params, info.config.train.trainable);
         let calibration =
             if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
-        truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
         Ok(Trainer {
             cfg: info.config,
             model,
@@ -206,8 +247,14 @@ impl Trainer {
             calibration,
             tokenizer_json: info.tokenizer_json,
             run_dir: run_dir.to_path_buf(),
+            notices: verified.notice().into_iter().collect(),
             acc,
         })
+    }
+
+    /// The checkpoint folder of the current step.
+    fn state_dir(&self) -> PathBuf {
+        self.run_dir.join("checkpoints").join(format!("step-{:08}", self.state.step))
     }
 
     /// One optimiser step over `grad_accum` micro-batches drawn from `shard`, with the matrix
@@ -283,9 +330,9 @@ impl Trainer {
         crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
     }
 
-    /// Write a checkpoint of the current step and point `latest` at it.
+    /// Write a checkpoint of the current step, point `latest` at it, then prune older ones.
     pub fn save(&self) -> Result<PathBuf> {
-        let dir = self.run_dir.join("checkpoints").join(format!("step-{:08}", self.state.step));
+        let dir = self.state_dir();
         checkpoint::save(
             &dir,
             &self.model,
