@@ -55,6 +55,13 @@ pub struct TrainState {
     pub last_val_loss: Option<f64>,
     /// Wall-clock seconds spent training so far.
     pub elapsed_s: f64,
+    /// Steps whose batch was dropped for a non-finite loss or gradient (`on_nonfinite: skip`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_batches: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// A loaded checkpoint: enough to rebuild the model and its tokenizer.

@@ -298,6 +298,39 @@ pub struct TrainConfig {
     /// Weight of the router auxiliary loss (binary cross-entropy of each router logit against
     /// top-k membership, docs/DESIGN.md §4.6) added to the training loss. 0 = off.
     pub router_aux_weight: f64,
+    /// What a non-finite loss or gradient norm does: `stop` training with an error (keeping the
+    /// last checkpoint), or `skip` the batch (no update; counted in metrics.jsonl). Left out of
+    /// files when `stop`.
+    #[serde(skip_serializing_if = "OnNonFinite::is_stop")]
+    pub on_nonfinite: OnNonFinite,
+}
+
+/// What training does with a batch whose loss or gradient norm is NaN or infinite.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop with an error naming the step; the last checkpoint (all finite) stays.
+    #[default]
+    Stop,
+    /// Drop the batch's update (no optimiser step); the data stream still moves on.
+    Skip,
+}
+
+impl OnNonFinite {
+    pub fn is_stop(&self) -> bool {
+        *self == OnNonFinite::Stop
+    }
+}
+
+impl std::str::FromStr for OnNonFinite {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "stop" => Ok(OnNonFinite::Stop),
+            "skip" => Ok(OnNonFinite::Skip),
+            _ => Err(Error::usage(format!("--on-nonfinite must be stop or skip, not '{s}'"))),
+        }
+    }
 }
 
 /// Which parameters training updates; the others stay frozen (no update, no weight decay, and
@@ -363,6 +396,7 @@ impl Default for TrainConfig {
             thinking_lr_scale: 1.0,
             capacity_warmup: 0.0,
             router_aux_weight: 0.0,
+            on_nonfinite: OnNonFinite::Stop,
         }
     }
 }
@@ -623,6 +657,18 @@ mod tests {
         c.train.thinking_lr_scale = 3.0;
         c.train.router_aux_weight = f64::NAN;
         assert!(c.validate().unwrap_err().to_string().contains("train.router_aux_weight"));
+    }
+
+    #[test]
+    fn on_nonfinite_is_left_out_when_stop_and_read_back_when_skip() {
+        let mut c = preset("tiny").unwrap();
+        assert!(!c.to_json().contains("on_nonfinite"), "default configs stay as they were");
+        c.train.on_nonfinite = "skip".parse().unwrap();
+        let back: RunConfig = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(back.train.on_nonfinite, OnNonFinite::Skip);
+        assert!("maybe".parse::<OnNonFinite>().unwrap_err().to_string().contains("stop or skip"));
+        let bad = c.to_json().replace("\"skip\"", "\"ignore\"");
+        assert!(serde_json::from_str::<RunConfig>(&bad).unwrap_err().to_string().contains("ignore"));
     }
 
     #[test]

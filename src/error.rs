@@ -17,6 +17,11 @@ pub enum Error {
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
 
+    /// Training met a NaN or infinite loss, gradient norm or weight; `msg` names the likely
+    /// cause and the checkpoint that is kept.
+    #[error("training diverged at step {step}: {msg}")]
+    Diverged { step: usize, msg: String },
+
     /// Bad arguments to a library call (a prompt longer than the context, an unknown task, ...).
     #[error("{0}")]
     Usage(String),

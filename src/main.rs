@@ -214,6 +214,10 @@ struct TrainArgs {
     /// Matrix products in f32, or bf16 (bf16 operands, f32 sums, f32 master weights).
     #[arg(long)]
     precision: Option<String>,
+    /// On a NaN or infinite loss or gradient norm: stop (default; the last checkpoint is kept)
+    /// or skip the batch (no update; counted in metrics.jsonl). Also applies with --resume.
+    #[arg(long)]
+    on_nonfinite: Option<String>,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -756,10 +760,14 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         corpus: data::CorpusOptions { jsonl_field: a.jsonl_field.clone(), ..Default::default() },
         val_fraction: a.val_fraction,
     };
+    let on_nonfinite = a.on_nonfinite.as_deref().map(str::parse).transpose()?;
     let (mut trainer, dataset) = if a.resume {
-        let trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
+        let mut trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
         for n in &trainer.notices {
             eprintln!("{n}");
+        }
+        if let Some(v) = on_nonfinite {
+            trainer.cfg.train.on_nonfinite = v;
         }
         let dataset = data::Dataset::open(&a.out.join("data"))
             .or_else(|_| itt::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
@@ -787,6 +795,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         if let Some(p) = &a.precision {
             t.precision = p.parse()?;
         }
+        set!(on_nonfinite, on_nonfinite);
         if a.out.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",

@@ -363,3 +363,47 @@ fn a_failed_save_removes_its_temporary_folder_and_keeps_the_checkpoints() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(itt(&["verify", run.to_str().unwrap()]).status.success());
 }
+
+/// Every weight of every checkpoint of a run is finite.
+fn all_checkpoints_finite(run: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        let (model, _, _) = itt::checkpoint::load_model(&e.unwrap().path()).unwrap();
+        for (name, v) in &model.params {
+            let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(x.iter().all(|x| x.is_finite()), "{name} is not finite");
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_huge_learning_rate_stops_training_without_a_nan_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("diverged");
+    let r = run.to_str().unwrap();
+    let args = ["train", "--preset", "tiny", "--steps", "8", "--batch-size", "2", "--seq-len", "16"];
+    let out = itt(&[&args[..], &["--checkpoint-interval", "1", "--lr", "1e9", "--quiet", "--out", r]].concat());
+    fails_cleanly(&out, &["diverged at step", "--lr 1e9", "learning rate", "is kept"]);
+    // It stopped at the first non-finite step: every checkpoint before it is there and finite.
+    let line = stderr(&out);
+    let step: usize = line.split("at step ").nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
+    assert!(step < 8, "{line}");
+    assert_eq!(all_checkpoints_finite(&run), (step - 1).min(2));
+}
+
+#[test]
+fn on_nonfinite_skip_drops_the_batches_and_counts_them() {
+    let (_tmp, run) = fresh_run("skipping", 8, &["--lr", "1e9", "--on-nonfinite", "skip", "--warmup", "1"]);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let skips = lines.iter().filter(|l| l["skipped"].is_string()).count();
+    assert!(skips > 0, "{metrics}");
+    let last_log = lines.iter().rev().find(|l| l.get("loss").is_some()).unwrap();
+    assert_eq!(last_log["skipped_batches"].as_u64().unwrap() as usize, skips, "{metrics}");
+    assert!(all_checkpoints_finite(&run) > 0);
+    let state = std::fs::read_to_string(step_dir(&run, 8).join("state.json")).unwrap();
+    assert!(state.contains(&format!("\"skipped_batches\": {skips}")), "{state}");
+    fails_cleanly(&itt(&["train", "--on-nonfinite", "maybe", "--out", "/nonexistent/x"]), &["stop or skip"]);
+}
