@@ -12,6 +12,12 @@ use std::path::Path;
 
 /// Bumped whenever the meaning of a saved field changes.
 pub const CONFIG_FORMAT_VERSION: u32 = 1;
+/// Longest context a model may declare (2^20 positions).
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// Largest vocabulary a model or tokenizer may have (2^24 tokens).
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Most thinking steps a layer may take (the paper goes to 4).
+pub const MAX_STEPS: usize = 64;
 
 /// Which family of model the thinking layers make (DESIGN §3.5).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -134,13 +140,24 @@ impl ModelConfig {
             }
             Ok(())
         };
-        pos("vocab_size", self.vocab_size)?;
-        pos("d_model", self.d_model)?;
-        pos("n_layers", self.n_layers)?;
-        pos("n_heads", self.n_heads)?;
-        pos("n_kv_heads", self.n_kv_heads)?;
-        pos("mlp_hidden", self.mlp_hidden)?;
-        pos("max_seq_len", self.max_seq_len)?;
+        // Upper bounds far above any model this trains (paper-466m: d 2048, 8 layers, vocab
+        // 32000), so that sizes derived from a mistyped or damaged config (rotary tables of
+        // max_seq_len x head_dim, parameter and FLOP counts, per-layer lists) stay computable.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("d_model", self.d_model, 1 << 16),
+            ("n_layers", self.n_layers, 1024),
+            ("n_heads", self.n_heads, 1 << 12),
+            ("n_kv_heads", self.n_kv_heads, 1 << 12),
+            ("mlp_hidden", self.mlp_hidden, 1 << 18),
+            ("max_seq_len", self.max_seq_len, MAX_CONTEXT),
+            ("thinking.steps", self.thinking.steps, MAX_STEPS),
+        ] {
+            pos(name, v)?;
+            if v > max {
+                return Err(Error::config(name, format!("{v} is above the supported {max}")));
+            }
+        }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "n_heads",
@@ -166,9 +183,6 @@ impl ModelConfig {
             return Err(Error::config("init_std", "must be positive"));
         }
         let th = &self.thinking;
-        if th.steps < 1 {
-            return Err(Error::config("thinking.steps", "must be at least 1"));
-        }
         if th.kind == ModelKind::Dense && th.steps != 1 {
             return Err(Error::config("thinking.steps", "a dense model takes exactly 1 step; use kind loop or itt"));
         }
@@ -412,6 +426,10 @@ impl TrainConfig {
         ] {
             if v == 0 {
                 return Err(Error::config(format!("train.{name}"), "must be at least 1"));
+            }
+            // Keeps tokens per step (batch x length x accumulation) far from overflowing.
+            if v > 1 << 20 && matches!(name, "batch_size" | "seq_len" | "grad_accum") {
+                return Err(Error::config(format!("train.{name}"), format!("{v} is above the supported {}", 1 << 20)));
             }
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {

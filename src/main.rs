@@ -539,7 +539,7 @@ fn main() {
     let cli = Cli::parse();
     if let Err(e) = itt::util::on_worker_thread(|| run(cli)) {
         let _ = std::io::stdout().flush();
-        eprintln!("error: {e}");
+        eprintln!("error: {}", itt::error::one_line(e.to_string()));
         std::process::exit(1);
     }
 }
