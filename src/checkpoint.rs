@@ -10,23 +10,35 @@
 //!     state.json                    step, tokens seen, data RNG state, optimiser step
 //!     config.json  tokenizer.json   everything needed to use the weights alone
 //!     router_calibration.json       running router quantiles for causal routing (ITT)
+//!     manifest.json                 every other file's name, size and sha256; written last
 //! ```
-//! A checkpoint is first written to a hidden temporary folder and renamed into place, and
-//! `latest` is replaced by rename, so an interrupted save never leaves a half-written
-//! checkpoint where a reader would look, and never damages the previous one.
+//! A checkpoint is first written to a hidden temporary folder (`.step-00000600.tmpPID`), each
+//! file fsynced, the manifest last, then the folder is fsynced and renamed into place; `latest`
+//! is replaced by rename. So an interrupted save never leaves a half-written checkpoint where a
+//! reader would look and never damages the previous one, and a failed save removes its
+//! temporary folder. Older checkpoints are pruned only once the new one is complete.
+//!
+//! Loading checks each file's size against the manifest (cheap; catches truncation); resuming
+//! and `itt verify` also check every sha256. Checkpoints written before manifests existed load
+//! unchecked.
 
 use crate::config::RunConfig;
 use crate::error::IoContext;
 use crate::model::{Model, RouterCalibration};
 use crate::optim::AdamW;
+use crate::util::{sync_dir, write_atomic};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub const FORMAT: &str = "itt";
 pub const VERSION: u32 = 1;
+/// The file listing every other file of a checkpoint with its size and sha256.
+pub const MANIFEST: &str = "manifest.json";
+const MANIFEST_FORMAT: &str = "itt-manifest";
 
 /// Where a training run stands; with the weights and optimiser, enough to resume exactly.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -43,6 +55,13 @@ pub struct TrainState {
     pub last_val_loss: Option<f64>,
     /// Wall-clock seconds spent training so far.
     pub elapsed_s: f64,
+    /// Steps whose batch was dropped for a non-finite loss or gradient (`on_nonfinite: skip`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped_batches: u64,
+}
+
+fn is_zero(x: &u64) -> bool {
+    *x == 0
 }
 
 /// A loaded checkpoint: enough to rebuild the model and its tokenizer.
@@ -81,15 +100,237 @@ pub struct CheckpointInfo {
     pub calibration: Option<RouterCalibration>,
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).at(&tmp)?;
-        f.write_all(bytes).at(&tmp)?;
-        f.sync_all().at(&tmp)?;
+fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic(path, |w| w.write_all(bytes))
+}
+
+/// The contents of `manifest.json`: what each file of the checkpoint was when it was saved.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    /// Sorted by name; `manifest.json` itself is not listed.
+    pub files: Vec<ManifestEntry>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestEntry {
+    pub name: String,
+    pub size: u64,
+    /// Lower-case hex.
+    pub sha256: String,
+}
+
+/// Size and sha256 (hex) of a file, read in 1 MiB pieces.
+fn hash_file(path: &Path) -> Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).at(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).at(path)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+        size += n as u64;
     }
-    std::fs::rename(&tmp, path).at(path)
+    Ok((size, h.finalize().iter().map(|b| format!("{b:02x}")).collect()))
+}
+
+/// Hash every file of `dir` (except the manifest) and write `manifest.json`, atomically.
+fn write_manifest(dir: &Path) -> Result<()> {
+    let mut names = vec![];
+    for e in std::fs::read_dir(dir).at(dir)? {
+        let e = e.at(dir)?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if e.file_type().at(e.path())?.is_file() && name != MANIFEST {
+            names.push(name);
+        }
+    }
+    names.sort();
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let (size, sha256) = hash_file(&dir.join(&name))?;
+        files.push(ManifestEntry { name, size, sha256 });
+    }
+    let m = Manifest { format: MANIFEST_FORMAT.into(), version: VERSION, files };
+    let json = serde_json::to_string_pretty(&m).map_err(|e| Error::checkpoint(dir, e.to_string()))?;
+    write_bytes(&dir.join(MANIFEST), json.as_bytes())
+}
+
+/// Write (or replace) one file of an existing checkpoint, atomically, and bring its manifest up
+/// to date (for files added after saving, e.g. router thresholds from `itt calibrate`).
+pub fn write_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let had_manifest = dir.join(MANIFEST).exists();
+    write_bytes(&dir.join(name), bytes)?;
+    if had_manifest {
+        write_manifest(dir)?;
+    }
+    Ok(())
+}
+
+/// Read and check `manifest.json`; `None` when the checkpoint predates manifests.
+pub fn read_manifest(dir: &Path) -> Result<Option<Manifest>> {
+    let path = dir.join(MANIFEST);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let damaged = |msg: String| {
+        Error::checkpoint(
+            &path,
+            format!(
+                "{msg}; the checkpoint is damaged: use an earlier one, or delete manifest.json to load it unchecked"
+            ),
+        )
+    };
+    let text = std::fs::read(&path).map_err(|e| damaged(format!("cannot read ({e})")))?;
+    let m: Manifest = serde_json::from_slice(&text).map_err(|e| damaged(format!("malformed ({e})")))?;
+    if m.format != MANIFEST_FORMAT || m.version != VERSION {
+        return Err(damaged(format!(
+            "is `{}` version {}, not {MANIFEST_FORMAT} version {VERSION}",
+            m.format, m.version
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for f in &m.files {
+        // Plain names only: a manifest must not make a reader look outside its folder.
+        let plain = !f.name.is_empty()
+            && f.name != "."
+            && f.name != ".."
+            && f.name != MANIFEST
+            && !f.name.contains(['/', '\\', '\0']);
+        if !plain || !seen.insert(f.name.as_str()) {
+            return Err(damaged(format!("lists {:?}, which is not a file name of this folder (or twice)", f.name)));
+        }
+        if f.sha256.len() != 64 || !f.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(damaged(format!("gives {:?} as the sha256 of {}, not 64 hex digits", f.sha256, f.name)));
+        }
+    }
+    Ok(Some(m))
+}
+
+/// How thoroughly to check a checkpoint against its manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Every listed file exists with its recorded size (a stat per file).
+    Sizes,
+    /// Sizes, and every file's sha256 (reads every byte).
+    Hashes,
+}
+
+/// One listed file's outcome: `None` when it matches the manifest.
+#[derive(Clone, Debug)]
+pub struct FileCheck {
+    pub name: String,
+    pub problem: Option<String>,
+}
+
+/// A checkpoint folder checked against its manifest.
+#[derive(Clone, Debug)]
+pub struct Verification {
+    pub dir: PathBuf,
+    /// False for checkpoints saved before manifests existed: nothing could be checked.
+    pub has_manifest: bool,
+    pub files: Vec<FileCheck>,
+    /// Files in the folder that the manifest does not list (not checked).
+    pub unlisted: Vec<String>,
+}
+
+impl Verification {
+    pub fn is_intact(&self) -> bool {
+        self.files.iter().all(|f| f.problem.is_none())
+    }
+
+    /// The first damaged file, as an error that names it and says what to do.
+    pub fn error(&self) -> Option<Error> {
+        let bad = self.files.iter().find(|f| f.problem.is_some())?;
+        Some(Error::checkpoint(
+            self.dir.join(&bad.name),
+            format!(
+                "{}; the checkpoint is damaged: use an earlier one (`itt train --resume` picks the newest intact one; \
+                 `itt verify {}` lists every file)",
+                bad.problem.as_deref().unwrap_or_default(),
+                self.dir.display()
+            ),
+        ))
+    }
+
+    /// The one-line notice for a checkpoint without a manifest, if this is one.
+    pub fn notice(&self) -> Option<String> {
+        (!self.has_manifest).then(|| {
+            format!(
+                "notice: checkpoint {} has no {MANIFEST} (saved by an earlier version of itt); its files cannot be checked",
+                self.dir.display()
+            )
+        })
+    }
+}
+
+impl std::fmt::Display for Verification {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(n) = self.notice() {
+            return write!(f, "{n}");
+        }
+        let verdict = if self.is_intact() { "intact" } else { "DAMAGED" };
+        write!(f, "{}: {verdict}", self.dir.display())?;
+        for c in &self.files {
+            match &c.problem {
+                None => write!(f, "\n  ok     {}", c.name)?,
+                Some(p) => write!(f, "\n  BAD    {}: {p}", c.name)?,
+            }
+        }
+        for u in &self.unlisted {
+            write!(f, "\n  extra  {u} (not in {MANIFEST}; not checked)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Check a checkpoint folder's files against its manifest.
+pub fn verify(dir: &Path, check: Check) -> Result<Verification> {
+    if !dir.is_dir() {
+        return Err(Error::checkpoint(dir, "does not exist or is not a folder"));
+    }
+    let Some(m) = read_manifest(dir)? else {
+        return Ok(Verification { dir: dir.to_path_buf(), has_manifest: false, files: vec![], unlisted: vec![] });
+    };
+    let mut files = Vec::with_capacity(m.files.len());
+    for e in &m.files {
+        let path = dir.join(&e.name);
+        let problem = match std::fs::metadata(&path) {
+            Err(_) => Some(format!("is missing ({MANIFEST} lists it)")),
+            Ok(md) if !md.is_file() => Some("is not a file".to_string()),
+            Ok(md) if md.len() != e.size => Some(format!(
+                "is {} bytes, {MANIFEST} records {} ({})",
+                md.len(),
+                e.size,
+                if md.len() < e.size { "truncated" } else { "grown since it was saved" }
+            )),
+            Ok(_) if check == Check::Hashes => match hash_file(&path) {
+                Ok((_, h)) if h != e.sha256 => {
+                    Some(format!("its sha256 differs from {MANIFEST} (the bytes changed after saving)"))
+                }
+                Ok(_) => None,
+                Err(err) => Some(format!("cannot be read ({err})")),
+            },
+            Ok(_) => None,
+        };
+        files.push(FileCheck { name: e.name.clone(), problem });
+    }
+    let mut unlisted = vec![];
+    for e in std::fs::read_dir(dir).at(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name != MANIFEST && !m.files.iter().any(|f| f.name == name) {
+            unlisted.push(name);
+        }
+    }
+    unlisted.sort();
+    Ok(Verification { dir: dir.to_path_buf(), has_manifest: true, files, unlisted })
 }
 
 /// The safetensors header tag, e.g. `{"format": "itt-model-v1"}`. One key only: the header's
@@ -101,7 +342,9 @@ fn st_metadata(kind: &str) -> HashMap<String, String> {
 fn save_tensors(path: &Path, tensors: Vec<(String, Tensor)>, kind: &str) -> Result<()> {
     safetensors::serialize_to_file(tensors, Some(st_metadata(kind)), path)
         .map_err(|e| Error::checkpoint(path, format!("cannot write: {e}")))?;
-    make_world_readable(path)
+    make_world_readable(path)?;
+    // `serialize_to_file` does not fsync; the manifest must only ever describe durable bytes.
+    std::fs::File::open(path).and_then(|f| f.sync_all()).at(path)
 }
 
 /// `safetensors` writes through a private temporary file (mode 0600); checkpoints are shared
@@ -129,7 +372,8 @@ pub struct SaveParts<'a> {
     pub calibration: Option<&'a RouterCalibration>,
 }
 
-/// Write a checkpoint folder `dir` atomically (temporary sibling folder, then rename).
+/// Write a checkpoint folder `dir` atomically (temporary sibling folder, then rename). A failed
+/// save removes its temporary folder and leaves any existing `dir` as it was.
 pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
     let parent = dir.parent().ok_or_else(|| Error::checkpoint(dir, "has no parent folder"))?;
     std::fs::create_dir_all(parent).at(parent)?;
@@ -138,7 +382,33 @@ pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
-    std::fs::create_dir_all(&tmp).at(&tmp)?;
+    let placed = write_folder(&tmp, model, parts).and_then(|()| {
+        if !dir.exists() {
+            return std::fs::rename(&tmp, dir).at(dir);
+        }
+        // Re-saving a step (e.g. after a resume): move the old one aside, put the new one in
+        // place (or the old one back), then delete the old one.
+        let old = parent.join(format!(".{name}.old{}", std::process::id()));
+        std::fs::rename(dir, &old).at(dir)?;
+        if let Err(e) = std::fs::rename(&tmp, dir) {
+            let _ = std::fs::rename(&old, dir);
+            return Err(e).at(dir);
+        }
+        std::fs::remove_dir_all(&old).at(&old)
+    });
+    if let Err(e) = placed {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::checkpoint(
+            dir,
+            format!("was not saved ({e}); is the disk full? Earlier checkpoints are untouched"),
+        ));
+    }
+    sync_dir(parent)
+}
+
+/// Every file of a checkpoint into the fresh folder `tmp`, each fsynced, the manifest last.
+fn write_folder(tmp: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
+    std::fs::create_dir_all(tmp).at(tmp)?;
     save_tensors(&tmp.join("model.safetensors"), model_tensors(&model.params), "model")?;
     if let Some(opt) = parts.optimizer {
         let mut t = Vec::with_capacity(2 * model.params.len() + 1);
@@ -149,30 +419,57 @@ pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
         t.push(("t".to_string(), Tensor::from_slice(&[opt.t as u32], 1, &Device::Cpu)?));
         save_tensors(&tmp.join("optimizer.safetensors"), t, "optimizer")?;
     }
+    let json = |path: &Path, v: std::result::Result<String, serde_json::Error>| -> Result<()> {
+        write_bytes(path, v.map_err(|e| Error::checkpoint(path, e.to_string()))?.as_bytes())
+    };
     if let Some(state) = parts.state {
-        write_atomic(&tmp.join("state.json"), serde_json::to_string_pretty(state).unwrap().as_bytes())?;
+        json(&tmp.join("state.json"), serde_json::to_string_pretty(state))?;
     }
     if let Some(cal) = parts.calibration {
-        write_atomic(&tmp.join("router_calibration.json"), serde_json::to_string(cal).unwrap().as_bytes())?;
+        json(&tmp.join("router_calibration.json"), serde_json::to_string(cal))?;
     }
-    write_atomic(&tmp.join("config.json"), parts.config.to_json().as_bytes())?;
-    write_atomic(&tmp.join("tokenizer.json"), parts.tokenizer_json.as_bytes())?;
-    if dir.exists() {
-        // Re-saving a step (e.g. after a resume): move the old one aside first.
-        let old = parent.join(format!(".{name}.old{}", std::process::id()));
-        std::fs::rename(dir, &old).at(dir)?;
-        std::fs::rename(&tmp, dir).at(dir)?;
-        std::fs::remove_dir_all(&old).at(&old)?;
-    } else {
-        std::fs::rename(&tmp, dir).at(dir)?;
-    }
-    Ok(())
+    write_bytes(&tmp.join("config.json"), parts.config.to_json().as_bytes())?;
+    write_bytes(&tmp.join("tokenizer.json"), parts.tokenizer_json.as_bytes())?;
+    write_manifest(tmp)?;
+    sync_dir(tmp)
 }
 
 /// Point `RUN/latest` at a checkpoint folder (relative path), atomically.
 pub fn set_latest(run_dir: &Path, ckpt_dir: &Path) -> Result<()> {
     let rel = ckpt_dir.strip_prefix(run_dir).unwrap_or(ckpt_dir);
-    write_atomic(&run_dir.join("latest"), rel.to_string_lossy().as_bytes())
+    write_bytes(&run_dir.join("latest"), rel.to_string_lossy().as_bytes())
+}
+
+/// A run's checkpoints in the order a resume tries them: the one `latest` names, then every
+/// `checkpoints/step-*` folder, newest first.
+pub fn run_checkpoints(run_dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(rel) = std::fs::read_to_string(run_dir.join("latest")) {
+        out.push(run_dir.join(rel.trim()));
+    }
+    for p in step_folders(run_dir).into_iter().rev() {
+        if !out.iter().any(|o| same_folder(o, &p)) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// `RUN/checkpoints/step-*` folders, oldest first.
+fn step_folders(run_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) else {
+        return vec![];
+    };
+    let mut steps: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && p.file_name().map(|n| n.to_string_lossy().starts_with("step-")).unwrap_or(false))
+        .collect();
+    steps.sort();
+    steps
 }
 
 /// A checkpoint folder, or a run folder whose `latest` names one.
@@ -231,9 +528,19 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("malformed: {e}")))
 }
 
-/// Load the weights, config, tokenizer, state and calibration of a checkpoint or run folder.
+/// Load the weights, config, tokenizer, state and calibration of a checkpoint or run folder,
+/// after checking each file's size against the manifest.
 pub fn load(path: &Path) -> Result<Checkpoint> {
+    Ok(load_checked(path, Check::Sizes)?.0)
+}
+
+/// `load`, checking the files against the manifest as thoroughly as asked first.
+pub fn load_checked(path: &Path, check: Check) -> Result<(Checkpoint, Verification)> {
     let dir = resolve(path)?;
+    let verification = verify(&dir, check)?;
+    if let Some(e) = verification.error() {
+        return Err(e);
+    }
     let config: RunConfig = read_json(&dir.join("config.json"))?;
     config.validate().map_err(|e| Error::checkpoint(dir.join("config.json"), e.to_string()))?;
     let tok_path = dir.join("tokenizer.json");
@@ -244,7 +551,7 @@ pub fn load(path: &Path) -> Result<Checkpoint> {
     let state = if state_path.exists() { Some(read_json::<TrainState>(&state_path)?) } else { None };
     let cal_path = dir.join("router_calibration.json");
     let calibration = if cal_path.exists() { Some(read_json(&cal_path)?) } else { None };
-    Ok(Checkpoint { dir, config, tokenizer_json, state, calibration, tensors })
+    Ok((Checkpoint { dir, config, tokenizer_json, state, calibration, tensors }, verification))
 }
 
 /// Load the AdamW state saved with a checkpoint, matching the model's parameters.
@@ -271,23 +578,24 @@ pub fn load_optimizer(dir: &Path, params: &[(String, Var)]) -> Result<AdamW> {
         opt.v.push(take(&format!("v.{n}"), var.elem_count())?);
     }
     let steps = t.remove("t").ok_or_else(|| Error::checkpoint(&path, "missing 't'"))?;
-    opt.t = steps.to_vec1::<u32>()?[0] as u64;
+    let steps = steps.flatten_all()?.to_vec1::<u32>()?;
+    let [steps] = steps[..] else {
+        return Err(Error::checkpoint(&path, format!("'t' has {} values, not 1", steps.len())));
+    };
+    opt.t = steps as u64;
     Ok(opt)
 }
 
-/// Delete all but the newest `keep` step folders of a run.
+/// Delete all but the newest `keep` step folders of a run; never the one `latest` names (the
+/// one just written, which after resuming from an older checkpoint need not be the newest).
 pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
-    let dir = run_dir.join("checkpoints");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(());
-    };
-    let mut steps: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.file_name().map(|n| n.to_string_lossy().starts_with("step-")).unwrap_or(false))
-        .collect();
-    steps.sort();
-    let n = steps.len();
-    for p in steps.into_iter().take(n.saturating_sub(keep.max(1))) {
+    let latest = std::fs::read_to_string(run_dir.join("latest")).ok().map(|rel| run_dir.join(rel.trim()));
+    let (current, mut others): (Vec<PathBuf>, Vec<PathBuf>) =
+        step_folders(run_dir).into_iter().partition(|p| latest.as_deref().is_some_and(|l| same_folder(l, p)));
+    let room = keep.max(1).saturating_sub(current.len());
+    let n = others.len();
+    others.truncate(n.saturating_sub(room));
+    for p in others {
         std::fs::remove_dir_all(&p).at(&p)?;
     }
     Ok(())
@@ -320,6 +628,96 @@ mod tests {
         let t = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
         let meta: HashMap<String, String> = header.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         safetensors::serialize_to_file(vec![("w".to_string(), t)], Some(meta), path).unwrap();
+    }
+
+    /// A small dense model saved as a weights-only checkpoint in `dir`.
+    fn saved(dir: &Path) -> Model {
+        let mut cfg = crate::config::preset("tiny").unwrap();
+        cfg.model.vocab_size = 257;
+        cfg.model.d_model = 16;
+        cfg.model.n_heads = 2;
+        cfg.model.n_kv_heads = 2;
+        cfg.model.mlp_hidden = 32;
+        cfg.model.n_layers = 1;
+        let model = Model::new(&cfg.model, 1, &Device::Cpu).unwrap();
+        let tok = crate::data::Tokenizer::byte().to_json().unwrap();
+        let parts = SaveParts { config: &cfg, tokenizer_json: &tok, optimizer: None, state: None, calibration: None };
+        save(dir, &model, &parts).unwrap();
+        model
+    }
+
+    #[test]
+    fn the_manifest_lists_every_file_and_catches_changes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ck");
+        saved(&dir);
+        let m = read_manifest(&dir).unwrap().unwrap();
+        let names: Vec<&str> = m.files.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["config.json", "model.safetensors", "tokenizer.json"]);
+        assert!(verify(&dir, Check::Hashes).unwrap().is_intact());
+        // No temporary folder is left beside it.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+
+        // A file added through `write_file` is listed; one dropped in by hand is reported as
+        // unlisted but does not make the checkpoint damaged.
+        write_file(&dir, "router_calibration.json", b"{}").unwrap();
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        let v = verify(&dir, Check::Hashes).unwrap();
+        assert!(v.is_intact() && v.files.len() == 4, "{v}");
+        assert_eq!(v.unlisted, ["notes.txt"]);
+
+        // Same size, one byte changed: sizes pass, hashes do not.
+        let p = dir.join("config.json");
+        let mut b = std::fs::read(&p).unwrap();
+        b[3] ^= 1;
+        std::fs::write(&p, &b).unwrap();
+        assert!(verify(&dir, Check::Sizes).unwrap().is_intact());
+        let e = verify(&dir, Check::Hashes).unwrap().error().unwrap().to_string();
+        assert!(e.contains("config.json") && e.contains("sha256"), "{e}");
+        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        let e = load(&dir).err().unwrap().to_string();
+        assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_manifest_cannot_point_outside_its_folder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("ck");
+        saved(&dir);
+        let hash = "0".repeat(64);
+        for name in ["../latest", "/etc/passwd", "", ".."] {
+            let m = format!(
+                r#"{{"format":"itt-manifest","version":1,"files":[{{"name":{name:?},"size":1,"sha256":"{hash}"}}]}}"#
+            );
+            std::fs::write(dir.join(MANIFEST), m).unwrap();
+            let e = load(&dir).err().unwrap().to_string();
+            assert!(e.contains("manifest.json") && e.contains("not a file name"), "{name}: {e}");
+        }
+        std::fs::write(dir.join(MANIFEST), "{").unwrap();
+        let e = load(&dir).err().unwrap().to_string();
+        assert!(e.contains("malformed") && e.contains("delete manifest.json"), "{e}");
+    }
+
+    #[test]
+    fn resaving_a_step_replaces_it_whole_and_prune_keeps_the_latest() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let ck = |s: usize| run.join("checkpoints").join(format!("step-{s:08}"));
+        for s in [1, 2, 3] {
+            saved(&ck(s));
+        }
+        saved(&ck(2));
+        assert!(verify(&ck(2), Check::Hashes).unwrap().is_intact());
+        // Resumed from step 1 and saved step 2 again: step 3 (newer, from the abandoned run)
+        // and step 2 (the latest) stay, step 1 goes.
+        set_latest(run, &ck(2)).unwrap();
+        prune(run, 2).unwrap();
+        assert!(!ck(1).exists() && ck(2).exists() && ck(3).exists());
+        prune(run, 1).unwrap();
+        assert!(ck(2).exists() && !ck(3).exists());
+        let names: Vec<_> =
+            std::fs::read_dir(run.join("checkpoints")).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, ["step-00000002"]);
     }
 
     #[test]

@@ -12,6 +12,12 @@ use std::path::Path;
 
 /// Bumped whenever the meaning of a saved field changes.
 pub const CONFIG_FORMAT_VERSION: u32 = 1;
+/// Longest context a model may declare (2^20 positions).
+pub const MAX_CONTEXT: usize = 1 << 20;
+/// Largest vocabulary a model or tokenizer may have (2^24 tokens).
+pub const MAX_VOCAB: usize = 1 << 24;
+/// Most thinking steps a layer may take (the paper goes to 4).
+pub const MAX_STEPS: usize = 64;
 
 /// Which family of model the thinking layers make (DESIGN §3.5).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,13 +155,24 @@ impl ModelConfig {
             }
             Ok(())
         };
-        pos("vocab_size", self.vocab_size)?;
-        pos("d_model", self.d_model)?;
-        pos("n_layers", self.n_layers)?;
-        pos("n_heads", self.n_heads)?;
-        pos("n_kv_heads", self.n_kv_heads)?;
-        pos("mlp_hidden", self.mlp_hidden)?;
-        pos("max_seq_len", self.max_seq_len)?;
+        // Upper bounds far above any model this trains (paper-466m: d 2048, 8 layers, vocab
+        // 32000), so that sizes derived from a mistyped or damaged config (rotary tables of
+        // max_seq_len x head_dim, parameter and FLOP counts, per-layer lists) stay computable.
+        for (name, v, max) in [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("d_model", self.d_model, 1 << 16),
+            ("n_layers", self.n_layers, 1024),
+            ("n_heads", self.n_heads, 1 << 12),
+            ("n_kv_heads", self.n_kv_heads, 1 << 12),
+            ("mlp_hidden", self.mlp_hidden, 1 << 18),
+            ("max_seq_len", self.max_seq_len, MAX_CONTEXT),
+            ("thinking.steps", self.thinking.steps, MAX_STEPS),
+        ] {
+            pos(name, v)?;
+            if v > max {
+                return Err(Error::config(name, format!("{v} is above the supported {max}")));
+            }
+        }
         if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(Error::config(
                 "n_heads",
@@ -181,9 +198,6 @@ impl ModelConfig {
             return Err(Error::config("init_std", "must be positive"));
         }
         let th = &self.thinking;
-        if th.steps < 1 {
-            return Err(Error::config("thinking.steps", "must be at least 1"));
-        }
         if th.kind == ModelKind::Dense && th.steps != 1 {
             return Err(Error::config("thinking.steps", "a dense model takes exactly 1 step; use kind loop or itt"));
         }
@@ -313,6 +327,39 @@ pub struct TrainConfig {
     /// Weight of the router auxiliary loss (binary cross-entropy of each router logit against
     /// top-k membership, docs/DESIGN.md §4.6) added to the training loss. 0 = off.
     pub router_aux_weight: f64,
+    /// What a non-finite loss or gradient norm does: `stop` training with an error (keeping the
+    /// last checkpoint), or `skip` the batch (no update; counted in metrics.jsonl). Left out of
+    /// files when `stop`.
+    #[serde(skip_serializing_if = "OnNonFinite::is_stop")]
+    pub on_nonfinite: OnNonFinite,
+}
+
+/// What training does with a batch whose loss or gradient norm is NaN or infinite.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnNonFinite {
+    /// Stop with an error naming the step; the last checkpoint (all finite) stays.
+    #[default]
+    Stop,
+    /// Drop the batch's update (no optimiser step); the data stream still moves on.
+    Skip,
+}
+
+impl OnNonFinite {
+    pub fn is_stop(&self) -> bool {
+        *self == OnNonFinite::Stop
+    }
+}
+
+impl std::str::FromStr for OnNonFinite {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "stop" => Ok(OnNonFinite::Stop),
+            "skip" => Ok(OnNonFinite::Skip),
+            _ => Err(Error::usage(format!("--on-nonfinite must be stop or skip, not '{s}'"))),
+        }
+    }
 }
 
 /// Which parameters training updates; the others stay frozen (no update, no weight decay, and
@@ -379,6 +426,7 @@ impl Default for TrainConfig {
             thinking_lr_scale: 1.0,
             capacity_warmup: 0.0,
             router_aux_weight: 0.0,
+            on_nonfinite: OnNonFinite::Stop,
         }
     }
 }
@@ -394,6 +442,10 @@ impl TrainConfig {
         ] {
             if v == 0 {
                 return Err(Error::config(format!("train.{name}"), "must be at least 1"));
+            }
+            // Keeps tokens per step (batch x length x accumulation) far from overflowing.
+            if v > 1 << 20 && matches!(name, "batch_size" | "seq_len" | "grad_accum") {
+                return Err(Error::config(format!("train.{name}"), format!("{v} is above the supported {}", 1 << 20)));
             }
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
@@ -639,6 +691,18 @@ mod tests {
         c.train.thinking_lr_scale = 3.0;
         c.train.router_aux_weight = f64::NAN;
         assert!(c.validate().unwrap_err().to_string().contains("train.router_aux_weight"));
+    }
+
+    #[test]
+    fn on_nonfinite_is_left_out_when_stop_and_read_back_when_skip() {
+        let mut c = preset("tiny").unwrap();
+        assert!(!c.to_json().contains("on_nonfinite"), "default configs stay as they were");
+        c.train.on_nonfinite = "skip".parse().unwrap();
+        let back: RunConfig = serde_json::from_str(&c.to_json()).unwrap();
+        assert_eq!(back.train.on_nonfinite, OnNonFinite::Skip);
+        assert!("maybe".parse::<OnNonFinite>().unwrap_err().to_string().contains("stop or skip"));
+        let bad = c.to_json().replace("\"skip\"", "\"ignore\"");
+        assert!(serde_json::from_str::<RunConfig>(&bad).unwrap_err().to_string().contains("ignore"));
     }
 
     #[test]

@@ -17,6 +17,11 @@ pub enum Error {
     #[error("checkpoint {}: {msg}", path.display())]
     Checkpoint { path: PathBuf, msg: String },
 
+    /// Training met a NaN or infinite loss, gradient norm or weight; `msg` names the likely
+    /// cause and the checkpoint that is kept.
+    #[error("training diverged at step {step}: {msg}")]
+    Diverged { step: usize, msg: String },
+
     /// Bad arguments to a library call (a prompt longer than the context, an unknown task, ...).
     #[error("{0}")]
     Usage(String),
@@ -35,17 +40,26 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn config(field: impl Into<String>, msg: impl Into<String>) -> Self {
-        Error::Config { field: field.into(), msg: msg.into() }
+        Error::Config { field: field.into(), msg: one_line(msg.into()) }
     }
     pub fn input(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Input { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Input { path: path.as_ref().to_path_buf(), msg: one_line(msg.into()) }
     }
     pub fn checkpoint(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {
-        Error::Checkpoint { path: path.as_ref().to_path_buf(), msg: msg.into() }
+        Error::Checkpoint { path: path.as_ref().to_path_buf(), msg: one_line(msg.into()) }
     }
     pub fn usage(msg: impl Into<String>) -> Self {
-        Error::Usage(msg.into())
+        Error::Usage(one_line(msg.into()))
     }
+}
+
+/// A message fit for one line: control characters quoted from a file (a newline inside a JSON
+/// key or a token, say) are escaped as Rust writes them (`\n`, `\u{1b}`).
+pub fn one_line(msg: String) -> String {
+    if !msg.chars().any(char::is_control) {
+        return msg;
+    }
+    msg.chars().map(|c| if c.is_control() { c.escape_default().to_string() } else { c.to_string() }).collect()
 }
 
 /// Attach the path to an io::Error so the message says which file failed.

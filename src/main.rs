@@ -24,7 +24,7 @@ fn main() {
     };
     if let Err(e) = itt::util::on_worker_thread(|| itt::cli::run(cli)) {
         let _ = std::io::stdout().flush();
-        eprintln!("error: {e}");
+        eprintln!("error: {}", itt::error::one_line(e.to_string()));
         std::process::exit(1);
     }
 }

@@ -6,8 +6,8 @@
 //! the host in a fixed order. So a run is the same bit for bit for the same seed, and a run
 //! stopped at step N and resumed equals the uninterrupted run.
 
-use crate::checkpoint::{self, SaveParts, TrainState};
-use crate::config::RunConfig;
+use crate::checkpoint::{self, Check, SaveParts, TrainState};
+use crate::config::{OnNonFinite, RunConfig};
 use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
 use crate::error::IoContext;
 use crate::flops::flops_per_token;
@@ -15,6 +15,7 @@ use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
 use crate::ops::Precision;
 use crate::optim::{AdamW, GradAccumulator};
 use crate::rng::Rng;
+use crate::util::write_atomic;
 use crate::{Error, Result};
 use candle_core::Device;
 use serde_json::json;
@@ -72,6 +73,8 @@ pub struct StepReport {
     pub record: ForwardRecord,
     /// On measured steps: the gradient norms reaching each thinking layer's routers and phi_t.
     pub thinking_grads: Vec<ThinkingGrad>,
+    /// Why this step's batch was dropped without an update (`on_nonfinite: skip`), if it was.
+    pub skipped: Option<String>,
 }
 
 /// L2 norms of the (micro-batch averaged, unclipped) gradient of one (layer, step)'s router
@@ -98,7 +101,7 @@ pub fn thinking_param(name: &str) -> Option<(usize, usize, bool)> {
 }
 
 /// Gradient norms per (layer, step) of the thinking parameters, from the summed gradients.
-fn thinking_grads(params: &[(String, candle_core::Var)], sums: &[Vec<f32>]) -> Vec<ThinkingGrad> {
+fn thinking_grads_of(params: &[(String, candle_core::Var)], sums: &[Vec<f32>]) -> Vec<ThinkingGrad> {
     let mut acc: std::collections::BTreeMap<(usize, usize), (Option<f64>, Option<f64>)> = Default::default();
     for ((name, _), g) in params.iter().zip(sums) {
         let Some((layer, step, router)) = thinking_param(name) else { continue };
@@ -121,6 +124,9 @@ pub struct Trainer {
     pub calibration: Option<RouterCalibration>,
     pub tokenizer_json: String,
     pub run_dir: PathBuf,
+    /// One-line notices for the user from `resume`: checkpoints skipped as damaged, or resumed
+    /// without a manifest to check.
+    pub notices: Vec<String>,
     data_rng: Rng,
     acc: GradAccumulator,
 }
@@ -161,8 +167,8 @@ impl Trainer {
         }
         std::fs::create_dir_all(run_dir).at(run_dir)?;
         let tokenizer_json = tokenizer.to_json()?;
-        std::fs::write(run_dir.join("config.json"), cfg.to_json()).at(run_dir.join("config.json"))?;
-        std::fs::write(run_dir.join("tokenizer.json"), &tokenizer_json).at(run_dir.join("tokenizer.json"))?;
+        write_atomic(&run_dir.join("config.json"), |w| w.write_all(cfg.to_json().as_bytes()))?;
+        write_atomic(&run_dir.join("tokenizer.json"), |w| w.write_all(tokenizer_json.as_bytes()))?;
         let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         let mut model = model;
         model.precision = cfg.train.precision;
@@ -179,6 +185,7 @@ impl Trainer {
             last_train_loss: None,
             last_val_loss: None,
             elapsed_s: 0.0,
+            skipped_batches: 0,
         };
         Ok(Trainer {
             cfg,
@@ -188,14 +195,53 @@ impl Trainer {
             calibration,
             tokenizer_json,
             run_dir: run_dir.to_path_buf(),
+            notices: vec![],
             data_rng,
             acc,
         })
     }
 
-    /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`).
+    /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`),
+    /// after checking every file's sha256 against the checkpoint's manifest. Without `from`, a
+    /// damaged checkpoint is skipped for the newest intact one, and `notices` says which and why.
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
-        let ck = checkpoint::load(from.unwrap_or(run_dir))?;
+        let candidates = match from {
+            Some(p) => vec![p.to_path_buf()],
+            None => checkpoint::run_checkpoints(run_dir),
+        };
+        if candidates.is_empty() {
+            // No checkpoint at all: `load` says what the folder is instead.
+            return Self::resume_from(run_dir, run_dir);
+        }
+        let mut notices = vec![];
+        let mut skipped = vec![];
+        for dir in &candidates {
+            match Self::resume_from(run_dir, dir) {
+                Ok(mut t) => {
+                    if !skipped.is_empty() {
+                        notices.push(format!(
+                            "resuming from {} (step {}), the newest intact checkpoint",
+                            dir.display(),
+                            t.state.step
+                        ));
+                    }
+                    t.notices.splice(0..0, notices);
+                    truncate_metrics(&run_dir.join("metrics.jsonl"), t.state.step)?;
+                    return Ok(t);
+                }
+                Err(e) if from.is_none() => {
+                    notices.push(format!("skipped {e}"));
+                    skipped.push(e.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(Error::checkpoint(run_dir, format!("holds no intact checkpoint to resume from: {}", skipped.join("; "))))
+    }
+
+    /// The trainer of one checkpoint, its files checked against their sha256.
+    fn resume_from(run_dir: &Path, ckpt: &Path) -> Result<Self> {
+        let (ck, verified) = checkpoint::load_checked(ckpt, Check::Hashes)?;
         let (mut model, info) = ck.into_model(&Device::Cpu)?;
         model.precision = info.config.train.precision;
         if model.precision == Precision::Bf16 && Precision::bf16_falls_back() {
@@ -211,7 +257,6 @@ impl Trainer {
         let acc = GradAccumulator::with_trainable(&model.params, info.config.train.trainable);
         let calibration =
             if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
-        truncate_metrics(&run_dir.join("metrics.jsonl"), state.step)?;
         Ok(Trainer {
             cfg: info.config,
             model,
@@ -221,8 +266,39 @@ impl Trainer {
             calibration,
             tokenizer_json: info.tokenizer_json,
             run_dir: run_dir.to_path_buf(),
+            notices: verified.notice().into_iter().collect(),
             acc,
         })
+    }
+
+    /// The checkpoint folder of the current step.
+    fn state_dir(&self) -> PathBuf {
+        self.run_dir.join("checkpoints").join(format!("step-{:08}", self.state.step))
+    }
+
+    /// The error for a non-finite value at the current step, naming the learning rate (the
+    /// usual cause) and the checkpoint that is kept.
+    fn diverged(&self, what: &str) -> Error {
+        let tc = &self.cfg.train;
+        let step = self.state.step + 1;
+        let warm = if self.state.step < tc.warmup_steps {
+            format!(", warm-up step {step} of {}", tc.warmup_steps)
+        } else {
+            String::new()
+        };
+        let kept = match checkpoint::resolve(&self.run_dir) {
+            Ok(dir) => format!("the last checkpoint, {}, is kept", dir.display()),
+            Err(_) => "no checkpoint was written".to_string(),
+        };
+        Error::Diverged {
+            step,
+            msg: format!(
+                "{what} at learning rate {:e} (peak --lr {:e}{warm}); the learning rate is probably too high: \
+                 lower --lr or lengthen --warmup, or pass --on-nonfinite skip to drop such batches; {kept}",
+                tc.lr_at(self.state.step),
+                tc.lr
+            ),
+        }
     }
 
     /// One optimiser step over `grad_accum` micro-batches drawn from `shard`, with the matrix
@@ -245,6 +321,8 @@ impl Trainer {
         let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
         let scalar =
             |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
+        // A skipped batch must not move the router thresholds either.
+        let calibration_before = (tc.on_nonfinite == OnNonFinite::Skip).then(|| self.calibration.clone());
         self.acc.zero();
         for _ in 0..tc.grad_accum {
             let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
@@ -264,20 +342,40 @@ impl Trainer {
             }
         }
         let loss = loss_sum / tc.grad_accum as f64;
-        if !loss.is_finite() {
-            return Err(Error::usage(format!(
-                "training diverged at step {} (loss {loss}); lower --lr or raise warmup",
-                self.state.step
-            )));
-        }
+        // Checked before the update: a NaN gradient would make every weight NaN.
         let grad_norm = self.acc.finish();
-        let thinking_grads = if measure { thinking_grads(&self.model.params, &self.acc.sums) } else { vec![] };
+        let nonfinite = if !loss.is_finite() {
+            Some(format!("the loss is {loss}"))
+        } else if !grad_norm.is_finite() {
+            Some(format!("the gradient norm is {grad_norm}"))
+        } else {
+            None
+        };
         let lr = tc.lr_at(self.state.step);
-        self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
+        let mut thinking_grads = vec![];
+        if let Some(what) = &nonfinite {
+            match calibration_before {
+                Some(before) => {
+                    self.calibration = before;
+                    self.state.skipped_batches += 1;
+                }
+                None => return Err(self.diverged(what)),
+            }
+        } else {
+            if measure {
+                thinking_grads = thinking_grads_of(&self.model.params, &self.acc.sums);
+            }
+            self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
+            // Finite gradients can still overflow a weight (a huge learning rate times weight
+            // decay); the update cannot be taken back, so this stops in either mode.
+            if let Some(name) = first_nonfinite_param(&self.model.params)? {
+                return Err(self.diverged(&format!("the update made weight `{name}` non-finite")));
+            }
+            self.state.last_train_loss = Some(loss);
+        }
         self.state.step += 1;
         self.state.tokens_seen += tc.tokens_per_step() as u64;
         self.state.data_rng = self.data_rng.state();
-        self.state.last_train_loss = Some(loss);
         let seconds = t0.elapsed().as_secs_f64();
         self.state.elapsed_s += seconds;
         Ok(StepReport {
@@ -289,6 +387,7 @@ impl Trainer {
             seconds,
             record,
             thinking_grads,
+            skipped: nonfinite,
         })
     }
 
@@ -298,9 +397,13 @@ impl Trainer {
         crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
     }
 
-    /// Write a checkpoint of the current step and point `latest` at it.
+    /// Write a checkpoint of the current step, point `latest` at it, then prune older ones.
+    /// Refuses weights that are not all finite (a checkpoint must be safe to resume from).
     pub fn save(&self) -> Result<PathBuf> {
-        let dir = self.run_dir.join("checkpoints").join(format!("step-{:08}", self.state.step));
+        if let Some(name) = first_nonfinite_param(&self.model.params)? {
+            return Err(self.diverged(&format!("weight `{name}` is non-finite; no checkpoint written")));
+        }
+        let dir = self.state_dir();
         checkpoint::save(
             &dir,
             &self.model,
@@ -331,6 +434,21 @@ impl Trainer {
     }
 }
 
+/// The name of the first parameter holding a NaN or infinity, if any.
+fn first_nonfinite_param(params: &[(String, candle_core::Var)]) -> Result<Option<String>> {
+    use rayon::prelude::*;
+    for (name, var) in params {
+        let t = var.as_tensor().to_dtype(candle_core::DType::F32)?;
+        let finite = crate::ops::fused::with_data::<f32, _>(&t, |d| {
+            Ok(d.par_chunks(1 << 15).all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite())))
+        })?;
+        if !finite {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// Drop metric lines past `step` (written after the checkpoint a run resumes from).
 fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
@@ -348,7 +466,7 @@ fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
     if !body.is_empty() {
         body.push('\n');
     }
-    std::fs::write(path, body).at(path)
+    write_atomic(path, |w| w.write_all(body.as_bytes()))
 }
 
 /// Options of a whole training run.
@@ -432,10 +550,18 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     while trainer.state.step < end {
         let next = trainer.state.step + 1;
         let rep = trainer.step(&data.train, next % tc.log_interval == 0 || next == end)?;
-        window.merge_stats(&rep.record);
-        window_loss.0 += rep.loss;
-        window_loss.1 += 1;
         let step = rep.step;
+        if let Some(why) = &rep.skipped {
+            let line = json!({"step": step, "skipped": why, "skipped_batches": trainer.state.skipped_batches});
+            writeln!(metrics, "{line}").at(&metrics_path)?;
+            if !opts.quiet {
+                bar.suspend(|| eprintln!("step {step}: {why}; batch skipped (--on-nonfinite skip)"));
+            }
+        } else {
+            window.merge_stats(&rep.record);
+            window_loss.0 += rep.loss;
+            window_loss.1 += 1;
+        }
         let elapsed = t_start.elapsed().as_secs_f64();
         let tok_s = (trainer.state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
         if step % tc.log_interval == 0 || step == end {
@@ -447,7 +573,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
                 "flops_per_token": flops.train, "flops_per_token_counted": counted,
                 "routing": routing_json(&window, &rep.thinking_grads), "router_aux": rep.router_aux,
                 "phi_grad_step1": rep.thinking_grads.iter().filter(|g| g.step == 1).map(|g| json!({"layer": g.layer, "norm": g.phi})).collect::<Vec<_>>(),
-                "phi_rms": trainer.phi_rms()?,
+                "phi_rms": trainer.phi_rms()?, "skipped_batches": trainer.state.skipped_batches,
             });
             writeln!(metrics, "{line}").at(&metrics_path)?;
             let share: Vec<String> = window.stats.values().map(|s| format!("{:.2}", s.share())).collect();

@@ -1,4 +1,11 @@
-//! Small process-level helpers: memory readings and allocator settings.
+//! Small process-level helpers: memory readings, allocator settings, and the one way files
+//! are written atomically.
+
+use crate::error::IoContext;
+use crate::Result;
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
 
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_mb() -> f64 {
@@ -72,4 +79,46 @@ pub fn write_new(path: &std::path::Path, bytes: &[u8]) -> crate::Result<()> {
         .open(path)
         .map_err(|e| crate::Error::input(path, format!("cannot create: {e}")))?;
     f.write_all(bytes).map_err(|e| crate::Error::input(path, format!("cannot write: {e}")))
+}
+
+/// Write `path` atomically: into `path.tmpPID` beside it, fsync, rename over `path`, fsync the
+/// folder. Readers never see a half-written file, and after a crash there is either the old
+/// file or the new one. A failed write removes its temporary file.
+pub fn write_atomic(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
+    let tmp = tmp_path(path);
+    let written = (|| -> Result<()> {
+        let file = File::create(&tmp).at(&tmp)?;
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        write(&mut w).at(&tmp)?;
+        let file = w.into_inner().map_err(|e| e.into_error()).at(&tmp)?;
+        file.sync_all().at(&tmp)?;
+        drop(file);
+        std::fs::rename(&tmp, path).at(path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => sync_dir(dir),
+        None => sync_dir(Path::new(".")),
+    }
+}
+
+/// `path` with `.tmp` and this process's id appended (`train.bin` -> `train.bin.tmp1234`), so
+/// two processes writing the same file never share a temporary one.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".tmp{}", std::process::id()));
+    PathBuf::from(s)
+}
+
+/// fsync a folder, so that files created or renamed in it survive a crash (Unix; elsewhere a
+/// folder cannot be opened for this and nothing is done).
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    #[cfg(unix)]
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)?;
+    #[cfg(not(unix))]
+    let _ = dir;
+    Ok(())
 }

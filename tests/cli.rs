@@ -145,7 +145,8 @@ fn truncated_foreign_or_mismatched_checkpoints() {
         &["model.safetensors", "truncated"],
     );
 
-    // A safetensors file written by something else.
+    // A safetensors file written by something else, into a folder assembled by hand (no
+    // manifest): the header names the problem. With the manifest it is a damaged checkpoint.
     let ck = checkpoint_copy("foreign");
     let t = candle_core::Tensor::zeros((2, 2), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
     candle_core::safetensors::save(
@@ -155,12 +156,18 @@ fn truncated_foreign_or_mismatched_checkpoints() {
     .unwrap();
     fails_cleanly(
         &itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]),
+        &["model.safetensors", "manifest.json", "damaged"],
+    );
+    std::fs::remove_file(ck.join("manifest.json")).unwrap();
+    fails_cleanly(
+        &itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]),
         &["model.safetensors", "elsewhere"],
     );
 
     // A tokenizer whose vocabulary does not match the model.
     let ck = checkpoint_copy("tokmismatch");
     itt::data::Tokenizer::byte().save(&ck.join("tokenizer.json")).unwrap();
+    std::fs::remove_file(ck.join("manifest.json")).unwrap();
     fails_cleanly(&itt(&["eval", "--checkpoint", ck.to_str().unwrap(), "--text", "12+34=46"]), &["tokenizer", "257"]);
 
     // Not a checkpoint at all.
@@ -177,9 +184,11 @@ fn generation_bad_requests() {
         &itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--ratios", "0.5,0.5,0.5"]),
         &["--ratios"],
     );
-    // Causal decoding needs stored thresholds: the message says how to get them.
+    // Causal decoding needs stored thresholds: the message says how to get them. (Removing a
+    // file a manifest lists damages the checkpoint, so this one is from before manifests.)
     let ck = checkpoint_copy("nothresholds");
     std::fs::remove_file(ck.join("router_calibration.json")).unwrap();
+    std::fs::remove_file(ck.join("manifest.json")).unwrap();
     fails_cleanly(&itt(&["generate", "--checkpoint", ck.to_str().unwrap(), "--prompt", "1+1="]), &["itt calibrate"]);
     // ... and calibrating brings them back.
     let ok = itt(&["calibrate", "--checkpoint", ck.to_str().unwrap(), "--batches", "2"]);
@@ -338,4 +347,169 @@ fn eval_writes_per_item_scores_and_json_for_every_kind() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["loss"].as_f64().unwrap() > 0.0 && v["precision"] == "f32");
+}
+
+/// A fresh run of `steps` steps with a checkpoint at every step (the newest two kept).
+fn fresh_run(name: &str, steps: usize, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join(name);
+    let steps = steps.to_string();
+    let mut args = vec!["train", "--preset", "tiny", "--steps", &steps, "--batch-size", "2", "--seq-len", "16"];
+    args.extend(["--checkpoint-interval", "1", "--quiet", "--out", run.to_str().unwrap()]);
+    args.extend(extra);
+    let out = itt(&args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (tmp, run)
+}
+
+fn step_dir(run: &Path, step: usize) -> PathBuf {
+    run.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn verify_and_resume_detect_flipped_bytes() {
+    let (_tmp, run) = fresh_run("flipped", 3, &[]);
+    let r = run.to_str().unwrap();
+    let ok = itt(&["verify", r]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+    // Same size, different bytes: only the sha256 can tell.
+    let st = step_dir(&run, 3).join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid..mid + 4].iter_mut().for_each(|b| *b ^= 0x5a);
+    std::fs::write(&st, &bytes).unwrap();
+
+    let out = itt(&["verify", r]);
+    fails_cleanly(&out, &["1 of 2", "step-00000003", "--resume"]);
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(listing.contains("BAD    model.safetensors: its sha256 differs"), "{listing}");
+    assert!(listing.contains("step-00000002: intact"), "{listing}");
+    let one = itt(&["verify", step_dir(&run, 2).to_str().unwrap()]);
+    assert!(one.status.success(), "{}", stderr(&one));
+
+    // Resume skips it for step 2, says so, and trains on to write a good step 3 again.
+    let out = itt(&["train", "--resume", "--out", r, "--quiet"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("skipped checkpoint") && err.contains("step-00000003") && err.contains("sha256"), "{err}");
+    assert!(err.contains("resuming from") && err.contains("step-00000002 (step 2)"), "{err}");
+    let ok = itt(&["verify", r]);
+    assert!(ok.status.success(), "{}", stderr(&ok));
+}
+
+#[test]
+fn resume_falls_back_from_a_truncated_checkpoint() {
+    let (_tmp, run) = fresh_run("truncated-newest", 3, &[]);
+    let st = step_dir(&run, 3).join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 3]).unwrap();
+    let older = snapshot(&step_dir(&run, 2));
+    // Loading it names the file and the fault, and says where to go.
+    fails_cleanly(
+        &itt(&["eval", "--checkpoint", run.to_str().unwrap(), "--text", "12+34=46"]),
+        &["step-00000003/model.safetensors", "truncated", "--resume"],
+    );
+    let out = itt(&["train", "--resume", "--out", run.to_str().unwrap(), "--quiet"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("step-00000003/model.safetensors") && err.contains("truncated"), "{err}");
+    assert!(err.contains("resuming from") && err.contains("step 2"), "{err}");
+    // The older checkpoint was read, never changed; the newer one was written again, whole.
+    assert_eq!(snapshot(&step_dir(&run, 2)), older);
+    assert_eq!(std::fs::read(&st).unwrap().len(), bytes.len());
+    // An explicit --checkpoint that is damaged is refused, not replaced by another.
+    std::fs::write(&st, &bytes[..10]).unwrap();
+    let d3 = step_dir(&run, 3);
+    fails_cleanly(
+        &itt(&["train", "--resume", "--out", run.to_str().unwrap(), "--checkpoint", d3.to_str().unwrap()]),
+        &["model.safetensors", "truncated"],
+    );
+}
+
+#[test]
+fn checkpoints_without_a_manifest_still_load_with_a_notice() {
+    let (_tmp, run) = fresh_run("old-format", 2, &["--stop-at", "1"]);
+    std::fs::remove_file(step_dir(&run, 1).join("manifest.json")).unwrap();
+    let out = itt(&["verify", run.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no manifest.json"));
+    let out = itt(&["train", "--resume", "--out", run.to_str().unwrap(), "--quiet"]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("no manifest.json")).count(), 1, "{err}");
+    // The checkpoint it writes has one.
+    assert!(step_dir(&run, 2).join("manifest.json").exists());
+}
+
+#[cfg(unix)]
+#[test]
+fn a_failed_save_removes_its_temporary_folder_and_keeps_the_checkpoints() {
+    let (_tmp, run) = fresh_run("disk-full", 4, &["--stop-at", "2"]);
+    let ckpts = run.join("checkpoints");
+    let before = snapshot(&ckpts);
+    // Files may grow to 512 KiB only: the next model.safetensors (3 MiB) fails half-way, as
+    // on a full disk. SIGXFSZ is ignored so the write returns an error instead of killing.
+    let cmd = format!(
+        "ulimit -f 1024; trap '' XFSZ; exec '{}' train --resume --out '{}' --quiet",
+        env!("CARGO_BIN_EXE_itt"),
+        run.display()
+    );
+    let out = Command::new("sh").args(["-c", &cmd]).output().unwrap();
+    fails_cleanly(&out, &["step-00000003", "not saved", "untouched"]);
+    let names: Vec<String> =
+        std::fs::read_dir(&ckpts).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().to_string()).collect();
+    assert!(!names.iter().any(|n| n.contains(".tmp")), "temporary folder left behind: {names:?}");
+    assert_eq!(snapshot(&ckpts), before, "existing checkpoints changed");
+    // Without the limit the run goes on from where it was.
+    let out = itt(&["train", "--resume", "--out", run.to_str().unwrap(), "--quiet"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(itt(&["verify", run.to_str().unwrap()]).status.success());
+}
+
+/// Every weight of every checkpoint of a run is finite.
+fn all_checkpoints_finite(run: &Path) -> usize {
+    let mut n = 0;
+    for e in std::fs::read_dir(run.join("checkpoints")).unwrap() {
+        let (model, _, _) = itt::checkpoint::load_model(&e.unwrap().path()).unwrap();
+        for (name, v) in &model.params {
+            let x: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            assert!(x.iter().all(|x| x.is_finite()), "{name} is not finite");
+        }
+        n += 1;
+    }
+    n
+}
+
+#[test]
+fn a_huge_learning_rate_stops_training_without_a_nan_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("diverged");
+    let r = run.to_str().unwrap();
+    let args = ["train", "--preset", "tiny", "--steps", "8", "--batch-size", "2", "--seq-len", "16"];
+    let out = itt(&[&args[..], &["--checkpoint-interval", "1", "--lr", "1e9", "--quiet", "--out", r]].concat());
+    fails_cleanly(&out, &["diverged at step", "--lr 1e9", "learning rate", "is kept"]);
+    // It stopped at the first non-finite step: every checkpoint before it is there and finite.
+    let line = stderr(&out);
+    let step: usize = line.split("at step ").nth(1).unwrap().split(':').next().unwrap().parse().unwrap();
+    assert!(step < 8, "{line}");
+    assert_eq!(all_checkpoints_finite(&run), (step - 1).min(2));
+}
+
+#[test]
+fn on_nonfinite_skip_drops_the_batches_and_counts_them() {
+    let (_tmp, run) = fresh_run("skipping", 8, &["--lr", "1e9", "--on-nonfinite", "skip", "--warmup", "1"]);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let skips = lines.iter().filter(|l| l["skipped"].is_string()).count();
+    assert!(skips > 0, "{metrics}");
+    let last_log = lines.iter().rev().find(|l| l.get("loss").is_some()).unwrap();
+    assert_eq!(last_log["skipped_batches"].as_u64().unwrap() as usize, skips, "{metrics}");
+    assert!(all_checkpoints_finite(&run) > 0);
+    let state = std::fs::read_to_string(step_dir(&run, 8).join("state.json")).unwrap();
+    assert!(state.contains(&format!("\"skipped_batches\": {skips}")), "{state}");
+    fails_cleanly(&itt(&["train", "--on-nonfinite", "maybe", "--out", "/nonexistent/x"]), &["maybe", "stop, skip"]);
 }

@@ -278,3 +278,32 @@ fn bf16_training_tracks_f32_and_resumes_exactly() {
     assert_eq!(params(&ta.model), params(&tc.model), "resumed bf16 run differs");
     assert_eq!(losses(&a), losses(&c));
 }
+
+#[test]
+fn non_finite_weights_stop_or_skip_a_step_and_are_never_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (ds, tok) = dataset(tmp.path());
+    let mut cfg = small_run("tiny-itt2", &tok, 4);
+    let run = tmp.path().join("run");
+    let mut t = Trainer::new(cfg.clone(), &tok, &run).unwrap();
+    let (name, var) = t.model.params[1].clone();
+    var.set(&(var.as_tensor() * f64::NAN).unwrap()).unwrap();
+    let e = t.save().err().unwrap().to_string();
+    assert!(e.contains(&name) && e.contains("non-finite") && e.contains("no checkpoint was written"), "{e}");
+    assert!(!run.join("checkpoints").exists());
+    let e = t.step(&ds.train, false).err().unwrap().to_string();
+    assert!(e.starts_with("training diverged at step 1: the loss is NaN") && e.contains("--lr"), "{e}");
+
+    // skip: no update (weights, optimiser and thresholds as they were), the data moves on.
+    cfg.train.on_nonfinite = config::OnNonFinite::Skip;
+    let mut t = Trainer::new(cfg, &tok, &tmp.path().join("skip")).unwrap();
+    let (_, var) = t.model.params[1].clone();
+    var.set(&(var.as_tensor() * f64::NAN).unwrap()).unwrap();
+    let before = (t.opt.clone(), t.calibration.clone(), t.state.data_rng);
+    let rep = t.step(&ds.train, false).unwrap();
+    assert_eq!(rep.skipped.as_deref(), Some("the loss is NaN"));
+    assert_eq!((t.state.step, t.state.skipped_batches, t.state.last_train_loss), (1, 1, None));
+    assert_eq!((&t.opt, &t.calibration), (&before.0, &before.1));
+    assert_ne!(t.state.data_rng, before.2);
+    assert!(params(&t.model)[0].iter().all(|x| x.is_finite()));
+}

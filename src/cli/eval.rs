@@ -254,7 +254,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
     let cal = eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;
     let path = info.dir.join("router_calibration.json");
-    std::fs::write(&path, serde_json::to_string(&cal).unwrap()).map_err(|e| Error::input(&path, e.to_string()))?;
+    let json = serde_json::to_string(&cal).map_err(|e| Error::input(&path, e.to_string()))?;
+    checkpoint::write_file(&info.dir, "router_calibration.json", json.as_bytes())?;
     println!("router thresholds for {} (layer, step) pairs written to {}", cal.entries.len(), path.display());
     Ok(())
 }

@@ -304,6 +304,51 @@ pub fn analyze(cmd: AnalyzeCmd) -> Result<()> {
     Ok(())
 }
 
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// A checkpoint folder, or a run folder (all its checkpoints).
+    pub path: PathBuf,
+}
+
+/// Print each checkpoint's files as ok / BAD; fail if any is damaged.
+pub fn verify(path: &Path) -> Result<()> {
+    let dir = checkpoint::resolve(path);
+    let dirs = match &dir {
+        Ok(d) if d == path => vec![d.clone()],
+        _ => checkpoint::run_checkpoints(path),
+    };
+    if dirs.is_empty() {
+        return Err(dir.err().unwrap_or_else(|| Error::checkpoint(path, "holds no checkpoint")));
+    }
+    let mut damaged = vec![];
+    for d in &dirs {
+        match checkpoint::verify(d, checkpoint::Check::Hashes) {
+            Ok(v) => {
+                println!("{v}");
+                if !v.is_intact() {
+                    damaged.push(d.display().to_string());
+                }
+            }
+            Err(e) => {
+                println!("{}: DAMAGED\n  {e}", d.display());
+                damaged.push(d.display().to_string());
+            }
+        }
+    }
+    if damaged.is_empty() {
+        return Ok(());
+    }
+    Err(Error::checkpoint(
+        path,
+        format!(
+            "{} of {} checkpoint(s) damaged ({}); `itt train --resume` continues from the newest intact one",
+            damaged.len(),
+            dirs.len(),
+            damaged.join(", ")
+        ),
+    ))
+}
+
 pub fn report(a: ReportArgs) -> Result<()> {
     let opts = analysis::run_report::ReportOptions {
         out: a.out,

@@ -14,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 
 pub use eval::{CalibrateArgs, EvalArgs, GenerateArgs};
-pub use inspect::{AnalyzeCmd, BenchArgs, ConvertArgs, ExportArgs, InfoArgs, ReportArgs, TokenizerCmd};
+pub use inspect::{AnalyzeCmd, BenchArgs, ConvertArgs, ExportArgs, InfoArgs, ReportArgs, TokenizerCmd, VerifyArgs};
 pub use train::{DemoArgs, ExperimentArgs, RetrofitArgs, TrainArgs};
 
 #[derive(Parser)]
@@ -60,6 +60,8 @@ pub enum Cmd {
     Export(ExportArgs),
     /// Turn a pretrained dense model into ITT (every other layer thinks) and fine-tune it.
     Retrofit(RetrofitArgs),
+    /// Check a checkpoint's files (or every checkpoint of a run) against their manifest's sha256.
+    Verify(VerifyArgs),
 }
 
 /// Where a model's configuration comes from.
@@ -136,5 +138,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Report(a) => inspect::report(a),
         Cmd::Convert(a) => inspect::convert(a),
         Cmd::Export(a) => inspect::export(a),
+        Cmd::Verify(a) => inspect::verify(&a.path),
     }
 }

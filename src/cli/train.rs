@@ -1,7 +1,7 @@
 //! Commands that train: demo, train, retrofit, experiment.
 
 use super::ModelSource;
-use crate::config::{ResidualForm, Trainable};
+use crate::config::{OnNonFinite, ResidualForm, Trainable};
 use crate::ops::Precision;
 use crate::train::{DataSpec, RunOptions, Trainer};
 use crate::{data, demo, report, Error, Result};
@@ -71,6 +71,10 @@ pub struct TrainArgs {
     /// Matrix products in f32, or bf16 (bf16 operands, f32 sums, f32 master weights).
     #[arg(long)]
     precision: Option<Precision>,
+    /// On a NaN or infinite loss or gradient norm: stop (default; the last checkpoint is kept)
+    /// or skip the batch (no update; counted in metrics.jsonl). Also applies with --resume.
+    #[arg(long)]
+    on_nonfinite: Option<OnNonFinite>,
     /// No progress output.
     #[arg(long)]
     quiet: bool,
@@ -176,8 +180,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
         corpus: data::CorpusOptions { jsonl_field: a.jsonl_field.clone(), ..Default::default() },
         val_fraction: a.val_fraction,
     };
+    let on_nonfinite = a.on_nonfinite;
     let (mut trainer, dataset) = if a.resume {
-        let trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
+        let mut trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
+        for n in &trainer.notices {
+            eprintln!("{n}");
+        }
+        if let Some(v) = on_nonfinite {
+            trainer.cfg.train.on_nonfinite = v;
+        }
         let dataset = data::Dataset::open(&a.out.join("data"))
             .or_else(|_| crate::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
         dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
@@ -204,6 +215,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         if let Some(p) = a.precision {
             t.precision = p;
         }
+        set!(on_nonfinite, on_nonfinite);
         if a.out.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",

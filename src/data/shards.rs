@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::tokenizer::Tokenizer;
 use crate::error::IoContext;
 use crate::rng::Rng;
+use crate::util::write_atomic;
 use crate::{Error, Result};
 
 pub const SHARD_MAGIC: &[u8; 8] = b"ITTTOK01";
@@ -34,30 +35,6 @@ pub const SHARD_VERSION: u32 = 1;
 pub const DATASET_VERSION: u32 = 1;
 const HEADER_LEN: usize = 128;
 const FINGERPRINT_LEN: usize = 64;
-
-/// `path` with `.tmp` appended (`train.bin` -> `train.bin.tmp`).
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
-/// Write `path.tmp`, fsync it, rename it over `path`: readers never see a half-written file.
-fn write_atomic(path: &Path, write: impl FnOnce(&mut std::io::BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
-    let tmp = tmp_path(path);
-    let file = File::create(&tmp).at(&tmp)?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
-    write(&mut w).at(&tmp)?;
-    let file = w.into_inner().map_err(|e| e.into_error()).at(&tmp)?;
-    file.sync_all().at(&tmp)?;
-    drop(file);
-    std::fs::rename(&tmp, path).at(path)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        // Persist the rename too; not every platform can open a folder, so this is best effort.
-        let _ = File::open(dir).and_then(|d| d.sync_all());
-    }
-    Ok(())
-}
 
 /// Write `tokens` as a shard. Every token must be below `vocab_size`.
 pub fn write_shard(path: &Path, tokens: &[u32], vocab_size: usize, tokenizer_fingerprint: &str) -> Result<()> {
@@ -452,7 +429,7 @@ mod tests {
             let tokens: Vec<u32> = (0..1000).map(|i| (i * 7919 % vocab) as u32).collect();
             let path = dir.path().join(format!("v{vocab}.bin"));
             write_shard(&path, &tokens, vocab, FP).unwrap();
-            assert!(!tmp_path(&path).exists());
+            assert!(!crate::util::tmp_path(&path).exists());
             let s = TokenShard::open(&path).unwrap();
             assert_eq!(s.len(), 1000);
             assert_eq!(s.vocab_size(), vocab);

@@ -16,6 +16,7 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, NormalizerWrapper, TokenizerBuilder};
 
+use crate::config::MAX_VOCAB;
 use crate::error::IoContext;
 use crate::{Error, Result};
 
@@ -110,7 +111,26 @@ impl Tokenizer {
                 ))
             })?,
         };
-        Ok(Tokenizer::Bpe { tok: Box::new(tok), eot_id })
+        Tokenizer::Bpe { tok: Box::new(tok), eot_id }.with_checked_ids()
+    }
+
+    /// `self` if every token id of a BPE tokenizer is usable. Ids index the model's embedding
+    /// rows: each must be below the vocabulary size, and that size must be one a model can have
+    /// (a damaged id of 2^31 would otherwise size the embedding, or the vocabulary list written
+    /// with the tokenizer).
+    fn with_checked_ids(self) -> Result<Self> {
+        let n = self.vocab_size();
+        if n > MAX_VOCAB {
+            return Err(Error::Tokenizer(format!("{n} tokens is above the supported {MAX_VOCAB}")));
+        }
+        if let Tokenizer::Bpe { tok, .. } = &self {
+            if let Some((name, id)) = tok.get_vocab(true).into_iter().find(|(_, id)| *id as usize >= n) {
+                return Err(Error::Tokenizer(format!(
+                    "token {name:?} has id {id}, outside the vocabulary of {n} (ids must run from 0 without gaps)"
+                )));
+            }
+        }
+        Ok(self)
     }
 
     /// The wrapped HF tokenizer, for a BPE tokenizer.
@@ -312,7 +332,7 @@ impl Tokenizer {
                         t.vocab_size()
                     )));
                 }
-                Ok(t)
+                t.with_checked_ids()
             }
             _ => Err(Error::Tokenizer("field `kind` must be \"byte\", \"char\" or \"bpe\"".into())),
         }

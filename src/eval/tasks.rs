@@ -28,6 +28,9 @@ use std::path::{Path, PathBuf};
 pub const TASKS: [&str; 8] =
     ["arc_easy", "arc_challenge", "boolq", "hellaswag", "piqa", "sciq", "winogrande", "lambada"];
 
+/// Most choices one item may have (multiple-choice tasks have 2 to 5).
+pub const MAX_CHOICES: usize = 1024;
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Item {
     pub id: String,
@@ -82,6 +85,8 @@ pub fn load_items(path: &Path, on_error: OnError) -> Result<(Vec<Item>, Vec<Stri
     let mut items: Vec<Item> = vec![];
     let mut by_doc: BTreeMap<String, usize> = BTreeMap::new();
     let mut problems = vec![];
+    // Which choices each request-format item has received (its lines may come in any order).
+    let mut filled: BTreeMap<usize, Vec<bool>> = BTreeMap::new();
     for (i, line) in open_lines(path)?.lines().enumerate() {
         let lineno = i + 1;
         let line = line.map_err(|e| Error::input(path, format!("line {lineno}: cannot read ({e})")))?;
@@ -102,6 +107,9 @@ pub fn load_items(path: &Path, on_error: OnError) -> Result<(Vec<Item>, Vec<Stri
                 }
                 it.contexts[idx] = context;
                 it.continuations[idx] = continuation;
+                let seen = filled.entry(k).or_default();
+                seen.resize(seen.len().max(idx + 1), false);
+                seen[idx] = true;
             }
             Err(msg) => match on_error {
                 OnError::Stop => {
@@ -111,6 +119,26 @@ pub fn load_items(path: &Path, on_error: OnError) -> Result<(Vec<Item>, Vec<Stri
             },
         }
     }
+    // A request-format item is whole once every choice up to the highest index has come, and
+    // its gold names one of them.
+    let mut broken = vec![];
+    for (&k, seen) in &filled {
+        let it = &items[k];
+        let msg = if let Some(missing) = seen.iter().position(|s| !s) {
+            format!("doc_id {}: choice {missing} is missing (no line with that idx)", it.id)
+        } else if let Some(g) = it.gold.filter(|&g| g >= seen.len()) {
+            format!("doc_id {}: gold {g} is past its {} choices", it.id, seen.len())
+        } else {
+            continue;
+        };
+        match on_error {
+            OnError::Stop => return Err(Error::input(path, format!("{msg} (pass --on-error skip to go on)"))),
+            OnError::Skip => problems.push(format!("{}: {msg}", path.display())),
+        }
+        broken.push(k);
+    }
+    let items: Vec<Item> =
+        items.into_iter().enumerate().filter(|(k, _)| !broken.contains(k)).map(|(_, it)| it).collect();
     if items.is_empty() {
         return Err(Error::input(path, "holds no items"));
     }
@@ -128,7 +156,14 @@ fn parse_line(line: &str) -> std::result::Result<Parsed, String> {
     if let Some(req) = v.get("request") {
         let context = s(req, "context").ok_or("request.context missing")?;
         let continuation = s(req, "continuation").ok_or("request.continuation missing")?;
-        let idx = v.get("idx").and_then(|x| x.as_u64()).ok_or("idx missing")? as usize;
+        let idx = v.get("idx").and_then(|x| x.as_u64()).ok_or("idx missing")?;
+        // The choices of one item are stored by index: bound it before it sizes a list.
+        if idx >= MAX_CHOICES as u64 {
+            return Err(format!(
+                "idx {idx} is too large (choices are numbered from 0, at most {MAX_CHOICES} per item)"
+            ));
+        }
+        let idx = idx as usize;
         let doc_key = v.get("doc_id").map(|d| d.to_string()).ok_or("doc_id missing")?;
         // Most tasks keep the answer in doc.gold; WinoGrande (partial scoring: the choices are
         // the contexts) only in the top-level "label". LAMBADA's label is a list of words: no gold.
@@ -451,6 +486,24 @@ mod tests {
         };
         let r = evaluate_items(&model, &tok, "t", &[item], &RoutingOptions::default()).unwrap();
         assert!(r.acc.is_some() && r.acc_norm.is_some());
+    }
+
+    #[test]
+    fn request_items_with_missing_choices_or_a_gold_past_them_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.jsonl");
+        let req = |idx: &str, doc: u32, gold: u32| {
+            format!("{{\"request\": {{\"context\": \"q\", \"continuation\": \" a\"}}, \"idx\": {idx}, \"doc_id\": {doc}, \"doc\": {{\"gold\": {gold}}}}}\n")
+        };
+        std::fs::write(&p, [req("0", 1, 0), req("2", 1, 0), req("0", 2, 1), req("0", 3, 0)].concat()).unwrap();
+        let e = load_items(&p, OnError::Stop).unwrap_err().to_string();
+        assert!(e.contains("doc_id 1: choice 1 is missing"), "{e}");
+        let (items, skipped) = load_items(&p, OnError::Skip).unwrap();
+        assert_eq!(items.iter().map(|i| i.id.as_str()).collect::<Vec<_>>(), ["3"]);
+        assert!(skipped[1].contains("doc_id 2: gold 1 is past its 1 choices"), "{skipped:?}");
+        std::fs::write(&p, req("18446744073709551615", 1, 0)).unwrap();
+        let e = load_items(&p, OnError::Stop).unwrap_err().to_string();
+        assert!(e.contains("line 1: idx 18446744073709551615 is too large"), "{e}");
     }
 
     #[test]

@@ -126,9 +126,42 @@ fn read_content(path: &Path) -> Result<(Content, BufReader<File>)> {
     Ok((content, reader))
 }
 
+/// Check every tensor's claimed shape and data range against the file before anything is read
+/// or allocated for it: candle multiplies the dimensions unchecked, so a damaged header could
+/// otherwise overflow into a small size or ask for an allocation the file cannot back.
+fn check_tensor_claims(path: &Path, content: &Content) -> Result<()> {
+    let file_len = std::fs::metadata(path).map_err(|e| Error::input(path, format!("cannot read: {e}")))?.len();
+    for (name, info) in &content.tensor_infos {
+        let bad = |msg: String| Error::input(path, format!("tensor `{name}` {msg}; the file is truncated or corrupt"));
+        let dims = info.shape.dims();
+        let elems = dims
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+            .ok_or_else(|| bad(format!("has dimensions {dims:?}, whose product overflows")))?;
+        let (block, size) = (info.ggml_dtype.block_size() as u64, info.ggml_dtype.type_size() as u64);
+        if elems % block != 0 {
+            return Err(bad(format!("has {elems} values, not a multiple of its type's block of {block}")));
+        }
+        let bytes = (elems / block).checked_mul(size);
+        let start = content.tensor_data_offset.checked_add(info.offset);
+        match (bytes, start) {
+            (Some(b), Some(s)) if s.checked_add(b).is_some_and(|end| end <= file_len) => {}
+            _ => {
+                return Err(bad(format!(
+                    "claims {} bytes at offset {}, past the end of the file ({file_len} bytes)",
+                    bytes.map_or("too many".to_string(), |b| b.to_string()),
+                    start.map_or("beyond 2^64".to_string(), |s| s.to_string()),
+                )))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Load a llama-architecture GGUF file: config, f32 weights under our names, tokenizer.
 pub fn load(path: &Path) -> Result<Imported> {
     let (content, mut reader) = read_content(path)?;
+    check_tensor_claims(path, &content)?;
     let meta = Meta { path, md: &content.metadata };
     let arch = meta.string("general.architecture")?;
     if arch != "llama" {
@@ -179,10 +212,13 @@ pub fn load(path: &Path) -> Result<Imported> {
                 format!("tensor `{name}` ({:?}) cannot be dequantized: {}", info.ggml_dtype, first_line(&e)),
             )
         })?;
-        if ours.ends_with("attn.wq.weight") {
-            t = unpermute_rotary(&t, config.n_heads)?;
-        } else if ours.ends_with("attn.wk.weight") {
-            t = unpermute_rotary(&t, config.n_kv_heads)?;
+        let heads = match ours.rsplit('.').nth(1) {
+            Some("wq") => Some(config.n_heads),
+            Some("wk") => Some(config.n_kv_heads),
+            _ => None,
+        };
+        if let Some(heads) = heads {
+            t = unpermute_rotary(&t, heads).map_err(|e| Error::input(path, format!("tensor `{name}`: {e}")))?;
         }
         tensors.insert(ours, t);
     }
