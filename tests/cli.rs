@@ -251,40 +251,17 @@ fn info_json_is_a_config_that_train_accepts() {
     let path = tmp.path().join("cfg.json");
     std::fs::write(&path, &out.stdout).unwrap();
     let run = tmp.path().join("run");
-    let out = itt(&[
-        "train",
-        "--config",
-        path.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--quiet",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let (p, r) = (path.to_str().unwrap(), run.to_str().unwrap());
+    let train = || {
+        itt(&["train", "--config", p, "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet", "--out", r])
+    };
     // The preset's vocabulary (512) is not the built-in data's: the config is read, and refused
     // for that reason only, naming the field.
-    fails_cleanly(&out, &["vocab_size"]);
+    fails_cleanly(&train(), &["vocab_size"]);
     let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     cfg["model"]["vocab_size"] = serde_json::json!(51);
     std::fs::write(&path, cfg.to_string()).unwrap();
-    let out = itt(&[
-        "train",
-        "--config",
-        path.to_str().unwrap(),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--seq-len",
-        "16",
-        "--quiet",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let out = train();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
