@@ -46,6 +46,10 @@ pub struct EvalArgs {
     /// counts and the picks to this JSONL file (it must not exist yet).
     #[arg(long)]
     per_item: Option<PathBuf>,
+    /// What precedes each task context: eot (the end-of-document token, as our training data
+    /// has before every document) or none (lm-evaluation-harness's default).
+    #[arg(long, value_enum, default_value = "eot")]
+    context_prefix: crate::eval::tasks::ContextPrefix,
     /// Number format of the products: f32, or bf16 (default: the precision the run trained in).
     #[arg(long)]
     precision: Option<Precision>,
@@ -133,7 +137,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             if let Some(n) = a.limit {
                 items.truncate(n);
             }
-            let mut r = tasks::evaluate_items(&model, &tok, &name, &items, &routing)?;
+            let mut r = tasks::evaluate_items(&model, &tok, &name, &items, &routing, a.context_prefix)?;
             r.skipped_lines = skipped;
             if !a.json {
                 eprintln!("{name}: {} items scored", r.items);

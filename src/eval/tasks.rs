@@ -3,8 +3,10 @@
 //!
 //! Each item is a context and several continuations; the model's answer is the continuation
 //! with the highest log-likelihood given the context. Reported: `acc` (raw sum of
-//! log-probabilities), `acc_norm` (divided by the continuation's length in bytes, what
-//! lm-evaluation-harness calls acc_norm) and `acc_norm_token` (divided by its token count).
+//! log-probabilities), `acc_norm` (divided by the length in characters of the choice, the
+//! continuation without its leading delimiter space: exactly lm-evaluation-harness's acc_norm,
+//! checked item by item by `reference/lm_eval_compare.py`) and `acc_norm_token` (divided by
+//! the continuation's token count).
 //! LAMBADA is scored as last-word accuracy (every continuation token is the argmax) and bits
 //! per byte of the continuation.
 //!
@@ -202,20 +204,43 @@ fn parse_line(line: &str) -> std::result::Result<Parsed, String> {
 pub struct Scored {
     pub logprob: f64,
     pub tokens: usize,
+    /// UTF-8 bytes of the continuation (bits per byte of cloze tasks).
     pub bytes: usize,
+    /// Characters of the choice: the continuation without the one space that delimits it from
+    /// the context (lm-evaluation-harness's `doc_to_choice`), the divisor of acc_norm.
+    pub chars: usize,
     /// Every continuation token was the model's argmax.
     pub greedy: bool,
 }
 
+/// What comes before a request's context.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum ContextPrefix {
+    /// The end-of-document token, as every document is preceded in our training data.
+    #[default]
+    Eot,
+    /// Nothing (lm-evaluation-harness's default for Hugging Face models); the end-of-document
+    /// token only when the context is empty.
+    None,
+}
+
 /// Token ids of (context, continuation) as lm-evaluation-harness forms them: trailing spaces of
-/// the context move to the continuation, each part is encoded on its own, the end-of-document
-/// token comes first, and the whole is cut from the left to fit the model's context.
-pub fn request_ids(tok: &Tokenizer, context: &str, continuation: &str, max_len: usize) -> Result<(Vec<u32>, usize)> {
+/// the context move to the continuation, each part is encoded on its own, the `prefix` comes
+/// first, and the whole is cut from the left to fit the model's context.
+pub fn request_ids(
+    tok: &Tokenizer,
+    context: &str,
+    continuation: &str,
+    max_len: usize,
+    prefix: ContextPrefix,
+) -> Result<(Vec<u32>, usize)> {
     let trimmed = context.trim_end_matches(' ');
     let moved = &context[trimmed.len()..];
     let cont = format!("{moved}{continuation}");
-    let mut ids = vec![tok.eot_id()];
-    ids.extend(tok.encode(trimmed)?);
+    let mut ids = tok.encode(trimmed)?;
+    if prefix == ContextPrefix::Eot || ids.is_empty() {
+        ids.insert(0, tok.eot_id());
+    }
     let cont_ids = tok.encode(&cont)?;
     if cont_ids.is_empty() {
         return Err(Error::usage(format!("continuation {continuation:?} encodes to no tokens")));
@@ -234,10 +259,11 @@ pub fn score_requests(
     reqs: &[(String, String)],
     batch_tokens: usize,
     routing: &RoutingOptions,
+    prefix: ContextPrefix,
 ) -> Result<Vec<Scored>> {
     let max_len = model.cfg.max_seq_len;
     let encoded: Vec<(Vec<u32>, usize)> =
-        reqs.iter().map(|(c, x)| request_ids(tok, c, x, max_len)).collect::<Result<_>>()?;
+        reqs.iter().map(|(c, x)| request_ids(tok, c, x, max_len, prefix)).collect::<Result<_>>()?;
     let mut out = Vec::with_capacity(reqs.len());
     let mut start = 0;
     while start < encoded.len() {
@@ -263,7 +289,14 @@ pub fn score_requests(
             let logprob = -nll[range.clone()].iter().sum::<f64>();
             let greedy = range.clone().all(|i| argmax[i] == tgt[i]);
             let cont_text = &reqs[start + k].1;
-            out.push(Scored { logprob, tokens: *n_cont, bytes: cont_text.len().max(1), greedy });
+            let choice = cont_text.strip_prefix(' ').unwrap_or(cont_text);
+            out.push(Scored {
+                logprob,
+                tokens: *n_cont,
+                bytes: cont_text.len().max(1),
+                chars: choice.chars().count().max(1),
+                greedy,
+            });
             let _ = ids;
             offset += n;
         }
@@ -278,7 +311,7 @@ pub struct TaskResult {
     pub items: usize,
     /// Accuracy by raw log-likelihood (multiple choice).
     pub acc: Option<f64>,
-    /// Accuracy with log-likelihood per byte of the continuation (lm-eval's acc_norm).
+    /// Accuracy with log-likelihood per character of the choice (lm-eval's acc_norm).
     pub acc_norm: Option<f64>,
     /// Accuracy with log-likelihood per continuation token.
     pub acc_norm_token: Option<f64>,
@@ -324,10 +357,11 @@ pub fn evaluate_items(
     task: &str,
     items: &[Item],
     routing: &RoutingOptions,
+    prefix: ContextPrefix,
 ) -> Result<TaskResult> {
     let reqs: Vec<(String, String)> =
         items.iter().flat_map(|it| it.contexts.iter().cloned().zip(it.continuations.iter().cloned())).collect();
-    let scored = score_requests(model, tok, &reqs, 2048, routing)?;
+    let scored = score_requests(model, tok, &reqs, 2048, routing, prefix)?;
     let mut k = 0;
     let (mut acc, mut norm, mut norm_tok, mut mc) = (0usize, 0usize, 0usize, 0usize);
     let (mut greedy, mut cloze, mut nll_bits, mut bytes) = (0usize, 0usize, 0f64, 0usize);
@@ -349,7 +383,7 @@ pub fn evaluate_items(
                 mc += 1;
                 let picks = (
                     argmax(s.iter().map(|x| x.logprob)),
-                    argmax(s.iter().map(|x| x.logprob / x.bytes as f64)),
+                    argmax(s.iter().map(|x| x.logprob / x.chars as f64)),
                     argmax(s.iter().map(|x| x.logprob / x.tokens as f64)),
                 );
                 acc += (picks.0 == g) as usize;
@@ -384,7 +418,7 @@ pub fn evaluate_items(
 
 pub fn table(results: &[TaskResult]) -> String {
     let f = |x: Option<f64>| x.map(|v| format!("{:.4}", v)).unwrap_or_else(|| "–".into());
-    let mut s = String::from("| task | items | acc | acc_norm (bytes) | acc_norm (tokens) | last-word acc | bits/byte |\n|---|---|---|---|---|---|---|\n");
+    let mut s = String::from("| task | items | acc | acc_norm (chars) | acc_norm (tokens) | last-word acc | bits/byte |\n|---|---|---|---|---|---|---|\n");
     for r in results {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} |\n",
@@ -453,7 +487,9 @@ mod tests {
             ("hello?".to_string(), " j".to_string()),
             ("a b c d ".to_string(), "efg.".to_string()),
         ];
-        let got = score_requests(&model, &tok, &reqs, 8, &RoutingOptions::default()).unwrap();
+        let got = score_requests(&model, &tok, &reqs, 8, &RoutingOptions::default(), ContextPrefix::Eot).unwrap();
+        // acc_norm divides by the choice's characters: the continuation without its delimiter space.
+        assert_eq!(got.iter().map(|s| (s.bytes, s.chars)).collect::<Vec<_>>(), vec![(4, 3), (2, 1), (4, 4)]);
         for ((c, x), s) in reqs.iter().zip(&got) {
             // Trailing spaces of the context belong to the continuation.
             let t = c.trim_end_matches(' ');
@@ -466,16 +502,16 @@ mod tests {
     fn length_normalisation_can_change_the_answer() {
         // Choice 0 is long with a higher total log-likelihood... per byte the short one wins.
         let s = [
-            Scored { logprob: -6.0, tokens: 6, bytes: 6, greedy: false },
-            Scored { logprob: -3.0, tokens: 1, bytes: 1, greedy: false },
+            Scored { logprob: -6.0, tokens: 6, bytes: 6, chars: 6, greedy: false },
+            Scored { logprob: -3.0, tokens: 1, bytes: 1, chars: 1, greedy: false },
         ];
         assert_eq!(argmax(s.iter().map(|x| x.logprob)), 1);
         let s2 = [
-            Scored { logprob: -4.0, tokens: 8, bytes: 8, greedy: false },
-            Scored { logprob: -3.0, tokens: 1, bytes: 1, greedy: false },
+            Scored { logprob: -4.0, tokens: 8, bytes: 8, chars: 8, greedy: false },
+            Scored { logprob: -3.0, tokens: 1, bytes: 1, chars: 1, greedy: false },
         ];
         assert_eq!(argmax(s2.iter().map(|x| x.logprob)), 1, "raw prefers the short choice");
-        assert_eq!(argmax(s2.iter().map(|x| x.logprob / x.bytes as f64)), 0, "per byte prefers the long one");
+        assert_eq!(argmax(s2.iter().map(|x| x.logprob / x.chars as f64)), 0, "per character prefers the long one");
         // End to end through evaluate_items with a gold answer.
         let (model, tok) = model_and_tok();
         let item = Item {
@@ -484,7 +520,7 @@ mod tests {
             continuations: vec![" xyzxyzxyz".into(), " j".into()],
             gold: Some(0),
         };
-        let r = evaluate_items(&model, &tok, "t", &[item], &RoutingOptions::default()).unwrap();
+        let r = evaluate_items(&model, &tok, "t", &[item], &RoutingOptions::default(), ContextPrefix::Eot).unwrap();
         assert!(r.acc.is_some() && r.acc_norm.is_some());
     }
 
