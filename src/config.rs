@@ -624,7 +624,14 @@ pub fn preset(name: &str) -> Result<RunConfig> {
     model.thinking.kind = kind;
     model.thinking.steps = steps;
     if kind == ModelKind::Itt {
-        model.thinking.ratios = vec![0.7; steps - 1];
+        // The recipe search's winner (DESIGN §9, docs/EXPERIMENTS.md "Thinking that does
+        // work"): update form with phi 1, 70% shares, routers reading RMSNorm(x). The literal
+        // form with phi 0.1 trained routed steps worth ~0.01 nats.
+        let th = &mut model.thinking;
+        th.ratios = vec![0.7; steps - 1];
+        th.residual_form = ResidualForm::Update;
+        th.phi_init = 1.0;
+        th.router_norm = true;
     }
     let cfg = RunConfig { format_version: CONFIG_FORMAT_VERSION, preset: Some(name.to_string()), model, train };
     cfg.validate()?;
@@ -644,6 +651,21 @@ mod tests {
         }
         assert!(preset("tiny-itt5").is_err());
         assert!(preset("nope").unwrap_err().to_string().contains("unknown preset"));
+    }
+
+    #[test]
+    fn itt_presets_carry_the_recipe_and_the_others_the_plain_layer() {
+        // DESIGN §9: update form, phi 1, 70% shares, normalised router input.
+        for name in ["tiny-itt2", "small-itt4", "paper-162m-itt3"] {
+            let th = preset(name).unwrap().model.thinking;
+            assert_eq!(th.residual_form, ResidualForm::Update, "{name}");
+            assert_eq!(th.phi_init, 1.0, "{name}");
+            assert!(th.router_norm, "{name}");
+            assert!(th.ratios.iter().all(|&r| r == 0.7), "{name}");
+        }
+        for name in ["tiny", "tiny-loop4"] {
+            assert_eq!(preset(name).unwrap().model.thinking.residual_form, ResidualForm::Literal, "{name}");
+        }
     }
 
     #[test]
