@@ -51,6 +51,8 @@ pub struct ExperimentOptions {
     pub eval_batches: usize,
     /// Held-out problems of each kind for the reasoning column (built-in data only; 0 = none).
     pub problems: usize,
+    /// Run only the variants of these names (empty: the whole grid).
+    pub variants: Vec<String>,
     pub out: PathBuf,
     pub quiet: bool,
     /// The command line that ran this, written into results.md.
@@ -506,7 +508,14 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     if opts.seeds == 0 {
         return Err(Error::usage("--seeds must be at least 1"));
     }
-    let (variants, paper_metric) = variants(opts)?;
+    let (mut variants, paper_metric) = variants(opts)?;
+    if !opts.variants.is_empty() {
+        if let Some(bad) = opts.variants.iter().find(|n| !variants.iter().any(|v| &v.name == *n)) {
+            let known: Vec<&str> = variants.iter().map(|v| v.name.as_str()).collect();
+            return Err(Error::usage(format!("{} has no variant '{bad}'; known: {}", opts.name, known.join(", "))));
+        }
+        variants.retain(|v| opts.variants.contains(&v.name));
+    }
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
     // Every experiment in one --out folder shares its data and its runs: table1, table2,
     // table3 and fig4 train the same dense / Loop / ITT configurations once.

@@ -195,6 +195,7 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             seq_len: Some(16),
             eval_batches: 2,
             problems: if name == "table2" { 1 } else { 0 },
+            variants: vec![],
             out: tmp.path().join("shared"),
             quiet: true,
             command: format!("itt experiment {name} (test)"),
@@ -235,6 +236,17 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
         // Re-running reuses the finished runs (same numbers).
         let again = experiment::run(&opts).unwrap();
         assert_eq!(again.rows[0].val_loss_mean, r.rows[0].val_loss_mean);
+        if name == "table3" {
+            // --variants picks rows of the grid (the same runs, reused); a name not in it is refused.
+            let some = ExperimentOptions { variants: vec!["dense".into(), "itt4".into()], ..opts.clone() };
+            let sub = experiment::run(&some).unwrap();
+            assert_eq!(sub.rows.len(), 3 + 1);
+            let itt = r.rows.iter().find(|x| x.variant == "itt4").unwrap();
+            assert_eq!(sub.rows.iter().find(|x| x.variant == "itt4").unwrap().val_loss_mean, itt.val_loss_mean);
+            let bad = ExperimentOptions { variants: vec!["itt9".into()], ..opts.clone() };
+            let err = experiment::run(&bad).unwrap_err().to_string();
+            assert!(err.contains("no variant 'itt9'") && err.contains("itt4-no-rtc"), "{err}");
+        }
     }
 }
 

@@ -162,6 +162,9 @@ pub struct ExperimentArgs {
     /// Held-out problems of each kind every model answers (built-in data; 0 = none).
     #[arg(long, default_value_t = 40)]
     problems: usize,
+    /// Only these variants of the grid (comma-separated run names, e.g. dense,itt4; default all).
+    #[arg(long, value_delimiter = ',')]
+    variants: Vec<String>,
     /// Output folder (runs are reused/resumed when present).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -309,6 +312,7 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         seq_len: a.seq_len,
         eval_batches: a.eval_batches,
         problems: a.problems,
+        variants: a.variants,
         quiet: a.quiet,
         command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
     };
