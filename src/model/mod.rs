@@ -363,6 +363,7 @@ impl Attention {
     /// `routed_attention: all`): queries from the selected rows `hs` (M, D) at positions
     /// `sub`, keys and values from every token's normalised state `hn` (N, D) at `pos`.
     /// With a KV cache the step's cache holds every token. -> (M, D).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_routed(
         &self,
         hn: &Tensor,

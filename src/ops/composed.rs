@@ -75,21 +75,37 @@ pub fn causal_attention_varlen(
         let o = causal_sdpa(&to_bhtd(q, h)?, &to_bhtd(k, hkv)?, &to_bhtd(v, hkv)?)?; // (B, H, T, hd)
         return Ok(o.transpose(1, 2)?.reshape((nq, h, hd))?);
     }
+    per_sequence(q, k, v, lens_q, lens_k, |qs, ks, vs, _| causal_sdpa(qs, ks, vs))
+}
+
+/// Packed attention one sequence at a time: `attend(q, k, v, sq)` gets sequence s's queries
+/// (1, H, lq, hd), keys and values (1, Hkv, lk, hd) and its first packed query row sq, and
+/// returns (1, H, lq, hd); the results are packed again -> (sum lens_q, H, hd).
+fn per_sequence(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    lens_q: &[usize],
+    lens_k: &[usize],
+    mut attend: impl FnMut(&Tensor, &Tensor, &Tensor, usize) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (nq, h, hd) = q.dims3()?;
+    let hkv = k.dim(1)?;
+    let part = |z: &Tensor, start, len, heads| -> Result<Tensor> {
+        Ok(z.narrow(0, start, len)?.reshape((1, len, heads, hd))?.transpose(1, 2)?.contiguous()?)
+    };
     let (mut sq, mut sk) = (0, 0);
     let mut outs = Vec::with_capacity(lens_q.len());
     for (&lq, &lk) in lens_q.iter().zip(lens_k) {
         if lq > 0 {
-            let part = |z: &Tensor, start, len, heads| -> Result<Tensor> {
-                Ok(z.narrow(0, start, len)?.reshape((1, len, heads, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let o = causal_sdpa(&part(q, sq, lq, h)?, &part(k, sk, lk, hkv)?, &part(v, sk, lk, hkv)?)?; // (1, H, lq, hd)
+            let o = attend(&part(q, sq, lq, h)?, &part(k, sk, lk, hkv)?, &part(v, sk, lk, hkv)?, sq)?;
             outs.push(o.transpose(1, 2)?.reshape((lq, h, hd))?);
         }
         sq += lq;
         sk += lk;
     }
     if outs.is_empty() {
-        return Ok(Tensor::zeros((0, h, hd), q.dtype(), q.device())?);
+        return Ok(Tensor::zeros((nq, h, hd), q.dtype(), q.device())?);
     }
     Ok(Tensor::cat(&outs, 0)?)
 }
@@ -105,35 +121,19 @@ pub fn attention_varlen_limited(
     lens_k: &[usize],
     limits: &[u32],
 ) -> Result<Tensor> {
-    let (nq, h, hd) = q.dims3()?;
-    let hkv = k.dim(1)?;
-    let (mut sq, mut sk) = (0, 0);
-    let mut outs = Vec::with_capacity(lens_q.len());
-    for (&lq, &lk) in lens_q.iter().zip(lens_k) {
-        if lq > 0 {
-            let part = |z: &Tensor, start, len, heads| -> Result<Tensor> {
-                Ok(z.narrow(0, start, len)?.reshape((1, len, heads, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (qs, ks, vs) = (part(q, sq, lq, h)?, part(k, sk, lk, hkv)?, part(v, sk, lk, hkv)?);
-            let rep = h / hkv;
-            let (ks, vs) = (super::repeat_kv(&ks, rep)?, super::repeat_kv(&vs, rep)?);
-            let scores = (qs.matmul(&ks.transpose(2, 3)?.contiguous()?)? / (hd as f64).sqrt())?; // (1, H, lq, lk)
-            let mut mask = vec![0f32; lq * lk];
-            for (i, &lim) in limits[sq..sq + lq].iter().enumerate() {
-                mask[i * lk + lim as usize..(i + 1) * lk].fill(f32::NEG_INFINITY);
-            }
-            let mask = Tensor::from_vec(mask, (lq, lk), q.device())?.to_dtype(q.dtype())?;
-            let p = softmax_last(&scores.broadcast_add(&mask)?)?;
-            let o = p.matmul(&vs)?; // (1, H, lq, hd)
-            outs.push(o.transpose(1, 2)?.reshape((lq, h, hd))?);
+    let (h, hkv, hd) = (q.dim(1)?, k.dim(1)?, q.dim(2)?);
+    per_sequence(q, k, v, lens_q, lens_k, |qs, ks, vs, sq| {
+        let (lq, lk) = (qs.dim(2)?, ks.dim(2)?);
+        let rep = h / hkv;
+        let (ks, vs) = (super::repeat_kv(ks, rep)?, super::repeat_kv(vs, rep)?);
+        let scores = (qs.matmul(&ks.transpose(2, 3)?.contiguous()?)? / (hd as f64).sqrt())?; // (1, H, lq, lk)
+        let mut mask = vec![0f32; lq * lk];
+        for (i, &lim) in limits[sq..sq + lq].iter().enumerate() {
+            mask[i * lk + lim as usize..(i + 1) * lk].fill(f32::NEG_INFINITY);
         }
-        sq += lq;
-        sk += lk;
-    }
-    if outs.is_empty() {
-        return Ok(Tensor::zeros((nq, h, hd), q.dtype(), q.device())?);
-    }
-    Ok(Tensor::cat(&outs, 0)?)
+        let mask = Tensor::from_vec(mask, (lq, lk), q.device())?.to_dtype(q.dtype())?;
+        Ok(softmax_last(&scores.broadcast_add(&mask)?)?.matmul(&vs)?) // (1, H, lq, hd)
+    })
 }
 
 /// Mean cross-entropy of `logits` (N, V) against `targets` (N,) u32.
