@@ -226,7 +226,8 @@ impl Call<'_> {
         let slot = self.caches.as_deref_mut().map(|seqs| {
             for s in seqs.iter_mut() {
                 if s.slots[layer].len() <= step {
-                    s.slots[layer].resize(step + 1, KvCache::default());
+                    let reserve = s.slots[layer].first().map(|c| c.reserve).unwrap_or(0);
+                    s.slots[layer].resize_with(step + 1, || KvCache::with_reserve(reserve));
                 }
             }
             CacheSlot { seqs, layer, step }
@@ -238,20 +239,77 @@ impl Call<'_> {
 // ---------------------------------------------------------------------------------------------
 // KV cache
 
-/// One sequence's keys and values at one (layer, step): (1, Hkv, L, hd) each, RoPE applied.
-/// A routed step's cache holds only the tokens selected at that step (DESIGN §5).
-#[derive(Clone, Debug, Default)]
+/// One sequence's keys and values at one (layer, step), RoPE applied, in buffers of
+/// (capacity, Hkv, hd) written in place: a decode step copies only its own token's keys, not
+/// the whole cache (DESIGN §5). A routed step's cache holds only the tokens selected at that
+/// step. Cloning copies the buffers (they are written in place, so they cannot be shared).
+#[derive(Debug, Default)]
 pub struct KvCache {
-    pub k: Option<Tensor>,
-    pub v: Option<Tensor>,
+    k: Option<Tensor>,
+    v: Option<Tensor>,
+    len: usize,
+    /// Tokens to make room for when the buffers are first allocated.
+    reserve: usize,
+}
+
+impl Clone for KvCache {
+    fn clone(&self) -> Self {
+        let copy = |t: &Option<Tensor>| t.as_ref().map(|t| t.copy().expect("copying a CPU tensor"));
+        KvCache { k: copy(&self.k), v: copy(&self.v), len: self.len, reserve: self.reserve }
+    }
 }
 
 impl KvCache {
+    fn with_reserve(reserve: usize) -> Self {
+        KvCache { reserve, ..Default::default() }
+    }
     pub fn len(&self) -> usize {
-        self.k.as_ref().map(|k| k.dim(2).unwrap_or(0)).unwrap_or(0)
+        self.len
     }
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+    /// Tokens the buffers hold room for.
+    pub fn capacity(&self) -> usize {
+        self.k.as_ref().map(|k| k.dim(0).unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Append keys and values k, v (n, Hkv, hd) and return all cached ones, (len, Hkv, hd)
+    /// each (views of the buffers). The buffers grow by doubling when full.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let n = k.dim(0)?;
+        let need = self.len + n;
+        if need == 0 {
+            return Ok((k.clone(), v.clone()));
+        }
+        if need > self.capacity() {
+            let cap = need.max(self.reserve).max(2 * self.capacity());
+            let grow = |old: &Option<Tensor>, like: &Tensor| -> Result<Tensor> {
+                let (_, hkv, hd) = like.dims3()?;
+                let buf = Tensor::zeros((cap, hkv, hd), like.dtype(), like.device())?;
+                if let Some(old) = old {
+                    if self.len > 0 {
+                        buf.slice_set(&old.narrow(0, 0, self.len)?.contiguous()?, 0, 0)?;
+                    }
+                }
+                Ok(buf)
+            };
+            let (nk, nv) = (grow(&self.k, k)?, grow(&self.v, v)?);
+            self.k = Some(nk);
+            self.v = Some(nv);
+        }
+        let (bk, bv) = (self.k.as_ref().expect("allocated above"), self.v.as_ref().expect("allocated above"));
+        if n > 0 {
+            bk.slice_set(&k.contiguous()?, 0, self.len)?;
+            bv.slice_set(&v.contiguous()?, 0, self.len)?;
+        }
+        self.len = need;
+        Ok((bk.narrow(0, 0, need)?, bv.narrow(0, 0, need)?))
+    }
+
+    /// Bytes held by the key and value buffers.
+    pub fn bytes(&self) -> usize {
+        [&self.k, &self.v].iter().filter_map(|t| t.as_ref()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()
     }
 }
 
@@ -268,9 +326,9 @@ impl SeqCache {
         self.slots.iter().map(|l| l.iter().map(|c| c.len()).collect()).collect()
     }
 
-    /// Bytes held by keys and values (f32).
+    /// Bytes held by the key and value buffers (allocated, not only filled).
     pub fn bytes(&self) -> usize {
-        self.slots.iter().flatten().map(|c| c.k.as_ref().map(|k| 2 * k.elem_count() * 4).unwrap_or(0)).sum()
+        self.slots.iter().flatten().map(|c| c.bytes()).sum()
     }
 }
 
@@ -350,12 +408,17 @@ impl Attention {
         let q = ops::apply_rope(&self.wq.forward(x, prec)?.reshape((n, h, hd))?, &rope.cos, &rope.sin)?;
         let k = ops::apply_rope(&self.wk.forward(x, prec)?.reshape((n, hkv, hd))?, &rope.cos, &rope.sin)?;
         let v = self.wv.forward(x, prec)?.reshape((n, hkv, hd))?;
+        // One path for training, scoring, prefill and decode: every packed sequence at once
+        // (equal lengths or not, routed subsets included), no transposes; with a cache each
+        // sequence's cached keys come before its new ones. (N, H, hd)
         let out = match cache {
-            // Training, scoring and prefill without a cache: every packed sequence at once
-            // (equal lengths or not, routed subsets included), no transposes. (N, H, hd)
-            None => ops::causal_attention_varlen(&q, &k, &v, &layout.lens, &layout.lens)?.reshape((n, h * hd))?,
-            cache => self.forward_per_sequence(&q, &k, &v, layout, cache)?,
+            None => ops::causal_attention_varlen(&q, &k, &v, &layout.lens, &layout.lens)?,
+            Some(c) => {
+                let (k_all, v_all, lens_k) = self.extend_cache(&k, &v, layout, c)?;
+                ops::causal_attention_varlen(&q, &k_all, &v_all, &layout.lens, &lens_k)?
+            }
         };
+        let out = out.reshape((n, h * hd))?;
         self.wo.forward(&out, prec)
     }
 
@@ -404,7 +467,8 @@ impl Attention {
     }
 
     /// Append every token's keys and values k, v (N, Hkv, hd) to their sequences' caches and
-    /// return all cached keys and values packed by sequence, with their lengths.
+    /// return all cached keys and values packed by sequence, (sum lens_k, Hkv, hd), with their
+    /// lengths. One sequence needs no copy: its cache buffers are already packed.
     fn extend_cache(
         &self,
         k: &Tensor,
@@ -412,25 +476,19 @@ impl Attention {
         layout: &SeqLayout,
         c: CacheSlot,
     ) -> Result<(Tensor, Tensor, Vec<usize>)> {
-        let (hkv, hd) = (self.n_kv_heads, self.head_dim);
         let (mut ks, mut vs, mut lens_k) = (vec![], vec![], vec![]);
         for (i, (&start, &len)) in layout.starts().iter().zip(&layout.lens).enumerate() {
             let slot = &mut c.seqs[i].slots[c.layer][c.step];
-            let part = |z: &Tensor| -> Result<Tensor> {
-                Ok(z.narrow(0, start, len)?.reshape((1, len, hkv, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (mut ki, mut vi) = (part(k)?, part(v)?); // (1, Hkv, len, hd)
-            if let (Some(pk), Some(pv)) = (&slot.k, &slot.v) {
-                ki = Tensor::cat(&[pk, &ki], 2)?;
-                vi = Tensor::cat(&[pv, &vi], 2)?;
-            }
-            slot.k = Some(ki.clone());
-            slot.v = Some(vi.clone());
-            lens_k.push(ki.dim(2)?);
-            ks.push(ki.squeeze(0)?.transpose(0, 1)?); // (L, Hkv, hd)
-            vs.push(vi.squeeze(0)?.transpose(0, 1)?);
+            let (ki, vi) = slot.append(&k.narrow(0, start, len)?, &v.narrow(0, start, len)?)?;
+            lens_k.push(ki.dim(0)?);
+            ks.push(ki);
+            vs.push(vi);
         }
-        Ok((Tensor::cat(&ks, 0)?.contiguous()?, Tensor::cat(&vs, 0)?.contiguous()?, lens_k))
+        if ks.len() == 1 {
+            let (k, v) = (ks.pop().expect("one"), vs.pop().expect("one"));
+            return Ok((k, v, lens_k));
+        }
+        Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?, lens_k))
     }
 
     /// A routed step (`routed_attention: all`) that selected no token of this call still
@@ -441,43 +499,6 @@ impl Attention {
         let v = self.wv.forward(hn, prec)?.reshape((n, hkv, hd))?;
         self.extend_cache(&k, &v, &pos.layout, cache)?;
         Ok(())
-    }
-
-    /// Sequences continuing from a KV cache: one at a time.
-    fn forward_per_sequence(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        layout: &SeqLayout,
-        mut cache: Option<CacheSlot>,
-    ) -> Result<Tensor> {
-        let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let mut outs = Vec::with_capacity(layout.lens.len());
-        for (i, (&start, &len)) in layout.starts().iter().zip(&layout.lens).enumerate() {
-            let slot = cache.as_mut().map(|c| &mut c.seqs[i].slots[c.layer][c.step]);
-            if len == 0 {
-                continue;
-            }
-            let part = |z: &Tensor, heads| -> Result<Tensor> {
-                Ok(z.narrow(0, start, len)?.reshape((1, len, heads, hd))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (qi, mut ki, mut vi) = (part(q, h)?, part(k, hkv)?, part(v, hkv)?);
-            if let Some(slot) = slot {
-                if let (Some(pk), Some(pv)) = (&slot.k, &slot.v) {
-                    ki = Tensor::cat(&[pk, &ki], 2)?;
-                    vi = Tensor::cat(&[pv, &vi], 2)?;
-                }
-                slot.k = Some(ki.clone());
-                slot.v = Some(vi.clone());
-            }
-            let o = ops::causal_sdpa(&qi, &ki, &vi)?; // (1, H, len, hd)
-            outs.push(o.transpose(1, 2)?.reshape((len, h * hd))?);
-        }
-        if outs.is_empty() {
-            return Ok(Tensor::zeros((0, h * hd), q.dtype(), q.device())?);
-        }
-        Ok(Tensor::cat(&outs, 0)?)
     }
 }
 
