@@ -8,12 +8,13 @@
 //! re-runs the whole text, which also allows the paper's top-k routing.
 
 use crate::data::Tokenizer;
-use crate::model::{ForwardRecord, Model, Routing, RoutingOptions, SeqCache, SeqLayout};
+use crate::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqCache, SeqLayout};
 use crate::rng::Rng;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// How the next token is drawn from the logits.
 #[derive(Clone, Debug, PartialEq)]
@@ -99,7 +100,17 @@ pub struct GeneratedToken {
 #[derive(Clone, Debug, Serialize)]
 pub enum Event {
     Token(GeneratedToken),
-    Finished { seq: usize, reason: FinishReason, text: String },
+    Finished { seq: usize, reason: FinishReason, text: String, usage: SeqUsage },
+}
+
+/// What one sequence has cost: tokens, and the extra (routed) block steps its tokens took.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct SeqUsage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Sum over every token run through the model (prompt and generated) and every thinking
+    /// layer of (steps taken - 1): the block applications thinking added to the dense pass.
+    pub extra_block_steps: u64,
 }
 
 struct SeqState {
@@ -109,23 +120,333 @@ struct SeqState {
     fed: usize,
     cache: SeqCache,
     rng: Rng,
+    opts: GenerateOptions,
     /// Decoded generated text, and how much of it has been emitted.
     text: String,
     emitted: usize,
+    extra_block_steps: u64,
     done: Option<FinishReason>,
 }
 
-/// A streaming generation: iterate to get events in order.
-pub struct Generation<'a> {
+impl SeqState {
+    fn usage(&self) -> SeqUsage {
+        SeqUsage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.ids.len() - self.prompt_len,
+            extra_block_steps: self.extra_block_steps,
+        }
+    }
+}
+
+/// A changing set of sequences generated together: sequences join ([`Batch::add`]) and leave
+/// ([`Batch::remove`], or when they finish) between steps, each with its own options. Each
+/// [`Batch::step`] runs one packed forward per group of sequences that share their routing
+/// settings: prefill (in chunks) and decode in the same call, no padding (DESIGN §5). A
+/// sequence's tokens do not depend on what else is in the batch. `generate` and the server
+/// (`crate::serve`) both run on this.
+pub struct Batch<'a> {
     model: &'a Model,
     tok: &'a Tokenizer,
-    opts: GenerateOptions,
-    seqs: Vec<SeqState>,
+    /// Indexed by sequence id; `None` once removed.
+    seqs: Vec<Option<SeqState>>,
+    /// The thinking layers' indices, the order of `GeneratedToken::depth`.
+    pub layers: Vec<usize>,
+    /// Routing statistics over everything run so far.
+    pub record: ForwardRecord,
+}
+
+impl<'a> Batch<'a> {
+    pub fn new(model: &'a Model, tok: &'a Tokenizer) -> Result<Self> {
+        if tok.vocab_size() != model.cfg.vocab_size {
+            return Err(Error::usage(format!(
+                "the tokenizer has {} tokens but the model {}; they do not belong together",
+                tok.vocab_size(),
+                model.cfg.vocab_size
+            )));
+        }
+        let layers = model.thinking_layers().map(|t| t.layer).collect();
+        Ok(Batch { model, tok, seqs: vec![], layers, record: ForwardRecord::default() })
+    }
+
+    /// Check that `opts` can run on this model (sampling values, causal routing with a cache).
+    pub fn check_options(&self, opts: &GenerateOptions) -> Result<()> {
+        opts.sampling.validate()?;
+        // With one step, or every routed share 0, nothing is routed and top-k is trivially causal.
+        let routes =
+            opts.routing.steps != Some(1) && !opts.routing.ratios.as_ref().is_some_and(|r| r.iter().all(|&x| x == 0.0));
+        if opts.use_cache && self.model.has_routers() && opts.routing.mode == Routing::TopK && routes {
+            return Err(Error::usage(
+                "top-k routing is not causal, so it cannot decode with a KV cache; use threshold routing or disable the cache",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Encode a prompt and check that it fits the model's context.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(Error::usage("the prompt is empty"));
+        }
+        let ids = self.tok.encode(prompt)?;
+        if ids.is_empty() {
+            return Err(Error::usage("the prompt encodes to no tokens"));
+        }
+        Ok(ids)
+    }
+
+    /// Add a sequence continuing the token ids `prompt`; returns its id (ids count up from 0 in
+    /// the order sequences are added). The KV caches get room for the prompt and
+    /// `max_new_tokens` up front.
+    pub fn add(&mut self, prompt: Vec<u32>, opts: GenerateOptions) -> Result<usize> {
+        self.check_options(&opts)?;
+        let ctx = self.model.cfg.max_seq_len;
+        if prompt.is_empty() {
+            return Err(Error::usage("the prompt is empty"));
+        }
+        if prompt.len() >= ctx {
+            return Err(Error::usage(format!(
+                "the prompt has {} tokens; the model's context is {ctx}, leaving no room to generate",
+                prompt.len()
+            )));
+        }
+        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= self.model.cfg.vocab_size) {
+            return Err(Error::usage(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.model.cfg.vocab_size
+            )));
+        }
+        let reserve = if opts.use_cache { (prompt.len() + opts.max_new_tokens).min(ctx) } else { 0 };
+        self.seqs.push(Some(SeqState {
+            prompt_len: prompt.len(),
+            ids: prompt,
+            fed: 0,
+            cache: self.model.new_cache_reserved(reserve),
+            rng: Rng::derive(opts.sampling.seed, "sample"),
+            opts,
+            text: String::new(),
+            emitted: 0,
+            extra_block_steps: 0,
+            done: None,
+        }));
+        Ok(self.seqs.len() - 1)
+    }
+
+    /// Drop sequence `id` (finished or not) and free its caches.
+    pub fn remove(&mut self, id: usize) {
+        if let Some(s) = self.seqs.get_mut(id) {
+            *s = None;
+        }
+    }
+
+    /// Change the routing of a running sequence from its next token on (the server's load
+    /// valve). Causal routing keeps the cache valid: each token's steps depend on its past only.
+    pub fn set_routing(&mut self, id: usize, routing: RoutingOptions) {
+        if let Some(Some(s)) = self.seqs.get_mut(id) {
+            s.opts.routing = routing;
+        }
+    }
+
+    /// The routing a sequence runs with now.
+    pub fn routing(&self, id: usize) -> Option<&RoutingOptions> {
+        self.seqs.get(id)?.as_ref().map(|s| &s.opts.routing)
+    }
+
+    pub fn usage(&self, id: usize) -> Option<SeqUsage> {
+        Some(self.seqs.get(id)?.as_ref()?.usage())
+    }
+
+    /// Sequences added and not yet finished or removed.
+    pub fn running(&self) -> usize {
+        self.seqs.iter().flatten().filter(|s| s.done.is_none()).count()
+    }
+
+    /// KV-cache bytes held now, over all sequences.
+    pub fn cache_bytes(&self) -> usize {
+        self.seqs.iter().flatten().map(|s| s.cache.bytes()).sum()
+    }
+
+    /// Cached tokens per (layer, step) of sequence `id`.
+    pub fn cache_lens(&self, id: usize) -> Vec<Vec<usize>> {
+        self.seqs.get(id).and_then(|s| s.as_ref()).map(|s| s.cache.lens()).unwrap_or_default()
+    }
+
+    /// Run the model once for every running sequence: feed what it has not fed yet (a prompt
+    /// chunk, or its last token) and, where its text is all fed, sample its next token.
+    /// Returns the events in sequence order. A failed step finishes no sequence.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let active: Vec<usize> =
+            (0..self.seqs.len()).filter(|&i| self.seqs[i].as_ref().is_some_and(|s| s.done.is_none())).collect();
+        // Sequences with the same routing settings and cache use share one packed call.
+        let mut groups: Vec<Vec<usize>> = vec![];
+        for &i in &active {
+            let o = &self.seq(i).opts;
+            match groups.iter_mut().find(|g| {
+                let p = &self.seqs[g[0]].as_ref().expect("active").opts;
+                p.use_cache == o.use_cache && same_routing(&p.routing, &o.routing)
+            }) {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        let mut ready: Vec<(usize, Vec<f32>, Vec<u32>)> = vec![];
+        for g in groups {
+            ready.extend(self.run_group(&g)?);
+        }
+        ready.sort_by_key(|r| r.0);
+        let mut events = vec![];
+        for (i, logits, depth) in ready {
+            let s = self.seqs[i].as_mut().expect("active");
+            let id = sample(&logits, &s.opts.sampling, &mut s.rng);
+            self.push_token(i, id, depth, &mut events)?;
+        }
+        Ok(events)
+    }
+
+    fn seq(&self, i: usize) -> &SeqState {
+        self.seqs[i].as_ref().expect("a running sequence")
+    }
+
+    /// One packed forward of the sequences `group` (same routing and cache use). Returns, for
+    /// each sequence whose text is now all fed, its next-token logits and the depth per
+    /// thinking layer at its last position.
+    fn run_group(&mut self, group: &[usize]) -> Result<Vec<(usize, Vec<f32>, Vec<u32>)>> {
+        let opts = self.seq(group[0]).opts.clone();
+        let mut detail = ForwardRecord { keep_detail: true, ..Default::default() };
+        let (lens, past): (Vec<usize>, Vec<usize>) = group
+            .iter()
+            .map(|&i| {
+                let s = self.seq(i);
+                if s.opts.use_cache {
+                    let chunk = if s.opts.prefill_chunk == 0 { usize::MAX } else { s.opts.prefill_chunk };
+                    ((s.ids.len() - s.fed).min(chunk), s.fed)
+                } else {
+                    // No cache: the whole text so far, every time.
+                    (s.ids.len(), 0)
+                }
+            })
+            .unzip();
+        let ids: Vec<u32> = group
+            .iter()
+            .zip(lens.iter().zip(&past))
+            .flat_map(|(&i, (&n, &p))| self.seq(i).ids[p..p + n].to_vec())
+            .collect();
+        let layout = SeqLayout::with_past(&lens, &past);
+        let x = Tensor::from_slice(&ids, ids.len(), self.model.device())?;
+        let hidden = if opts.use_cache {
+            let mut caches: Vec<SeqCache> = group
+                .iter()
+                .map(|&i| std::mem::replace(&mut self.seqs[i].as_mut().expect("active").cache, empty_cache()))
+                .collect();
+            let hidden = self.model.forward_hidden(&x, &layout, &opts.routing, Some(&mut caches), Some(&mut detail));
+            for (&i, c) in group.iter().zip(caches) {
+                self.seqs[i].as_mut().expect("active").cache = c;
+            }
+            hidden?
+        } else {
+            self.model.forward_hidden(&x, &layout, &opts.routing, None, Some(&mut detail))?
+        };
+        self.record.merge_stats(&detail);
+        let depth_at = |row: usize| -> Vec<u32> {
+            self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect()
+        };
+        let starts = layout.starts();
+        let (mut rows, mut out) = (vec![], vec![]);
+        for (k, &i) in group.iter().enumerate() {
+            let new_rows = if opts.use_cache {
+                starts[k]..starts[k] + lens[k]
+            } else {
+                starts[k] + lens[k] - 1..starts[k] + lens[k]
+            };
+            let extra: u64 = new_rows.flat_map(|r| depth_at(r)).map(|d| d.saturating_sub(1) as u64).sum();
+            let s = self.seqs[i].as_mut().expect("active");
+            // Without a cache the prompt's rows are charged once, on the first call.
+            let prompt_extra: u64 = if !opts.use_cache && s.fed == 0 {
+                (starts[k]..starts[k] + lens[k] - 1).flat_map(|r| depth_at(r)).map(|d| d.saturating_sub(1) as u64).sum()
+            } else {
+                0
+            };
+            s.extra_block_steps += extra + prompt_extra;
+            s.fed = if opts.use_cache { s.fed + lens[k] } else { s.ids.len() };
+            if s.fed == s.ids.len() {
+                let row = starts[k] + lens[k] - 1;
+                rows.push(hidden.narrow(0, row, 1)?);
+                out.push((i, depth_at(row)));
+            }
+        }
+        if rows.is_empty() {
+            return Ok(vec![]);
+        }
+        let logits = self.model.logits(&Tensor::cat(&rows, 0)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        Ok(out.into_iter().zip(logits).map(|((i, d), l)| (i, l, d)).collect())
+    }
+
+    fn push_token(&mut self, i: usize, id: u32, depth: Vec<u32>, events: &mut Vec<Event>) -> Result<()> {
+        let max_seq_len = self.model.cfg.max_seq_len;
+        let s = self.seqs[i].as_mut().expect("active");
+        let mut finished = None;
+        if id == self.tok.eot_id() {
+            finished = Some(FinishReason::EndOfText);
+        } else {
+            s.ids.push(id);
+            // Decode the whole generated part so multi-byte characters split over tokens come
+            // out whole; emit only what is new and stable.
+            let full = self.tok.decode(&s.ids[s.prompt_len..])?;
+            let mut visible = full.clone();
+            if let Some(stop) = s.opts.stop.iter().filter(|st| !st.is_empty()).find_map(|st| full.find(st.as_str())) {
+                visible.truncate(stop);
+                finished = Some(FinishReason::Stop);
+            }
+            let new_text = visible.get(s.emitted..).unwrap_or("").trim_end_matches('\u{FFFD}').to_string();
+            s.emitted += new_text.len();
+            s.text = visible;
+            events.push(Event::Token(GeneratedToken { seq: i, id, text: new_text, depth }));
+            let generated = s.ids.len() - s.prompt_len;
+            if finished.is_none() && generated >= s.opts.max_new_tokens {
+                finished = Some(FinishReason::Length);
+            }
+            if finished.is_none() && s.ids.len() >= max_seq_len {
+                finished = Some(FinishReason::Context);
+            }
+        }
+        if let Some(reason) = finished {
+            s.done = Some(reason);
+            // A finished sequence keeps its tokens and usage, not its caches.
+            s.cache = empty_cache();
+            events.push(Event::Finished { seq: i, reason, text: s.text.clone(), usage: s.usage() });
+        }
+        Ok(())
+    }
+
+    /// The token ids generated so far for sequence `id`.
+    pub fn generated_ids(&self, id: usize) -> Option<&[u32]> {
+        let s = self.seqs.get(id)?.as_ref()?;
+        Some(&s.ids[s.prompt_len..])
+    }
+}
+
+/// Whether two routing settings route every token the same way (so their sequences can share a
+/// packed call).
+fn same_routing(a: &RoutingOptions, b: &RoutingOptions) -> bool {
+    let same_arc = |x: &Option<Arc<RouterCalibration>>, y: &Option<Arc<RouterCalibration>>| match (x, y) {
+        (None, None) => true,
+        (Some(x), Some(y)) => Arc::ptr_eq(x, y),
+        _ => false,
+    };
+    a.mode == b.mode
+        && a.ratios == b.ratios
+        && a.steps == b.steps
+        && a.early_exit.map(f32::to_bits) == b.early_exit.map(f32::to_bits)
+        && same_arc(&a.calibration, &b.calibration)
+        && a.forced.is_none()
+        && b.forced.is_none()
+}
+
+/// A streaming generation of a fixed set of prompts: iterate to get events in order.
+pub struct Generation<'a> {
+    batch: Batch<'a>,
     pending: VecDeque<Event>,
     /// The thinking layers' indices, the order of `GeneratedToken::depth`.
     pub layers: Vec<usize>,
-    /// Routing statistics over the whole generation.
-    pub record: ForwardRecord,
 }
 
 /// Start generating continuations of `prompts`.
@@ -135,197 +456,52 @@ pub fn generate<'a>(
     prompts: &[String],
     opts: GenerateOptions,
 ) -> Result<Generation<'a>> {
-    opts.sampling.validate()?;
     if prompts.is_empty() {
         return Err(Error::usage("no prompt given"));
     }
-    if tok.vocab_size() != model.cfg.vocab_size {
-        return Err(Error::usage(format!(
-            "the tokenizer has {} tokens but the model {}; they do not belong together",
-            tok.vocab_size(),
-            model.cfg.vocab_size
-        )));
-    }
-    // With one step, or every routed share 0, nothing is routed and top-k is trivially causal.
-    let routes =
-        opts.routing.steps != Some(1) && !opts.routing.ratios.as_ref().is_some_and(|r| r.iter().all(|&x| x == 0.0));
-    if opts.use_cache && model.has_routers() && opts.routing.mode == Routing::TopK && routes {
-        return Err(Error::usage(
-            "top-k routing is not causal, so it cannot decode with a KV cache; use threshold routing or disable the cache",
-        ));
-    }
-    let ctx = model.cfg.max_seq_len;
-    let mut seqs = vec![];
+    let mut batch = Batch::new(model, tok)?;
+    batch.check_options(&opts)?;
     for (i, p) in prompts.iter().enumerate() {
-        if p.is_empty() {
-            return Err(Error::usage(format!("prompt {} is empty", i + 1)));
-        }
-        let ids = tok.encode(p)?;
-        if ids.is_empty() {
-            return Err(Error::usage(format!("prompt {} encodes to no tokens", i + 1)));
-        }
-        if ids.len() >= ctx {
-            return Err(Error::usage(format!(
-                "prompt {} has {} tokens; the model's context is {ctx}, leaving no room to generate",
-                i + 1,
-                ids.len()
-            )));
-        }
-        seqs.push(SeqState {
-            prompt_len: ids.len(),
-            ids,
-            fed: 0,
-            cache: model.new_cache(),
-            rng: Rng::derive(opts.sampling.seed, "sample"),
-            text: String::new(),
-            emitted: 0,
-            done: None,
-        });
+        let ids = batch.encode_prompt(p).map_err(|e| Error::usage(format!("prompt {}: {e}", i + 1)))?;
+        batch.add(ids, opts.clone()).map_err(|e| Error::usage(format!("prompt {}: {e}", i + 1)))?;
     }
-    let layers = model.thinking_layers().map(|t| t.layer).collect();
-    Ok(Generation { model, tok, opts, seqs, pending: VecDeque::new(), layers, record: ForwardRecord::default() })
+    let layers = batch.layers.clone();
+    Ok(Generation { batch, pending: VecDeque::new(), layers })
 }
 
 impl Generation<'_> {
-    /// Run the model once for every unfinished sequence and sample one token each.
-    fn advance(&mut self) -> Result<()> {
-        let active: Vec<usize> = (0..self.seqs.len()).filter(|&i| self.seqs[i].done.is_none()).collect();
-        if active.is_empty() {
-            return Ok(());
-        }
-        let mut detail = ForwardRecord { keep_detail: true, ..Default::default() };
-        let (logits, depth) = if self.opts.use_cache {
-            // Feed what is not cached yet (the prompt, possibly in chunks, or the last token).
-            let mut last_rows: Vec<Option<Tensor>> = vec![None; active.len()];
-            let mut depth_rows: Vec<Vec<u32>> = vec![Vec::new(); active.len()];
-            loop {
-                let chunk = if self.opts.prefill_chunk == 0 { usize::MAX } else { self.opts.prefill_chunk };
-                let lens: Vec<usize> =
-                    active.iter().map(|&i| (self.seqs[i].ids.len() - self.seqs[i].fed).min(chunk)).collect();
-                if lens.iter().all(|&n| n == 0) {
-                    break;
-                }
-                let past: Vec<usize> = active.iter().map(|&i| self.seqs[i].fed).collect();
-                let ids: Vec<u32> = active
-                    .iter()
-                    .zip(&lens)
-                    .flat_map(|(&i, &n)| self.seqs[i].ids[self.seqs[i].fed..self.seqs[i].fed + n].to_vec())
-                    .collect();
-                let mut caches: Vec<SeqCache> =
-                    active.iter().map(|&i| std::mem::replace(&mut self.seqs[i].cache, empty_cache())).collect();
-                let layout = SeqLayout::with_past(&lens, &past);
-                let x = Tensor::from_slice(&ids, ids.len(), self.model.device())?;
-                let hidden =
-                    self.model.forward_hidden(&x, &layout, &self.opts.routing, Some(&mut caches), Some(&mut detail));
-                for (&i, c) in active.iter().zip(caches) {
-                    self.seqs[i].cache = c;
-                }
-                let hidden = hidden?;
-                let starts = layout.starts();
-                for (k, &i) in active.iter().enumerate() {
-                    self.seqs[i].fed += lens[k];
-                    if lens[k] > 0 && self.seqs[i].fed == self.seqs[i].ids.len() {
-                        let row = starts[k] + lens[k] - 1;
-                        last_rows[k] = Some(hidden.narrow(0, row, 1)?);
-                        depth_rows[k] =
-                            self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect();
-                    }
-                }
-                self.record.merge_stats(&detail);
-                detail.stats.clear();
-            }
-            let rows: Vec<Tensor> = last_rows.into_iter().map(|r| r.expect("every prompt was fed")).collect();
-            let h = Tensor::cat(&rows, 0)?;
-            (self.model.logits(&h)?, depth_rows)
-        } else {
-            // No cache: the whole text so far, every time.
-            let lens: Vec<usize> = active.iter().map(|&i| self.seqs[i].ids.len()).collect();
-            let ids: Vec<u32> = active.iter().flat_map(|&i| self.seqs[i].ids.clone()).collect();
-            let layout = SeqLayout::with_past(&lens, &vec![0; lens.len()]);
-            let x = Tensor::from_slice(&ids, ids.len(), self.model.device())?;
-            let hidden = self.model.forward_hidden(&x, &layout, &self.opts.routing, None, Some(&mut detail))?;
-            let starts = layout.starts();
-            let mut rows = vec![];
-            let mut depth_rows = vec![];
-            for (k, _) in active.iter().enumerate() {
-                let row = starts[k] + lens[k] - 1;
-                rows.push(hidden.narrow(0, row, 1)?);
-                depth_rows.push(self.layers.iter().map(|l| detail.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect());
-            }
-            self.record.merge_stats(&detail);
-            (self.model.logits(&Tensor::cat(&rows, 0)?)?, depth_rows)
-        };
-        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
-        for (k, &i) in active.iter().enumerate() {
-            let id = sample(&logits[k], &self.opts.sampling, &mut self.seqs[i].rng);
-            self.push_token(i, id, depth[k].clone())?;
-        }
-        Ok(())
+    /// Routing statistics over the whole generation.
+    pub fn record(&self) -> &ForwardRecord {
+        &self.batch.record
     }
 
-    fn push_token(&mut self, i: usize, id: u32, depth: Vec<u32>) -> Result<()> {
-        let s = &mut self.seqs[i];
-        if id == self.tok.eot_id() {
-            s.done = Some(FinishReason::EndOfText);
-            let text = s.text.clone();
-            self.pending.push_back(Event::Finished { seq: i, reason: FinishReason::EndOfText, text });
-            return Ok(());
-        }
-        s.ids.push(id);
-        // Decode the whole generated part so multi-byte characters split over tokens come out
-        // whole; emit only what is new and stable.
-        let full = self.tok.decode(&s.ids[s.prompt_len..])?;
-        let mut finished = None;
-        let mut visible = full.clone();
-        if let Some(stop) = self.opts.stop.iter().filter(|st| !st.is_empty()).find_map(|st| full.find(st.as_str())) {
-            visible.truncate(stop);
-            finished = Some(FinishReason::Stop);
-        }
-        let new_text = visible.get(s.emitted..).unwrap_or("").trim_end_matches('\u{FFFD}').to_string();
-        s.emitted += new_text.len();
-        s.text = visible;
-        self.pending.push_back(Event::Token(GeneratedToken { seq: i, id, text: new_text, depth }));
-        let generated = s.ids.len() - s.prompt_len;
-        if finished.is_none() && generated >= self.opts.max_new_tokens {
-            finished = Some(FinishReason::Length);
-        }
-        if finished.is_none() && s.ids.len() >= self.model.cfg.max_seq_len {
-            finished = Some(FinishReason::Context);
-        }
-        if let Some(reason) = finished {
-            s.done = Some(reason);
-            let text = s.text.clone();
-            self.pending.push_back(Event::Finished { seq: i, reason, text });
-        }
-        Ok(())
-    }
-
-    /// Run to the end and return each sequence's generated text and finish reason.
+    /// Run to the end and return each sequence's generated text, finish reason and token ids.
     pub fn collect_all(mut self) -> Result<Vec<(String, FinishReason, Vec<u32>)>> {
-        let mut out: Vec<Option<(String, FinishReason)>> = vec![None; self.seqs.len()];
+        let n = self.batch.seqs.len();
+        let mut out: Vec<Option<(String, FinishReason)>> = vec![None; n];
         for ev in self.by_ref() {
-            if let Event::Finished { seq, reason, text } = ev? {
+            if let Event::Finished { seq, reason, text, .. } = ev? {
                 out[seq] = Some((text, reason));
             }
         }
         Ok(out
             .into_iter()
-            .zip(&self.seqs)
-            .map(|(o, s)| {
+            .enumerate()
+            .map(|(i, o)| {
                 let (t, r) = o.expect("every sequence finishes");
-                (t, r, s.ids[s.prompt_len..].to_vec())
+                (t, r, self.batch.generated_ids(i).unwrap_or_default().to_vec())
             })
             .collect())
     }
 
     /// KV-cache bytes held now, over all sequences.
     pub fn cache_bytes(&self) -> usize {
-        self.seqs.iter().map(|s| s.cache.bytes()).sum()
+        self.batch.cache_bytes()
     }
 
     /// Cached tokens per (layer, step) of sequence `i`.
     pub fn cache_lens(&self, i: usize) -> Vec<Vec<usize>> {
-        self.seqs[i].cache.lens()
+        self.batch.cache_lens(i)
     }
 }
 
@@ -340,14 +516,18 @@ impl Iterator for Generation<'_> {
             if let Some(ev) = self.pending.pop_front() {
                 return Some(Ok(ev));
             }
-            if self.seqs.iter().all(|s| s.done.is_some()) {
+            if self.batch.running() == 0 {
                 return None;
             }
-            if let Err(e) = self.advance() {
-                for s in &mut self.seqs {
-                    s.done.get_or_insert(FinishReason::Length);
+            match self.batch.step() {
+                Ok(evs) => self.pending.extend(evs),
+                Err(e) => {
+                    let ids: Vec<usize> = (0..self.batch.seqs.len()).collect();
+                    for i in ids {
+                        self.batch.remove(i);
+                    }
+                    return Some(Err(e));
                 }
-                return Some(Err(e));
             }
         }
     }
@@ -476,6 +656,53 @@ mod generation_tests {
             let chunked = GenerateOptions { prefill_chunk: 2, ..opts.clone() };
             assert_eq!(run(&model, &tok, &prompts, &chunked), batch, "chunked prefill changes the tokens");
         }
+    }
+
+    #[test]
+    fn sequences_joining_and_leaving_a_running_batch_keep_their_tokens() {
+        let (model, tok, cal) = setup();
+        let routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
+        let opts =
+            GenerateOptions { max_new_tokens: 10, sampling: SamplingParams::greedy(), routing, ..Default::default() };
+        let elastic = GenerateOptions {
+            routing: RoutingOptions { ratios: Some(vec![0.3, 0.3, 0.3]), ..opts.routing.clone() },
+            prefill_chunk: 3,
+            sampling: SamplingParams { temperature: 0.9, top_k: 0, top_p: 1.0, seed: 5 },
+            ..opts.clone()
+        };
+        let (p1, p2, p3) = ("12+34=", "abc def ghij\n77-", "5+5=");
+        let alone1 = run(&model, &tok, &[p1], &opts)[0].clone();
+        let alone2 = run(&model, &tok, &[p2], &elastic)[0].clone();
+        let mut b = Batch::new(&model, &tok).unwrap();
+        let mut got: Vec<Vec<u32>> = vec![vec![]; 3];
+        let mut usage = vec![None; 3];
+        let mut take = |evs: Vec<Event>, got: &mut Vec<Vec<u32>>| {
+            for ev in evs {
+                match ev {
+                    Event::Token(t) => got[t.seq].push(t.id),
+                    Event::Finished { seq, usage: u, .. } => usage[seq] = Some(u),
+                }
+            }
+        };
+        let a = b.add(tok.encode(p1).unwrap(), opts.clone()).unwrap();
+        for _ in 0..3 {
+            take(b.step().unwrap(), &mut got);
+        }
+        let c = b.add(tok.encode(p2).unwrap(), elastic.clone()).unwrap();
+        let d = b.add(tok.encode(p3).unwrap(), opts.clone()).unwrap();
+        take(b.step().unwrap(), &mut got);
+        b.remove(d);
+        assert!(b.cache_lens(d).is_empty(), "a removed sequence frees its caches");
+        while b.running() > 0 {
+            take(b.step().unwrap(), &mut got);
+        }
+        assert_eq!((a, c, d), (0, 1, 2));
+        assert_eq!(got[a], alone1, "a sequence's tokens change when others join");
+        assert_eq!(got[c], alone2, "a sequence joining a running batch (other routing, chunked) differs");
+        let u = usage[c].clone().unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (tok.encode(p2).unwrap().len(), got[c].len()));
+        assert!(u.extra_block_steps > 0, "the thinking layers took routed steps");
+        assert!(usage[d].is_none(), "a removed sequence does not finish");
     }
 
     #[test]

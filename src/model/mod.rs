@@ -698,7 +698,14 @@ impl Model {
 
     /// An empty KV cache for one sequence.
     pub fn new_cache(&self) -> SeqCache {
-        SeqCache { slots: self.layer_steps().iter().map(|&s| vec![KvCache::default(); s]).collect(), seen: 0 }
+        self.new_cache_reserved(0)
+    }
+
+    /// Caches whose buffers take room for `tokens` tokens when first written (no growing and
+    /// copying while a sequence of that length decodes).
+    pub fn new_cache_reserved(&self, tokens: usize) -> SeqCache {
+        let slots = self.layer_steps().into_iter().map(|s| (0..s).map(|_| KvCache::with_reserve(tokens)).collect());
+        SeqCache { slots: slots.collect(), seen: 0 }
     }
 
     /// The positions of a call's tokens: the layout and the rotary rows gathered at it.
