@@ -176,6 +176,7 @@ fn show_sample(
     let opts = GenerateOptions {
         max_new_tokens: 8,
         stop: vec!["\n".into()],
+        stop_ids: vec![],
         sampling: SamplingParams::greedy(),
         routing: RoutingOptions { mode, calibration, ..Default::default() },
         use_cache: true,

@@ -32,6 +32,12 @@ fn block_params(cfg: &ModelConfig) -> f64 {
     2.0 * d * d + 2.0 * d * kv + 3.0 * d * cfg.mlp_hidden as f64
 }
 
+/// Forward FLOPs of one block step on one token, projections and MLP only (the attention term
+/// depends on what it attends to): what one extra routed step of one token costs.
+pub fn block_token_flops(cfg: &ModelConfig) -> f64 {
+    2.0 * block_params(cfg)
+}
+
 /// Forward FLOPs per token of one block step on a share `rho` of an `n`-token sequence.
 fn block_step(cfg: &ModelConfig, n: usize, rho: f64) -> f64 {
     let d = cfg.d_model as f64;

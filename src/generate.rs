@@ -54,6 +54,9 @@ pub struct GenerateOptions {
     pub max_new_tokens: usize,
     /// Stop a sequence when its generated text ends with one of these (not included).
     pub stop: Vec<String>,
+    /// Stop a sequence when it draws one of these token ids (not included): e.g. a chat
+    /// template's end-of-turn token.
+    pub stop_ids: Vec<u32>,
     pub sampling: SamplingParams,
     /// Routing mode, elastic ratios/steps, early exit (DESIGN §5, §6).
     pub routing: RoutingOptions,
@@ -67,6 +70,7 @@ impl Default for GenerateOptions {
         GenerateOptions {
             max_new_tokens: 64,
             stop: vec![],
+            stop_ids: vec![],
             sampling: SamplingParams::default(),
             routing: RoutingOptions::default(),
             use_cache: true,
@@ -171,6 +175,7 @@ impl<'a> Batch<'a> {
     /// Check that `opts` can run on this model (sampling values, causal routing with a cache).
     pub fn check_options(&self, opts: &GenerateOptions) -> Result<()> {
         opts.sampling.validate()?;
+        self.model.check_routing(&opts.routing)?;
         // With one step, or every routed share 0, nothing is routed and top-k is trivially causal.
         let routes =
             opts.routing.steps != Some(1) && !opts.routing.ratios.as_ref().is_some_and(|r| r.iter().all(|&x| x == 0.0));
@@ -386,6 +391,8 @@ impl<'a> Batch<'a> {
         let mut finished = None;
         if id == self.tok.eot_id() {
             finished = Some(FinishReason::EndOfText);
+        } else if s.opts.stop_ids.contains(&id) {
+            finished = Some(FinishReason::Stop);
         } else {
             s.ids.push(id);
             // Decode the whole generated part so multi-byte characters split over tokens come

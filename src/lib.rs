@@ -25,6 +25,7 @@ pub mod ops;
 pub mod optim;
 pub mod report;
 pub mod rng;
+pub mod serve;
 pub mod train;
 pub mod util;
 

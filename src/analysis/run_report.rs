@@ -195,6 +195,7 @@ fn generations(run_dir: &Path, cfg: &RunConfig, opts: &ReportOptions) -> Result<
     let gen_opts = GenerateOptions {
         max_new_tokens: opts.max_new_tokens,
         stop: vec!["\n".into()],
+        stop_ids: vec![],
         sampling: SamplingParams::greedy(),
         routing,
         use_cache,

@@ -207,6 +207,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         stop: a.stop,
+        stop_ids: vec![],
         sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
         routing,
         use_cache: !a.no_cache,

@@ -72,6 +72,8 @@ pub struct BenchArgs {
     new_tokens: usize,
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    serve: super::serve::ServeBenchArgs,
 }
 
 #[derive(Subcommand)]
@@ -220,6 +222,9 @@ pub fn tokenizer(cmd: TokenizerCmd) -> Result<()> {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if let Some(checkpoint) = &a.serve.serve {
+        return super::serve::bench_serve(&a.serve, checkpoint, a.json);
+    }
     if let Some(presets) = &a.decode {
         if a.precision.is_some() {
             return Err(Error::usage(

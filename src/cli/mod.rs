@@ -5,6 +5,7 @@
 
 mod eval;
 mod inspect;
+mod serve;
 mod train;
 
 use crate::config::{self, RunConfig};
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 
 pub use eval::{CalibrateArgs, EvalArgs, GenerateArgs};
 pub use inspect::{AnalyzeCmd, BenchArgs, ConvertArgs, ExportArgs, InfoArgs, ReportArgs, TokenizerCmd, VerifyArgs};
+pub use serve::{ServeArgs, ServeBenchArgs};
 pub use train::{DemoArgs, ExperimentArgs, RetrofitArgs, TrainArgs};
 
 #[derive(Parser)]
@@ -34,6 +36,8 @@ pub enum Cmd {
     Eval(EvalArgs),
     /// Generate text from a checkpoint, streamed to stdout.
     Generate(GenerateArgs),
+    /// Serve a model over HTTP: OpenAI-compatible API with continuous batching and per-request thinking.
+    Serve(ServeArgs),
     /// Parameters and FLOPs per token of a preset, config or checkpoint.
     Info(InfoArgs),
     /// Tokenizer tools.
@@ -130,6 +134,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Cmd::Experiment(a) => train::experiment(a),
         Cmd::Eval(a) => eval::eval(a),
         Cmd::Generate(a) => eval::generate(a),
+        Cmd::Serve(a) => serve::serve(a),
         Cmd::Calibrate(a) => eval::calibrate(a),
         Cmd::Info(a) => inspect::info(a),
         Cmd::Tokenizer { cmd } => inspect::tokenizer(cmd),

@@ -90,6 +90,7 @@ pub fn solve_rates(
     let opts = GenerateOptions {
         max_new_tokens: 24,
         stop: vec!["\n".into()],
+        stop_ids: vec![],
         sampling: SamplingParams::greedy(),
         routing: routing.clone(),
         use_cache: true,

@@ -691,6 +691,20 @@ impl Model {
         self.layers.iter().filter_map(|l| l.thinking.as_ref())
     }
 
+    /// Check routing settings before running them (steps, ratios, thresholds present), so a
+    /// request with impossible settings is refused instead of failing a shared batch.
+    pub fn check_routing(&self, opts: &RoutingOptions) -> Result<()> {
+        for t in self.thinking_layers() {
+            t.plan(opts)?;
+        }
+        if opts.mode == Routing::Threshold && self.has_routers() && opts.calibration.is_none() {
+            return Err(Error::usage(
+                "threshold routing needs the checkpoint's router thresholds; run `itt calibrate` on it",
+            ));
+        }
+        Ok(())
+    }
+
     /// Steps each layer runs: T for thinking layers, 1 otherwise.
     pub fn layer_steps(&self) -> Vec<usize> {
         self.layers.iter().map(Layer::steps).collect()

@@ -337,7 +337,7 @@ impl ThinkingLayer {
     }
 
     /// Steps and ratios in effect for this call (elastic inference, DESIGN §6).
-    fn plan(&self, opts: &RoutingOptions) -> Result<(usize, Vec<f64>)> {
+    pub(crate) fn plan(&self, opts: &RoutingOptions) -> Result<(usize, Vec<f64>)> {
         let steps = opts.steps.unwrap_or(self.steps);
         let most = MAX_EXTRA_STEPS + self.steps;
         if steps < 1 || steps > most {

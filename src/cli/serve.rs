@@ -1,0 +1,236 @@
+//! `itt serve` and `itt bench --serve`.
+
+use crate::serve::engine::EngineConfig;
+use crate::serve::{bench, template::ChatTemplate, ServeOptions, Server};
+use crate::{Error, Result};
+use clap::Args;
+use serde_json::json;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// An itt checkpoint or run folder, a GGUF file, or a Hugging Face model folder.
+    #[arg(long)]
+    checkpoint: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    #[command(flatten)]
+    engine: EngineArgs,
+    /// The model name clients pass in `model` (default: the checkpoint's file or folder name).
+    #[arg(long)]
+    name: Option<String>,
+    /// A Jinja chat template file, instead of the model's own.
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
+    /// Seed of requests that give none (each request gets its own, counted from this).
+    #[arg(long, default_value_t = 1234)]
+    seed: u64,
+    /// Seconds running requests get to finish after SIGTERM before they end with
+    /// finish_reason "shutdown".
+    #[arg(long, default_value_t = 30.0)]
+    grace: f64,
+}
+
+/// How the engine schedules (shared by `serve` and `bench --serve`).
+#[derive(Args, Clone)]
+pub struct EngineArgs {
+    /// Sequences decoded together at most (continuous batching).
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Requests waiting for a place at most; more get HTTP 429.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Prompt tokens fed per sequence and step at most (0 = whole prompts).
+    #[arg(long, default_value_t = 256)]
+    prefill_chunk: usize,
+    /// The latency valve: when the time per output token climbs past this many milliseconds,
+    /// lower the routed shares of requests that did not pin their own; raise them as load falls.
+    #[arg(long)]
+    latency_target: Option<f64>,
+    /// The valve never scales the trained shares below this fraction.
+    #[arg(long, default_value_t = 0.25)]
+    share_floor: f64,
+}
+
+impl EngineArgs {
+    fn config(&self) -> Result<EngineConfig> {
+        let latency_target = match self.latency_target {
+            None => None,
+            Some(ms) if ms.is_finite() && ms > 0.0 => Some(Duration::from_secs_f64(ms / 1000.0)),
+            Some(ms) => return Err(Error::usage(format!("--latency-target must be > 0 milliseconds (got {ms})"))),
+        };
+        Ok(EngineConfig {
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+            prefill_chunk: self.prefill_chunk,
+            latency_target,
+            share_floor: self.share_floor,
+        })
+    }
+}
+
+/// Load a model for serving and start the server on `addr`.
+pub fn start(
+    checkpoint: &Path,
+    engine: EngineConfig,
+    name: Option<String>,
+    chat_template: Option<&Path>,
+    seed: u64,
+    grace: Duration,
+    addr: SocketAddr,
+) -> Result<Server> {
+    let imported = crate::import::load(checkpoint)?;
+    let calibration = imported.calibration.clone().map(Arc::new);
+    let (model, tok) = imported.into_model(&candle_core::Device::Cpu)?;
+    let template = ChatTemplate::find(checkpoint, chat_template, &tok)?;
+    let name = name.unwrap_or_else(|| model_name(checkpoint));
+    eprintln!("chat template: {}", template.origin);
+    let opts = ServeOptions { engine, name, template, calibration, seed, grace };
+    Server::start(model, tok, opts, addr)
+}
+
+fn model_name(path: &Path) -> String {
+    let p = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let stem = p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+    // A checkpoint folder (step-000300) names its run.
+    if stem.starts_with("step-") || stem == "latest" {
+        if let Some(run) = p.parent().and_then(|q| q.parent()).and_then(|q| q.file_name()) {
+            return run.to_string_lossy().to_string();
+        }
+    }
+    if stem.is_empty() {
+        "model".into()
+    } else {
+        stem
+    }
+}
+
+pub fn serve(a: ServeArgs) -> Result<()> {
+    if !(a.grace.is_finite() && a.grace >= 0.0) {
+        return Err(Error::usage(format!("--grace must be >= 0 seconds (got {})", a.grace)));
+    }
+    let addr = (a.host.as_str(), a.port)
+        .to_socket_addrs()
+        .map_err(|e| Error::usage(format!("--host {}: {e}", a.host)))?
+        .next()
+        .ok_or_else(|| Error::usage(format!("--host {} resolves to no address", a.host)))?;
+    let server = start(
+        &a.checkpoint,
+        a.engine.config()?,
+        a.name,
+        a.chat_template.as_deref(),
+        a.seed,
+        Duration::from_secs_f64(a.grace),
+        addr,
+    )?;
+    eprintln!("serving on http://{} (OpenAI API under /v1, web page at /, metrics at /metrics)", server.addr);
+    server.wait()?;
+    eprintln!("server stopped");
+    Ok(())
+}
+
+/// `itt bench --serve`: the load benchmark.
+#[derive(Args)]
+pub struct ServeBenchArgs {
+    /// Benchmark the server on this checkpoint (started in-process on a loopback port).
+    #[arg(long = "serve")]
+    pub serve: Option<PathBuf>,
+    /// Concurrent streaming clients to measure at.
+    #[arg(long, value_delimiter = ',', default_value = "1,4,16")]
+    clients: Vec<usize>,
+    /// Requests per client at each level.
+    #[arg(long, default_value_t = 4)]
+    requests: usize,
+    /// Tokens generated per request.
+    #[arg(long, default_value_t = 32)]
+    max_tokens: usize,
+    /// The prompt of every request.
+    #[arg(long, default_value = "12+34=46\n5+17=")]
+    bench_prompt: String,
+    /// Run every level once without and once with the latency valve at this target (ms).
+    #[arg(long)]
+    valve_target: Option<f64>,
+}
+
+pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Result<()> {
+    if a.clients.is_empty() || a.clients.contains(&0) || a.requests == 0 {
+        return Err(Error::usage("--clients and --requests must be at least 1"));
+    }
+    let max_batch = a.clients.iter().copied().max().unwrap_or(1);
+    let mut settings: Vec<Option<f64>> = vec![None];
+    if let Some(t) = a.valve_target {
+        settings.push(Some(t));
+    }
+    let body = json!({"prompt": a.bench_prompt, "max_tokens": a.max_tokens, "temperature": 0.0});
+    if !json_out {
+        println!(
+            "{:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6}",
+            "clients",
+            "valve",
+            "reqs/s",
+            "tokens/s",
+            "lat p50",
+            "lat p99",
+            "ttft p50",
+            "ttft p99",
+            "tpot p50",
+            "tpot p99",
+            "share"
+        );
+    }
+    for valve in settings {
+        let engine = EngineConfig {
+            max_batch,
+            max_queue: 1024,
+            prefill_chunk: 256,
+            latency_target: valve.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+            share_floor: 0.25,
+        };
+        let server = start(
+            checkpoint,
+            engine,
+            None,
+            None,
+            1234,
+            Duration::from_secs(5),
+            "127.0.0.1:0".parse().expect("an address"),
+        )?;
+        let url = format!("http://{}", server.addr);
+        // Warm up (first-touch allocations, thread pools).
+        bench::load(&url, 1, 1, &body);
+        for &c in &a.clients {
+            let r = bench::load(&url, c, a.requests, &body);
+            if let Some(e) = &r.first_error {
+                eprintln!("warning: {} of {} requests failed; first: {e}", r.errors, r.requests);
+            }
+            if json_out {
+                let mut v = serde_json::to_value(&r).map_err(|e| Error::usage(e.to_string()))?;
+                v["valve_ms"] = json!(valve);
+                println!("{v}");
+            } else {
+                let ms = |s: f64| format!("{:.1}ms", s * 1000.0);
+                println!(
+                    "{:>7} {:>6} {:>8.2} {:>9.1} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6}",
+                    c,
+                    valve.map(|v| format!("{v}ms")).unwrap_or("off".into()),
+                    r.requests_per_s,
+                    r.tokens_per_s,
+                    ms(r.latency_p50),
+                    ms(r.latency_p99),
+                    ms(r.ttft_p50),
+                    ms(r.ttft_p99),
+                    ms(r.time_per_token_p50),
+                    ms(r.time_per_token_p99),
+                    r.mean_share.map(|s| format!("{s:.2}")).unwrap_or("-".into())
+                );
+            }
+        }
+        server.stop()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The OpenAI-style request bodies, their checks, and the JSON error body. Every check that
+//! can fail fails here, before a job reaches the engine, with a 4xx and one line naming the
+//! field (DESIGN §10).
+
+use super::template::Message;
+use crate::generate::{GenerateOptions, SamplingParams};
+use crate::model::{Model, RouterCalibration, Routing, RoutingOptions};
+use axum::http::StatusCode;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// Completions per prompt (`n`) at most, and prompts per request.
+pub const MAX_N: usize = 8;
+pub const MAX_PROMPTS: usize = 16;
+pub const MAX_STOPS: usize = 4;
+
+/// An error answer: status and OpenAI's `{"error": {...}}` body.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn bad(param: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: Some(param),
+        }
+    }
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, kind, message: message.into(), param: None }
+    }
+    pub fn body(&self) -> Value {
+        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status.as_u16()}})
+    }
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        }
+    }
+}
+
+/// The per-request thinking controls (our extension of the OpenAI body).
+#[derive(Deserialize, Debug, Default, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct ThinkingRequest {
+    /// Routed share per step t = 2..=steps, each in [0, 1].
+    pub ratios: Option<Vec<f64>>,
+    /// Steps of the thinking layers, 1 to the trained T plus 4.
+    pub steps: Option<usize>,
+    /// A token whose router weight falls below this takes no further step.
+    pub early_exit: Option<f32>,
+    /// "threshold" (causal, with KV caches; the default) or "topk" (the paper's per-sequence
+    /// top-k: no cache, every token re-runs the whole text).
+    pub routing: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(default)]
+pub struct StreamOptions {
+    pub include_usage: bool,
+}
+
+/// The fields `/v1/completions` and `/v1/chat/completions` share.
+#[derive(Deserialize, Debug, Default)]
+#[serde(default)]
+pub struct Common {
+    pub model: Option<String>,
+    pub max_tokens: Option<i64>,
+    /// The chat API's newer name for max_tokens.
+    pub max_completion_tokens: Option<i64>,
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<i64>,
+    pub seed: Option<u64>,
+    pub stop: Option<OneOrMany>,
+    pub n: Option<i64>,
+    pub stream: Option<bool>,
+    pub stream_options: Option<StreamOptions>,
+    pub thinking: Option<ThinkingRequest>,
+    /// Seconds the request may take; it ends with finish_reason "deadline" after that.
+    pub timeout: Option<f64>,
+    // Refused when set to something we cannot honour, rather than ignored silently.
+    pub logprobs: Option<Value>,
+    pub echo: Option<bool>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct CompletionRequest {
+    pub prompt: Option<OneOrMany>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+#[derive(Deserialize, Debug)]
+pub struct ChatRequest {
+    pub messages: Option<Vec<Message>>,
+    #[serde(flatten)]
+    pub common: Common,
+}
+
+/// Parse a JSON body into `T`: malformed JSON and wrong types are 400s naming the problem.
+pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", "the body must be a JSON object"));
+    }
+    serde_json::from_value(v)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid request: {e}")))
+}
+
+impl OneOrMany {
+    pub fn prompts(self) -> Result<Vec<String>, ApiError> {
+        let v = self.into_vec();
+        if v.is_empty() || v.len() > MAX_PROMPTS {
+            return Err(ApiError::bad("prompt", format!("give 1 to {MAX_PROMPTS} prompts (got {})", v.len())));
+        }
+        if v.iter().any(|p| p.is_empty()) {
+            return Err(ApiError::bad("prompt", "a prompt is empty"));
+        }
+        Ok(v)
+    }
+}
+
+/// What the checks of the shared fields produce.
+pub struct Checked {
+    pub opts: GenerateOptions,
+    pub n: usize,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// The request set its own ratios or steps (the latency valve leaves it alone).
+    pub pinned: bool,
+    pub timeout: Option<std::time::Duration>,
+}
+
+impl Common {
+    /// Check every field and build the generation options. `default_max` is the max_tokens when
+    /// the request gives none; `seed` the server's seed for requests without one.
+    pub fn check(
+        &self,
+        model: &Model,
+        calibration: Option<&Arc<RouterCalibration>>,
+        served_name: &str,
+        default_max: usize,
+        seed: u64,
+    ) -> Result<Checked, ApiError> {
+        if let Some(m) = &self.model {
+            if m != served_name {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    format!("model `{m}` is not served here; this server serves `{served_name}`"),
+                ));
+            }
+        }
+        let ctx = model.cfg.max_seq_len;
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            None => default_max.min(ctx - 1),
+            Some(m) if m >= 1 && (m as usize) < ctx => m as usize,
+            Some(m) => {
+                return Err(ApiError::bad(
+                    "max_tokens",
+                    format!("max_tokens must be between 1 and {} (got {m})", ctx - 1),
+                ))
+            }
+        };
+        let temperature = self.temperature.unwrap_or(1.0);
+        if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
+            return Err(ApiError::bad(
+                "temperature",
+                format!("temperature must be between 0 and 2 (got {temperature})"),
+            ));
+        }
+        let top_p = self.top_p.unwrap_or(1.0);
+        if !(top_p > 0.0 && top_p <= 1.0) {
+            return Err(ApiError::bad("top_p", format!("top_p must be in (0, 1] (got {top_p})")));
+        }
+        let top_k = match self.top_k {
+            None => 0,
+            Some(k) if k >= 0 => k as usize,
+            Some(k) => return Err(ApiError::bad("top_k", format!("top_k must be >= 0 (got {k})"))),
+        };
+        let n = match self.n {
+            None => 1,
+            Some(n) if n >= 1 && n as usize <= MAX_N => n as usize,
+            Some(n) => return Err(ApiError::bad("n", format!("n must be between 1 and {MAX_N} (got {n})"))),
+        };
+        let stop = match &self.stop {
+            None => vec![],
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::bad("stop", format!("stop takes 1 to {MAX_STOPS} non-empty strings")));
+        }
+        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
+            return Err(ApiError::bad("logprobs", "logprobs are not supported by this server"));
+        }
+        if self.echo == Some(true) {
+            return Err(ApiError::bad("echo", "echo is not supported by this server"));
+        }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if v.is_some_and(|p| p != 0.0) {
+                return Err(ApiError::bad(
+                    if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" },
+                    format!("{name} is not supported by this server (only 0)"),
+                ));
+            }
+        }
+        let timeout = match self.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some(std::time::Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(ApiError::bad("timeout", format!("timeout must be between 0 and 86400 seconds (got {t})")))
+            }
+        };
+        let th = self.thinking.clone().unwrap_or_default();
+        let mode = match th.routing.as_deref() {
+            None | Some("threshold") => Routing::Threshold,
+            Some("topk") => Routing::TopK,
+            Some(other) => {
+                return Err(ApiError::bad(
+                    "thinking.routing",
+                    format!("thinking.routing must be \"threshold\" or \"topk\" (got \"{other}\")"),
+                ))
+            }
+        };
+        if let Some(e) = th.early_exit {
+            if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
+                return Err(ApiError::bad(
+                    "thinking.early_exit",
+                    format!("thinking.early_exit must be in [0, 1] (got {e})"),
+                ));
+            }
+        }
+        let routing = RoutingOptions {
+            mode,
+            calibration: calibration.cloned(),
+            ratios: th.ratios.clone(),
+            steps: th.steps,
+            early_exit: th.early_exit,
+            forced: None,
+        };
+        if model.has_routers() && mode == Routing::Threshold && calibration.is_none() {
+            return Err(ApiError::bad(
+                "thinking.routing",
+                "this model has no stored router thresholds (run `itt calibrate` on it); use thinking.routing \"topk\"",
+            ));
+        }
+        model.check_routing(&routing).map_err(|e| ApiError::bad("thinking", e.to_string()))?;
+        let opts = GenerateOptions {
+            max_new_tokens: max_tokens,
+            stop,
+            stop_ids: vec![],
+            sampling: SamplingParams { temperature, top_k, top_p, seed: self.seed.unwrap_or(seed) },
+            // Top-k routing is not causal: it re-runs the whole text each token (DESIGN §5).
+            use_cache: mode == Routing::Threshold || !model.has_routers(),
+            routing,
+            prefill_chunk: 0,
+        };
+        Ok(Checked {
+            opts,
+            n,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            pinned: th.ratios.is_some() || th.steps.is_some(),
+            timeout,
+        })
+    }
+}

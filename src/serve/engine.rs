@@ -1,0 +1,461 @@
+//! The serving engine: one thread that owns the model and runs continuous batching over
+//! [`crate::generate::Batch`]. It knows nothing of HTTP: jobs come in through a bounded queue
+//! ([`EngineHandle::submit`]), events go out on each job's own channel. Between two steps it
+//! admits queued jobs (up to `max_batch` running), drops jobs whose client went away (their
+//! channel is closed) or whose deadline passed, and adjusts routed shares under load (the
+//! latency valve, DESIGN §10).
+
+use super::metrics::Metrics;
+use crate::data::Tokenizer;
+use crate::generate::{Batch, Event, FinishReason, GenerateOptions, SeqUsage};
+use crate::model::Model;
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// How the engine schedules.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Jobs waiting for a place in the batch at most; beyond, `submit` refuses (HTTP 429).
+    pub max_queue: usize,
+    /// Prompt tokens fed per sequence and step at most (0 = whole prompts), so a long prompt
+    /// joining does not stall the running streams for its whole prefill.
+    pub prefill_chunk: usize,
+    /// The latency valve: target time per output token.
+    pub latency_target: Option<Duration>,
+    /// The valve never scales routed shares below this fraction of the trained ones.
+    pub share_floor: f64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig { max_batch: 16, max_queue: 64, prefill_chunk: 256, latency_target: None, share_floor: 0.25 }
+    }
+}
+
+/// One request's generation, as the engine receives it.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    pub opts: GenerateOptions,
+    /// The request set its own ratios or steps: the valve leaves it alone.
+    pub pinned: bool,
+    pub deadline: Option<Instant>,
+    pub events: UnboundedSender<JobEvent>,
+}
+
+/// Why a job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobEnd {
+    Finished(FinishReason),
+    /// Its deadline passed.
+    Deadline,
+    /// The server shut down before it finished.
+    Shutdown,
+}
+
+impl JobEnd {
+    /// OpenAI's `finish_reason` names, with two of our own ("deadline", "shutdown").
+    pub fn name(self) -> &'static str {
+        match self {
+            JobEnd::Finished(FinishReason::EndOfText | FinishReason::Stop) => "stop",
+            JobEnd::Finished(FinishReason::Length | FinishReason::Context) => "length",
+            JobEnd::Deadline => "deadline",
+            JobEnd::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// What the job's thinking actually was.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ThinkingReport {
+    /// Routed share per step t = 2..=T, averaged over the job's steps (the valve may change
+    /// them while it runs); empty for models without routed steps.
+    pub ratios: Vec<f64>,
+    /// Block steps thinking added over the dense pass, and their forward FLOPs.
+    pub extra_block_steps: u64,
+    pub thinking_flops: f64,
+    /// Forward FLOPs of the whole job (dense pass plus thinking).
+    pub total_flops: f64,
+}
+
+pub enum JobEvent {
+    Token {
+        id: u32,
+        text: String,
+        depth: Vec<u32>,
+    },
+    Finished {
+        end: JobEnd,
+        usage: SeqUsage,
+        thinking: ThinkingReport,
+    },
+    /// The model failed on this job's batch; the engine goes on with the next jobs.
+    Failed(String),
+}
+
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull,
+    ShuttingDown,
+}
+
+/// The handle the server holds; cloning shares the engine.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Job>,
+    queued: Arc<AtomicUsize>,
+    max_queue: usize,
+    closing: Arc<AtomicBool>,
+    /// End every running job now (after a graceful shutdown's grace period).
+    abort: Arc<AtomicBool>,
+}
+
+impl EngineHandle {
+    pub fn submit(&self, job: Job) -> std::result::Result<(), SubmitError> {
+        if self.closing.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        // Reserve a place first so concurrent submits cannot overshoot the bound.
+        if self.queued.fetch_add(1, Ordering::SeqCst) >= self.max_queue {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(SubmitError::QueueFull);
+        }
+        self.tx.send(job).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::SeqCst);
+            SubmitError::ShuttingDown
+        })
+    }
+
+    /// Jobs waiting for a place in the batch.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::SeqCst)
+    }
+
+    /// Refuse new jobs from now on; running and queued ones go on.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
+    /// End every running and queued job now, with finish reason "shutdown".
+    pub fn abort(&self) {
+        self.close();
+        self.abort.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A running job's bookkeeping.
+struct Live {
+    events: UnboundedSender<JobEvent>,
+    pinned: bool,
+    deadline: Option<Instant>,
+    admitted: Instant,
+    first_token: Option<Instant>,
+    /// Sum over the job's steps of the shares it ran at, and the number of steps.
+    share_sum: Vec<f64>,
+    share_steps: u64,
+}
+
+/// Start the engine thread. It ends when every handle is dropped (or closed) and the queue and
+/// batch are empty; join the returned thread to wait for that.
+pub fn start(
+    model: Arc<Model>,
+    tok: Arc<Tokenizer>,
+    cfg: EngineConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    if cfg.max_batch == 0 {
+        return Err(Error::usage("--max-batch must be at least 1"));
+    }
+    if !(cfg.share_floor >= 0.0 && cfg.share_floor <= 1.0) {
+        return Err(Error::usage(format!("--share-floor must be in [0, 1] (got {})", cfg.share_floor)));
+    }
+    let (tx, rx) = mpsc::channel();
+    let handle = EngineHandle {
+        tx,
+        queued: Arc::new(AtomicUsize::new(0)),
+        max_queue: cfg.max_queue,
+        closing: Arc::new(AtomicBool::new(false)),
+        abort: Arc::new(AtomicBool::new(false)),
+    };
+    let h = handle.clone();
+    let thread = std::thread::Builder::new()
+        .name("itt-engine".into())
+        .spawn(move || run(&model, &tok, cfg, rx, h, metrics))
+        .map_err(|e| Error::usage(format!("cannot start the engine thread: {e}")))?;
+    Ok((handle, thread))
+}
+
+/// The valve's state: one factor on the trained shares for every job that did not pin its own.
+struct Valve {
+    target: Option<Duration>,
+    floor: f64,
+    scale: f64,
+    /// Smoothed time per decode step (= per output token of each running stream).
+    ewma: Option<f64>,
+    steps_since_change: u32,
+}
+
+impl Valve {
+    /// Feed one step's time; returns the new scale when it changes.
+    fn observe(&mut self, step: Duration) -> Option<f64> {
+        let target = self.target?.as_secs_f64();
+        let t = step.as_secs_f64();
+        let e = match self.ewma {
+            Some(e) => 0.8 * e + 0.2 * t,
+            None => t,
+        };
+        self.ewma = Some(e);
+        self.steps_since_change += 1;
+        // Change at most every 4 steps, so one change shows in the average before the next.
+        if self.steps_since_change < 4 {
+            return None;
+        }
+        let old = self.scale;
+        if e > target {
+            self.scale = (self.scale * 0.8).max(self.floor);
+        } else if e < 0.7 * target {
+            self.scale = (self.scale * 1.25).min(1.0);
+        }
+        if (self.scale - old).abs() > 1e-12 {
+            self.steps_since_change = 0;
+            Some(self.scale)
+        } else {
+            None
+        }
+    }
+}
+
+fn run(
+    model: &Model,
+    tok: &Tokenizer,
+    cfg: EngineConfig,
+    rx: mpsc::Receiver<Job>,
+    handle: EngineHandle,
+    metrics: Arc<Metrics>,
+) {
+    let mut batch = match Batch::new(model, tok) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("error: the engine cannot start: {e}");
+            return;
+        }
+    };
+    let trained: Vec<f64> = model.thinking_layers().next().map(|t| t.ratios.clone()).unwrap_or_default();
+    let routed = model.has_routers();
+    let mut valve =
+        Valve { target: cfg.latency_target, floor: cfg.share_floor, scale: 1.0, ewma: None, steps_since_change: 0 };
+    let mut live: HashMap<usize, Live> = HashMap::new();
+    let mut disconnected = false;
+    loop {
+        // Admit queued jobs while there is room; wait for one when idle.
+        while live.len() < cfg.max_batch && !disconnected {
+            let job = if live.is_empty() {
+                match rx.recv_timeout(Duration::from_millis(50)) {
+                    Ok(j) => j,
+                    Err(mpsc::RecvTimeoutError::Timeout) => break,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            } else {
+                match rx.try_recv() {
+                    Ok(j) => j,
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => {
+                        disconnected = true;
+                        break;
+                    }
+                }
+            };
+            handle.queued.fetch_sub(1, Ordering::SeqCst);
+            if job.events.is_closed() {
+                metrics.cancelled.inc();
+                continue;
+            }
+            if handle.abort.load(Ordering::SeqCst) {
+                let _ = job.events.send(JobEvent::Finished {
+                    end: JobEnd::Shutdown,
+                    usage: SeqUsage { prompt_tokens: job.prompt.len(), ..Default::default() },
+                    thinking: ThinkingReport::default(),
+                });
+                continue;
+            }
+            let mut opts = job.opts;
+            opts.prefill_chunk = cfg.prefill_chunk;
+            if !job.pinned && routed && valve.scale < 1.0 {
+                opts.routing.ratios = Some(scaled(&trained, valve.scale, opts.routing.steps));
+            }
+            match batch.add(job.prompt, opts) {
+                Ok(id) => {
+                    live.insert(
+                        id,
+                        Live {
+                            events: job.events,
+                            pinned: job.pinned,
+                            deadline: job.deadline,
+                            admitted: Instant::now(),
+                            first_token: None,
+                            share_sum: vec![],
+                            share_steps: 0,
+                        },
+                    );
+                }
+                Err(e) => {
+                    let _ = job.events.send(JobEvent::Failed(e.to_string()));
+                }
+            }
+        }
+        metrics.queue_depth.set(handle.queued() as i64);
+        metrics.running.set(live.len() as i64);
+        if live.is_empty() {
+            if disconnected || (handle.closing.load(Ordering::SeqCst) && handle.queued() == 0) {
+                break;
+            }
+            continue;
+        }
+        // Clients gone, deadlines passed, shutdown's grace over.
+        let now = Instant::now();
+        let abort = handle.abort.load(Ordering::SeqCst);
+        let ids: Vec<usize> = live.keys().copied().collect();
+        for id in ids {
+            let l = &live[&id];
+            let end = if abort {
+                Some(JobEnd::Shutdown)
+            } else if l.deadline.is_some_and(|d| now >= d) {
+                Some(JobEnd::Deadline)
+            } else {
+                None
+            };
+            if l.events.is_closed() {
+                metrics.cancelled.inc();
+            } else if let Some(end) = end {
+                let usage = batch.usage(id).unwrap_or_default();
+                let thinking = report(model, &usage, l);
+                let _ = l.events.send(JobEvent::Finished { end, usage, thinking });
+                metrics.finished(end.name());
+            } else {
+                continue;
+            }
+            batch.remove(id);
+            live.remove(&id);
+        }
+        if live.is_empty() {
+            continue;
+        }
+        // Record the shares each job runs this step at (what the valve gave it).
+        for (&id, l) in live.iter_mut() {
+            if let Some(r) = batch.routing(id) {
+                let shares: Vec<f64> = match &r.ratios {
+                    Some(r) => r.clone(),
+                    None => trained.clone(),
+                };
+                if l.share_sum.len() != shares.len() {
+                    l.share_sum = vec![0.0; shares.len()];
+                }
+                l.share_sum.iter_mut().zip(&shares).for_each(|(s, x)| *s += x);
+                l.share_steps += 1;
+            }
+        }
+        let t0 = Instant::now();
+        let events = match batch.step() {
+            Ok(e) => e,
+            Err(e) => {
+                // The model failed on this batch: end its jobs with the error, keep serving.
+                let msg = e.to_string();
+                for (id, l) in live.drain() {
+                    let _ = l.events.send(JobEvent::Failed(msg.clone()));
+                    batch.remove(id);
+                    metrics.finished("error");
+                }
+                continue;
+            }
+        };
+        let dt = t0.elapsed();
+        metrics.step_seconds.observe(dt.as_secs_f64());
+        metrics.batch_size.observe(live.len() as f64);
+        for ev in events {
+            match ev {
+                Event::Token(t) => {
+                    metrics.completion_tokens.inc();
+                    if let Some(l) = live.get_mut(&t.seq) {
+                        if l.first_token.is_none() {
+                            l.first_token = Some(Instant::now());
+                            metrics.time_to_first_token.observe(l.admitted.elapsed().as_secs_f64());
+                        }
+                        let _ = l.events.send(JobEvent::Token { id: t.id, text: t.text, depth: t.depth });
+                    }
+                }
+                Event::Finished { seq, reason, usage, .. } => {
+                    if let Some(l) = live.remove(&seq) {
+                        let thinking = report(model, &usage, &l);
+                        metrics.prompt_tokens.inc_by(usage.prompt_tokens as u64);
+                        metrics.request_seconds.observe(l.admitted.elapsed().as_secs_f64());
+                        if usage.completion_tokens > 1 {
+                            if let Some(ft) = l.first_token {
+                                let per = ft.elapsed().as_secs_f64() / (usage.completion_tokens - 1) as f64;
+                                metrics.time_per_token.observe(per);
+                            }
+                        }
+                        let end = JobEnd::Finished(reason);
+                        metrics.finished(end.name());
+                        let _ = l.events.send(JobEvent::Finished { end, usage, thinking });
+                    }
+                    batch.remove(seq);
+                }
+            }
+        }
+        if let Some(scale) = valve.observe(dt) {
+            metrics.share_scale.set(scale);
+            let ratios = scaled(&trained, scale, None);
+            for (&id, l) in &live {
+                if !l.pinned && routed {
+                    if let Some(r) = batch.routing(id) {
+                        let mut r = r.clone();
+                        r.ratios =
+                            Some(if r.steps.is_some() { scaled(&trained, scale, r.steps) } else { ratios.clone() });
+                        batch.set_routing(id, r);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The trained shares times `scale`, for `steps` steps (extended steps take the last share).
+fn scaled(trained: &[f64], scale: f64, steps: Option<usize>) -> Vec<f64> {
+    let n = steps.map(|s| s.saturating_sub(1)).unwrap_or(trained.len());
+    (0..n).map(|i| trained.get(i).or(trained.last()).copied().unwrap_or(0.0) * scale).collect()
+}
+
+/// A finished job's thinking: the shares it got and what its extra steps cost.
+fn report(model: &Model, usage: &SeqUsage, l: &Live) -> ThinkingReport {
+    // Rounded to 6 places: sums of equal shares should read as the share.
+    let ratios = if l.share_steps == 0 {
+        vec![]
+    } else {
+        l.share_sum.iter().map(|s| (s / l.share_steps as f64 * 1e6).round() / 1e6).collect()
+    };
+    let cfg = &model.cfg;
+    let tokens = usage.prompt_tokens + usage.completion_tokens;
+    let per_step = crate::flops::block_token_flops(cfg);
+    let dense = crate::flops::flops_per_token(cfg, tokens.max(1), Some(1), None).forward * tokens as f64;
+    let thinking_flops = usage.extra_block_steps as f64 * per_step;
+    ThinkingReport {
+        ratios,
+        extra_block_steps: usage.extra_block_steps,
+        thinking_flops,
+        total_flops: dense + thinking_flops,
+    }
+}

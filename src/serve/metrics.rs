@@ -1,0 +1,106 @@
+//! The server's Prometheus metrics (`GET /metrics`, text format), on the `prometheus` crate.
+
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub struct Metrics {
+    registry: Registry,
+    /// HTTP requests by endpoint and status code.
+    pub requests: IntCounterVec,
+    /// Generations ended, by finish reason.
+    pub finishes: IntCounterVec,
+    pub cancelled: IntCounter,
+    pub prompt_tokens: IntCounter,
+    pub completion_tokens: IntCounter,
+    pub queue_depth: IntGauge,
+    pub running: IntGauge,
+    /// The latency valve's factor on the trained routed shares (1 = as trained).
+    pub share_scale: Gauge,
+    pub batch_size: Histogram,
+    pub step_seconds: Histogram,
+    pub request_seconds: Histogram,
+    pub time_to_first_token: Histogram,
+    pub time_per_token: Histogram,
+}
+
+fn seconds_buckets() -> Vec<f64> {
+    vec![0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0]
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("itt".into()), None).expect("a valid prefix");
+        let counter = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("valid metric");
+            registry.register(Box::new(c.clone())).expect("registered once");
+            c
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid metric");
+            registry.register(Box::new(h.clone())).expect("registered once");
+            h
+        };
+        let requests = IntCounterVec::new(Opts::new("http_requests_total", "HTTP requests"), &["endpoint", "status"])
+            .expect("valid metric");
+        registry.register(Box::new(requests.clone())).expect("registered once");
+        let finishes = IntCounterVec::new(Opts::new("generations_total", "Generations ended, by reason"), &["reason"])
+            .expect("valid metric");
+        registry.register(Box::new(finishes.clone())).expect("registered once");
+        let queue_depth = IntGauge::new("queue_depth", "Requests waiting for a place in the batch").expect("valid");
+        registry.register(Box::new(queue_depth.clone())).expect("registered once");
+        let running = IntGauge::new("running_sequences", "Sequences in the running batch").expect("valid");
+        registry.register(Box::new(running.clone())).expect("registered once");
+        let share_scale =
+            Gauge::new("share_scale", "Latency valve factor on the trained routed shares").expect("valid");
+        share_scale.set(1.0);
+        registry.register(Box::new(share_scale.clone())).expect("registered once");
+        Metrics {
+            requests,
+            finishes,
+            cancelled: counter("cancelled_total", "Generations dropped because the client went away"),
+            prompt_tokens: counter("prompt_tokens_total", "Prompt tokens of finished generations"),
+            completion_tokens: counter("completion_tokens_total", "Generated tokens"),
+            queue_depth,
+            running,
+            share_scale,
+            batch_size: histogram(
+                "batch_size",
+                "Sequences per engine step",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0],
+            ),
+            step_seconds: histogram("step_seconds", "Time of one engine step", seconds_buckets()),
+            request_seconds: histogram("request_seconds", "Time from admission to the end", seconds_buckets()),
+            time_to_first_token: histogram(
+                "time_to_first_token_seconds",
+                "Time from admission to the first token",
+                seconds_buckets(),
+            ),
+            time_per_token: histogram(
+                "time_per_output_token_seconds",
+                "Mean time per generated token after the first, per request",
+                seconds_buckets(),
+            ),
+            registry,
+        }
+    }
+
+    pub fn finished(&self, reason: &str) {
+        self.finishes.with_label_values(&[reason]).inc();
+    }
+
+    pub fn request(&self, endpoint: &str, status: u16) {
+        self.requests.with_label_values(&[endpoint, &status.to_string()]).inc();
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = vec![];
+        let _ = prometheus::TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
