@@ -177,6 +177,7 @@ fn show_sample(
         max_new_tokens: 8,
         stop: vec!["\n".into()],
         stop_ids: vec![],
+        ignore_eot: false,
         sampling: SamplingParams::greedy(),
         routing: RoutingOptions { mode, calibration, ..Default::default() },
         use_cache: true,

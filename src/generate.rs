@@ -57,6 +57,8 @@ pub struct GenerateOptions {
     /// Stop a sequence when it draws one of these token ids (not included): e.g. a chat
     /// template's end-of-turn token.
     pub stop_ids: Vec<u32>,
+    /// Go on past the end-of-text token (benchmarks that need a fixed length).
+    pub ignore_eot: bool,
     pub sampling: SamplingParams,
     /// Routing mode, elastic ratios/steps, early exit (DESIGN §5, §6).
     pub routing: RoutingOptions,
@@ -71,6 +73,7 @@ impl Default for GenerateOptions {
             max_new_tokens: 64,
             stop: vec![],
             stop_ids: vec![],
+            ignore_eot: false,
             sampling: SamplingParams::default(),
             routing: RoutingOptions::default(),
             use_cache: true,
@@ -106,6 +109,9 @@ pub enum Event {
     Token(GeneratedToken),
     Finished { seq: usize, reason: FinishReason, text: String, usage: SeqUsage },
 }
+
+/// A sequence whose text is all fed: its id, next-token logits and depth at its last position.
+type Ready = (usize, Vec<f32>, Vec<u32>);
 
 /// What one sequence has cost: tokens, and the extra (routed) block steps its tokens took.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
@@ -293,7 +299,7 @@ impl<'a> Batch<'a> {
                 None => groups.push(vec![i]),
             }
         }
-        let mut ready: Vec<(usize, Vec<f32>, Vec<u32>)> = vec![];
+        let mut ready: Vec<Ready> = vec![];
         for g in groups {
             ready.extend(self.run_group(&g)?);
         }
@@ -314,7 +320,7 @@ impl<'a> Batch<'a> {
     /// One packed forward of the sequences `group` (same routing and cache use). Returns, for
     /// each sequence whose text is now all fed, its next-token logits and the depth per
     /// thinking layer at its last position.
-    fn run_group(&mut self, group: &[usize]) -> Result<Vec<(usize, Vec<f32>, Vec<u32>)>> {
+    fn run_group(&mut self, group: &[usize]) -> Result<Vec<Ready>> {
         let opts = self.seq(group[0]).opts.clone();
         let mut detail = ForwardRecord { keep_detail: true, ..Default::default() };
         let (lens, past): (Vec<usize>, Vec<usize>) = group
@@ -362,11 +368,11 @@ impl<'a> Batch<'a> {
             } else {
                 starts[k] + lens[k] - 1..starts[k] + lens[k]
             };
-            let extra: u64 = new_rows.flat_map(|r| depth_at(r)).map(|d| d.saturating_sub(1) as u64).sum();
+            let extra: u64 = new_rows.flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum();
             let s = self.seqs[i].as_mut().expect("active");
             // Without a cache the prompt's rows are charged once, on the first call.
             let prompt_extra: u64 = if !opts.use_cache && s.fed == 0 {
-                (starts[k]..starts[k] + lens[k] - 1).flat_map(|r| depth_at(r)).map(|d| d.saturating_sub(1) as u64).sum()
+                (starts[k]..starts[k] + lens[k] - 1).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum()
             } else {
                 0
             };
@@ -389,7 +395,7 @@ impl<'a> Batch<'a> {
         let max_seq_len = self.model.cfg.max_seq_len;
         let s = self.seqs[i].as_mut().expect("active");
         let mut finished = None;
-        if id == self.tok.eot_id() {
+        if id == self.tok.eot_id() && !s.opts.ignore_eot {
             finished = Some(FinishReason::EndOfText);
         } else if s.opts.stop_ids.contains(&id) {
             finished = Some(FinishReason::Stop);

@@ -549,7 +549,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     let mut window_loss = (0.0, 0usize);
     while trainer.state.step < end {
         let next = trainer.state.step + 1;
-        let rep = trainer.step(&data.train, next % tc.log_interval == 0 || next == end)?;
+        let rep = trainer.step(&data.train, next.is_multiple_of(tc.log_interval) || next == end)?;
         let step = rep.step;
         if let Some(why) = &rep.skipped {
             let line = json!({"step": step, "skipped": why, "skipped_batches": trainer.state.skipped_batches});

@@ -196,6 +196,7 @@ fn generations(run_dir: &Path, cfg: &RunConfig, opts: &ReportOptions) -> Result<
         max_new_tokens: opts.max_new_tokens,
         stop: vec!["\n".into()],
         stop_ids: vec![],
+        ignore_eot: false,
         sampling: SamplingParams::greedy(),
         routing,
         use_cache,

@@ -208,6 +208,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         stop: a.stop,
         stop_ids: vec![],
+        ignore_eot: false,
         sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
         routing,
         use_cache: !a.no_cache,

@@ -91,6 +91,7 @@ pub fn solve_rates(
         max_new_tokens: 24,
         stop: vec!["\n".into()],
         stop_ids: vec![],
+        ignore_eot: false,
         sampling: SamplingParams::greedy(),
         routing: routing.clone(),
         use_cache: true,

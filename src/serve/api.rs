@@ -95,6 +95,8 @@ pub struct Common {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub thinking: Option<ThinkingRequest>,
+    /// Go on past the end-of-text token (vLLM's name), for benchmarks of a fixed length.
+    pub ignore_eos: bool,
     /// Seconds the request may take; it ends with finish_reason "deadline" after that.
     pub timeout: Option<f64>,
     // Refused when set to something we cannot honour, rather than ignored silently.
@@ -272,6 +274,7 @@ impl Common {
             max_new_tokens: max_tokens,
             stop,
             stop_ids: vec![],
+            ignore_eot: self.ignore_eos,
             sampling: SamplingParams { temperature, top_k, top_p, seed: self.seed.unwrap_or(seed) },
             // Top-k routing is not causal: it re-runs the whole text each token (DESIGN §5).
             use_cache: mode == Routing::Threshold || !model.has_routers(),

@@ -351,6 +351,7 @@ fn run(
             batch.remove(id);
             live.remove(&id);
         }
+        metrics.running.set(live.len() as i64);
         if live.is_empty() {
             continue;
         }
@@ -416,6 +417,7 @@ fn run(
                 }
             }
         }
+        metrics.running.set(live.len() as i64);
         if let Some(scale) = valve.observe(dt) {
             metrics.share_scale.set(scale);
             let ratios = scaled(&trained, scale, None);

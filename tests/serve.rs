@@ -1,0 +1,341 @@
+//! The server on a loopback port: answers equal `generate`, streams are well formed under
+//! concurrent load, bad requests get 4xx and the server keeps serving, the queue bound, client
+//! cancellation, deadlines, graceful shutdown, chat templates and the latency valve.
+
+use candle_core::{Device, Tensor};
+use itt::config::preset;
+use itt::data::Tokenizer;
+use itt::generate::{generate, Event, GenerateOptions, SamplingParams};
+use itt::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqLayout};
+use itt::serve::engine::EngineConfig;
+use itt::serve::template::{ChatTemplate, PLAIN_TEMPLATE};
+use itt::serve::{bench, ServeOptions, Server};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn model() -> (Model, Tokenizer, Arc<RouterCalibration>) {
+    model_with_context(128)
+}
+
+fn model_with_context(ctx: usize) -> (Model, Tokenizer, Arc<RouterCalibration>) {
+    let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghijklmnopqrstuvwxyz:");
+    let mut cfg = preset("tiny-itt4").unwrap().model;
+    cfg.vocab_size = tok.vocab_size();
+    cfg.d_model = 32;
+    cfg.n_heads = 2;
+    cfg.n_kv_heads = 1;
+    cfg.mlp_hidden = 48;
+    cfg.max_seq_len = ctx;
+    cfg.init_std = 0.2;
+    cfg.thinking.router_init_std = 0.5;
+    let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
+    let ids = tok.encode("12+34=46\n5+5=10\nabc def ghij\n901-3=898\n").unwrap();
+    let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
+    let mut rec = ForwardRecord::with_scores();
+    model.forward(&x, &SeqLayout::uniform(1, ids.len()), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
+    let mut cal = RouterCalibration::new();
+    cal.update(&mut rec, 0.0);
+    (model, tok, Arc::new(cal))
+}
+
+fn start(engine: EngineConfig) -> (Server, String) {
+    start_with_context(engine, 128)
+}
+
+fn start_with_context(engine: EngineConfig, ctx: usize) -> (Server, String) {
+    let (m, tok, cal) = model_with_context(ctx);
+    let template = ChatTemplate::new(PLAIN_TEMPLATE, "plain".into(), &tok).unwrap();
+    let opts = ServeOptions {
+        engine,
+        name: "test-model".into(),
+        template,
+        calibration: Some(cal),
+        seed: 1,
+        grace: Duration::from_secs(10),
+    };
+    let server = Server::start(m, tok, opts, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("http://{}", server.addr);
+    (server, url)
+}
+
+/// POST a JSON (or raw) body; (status, parsed body).
+fn post(url: &str, path: &str, body: &str) -> (u16, Value) {
+    let r = ureq::post(&format!("{url}{path}")).set("Content-Type", "application/json").send_string(body);
+    let resp = match r {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => panic!("transport error: {e}"),
+    };
+    let status = resp.status();
+    let text = resp.into_string().unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+fn get(url: &str, path: &str) -> (u16, String) {
+    match ureq::get(&format!("{url}{path}")).call() {
+        Ok(r) => (r.status(), r.into_string().unwrap()),
+        Err(ureq::Error::Status(c, r)) => (c, r.into_string().unwrap()),
+        Err(e) => panic!("transport error: {e}"),
+    }
+}
+
+/// The tokens `itt generate` produces for one prompt.
+fn generated(prompt: &str, sampling: SamplingParams, max: usize) -> String {
+    let (m, tok, cal) = model();
+    let routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
+    let opts = GenerateOptions { max_new_tokens: max, sampling, routing, ..Default::default() };
+    let mut text = String::new();
+    for ev in generate(&m, &tok, &[prompt.to_string()], opts).unwrap() {
+        if let Event::Token(t) = ev.unwrap() {
+            text.push_str(&t.text);
+        }
+    }
+    text
+}
+
+#[test]
+fn answers_equal_generate_and_streams_are_well_formed() {
+    let (server, url) = start(EngineConfig::default());
+    let greedy = generated("12+34=", SamplingParams::greedy(), 12);
+    let (status, v) = post(&url, "/v1/completions", r#"{"prompt": "12+34=", "max_tokens": 12, "temperature": 0}"#);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), greedy);
+    assert_eq!(v["object"], "text_completion");
+    assert_eq!(v["model"], "test-model");
+    let n = v["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(v["usage"]["prompt_tokens"], 6);
+    assert_eq!(v["choices"][0]["thinking"]["depth"].as_array().unwrap().len(), n);
+    assert!(v["thinking"]["thinking_flops"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["choices"][0]["thinking"]["ratios"], json!([0.7, 0.7, 0.7]));
+
+    // Seeded sampling equals `generate` with the same seed, streamed or not.
+    let sampled = generated("5+5=", SamplingParams { temperature: 0.9, top_k: 0, top_p: 0.95, seed: 42 }, 10);
+    let body = json!({"prompt": "5+5=", "max_tokens": 10, "temperature": 0.9, "top_p": 0.95, "seed": 42});
+    let (_, v) = post(&url, "/v1/completions", &body.to_string());
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), sampled);
+    let s = bench::stream_completion(&url, &body, Duration::from_secs(60)).unwrap();
+    assert_eq!(s.text, sampled);
+    assert_eq!(s.finish_reason, v["choices"][0]["finish_reason"].as_str().unwrap());
+
+    // Several prompts and n choices each.
+    let (_, v) =
+        post(&url, "/v1/completions", r#"{"prompt": ["12+34=", "ab"], "n": 2, "max_tokens": 4, "temperature": 0}"#);
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 4);
+    assert_eq!(choices[0]["text"], choices[1]["text"], "greedy choices of one prompt agree");
+    assert_eq!(choices[0]["text"].as_str().unwrap(), generated("12+34=", SamplingParams::greedy(), 4));
+
+    let (status, models) = get(&url, "/v1/models");
+    assert_eq!(status, 200);
+    let m: Value = serde_json::from_str(&models).unwrap();
+    assert_eq!(m["data"][0]["id"], "test-model");
+    assert_eq!(m["data"][0]["thinking"]["steps"], 4);
+    let (status, page) = get(&url, "/");
+    assert!(status == 200 && page.contains("<script>"));
+    let (status, metrics) = get(&url, "/metrics");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("itt_completion_tokens_total") && metrics.contains("itt_step_seconds_bucket"));
+    server.stop().unwrap();
+}
+
+#[test]
+fn concurrent_streaming_clients_finish_without_errors() {
+    let (server, url) = start(EngineConfig { max_batch: 4, ..Default::default() });
+    let body = json!({"prompt": "12+34=46\n5+", "max_tokens": 16, "temperature": 0});
+    let r = bench::load(&url, 8, 3, &body);
+    assert_eq!((r.requests, r.errors), (24, 0), "{:?}", r.first_error);
+    // Every greedy stream, whatever else ran beside it, is the text generated alone.
+    let alone = generated("12+34=46\n5+", SamplingParams::greedy(), 16);
+    let s = bench::stream_completion(&url, &body, Duration::from_secs(60)).unwrap();
+    assert_eq!(s.text, alone);
+    let (_, metrics) = get(&url, "/metrics");
+    let batch_line = metrics.lines().find(|l| l.starts_with("itt_batch_size_bucket{le=\"2\"}")).unwrap().to_string();
+    let count_line = metrics.lines().find(|l| l.starts_with("itt_batch_size_count")).unwrap().to_string();
+    let num = |l: &str| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap();
+    assert!(
+        num(&batch_line) < num(&count_line),
+        "some steps ran more than 2 sequences together: {batch_line} / {count_line}"
+    );
+    server.stop().unwrap();
+}
+
+#[test]
+fn bad_requests_get_4xx_and_the_server_keeps_serving() {
+    let (server, url) = start(EngineConfig::default());
+    let long = "1".repeat(200);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        ("/v1/completions", "{bad json".into(), 400, "invalid JSON"),
+        ("/v1/completions", "[1, 2]".into(), 400, "JSON object"),
+        ("/v1/completions", r#"{"max_tokens": 4}"#.into(), 400, "prompt is required"),
+        ("/v1/completions", r#"{"prompt": ""}"#.into(), 400, "empty"),
+        ("/v1/completions", r#"{"prompt": 12}"#.into(), 400, "invalid request"),
+        ("/v1/completions", format!(r#"{{"prompt": "{long}"}}"#), 400, "context is 128"),
+        ("/v1/completions", r#"{"prompt": "1", "max_tokens": 0}"#.into(), 400, "max_tokens"),
+        ("/v1/completions", r#"{"prompt": "1", "max_tokens": 100000}"#.into(), 400, "max_tokens"),
+        ("/v1/completions", r#"{"prompt": "1", "max_tokens": "x"}"#.into(), 400, "invalid type"),
+        ("/v1/completions", r#"{"prompt": "1", "model": "gpt-4"}"#.into(), 404, "not served here"),
+        ("/v1/completions", r#"{"prompt": "1", "temperature": -1}"#.into(), 400, "temperature"),
+        ("/v1/completions", r#"{"prompt": "1", "top_p": 0}"#.into(), 400, "top_p"),
+        ("/v1/completions", r#"{"prompt": "1", "n": 100}"#.into(), 400, "n must be"),
+        ("/v1/completions", r#"{"prompt": "1", "stop": ["", "a"]}"#.into(), 400, "stop"),
+        ("/v1/completions", r#"{"prompt": "1", "thinking": {"steps": 99}}"#.into(), 400, "steps must be"),
+        ("/v1/completions", r#"{"prompt": "1", "thinking": {"ratios": [0.5]}}"#.into(), 400, "needs 3 values"),
+        ("/v1/completions", r#"{"prompt": "1", "thinking": {"ratios": [2, 2, 2]}}"#.into(), 400, "ratios"),
+        ("/v1/completions", r#"{"prompt": "1", "thinking": {"routing": "fast"}}"#.into(), 400, "thinking.routing"),
+        ("/v1/completions", r#"{"prompt": "1", "thinking": {"early_exit": 7}}"#.into(), 400, "early_exit"),
+        ("/v1/completions", r#"{"prompt": "1", "thinking": {"deep": true}}"#.into(), 400, "unknown field"),
+        ("/v1/completions", r#"{"prompt": "1", "timeout": -3}"#.into(), 400, "timeout"),
+        ("/v1/completions", r#"{"prompt": "1", "logprobs": 5}"#.into(), 400, "logprobs"),
+        ("/v1/chat/completions", r#"{"messages": []}"#.into(), 400, "messages is empty"),
+        ("/v1/chat/completions", r#"{"messages": [{"role": "wizard", "content": "x"}]}"#.into(), 400, "unknown role"),
+        ("/v1/chat/completions", r#"{"messages": [{"role": "user"}]}"#.into(), 400, "invalid request"),
+        ("/v1/nothing", "{}".into(), 404, "no such route"),
+    ];
+    for (path, body, status, needle) in &cases {
+        let (got, v) = post(&url, path, body);
+        assert_eq!(got, *status, "{path} {body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("{body}: no error message in {v}"));
+        assert!(msg.contains(needle) && !msg.contains('\n'), "{body}: {msg:?} should say {needle:?} on one line");
+    }
+    let (status, v) = post(&url, "/v1/completions", r#"{"prompt": "12+", "max_tokens": 3, "temperature": 0}"#);
+    assert_eq!(status, 200, "the server keeps serving: {v}");
+    // Top-k routing runs without a cache; pinned ratios come back as given.
+    let (status, v) = post(
+        &url,
+        "/v1/completions",
+        r#"{"prompt": "12+", "max_tokens": 3, "thinking": {"routing": "topk", "ratios": [0.5, 0.25, 0.25]}}"#,
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["thinking"]["ratios"], json!([0.5, 0.25, 0.25]));
+    let (_, metrics) = get(&url, "/metrics");
+    assert!(metrics.contains("itt_http_requests_total{endpoint=\"completions\",status=\"400\"}"));
+    server.stop().unwrap();
+}
+
+/// Open a streaming request and read until its first token; returns the open reader.
+fn open_stream(url: &str, body: Value) -> BufReader<Box<dyn std::io::Read + Send + Sync>> {
+    let mut body = body;
+    body["stream"] = json!(true);
+    let resp = ureq::post(&format!("{url}/v1/completions")).send_json(body).unwrap();
+    let mut r = BufReader::new(resp.into_reader());
+    let mut line = String::new();
+    while !line.starts_with("data: ") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    r
+}
+
+fn metric(url: &str, name: &str) -> f64 {
+    let (_, m) = get(url, "/metrics");
+    m.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .unwrap_or(0.0)
+}
+
+fn wait_until(mut f: impl FnMut() -> bool, what: &str) {
+    for _ in 0..400 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn a_full_queue_gets_429_and_a_client_that_leaves_frees_its_place() {
+    // A context of 2048 makes a long generation last long enough (~1 s) to be interrupted.
+    let (server, url) = start_with_context(EngineConfig { max_batch: 1, max_queue: 1, ..Default::default() }, 2048);
+    let long = json!({"prompt": "1", "max_tokens": 2000, "temperature": 0.5, "ignore_eos": true});
+    // The first client takes the only place in the batch, then goes away: its sequence is
+    // dropped.
+    let first = open_stream(&url, long.clone());
+    assert_eq!(metric(&url, "itt_running_sequences"), 1.0);
+    drop(first);
+    wait_until(|| metric(&url, "itt_cancelled_total") >= 1.0, "the cancellation to count");
+    wait_until(|| metric(&url, "itt_running_sequences") == 0.0, "the place to free");
+    // Now one runs, one waits, the rest are refused.
+    let _running = open_stream(&url, long.clone());
+    let url2 = url.clone();
+    let queued = std::thread::spawn(move || post(&url2, "/v1/completions", r#"{"prompt": "5+", "max_tokens": 3}"#));
+    wait_until(|| metric(&url, "itt_queue_depth") >= 1.0, "the second request to queue");
+    let (status, v) = post(&url, "/v1/completions", r#"{"prompt": "5+", "max_tokens": 3}"#);
+    assert_eq!(status, 429, "{v}");
+    assert_eq!(v["error"]["type"], "server_busy");
+    drop(_running);
+    let (status, v) = queued.join().unwrap();
+    assert_eq!(status, 200, "the queued request runs once the place is free: {v}");
+    server.stop().unwrap();
+}
+
+#[test]
+fn deadlines_end_requests_and_shutdown_lets_running_ones_finish() {
+    let (server, url) = start(EngineConfig::default());
+    let (status, v) =
+        post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 100, "timeout": 0.000001, "temperature": 0}"#);
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "deadline");
+    assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 100);
+
+    // A stream running when shutdown begins still ends well formed, with all its tokens.
+    let body = json!({"prompt": "1", "max_tokens": 100, "temperature": 0.7, "seed": 3, "ignore_eos": true});
+    let url2 = url.clone();
+    let reader = std::thread::spawn(move || bench::stream_completion(&url2, &body, Duration::from_secs(60)));
+    wait_until(|| metric(&url, "itt_running_sequences") >= 1.0, "the stream to start");
+    server.stop().unwrap();
+    let s = reader.join().unwrap().unwrap();
+    assert!(s.finish_reason == "length" || s.finish_reason == "stop", "{}", s.finish_reason);
+    assert!(ureq::get(&format!("{url}/health")).timeout(Duration::from_secs(2)).call().is_err(), "stopped");
+}
+
+#[test]
+fn chat_uses_the_template_and_streams_deltas() {
+    let (server, url) = start(EngineConfig::default());
+    let body = json!({"messages": [{"role": "user", "content": "5+5="}], "max_tokens": 6, "temperature": 0});
+    let (status, v) = post(&url, "/v1/chat/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["role"], "assistant");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    // The plain template: "user: 5+5=\nassistant:".
+    assert_eq!(v["usage"]["prompt_tokens"], "user: 5+5=\nassistant:".len());
+    let full = generated("user: 5+5=\nassistant:", SamplingParams::greedy(), 6);
+    assert!(full.starts_with(&text), "{full:?} vs {text:?}");
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    stream_body["stream_options"] = json!({"include_usage": true});
+    let resp = ureq::post(&format!("{url}/v1/chat/completions")).send_json(stream_body).unwrap();
+    let datas: Vec<String> = BufReader::new(resp.into_reader())
+        .lines()
+        .map(|l| l.unwrap())
+        .filter_map(|l| l.strip_prefix("data: ").map(String::from))
+        .collect();
+    assert_eq!(datas.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = datas[..datas.len() - 1].iter().map(|d| serde_json::from_str(d).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let streamed: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(streamed, text);
+    assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], v["usage"]["completion_tokens"]);
+    server.stop().unwrap();
+}
+
+#[test]
+fn the_latency_valve_lowers_unpinned_shares_under_load() {
+    // A target no step can meet: the valve goes down to its floor.
+    let engine = EngineConfig { latency_target: Some(Duration::from_nanos(1)), share_floor: 0.5, ..Default::default() };
+    let (server, url) = start(engine);
+    let body = json!({"prompt": "1", "max_tokens": 100, "temperature": 0.5, "ignore_eos": true});
+    let (_, v) = post(&url, "/v1/completions", &body.to_string());
+    let shares = v["choices"][0]["thinking"]["ratios"].as_array().unwrap().clone();
+    assert!(shares.iter().all(|s| s.as_f64().unwrap() < 0.7 - 1e-9), "valve did not lower the shares: {v}");
+    assert!(metric(&url, "itt_share_scale") < 1.0 && metric(&url, "itt_share_scale") >= 0.5);
+    let mut pinned = body.clone();
+    pinned["thinking"] = json!({"ratios": [0.7, 0.7, 0.7]});
+    let (_, v) = post(&url, "/v1/completions", &pinned.to_string());
+    assert_eq!(v["choices"][0]["thinking"]["ratios"], json!([0.7, 0.7, 0.7]), "a pinned request keeps its shares");
+    server.stop().unwrap();
+}
