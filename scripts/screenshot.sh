@@ -3,7 +3,8 @@
 # save a screenshot, and check that it is not blank: the PNG must decode and hold more than
 # MIN_COLORS distinct colours (a blank or error page has a handful).
 #
-# Usage: scripts/screenshot.sh PAGE.html OUT.png [WIDTH,HEIGHT] [MIN_COLORS]
+# Usage: scripts/screenshot.sh PAGE.html|URL OUT.png [WIDTH,HEIGHT] [MIN_COLORS]
+# VIRTUAL_TIME_MS=N lets the page's scripts run for N ms of virtual time first.
 #   defaults: 1200,900 and 50.
 # Needs chromium (Debian: `apt-get install -y chromium`) and python3 (standard library only).
 # Not part of `cargo test`: CI machines need not have a browser.
@@ -22,18 +23,23 @@ if [ -z "$browser" ]; then
     echo "error: no chromium found; install it (Debian: apt-get install -y chromium)" >&2
     exit 2
 fi
-if [ ! -f "$page" ]; then
-    echo "error: $page does not exist" >&2
-    exit 2
-fi
+case "$page" in
+    http://*|https://*) url=$page ;;
+    *)
+        if [ ! -f "$page" ]; then
+            echo "error: $page does not exist" >&2
+            exit 2
+        fi
+        url="file://$(cd "$(dirname "$page")" && pwd)/$(basename "$page")"
+        ;;
+esac
 
-abs=$(cd "$(dirname "$page")" && pwd)/$(basename "$page")
 profile=$(mktemp -d)
 trap 'rm -rf "$profile"' EXIT
 rm -f "$out"
 timeout 120 "$browser" --headless --no-sandbox --disable-gpu --disable-background-networking \
     --disable-component-update --disable-sync --no-first-run --hide-scrollbars \
-    --user-data-dir="$profile" --window-size="$size" --screenshot="$out" "file://$abs" \
+    --user-data-dir="$profile" --window-size="$size" ${VIRTUAL_TIME_MS:+--virtual-time-budget=$VIRTUAL_TIME_MS} --screenshot="$out" "$url" \
     >"$profile/chromium.log" 2>&1 || {
     echo "error: chromium failed; its log:" >&2
     tail -20 "$profile/chromium.log" >&2
