@@ -1,6 +1,6 @@
 //! The OpenAI-style request bodies, their checks, and the JSON error body. Every check that
 //! can fail fails here, before a job reaches the engine, with a 4xx and one line naming the
-//! field (DESIGN §10).
+//! field (DESIGN §12).
 
 use super::template::Message;
 use crate::generate::{GenerateOptions, SamplingParams};

@@ -3,7 +3,7 @@
 //! ([`EngineHandle::submit`]), events go out on each job's own channel. Between two steps it
 //! admits queued jobs (up to `max_batch` running), drops jobs whose client went away (their
 //! channel is closed) or whose deadline passed, and adjusts routed shares under load (the
-//! latency valve, DESIGN §10).
+//! latency valve, DESIGN §12).
 
 use super::metrics::Metrics;
 use crate::data::Tokenizer;

@@ -1,4 +1,4 @@
-//! `itt serve`: an OpenAI-compatible HTTP server (DESIGN §10).
+//! `itt serve`: an OpenAI-compatible HTTP server (DESIGN §12).
 //!
 //! - `engine`: the model's thread, continuous batching over `generate::Batch`, no HTTP.
 //! - `api`: request bodies and their checks; `http`: the axum routes and SSE streams.
