@@ -414,8 +414,8 @@ impl Attention {
         let out = match cache {
             None => ops::causal_attention_varlen(&q, &k, &v, &layout.lens, &layout.lens)?,
             Some(c) => {
-                let (k_all, v_all, lens_k) = self.extend_cache(&k, &v, layout, c)?;
-                ops::causal_attention_varlen(&q, &k_all, &v_all, &layout.lens, &lens_k)?
+                let (ks, vs) = self.extend_cache(&k, &v, layout, c)?;
+                ops::causal_attention_cached(&q, &ks, &vs, &layout.lens)?
             }
         };
         let out = out.reshape((n, h * hd))?;
@@ -459,7 +459,9 @@ impl Attention {
         let out = match cache {
             None => ops::attention_varlen_limited(&q, &k, &v, &sub.layout.lens, &pos.layout.lens, &limits)?,
             Some(c) => {
-                let (k_all, v_all, lens_k) = self.extend_cache(&k, &v, &pos.layout, c)?;
+                let (ks, vs) = self.extend_cache(&k, &v, &pos.layout, c)?;
+                let lens_k: Vec<usize> = ks.iter().map(|k| k.dim(0)).collect::<candle_core::Result<_>>()?;
+                let (k_all, v_all) = (Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?);
                 ops::attention_varlen_limited(&q, &k_all, &v_all, &sub.layout.lens, &lens_k, &limits)?
             }
         };
@@ -467,28 +469,22 @@ impl Attention {
     }
 
     /// Append every token's keys and values k, v (N, Hkv, hd) to their sequences' caches and
-    /// return all cached keys and values packed by sequence, (sum lens_k, Hkv, hd), with their
-    /// lengths. One sequence needs no copy: its cache buffers are already packed.
+    /// return each sequence's cached keys and values, (Lk_s, Hkv, hd) views of its buffers.
     fn extend_cache(
         &self,
         k: &Tensor,
         v: &Tensor,
         layout: &SeqLayout,
         c: CacheSlot,
-    ) -> Result<(Tensor, Tensor, Vec<usize>)> {
-        let (mut ks, mut vs, mut lens_k) = (vec![], vec![], vec![]);
+    ) -> Result<(Vec<Tensor>, Vec<Tensor>)> {
+        let (mut ks, mut vs) = (vec![], vec![]);
         for (i, (&start, &len)) in layout.starts().iter().zip(&layout.lens).enumerate() {
             let slot = &mut c.seqs[i].slots[c.layer][c.step];
             let (ki, vi) = slot.append(&k.narrow(0, start, len)?, &v.narrow(0, start, len)?)?;
-            lens_k.push(ki.dim(0)?);
             ks.push(ki);
             vs.push(vi);
         }
-        if ks.len() == 1 {
-            let (k, v) = (ks.pop().expect("one"), vs.pop().expect("one"));
-            return Ok((k, v, lens_k));
-        }
-        Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?, lens_k))
+        Ok((ks, vs))
     }
 
     /// A routed step (`routed_attention: all`) that selected no token of this call still

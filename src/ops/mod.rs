@@ -268,6 +268,21 @@ pub fn causal_sdpa(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Causal attention of packed queries over each sequence's own cached keys and values
+/// (ks[s], vs[s]: (Lk_s, Hkv, hd), the queries the last `lens_q[s]` of them): the fused kernel
+/// reads the cache buffers in place; otherwise they are concatenated for the composed path.
+/// Inference only.
+pub fn causal_attention_cached(q: &Tensor, ks: &[Tensor], vs: &[Tensor], lens_q: &[usize]) -> Result<Tensor> {
+    let f32s = q.dtype() == DType::F32 && ks.iter().chain(vs).all(|t| t.dtype() == DType::F32);
+    if fused_enabled(Kernel::Attention, q) && f32s && ks.len() > 1 {
+        return fused::attention::causal_attention_kv_slices(q, ks, vs, lens_q);
+    }
+    let lens_k: Vec<usize> = ks.iter().map(|k| k.dim(0)).collect::<candle_core::Result<_>>()?;
+    let (k, v) =
+        if ks.len() == 1 { (ks[0].clone(), vs[0].clone()) } else { (Tensor::cat(ks, 0)?, Tensor::cat(vs, 0)?) };
+    causal_attention_varlen(q, &k, &v, lens_q, &lens_k)
+}
+
 /// Causal attention over packed sequences, without padding or transposes: sequence s has
 /// `lens_q[s]` queries, the last of its `lens_k[s]` keys (`lens_k[s] - lens_q[s]` cached keys
 /// come first). q: (sum lens_q, H, hd); k, v: (sum lens_k, Hkv, hd) -> (sum lens_q, H, hd).

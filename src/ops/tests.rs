@@ -211,6 +211,32 @@ fn varlen_attention_matches_composed_and_finite_differences() {
 }
 
 #[test]
+fn attention_over_cache_slices_equals_the_packed_kernel() {
+    // Each sequence's keys in its own buffer (a KV cache read in place, views starting past
+    // the buffer's beginning included), against the packed kernel on the concatenation.
+    let (h, hkv, hd) = (4, 2, 8);
+    for (lq, lk) in [(vec![1usize, 1, 1], vec![9usize, 1, 40]), (vec![5, 0, 3], vec![70, 4, 3])] {
+        let nq: usize = lq.iter().sum();
+        let q = randn(&[nq, h, hd], 170, DType::F32);
+        let bufs: Vec<(Tensor, Tensor)> = lk
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let k = randn(&[n + 3, hkv, hd], 171 + i as u64, DType::F32).narrow(0, 3, n).unwrap();
+                let v = randn(&[n + 3, hkv, hd], 181 + i as u64, DType::F32).narrow(0, 3, n).unwrap();
+                (k, v)
+            })
+            .collect();
+        let ks: Vec<Tensor> = bufs.iter().map(|b| b.0.clone()).collect();
+        let vs: Vec<Tensor> = bufs.iter().map(|b| b.1.clone()).collect();
+        let got = fused::attention::causal_attention_kv_slices(&q, &ks, &vs, &lq).unwrap();
+        let (k, v) = (Tensor::cat(&ks, 0).unwrap(), Tensor::cat(&vs, 0).unwrap());
+        let want = fused::causal_attention_varlen(&q, &k, &v, &lq, &lk).unwrap();
+        assert_eq!(host(&got), host(&want), "{lq:?}/{lk:?}: the same kernel on the same numbers");
+    }
+}
+
+#[test]
 fn attention_with_key_limits_matches_composed_and_finite_differences() {
     // Queries at arbitrary positions among their sequence's keys (a routed step's selected
     // tokens attending to every token up to their own position), several tiles long.

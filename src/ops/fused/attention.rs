@@ -689,6 +689,70 @@ pub fn causal_attention_varlen(
     apply(q, k, v, Geometry::new(h, hkv, hd, Side::packed(lens_q, h, hd), Side::packed(lens_k, hkv, hd))?)
 }
 
+/// Causal attention of packed queries over per-sequence keys and values read where they lie
+/// (each sequence's KV-cache buffers), with no gather into one packed tensor: the decode path
+/// of a batch (DESIGN §12). Inference only (no backward pass); its oracle is
+/// `causal_attention_varlen` on the concatenated keys and values.
+/// q: (sum lens_q, H, hd) f32; ks[s], vs[s]: (Lk_s, Hkv, hd), the queries of sequence s being
+/// the last `lens_q[s]` of its keys -> (sum lens_q, H, hd).
+pub fn causal_attention_kv_slices(q: &Tensor, ks: &[Tensor], vs: &[Tensor], lens_q: &[usize]) -> Result<Tensor> {
+    let (nq, h, hd) = q.dims3()?;
+    if ks.len() != lens_q.len() || vs.len() != lens_q.len() || lens_q.iter().sum::<usize>() != nq {
+        return Err(Error::usage("attention: keys, values and query lengths do not match (internal error)"));
+    }
+    let mut lens_k = Vec::with_capacity(ks.len());
+    let mut hkv = 0;
+    for (k, v) in ks.iter().zip(vs) {
+        let (lk, hk, hdk) = k.dims3()?;
+        if v.dims() != k.dims() || hdk != hd || (hkv != 0 && hk != hkv) {
+            return Err(Error::usage(format!(
+                "attention: cached keys {:?} and values {:?} do not match",
+                k.dims(),
+                v.dims()
+            )));
+        }
+        hkv = hk;
+        lens_k.push(lk);
+    }
+    if nq == 0 {
+        return Ok(Tensor::zeros((0, h, hd), q.dtype(), q.device())?);
+    }
+    let mut k_side = Side::packed(&lens_k, hkv, hd);
+    // Every sequence's keys start at the beginning of its own buffer.
+    k_side.base = vec![0; lens_k.len()];
+    let g = Geometry::new(h, hkv, hd, Side::packed(lens_q, h, hd), k_side)?;
+    let (ks, vs): (Vec<Tensor>, Vec<Tensor>) = (
+        ks.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?,
+        vs.iter().map(|t| t.contiguous()).collect::<candle_core::Result<_>>()?,
+    );
+    let kg: Vec<_> = ks.iter().map(|t| t.storage_and_layout()).collect();
+    let vg: Vec<_> = vs.iter().map(|t| t.storage_and_layout()).collect();
+    let kd: Vec<&[f32]> =
+        kg.iter().map(|(s, l)| super::tensor_data::<f32>(s, l)).collect::<candle_core::Result<_>>()?;
+    let vd: Vec<&[f32]> =
+        vg.iter().map(|(s, l)| super::tensor_data::<f32>(s, l)).collect::<candle_core::Result<_>>()?;
+    let out = with_data::<f32, _>(q, |qd| {
+        let (mut out, mut lse) = (Filled::new(g.q.elems), Filled::new(g.lse_len));
+        let (po, pl) = (out.ptr(), lse.ptr());
+        let simd = simd_level();
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let items: Vec<(usize, usize)> =
+            (0..lens_q.len()).filter(|&s| lens_q[s] > 0).flat_map(|s| (0..h).map(move |hh| (s, hh))).collect();
+        let run = |scr: &mut Scratch<f32>, &(s, hh): &(usize, usize)| {
+            fwd_item::<f32>(simd, simd, &g, s, hh, scale, qd, kd[s], vd[s], po, pl, scr)
+        };
+        if g.small() {
+            let mut scr = Scratch::new(hd);
+            items.iter().for_each(|it| run(&mut scr, it));
+        } else {
+            items.par_iter().for_each_init(|| Scratch::new(hd), run);
+        }
+        // SAFETY: the items cover every (sequence, head) with queries, hence every query row.
+        Ok(unsafe { out.assume_filled() })
+    })?;
+    Ok(Tensor::from_vec(out, (nq, h, hd), q.device())?)
+}
+
 /// Shapes of packed attention: (queries, heads, kv heads, head dim).
 fn check_varlen(
     q: &Tensor,
