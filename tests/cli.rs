@@ -490,3 +490,37 @@ fn on_nonfinite_skip_drops_the_batches_and_counts_them() {
     assert!(state.contains(&format!("\"skipped_batches\": {skips}")), "{state}");
     fails_cleanly(&itt(&["train", "--on-nonfinite", "maybe", "--out", "/nonexistent/x"]), &["maybe", "stop, skip"]);
 }
+
+#[test]
+fn serve_answers_then_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    let run = trained();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_itt"))
+        .args(["serve", "--checkpoint", run.to_str().unwrap(), "--port", "0", "--grace", "5"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("the server says where it listens").unwrap();
+        if let Some(rest) = line.strip_prefix("serving on ") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let v: serde_json::Value = ureq::post(&format!("{url}/v1/completions"))
+        .send_json(serde_json::json!({"prompt": "1+1=", "max_tokens": 3}))
+        .unwrap()
+        .into_json()
+        .unwrap();
+    assert_eq!(v["usage"]["prompt_tokens"], 4, "{v}");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    assert!(status.success(), "exit {status:?}; stderr {rest:?}");
+    assert!(rest.iter().any(|l| l == "server stopped"), "{rest:?}");
+    // A port already taken: one line, non-zero exit.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    fails_cleanly(&itt(&["serve", "--checkpoint", run.to_str().unwrap(), "--port", &port]), &["cannot listen"]);
+}

@@ -191,3 +191,36 @@ fn greedy_continuations_match_the_reference() {
         );
     }
 }
+
+#[test]
+fn smollm2_answers_a_chat_through_the_server_with_its_own_template() {
+    use itt::serve::{engine::EngineConfig, template::ChatTemplate, ServeOptions, Server};
+    let path = gguf_path();
+    let (model, tok) = itt::import::gguf::load(&path).unwrap().into_model(&candle_core::Device::Cpu).unwrap();
+    let template = ChatTemplate::find(&path, None, &tok).unwrap();
+    assert!(template.origin.contains("tokenizer.chat_template"), "{}", template.origin);
+    let opts = ServeOptions {
+        engine: EngineConfig::default(),
+        name: "smollm2".into(),
+        template,
+        calibration: None,
+        seed: 1,
+        grace: std::time::Duration::from_secs(5),
+    };
+    let server = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 30, "temperature": 0,
+    });
+    let v: Value = ureq::post(&format!("http://{}/v1/chat/completions", server.addr))
+        .send_json(body)
+        .unwrap()
+        .into_json()
+        .unwrap();
+    server.stop().unwrap();
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap();
+    eprintln!("SmolLM2: {answer:?}");
+    assert!(answer.contains("Paris"), "{v}");
+    // The reply ends at the template's end-of-turn token, not at the length limit.
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "{v}");
+}

@@ -83,15 +83,15 @@ pub fn start(
     seed: u64,
     grace: Duration,
     addr: SocketAddr,
-) -> Result<Server> {
+) -> Result<(Server, String)> {
     let imported = crate::import::load(checkpoint)?;
     let calibration = imported.calibration.clone().map(Arc::new);
     let (model, tok) = imported.into_model(&candle_core::Device::Cpu)?;
     let template = ChatTemplate::find(checkpoint, chat_template, &tok)?;
     let name = name.unwrap_or_else(|| model_name(checkpoint));
-    eprintln!("chat template: {}", template.origin);
+    let origin = template.origin.clone();
     let opts = ServeOptions { engine, name, template, calibration, seed, grace };
-    Server::start(model, tok, opts, addr)
+    Ok((Server::start(model, tok, opts, addr)?, origin))
 }
 
 fn model_name(path: &Path) -> String {
@@ -119,7 +119,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .map_err(|e| Error::usage(format!("--host {}: {e}", a.host)))?
         .next()
         .ok_or_else(|| Error::usage(format!("--host {} resolves to no address", a.host)))?;
-    let server = start(
+    let (server, template) = start(
         &a.checkpoint,
         a.engine.config()?,
         a.name,
@@ -128,6 +128,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         Duration::from_secs_f64(a.grace),
         addr,
     )?;
+    eprintln!("chat template: {template_origin}");
     eprintln!("serving on http://{} (OpenAI API under /v1, web page at /, metrics at /metrics)", server.addr);
     server.wait()?;
     eprintln!("server stopped");
@@ -191,7 +192,7 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             latency_target: valve.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             share_floor: 0.25,
         };
-        let server = start(
+        let (server, template_origin) = start(
             checkpoint,
             engine,
             None,
