@@ -153,6 +153,13 @@ impl Trainer {
         if model.cfg != cfg.model {
             return Err(Error::usage("the model does not match the run's model config"));
         }
+        if model.is_quantized() {
+            // Quantized products have no gradients (DESIGN §12).
+            return Err(Error::usage(
+                "the model runs its products on quantized weights, which cannot be trained; \
+                 load it with --gguf-weights f32 (or call Model::dequantize) to train",
+            ));
+        }
         if run_dir.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",
@@ -549,7 +556,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     let mut window_loss = (0.0, 0usize);
     while trainer.state.step < end {
         let next = trainer.state.step + 1;
-        let rep = trainer.step(&data.train, next % tc.log_interval == 0 || next == end)?;
+        let rep = trainer.step(&data.train, next.is_multiple_of(tc.log_interval) || next == end)?;
         let step = rep.step;
         if let Some(why) = &rep.skipped {
             let line = json!({"step": step, "skipped": why, "skipped_batches": trainer.state.skipped_batches});
