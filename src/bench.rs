@@ -279,7 +279,7 @@ impl DecodeBench {
 /// SmolLM2's tokenizer, the prompt `reference/llama_cpp_bench.py` gives llama.cpp.
 pub const GENERATE_PROMPT: &str = "The old lighthouse keeper climbed the spiral stairs every evening at dusk, \
 carrying a lantern and a small notebook in which he recorded the ships that passed. One stormy night in \
-November, he noticed a light far out at sea that did not move with the waves.";
+November, he noticed a strange green light far out at sea that did not move with the waves.";
 
 /// Prefill and decode speed of `generate` (greedy, batch 1, KV cache) on a model read for
 /// inference (`import::load_for_inference`), `runs` times; medians are reported.
