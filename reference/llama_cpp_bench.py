@@ -27,7 +27,7 @@ from llama_cpp import Llama, llama_cpp
 PROMPT = (
     "The old lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a lantern "
     "and a small notebook in which he recorded the ships that passed. One stormy night in November, "
-    "he noticed a light far out at sea that did not move with the waves."
+    "he noticed a strange green light far out at sea that did not move with the waves."
 )
 
 
