@@ -274,3 +274,117 @@ impl DecodeBench {
     }
     pub const HEADER: &'static str = "| preset | params | batch x prompt | prefill tok/s | decode tok/s (cache) | decode tok/s (no cache) | KV cache |\n|---|---|---|---|---|---|---|";
 }
+
+/// The default prompt of `itt bench --gguf`: plain prose (no chat template), 53 tokens with
+/// SmolLM2's tokenizer, the prompt `reference/llama_cpp_bench.py` gives llama.cpp.
+pub const GENERATE_PROMPT: &str = "The old lighthouse keeper climbed the spiral stairs every evening at dusk, \
+carrying a lantern and a small notebook in which he recorded the ships that passed. One stormy night in \
+November, he noticed a strange green light far out at sea that did not move with the waves.";
+
+/// Prefill and decode speed of `generate` (greedy, batch 1, KV cache) on a model read for
+/// inference (`import::load_for_inference`), `runs` times; medians are reported.
+#[derive(Clone, Debug, Serialize)]
+pub struct GenerateBench {
+    pub model: String,
+    /// The products' weights: "f32" or the quantized types, e.g. "Q4_1 x210, Q8_0 x1".
+    pub quantized: String,
+    pub threads: usize,
+    pub prompt_tokens: usize,
+    /// Tokens generated per run (fewer than asked when the model ends its text).
+    pub new_tokens: usize,
+    /// Time to the first generated token: the prompt's forward pass, the head, the sampling.
+    pub prefill_s_median: f64,
+    pub prefill_tokens_per_s: f64,
+    /// Tokens after the first over the time after the first.
+    pub decode_tokens_per_s: f64,
+    pub decode_tokens_per_s_runs: Vec<f64>,
+    pub load_s: f64,
+    pub peak_rss_mb: f64,
+    /// The generated text of the last run, to compare with another implementation's.
+    pub text: String,
+}
+
+pub fn generate_file(
+    path: &std::path::Path,
+    weights: crate::import::gguf::GgufWeights,
+    prompt: &str,
+    new_tokens: usize,
+    runs: usize,
+) -> Result<GenerateBench> {
+    use crate::generate::{Event, GenerateOptions, SamplingParams};
+    let t0 = Instant::now();
+    let (model, tok, _) = crate::import::load_for_inference(path, weights)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let prompt_tokens = tok.encode(prompt)?.len();
+    let (mut prefill, mut decode, mut count, mut text) = (vec![], vec![], 0, String::new());
+    // One run more than asked: the first warms caches and pages, and is not counted.
+    for run in 0..runs.max(1) + 1 {
+        let opts = GenerateOptions {
+            max_new_tokens: new_tokens,
+            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        let (mut first, mut n) = (None, 0);
+        text.clear();
+        for ev in crate::generate::generate(&model, &tok, &[prompt.to_string()], opts)? {
+            if let Event::Token(t) = ev? {
+                first.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+                text.push_str(&t.text);
+                n += 1;
+            }
+        }
+        let total = t0.elapsed().as_secs_f64();
+        if run > 0 {
+            if let Some(f) = first {
+                prefill.push(f);
+                if n > 1 {
+                    decode.push((n - 1) as f64 / (total - f));
+                }
+            }
+            count = n;
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let prefill_s = median(&prefill);
+    let quantized = if model.is_quantized() { model.quantized_summary() } else { "f32".into() };
+    Ok(GenerateBench {
+        model: path.display().to_string(),
+        quantized,
+        threads: rayon::current_num_threads(),
+        prompt_tokens,
+        new_tokens: count,
+        prefill_s_median: prefill_s,
+        prefill_tokens_per_s: prompt_tokens as f64 / prefill_s,
+        decode_tokens_per_s: median(&decode),
+        decode_tokens_per_s_runs: decode,
+        load_s,
+        peak_rss_mb: crate::util::peak_rss_mb(),
+        text,
+    })
+}
+
+impl GenerateBench {
+    pub fn table(&self) -> String {
+        let runs: Vec<String> = self.decode_tokens_per_s_runs.iter().map(|r| format!("{r:.1}")).collect();
+        format!(
+            "{} | weights {} | {} threads | loaded in {:.2} s | peak RSS {:.0} MiB\n\
+             prefill {} tokens: {:.3} s median ({:.0} tokens/s) | decode {} tokens: {:.1} tokens/s median (runs {})",
+            self.model,
+            self.quantized,
+            self.threads,
+            self.load_s,
+            self.peak_rss_mb,
+            self.prompt_tokens,
+            self.prefill_s_median,
+            self.prefill_tokens_per_s,
+            self.new_tokens,
+            self.decode_tokens_per_s,
+            runs.join(", ")
+        )
+    }
+}

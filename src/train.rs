@@ -153,6 +153,13 @@ impl Trainer {
         if model.cfg != cfg.model {
             return Err(Error::usage("the model does not match the run's model config"));
         }
+        if model.is_quantized() {
+            // Quantized products have no gradients (DESIGN §13).
+            return Err(Error::usage(
+                "the model runs its products on quantized weights, which cannot be trained; \
+                 load it with --gguf-weights f32 (or call Model::dequantize) to train",
+            ));
+        }
         if run_dir.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",

@@ -198,6 +198,25 @@ fn generation_bad_requests() {
 }
 
 #[test]
+fn export_quantization_bad_requests() {
+    let run = trained().to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x");
+    let out = out.to_str().unwrap();
+    let export = |extra: &[&str]| itt(&[&["export", "--checkpoint", run, "--out", out], extra].concat());
+    fails_cleanly(&export(&["--format", "gguf", "--quantize", "q9_z"]), &["q9_z", "q8_0", "q4_k"]);
+    fails_cleanly(
+        &export(&["--format", "itt", "--quantize", "q8_0"]),
+        &["--quantize q8_0 applies to --format gguf only"],
+    );
+    assert!(!dir.path().join("x").exists());
+    fails_cleanly(
+        &itt(&["generate", "--checkpoint", run, "--prompt", "1", "--gguf-weights", "q4"]),
+        &["q4", "quantized"],
+    );
+}
+
+#[test]
 fn nothing_is_overwritten() {
     let run = trained();
     let before = snapshot(run);

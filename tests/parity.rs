@@ -196,7 +196,9 @@ fn greedy_continuations_match_the_reference() {
 fn smollm2_answers_a_chat_through_the_server_with_its_own_template() {
     use itt::serve::{engine::EngineConfig, template::ChatTemplate, ServeOptions, Server};
     let path = gguf_path();
-    let (model, tok) = itt::import::gguf::load(&path).unwrap().into_model(&candle_core::Device::Cpu).unwrap();
+    // As `itt serve` loads a GGUF: products on its quantized weights.
+    let quantized = itt::import::gguf::load_with(&path, itt::import::gguf::GgufWeights::Quantized).unwrap();
+    let (model, tok) = quantized.into_model(&candle_core::Device::Cpu).unwrap();
     let template = ChatTemplate::find(&path, None, &tok).unwrap();
     assert!(template.origin.contains("tokenizer.chat_template"), "{}", template.origin);
     let opts = ServeOptions {

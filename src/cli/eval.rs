@@ -2,6 +2,7 @@
 
 use super::RoutingArgs;
 use crate::generate::{Event, GenerateOptions, SamplingParams};
+use crate::import::gguf::GgufWeights;
 use crate::model::Routing;
 use crate::ops::Precision;
 use crate::train::DataSpec;
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Checkpoint folder or run folder.
+    /// Checkpoint folder, run folder, or a .gguf file (llama architecture).
     #[arg(long)]
     checkpoint: PathBuf,
     /// A text file or corpus (scored whole), or a prepared dataset folder (its validation split).
@@ -51,12 +52,18 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "eot")]
     context_prefix: crate::eval::tasks::ContextPrefix,
     /// Number format of the products: f32, or bf16 (default: the precision the run trained in).
+    /// Quantized GGUF weights (see --gguf-weights) run their own products.
     #[arg(long)]
     precision: Option<Precision>,
+    /// With a .gguf --checkpoint: quantized keeps its quantized matrices and multiplies with
+    /// them (llama.cpp's way, faster), f32 dequantizes every weight to f32.
+    #[arg(long, value_enum, default_value = "quantized")]
+    gguf_weights: GgufWeights,
 }
 
 #[derive(Args)]
 pub struct GenerateArgs {
+    /// Checkpoint folder, run folder, or a .gguf file (llama architecture).
     #[arg(long)]
     checkpoint: PathBuf,
     /// Prompt (repeat for a batch).
@@ -82,6 +89,10 @@ pub struct GenerateArgs {
     /// Mark each token with the number of thinking steps that produced it.
     #[arg(long)]
     show_depth: bool,
+    /// With a .gguf --checkpoint: quantized keeps its quantized matrices and multiplies with
+    /// them (llama.cpp's way, faster), f32 dequantizes every weight to f32.
+    #[arg(long, value_enum, default_value = "quantized")]
+    gguf_weights: GgufWeights,
     #[command(flatten)]
     routing: RoutingArgs,
 }
@@ -117,14 +128,17 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             return Err(Error::usage(format!("{} exists; choose another --per-item file", p.display())));
         }
     }
-    let (mut model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    let (mut model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
     model.precision = a.precision.unwrap_or(info.config.train.precision);
     if model.precision == crate::ops::Precision::Bf16 && crate::ops::Precision::bf16_falls_back() {
         eprintln!("notice: no bf16 matrix units (AMX) on this CPU: scoring in f32");
         model.precision = crate::ops::Precision::F32;
     }
     if !a.json {
-        eprintln!("scoring with {} products", model.precision.name());
+        match model.is_quantized() {
+            true => eprintln!("scoring with quantized products ({})", model.quantized_summary()),
+            false => eprintln!("scoring with {} products", model.precision.name()),
+        }
     }
     let routing = a.routing.options(info.calibration.as_ref(), Routing::TopK)?;
     if !task_files.is_empty() {
@@ -193,7 +207,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
-    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    let (model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
     let default = if model.has_routers() && !a.no_cache { Routing::Threshold } else { Routing::TopK };
     let routing = a.routing.options(info.calibration.as_ref(), default)?;
     if routing.mode == Routing::Threshold && routing.calibration.is_none() && model.has_routers() {

@@ -67,9 +67,19 @@ pub struct BenchArgs {
     /// Prompt tokens per sequence for --decode.
     #[arg(long, default_value_t = 128)]
     prompt_len: usize,
-    /// Generated tokens per sequence for --decode.
+    /// Generated tokens per sequence for --decode and --gguf.
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// Time `generate` (greedy, batch 1) on this model file instead: a .gguf (or a checkpoint
+    /// folder); prefill and decode tokens/s, medians of --steps runs.
+    #[arg(long)]
+    gguf: Option<PathBuf>,
+    /// With --gguf: the prompt (default: a 53-token paragraph, the one reference/llama_cpp_bench.py uses).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// With --gguf: quantized (products on the file's quantized weights) or f32.
+    #[arg(long, value_enum, default_value = "quantized")]
+    gguf_weights: crate::import::gguf::GgufWeights,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -184,9 +194,13 @@ pub struct ExportArgs {
     checkpoint: PathBuf,
     #[arg(long)]
     out: PathBuf,
-    /// itt (weights-only checkpoint), hf (Hugging Face LlamaForCausalLM) or gguf (llama, f32); hf and gguf: dense models only.
+    /// itt (weights-only checkpoint), hf (Hugging Face LlamaForCausalLM) or gguf (llama); hf and gguf: dense models only.
     #[arg(long, default_value = "itt")]
     format: crate::import::ExportFormat,
+    /// With --format gguf: the matrices' number format, f32 or quantized (q8_0, q4_0, q4_1,
+    /// q4_k, q6_k; K-quant rows not a multiple of 256 long are written q8_0). Norms stay f32.
+    #[arg(long, value_enum, default_value = "f32")]
+    quantize: crate::import::gguf::GgufQuant,
 }
 
 pub fn info(a: InfoArgs) -> Result<()> {
@@ -224,6 +238,19 @@ pub fn tokenizer(cmd: TokenizerCmd) -> Result<()> {
 pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(checkpoint) = &a.serve.serve {
         return super::serve::bench_serve(&a.serve, checkpoint, a.json);
+    }
+    if let Some(path) = &a.gguf {
+        if a.decode.is_some() || a.precision.is_some() {
+            return Err(Error::usage("--gguf times generation on a file; leave out --decode and --precision"));
+        }
+        let prompt = a.prompt.as_deref().unwrap_or(crate::bench::GENERATE_PROMPT);
+        let r = crate::bench::generate_file(path, a.gguf_weights, prompt, a.new_tokens, a.steps)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r).unwrap());
+        } else {
+            println!("{}", r.table());
+        }
+        return Ok(());
     }
     if let Some(presets) = &a.decode {
         if a.precision.is_some() {
@@ -367,11 +394,11 @@ pub fn report(a: ReportArgs) -> Result<()> {
 }
 
 pub fn convert(a: ConvertArgs) -> Result<()> {
-    println!("{}", crate::import::export(&a.from, &a.out, crate::import::ExportFormat::Itt)?);
+    println!("{}", crate::import::export(&a.from, &a.out, crate::import::ExportFormat::Itt, Default::default())?);
     Ok(())
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    println!("{}", crate::import::export(&a.checkpoint, &a.out, a.format)?);
+    println!("{}", crate::import::export(&a.checkpoint, &a.out, a.format, a.quantize)?);
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `itt serve` and `itt bench --serve`.
 
+use crate::import::gguf::GgufWeights;
 use crate::serve::engine::EngineConfig;
 use crate::serve::{bench, template::ChatTemplate, ServeOptions, Server};
 use crate::{Error, Result};
@@ -21,6 +22,9 @@ pub struct ServeArgs {
     port: u16,
     #[command(flatten)]
     engine: EngineArgs,
+    /// For a .gguf checkpoint: run the products on its quantized weights, or dequantize to f32.
+    #[arg(long, value_enum, default_value_t = GgufWeights::Quantized)]
+    gguf_weights: GgufWeights,
     /// The model name clients pass in `model` (default: the checkpoint's file or folder name).
     #[arg(long)]
     name: Option<String>,
@@ -75,8 +79,10 @@ impl EngineArgs {
 }
 
 /// Load a model for serving and start the server on `addr`.
+#[allow(clippy::too_many_arguments)]
 pub fn start(
     checkpoint: &Path,
+    weights: GgufWeights,
     engine: EngineConfig,
     name: Option<String>,
     chat_template: Option<&Path>,
@@ -84,9 +90,17 @@ pub fn start(
     grace: Duration,
     addr: SocketAddr,
 ) -> Result<(Server, String)> {
-    let imported = crate::import::load(checkpoint)?;
-    let calibration = imported.calibration.clone().map(Arc::new);
-    let (model, tok) = imported.into_model(&candle_core::Device::Cpu)?;
+    // A GGUF keeps its quantized weights (DESIGN §13); other formats load as they train.
+    let (model, tok, calibration) = if checkpoint.is_file() {
+        let (m, t, info) = crate::import::load_for_inference(checkpoint, weights)?;
+        (m, t, info.calibration)
+    } else {
+        let imported = crate::import::load(checkpoint)?;
+        let calibration = imported.calibration.clone();
+        let (m, t) = imported.into_model(&candle_core::Device::Cpu)?;
+        (m, t, calibration)
+    };
+    let calibration = calibration.map(Arc::new);
     let template = ChatTemplate::find(checkpoint, chat_template, &tok)?;
     let name = name.unwrap_or_else(|| model_name(checkpoint));
     let origin = template.origin.clone();
@@ -119,8 +133,9 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .map_err(|e| Error::usage(format!("--host {}: {e}", a.host)))?
         .next()
         .ok_or_else(|| Error::usage(format!("--host {} resolves to no address", a.host)))?;
-    let (server, template) = start(
+    let (server, template_origin) = start(
         &a.checkpoint,
+        a.gguf_weights,
         a.engine.config()?,
         a.name,
         a.chat_template.as_deref(),
@@ -192,8 +207,9 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             latency_target: valve.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             share_floor: 0.25,
         };
-        let (server, template_origin) = start(
+        let (server, _) = start(
             checkpoint,
+            GgufWeights::Quantized,
             engine,
             None,
             None,

@@ -211,7 +211,15 @@ pub fn load(dir: &Path) -> Result<Imported> {
             ),
         ));
     }
-    Ok(Imported { config, tensors, tokenizer, origin: dir.to_path_buf(), source: "hf", calibration: None })
+    Ok(Imported {
+        config,
+        tensors,
+        tokenizer,
+        origin: dir.to_path_buf(),
+        source: "hf",
+        calibration: None,
+        quantized: HashMap::new(),
+    })
 }
 
 /// The `config.json` of a `LlamaForCausalLM` equal to a dense `cfg`.

@@ -17,9 +17,11 @@ use crate::config::{ModelConfig, RunConfig, TrainConfig, CONFIG_FORMAT_VERSION};
 use crate::data::Tokenizer;
 use crate::model::{Model, RouterCalibration};
 use crate::{Error, Result};
+use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A model read from outside (or from one of our checkpoints), ready to build.
 pub struct Imported {
@@ -33,12 +35,17 @@ pub struct Imported {
     pub source: &'static str,
     /// Router thresholds, when the source is an ITT checkpoint that has them.
     pub calibration: Option<RouterCalibration>,
+    /// Quantized forms of linear weights (and of the embedding under a tied head), kept from a
+    /// GGUF loaded with `GgufWeights::Quantized`; `into_model` runs the products on them
+    /// (DESIGN §13). `tensors` still holds every weight dequantized.
+    pub quantized: HashMap<String, Arc<QTensor>>,
 }
 
 impl Imported {
     /// Build the model (the tensors are moved into it) and hand back the tokenizer.
     pub fn into_model(self, device: &Device) -> Result<(Model, Tokenizer)> {
-        let model = Model::from_tensors(&self.config, self.tensors, &self.origin.to_string_lossy(), device)?;
+        let mut model = Model::from_tensors(&self.config, self.tensors, &self.origin.to_string_lossy(), device)?;
+        model.set_quantized(self.quantized).map_err(|e| Error::input(&self.origin, e.to_string()))?;
         Ok((model, self.tokenizer))
     }
 
@@ -80,6 +87,25 @@ pub fn load(path: &Path) -> Result<Imported> {
     ))
 }
 
+/// A model for inference (eval, generate, bench): one of our checkpoints or run folders, or a
+/// GGUF file read directly, its quantized weights kept or dequantized as `weights` says
+/// (DESIGN §13). A GGUF gets the run config `run_config_for` makes.
+pub fn load_for_inference(
+    path: &Path,
+    weights: gguf::GgufWeights,
+) -> Result<(Model, Tokenizer, checkpoint::CheckpointInfo)> {
+    if !path.is_file() {
+        return checkpoint::load_model(path);
+    }
+    let imported = gguf::load_with(path, weights)?;
+    let config = imported.run_config();
+    let tokenizer_json = imported.tokenizer.to_json()?;
+    let (model, tok) = imported.into_model(&Device::Cpu)?;
+    let info =
+        checkpoint::CheckpointInfo { dir: path.to_path_buf(), config, tokenizer_json, state: None, calibration: None };
+    Ok((model, tok, info))
+}
+
 /// Whether a folder is one of our checkpoints or runs (its weights carry our header).
 fn is_itt_checkpoint(path: &Path) -> bool {
     let Ok(dir) = checkpoint::resolve(path) else { return false };
@@ -100,6 +126,7 @@ fn load_checkpoint(path: &Path) -> Result<Imported> {
         origin: info.dir,
         source: "itt",
         calibration: info.calibration,
+        quantized: HashMap::new(),
     })
 }
 
@@ -139,8 +166,8 @@ pub enum ExportFormat {
     /// A Hugging Face `LlamaForCausalLM` folder (dense models only), see `hf::export`.
     #[value(alias = "huggingface")]
     Hf,
-    /// `model.gguf`, llama architecture, f32 (dense models with a BPE tokenizer), see
-    /// `gguf::write_f32`.
+    /// `model.gguf`, llama architecture, f32 or quantized (dense models with a BPE tokenizer),
+    /// see `gguf::write`.
     Gguf,
 }
 
@@ -156,9 +183,16 @@ impl std::str::FromStr for ExportFormat {
     }
 }
 
-/// Export any model `load` reads (our checkpoint, a GGUF, a Hugging Face folder) to `out`.
+/// Export any model `load` reads (our checkpoint, a GGUF, a Hugging Face folder) to `out`;
+/// `quant` is the number format of a GGUF's matrices (f32 for the other formats).
 /// Returns a one-line description of what was written.
-pub fn export(from: &Path, out: &Path, format: ExportFormat) -> Result<String> {
+pub fn export(from: &Path, out: &Path, format: ExportFormat, quant: gguf::GgufQuant) -> Result<String> {
+    if quant != gguf::GgufQuant::F32 && format != ExportFormat::Gguf {
+        return Err(Error::usage(format!(
+            "--quantize {} applies to --format gguf only; itt and hf exports are f32",
+            quant.name()
+        )));
+    }
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::usage(format!("{} exists and is not empty; choose another --out", out.display())));
     }
@@ -180,10 +214,11 @@ pub fn export(from: &Path, out: &Path, format: ExportFormat) -> Result<String> {
             if format == ExportFormat::Gguf {
                 std::fs::create_dir_all(out).map_err(|e| Error::input(out, e.to_string()))?;
                 let path = out.join("model.gguf");
-                gguf::write_f32(&path, &cfg, &tensors, &tok)?;
+                let types = gguf::write(&path, &cfg, &tensors, &tok, quant)?;
                 return Ok(format!(
-                    "{source} model with {} parameters written as f32 GGUF to {}",
+                    "{source} model with {} parameters written as {} GGUF ({types}) to {}",
                     model.n_params(),
+                    quant.name(),
                     path.display()
                 ));
             }
@@ -258,13 +293,13 @@ mod tests {
             [(ExportFormat::Itt, "itt", ""), (ExportFormat::Hf, "hf", ""), (ExportFormat::Gguf, "gguf", "model.gguf")]
         {
             let out = dir.path().join(format!("{format:?}"));
-            export(&ck, &out, format).unwrap();
+            export(&ck, &out, format, gguf::GgufQuant::F32).unwrap();
             let back = load(&out.join(file)).unwrap();
             assert_eq!(back.source, source);
             let (m, t) = back.into_model(&Device::Cpu).unwrap();
             assert_eq!(logits(&m), want, "{format:?}");
             assert_eq!(t.encode("one two 12").unwrap(), tok.encode("one two 12").unwrap());
-            assert!(export(&ck, &out, format).unwrap_err().to_string().contains("not empty"));
+            assert!(export(&ck, &out, format, gguf::GgufQuant::F32).unwrap_err().to_string().contains("not empty"));
         }
         assert!("onnx".parse::<ExportFormat>().is_err());
     }

@@ -15,8 +15,10 @@ use crate::config::{ModelConfig, ModelKind};
 use crate::ops::{self, Precision};
 use crate::rng::Rng;
 use crate::{Error, Result};
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub use thinking::{ForwardRecord, RouterCalibration, Routing, RoutingOptions, StepStats, ThinkingLayer};
 
@@ -346,15 +348,22 @@ pub struct CacheSlot<'a> {
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
+    /// The weight's quantized form (GGUF blocks, (out, in)), when the model was loaded for
+    /// inference from a quantized file: the product then runs on it (`ops::quant`) and
+    /// `weight` holds its dequantized values for anything else (DESIGN §13).
+    pub quant: Option<Arc<QTensor>>,
 }
 
 impl Linear {
     fn load(ps: &mut ParamStore, name: &str, out_dim: usize, in_dim: usize, std: f64) -> Result<Self> {
-        Ok(Linear { weight: ps.get(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))? })
+        Ok(Linear { weight: ps.get(&format!("{name}.weight"), &[out_dim, in_dim], Init::Normal(std))?, quant: None })
     }
-    /// x: (N, in) -> (N, out), the product in `precision`.
+    /// x: (N, in) -> (N, out), the product in `precision`, or against the quantized weight.
     pub fn forward(&self, x: &Tensor, precision: Precision) -> Result<Tensor> {
-        ops::linear(x, &self.weight, precision)
+        match &self.quant {
+            Some(q) => ops::quant::qlinear(x, q),
+            None => ops::linear(x, &self.weight, precision),
+        }
     }
 }
 
@@ -606,6 +615,9 @@ pub struct Model {
     pub norm: RmsNorm,
     /// Untied output head (V, D); `None` when tied to `embed`.
     pub head: Option<Linear>,
+    /// The embedding's quantized form, for the tied head's product (DESIGN §13); lookups read
+    /// `embed`, which holds the same values dequantized.
+    pub embed_quant: Option<Arc<QTensor>>,
     rope_cos: Tensor,
     rope_sin: Tensor,
     /// Every parameter, named, in creation order.
@@ -671,7 +683,18 @@ impl Model {
         let (rope_cos, rope_sin) = ops::rope_tables(cfg.max_seq_len, cfg.head_dim(), cfg.rope_theta, device)?;
         let (rope_cos, rope_sin) = (rope_cos.to_dtype(ps.dtype)?, rope_sin.to_dtype(ps.dtype)?);
         let params = ps.finish()?;
-        Ok(Model { cfg: cfg.clone(), embed, layers, norm, head, rope_cos, rope_sin, params, precision: Precision::F32 })
+        Ok(Model {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            head,
+            embed_quant: None,
+            rope_cos,
+            rope_sin,
+            params,
+            precision: Precision::F32,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -774,10 +797,106 @@ impl Model {
 
     /// Output logits for hidden states: (N, D) -> (N, V).
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        match &self.head {
-            Some(h) => h.forward(hidden, self.precision),
-            None => ops::linear(hidden, &self.embed, self.precision),
+        match (&self.head, &self.embed_quant) {
+            (Some(h), _) => h.forward(hidden, self.precision),
+            (None, Some(q)) => ops::quant::qlinear(hidden, q),
+            (None, None) => ops::linear(hidden, &self.embed, self.precision),
         }
+    }
+
+    /// Run the products on quantized weights (DESIGN §13): `quant` maps parameter names
+    /// (`layers.{i}.attn.wq.weight`, `head.weight`, `embed.weight` for a tied head) to their
+    /// quantized forms, each the same shape as the parameter. Names of other parameters, or a
+    /// quantized embedding under an untied head, are refused.
+    pub fn set_quantized(&mut self, quant: HashMap<String, Arc<QTensor>>) -> Result<()> {
+        for (name, q) in quant {
+            let (want, slot) = match name.as_str() {
+                "embed.weight" if self.head.is_none() => (self.embed.dims().to_vec(), &mut self.embed_quant),
+                _ => match self.linear_mut(&name) {
+                    Some(l) => (l.weight.dims().to_vec(), &mut l.quant),
+                    None => {
+                        return Err(Error::usage(format!(
+                            "`{name}` is not a linear layer's weight; it cannot be quantized"
+                        )))
+                    }
+                },
+            };
+            if q.shape().dims() != want {
+                return Err(Error::usage(format!(
+                    "quantized `{name}` has shape {:?}, the parameter {want:?}",
+                    q.shape().dims()
+                )));
+            }
+            *slot = Some(q);
+        }
+        Ok(())
+    }
+
+    /// Drop the quantized forms: every product in f32 (or bf16) on `weight` again.
+    pub fn dequantize(&mut self) {
+        self.embed_quant = None;
+        for l in self.linears_mut() {
+            l.quant = None;
+        }
+    }
+
+    /// Whether any product runs on quantized weights. Such a model has no gradients through
+    /// them, so training refuses it (DESIGN §13).
+    pub fn is_quantized(&self) -> bool {
+        self.embed_quant.is_some() || self.linears().any(|l| l.quant.is_some())
+    }
+
+    /// The quantized weights' type names and counts, e.g. "Q4_1 x210, Q8_0 x1", or "none".
+    pub fn quantized_summary(&self) -> String {
+        let mut counts = std::collections::BTreeMap::new();
+        let qs = self.linears().filter_map(|l| l.quant.as_ref()).chain(self.embed_quant.as_ref());
+        for q in qs {
+            *counts.entry(format!("{:?}", q.dtype())).or_insert(0) += 1;
+        }
+        if counts.is_empty() {
+            return "none".into();
+        }
+        counts.iter().map(|(t, n)| format!("{t} x{n}")).collect::<Vec<_>>().join(", ")
+    }
+
+    fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
+            .iter()
+            .flat_map(|l| {
+                let (a, m) = (&l.block.attn, &l.block.mlp);
+                [&a.wq, &a.wk, &a.wv, &a.wo, &m.w_gate, &m.w_up, &m.w_down]
+            })
+            .chain(self.head.as_ref())
+    }
+
+    fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers
+            .iter_mut()
+            .flat_map(|l| {
+                let (a, m) = (&mut l.block.attn, &mut l.block.mlp);
+                [&mut a.wq, &mut a.wk, &mut a.wv, &mut a.wo, &mut m.w_gate, &mut m.w_up, &mut m.w_down]
+            })
+            .chain(self.head.as_mut())
+    }
+
+    /// The linear layer whose weight is the parameter `name`.
+    fn linear_mut(&mut self, name: &str) -> Option<&mut Linear> {
+        if name == "head.weight" {
+            return self.head.as_mut();
+        }
+        let rest = name.strip_prefix("layers.")?.strip_suffix(".weight")?;
+        let (i, part) = rest.split_once('.')?;
+        let b = &mut self.layers.get_mut(i.parse::<usize>().ok()?)?.block;
+        Some(match part {
+            "attn.wq" => &mut b.attn.wq,
+            "attn.wk" => &mut b.attn.wk,
+            "attn.wv" => &mut b.attn.wv,
+            "attn.wo" => &mut b.attn.wo,
+            "mlp.w_gate" => &mut b.mlp.w_gate,
+            "mlp.w_up" => &mut b.mlp.w_up,
+            "mlp.w_down" => &mut b.mlp.w_down,
+            _ => return None,
+        })
     }
 
     /// Logits for every token: (N,) -> (N, V).

@@ -11,6 +11,7 @@
 
 pub mod composed;
 pub mod fused;
+pub mod quant;
 #[cfg(test)]
 mod tests;
 

@@ -1,5 +1,6 @@
 use super::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0, QK8_0, QK_K,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ6K, BlockQ8K, BlockQ8_0,
+    BlockQ8_1, QK8_0, QK8_1, QK_K,
 };
 use byteorder::{ByteOrder, LittleEndian};
 use half::f16;
@@ -66,6 +67,90 @@ pub(crate) fn vec_dot_q4_0_q8_0(n: usize, xs: &[BlockQ4_0], ys: &[BlockQ8_0]) ->
             acc = _mm256_fmadd_ps(d, q, acc);
         }
         hsum_float_8(acc)
+    }
+}
+
+// [itt patch] Block scales as f16 pairs converted with F16C: `f16::to_f32` is an out-of-line
+// call with a feature check, and per 32-value block it cost as much as the dot product itself
+// (vendor/candle-core/ITT-PATCH.md, patch 4). Reads the 4 bytes at `p`: [f16(p), f16(p+2), 0, 0].
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn f16_pair(p: *const u8) -> __m128 {
+    unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32))) }
+}
+
+// [itt patch] ggml's AVX2 `ggml_vec_dot_q4_1_q8_1`: x = d*q + m with unsigned nibbles q, so
+// sum(x*y) = d*dy*sum(q*qy) + m*s where the q8_1 block carries s = dy*sum(qy). candle had only
+// the scalar loop for Q4_1 (ITT-PATCH.md, patch 4).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
+    let (a, _, _, _) = vec_dot_4_q4_1_q8_1(n, [xs, xs, xs, xs], ys, 1);
+    a
+}
+
+// [itt patch] Four rows of Q4_1 against one Q8_1 row: the activation block (its quants, scale
+// and sum) is loaded and converted once for the rows; `rows` (1..=4) of them are computed.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn vec_dot_4_q4_1_q8_1(
+    n: usize,
+    xs: [&[BlockQ4_1]; 4],
+    ys: &[BlockQ8_1],
+    rows: usize,
+) -> (f32, f32, f32, f32) {
+    debug_assert!(n.is_multiple_of(QK8_1), "vec_dot_q4_1_q8_1: {n} is not divisible by {QK8_1}");
+    let nb = n / QK8_1;
+    debug_assert!(ys.len() >= nb && xs.iter().take(rows).all(|x| x.len() >= nb));
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        // lane 1 of ms[r]: the sum over blocks of m * s
+        let mut ms = [_mm_setzero_ps(); 4];
+        for b in 0..nb {
+            let y = ys.get_unchecked(b);
+            let yds = f16_pair(y as *const BlockQ8_1 as *const u8); // [dy, s, 0, 0]
+            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            for r in 0..4 {
+                if r >= rows {
+                    break;
+                }
+                let x = xs[r].get_unchecked(b);
+                let p = _mm_mul_ps(f16_pair(x as *const BlockQ4_1 as *const u8), yds); // [d*dy, m*s]
+                ms[r] = _mm_add_ps(ms[r], p);
+                let qx = bytes_from_nibbles_32(x.qs.as_ptr());
+                let xy = mul_sum_us8_pairs_float(qx, qy);
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), xy, acc[r]);
+            }
+        }
+        let out = |r: usize| hsum_float_8(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(ms[r]));
+        (out(0), out(1), out(2), out(3))
+    }
+}
+
+// [itt patch] Four rows of Q8_0 against one Q8_0 row (the tied head of a Q8_0 embedding is the
+// largest product of a decoding step), scales through F16C as above.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn vec_dot_4_q8_0_q8_0(
+    n: usize,
+    xs: [&[BlockQ8_0]; 4],
+    ys: &[BlockQ8_0],
+) -> (f32, f32, f32, f32) {
+    debug_assert!(n.is_multiple_of(QK8_0), "vec_dot_q8_0_q8_0: {n} is not divisible by {QK8_0}");
+    let nb = n / QK8_0;
+    debug_assert!(ys.len() >= nb && xs.iter().all(|x| x.len() >= nb));
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..nb {
+            let y = ys.get_unchecked(b);
+            let dy = f16_pair(y as *const BlockQ8_0 as *const u8); // [dy, (quants), ..]
+            let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+            for r in 0..4 {
+                let x = xs[r].get_unchecked(b);
+                let d = _mm_mul_ss(f16_pair(x as *const BlockQ8_0 as *const u8), dy);
+                let bx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
+                let q = mul_sum_i8_pairs_float(bx, by);
+                acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), q, acc[r]);
+            }
+        }
+        (hsum_float_8(acc[0]), hsum_float_8(acc[1]), hsum_float_8(acc[2]), hsum_float_8(acc[3]))
     }
 }
 

@@ -17,6 +17,13 @@ fn has_avx2_fma() -> bool {
     features.avx2 && features.fma
 }
 
+// [itt patch] The kernels that convert block scales with F16C (ITT-PATCH.md, patch 4).
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn has_avx2_fma_f16c() -> bool {
+    let features = crate::cpu::features::get();
+    features.avx2 && features.fma && features.f16c
+}
+
 // Default to QK_K 256 rather than 64.
 pub const QK_K: usize = 256;
 pub const K_SCALE_SIZE: usize = 12;
@@ -307,7 +314,33 @@ impl GgmlType for BlockQ4_1 {
     type VecDotType = BlockQ8_1;
 
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        // [itt patch] AVX2 kernel (ITT-PATCH.md, patch 4); candle had only the scalar loop.
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if has_avx2_fma_f16c() {
+            return unsafe { super::avx::vec_dot_q4_1_q8_1(n, xs, ys) };
+        }
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    // [itt patch] Four rows sharing one activation load (ITT-PATCH.md, patch 4).
+    fn vec_dot_4(
+        n: usize,
+        xs0: &[Self],
+        xs1: &[Self],
+        xs2: &[Self],
+        xs3: &[Self],
+        ys: &[Self::VecDotType],
+    ) -> (f32, f32, f32, f32) {
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if has_avx2_fma_f16c() {
+            return unsafe { super::avx::vec_dot_4_q4_1_q8_1(n, [xs0, xs1, xs2, xs3], ys, 4) };
+        }
+        (
+            Self::vec_dot(n, xs0, ys),
+            Self::vec_dot(n, xs1, ys),
+            Self::vec_dot(n, xs2, ys),
+            Self::vec_dot(n, xs3, ys),
+        )
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -710,6 +743,12 @@ impl GgmlType for BlockQ8_0 {
     ) -> (f32, f32, f32, f32) {
         #[cfg(target_feature = "neon")]
         return super::neon::vec_dot_4_q8_0_q8_0(n, xs0, xs1, xs2, xs3, ys);
+
+        // [itt patch] Four rows sharing one activation load (ITT-PATCH.md, patch 4).
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if has_avx2_fma_f16c() {
+            return unsafe { super::avx::vec_dot_4_q8_0_q8_0(n, [xs0, xs1, xs2, xs3], ys) };
+        }
 
         let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
         let (d2, d3) = Self::vec_dot_2(n, xs2, xs3, ys);

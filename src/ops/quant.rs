@@ -1,0 +1,215 @@
+//! Products against quantized weights, for inference only (DESIGN §13).
+//!
+//! y = x W^T, x (M, K) f32, W (N, K) kept in its GGML blocks (Q4_0, Q4_1, Q8_0, the K-quants,
+//! ...) as read from a GGUF file or made by `QTensor::quantize`. Each row of x is quantized once
+//! to the blocks' dot type (Q8_0, Q8_1 or Q8_K, as llama.cpp and candle's `QMatMul` do) and every
+//! output is one of candle's block dot products (`GgmlType::vec_dot`, AVX2 where candle has it).
+//! The work is split over output columns on rayon's pool: candle's own quantized matmul runs
+//! on its barrier pool, which `util::tune_threads` sizes to one thread (DESIGN §11), and each
+//! output being a single dot product, the split never changes a value.
+//!
+//! No backward pass, and no graph node: the model uses these products only when it does not
+//! train (`Model::is_quantized`; the trainer refuses such a model). Oracle: the f32 product with
+//! the dequantized weight (`tests`), within the activation rounding of the dot type.
+
+use super::fused::{with_data, Filled};
+use crate::{Error, Result};
+use candle_core::quantized::k_quants::{self, GgmlType};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::Tensor;
+
+/// The weight types that run quantized here (the GGUF names as llama.cpp writes them). F32,
+/// F16 and BF16 tensors stay dense: candle's `QMatMul` dequantizes those too.
+pub const QUANTIZED_TYPES: &str = "Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K";
+
+/// Whether tensors of this type are kept quantized for the products.
+pub fn is_quantized(dtype: GgmlDType) -> bool {
+    !matches!(dtype, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 | GgmlDType::Q8_1 | GgmlDType::Q8K)
+}
+
+/// x W^T: x (M, K), W (N, K) quantized -> (M, N) f32.
+pub fn qlinear(x: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let (m, k) = x.dims2()?;
+    let (n, wk) = w.shape().dims2()?;
+    if k != wk {
+        return Err(Error::usage(format!("quantized linear: input has {k} features, the weight {wk}")));
+    }
+    let x = x.to_dtype(candle_core::DType::F32)?;
+    let bytes = w.data()?;
+    let out = with_data::<f32, _>(&x, |xs| {
+        Ok(match w.dtype() {
+            GgmlDType::Q4_0 => product::<k_quants::BlockQ4_0>(xs, m, k, &bytes, n),
+            GgmlDType::Q4_1 => product::<k_quants::BlockQ4_1>(xs, m, k, &bytes, n),
+            GgmlDType::Q5_0 => product::<k_quants::BlockQ5_0>(xs, m, k, &bytes, n),
+            GgmlDType::Q5_1 => product::<k_quants::BlockQ5_1>(xs, m, k, &bytes, n),
+            GgmlDType::Q8_0 => product::<k_quants::BlockQ8_0>(xs, m, k, &bytes, n),
+            GgmlDType::Q2K => product::<k_quants::BlockQ2K>(xs, m, k, &bytes, n),
+            GgmlDType::Q3K => product::<k_quants::BlockQ3K>(xs, m, k, &bytes, n),
+            GgmlDType::Q4K => product::<k_quants::BlockQ4K>(xs, m, k, &bytes, n),
+            GgmlDType::Q5K => product::<k_quants::BlockQ5K>(xs, m, k, &bytes, n),
+            GgmlDType::Q6K => product::<k_quants::BlockQ6K>(xs, m, k, &bytes, n),
+            other => Err(format!("weights of type {other:?} are not run quantized (types: {QUANTIZED_TYPES})")),
+        })
+    })?
+    .map_err(|e| Error::usage(format!("quantized linear: {e}")))?;
+    Ok(Tensor::from_vec(out, (m, n), x.device())?)
+}
+
+/// Below this many weight values times rows a product runs on the calling thread: a rayon
+/// region costs a few microseconds, as much as a 192 x 576 Q4_1 product (measured with
+/// `itt bench --gguf`, docs/PERFORMANCE.md).
+const PAR_MIN_WORK: usize = 64 * 1024;
+
+/// Activation rows per block of the product's row loop: 32 rows of 1536 values in Q8_1 are
+/// 55 KB, well inside L2.
+const ROW_BLOCK: usize = 32;
+
+/// (M, K) x (N, K)^T -> (M, N) with W as N rows of K / BLCK_SIZE blocks of `T`.
+fn product<T: GgmlType>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w_bytes: &[u8],
+    n: usize,
+) -> std::result::Result<Vec<f32>, String> {
+    use rayon::prelude::*;
+    let bs = T::BLCK_SIZE;
+    if !k.is_multiple_of(bs) || <T::VecDotType as GgmlType>::BLCK_SIZE != bs {
+        return Err(format!("rows of {k} values do not split into {:?} blocks of {bs}", T::DTYPE));
+    }
+    let kb = k / bs;
+    let w = blocks::<T>(w_bytes, n * kb)?;
+    // The activations in the dot type: (M, kb) blocks.
+    let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
+    for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb.max(1))) {
+        T::VecDotType::from_float(row, q);
+    }
+    if m == 0 || n == 0 {
+        return Ok(vec![0.0; m * n]);
+    }
+    let (xq, row) = (&xq[..], |c: usize| &w[c * kb..(c + 1) * kb]);
+    // Column tiles, a multiple of 4 wide (candle's 4-row dot products share one activation
+    // load): ~32 tiles per product, so two threads stay balanced on the narrow K/V products.
+    let tile = ((n / 32) & !3).clamp(4, 256);
+    let mut out = Filled::new(m * n);
+    let dst = out.ptr();
+    let run = |t: usize| {
+        let (c0, c1) = (t * tile, ((t + 1) * tile).min(n));
+        // Rows in blocks of ROW_BLOCK, columns in quads, rows innermost: a quad of weight rows
+        // stays in L1 while a block of activation rows (L2-sized) passes over it. Without the
+        // row blocks a long prefill streamed every activation row from memory once per quad.
+        for r0 in (0..m).step_by(ROW_BLOCK) {
+            let rows = r0..(r0 + ROW_BLOCK).min(m);
+            let mut c = c0;
+            while c + 4 <= c1 {
+                for i in rows.clone() {
+                    let xi = &xq[i * kb..(i + 1) * kb];
+                    let (a, b, e, f) = T::vec_dot_4(k, row(c), row(c + 1), row(c + 2), row(c + 3), xi);
+                    // SAFETY: tile t owns columns c0..c1 of every row; the buffer holds m * n.
+                    unsafe { dst.slice(i * n + c, 4) }.copy_from_slice(&[a, b, e, f]);
+                }
+                c += 4;
+            }
+            for c in c..c1 {
+                for i in rows.clone() {
+                    let d = T::vec_dot(k, row(c), &xq[i * kb..(i + 1) * kb]);
+                    // SAFETY: as above.
+                    unsafe { dst.slice(i * n + c, 1) }.copy_from_slice(&[d]);
+                }
+            }
+        }
+    };
+    let tiles = n.div_ceil(tile);
+    if m * n * k < PAR_MIN_WORK {
+        (0..tiles).for_each(run);
+    } else {
+        (0..tiles).into_par_iter().for_each(run);
+    }
+    // SAFETY: the tiles cover every column of every row.
+    Ok(unsafe { out.assume_filled() })
+}
+
+/// A quantized tensor's bytes as its blocks (candle's CPU storage is a `Vec` of them, so the
+/// alignment holds; checked anyway).
+fn blocks<T>(bytes: &[u8], count: usize) -> std::result::Result<&[T], String> {
+    let size = std::mem::size_of::<T>();
+    if bytes.len() != count * size || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()) {
+        return Err(format!("weight storage of {} bytes does not hold {count} blocks of {size}", bytes.len()));
+    }
+    // SAFETY: length and alignment checked; the blocks are plain old data.
+    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, count) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Tensor};
+
+    fn rand(shape: (usize, usize), seed: u64) -> Tensor {
+        let mut rng = crate::rng::Rng::new(seed);
+        let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.normal() as f32).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// ||a - b|| / ||b||.
+    fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        (d / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap()).sqrt()
+    }
+
+    /// The quantized product equals the f32 product with the dequantized weight up to the
+    /// rounding of x to 8 bits per block (32 values, 256 for the K-quants' Q8_K): an error of
+    /// at most max|x_block| / 254 per value, uniform, so ~0.3-0.4% of |x| in RMS for Gaussian
+    /// x, and the same relative error in the output (relative L2). Bound: 1.5%; the largest
+    /// seen is printed. Shapes cover tails (N not a multiple of 4), one row (decode), many rows
+    /// (prefill) and both the serial and the parallel split.
+    #[test]
+    fn quantized_product_matches_the_dequantized_f32_product() {
+        let types = [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        let mut worst = 0f32;
+        for (m, n, k) in [(1, 7, 256), (3, 130, 512), (53, 192, 512), (1, 1030, 768)] {
+            let w = rand((n, k), 1);
+            let x = rand((m, k), 2);
+            for dt in types {
+                let q = QTensor::quantize(&w, dt).unwrap();
+                let dense = x.matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap();
+                let got = qlinear(&x, &q).unwrap();
+                assert_eq!(got.dims(), [m, n]);
+                let e = rel_err(&got, &dense);
+                assert!(e < 0.015, "{dt:?} ({m}, {n}, {k}): relative error {e}");
+                worst = worst.max(e);
+            }
+        }
+        println!("largest relative L2 error: {worst:.4}");
+    }
+
+    #[test]
+    fn splitting_over_threads_changes_no_value() {
+        let (w, x) = (rand((300, 512), 3), rand((5, 512), 4));
+        let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
+        let one = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
+        let a: Vec<f32> = one.install(|| qlinear(&x, &q)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = qlinear(&x, &q).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn mismatched_shapes_are_an_error_not_a_panic() {
+        let q = QTensor::quantize(&rand((8, 64), 5), GgmlDType::Q8_0).unwrap();
+        let e = qlinear(&rand((2, 32), 6), &q).unwrap_err().to_string();
+        assert!(e.contains("input has 32 features, the weight 64"), "{e}");
+        let dense = QTensor::quantize(&rand((8, 64), 5), GgmlDType::F32).unwrap();
+        assert!(qlinear(&rand((2, 64), 6), &dense).unwrap_err().to_string().contains("not run quantized"));
+    }
+}
