@@ -182,7 +182,8 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
     if let Some(t) = a.valve_target {
         settings.push(Some(t));
     }
-    let body = json!({"prompt": a.bench_prompt, "max_tokens": a.max_tokens, "temperature": 0.0});
+    // Fixed-length requests: every one generates max_tokens (ignore_eos).
+    let body = json!({"prompt": a.bench_prompt, "max_tokens": a.max_tokens, "temperature": 0.0, "ignore_eos": true});
     if !json_out {
         println!(
             "{:>7} {:>6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10} {:>6}",
