@@ -44,6 +44,17 @@ pub fn tune_allocator() {
     }
 }
 
+/// Hand freed heap memory back to the system. `tune_allocator` keeps freed memory in the
+/// process (trim threshold 1 GiB) so training steps reuse it; after freeing something large
+/// for good (a served model's f32 weight copies) this returns it.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own heap; no pointers are handed over.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Run `f` on a worker of a rayon pool with the default number of threads, so that every
 /// parallel region (matrix products, fused kernels, the optimiser) is forked from a pool thread
 /// that takes part in the work, instead of from the main thread, which would hand the work to

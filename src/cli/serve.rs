@@ -92,7 +92,10 @@ pub fn start(
 ) -> Result<(Server, String)> {
     // A GGUF keeps its quantized weights (DESIGN §13); other formats load as they train.
     let (model, tok, calibration) = if checkpoint.is_file() {
-        let (m, t, info) = crate::import::load_for_inference(checkpoint, weights)?;
+        let (mut m, t, info) = crate::import::load_for_inference(checkpoint, weights)?;
+        // Serving never trains nor dequantizes: free the f32 copies of quantized weights.
+        m.drop_dense_copies()?;
+        crate::util::release_free_memory();
         (m, t, info.calibration)
     } else {
         let imported = crate::import::load(checkpoint)?;

@@ -773,6 +773,21 @@ mod tests {
             println!("{}: vs dequantized weights {e_act:.4}, vs the f32 model {e_all:.4}", quant.name());
             assert!(e_act < 0.03, "{}: {e_act}", quant.name());
             assert!(e_all < tol, "{}: {e_all}", quant.name());
+            // Serving frees the f32 copies of the quantized linears; the logits stay the same.
+            let mut served = load_with(&path, GgufWeights::Quantized).unwrap().into_model(&Device::Cpu).unwrap().0;
+            let n_params = served.params.len();
+            let linear_bytes: usize = served
+                .layers
+                .iter()
+                .flat_map(|l| {
+                    let (a, m) = (&l.block.attn, &l.block.mlp);
+                    [&a.wq, &a.wk, &a.wv, &a.wo, &m.w_gate, &m.w_up, &m.w_down].map(|w| w.weight.elem_count() * 4)
+                })
+                .sum();
+            assert_eq!(served.drop_dense_copies().unwrap(), linear_bytes);
+            assert_eq!(served.params.len(), n_params - 14, "2 layers x 7 linear weights leave the parameters");
+            assert_eq!(logits(&served, &ids), got, "{}: freeing the f32 copies changed the logits", quant.name());
+            assert!(served.dequantize().is_err());
             // Quantized products have no gradients: such a model is not trained.
             let run = crate::import::run_config_for(&q.cfg);
             let e = crate::train::Trainer::from_model(run, q, &tok, &dir.path().join("run")).err().unwrap();

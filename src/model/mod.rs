@@ -625,6 +625,8 @@ pub struct Model {
     /// Number format of the matrix products (`ops::Precision`): f32 unless the caller asks
     /// for bf16, e.g. a run trained in bf16 (`Trainer` sets the run's), or `itt eval --precision`.
     pub precision: Precision,
+    /// The f32 copies of quantized linear weights were freed (`drop_dense_copies`).
+    dense_dropped: bool,
 }
 
 /// The losses of one training forward pass.
@@ -694,6 +696,7 @@ impl Model {
             rope_sin,
             params,
             precision: Precision::F32,
+            dense_dropped: false,
         })
     }
 
@@ -832,12 +835,42 @@ impl Model {
         Ok(())
     }
 
-    /// Drop the quantized forms: every product in f32 (or bf16) on `weight` again.
-    pub fn dequantize(&mut self) {
+    /// Drop the quantized forms: every product in f32 (or bf16) on `weight` again. Refused
+    /// once the f32 copies were freed.
+    pub fn dequantize(&mut self) -> Result<()> {
+        if self.dense_dropped {
+            return Err(Error::usage(
+                "this model's f32 weights were freed after quantized loading; load it again with f32 weights",
+            ));
+        }
         self.embed_quant = None;
         for l in self.linears_mut() {
             l.quant = None;
         }
+        Ok(())
+    }
+
+    /// Free the f32 copies of the linear weights that have quantized forms, for a model that
+    /// only runs inference (`itt serve` on a GGUF, DESIGN §13): their products run on the
+    /// blocks, so the copies only cost memory (SmolLM2-135M: ~430 MB). The embedding keeps its
+    /// f32 values (lookups read them). Each freed weight becomes a zero-stride stand-in of
+    /// the same shape, and leaves `params`; `dequantize` is refused from then on, and training
+    /// already refuses a quantized model. Returns the bytes freed.
+    pub fn drop_dense_copies(&mut self) -> Result<usize> {
+        let mut freed_ids = vec![];
+        let mut bytes = 0;
+        for l in self.linears_mut() {
+            if l.quant.is_none() {
+                continue;
+            }
+            let (dims, dtype, device) = (l.weight.dims().to_vec(), l.weight.dtype(), l.weight.device().clone());
+            bytes += l.weight.elem_count() * dtype.size_in_bytes();
+            freed_ids.push(l.weight.id());
+            l.weight = Tensor::zeros(1, dtype, &device)?.broadcast_as(dims)?;
+        }
+        self.params.retain(|(_, v)| !freed_ids.contains(&v.as_tensor().id()));
+        self.dense_dropped = true;
+        Ok(bytes)
     }
 
     /// Whether any product runs on quantized weights. Such a model has no gradients through
