@@ -363,21 +363,14 @@ impl<'a> Batch<'a> {
         let starts = layout.starts();
         let (mut rows, mut out) = (vec![], vec![]);
         for (k, &i) in group.iter().enumerate() {
-            let new_rows = if opts.use_cache {
-                starts[k]..starts[k] + lens[k]
-            } else {
-                starts[k] + lens[k] - 1..starts[k] + lens[k]
-            };
-            let extra: u64 = new_rows.flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum();
+            // Charge the rows of tokens not run before: all of a cached call's rows, the new
+            // tail of an uncached one (which re-runs the whole text from position 0).
             let s = self.seqs[i].as_mut().expect("active");
-            // Without a cache the prompt's rows are charged once, on the first call.
-            let prompt_extra: u64 = if !opts.use_cache && s.fed == 0 {
-                (starts[k]..starts[k] + lens[k] - 1).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum()
-            } else {
-                0
-            };
-            s.extra_block_steps += extra + prompt_extra;
-            s.fed = if opts.use_cache { s.fed + lens[k] } else { s.ids.len() };
+            let first_new = starts[k] + s.fed - past[k];
+            let end = starts[k] + lens[k];
+            s.extra_block_steps +=
+                (first_new..end).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum::<u64>();
+            s.fed = past[k] + lens[k];
             if s.fed == s.ids.len() {
                 let row = starts[k] + lens[k] - 1;
                 rows.push(hidden.narrow(0, row, 1)?);

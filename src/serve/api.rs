@@ -223,10 +223,7 @@ impl Common {
         }
         for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
             if v.is_some_and(|p| p != 0.0) {
-                return Err(ApiError::bad(
-                    if name == "presence_penalty" { "presence_penalty" } else { "frequency_penalty" },
-                    format!("{name} is not supported by this server (only 0)"),
-                ));
+                return Err(ApiError::bad(name, format!("{name} is not supported by this server (only 0)")));
             }
         }
         let timeout = match self.timeout {

@@ -423,13 +423,11 @@ fn run(
         metrics.running.set(live.len() as i64);
         if let Some(scale) = valve.observe(dt) {
             metrics.share_scale.set(scale);
-            let ratios = scaled(&trained, scale, None);
             for (&id, l) in &live {
                 if !l.pinned && routed {
                     if let Some(r) = batch.routing(id) {
                         let mut r = r.clone();
-                        r.ratios =
-                            Some(if r.steps.is_some() { scaled(&trained, scale, r.steps) } else { ratios.clone() });
+                        r.ratios = Some(scaled(&trained, scale, r.steps));
                         batch.set_routing(id, r);
                     }
                 }
