@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod error;
 pub mod eval;
 pub mod experiment;

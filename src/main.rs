@@ -25,6 +25,9 @@ fn main() {
     if let Err(e) = itt::util::on_worker_thread(|| itt::cli::run(cli)) {
         let _ = std::io::stdout().flush();
         eprintln!("error: {}", itt::error::one_line(e.to_string()));
+        // Under mpirun the other ranks may be waiting for this one in a collective.
+        itt::dist::abort_job(1);
         std::process::exit(1);
     }
+    itt::dist::finalize();
 }

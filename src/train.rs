@@ -9,8 +9,10 @@
 use crate::checkpoint::{self, Check, SaveParts, TrainState};
 use crate::config::{OnNonFinite, RunConfig};
 use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
+use crate::dist::Group;
 use crate::error::IoContext;
 use crate::flops::flops_per_token;
+use crate::model::thinking::CalibrationEntry;
 use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
 use crate::ops::Precision;
 use crate::optim::{AdamW, GradAccumulator};
@@ -57,6 +59,18 @@ pub fn prepare_data(spec: &DataSpec, out_dir: &Path) -> Result<(Dataset, Tokeniz
     let tok = data::from_spec(&spec.tokenizer, &docs)?;
     let ds = data::prepare_dataset(&docs, &tok, spec.val_fraction, out_dir, &spec.path)?;
     Ok((ds, tok))
+}
+
+/// Every rank's micro-batch router quantiles, in rank (= micro-batch) order.
+fn gather_quantiles(group: &Group, mine: &[Vec<CalibrationEntry>]) -> Result<Vec<Vec<CalibrationEntry>>> {
+    let bytes = serde_json::to_vec(mine).map_err(|e| Error::usage(format!("router quantiles: {e}")))?;
+    let mut all = vec![];
+    for (rank, b) in group.all_gather_bytes(&bytes)?.iter().enumerate() {
+        let theirs: Vec<Vec<CalibrationEntry>> = serde_json::from_slice(b)
+            .map_err(|e| Error::usage(format!("router quantiles from rank {rank} are not finite numbers: {e}")))?;
+        all.extend(theirs);
+    }
+    Ok(all)
 }
 
 /// One optimiser step's outcome.
@@ -127,6 +141,8 @@ pub struct Trainer {
     /// One-line notices for the user from `resume`: checkpoints skipped as damaged, or resumed
     /// without a manifest to check.
     pub notices: Vec<String>,
+    /// The ranks this run trains on (DESIGN §14); the single process unless launched by mpirun.
+    pub group: Group,
     data_rng: Rng,
     acc: GradAccumulator,
 }
@@ -134,13 +150,29 @@ pub struct Trainer {
 impl Trainer {
     /// A fresh run in `run_dir`, which must not already hold one.
     pub fn new(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
+        Self::new_in(cfg, tokenizer, run_dir, Group::single())
+    }
+
+    /// A fresh run trained by the ranks of `group`: rank 0 checks and writes the run folder,
+    /// the others build the same trainer without touching it (DESIGN §14).
+    pub fn new_in(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path, group: Group) -> Result<Self> {
         cfg.validate()?;
         let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
-        Self::from_model(cfg, model, tokenizer, run_dir)
+        Self::from_model_in(cfg, model, tokenizer, run_dir, group)
     }
 
     /// A fresh run that starts from the given weights (a pretrained or retrofitted model).
-    pub fn from_model(mut cfg: RunConfig, model: Model, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
+    pub fn from_model(cfg: RunConfig, model: Model, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
+        Self::from_model_in(cfg, model, tokenizer, run_dir, Group::single())
+    }
+
+    fn from_model_in(
+        mut cfg: RunConfig,
+        model: Model,
+        tokenizer: &Tokenizer,
+        run_dir: &Path,
+        group: Group,
+    ) -> Result<Self> {
         cfg.validate()?;
         if cfg.train.precision == Precision::Bf16 && Precision::bf16_falls_back() {
             // Emulated bf16 is slower than f32 and no more accurate: run (and record) f32.
@@ -160,7 +192,7 @@ impl Trainer {
                  load it with --gguf-weights f32 (or call Model::dequantize) to train",
             ));
         }
-        if run_dir.join("latest").exists() {
+        if group.is_lead() && run_dir.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",
                 run_dir.display()
@@ -172,11 +204,13 @@ impl Trainer {
                 format!("is {}, but the tokenizer has {} tokens", cfg.model.vocab_size, tokenizer.vocab_size()),
             ));
         }
-        std::fs::create_dir_all(run_dir).at(run_dir)?;
         let tokenizer_json = tokenizer.to_json()?;
-        write_atomic(&run_dir.join("config.json"), |w| w.write_all(cfg.to_json().as_bytes()))?;
-        write_atomic(&run_dir.join("tokenizer.json"), |w| w.write_all(tokenizer_json.as_bytes()))?;
-        let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        if group.is_lead() {
+            std::fs::create_dir_all(run_dir).at(run_dir)?;
+            write_atomic(&run_dir.join("config.json"), |w| w.write_all(cfg.to_json().as_bytes()))?;
+            write_atomic(&run_dir.join("tokenizer.json"), |w| w.write_all(tokenizer_json.as_bytes()))?;
+            let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
+        }
         let mut model = model;
         model.precision = cfg.train.precision;
         let opt = AdamW::new(&model.params);
@@ -203,6 +237,7 @@ impl Trainer {
             tokenizer_json,
             run_dir: run_dir.to_path_buf(),
             notices: vec![],
+            group,
             data_rng,
             acc,
         })
@@ -212,13 +247,19 @@ impl Trainer {
     /// after checking every file's sha256 against the checkpoint's manifest. Without `from`, a
     /// damaged checkpoint is skipped for the newest intact one, and `notices` says which and why.
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
+        Self::resume_in(run_dir, from, Group::single())
+    }
+
+    /// `resume` for the ranks of `group`: every rank reads the same checkpoint, rank 0 alone
+    /// writes (DESIGN §14). The number of ranks may differ from the run's earlier part.
+    pub fn resume_in(run_dir: &Path, from: Option<&Path>, group: Group) -> Result<Self> {
         let candidates = match from {
             Some(p) => vec![p.to_path_buf()],
             None => checkpoint::run_checkpoints(run_dir),
         };
         if candidates.is_empty() {
             // No checkpoint at all: `load` says what the folder is instead.
-            return Self::resume_from(run_dir, run_dir);
+            return Self::resume_from(run_dir, run_dir).map(|t| Trainer { group, ..t });
         }
         let mut notices = vec![];
         let mut skipped = vec![];
@@ -233,7 +274,10 @@ impl Trainer {
                         ));
                     }
                     t.notices.splice(0..0, notices);
-                    truncate_metrics(&run_dir.join("metrics.jsonl"), t.state.step)?;
+                    if group.is_lead() {
+                        truncate_metrics(&run_dir.join("metrics.jsonl"), t.state.step)?;
+                    }
+                    t.group = group;
                     return Ok(t);
                 }
                 Err(e) if from.is_none() => {
@@ -274,6 +318,7 @@ impl Trainer {
             tokenizer_json: info.tokenizer_json,
             run_dir: run_dir.to_path_buf(),
             notices: verified.notice().into_iter().collect(),
+            group: Group::single(),
             acc,
         })
     }
@@ -325,27 +370,51 @@ impl Trainer {
         let routing = RoutingOptions { ratios, ..Default::default() };
         let mut record = ForwardRecord { keep_scores: self.calibration.is_some(), measure, ..Default::default() };
         let with_aux = tc.router_aux_weight > 0.0;
-        let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
         let scalar =
             |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
         // A skipped batch must not move the router thresholds either.
         let calibration_before = (tc.on_nonfinite == OnNonFinite::Skip).then(|| self.calibration.clone());
+        // Every rank draws the whole global batch (the same data stream everywhere) and computes
+        // its own block of micro-batches (DESIGN §14); a single process computes them all.
+        let mine = self.group.share(tc.grad_accum)?;
+        // Per micro-batch: cross-entropy, router auxiliary loss, whether there was one.
+        let mut losses = Vec::with_capacity(3 * mine.len());
+        let mut quantiles = vec![];
         self.acc.zero();
-        for _ in 0..tc.grad_accum {
+        for i in 0..tc.grad_accum {
             let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
+            if !mine.contains(&i) {
+                continue;
+            }
             let parts = self.model.train_loss(&inp, &tgt, b, t, &routing, Some(&mut record), with_aux)?;
-            let grads = match &parts.router_aux {
+            let (grads, aux) = match &parts.router_aux {
                 // The objective: cross-entropy + weight * router auxiliary loss (DESIGN §4.6).
-                Some(aux) => {
-                    *aux_sum.get_or_insert(0.0) += scalar(aux)?;
-                    (&parts.ce + (aux * tc.router_aux_weight)?)?.backward()?
-                }
-                None => parts.ce.backward()?,
+                Some(aux) => (((&parts.ce + (aux * tc.router_aux_weight)?)?).backward()?, Some(scalar(aux)?)),
+                None => (parts.ce.backward()?, None),
             };
             self.acc.add(&self.model.params, &grads)?;
-            loss_sum += scalar(&parts.ce)?;
-            if let Some(cal) = &mut self.calibration {
-                cal.update(&mut record, tc.threshold_momentum);
+            losses.extend([scalar(&parts.ce)?, aux.unwrap_or(0.0), f64::from(u8::from(aux.is_some()))]);
+            if let Some(cal) = &self.calibration {
+                quantiles.push(cal.batch_quantiles(&mut record));
+            }
+        }
+        // Sums over the whole global batch, added in micro-batch order on every rank.
+        let losses = self.group.all_gather_f64(&losses)?;
+        let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
+        for m in losses.chunks_exact(3) {
+            loss_sum += m[0];
+            if m[2] != 0.0 {
+                *aux_sum.get_or_insert(0.0) += m[1];
+            }
+        }
+        if self.group.is_distributed() {
+            self.group.sum_in_rank_order(&mut self.acc.sums)?;
+            self.acc.micro_batches = tc.grad_accum;
+            quantiles = gather_quantiles(&self.group, &quantiles)?;
+        }
+        if let Some(cal) = &mut self.calibration {
+            for q in quantiles {
+                cal.fold(q, tc.threshold_momentum);
             }
         }
         let loss = loss_sum / tc.grad_accum as f64;
@@ -404,6 +473,29 @@ impl Trainer {
         crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
     }
 
+    /// A hash of what must be the same on every rank before a data-parallel run starts: the
+    /// step, the data stream's position, the weights and the optimiser's moments.
+    pub fn fingerprint(&self) -> Result<u64> {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.state.step.to_le_bytes());
+        for w in self.data_rng.state() {
+            h.update(w.to_le_bytes());
+        }
+        for (name, var) in &self.model.params {
+            h.update(name.as_bytes());
+            let t = var.as_tensor().to_dtype(candle_core::DType::F32)?;
+            crate::ops::fused::with_data::<f32, _>(&t, |d| {
+                h.update(le_bytes(d));
+                Ok(())
+            })?;
+        }
+        for moments in self.opt.m.iter().chain(&self.opt.v) {
+            h.update(le_bytes(moments));
+        }
+        Ok(u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
+    }
+
     /// Write a checkpoint of the current step, point `latest` at it, then prune older ones.
     /// Refuses weights that are not all finite (a checkpoint must be safe to resume from).
     pub fn save(&self) -> Result<PathBuf> {
@@ -454,6 +546,10 @@ fn first_nonfinite_param(params: &[(String, candle_core::Var)]) -> Result<Option
         }
     }
     Ok(None)
+}
+
+fn le_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
 /// Drop metric lines past `step` (written after the checkpoint a run resumes from).
@@ -547,9 +643,17 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     let tc = trainer.cfg.train.clone();
     let end = opts.stop_at.unwrap_or(tc.max_steps).min(tc.max_steps);
     let metrics_path = trainer.run_dir.join("metrics.jsonl");
-    let mut metrics = std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).at(&metrics_path)?;
+    // Rank 0 alone logs, validates and writes checkpoints (DESIGN §14); the others' metrics go
+    // nowhere and they show no progress.
+    let lead = trainer.group.is_lead();
+    let mut metrics: Box<dyn Write> = if lead {
+        Box::new(std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).at(&metrics_path)?)
+    } else {
+        Box::new(std::io::sink())
+    };
+    let quiet = opts.quiet || !lead;
     let flops = flops_per_token(&trainer.cfg.model, tc.seq_len, None, None);
-    let bar = progress_bar(end as u64, trainer.state.step as u64, opts.quiet);
+    let bar = progress_bar(end as u64, trainer.state.step as u64, quiet);
     let t_start = Instant::now();
     let tokens_at_start = trainer.state.tokens_seen;
     let mut window = ForwardRecord::default();
@@ -561,7 +665,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
         if let Some(why) = &rep.skipped {
             let line = json!({"step": step, "skipped": why, "skipped_batches": trainer.state.skipped_batches});
             writeln!(metrics, "{line}").at(&metrics_path)?;
-            if !opts.quiet {
+            if !quiet {
                 bar.suspend(|| eprintln!("step {step}: {why}; batch skipped (--on-nonfinite skip)"));
             }
         } else {
@@ -595,25 +699,27 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
                 if share.is_empty() { String::new() } else { format!(" | routed {}", share.join("/")) }
             );
             bar.set_message(msg.clone());
-            if !opts.quiet && bar.is_hidden() {
+            if !quiet && bar.is_hidden() {
                 eprintln!("step {step:>6}/{end} | {msg}");
             }
             window = ForwardRecord::default();
             window_loss = (0.0, 0);
         }
-        if step % tc.eval_interval == 0 || step == end {
+        if lead && (step % tc.eval_interval == 0 || step == end) {
             let last_val = trainer.evaluate(&data.val, tc.eval_batches)?;
             trainer.state.last_val_loss = Some(last_val);
             let line = json!({"step": step, "val_loss": last_val, "val_ppl": last_val.exp(), "tokens_seen": trainer.state.tokens_seen});
             writeln!(metrics, "{line}").at(&metrics_path)?;
         }
-        if (tc.checkpoint_interval > 0 && step % tc.checkpoint_interval == 0) || step == end {
+        if lead && ((tc.checkpoint_interval > 0 && step % tc.checkpoint_interval == 0) || step == end) {
             trainer.save()?;
         }
         bar.set_position(step as u64);
     }
     bar.finish_and_clear();
     let seconds = t_start.elapsed().as_secs_f64();
+    // The others wait for rank 0's last checkpoint.
+    trainer.group.barrier();
     let checkpoint = checkpoint::resolve(&trainer.run_dir)?;
     Ok(TrainSummary {
         steps: trainer.state.step,

@@ -75,9 +75,16 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// second core gained (training step of preset `small`: ~27% less CPU and ~15-30% more tokens/s
 /// without it, docs/PERFORMANCE.md). Matrix products and the fused kernels in `ops` keep using
 /// every core. Call once at start-up, before any tensor op.
+///
+/// Under `mpirun`, the ranks on one machine share its cores: unless RAYON_NUM_THREADS says
+/// otherwise, each takes cores / ranks-on-this-machine threads (DESIGN §14).
 pub fn tune_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    if let (None, Some(local)) = (std::env::var_os("RAYON_NUM_THREADS"), crate::dist::launched_local_size()) {
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", (cores / local).max(1).to_string());
     }
 }
 

@@ -543,3 +543,19 @@ fn serve_answers_then_stops_cleanly_on_sigterm() {
     let port = listener.local_addr().unwrap().port().to_string();
     fails_cleanly(&itt(&["serve", "--checkpoint", run.to_str().unwrap(), "--port", &port]), &["cannot listen"]);
 }
+
+/// Started by mpirun (as the launcher's environment says) but built without MPI: one line,
+/// before anything is written (P copies would train P runs into one folder).
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn an_mpi_launch_without_the_mpi_feature_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let run = tmp.path().join("run");
+    let out = Command::new(env!("CARGO_BIN_EXE_itt"))
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .args(["train", "--steps", "1", "--quiet", "--out", run.to_str().unwrap()])
+        .output()
+        .unwrap();
+    fails_cleanly(&out, &["mpirun with 2 ranks", "--features mpi"]);
+    assert!(!run.exists());
+}

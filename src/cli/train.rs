@@ -2,11 +2,12 @@
 
 use super::ModelSource;
 use crate::config::{OnNonFinite, ResidualForm, Trainable};
+use crate::dist::Group;
 use crate::ops::Precision;
 use crate::train::{DataSpec, RunOptions, Trainer};
 use crate::{data, demo, report, Error, Result};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -66,6 +67,9 @@ pub struct TrainArgs {
     warmup: Option<usize>,
     #[arg(long)]
     eval_interval: Option<usize>,
+    /// Write a metrics line (and the progress message) every this many steps.
+    #[arg(long)]
+    log_interval: Option<usize>,
     #[arg(long)]
     checkpoint_interval: Option<usize>,
     /// Matrix products in f32, or bf16 (bf16 operands, f32 sums, f32 master weights).
@@ -177,6 +181,9 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    // Under `mpirun -n P` every rank runs this; rank 0 alone prepares data and writes the run
+    // folder, the others wait for it and then read what it wrote (DESIGN §14).
+    let group = Group::from_launch()?;
     let spec = DataSpec {
         path: a.data.clone(),
         tokenizer: a.tokenizer.clone(),
@@ -184,18 +191,39 @@ pub fn train(a: TrainArgs) -> Result<()> {
         val_fraction: a.val_fraction,
     };
     let on_nonfinite = a.on_nonfinite;
+    let data_dir = a.out.join("data");
     let (mut trainer, dataset) = if a.resume {
-        let mut trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
-        for n in &trainer.notices {
-            eprintln!("{n}");
+        let mut trainer = Trainer::resume_in(&a.out, a.checkpoint.as_deref(), group.clone())?;
+        if group.is_lead() {
+            for n in &trainer.notices {
+                eprintln!("{n}");
+            }
         }
         if let Some(v) = on_nonfinite {
             trainer.cfg.train.on_nonfinite = v;
         }
-        let dataset = data::Dataset::open(&a.out.join("data"))
-            .or_else(|_| crate::train::prepare_data(&spec, &a.out.join("data")).map(|x| x.0))?;
+        let open =
+            || data::Dataset::open(&data_dir).or_else(|_| crate::train::prepare_data(&spec, &data_dir).map(|x| x.0));
+        // Rank 0 prepares the data if the run folder lost it; the others then find it there.
+        let lead_data = if group.is_lead() { Some(open()?) } else { None };
+        group.barrier();
+        let dataset = match lead_data {
+            Some(d) => d,
+            None => open()?,
+        };
         dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
         (trainer, dataset)
+    } else if !group.is_lead() {
+        group.barrier();
+        // What rank 0 prepared: its dataset and the run's config as it wrote it.
+        let prepared = if Path::new(&spec.path).join("meta.json").exists() {
+            spec.clone()
+        } else {
+            DataSpec { path: data_dir.to_string_lossy().into_owned(), ..spec.clone() }
+        };
+        let (dataset, tok) = crate::train::prepare_data(&prepared, &data_dir)?;
+        let cfg = crate::config::RunConfig::load(&a.out.join("config.json"))?;
+        (Trainer::new_in(cfg, &tok, &a.out, group.clone())?, dataset)
     } else {
         let mut cfg = a.model.load("tiny")?;
         let t = &mut cfg.train;
@@ -214,11 +242,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
         set!(lr, a.lr);
         set!(warmup_steps, a.warmup);
         set!(eval_interval, a.eval_interval);
+        set!(log_interval, a.log_interval);
         set!(checkpoint_interval, a.checkpoint_interval);
         if let Some(p) = a.precision {
             t.precision = p;
         }
         set!(on_nonfinite, on_nonfinite);
+        // Checked before anything is written, so that a bad split leaves no folder behind.
+        group.share(cfg.train.grad_accum)?;
         if a.out.join("latest").exists() {
             return Err(Error::usage(format!(
                 "{} already holds a training run; pass --resume to continue it or choose another --out",
@@ -234,15 +265,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
         let created = !a.out.exists();
         let setup = || -> Result<(Trainer, data::Dataset)> {
-            let (dataset, tok) = crate::train::prepare_data(&spec, &a.out.join("data"))?;
+            let (dataset, tok) = crate::train::prepare_data(&spec, &data_dir)?;
             if a.model.config.is_none() {
                 // Presets take their vocabulary from the tokenizer; a config file must match it.
                 cfg.model.vocab_size = tok.vocab_size();
             }
             cfg.validate()?;
-            Ok((Trainer::new(cfg, &tok, &a.out)?, dataset))
+            Ok((Trainer::new_in(cfg, &tok, &a.out, group.clone())?, dataset))
         };
-        match setup() {
+        let made = match setup() {
             Ok(x) => x,
             Err(e) => {
                 // A run that never started leaves nothing behind in a folder it created.
@@ -251,10 +282,19 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 }
                 return Err(e);
             }
-        }
+        };
+        group.barrier();
+        made
     };
+    if group.is_distributed() {
+        // Ranks that disagree here would train different models without a word.
+        group.share(trainer.cfg.train.grad_accum)?;
+        group.check_agree("model, optimiser state or data position", trainer.fingerprint()?)?;
+    }
     let summary = crate::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
-    println!("{}", report::train_summary(&summary));
+    if group.is_lead() {
+        println!("{}", report::train_summary(&summary));
+    }
     Ok(())
 }
 

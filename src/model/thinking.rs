@@ -688,20 +688,37 @@ impl RouterCalibration {
     /// Fold in the router logits a record kept (`keep_scores`), then clear them:
     /// q <- m q + (1 - m) q_batch (the first update sets q).
     pub fn update(&mut self, record: &mut ForwardRecord, momentum: f64) {
+        let batch = self.batch_quantiles(record);
+        self.fold(batch, momentum);
+    }
+
+    /// The quantiles of one micro-batch's router logits per (layer, step), taken out of the
+    /// record. Split from [`Self::fold`] so that data-parallel ranks can exchange them and fold
+    /// every micro-batch in the single process's order (DESIGN §14).
+    pub fn batch_quantiles(&self, record: &mut ForwardRecord) -> Vec<CalibrationEntry> {
+        let mut out = vec![];
         for ((layer, step), mut scores) in std::mem::take(&mut record.scores) {
             if scores.is_empty() {
                 continue;
             }
             scores.sort_by(|a, b| a.total_cmp(b));
-            let batch: Vec<f32> =
+            let quantiles =
                 (0..=self.levels).map(|k| quantile_sorted(&scores, k as f64 / self.levels as f64)).collect();
-            match self.entries.iter_mut().find(|e| e.layer == layer && e.step == step) {
+            out.push(CalibrationEntry { layer, step, quantiles });
+        }
+        out
+    }
+
+    /// q <- m q + (1 - m) q_batch for each entry of one micro-batch (the first sets q).
+    pub fn fold(&mut self, batch: Vec<CalibrationEntry>, momentum: f64) {
+        for b in batch {
+            match self.entries.iter_mut().find(|e| e.layer == b.layer && e.step == b.step) {
                 Some(e) => {
-                    for (q, b) in e.quantiles.iter_mut().zip(&batch) {
-                        *q = (momentum * *q as f64 + (1.0 - momentum) * *b as f64) as f32;
+                    for (q, x) in e.quantiles.iter_mut().zip(&b.quantiles) {
+                        *q = (momentum * *q as f64 + (1.0 - momentum) * *x as f64) as f32;
                     }
                 }
-                None => self.entries.push(CalibrationEntry { layer, step, quantiles: batch }),
+                None => self.entries.push(b),
             }
         }
         self.entries.sort_by_key(|e| (e.layer, e.step));
