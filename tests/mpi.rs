@@ -150,3 +150,9 @@ fn an_error_on_rank_0_ends_the_job() {
     job_failed_with(&out, "already holds a training run");
     assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
 }
+
+#[test]
+fn only_train_runs_under_mpirun() {
+    let out = mpirun(2).args(["info", "--preset", "tiny"]).output().unwrap();
+    job_failed_with(&out, "only `itt train` runs data-parallel");
+}

@@ -127,6 +127,12 @@ impl RoutingArgs {
 
 /// Run one parsed command.
 pub fn run(cli: Cli) -> Result<()> {
+    // P copies of any other command would each do the whole job, writing the same files.
+    if let (Some(p), false) = (crate::dist::launched_size().filter(|&p| p > 1), matches!(cli.cmd, Cmd::Train(_))) {
+        return Err(crate::Error::usage(format!(
+            "started by mpirun with {p} ranks, but only `itt train` runs data-parallel; run this command as one process"
+        )));
+    }
     match cli.cmd {
         Cmd::Demo(a) => train::demo(a),
         Cmd::Train(a) => train::train(a),
