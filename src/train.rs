@@ -467,10 +467,12 @@ impl Trainer {
         })
     }
 
-    /// Mean validation loss over up to `batches` sequential batches (0 = all).
+    /// Mean validation loss over up to `batches` sequential batches (0 = all), the batches
+    /// shared among the ranks.
     pub fn evaluate(&self, shard: &TokenShard, batches: usize) -> Result<f64> {
         let tc = &self.cfg.train;
-        crate::eval::shard_loss(&self.model, shard, tc.batch_size, tc.seq_len, batches, &RoutingOptions::default())
+        let routing = RoutingOptions::default();
+        crate::eval::shard_loss_in(&self.model, shard, tc.batch_size, tc.seq_len, batches, &routing, &self.group)
     }
 
     /// A hash of what must be the same on every rank before a data-parallel run starts: the
@@ -643,8 +645,8 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     let tc = trainer.cfg.train.clone();
     let end = opts.stop_at.unwrap_or(tc.max_steps).min(tc.max_steps);
     let metrics_path = trainer.run_dir.join("metrics.jsonl");
-    // Rank 0 alone logs, validates and writes checkpoints (DESIGN §14); the others' metrics go
-    // nowhere and they show no progress.
+    // Rank 0 alone logs and writes checkpoints (DESIGN §14); the others' metrics go nowhere and
+    // they show no progress. Validation is shared.
     let lead = trainer.group.is_lead();
     let mut metrics: Box<dyn Write> = if lead {
         Box::new(std::fs::OpenOptions::new().create(true).append(true).open(&metrics_path).at(&metrics_path)?)
@@ -705,7 +707,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
             window = ForwardRecord::default();
             window_loss = (0.0, 0);
         }
-        if lead && (step % tc.eval_interval == 0 || step == end) {
+        if step % tc.eval_interval == 0 || step == end {
             let last_val = trainer.evaluate(&data.val, tc.eval_batches)?;
             trainer.state.last_val_loss = Some(last_val);
             let line = json!({"step": step, "val_loss": last_val, "val_ppl": last_val.exp(), "tokens_seen": trainer.state.tokens_seen});

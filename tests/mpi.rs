@@ -13,8 +13,7 @@ const ITT: &str = env!("CARGO_BIN_EXE_itt");
 
 /// A small ITT run on the built-in data; the thinking layers' router calibration is part of
 /// what must agree.
-const RUN: &[&str] =
-    &["--preset", "tiny-itt4", "--batch-size", "4", "--seq-len", "32", "--eval-interval", "1000", "--quiet"];
+const RUN: &[&str] = &["--preset", "tiny-itt4", "--batch-size", "4", "--seq-len", "32", "--quiet"];
 
 fn mpirun(ranks: usize) -> Command {
     let mut c = Command::new("mpirun");
@@ -53,6 +52,17 @@ fn losses(run: &Path) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
+/// (step, validation loss) of every validation.
+fn val_losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|j| j.get("val_loss").is_some())
+        .map(|j| (j["step"].as_u64().unwrap(), j["val_loss"].as_f64().unwrap()))
+        .collect()
+}
+
 fn checkpoint(run: &Path, step: usize) -> PathBuf {
     run.join("checkpoints").join(format!("step-{step:08}"))
 }
@@ -69,7 +79,18 @@ fn same_state(a: &Path, b: &Path) {
 fn two_ranks_equal_one_process_with_two_micro_batches() {
     let tmp = tempfile::tempdir().unwrap();
     let (single, multi) = (tmp.path().join("single"), tmp.path().join("multi"));
-    let args = ["--steps", "4", "--grad-accum", "2", "--checkpoint-interval", "2", "--log-interval", "1"];
+    let args = [
+        "--steps",
+        "4",
+        "--grad-accum",
+        "2",
+        "--checkpoint-interval",
+        "2",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "2",
+    ];
     ok(&train(1, &single, &args));
     let out = train(2, &multi, &args);
     ok(&out);
@@ -77,6 +98,9 @@ fn two_ranks_equal_one_process_with_two_micro_batches() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).matches("trained 4 steps").count(), 1);
     assert_eq!(losses(&single), losses(&multi));
     assert_eq!(losses(&multi).len(), 4);
+    // Validation batches are dealt over the ranks and their sums added in batch order.
+    assert_eq!(val_losses(&single), val_losses(&multi));
+    assert_eq!(val_losses(&multi).len(), 2);
     same_state(&checkpoint(&single, 4), &checkpoint(&multi, 4));
     same_state(&checkpoint(&single, 2), &checkpoint(&multi, 2));
 }

@@ -54,6 +54,59 @@ pub fn shard_loss_recorded(
     Ok(total / count as f64)
 }
 
+/// `shard_loss` with the batches dealt round-robin over the ranks of `group` (batch i on rank
+/// i mod P); the per-batch sums are gathered and added in batch order, so every rank gets the
+/// single process's value, bit for bit (DESIGN §14).
+pub fn shard_loss_in(
+    model: &Model,
+    shard: &TokenShard,
+    batch: usize,
+    seq_len: usize,
+    max_batches: usize,
+    routing: &RoutingOptions,
+    group: &crate::dist::Group,
+) -> Result<f64> {
+    if !group.is_distributed() {
+        return shard_loss(model, shard, batch, seq_len, max_batches, routing);
+    }
+    // Per batch of this rank: index, sum of token losses, token count.
+    let mut mine: Vec<f64> = vec![];
+    for (i, (inp, tgt)) in data::sequential_batches(shard, batch, seq_len).enumerate() {
+        if max_batches > 0 && i >= max_batches {
+            break;
+        }
+        if i % group.size() != group.rank() {
+            continue;
+        }
+        let rows = inp.len() / seq_len;
+        let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
+        let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, None)?;
+        let nll = ops::token_nll(&logits, &tgt)?;
+        mine.extend([i as f64, nll.iter().sum::<f64>(), nll.len() as f64]);
+    }
+    let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let mut batches: Vec<[f64; 3]> = vec![];
+    for theirs in group.all_gather_bytes(&bytes)? {
+        for c in theirs.chunks_exact(24) {
+            let f = |k: usize| f64::from_le_bytes(c[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+            batches.push([f(0), f(1), f(2)]);
+        }
+    }
+    batches.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    let (mut total, mut count) = (0.0, 0usize);
+    for [_, sum, n] in batches {
+        total += sum;
+        count += n as usize;
+    }
+    if count == 0 {
+        return Err(Error::input(
+            shard.path(),
+            format!("too few tokens ({}) for one sequence of {seq_len}", shard.len()),
+        ));
+    }
+    Ok(total / count as f64)
+}
+
 /// Per-token negative log-likelihoods (nats) of `rows` sequences of `seq_len` tokens.
 pub fn window_nll(
     model: &Model,
