@@ -61,14 +61,35 @@ pub fn prepare_data(spec: &DataSpec, out_dir: &Path) -> Result<(Dataset, Tokeniz
     Ok((ds, tok))
 }
 
-/// Every rank's micro-batch router quantiles, in rank (= micro-batch) order.
+/// Every rank's micro-batch router quantiles, in rank (= micro-batch) order. Sent as raw
+/// little-endian words, so that non-finite values arrive as they are (and the step's
+/// non-finite check, not the transport, decides what happens).
 fn gather_quantiles(group: &Group, mine: &[Vec<CalibrationEntry>]) -> Result<Vec<Vec<CalibrationEntry>>> {
-    let bytes = serde_json::to_vec(mine).map_err(|e| Error::usage(format!("router quantiles: {e}")))?;
+    let mut words: Vec<u32> = vec![mine.len() as u32];
+    for batch in mine {
+        words.push(batch.len() as u32);
+        for e in batch {
+            words.extend([e.layer as u32, e.step as u32, e.quantiles.len() as u32]);
+            words.extend(e.quantiles.iter().map(|q| q.to_bits()));
+        }
+    }
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
     let mut all = vec![];
-    for (rank, b) in group.all_gather_bytes(&bytes)?.iter().enumerate() {
-        let theirs: Vec<Vec<CalibrationEntry>> = serde_json::from_slice(b)
-            .map_err(|e| Error::usage(format!("router quantiles from rank {rank} are not finite numbers: {e}")))?;
-        all.extend(theirs);
+    for (rank, theirs) in group.all_gather_bytes(&bytes)?.iter().enumerate() {
+        let words: Vec<u32> =
+            theirs.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
+        let bad = || Error::usage(format!("rank {rank} sent malformed router quantiles"));
+        let mut it = words.into_iter();
+        let mut next = || it.next().ok_or_else(bad);
+        for _ in 0..next()? {
+            let mut batch = vec![];
+            for _ in 0..next()? {
+                let (layer, step, n) = (next()? as usize, next()? as usize, next()?);
+                let quantiles = (0..n).map(|_| next().map(f32::from_bits)).collect::<Result<_>>()?;
+                batch.push(CalibrationEntry { layer, step, quantiles });
+            }
+            all.push(batch);
+        }
     }
     Ok(all)
 }
@@ -746,4 +767,26 @@ fn progress_bar(len: u64, pos: u64, quiet: bool) -> indicatif::ProgressBar {
     );
     bar.set_position(pos);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn router_quantiles_survive_the_exchange_bit_for_bit() {
+        let entry = |layer, step, q: Vec<f32>| CalibrationEntry { layer, step, quantiles: q };
+        let mine = vec![
+            vec![entry(1, 2, vec![-1.5, 0.0, f32::NAN, f32::INFINITY]), entry(3, 4, vec![])],
+            vec![],
+            vec![entry(0, 2, vec![1e-30])],
+        ];
+        let back = gather_quantiles(&Group::single(), &mine).unwrap();
+        assert_eq!(back.len(), mine.len());
+        for (a, b) in back.iter().flatten().zip(mine.iter().flatten()) {
+            assert_eq!((a.layer, a.step), (b.layer, b.step));
+            let bits = |q: &[f32]| q.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&a.quantiles), bits(&b.quantiles));
+        }
+    }
 }
