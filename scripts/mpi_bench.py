@@ -16,7 +16,8 @@ def run(cmd, env, out):
     if r.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} failed: {r.stderr.strip()}")
     lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
-    return [l for l in lines if "tokens_per_s" in l][-1]["tokens_per_s"]
+    last = [l for l in lines if "tokens_per_s" in l][-1]
+    return last["tokens_per_s"], last.get("comm_s", 0.0) / max(last["elapsed_s"], 1e-9)
 
 
 def main():
@@ -32,18 +33,21 @@ def main():
              "--eval-interval", "1000000", "--log-interval", str(a.steps), "--quiet"]
     mpirun = ["mpirun", "-n", str(a.ranks), "--oversubscribe", "--bind-to", "core"]
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    single, multi = [], []
+    single, multi, comm = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
-            s = run(train, dict(env, RAYON_NUM_THREADS=str(a.threads)), f"{tmp}/s{r}")
-            m = run(mpirun + train, dict(env, RAYON_NUM_THREADS=str(max(1, a.threads // a.ranks))), f"{tmp}/m{r}")
+            s, _ = run(train, dict(env, RAYON_NUM_THREADS=str(a.threads)), f"{tmp}/s{r}")
+            m, c = run(mpirun + train, dict(env, RAYON_NUM_THREADS=str(max(1, a.threads // a.ranks))), f"{tmp}/m{r}")
             single.append(s)
             multi.append(m)
+            comm.append(c)
             print(f"round {r + 1}: 1 process x {a.threads} threads {s:.0f} tok/s | "
-                  f"{a.ranks} ranks x {max(1, a.threads // a.ranks)} threads {m:.0f} tok/s | ratio {m / s:.3f}")
+                  f"{a.ranks} ranks x {max(1, a.threads // a.ranks)} threads {m:.0f} tok/s "
+                  f"(collectives {100 * c:.1f}% of rank 0's time) | ratio {m / s:.3f}")
     ratios = [m / s for s, m in zip(single, multi)]
     print(f"median: single {statistics.median(single):.0f} tok/s, mpi {statistics.median(multi):.0f} tok/s, "
-          f"ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+          f"ratio {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}), "
+          f"collectives {100 * statistics.median(comm):.1f}% of rank 0's time")
 
 
 if __name__ == "__main__":

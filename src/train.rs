@@ -105,6 +105,9 @@ pub struct StepReport {
     pub lr: f64,
     pub grad_norm: f64,
     pub seconds: f64,
+    /// Of `seconds`, the time spent in collectives with the other ranks (0 in one process),
+    /// waiting for slower ranks included.
+    pub comm_seconds: f64,
     pub record: ForwardRecord,
     /// On measured steps: the gradient norms reaching each thinking layer's routers and phi_t.
     pub thinking_grads: Vec<ThinkingGrad>,
@@ -420,6 +423,7 @@ impl Trainer {
             }
         }
         // Sums over the whole global batch, added in micro-batch order on every rank.
+        let t_comm = Instant::now();
         let losses = self.group.all_gather_f64(&losses)?;
         let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
         for m in losses.chunks_exact(3) {
@@ -433,6 +437,7 @@ impl Trainer {
             self.acc.micro_batches = tc.grad_accum;
             quantiles = gather_quantiles(&self.group, &quantiles)?;
         }
+        let comm_seconds = if self.group.is_distributed() { t_comm.elapsed().as_secs_f64() } else { 0.0 };
         if let Some(cal) = &mut self.calibration {
             for q in quantiles {
                 cal.fold(q, tc.threshold_momentum);
@@ -482,6 +487,7 @@ impl Trainer {
             lr,
             grad_norm,
             seconds,
+            comm_seconds,
             record,
             thinking_grads,
             skipped: nonfinite,
@@ -681,6 +687,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
     let tokens_at_start = trainer.state.tokens_seen;
     let mut window = ForwardRecord::default();
     let mut window_loss = (0.0, 0usize);
+    let mut window_comm = 0.0;
     while trainer.state.step < end {
         let next = trainer.state.step + 1;
         let rep = trainer.step(&data.train, next.is_multiple_of(tc.log_interval) || next == end)?;
@@ -696,12 +703,13 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
             window_loss.0 += rep.loss;
             window_loss.1 += 1;
         }
+        window_comm += rep.comm_seconds;
         let elapsed = t_start.elapsed().as_secs_f64();
         let tok_s = (trainer.state.tokens_seen - tokens_at_start) as f64 / elapsed.max(1e-9);
         if step % tc.log_interval == 0 || step == end {
             let mean_loss = window_loss.0 / window_loss.1 as f64;
             let counted = counted_flops(&trainer.cfg, &window).unwrap_or(flops.train);
-            let line = json!({
+            let mut line = json!({
                 "step": step, "loss": mean_loss, "lr": rep.lr, "grad_norm": rep.grad_norm,
                 "tokens_seen": trainer.state.tokens_seen, "tokens_per_s": tok_s, "elapsed_s": trainer.state.elapsed_s,
                 "flops_per_token": flops.train, "flops_per_token_counted": counted,
@@ -709,6 +717,10 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
                 "phi_grad_step1": rep.thinking_grads.iter().filter(|g| g.step == 1).map(|g| json!({"layer": g.layer, "norm": g.phi})).collect::<Vec<_>>(),
                 "phi_rms": trainer.phi_rms()?, "skipped_batches": trainer.state.skipped_batches,
             });
+            if trainer.group.is_distributed() {
+                line["ranks"] = json!(trainer.group.size());
+                line["comm_s"] = json!(window_comm);
+            }
             writeln!(metrics, "{line}").at(&metrics_path)?;
             let share: Vec<String> = window.stats.values().map(|s| format!("{:.2}", s.share())).collect();
             // Before the first evaluation there is no validation loss to show.
@@ -727,6 +739,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
             }
             window = ForwardRecord::default();
             window_loss = (0.0, 0);
+            window_comm = 0.0;
         }
         if step % tc.eval_interval == 0 || step == end {
             let last_val = trainer.evaluate(&data.val, tc.eval_batches)?;
