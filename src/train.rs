@@ -13,6 +13,7 @@ use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
 use crate::ops::Precision;
+use crate::optim::device::DeviceOptimizer;
 use crate::optim::{AdamW, GradAccumulator};
 use crate::rng::Rng;
 use crate::util::write_atomic;
@@ -129,20 +130,31 @@ pub struct Trainer {
     pub notices: Vec<String>,
     data_rng: Rng,
     acc: GradAccumulator,
+    /// The optimiser on the parameters' device (DESIGN §14), in place of `acc` and `opt`, for
+    /// a model on a GPU (or on the CPU when asked, `use_device_optimizer`); `opt` is then
+    /// stale and checkpoints take this one's state.
+    on_device: Option<DeviceOptimizer>,
 }
 
 impl Trainer {
     /// A fresh run in `run_dir`, which must not already hold one.
     pub fn new(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
+        Self::new_on(cfg, tokenizer, run_dir, &Device::Cpu)
+    }
+
+    /// A fresh run with the model on `device` (DESIGN §14); the initial weights are the same
+    /// on every device (drawn on the host from the seed).
+    pub fn new_on(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path, device: &Device) -> Result<Self> {
         cfg.validate()?;
-        let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+        let model = Model::new(&cfg.model, cfg.train.seed, device)?;
         Self::from_model(cfg, model, tokenizer, run_dir)
     }
 
     /// A fresh run that starts from the given weights (a pretrained or retrofitted model).
     pub fn from_model(mut cfg: RunConfig, model: Model, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
         cfg.validate()?;
-        if cfg.train.precision == Precision::Bf16 && Precision::bf16_falls_back() {
+        let on_cpu = model.device().is_cpu();
+        if cfg.train.precision == Precision::Bf16 && on_cpu && Precision::bf16_falls_back() {
             // Emulated bf16 is slower than f32 and no more accurate: run (and record) f32.
             eprintln!(
                 "notice: this CPU has no bf16 matrix units (AMX); --precision bf16 would be emulated at about \
@@ -183,6 +195,11 @@ impl Trainer {
         let acc = GradAccumulator::with_trainable(&model.params, cfg.train.trainable);
         let data_rng = Rng::derive(cfg.train.seed, "data");
         let calibration = model.has_routers().then(RouterCalibration::new);
+        let on_device = if on_cpu {
+            None
+        } else {
+            Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?)
+        };
         let state = TrainState {
             format: checkpoint::FORMAT.into(),
             version: checkpoint::VERSION,
@@ -205,6 +222,7 @@ impl Trainer {
             notices: vec![],
             data_rng,
             acc,
+            on_device,
         })
     }
 
@@ -212,18 +230,24 @@ impl Trainer {
     /// after checking every file's sha256 against the checkpoint's manifest. Without `from`, a
     /// damaged checkpoint is skipped for the newest intact one, and `notices` says which and why.
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
+        Self::resume_on(run_dir, from, &Device::Cpu)
+    }
+
+    /// `resume` with the model and optimiser on `device`: checkpoints hold host tensors, so a
+    /// run may continue on another device than the one it started on (DESIGN §14).
+    pub fn resume_on(run_dir: &Path, from: Option<&Path>, device: &Device) -> Result<Self> {
         let candidates = match from {
             Some(p) => vec![p.to_path_buf()],
             None => checkpoint::run_checkpoints(run_dir),
         };
         if candidates.is_empty() {
             // No checkpoint at all: `load` says what the folder is instead.
-            return Self::resume_from(run_dir, run_dir);
+            return Self::resume_from(run_dir, run_dir, device);
         }
         let mut notices = vec![];
         let mut skipped = vec![];
         for dir in &candidates {
-            match Self::resume_from(run_dir, dir) {
+            match Self::resume_from(run_dir, dir, device) {
                 Ok(mut t) => {
                     if !skipped.is_empty() {
                         notices.push(format!(
@@ -247,11 +271,11 @@ impl Trainer {
     }
 
     /// The trainer of one checkpoint, its files checked against their sha256.
-    fn resume_from(run_dir: &Path, ckpt: &Path) -> Result<Self> {
+    fn resume_from(run_dir: &Path, ckpt: &Path, device: &Device) -> Result<Self> {
         let (ck, verified) = checkpoint::load_checked(ckpt, Check::Hashes)?;
-        let (mut model, info) = ck.into_model(&Device::Cpu)?;
+        let (mut model, info) = ck.into_model(device)?;
         model.precision = info.config.train.precision;
-        if model.precision == Precision::Bf16 && Precision::bf16_falls_back() {
+        if model.precision == Precision::Bf16 && device.is_cpu() && Precision::bf16_falls_back() {
             eprintln!(
                 "notice: this run trained with bf16 products, but this CPU has no bf16 matrix units (AMX); it \
                  continues in f32 (emulated bf16 would be slower), so it will not match a bf16 continuation bit for bit"
@@ -262,6 +286,11 @@ impl Trainer {
             info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
         let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
         let acc = GradAccumulator::with_trainable(&model.params, info.config.train.trainable);
+        let on_device = if device.is_cpu() {
+            None
+        } else {
+            Some(DeviceOptimizer::from_host(&opt, &model.params, info.config.train.trainable)?)
+        };
         let calibration =
             if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
         Ok(Trainer {
@@ -275,7 +304,18 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             notices: verified.notice().into_iter().collect(),
             acc,
+            on_device,
         })
+    }
+
+    /// Run the optimiser on the parameters' device from here on (what a GPU run does); on the
+    /// CPU this is the test of that path against the host optimiser (`tests/train.rs`).
+    pub fn use_device_optimizer(&mut self) -> Result<()> {
+        if self.on_device.is_none() {
+            let state = DeviceOptimizer::from_host(&self.opt, &self.model.params, self.cfg.train.trainable)?;
+            self.on_device = Some(state);
+        }
+        Ok(())
     }
 
     /// The checkpoint folder of the current step.
@@ -330,7 +370,10 @@ impl Trainer {
             |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
         // A skipped batch must not move the router thresholds either.
         let calibration_before = (tc.on_nonfinite == OnNonFinite::Skip).then(|| self.calibration.clone());
-        self.acc.zero();
+        match &mut self.on_device {
+            Some(d) => d.acc.zero(),
+            None => self.acc.zero(),
+        }
         for _ in 0..tc.grad_accum {
             let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
             let parts = self.model.train_loss(&inp, &tgt, b, t, &routing, Some(&mut record), with_aux)?;
@@ -342,7 +385,10 @@ impl Trainer {
                 }
                 None => parts.ce.backward()?,
             };
-            self.acc.add(&self.model.params, &grads)?;
+            match &mut self.on_device {
+                Some(d) => d.acc.add(&self.model.params, &grads)?,
+                None => self.acc.add(&self.model.params, &grads)?,
+            }
             loss_sum += scalar(&parts.ce)?;
             if let Some(cal) = &mut self.calibration {
                 cal.update(&mut record, tc.threshold_momentum);
@@ -350,7 +396,10 @@ impl Trainer {
         }
         let loss = loss_sum / tc.grad_accum as f64;
         // Checked before the update: a NaN gradient would make every weight NaN.
-        let grad_norm = self.acc.finish();
+        let grad_norm = match &mut self.on_device {
+            Some(d) => d.acc.finish()?,
+            None => self.acc.finish(),
+        };
         let nonfinite = if !loss.is_finite() {
             Some(format!("the loss is {loss}"))
         } else if !grad_norm.is_finite() {
@@ -369,10 +418,21 @@ impl Trainer {
                 None => return Err(self.diverged(what)),
             }
         } else {
-            if measure {
-                thinking_grads = thinking_grads_of(&self.model.params, &self.acc.sums);
+            match &mut self.on_device {
+                Some(d) => {
+                    if measure {
+                        let sums = d.acc.host_sums(&self.model.params, |n| thinking_param(n).is_some())?;
+                        thinking_grads = thinking_grads_of(&self.model.params, &sums);
+                    }
+                    d.adam.step(&self.model.params, &d.acc.sums, grad_norm, lr, &tc)?;
+                }
+                None => {
+                    if measure {
+                        thinking_grads = thinking_grads_of(&self.model.params, &self.acc.sums);
+                    }
+                    self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
+                }
             }
-            self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
             // Finite gradients can still overflow a weight (a huge learning rate times weight
             // decay); the update cannot be taken back, so this stops in either mode.
             if let Some(name) = first_nonfinite_param(&self.model.params)? {
@@ -411,13 +471,14 @@ impl Trainer {
             return Err(self.diverged(&format!("weight `{name}` is non-finite; no checkpoint written")));
         }
         let dir = self.state_dir();
+        let from_device = self.on_device.as_ref().map(DeviceOptimizer::to_host).transpose()?;
         checkpoint::save(
             &dir,
             &self.model,
             &SaveParts {
                 config: &self.cfg,
                 tokenizer_json: &self.tokenizer_json,
-                optimizer: Some(&self.opt),
+                optimizer: Some(from_device.as_ref().unwrap_or(&self.opt)),
                 state: Some(&self.state),
                 calibration: self.calibration.as_ref(),
             },
@@ -444,6 +505,13 @@ impl Trainer {
 /// The name of the first parameter holding a NaN or infinity, if any.
 fn first_nonfinite_param(params: &[(String, candle_core::Var)]) -> Result<Option<String>> {
     use rayon::prelude::*;
+    if params.first().is_some_and(|(_, v)| !v.device().is_cpu()) {
+        // On a GPU: x - x is 0 for a finite x and NaN otherwise, so each sum is 0 or NaN; one
+        // read back for all parameters.
+        let sums = params.iter().map(|(_, v)| (v.as_tensor() - v.as_tensor())?.sum_all()?.to_dtype(candle_core::DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+        let sums = candle_core::Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
+        return Ok(sums.iter().position(|s| !s.is_finite()).map(|i| params[i].0.clone()));
+    }
     for (name, var) in params {
         let t = var.as_tensor().to_dtype(candle_core::DType::F32)?;
         let finite = crate::ops::fused::with_data::<f32, _>(&t, |d| {

@@ -198,6 +198,7 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             variants: vec![],
             out: tmp.path().join("shared"),
             quiet: true,
+            device: candle_core::Device::Cpu,
             command: format!("itt experiment {name} (test)"),
         };
         let r = experiment::run(&opts).unwrap();

@@ -78,6 +78,8 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 #[derive(Args)]
@@ -170,6 +172,8 @@ pub struct ExperimentArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
@@ -184,8 +188,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         val_fraction: a.val_fraction,
     };
     let on_nonfinite = a.on_nonfinite;
+    let device = a.device.open()?;
     let (mut trainer, dataset) = if a.resume {
-        let mut trainer = Trainer::resume(&a.out, a.checkpoint.as_deref())?;
+        let mut trainer = Trainer::resume_on(&a.out, a.checkpoint.as_deref(), &device)?;
         for n in &trainer.notices {
             eprintln!("{n}");
         }
@@ -240,7 +245,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 cfg.model.vocab_size = tok.vocab_size();
             }
             cfg.validate()?;
-            Ok((Trainer::new(cfg, &tok, &a.out)?, dataset))
+            Ok((Trainer::new_on(cfg, &tok, &a.out, &device)?, dataset))
         };
         match setup() {
             Ok(x) => x,
@@ -314,6 +319,7 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         problems: a.problems,
         variants: a.variants,
         quiet: a.quiet,
+        device: a.device.open()?,
         command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
     };
     let r = crate::experiment::run(&opts)?;
