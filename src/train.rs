@@ -195,11 +195,8 @@ impl Trainer {
         let acc = GradAccumulator::with_trainable(&model.params, cfg.train.trainable);
         let data_rng = Rng::derive(cfg.train.seed, "data");
         let calibration = model.has_routers().then(RouterCalibration::new);
-        let on_device = if on_cpu {
-            None
-        } else {
-            Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?)
-        };
+        let on_device =
+            if on_cpu { None } else { Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?) };
         let state = TrainState {
             format: checkpoint::FORMAT.into(),
             version: checkpoint::VERSION,
@@ -508,7 +505,10 @@ fn first_nonfinite_param(params: &[(String, candle_core::Var)]) -> Result<Option
     if params.first().is_some_and(|(_, v)| !v.device().is_cpu()) {
         // On a GPU: x - x is 0 for a finite x and NaN otherwise, so each sum is 0 or NaN; one
         // read back for all parameters.
-        let sums = params.iter().map(|(_, v)| (v.as_tensor() - v.as_tensor())?.sum_all()?.to_dtype(candle_core::DType::F32)).collect::<candle_core::Result<Vec<_>>>()?;
+        let sums = params
+            .iter()
+            .map(|(_, v)| (v.as_tensor() - v.as_tensor())?.sum_all()?.to_dtype(candle_core::DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         let sums = candle_core::Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
         return Ok(sums.iter().position(|s| !s.is_finite()).map(|i| params[i].0.clone()));
     }

@@ -239,3 +239,29 @@ pub fn gpu_memory_used_mb(device: &candle_core::Device) -> Option<f64> {
     let _ = device;
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_bad_ones_say_what_to_use() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["cuda:x", "tpu", "", "cuda:", "CUDA:-1"] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(e.contains("use cpu, cuda or cuda:N") && !e.contains('\n'), "{bad}: {e}");
+        }
+        assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("tpu").is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_one_line_error() {
+        let e = parse_device("cuda:0").unwrap_err().to_string();
+        assert!(e.contains("built without CUDA") && e.contains("--features cuda") && !e.contains('\n'), "{e}");
+    }
+}

@@ -718,7 +718,9 @@ impl Model {
                      load it with --gguf-weights f32 to run it on a GPU",
                 ));
             }
-            eprintln!("notice: quantized products run on the CPU only; on {device:?} this model runs dense (f32 weights)");
+            eprintln!(
+                "notice: quantized products run on the CPU only; on {device:?} this model runs dense (f32 weights)"
+            );
         }
         let tensors = self
             .params

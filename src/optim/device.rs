@@ -124,8 +124,7 @@ impl DeviceAdamW {
             let decay = if decays(name, var.dims()) { f(lr * cfg.weight_decay) } else { 0.0 };
             // Routers and step vectors: lr * thinking_lr_scale, no decay (DESIGN §4.7).
             let step_size = f((lr / bc1) as f32 as f64);
-            let step_size =
-                if name.contains(".think.") { f(step_size * f(cfg.thinking_lr_scale)) } else { step_size };
+            let step_size = if name.contains(".think.") { f(step_size * f(cfg.thinking_lr_scale)) } else { step_size };
             let p = var.as_tensor();
             let g = match &grads[i] {
                 Some(g) => g.reshape(p.shape())?,
