@@ -4,6 +4,7 @@
 use crate::config::RunConfig;
 use crate::flops::flops_per_token;
 use crate::model::{Model, RoutingOptions};
+use crate::optim::device::DeviceOptimizer;
 use crate::optim::{AdamW, GradAccumulator};
 use crate::rng::Rng;
 use crate::Result;
@@ -40,6 +41,20 @@ pub struct TrainBench {
     /// the model FLOP utilisation against it (`gflops_per_s / gemm_gflops_per_s`).
     pub gemm_gflops_per_s: f64,
     pub mfu: f64,
+    /// Where it ran ("cpu", "cuda:0").
+    pub device: String,
+    /// On a GPU: the most device memory in use after any step (MiB, cuMemGetInfo), and model
+    /// FLOP utilisation against the GPU's dense peak (`ITT_GPU_PEAK_TFLOPS`, default the
+    /// H200's 989 bf16 TFLOP/s) rather than against the measured 2048^3 product.
+    pub gpu_memory_mb: Option<f64>,
+    pub gpu_peak_tflops: Option<f64>,
+    pub mfu_of_peak: Option<f64>,
+}
+
+/// The GPU's dense peak in TFLOP/s for model FLOP utilisation: `ITT_GPU_PEAK_TFLOPS`, else
+/// the H200's bf16 dense figure (989; its f32 figure without tensor cores is ~67).
+pub fn gpu_peak_tflops() -> f64 {
+    std::env::var("ITT_GPU_PEAK_TFLOPS").ok().and_then(|v| v.parse().ok()).filter(|v: &f64| *v > 0.0).unwrap_or(989.0)
 }
 
 impl TrainBench {
@@ -67,34 +82,66 @@ impl TrainBench {
             self.kernels,
             self.gemm_gflops_per_s,
             100.0 * self.mfu
-        )
+        ) + &match (self.gpu_memory_mb, self.mfu_of_peak, self.gpu_peak_tflops) {
+            (Some(mem), Some(mfu), Some(peak)) => format!(
+                "\n{}: peak GPU memory {mem:.0} MiB | model FLOP utilisation {:.1}% of {peak:.0} TFLOP/s",
+                self.device,
+                100.0 * mfu
+            ),
+            _ => String::new(),
+        }
     }
 }
 
-/// Time `steps` training steps (after one warm-up step) of the configuration.
-pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
-    let mut model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+/// Time `steps` training steps (after one warm-up step) of the configuration on `device`
+/// (on a GPU with the device optimiser, as training runs there; DESIGN §15).
+pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<TrainBench> {
+    let mut model = Model::new(&cfg.model, cfg.train.seed, device)?;
     model.precision = cfg.train.precision;
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let mut rng = Rng::new(cfg.train.seed);
     let mut opt = AdamW::new(&model.params);
     let mut acc = GradAccumulator::new(&model.params);
+    let mut on_device = match device.is_cpu() {
+        true => None,
+        false => Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?),
+    };
+    let mut gpu_memory_mb = crate::util::gpu_memory_used_mb(device);
     let (mut times, mut fwd, mut bwd, mut opt_times) = (vec![], vec![], vec![], vec![]);
     for i in 0..steps.max(1) + 1 {
         let v = cfg.model.vocab_size as u64;
         let inp: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
         let tgt: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
+        let sync = || crate::util::synchronize(device);
+        sync()?;
         let t0 = Instant::now();
-        acc.zero();
         let loss = model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)?;
+        sync()?;
         let t1 = Instant::now();
         // Each linear node carries its precision into the backward pass.
         let grads = loss.backward()?;
+        sync()?;
         let t2 = Instant::now();
-        acc.add(&model.params, &grads)?;
-        drop(grads);
-        let norm = acc.finish();
-        opt.step(&model.params, &acc.sums, norm, 1e-4, &cfg.train)?;
+        match &mut on_device {
+            Some(d) => {
+                d.acc.zero();
+                d.acc.add(&model.params, &grads)?;
+                drop(grads);
+                let norm = d.acc.finish()?;
+                d.adam.step(&model.params, &d.acc.sums, norm, 1e-4, &cfg.train)?;
+            }
+            None => {
+                acc.zero();
+                acc.add(&model.params, &grads)?;
+                drop(grads);
+                let norm = acc.finish();
+                opt.step(&model.params, &acc.sums, norm, 1e-4, &cfg.train)?;
+            }
+        }
+        sync()?;
+        if let Some(used) = crate::util::gpu_memory_used_mb(device) {
+            gpu_memory_mb = Some(gpu_memory_mb.unwrap_or(0.0).max(used));
+        }
         if i > 0 {
             let t3 = Instant::now();
             times.push((t3 - t0).as_secs_f64());
@@ -109,8 +156,9 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
     };
     let med = median(&mut times);
     let f = flops_per_token(&cfg.model, t, None, None);
-    let gemm_rate = gemm_gflops(cfg.train.precision)?;
+    let gemm_rate = gemm_gflops(cfg.train.precision, device)?;
     let rate = f.train * (b * t) as f64 / med / 1e9;
+    let gpu_peak_tflops = (!device.is_cpu()).then(gpu_peak_tflops);
     Ok(TrainBench {
         preset: cfg.preset.clone(),
         params: model.n_params(),
@@ -128,22 +176,41 @@ pub fn train_step(cfg: &RunConfig, steps: usize) -> Result<TrainBench> {
         peak_rss_mb: crate::util::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
         precision: cfg.train.precision,
-        kernels: cfg.train.precision.kernels(),
+        kernels: match (device.is_cpu(), cfg.train.precision) {
+            (true, p) => p.kernels(),
+            (false, crate::ops::Precision::Bf16) => "bf16 operands, cuBLAS with f32 accumulation".into(),
+            (false, crate::ops::Precision::F32) => "f32 cuBLAS".into(),
+        },
         gemm_gflops_per_s: gemm_rate,
         mfu: rate / gemm_rate,
+        device: device_name(device),
+        gpu_memory_mb,
+        gpu_peak_tflops,
+        mfu_of_peak: gpu_peak_tflops.map(|peak| rate / (peak * 1e3)),
     })
+}
+
+/// "cpu" or "cuda:N", for reports.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
 }
 
 /// GFLOP/s of a 2048 x 2048 x 2048 product through `ops::linear` in `precision` (best of 3),
 /// the yardstick for model FLOP utilisation.
-pub fn gemm_gflops(precision: crate::ops::Precision) -> Result<f64> {
+pub fn gemm_gflops(precision: crate::ops::Precision, device: &Device) -> Result<f64> {
     let n = 2048;
-    let x = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
-    let w = candle_core::Tensor::randn(0f32, 1.0, (n, n), &Device::Cpu)?;
+    let x = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let w = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?;
     let mut best = f64::INFINITY;
     for _ in 0..3 {
+        crate::util::synchronize(device)?;
         let t0 = Instant::now();
         let y = crate::ops::linear(&x, &w, precision)?;
+        crate::util::synchronize(device)?;
         drop(y);
         best = best.min(t0.elapsed().as_secs_f64());
     }
@@ -170,12 +237,18 @@ pub struct DecodeBench {
 }
 
 /// Prefill and decode throughput of a freshly initialised model on random tokens.
-pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usize) -> Result<DecodeBench> {
+pub fn decode(
+    cfg: &RunConfig,
+    batch: usize,
+    prompt_len: usize,
+    new_tokens: usize,
+    dev: &Device,
+) -> Result<DecodeBench> {
     use crate::model::{ForwardRecord, RouterCalibration, Routing, SeqLayout};
     use candle_core::Tensor;
     use std::sync::Arc;
-    let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
-    let dev = Device::Cpu;
+    let model = Model::new(&cfg.model, cfg.train.seed, dev)?;
+    let sync = || crate::util::synchronize(dev);
     let mut rng = Rng::new(7);
     let v = cfg.model.vocab_size as u64;
     let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(v) as u32).collect() };
@@ -185,7 +258,7 @@ pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usiz
         let ids = draw(4 * prompt_len);
         let mut rec = ForwardRecord::with_scores();
         model.forward(
-            &Tensor::from_slice(&ids, ids.len(), &dev)?,
+            &Tensor::from_slice(&ids, ids.len(), dev)?,
             &SeqLayout::uniform(4, prompt_len),
             &routing,
             None,
@@ -198,26 +271,24 @@ pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usiz
     let prompts = draw(batch * prompt_len);
     let mut caches: Vec<_> = (0..batch).map(|_| model.new_cache()).collect();
     // Warm-up (allocator, thread pool), not timed.
-    let warm = Tensor::from_slice(&prompts, prompts.len(), &dev)?;
+    let warm = Tensor::from_slice(&prompts, prompts.len(), dev)?;
     model.forward_hidden(&warm, &SeqLayout::uniform(batch, prompt_len), &routing, None, None)?;
+    sync()?;
     let t0 = Instant::now();
-    let x = Tensor::from_slice(&prompts, prompts.len(), &dev)?;
+    let x = Tensor::from_slice(&prompts, prompts.len(), dev)?;
     model.forward_hidden(&x, &SeqLayout::uniform(batch, prompt_len), &routing, Some(&mut caches), None)?;
+    sync()?;
     let prefill = t0.elapsed().as_secs_f64();
     let next = draw(batch * new_tokens);
     let t0 = Instant::now();
     for i in 0..new_tokens {
         let ids: Vec<u32> = (0..batch).map(|b| next[b * new_tokens + i]).collect();
         let layout = SeqLayout::with_past(&vec![1; batch], &vec![prompt_len + i; batch]);
-        let h = model.forward_hidden(
-            &Tensor::from_slice(&ids, batch, &dev)?,
-            &layout,
-            &routing,
-            Some(&mut caches),
-            None,
-        )?;
+        let h =
+            model.forward_hidden(&Tensor::from_slice(&ids, batch, dev)?, &layout, &routing, Some(&mut caches), None)?;
         model.logits(&h)?;
     }
+    sync()?;
     let cached = t0.elapsed().as_secs_f64();
     let cache_bytes = caches.iter().map(|c| c.bytes()).sum();
     let per_token: usize = 2 * cfg.model.n_kv_heads * cfg.model.head_dim() * 4;
@@ -234,7 +305,7 @@ pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usiz
             ids.extend((0..=i).map(|j| next[b * new_tokens + j]));
         }
         let h = model.forward_hidden(
-            &Tensor::from_slice(&ids, ids.len(), &dev)?,
+            &Tensor::from_slice(&ids, ids.len(), dev)?,
             &SeqLayout::uniform(batch, len),
             &routing,
             None,
@@ -242,6 +313,7 @@ pub fn decode(cfg: &RunConfig, batch: usize, prompt_len: usize, new_tokens: usiz
         )?;
         model.logits(&h)?;
     }
+    sync()?;
     let uncached = t0.elapsed().as_secs_f64();
     Ok(DecodeBench {
         preset: cfg.preset.clone(),
@@ -310,10 +382,12 @@ pub fn generate_file(
     prompt: &str,
     new_tokens: usize,
     runs: usize,
+    device: &Device,
 ) -> Result<GenerateBench> {
     use crate::generate::{Event, GenerateOptions, SamplingParams};
     let t0 = Instant::now();
     let (model, tok, _) = crate::import::load_for_inference(path, weights)?;
+    let model = model.to_device(device)?;
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_tokens = tok.encode(prompt)?.len();
     let (mut prefill, mut decode, mut count, mut text) = (vec![], vec![], 0, String::new());

@@ -409,7 +409,13 @@ pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
 /// Every file of a checkpoint into the fresh folder `tmp`, each fsynced, the manifest last.
 fn write_folder(tmp: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
     std::fs::create_dir_all(tmp).at(tmp)?;
-    save_tensors(&tmp.join("model.safetensors"), model_tensors(&model.params), "model")?;
+    // Written from the host whatever the device (free on the CPU), so a checkpoint does not
+    // depend on where it was trained (DESIGN §15).
+    let on_host = model_tensors(&model.params)
+        .into_iter()
+        .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
+        .collect::<Result<Vec<_>>>()?;
+    save_tensors(&tmp.join("model.safetensors"), on_host, "model")?;
     if let Some(opt) = parts.optimizer {
         let mut t = Vec::with_capacity(2 * model.params.len() + 1);
         for (i, (n, _)) in model.params.iter().enumerate() {

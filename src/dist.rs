@@ -39,6 +39,15 @@ pub fn launched_local_size() -> Option<usize> {
     std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|v| v.trim().parse().ok()).filter(|&n| n > 0)
 }
 
+/// This process's rank among the job's ranks on its machine (0 when not launched by mpirun).
+pub fn launched_local_rank() -> usize {
+    ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 impl Group {
     pub fn single() -> Self {
         Group { rank: 0, size: 1 }

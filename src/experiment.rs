@@ -55,6 +55,8 @@ pub struct ExperimentOptions {
     pub variants: Vec<String>,
     pub out: PathBuf,
     pub quiet: bool,
+    /// Where the runs train and are scored (DESIGN §15).
+    pub device: candle_core::Device,
     /// The command line that ran this, written into results.md.
     pub command: String,
 }
@@ -449,9 +451,10 @@ fn train_one(
     dataset: &data::Dataset,
     tok: &data::Tokenizer,
     quiet: bool,
+    device: &candle_core::Device,
 ) -> Result<Trainer> {
     if run_dir.join("latest").exists() {
-        let mut t = Trainer::resume(run_dir, None)?;
+        let mut t = Trainer::resume_on(run_dir, None, device)?;
         if t.cfg != *cfg {
             return Err(Error::usage(format!(
                 "{} was trained with another configuration; remove it or choose another --out",
@@ -463,7 +466,7 @@ fn train_one(
         }
         return Ok(t);
     }
-    let mut t = Trainer::new(cfg.clone(), tok, run_dir)?;
+    let mut t = Trainer::new_on(cfg.clone(), tok, run_dir, device)?;
     train::run(&mut t, dataset, &RunOptions { quiet, stop_at: None })?;
     Ok(t)
 }
@@ -545,7 +548,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             if !opts.quiet {
                 eprintln!("[{}] {} seed {}: {}", opts.name, var.label, s, run_dir.display());
             }
-            let t = train_one(&cfg, &run_dir, &dataset, &tok, opts.quiet)?;
+            let t = train_one(&cfg, &run_dir, &dataset, &tok, opts.quiet, &opts.device)?;
             seed_curves.push(val_curve(&run_dir));
             let settings = settings(var, t.calibration.clone().map(Arc::new));
             if s == 0 {

@@ -12,6 +12,8 @@ use candle_core::backprop::GradStore;
 use candle_core::Var;
 use rayon::prelude::*;
 
+pub mod device;
+
 pub fn decays(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && !name.contains(".router.")
 }

@@ -15,6 +15,7 @@ use crate::flops::flops_per_token;
 use crate::model::thinking::CalibrationEntry;
 use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
 use crate::ops::Precision;
+use crate::optim::device::DeviceOptimizer;
 use crate::optim::{AdamW, GradAccumulator};
 use crate::rng::Rng;
 use crate::util::write_atomic;
@@ -169,19 +170,36 @@ pub struct Trainer {
     pub group: Group,
     data_rng: Rng,
     acc: GradAccumulator,
+    /// The optimiser on the parameters' device (DESIGN §15), in place of `acc` and `opt`, for
+    /// a model on a GPU (or on the CPU when asked, `use_device_optimizer`); `opt` is then
+    /// stale and checkpoints take this one's state.
+    on_device: Option<DeviceOptimizer>,
 }
 
 impl Trainer {
     /// A fresh run in `run_dir`, which must not already hold one.
     pub fn new(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
-        Self::new_in(cfg, tokenizer, run_dir, Group::single())
+        Self::new_in(cfg, tokenizer, run_dir, Group::single(), &Device::Cpu)
     }
 
-    /// A fresh run trained by the ranks of `group`: rank 0 checks and writes the run folder,
-    /// the others build the same trainer without touching it (DESIGN §14).
-    pub fn new_in(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path, group: Group) -> Result<Self> {
+    /// A fresh run with the model on `device` (DESIGN §15); the initial weights are the same
+    /// on every device (drawn on the host from the seed).
+    pub fn new_on(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path, device: &Device) -> Result<Self> {
+        Self::new_in(cfg, tokenizer, run_dir, Group::single(), device)
+    }
+
+    /// A fresh run trained by the ranks of `group`, each with its model on `device`: rank 0
+    /// checks and writes the run folder, the others build the same trainer without touching it
+    /// (DESIGN §14).
+    pub fn new_in(
+        cfg: RunConfig,
+        tokenizer: &Tokenizer,
+        run_dir: &Path,
+        group: Group,
+        device: &Device,
+    ) -> Result<Self> {
         cfg.validate()?;
-        let model = Model::new(&cfg.model, cfg.train.seed, &Device::Cpu)?;
+        let model = Model::new(&cfg.model, cfg.train.seed, device)?;
         Self::from_model_in(cfg, model, tokenizer, run_dir, group)
     }
 
@@ -198,7 +216,8 @@ impl Trainer {
         group: Group,
     ) -> Result<Self> {
         cfg.validate()?;
-        if cfg.train.precision == Precision::Bf16 && Precision::bf16_falls_back() {
+        let on_cpu = model.device().is_cpu();
+        if cfg.train.precision == Precision::Bf16 && on_cpu && Precision::bf16_falls_back() {
             // Emulated bf16 is slower than f32 and no more accurate: run (and record) f32.
             eprintln!(
                 "notice: this CPU has no bf16 matrix units (AMX); --precision bf16 would be emulated at about \
@@ -241,6 +260,8 @@ impl Trainer {
         let acc = GradAccumulator::with_trainable(&model.params, cfg.train.trainable);
         let data_rng = Rng::derive(cfg.train.seed, "data");
         let calibration = model.has_routers().then(RouterCalibration::new);
+        let on_device =
+            if on_cpu { None } else { Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?) };
         let state = TrainState {
             format: checkpoint::FORMAT.into(),
             version: checkpoint::VERSION,
@@ -264,6 +285,7 @@ impl Trainer {
             group,
             data_rng,
             acc,
+            on_device,
         })
     }
 
@@ -271,24 +293,30 @@ impl Trainer {
     /// after checking every file's sha256 against the checkpoint's manifest. Without `from`, a
     /// damaged checkpoint is skipped for the newest intact one, and `notices` says which and why.
     pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
-        Self::resume_in(run_dir, from, Group::single())
+        Self::resume_in(run_dir, from, Group::single(), &Device::Cpu)
     }
 
-    /// `resume` for the ranks of `group`: every rank reads the same checkpoint, rank 0 alone
+    /// `resume` with the model and optimiser on `device`: checkpoints hold host tensors, so a
+    /// run may continue on another device than the one it started on (DESIGN §15).
+    pub fn resume_on(run_dir: &Path, from: Option<&Path>, device: &Device) -> Result<Self> {
+        Self::resume_in(run_dir, from, Group::single(), device)
+    }
+
+    /// `resume_on` for the ranks of `group`: every rank reads the same checkpoint, rank 0 alone
     /// writes (DESIGN §14). The number of ranks may differ from the run's earlier part.
-    pub fn resume_in(run_dir: &Path, from: Option<&Path>, group: Group) -> Result<Self> {
+    pub fn resume_in(run_dir: &Path, from: Option<&Path>, group: Group, device: &Device) -> Result<Self> {
         let candidates = match from {
             Some(p) => vec![p.to_path_buf()],
             None => checkpoint::run_checkpoints(run_dir),
         };
         if candidates.is_empty() {
             // No checkpoint at all: `load` says what the folder is instead.
-            return Self::resume_from(run_dir, run_dir).map(|t| Trainer { group, ..t });
+            return Self::resume_from(run_dir, run_dir, device).map(|t| Trainer { group, ..t });
         }
         let mut notices = vec![];
         let mut skipped = vec![];
         for dir in &candidates {
-            match Self::resume_from(run_dir, dir) {
+            match Self::resume_from(run_dir, dir, device) {
                 Ok(mut t) => {
                     if !skipped.is_empty() {
                         notices.push(format!(
@@ -315,11 +343,11 @@ impl Trainer {
     }
 
     /// The trainer of one checkpoint, its files checked against their sha256.
-    fn resume_from(run_dir: &Path, ckpt: &Path) -> Result<Self> {
+    fn resume_from(run_dir: &Path, ckpt: &Path, device: &Device) -> Result<Self> {
         let (ck, verified) = checkpoint::load_checked(ckpt, Check::Hashes)?;
-        let (mut model, info) = ck.into_model(&Device::Cpu)?;
+        let (mut model, info) = ck.into_model(device)?;
         model.precision = info.config.train.precision;
-        if model.precision == Precision::Bf16 && Precision::bf16_falls_back() {
+        if model.precision == Precision::Bf16 && device.is_cpu() && Precision::bf16_falls_back() {
             eprintln!(
                 "notice: this run trained with bf16 products, but this CPU has no bf16 matrix units (AMX); it \
                  continues in f32 (emulated bf16 would be slower), so it will not match a bf16 continuation bit for bit"
@@ -330,6 +358,11 @@ impl Trainer {
             info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
         let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
         let acc = GradAccumulator::with_trainable(&model.params, info.config.train.trainable);
+        let on_device = if device.is_cpu() {
+            None
+        } else {
+            Some(DeviceOptimizer::from_host(&opt, &model.params, info.config.train.trainable)?)
+        };
         let calibration =
             if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
         Ok(Trainer {
@@ -344,7 +377,18 @@ impl Trainer {
             notices: verified.notice().into_iter().collect(),
             group: Group::single(),
             acc,
+            on_device,
         })
+    }
+
+    /// Run the optimiser on the parameters' device from here on (what a GPU run does); on the
+    /// CPU this is the test of that path against the host optimiser (`tests/train.rs`).
+    pub fn use_device_optimizer(&mut self) -> Result<()> {
+        if self.on_device.is_none() {
+            let state = DeviceOptimizer::from_host(&self.opt, &self.model.params, self.cfg.train.trainable)?;
+            self.on_device = Some(state);
+        }
+        Ok(())
     }
 
     /// The checkpoint folder of the current step.
@@ -404,7 +448,10 @@ impl Trainer {
         // Per micro-batch: cross-entropy, router auxiliary loss, whether there was one.
         let mut losses = Vec::with_capacity(3 * mine.len());
         let mut quantiles = vec![];
-        self.acc.zero();
+        match &mut self.on_device {
+            Some(d) => d.acc.zero(),
+            None => self.acc.zero(),
+        }
         for i in 0..tc.grad_accum {
             let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
             if !mine.contains(&i) {
@@ -416,7 +463,10 @@ impl Trainer {
                 Some(aux) => (((&parts.ce + (aux * tc.router_aux_weight)?)?).backward()?, Some(scalar(aux)?)),
                 None => (parts.ce.backward()?, None),
             };
-            self.acc.add(&self.model.params, &grads)?;
+            match &mut self.on_device {
+                Some(d) => d.acc.add(&self.model.params, &grads)?,
+                None => self.acc.add(&self.model.params, &grads)?,
+            }
             losses.extend([scalar(&parts.ce)?, aux.unwrap_or(0.0), f64::from(u8::from(aux.is_some()))]);
             if let Some(cal) = &self.calibration {
                 quantiles.push(cal.batch_quantiles(&mut record));
@@ -433,8 +483,14 @@ impl Trainer {
             }
         }
         if self.group.is_distributed() {
-            self.group.sum_in_rank_order(&mut self.acc.sums)?;
-            self.acc.micro_batches = tc.grad_accum;
+            match &mut self.on_device {
+                // On a GPU the sums go through the host (DESIGN §14: no NCCL yet).
+                Some(d) => d.acc.sum_over(&self.model.params, &self.group, tc.grad_accum)?,
+                None => {
+                    self.group.sum_in_rank_order(&mut self.acc.sums)?;
+                    self.acc.micro_batches = tc.grad_accum;
+                }
+            }
             quantiles = gather_quantiles(&self.group, &quantiles)?;
         }
         let comm_seconds = if self.group.is_distributed() { t_comm.elapsed().as_secs_f64() } else { 0.0 };
@@ -445,7 +501,10 @@ impl Trainer {
         }
         let loss = loss_sum / tc.grad_accum as f64;
         // Checked before the update: a NaN gradient would make every weight NaN.
-        let grad_norm = self.acc.finish();
+        let grad_norm = match &mut self.on_device {
+            Some(d) => d.acc.finish()?,
+            None => self.acc.finish(),
+        };
         let nonfinite = if !loss.is_finite() {
             Some(format!("the loss is {loss}"))
         } else if !grad_norm.is_finite() {
@@ -464,10 +523,21 @@ impl Trainer {
                 None => return Err(self.diverged(what)),
             }
         } else {
-            if measure {
-                thinking_grads = thinking_grads_of(&self.model.params, &self.acc.sums);
+            match &mut self.on_device {
+                Some(d) => {
+                    if measure {
+                        let sums = d.acc.host_sums(&self.model.params, |n| thinking_param(n).is_some())?;
+                        thinking_grads = thinking_grads_of(&self.model.params, &sums);
+                    }
+                    d.adam.step(&self.model.params, &d.acc.sums, grad_norm, lr, &tc)?;
+                }
+                None => {
+                    if measure {
+                        thinking_grads = thinking_grads_of(&self.model.params, &self.acc.sums);
+                    }
+                    self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
+                }
             }
-            self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
             // Finite gradients can still overflow a weight (a huge learning rate times weight
             // decay); the update cannot be taken back, so this stops in either mode.
             if let Some(name) = first_nonfinite_param(&self.model.params)? {
@@ -532,13 +602,14 @@ impl Trainer {
             return Err(self.diverged(&format!("weight `{name}` is non-finite; no checkpoint written")));
         }
         let dir = self.state_dir();
+        let from_device = self.on_device.as_ref().map(DeviceOptimizer::to_host).transpose()?;
         checkpoint::save(
             &dir,
             &self.model,
             &SaveParts {
                 config: &self.cfg,
                 tokenizer_json: &self.tokenizer_json,
-                optimizer: Some(&self.opt),
+                optimizer: Some(from_device.as_ref().unwrap_or(&self.opt)),
                 state: Some(&self.state),
                 calibration: self.calibration.as_ref(),
             },
@@ -565,6 +636,16 @@ impl Trainer {
 /// The name of the first parameter holding a NaN or infinity, if any.
 fn first_nonfinite_param(params: &[(String, candle_core::Var)]) -> Result<Option<String>> {
     use rayon::prelude::*;
+    if params.first().is_some_and(|(_, v)| !v.device().is_cpu()) {
+        // On a GPU: x - x is 0 for a finite x and NaN otherwise, so each sum is 0 or NaN; one
+        // read back for all parameters.
+        let sums = params
+            .iter()
+            .map(|(_, v)| (v.as_tensor() - v.as_tensor())?.sum_all()?.to_dtype(candle_core::DType::F32))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let sums = candle_core::Tensor::stack(&sums, 0)?.to_vec1::<f32>()?;
+        return Ok(sums.iter().position(|s| !s.is_finite()).map(|i| params[i].0.clone()));
+    }
     for (name, var) in params {
         let t = var.as_tensor().to_dtype(candle_core::DType::F32)?;
         let finite = crate::ops::fused::with_data::<f32, _>(&t, |d| {

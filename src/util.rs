@@ -77,7 +77,7 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// every core. Call once at start-up, before any tensor op.
 ///
 /// Under `mpirun`, the ranks on one machine share its cores: unless RAYON_NUM_THREADS says
-/// otherwise, each takes cores / ranks-on-this-machine threads (DESIGN §14).
+/// otherwise, each takes cores / ranks-on-this-machine threads (DESIGN §15).
 pub fn tune_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
@@ -139,4 +139,136 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     #[cfg(not(unix))]
     let _ = dir;
     Ok(())
+}
+
+/// The compute device named on the command line (`--device`): `cpu`, `cuda` (GPU 0) or
+/// `cuda:N` (DESIGN §15). Only parses; [`open_device`] makes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceSpec {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = || format!("unknown device '{s}' (use cpu, cuda or cuda:N, e.g. cuda:0)");
+        match s.trim() {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" | "gpu" => Ok(DeviceSpec::Cuda(0)),
+            other => match other.strip_prefix("cuda:") {
+                Some(n) => n.parse().map(DeviceSpec::Cuda).map_err(|_| bad()),
+                None => Err(bad()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceSpec::Cpu => write!(f, "cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Parse and open a `--device` value: one place for every command.
+pub fn parse_device(s: &str) -> Result<candle_core::Device> {
+    open_device(s.parse().map_err(crate::Error::usage)?)
+}
+
+/// Open the device. A CUDA device needs a build with the `cuda` feature and an NVIDIA driver;
+/// either missing is a one-line error, never a panic.
+pub fn open_device(spec: DeviceSpec) -> Result<candle_core::Device> {
+    match spec {
+        DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+        DeviceSpec::Cuda(ordinal) => open_cuda(ordinal),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> Result<candle_core::Device> {
+    Err(crate::Error::usage(
+        "this itt was built without CUDA; rebuild with `cargo build --release --features cuda` (scripts/build_cuda.sh)",
+    ))
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
+    // cudarc loads the driver library lazily and panics when it is absent, so look for it
+    // first; the panic guard below covers whatever else it refuses with a panic.
+    let driver_found = ["libcuda.so.1", "libcuda.so"].iter().any(|name| {
+        let name = std::ffi::CString::new(*name).expect("no NUL in a library name");
+        // SAFETY: dlopen with a valid C string; the handle is kept open, as cudarc reopens it.
+        !unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY) }.is_null()
+    });
+    if !driver_found {
+        return Err(crate::Error::usage(format!(
+            "cuda:{ordinal}: no NVIDIA driver here (libcuda.so.1 cannot be loaded); use --device cpu or run on a machine with an NVIDIA GPU"
+        )));
+    }
+    let previous_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal));
+    std::panic::set_hook(previous_hook);
+    match opened {
+        Ok(Ok(device)) => Ok(device),
+        Ok(Err(e)) => Err(crate::Error::usage(format!("cannot open GPU cuda:{ordinal}: {e}"))),
+        Err(panic) => {
+            let why = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "the CUDA library refused".into());
+            Err(crate::Error::usage(format!("cannot open GPU cuda:{ordinal}: {why}")))
+        }
+    }
+}
+
+/// Wait for the device's queued work (a GPU runs asynchronously), so timings measure it.
+pub fn synchronize(device: &candle_core::Device) -> Result<()> {
+    Ok(device.synchronize()?)
+}
+
+/// Memory in use on a CUDA device in MiB (`cuMemGetInfo`: total - free, every process's),
+/// `None` on the CPU or a build without CUDA.
+pub fn gpu_memory_used_mb(device: &candle_core::Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        // The device's context is current on this thread once it has run anything.
+        let _ = d.cuda_stream().context().bind_to_thread();
+        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, total)| (total - free) as f64 / (1 << 20) as f64);
+    }
+    let _ = device;
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_bad_ones_say_what_to_use() {
+        assert_eq!("cpu".parse::<DeviceSpec>(), Ok(DeviceSpec::Cpu));
+        assert_eq!("cuda".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!("cuda:3".parse::<DeviceSpec>(), Ok(DeviceSpec::Cuda(3)));
+        for bad in ["cuda:x", "tpu", "", "cuda:", "CUDA:-1"] {
+            let e = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(e.contains("use cpu, cuda or cuda:N") && !e.contains('\n'), "{bad}: {e}");
+        }
+        assert_eq!(DeviceSpec::Cuda(1).to_string(), "cuda:1");
+        assert!(parse_device("cpu").unwrap().is_cpu());
+        assert!(parse_device("tpu").is_err());
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_without_the_feature_is_a_one_line_error() {
+        let e = parse_device("cuda:0").unwrap_err().to_string();
+        assert!(e.contains("built without CUDA") && e.contains("--features cuda") && !e.contains('\n'), "{e}");
+    }
 }

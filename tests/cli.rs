@@ -558,4 +558,38 @@ fn an_mpi_launch_without_the_mpi_feature_is_refused() {
         .unwrap();
     fails_cleanly(&out, &["mpirun with 2 ranks", "--features mpi"]);
     assert!(!run.exists());
+
+/// `--device` (DESIGN §15): a GPU asked of a build without CUDA, or a device name that is not
+/// one, is one line and a non-zero exit on every command that builds a model, and a refused
+/// `train` leaves no run folder behind.
+#[test]
+fn device_flag_refuses_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("run");
+    let o = out_dir.to_str().unwrap();
+    let ck = trained().to_str().unwrap();
+    let commands: [Vec<&str>; 6] = [
+        vec!["train", "--steps", "1", "--out", o],
+        vec!["eval", "--checkpoint", ck, "--text", "abc"],
+        vec!["generate", "--checkpoint", ck, "--prompt", "a"],
+        vec!["calibrate", "--checkpoint", ck],
+        vec!["bench", "--preset", "tiny", "--steps", "1"],
+        vec!["serve", "--checkpoint", ck, "--port", "0"],
+    ];
+    for args in &commands {
+        #[cfg(not(feature = "cuda"))]
+        for device in ["cuda", "cuda:1"] {
+            let out = itt(&[args.as_slice(), &["--device", device]].concat());
+            fails_cleanly(&out, &["built without CUDA", "--features cuda"]);
+        }
+        for bad in ["tpu", "cuda:x"] {
+            // A clap value error: one line too (exit 2), naming the accepted values.
+            let out = itt(&[args.as_slice(), &["--device", bad]].concat());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && !stderr.contains("panicked"), "{args:?} {bad}: {stderr}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+            assert!(stderr.contains("use cpu, cuda or cuda:N"), "{stderr}");
+        }
+    }
+    assert!(!out_dir.exists(), "a refused run left {o} behind");
 }

@@ -59,6 +59,8 @@ pub struct EvalArgs {
     /// them (llama.cpp's way, faster), f32 dequantizes every weight to f32.
     #[arg(long, value_enum, default_value = "quantized")]
     gguf_weights: GgufWeights,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 #[derive(Args)]
@@ -95,6 +97,8 @@ pub struct GenerateArgs {
     gguf_weights: GgufWeights,
     #[command(flatten)]
     routing: RoutingArgs,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 #[derive(Args)]
@@ -105,6 +109,8 @@ pub struct CalibrateArgs {
     data: String,
     #[arg(long, default_value_t = 16)]
     batches: usize,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 pub fn eval(a: EvalArgs) -> Result<()> {
@@ -128,9 +134,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             return Err(Error::usage(format!("{} exists; choose another --per-item file", p.display())));
         }
     }
-    let (mut model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
+    let device = a.device.open()?;
+    let (model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
+    let mut model = model.to_device(&device)?;
     model.precision = a.precision.unwrap_or(info.config.train.precision);
-    if model.precision == crate::ops::Precision::Bf16 && crate::ops::Precision::bf16_falls_back() {
+    if model.precision == crate::ops::Precision::Bf16 && device.is_cpu() && crate::ops::Precision::bf16_falls_back() {
         eprintln!("notice: no bf16 matrix units (AMX) on this CPU: scoring in f32");
         model.precision = crate::ops::Precision::F32;
     }
@@ -207,7 +215,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 }
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    let device = a.device.open()?;
     let (model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
+    let model = model.to_device(&device)?;
     let default = if model.has_routers() && !a.no_cache { Routing::Threshold } else { Routing::TopK };
     let routing = a.routing.options(info.calibration.as_ref(), default)?;
     if routing.mode == Routing::Threshold && routing.calibration.is_none() && model.has_routers() {
@@ -269,7 +279,9 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    let device = a.device.open()?;
     let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
+    let model = model.to_device(&device)?;
     let spec = DataSpec { path: a.data.clone(), ..Default::default() };
     let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
     let cal = eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;

@@ -84,6 +84,8 @@ pub struct BenchArgs {
     json: bool,
     #[command(flatten)]
     serve: super::serve::ServeBenchArgs,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 #[derive(Subcommand)]
@@ -236,7 +238,13 @@ pub fn tokenizer(cmd: TokenizerCmd) -> Result<()> {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    let device = a.device.open()?;
     if let Some(checkpoint) = &a.serve.serve {
+        if !device.is_cpu() {
+            return Err(Error::usage(
+                "--serve benchmarks the server on the CPU; for a GPU run `itt serve --device` and load it",
+            ));
+        }
         return super::serve::bench_serve(&a.serve, checkpoint, a.json);
     }
     if let Some(path) = &a.gguf {
@@ -244,7 +252,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             return Err(Error::usage("--gguf times generation on a file; leave out --decode and --precision"));
         }
         let prompt = a.prompt.as_deref().unwrap_or(crate::bench::GENERATE_PROMPT);
-        let r = crate::bench::generate_file(path, a.gguf_weights, prompt, a.new_tokens, a.steps)?;
+        let r = crate::bench::generate_file(path, a.gguf_weights, prompt, a.new_tokens, a.steps, &device)?;
         if a.json {
             println!("{}", serde_json::to_string(&r).unwrap());
         } else {
@@ -264,7 +272,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if let Some(v) = a.vocab {
                 cfg.model.vocab_size = v;
             }
-            let r = crate::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens)?;
+            let r = crate::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens, &device)?;
             if a.json {
                 println!("{}", serde_json::to_string(&r).unwrap());
             } else {
@@ -287,7 +295,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         cfg.train.precision = p;
     }
     cfg.validate()?;
-    let r = crate::bench::train_step(&cfg, a.steps)?;
+    let r = crate::bench::train_step(&cfg, a.steps, &device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r).unwrap());
     } else {

@@ -68,6 +68,20 @@ pub enum Cmd {
     Verify(VerifyArgs),
 }
 
+/// Where the model runs (DESIGN §15).
+#[derive(Args, Clone, Default)]
+pub struct DeviceArg {
+    /// cpu, cuda (GPU 0) or cuda:N; a GPU needs an itt built with `--features cuda`.
+    #[arg(long, default_value = "cpu")]
+    pub device: crate::util::DeviceSpec,
+}
+
+impl DeviceArg {
+    pub fn open(&self) -> Result<candle_core::Device> {
+        crate::util::open_device(self.device)
+    }
+}
+
 /// Where a model's configuration comes from.
 #[derive(Args, Clone)]
 pub struct ModelSource {

@@ -38,6 +38,8 @@ pub struct ServeArgs {
     /// finish_reason "shutdown".
     #[arg(long, default_value_t = 30.0)]
     grace: f64,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 /// How the engine schedules (shared by `serve` and `bench --serve`).
@@ -89,18 +91,23 @@ pub fn start(
     seed: u64,
     grace: Duration,
     addr: SocketAddr,
+    device: &candle_core::Device,
 ) -> Result<(Server, String)> {
     // A GGUF keeps its quantized weights (DESIGN §13); other formats load as they train.
     let (model, tok, calibration) = if checkpoint.is_file() {
-        let (mut m, t, info) = crate::import::load_for_inference(checkpoint, weights)?;
-        // Serving never trains nor dequantizes: free the f32 copies of quantized weights.
-        m.drop_dense_copies()?;
+        let (m, t, info) = crate::import::load_for_inference(checkpoint, weights)?;
+        // On a GPU the model runs dense (DESIGN §15); on the CPU serving never trains nor
+        // dequantizes, so the f32 copies of quantized weights are freed.
+        let mut m = m.to_device(device)?;
+        if device.is_cpu() {
+            m.drop_dense_copies()?;
+        }
         crate::util::release_free_memory();
         (m, t, info.calibration)
     } else {
         let imported = crate::import::load(checkpoint)?;
         let calibration = imported.calibration.clone();
-        let (m, t) = imported.into_model(&candle_core::Device::Cpu)?;
+        let (m, t) = imported.into_model(device)?;
         (m, t, calibration)
     };
     let calibration = calibration.map(Arc::new);
@@ -136,6 +143,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .map_err(|e| Error::usage(format!("--host {}: {e}", a.host)))?
         .next()
         .ok_or_else(|| Error::usage(format!("--host {} resolves to no address", a.host)))?;
+    let device = a.device.open()?;
     let (server, template_origin) = start(
         &a.checkpoint,
         a.gguf_weights,
@@ -145,6 +153,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         a.seed,
         Duration::from_secs_f64(a.grace),
         addr,
+        &device,
     )?;
     eprintln!("chat template: {template_origin}");
     eprintln!("serving on http://{} (OpenAI API under /v1, web page at /, metrics at /metrics)", server.addr);
@@ -220,6 +229,7 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             1234,
             Duration::from_secs(5),
             "127.0.0.1:0".parse().expect("an address"),
+            &candle_core::Device::Cpu,
         )?;
         let url = format!("http://{}", server.addr);
         // Warm up (first-touch allocations, thread pools).

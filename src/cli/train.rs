@@ -5,6 +5,7 @@ use crate::config::{OnNonFinite, ResidualForm, Trainable};
 use crate::dist::Group;
 use crate::ops::Precision;
 use crate::train::{DataSpec, RunOptions, Trainer};
+use crate::util::DeviceSpec;
 use crate::{data, demo, report, Error, Result};
 use clap::Args;
 use std::path::{Path, PathBuf};
@@ -82,6 +83,8 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 #[derive(Args)]
@@ -174,6 +177,8 @@ pub struct ExperimentArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    device: super::DeviceArg,
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
@@ -192,8 +197,14 @@ pub fn train(a: TrainArgs) -> Result<()> {
     };
     let on_nonfinite = a.on_nonfinite;
     let data_dir = a.out.join("data");
+    // Under mpirun each rank of a machine takes its own GPU: cuda:N is the first (DESIGN §14).
+    let device = match a.device.device {
+        DeviceSpec::Cuda(n) if group.is_distributed() => DeviceSpec::Cuda(n + crate::dist::launched_local_rank()),
+        spec => spec,
+    };
+    let device = crate::util::open_device(device)?;
     let (mut trainer, dataset) = if a.resume {
-        let mut trainer = Trainer::resume_in(&a.out, a.checkpoint.as_deref(), group.clone())?;
+        let mut trainer = Trainer::resume_in(&a.out, a.checkpoint.as_deref(), group.clone(), &device)?;
         if group.is_lead() {
             for n in &trainer.notices {
                 eprintln!("{n}");
@@ -223,7 +234,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         };
         let (dataset, tok) = crate::train::prepare_data(&prepared, &data_dir)?;
         let cfg = crate::config::RunConfig::load(&a.out.join("config.json"))?;
-        (Trainer::new_in(cfg, &tok, &a.out, group.clone())?, dataset)
+        (Trainer::new_in(cfg, &tok, &a.out, group.clone(), &device)?, dataset)
     } else {
         let mut cfg = a.model.load("tiny")?;
         let t = &mut cfg.train;
@@ -271,7 +282,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 cfg.model.vocab_size = tok.vocab_size();
             }
             cfg.validate()?;
-            Ok((Trainer::new_in(cfg, &tok, &a.out, group.clone())?, dataset))
+            Ok((Trainer::new_in(cfg, &tok, &a.out, group.clone(), &device)?, dataset))
         };
         let made = match setup() {
             Ok(x) => x,
@@ -354,6 +365,7 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         problems: a.problems,
         variants: a.variants,
         quiet: a.quiet,
+        device: a.device.open()?,
         command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
     };
     let r = crate::experiment::run(&opts)?;

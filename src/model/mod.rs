@@ -704,6 +704,34 @@ impl Model {
         self.embed.device()
     }
 
+    /// The same model with its weights on `device` (DESIGN §15): a copy of every parameter
+    /// there, the precision kept. Quantized products run on the CPU only, so a quantized
+    /// model moved to a GPU is dequantized (refused once its f32 copies were freed).
+    pub fn to_device(self, device: &Device) -> Result<Model> {
+        if self.device().same_device(device) {
+            return Ok(self);
+        }
+        if self.is_quantized() && !device.is_cpu() {
+            if self.dense_dropped {
+                return Err(Error::usage(
+                    "this model's f32 weights were freed after quantized loading, and quantized products run on the CPU only; \
+                     load it with --gguf-weights f32 to run it on a GPU",
+                ));
+            }
+            eprintln!(
+                "notice: quantized products run on the CPU only; on {device:?} this model runs dense (f32 weights)"
+            );
+        }
+        let tensors = self
+            .params
+            .iter()
+            .map(|(name, var)| Ok((name.clone(), var.as_tensor().detach().to_device(device)?)))
+            .collect::<Result<HashMap<_, _>>>()?;
+        let mut moved = Model::from_tensors(&self.cfg, tensors, "a model in memory", device)?;
+        moved.precision = self.precision;
+        Ok(moved)
+    }
+
     pub fn n_params(&self) -> usize {
         self.params.iter().map(|(_, v)| v.elem_count()).sum()
     }

@@ -172,13 +172,21 @@ impl std::str::FromStr for Precision {
 
 /// x W^T: x (N, in), W (out, in) -> (N, out). For f32 CPU tensors this is the fused op
 /// (`fused::linear`): in bf16 precision (see [`Precision`]) the mixed-precision product (AMX
-/// tiles where the CPU has them), in f32 gemm called directly. Otherwise candle's matmul.
+/// tiles where the CPU has them), in f32 gemm called directly. On a GPU candle's matmul, with
+/// bf16 operands in bf16 precision. Otherwise candle's matmul.
 /// The precision is the caller's (the model's, `Model::precision`), never ambient state.
 pub fn linear(x: &Tensor, w: &Tensor, precision: Precision) -> Result<Tensor> {
     let f32_cpu = x.dtype() == DType::F32 && w.dtype() == DType::F32 && fused::supports(x);
     match precision {
         Precision::Bf16 if f32_cpu => fused::linear(x, w, Precision::Bf16),
         _ if f32_cpu && fused_enabled(Kernel::Linear, x) => fused::linear(x, w, Precision::F32),
+        // On a GPU (DESIGN §15): both operands rounded to bf16, the product by cuBLAS (f32
+        // accumulation), the result back in f32; composed from candle ops, so the backward
+        // pass is candle's (its products in bf16 too).
+        Precision::Bf16 if !x.device().is_cpu() && x.dtype() == DType::F32 => {
+            let (xb, wb) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
+            Ok(xb.matmul(&wb.t()?)?.to_dtype(DType::F32)?)
+        }
         _ => Ok(x.matmul(&w.t()?)?),
     }
 }

@@ -34,6 +34,12 @@ pub fn qlinear(x: &Tensor, w: &QTensor) -> Result<Tensor> {
     if k != wk {
         return Err(Error::usage(format!("quantized linear: input has {k} features, the weight {wk}")));
     }
+    if !x.device().is_cpu() {
+        // The block kernels read host memory; on a GPU the product runs on the dequantized
+        // weight (a model moved there is dequantized once, `Model::to_device`, DESIGN §15).
+        let dense = w.dequantize(&candle_core::Device::Cpu)?.to_device(x.device())?;
+        return Ok(x.to_dtype(candle_core::DType::F32)?.matmul(&dense.t()?)?);
+    }
     let x = x.to_dtype(candle_core::DType::F32)?;
     let bytes = w.data()?;
     let out = with_data::<f32, _>(&x, |xs| {
