@@ -558,6 +558,7 @@ fn an_mpi_launch_without_the_mpi_feature_is_refused() {
         .unwrap();
     fails_cleanly(&out, &["mpirun with 2 ranks", "--features mpi"]);
     assert!(!run.exists());
+}
 
 /// `--device` (DESIGN §15): a GPU asked of a build without CUDA, or a device name that is not
 /// one, is one line and a non-zero exit on every command that builds a model, and a refused
