@@ -6,7 +6,7 @@
 #   ITT_BIN=target-cuda/release/itt scripts/gpu_check.sh
 #
 # 1. 20 steps of tiny-itt4 on the built-in data, f32, same seed, on the CPU and on the GPU:
-#    every logged training loss within 1e-3 relative.
+#    every step's training loss within 1e-3 relative.
 # 2. Cached decoding equals the full pass on the GPU: greedy generation with KV caches and
 #    without (`--no-cache`), both with causal threshold routing, give the same text.
 # 3. `itt bench --device cuda` for paper-162m, -loop4 and -itt4 in bf16: tokens/s, peak GPU
@@ -26,7 +26,7 @@ echo "itt: $bin | device: $gpu | work: $work"
 # --- 1. CPU and GPU training from the same seed ---------------------------------------------
 train() {
     "$bin" train --preset tiny-itt4 --steps "$steps" --seed 7 --precision f32 --quiet \
-        --eval-interval "$steps" --out "$work/$1" --device "$2"
+        --eval-interval "$steps" --log-interval 1 --out "$work/$1" --device "$2"
 }
 train run-cpu cpu
 train run-device "$gpu"
