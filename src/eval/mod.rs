@@ -32,26 +32,8 @@ pub fn shard_loss_recorded(
     routing: &RoutingOptions,
     record: &mut crate::model::ForwardRecord,
 ) -> Result<f64> {
-    let mut total = 0.0;
-    let mut count = 0usize;
-    for (i, (inp, tgt)) in data::sequential_batches(shard, batch, seq_len).enumerate() {
-        if max_batches > 0 && i >= max_batches {
-            break;
-        }
-        let rows = inp.len() / seq_len;
-        let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
-        let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, Some(&mut *record))?;
-        let nll = ops::token_nll(&logits, &tgt)?;
-        total += nll.iter().sum::<f64>();
-        count += nll.len();
-    }
-    if count == 0 {
-        return Err(Error::input(
-            shard.path(),
-            format!("too few tokens ({}) for one sequence of {seq_len}", shard.len()),
-        ));
-    }
-    Ok(total / count as f64)
+    let sums = batch_nll_sums(model, shard, (batch, seq_len, max_batches), routing, Some(record), |_| true)?;
+    mean_nll(shard, seq_len, &sums)
 }
 
 /// `shard_loss` with the batches dealt round-robin over the ranks of `group` (batch i on rank
@@ -69,34 +51,54 @@ pub fn shard_loss_in(
     if !group.is_distributed() {
         return shard_loss(model, shard, batch, seq_len, max_batches, routing);
     }
-    // Per batch of this rank: index, sum of token losses, token count.
-    let mut mine: Vec<f64> = vec![];
+    let (rank, ranks) = (group.rank(), group.size());
+    let mine = batch_nll_sums(model, shard, (batch, seq_len, max_batches), routing, None, |i| i % ranks == rank)?;
+    let bytes: Vec<u8> =
+        mine.iter().flat_map(|&(i, sum, n)| [i as f64, sum, n as f64]).flat_map(f64::to_le_bytes).collect();
+    let mut all = vec![];
+    for theirs in group.all_gather_bytes(&bytes)? {
+        for c in theirs.chunks_exact(24) {
+            let f = |k: usize| f64::from_le_bytes(c[8 * k..8 * k + 8].try_into().expect("8 bytes"));
+            all.push((f(0) as usize, f(1), f(2) as usize));
+        }
+    }
+    all.sort_by_key(|b| b.0);
+    mean_nll(shard, seq_len, &all)
+}
+
+/// (batch index, sum of token losses, tokens) of the sequential batches `keep` accepts, up to
+/// `max_batches` (0 = all), in batches of `batch` rows of `seq_len` tokens.
+fn batch_nll_sums(
+    model: &Model,
+    shard: &TokenShard,
+    (batch, seq_len, max_batches): (usize, usize, usize),
+    routing: &RoutingOptions,
+    mut record: Option<&mut crate::model::ForwardRecord>,
+    keep: impl Fn(usize) -> bool,
+) -> Result<Vec<(usize, f64, usize)>> {
+    let mut out = vec![];
     for (i, (inp, tgt)) in data::sequential_batches(shard, batch, seq_len).enumerate() {
         if max_batches > 0 && i >= max_batches {
             break;
         }
-        if i % group.size() != group.rank() {
+        if !keep(i) {
             continue;
         }
         let rows = inp.len() / seq_len;
         let x = Tensor::from_slice(&inp, inp.len(), model.device())?;
-        let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, None)?;
+        let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, record.as_deref_mut())?;
         let nll = ops::token_nll(&logits, &tgt)?;
-        mine.extend([i as f64, nll.iter().sum::<f64>(), nll.len() as f64]);
+        out.push((i, nll.iter().sum::<f64>(), nll.len()));
     }
-    let bytes: Vec<u8> = mine.iter().flat_map(|x| x.to_le_bytes()).collect();
-    let mut batches: Vec<[f64; 3]> = vec![];
-    for theirs in group.all_gather_bytes(&bytes)? {
-        for c in theirs.chunks_exact(24) {
-            let f = |k: usize| f64::from_le_bytes(c[8 * k..8 * k + 8].try_into().expect("8 bytes"));
-            batches.push([f(0), f(1), f(2)]);
-        }
-    }
-    batches.sort_by(|a, b| a[0].total_cmp(&b[0]));
+    Ok(out)
+}
+
+/// The mean token loss of per-batch sums, added in the order given.
+fn mean_nll(shard: &TokenShard, seq_len: usize, sums: &[(usize, f64, usize)]) -> Result<f64> {
     let (mut total, mut count) = (0.0, 0usize);
-    for [_, sum, n] in batches {
+    for &(_, sum, n) in sums {
         total += sum;
-        count += n as usize;
+        count += n;
     }
     if count == 0 {
         return Err(Error::input(
