@@ -77,7 +77,7 @@ pub fn on_worker_thread<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 /// every core. Call once at start-up, before any tensor op.
 ///
 /// Under `mpirun`, the ranks on one machine share its cores: unless RAYON_NUM_THREADS says
-/// otherwise, each takes cores / ranks-on-this-machine threads (DESIGN §15).
+/// otherwise, each takes cores / ranks-on-this-machine threads (DESIGN §14).
 pub fn tune_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
