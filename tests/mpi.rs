@@ -105,6 +105,24 @@ fn two_ranks_equal_one_process_with_two_micro_batches() {
     same_state(&checkpoint(&single, 2), &checkpoint(&multi, 2));
 }
 
+/// The GPU's optimiser (gradient sums and moments as tensors, the sum over ranks through the
+/// host) run on CPU tensors: 2 ranks equal one process with the same optimiser, bit for bit.
+#[test]
+fn the_device_optimiser_sums_over_ranks_like_one_process() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (single, multi) = (tmp.path().join("single"), tmp.path().join("multi"));
+    let args = ["--steps", "3", "--grad-accum", "2", "--log-interval", "1"];
+    let run = |ranks: usize, out: &Path| {
+        let mut c = if ranks == 1 { Command::new(ITT) } else { mpirun(ranks) };
+        c.env("RAYON_NUM_THREADS", "1").env("ITT_DEVICE_OPTIMIZER", "1");
+        c.arg("train").args(RUN).args(args).arg("--out").arg(out).output().unwrap()
+    };
+    ok(&run(1, &single));
+    ok(&run(2, &multi));
+    assert_eq!(losses(&single), losses(&multi));
+    same_state(&checkpoint(&single, 3), &checkpoint(&multi, 3));
+}
+
 #[test]
 fn several_micro_batches_per_rank_agree_within_rounding() {
     let tmp = tempfile::tempdir().unwrap();

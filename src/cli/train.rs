@@ -302,6 +302,11 @@ pub fn train(a: TrainArgs) -> Result<()> {
         group.share(trainer.cfg.train.grad_accum)?;
         group.check_agree("model, optimiser state or data position", trainer.fingerprint()?)?;
     }
+    if std::env::var("ITT_DEVICE_OPTIMIZER").is_ok_and(|v| v == "1") {
+        // The GPU's optimiser on CPU tensors: how tests reach its data-parallel sum without a
+        // GPU (tests/mpi.rs; DESIGN §15).
+        trainer.use_device_optimizer()?;
+    }
     let summary = crate::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
     if group.is_lead() {
         println!("{}", report::train_summary(&summary));
