@@ -12,6 +12,8 @@
 #                     80 for A100, 89 for L4/RTX 40xx). PTX for 90 does not run on older GPUs.
 #   CARGO_TARGET_DIR  default <repo>/target-cuda, apart from the default build's target/.
 #   ITT_CUDA_VENV     default <repo>/.cache/cuda-venv.
+#   ITT_CUDA_FEATURES cargo features (default cuda; cuda,mpi,nccl for data-parallel training
+#                     with the gradient sum through NCCL, DESIGN §14).
 # The binary loads libcuda (the driver) lazily, so it starts on a machine without one and
 # `--device cuda` then fails with a one-line error; it does link libcudart.so.13 (candle's
 # quantized-matmul kernels), found at run time through LD_LIBRARY_PATH: on a GPU machine from
@@ -55,6 +57,6 @@ export LIBRARY_PATH=$root/lib${LIBRARY_PATH:+:$LIBRARY_PATH}
 nvcc --version | tail -2
 
 cd "$repo"
-cargo build --release --features cuda --bin itt
-echo "built $CARGO_TARGET_DIR/release/itt (CUDA $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), compute cap $CUDA_COMPUTE_CAP)"
+cargo build --release --features "${ITT_CUDA_FEATURES:-cuda}" --bin itt
+echo "built $CARGO_TARGET_DIR/release/itt (features ${ITT_CUDA_FEATURES:-cuda}, CUDA $(nvcc --version | sed -n 's/.*release \([0-9.]*\).*/\1/p'), compute cap $CUDA_COMPUTE_CAP)"
 echo "to run it here: LD_LIBRARY_PATH=$root/lib $CARGO_TARGET_DIR/release/itt ..."

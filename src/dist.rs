@@ -131,6 +131,15 @@ impl Group {
         imp::all_gather_bytes(self, bytes)
     }
 
+    /// Rank 0's `bytes` on every rank: each rank passes a buffer of the same length, which
+    /// rank 0's contents overwrite (used to hand out the NCCL unique id, DESIGN §14).
+    pub fn broadcast_bytes(&self, bytes: &mut [u8]) -> Result<()> {
+        if self.size == 1 {
+            return Ok(());
+        }
+        imp::broadcast_bytes(bytes)
+    }
+
     /// Wait until every rank gets here.
     pub fn barrier(&self) {
         if self.size > 1 {
@@ -190,7 +199,7 @@ pub fn abort_job(code: i32) {
 mod imp {
     use super::{add_in_order, partition, Group};
     use crate::{Error, Result};
-    use mpi::collective::CommunicatorCollectives;
+    use mpi::collective::{CommunicatorCollectives, Root};
     use mpi::datatype::{Partition, PartitionMut};
     use mpi::environment::Universe;
     use mpi::topology::Communicator;
@@ -270,6 +279,11 @@ mod imp {
         Ok(lens.iter().zip(&starts).map(|(&l, &s)| all[s..s + l].to_vec()).collect())
     }
 
+    pub fn broadcast_bytes(bytes: &mut [u8]) -> Result<()> {
+        comm().process_at_rank(0).broadcast_into(bytes);
+        Ok(())
+    }
+
     pub fn barrier() {
         comm().barrier();
     }
@@ -312,6 +326,10 @@ mod imp {
     }
 
     pub fn all_gather_bytes(_: &Group, _: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Err(unreachable_single())
+    }
+
+    pub fn broadcast_bytes(_: &mut [u8]) -> Result<()> {
         Err(unreachable_single())
     }
 

@@ -13,6 +13,8 @@ use candle_core::Var;
 use rayon::prelude::*;
 
 pub mod device;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 pub fn decays(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && !name.contains(".router.")

@@ -484,7 +484,7 @@ impl Trainer {
         }
         if self.group.is_distributed() {
             match &mut self.on_device {
-                // On a GPU the sums go through the host (DESIGN §14: no NCCL yet).
+                // On a GPU: through NCCL with the `nccl` feature, else through the host (DESIGN §14).
                 Some(d) => d.acc.sum_over(&self.model.params, &self.group, tc.grad_accum)?,
                 None => {
                     self.group.sum_in_rank_order(&mut self.acc.sums)?;

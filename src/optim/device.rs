@@ -22,6 +22,9 @@ pub struct DeviceAccumulator {
     pub sums: Vec<Option<Tensor>>,
     pub micro_batches: usize,
     frozen: Vec<bool>,
+    /// The NCCL communicator of a distributed run on GPUs, made at the first `sum_over`.
+    #[cfg(feature = "nccl")]
+    nccl: Option<super::nccl::NcclComm>,
 }
 
 impl DeviceAccumulator {
@@ -30,6 +33,8 @@ impl DeviceAccumulator {
             sums: vec![None; params.len()],
             micro_batches: 0,
             frozen: params.iter().map(|(n, _)| !trainable.includes(n)).collect(),
+            #[cfg(feature = "nccl")]
+            nccl: None,
         }
     }
 
@@ -75,14 +80,65 @@ impl DeviceAccumulator {
         self.micro_batches = 0;
     }
 
-    /// Replace the sums by their sum over the ranks of `group`, through the host (rank order,
-    /// `Group::sum_in_rank_order`); `micro_batches` is the whole step's count (DESIGN §15).
+    /// Replace the sums by their sum over the ranks of `group`, added in rank order (the same
+    /// bits on every rank): through NCCL on the GPU in a build with the `nccl` feature and a
+    /// model on a CUDA device, else through the host (`Group::sum_in_rank_order`);
+    /// `micro_batches` is the whole step's count (DESIGN §14, §15).
     pub fn sum_over(&mut self, params: &[(String, Var)], group: &Group, micro_batches: usize) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if group.is_distributed() {
+            let device = params.iter().zip(&self.frozen).find(|p| !*p.1).map(|((_, v), _)| v.device().clone());
+            if let Some(device @ candle_core::Device::Cuda(_)) = device {
+                return self.sum_over_nccl(params, group, &device, micro_batches);
+            }
+        }
         let mut host = self.host_sums(params, |_| true)?;
         group.sum_in_rank_order(&mut host)?;
         for ((((_, var), sum), h), &frozen) in params.iter().zip(self.sums.iter_mut()).zip(host).zip(&self.frozen) {
             if !frozen {
                 *sum = Some(Tensor::from_vec(h, var.shape(), var.device())?);
+            }
+        }
+        self.micro_batches = micro_batches;
+        Ok(())
+    }
+
+    /// `sum_over` through NCCL: the trainable parameters' sums (zeros where a rank has none) as
+    /// one device vector, summed over the ranks on the GPU, and split back.
+    #[cfg(feature = "nccl")]
+    fn sum_over_nccl(
+        &mut self,
+        params: &[(String, Var)],
+        group: &Group,
+        device: &candle_core::Device,
+        micro_batches: usize,
+    ) -> Result<()> {
+        let candle_core::Device::Cuda(cuda) = device else { unreachable!("sum_over checks the device") };
+        if self.nccl.is_none() {
+            self.nccl = Some(super::nccl::NcclComm::new(group, cuda)?);
+        }
+        let mut pieces = vec![];
+        for (((_, var), sum), &frozen) in params.iter().zip(&self.sums).zip(&self.frozen) {
+            if !frozen {
+                pieces.push(match sum {
+                    Some(s) => s.flatten_all()?,
+                    None => Tensor::zeros(var.elem_count(), DType::F32, device)?,
+                });
+            }
+        }
+        if pieces.is_empty() {
+            self.micro_batches = micro_batches;
+            return Ok(());
+        }
+        let flat = Tensor::cat(&pieces, 0)?;
+        drop(pieces);
+        let total = self.nccl.as_ref().expect("made above").sum_in_rank_order(&flat)?;
+        let mut at = 0;
+        for (((_, var), sum), &frozen) in params.iter().zip(self.sums.iter_mut()).zip(&self.frozen) {
+            if !frozen {
+                let n = var.elem_count();
+                *sum = Some(total.narrow(0, at, n)?.reshape(var.shape())?);
+                at += n;
             }
         }
         self.micro_batches = micro_batches;
