@@ -74,14 +74,14 @@ impl NcclComm {
         let mut msg = [0u8; 1 + 128];
         let mut mine = Ok(());
         if group.is_lead() {
-            mine = check_library().and_then(|()| {
-                guarded("unique id", Id::new)?.map_err(|e| nccl_error("ncclGetUniqueId", e))
-            }).map(|id| {
-                msg[0] = 1;
-                for (m, &c) in msg[1..].iter_mut().zip(id.internal()) {
-                    *m = c as u8;
-                }
-            });
+            mine = check_library()
+                .and_then(|()| guarded("unique id", Id::new)?.map_err(|e| nccl_error("ncclGetUniqueId", e)))
+                .map(|id| {
+                    msg[0] = 1;
+                    for (m, &c) in msg[1..].iter_mut().zip(id.internal()) {
+                        *m = c as u8;
+                    }
+                });
         }
         group.broadcast_bytes(&mut msg)?;
         mine?;
@@ -96,8 +96,9 @@ impl NcclComm {
         let stream = dev.cuda_stream();
         // ncclCommInitRank joins on the calling thread's current device.
         stream.context().bind_to_thread().map_err(|e| Error::usage(format!("NCCL: cannot bind the GPU: {e:?}")))?;
-        let comm = guarded("communicator", || Comm::from_rank(stream, group.rank(), group.size(), Id::uninit(internal)))?
-            .map_err(|e| nccl_error("ncclCommInitRank", e))?;
+        let comm =
+            guarded("communicator", || Comm::from_rank(stream, group.rank(), group.size(), Id::uninit(internal)))?
+                .map_err(|e| nccl_error("ncclCommInitRank", e))?;
         Ok(NcclComm { comm })
     }
 
