@@ -113,6 +113,15 @@ impl GradAccumulator {
 /// Element-wise passes split into chunks of this many values, one per rayon task.
 const CHUNK: usize = 1 << 15;
 
+/// A parameter's weight decay (lr * weight_decay for `decays` ones) and step size, in f32 as
+/// both optimisers (host and `device`) apply them. Routers and step vectors form their own
+/// group: lr * thinking_lr_scale, no decay (`decays` leaves them out; docs/DESIGN.md §4.7).
+pub(crate) fn param_group(name: &str, dims: &[usize], lr: f64, step_size: f32, cfg: &TrainConfig) -> (f32, f32) {
+    let decay = if decays(name, dims) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
+    let step_size = if name.contains(".think.") { step_size * cfg.thinking_lr_scale as f32 } else { step_size };
+    (decay, step_size)
+}
+
 /// AdamW state: first and second moments per parameter, and the number of updates.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AdamW {
@@ -152,10 +161,7 @@ impl AdamW {
             if !cfg.trainable.includes(name) {
                 continue;
             }
-            let decay = if decays(name, var.dims()) { (lr * cfg.weight_decay) as f32 } else { 0.0 };
-            // Routers and step vectors form their own group: lr * thinking_lr_scale, no decay
-            // (`decays` leaves them out; docs/DESIGN.md §4.7).
-            let step_size = if name.contains(".think.") { step_size * cfg.thinking_lr_scale as f32 } else { step_size };
+            let (decay, step_size) = param_group(name, var.dims(), lr, step_size, cfg);
             let (m, v, g) = (&mut self.m[i], &mut self.v[i], &grads[i]);
             // Element-wise, so chunks on several threads give the same bits as one loop; the
             // zipped iterators (no indexing) let LLVM vectorise, sqrt and division included.

@@ -9,7 +9,7 @@
 //! Checkpoints stay device-independent: the state converts to and from `optim::AdamW`
 //! ([`DeviceOptimizer::from_host`], [`DeviceOptimizer::to_host`]), which is what is saved.
 
-use super::{decays, AdamW};
+use super::{param_group, AdamW};
 use crate::config::{TrainConfig, Trainable};
 use crate::dist::Group;
 use crate::Result;
@@ -192,10 +192,8 @@ impl DeviceAdamW {
             if !cfg.trainable.includes(name) {
                 continue;
             }
-            let decay = if decays(name, var.dims()) { f(lr * cfg.weight_decay) } else { 0.0 };
-            // Routers and step vectors: lr * thinking_lr_scale, no decay (DESIGN §4.7).
-            let step_size = f((lr / bc1) as f32 as f64);
-            let step_size = if name.contains(".think.") { f(step_size * f(cfg.thinking_lr_scale)) } else { step_size };
+            let (decay, step_size) = param_group(name, var.dims(), lr, (lr / bc1) as f32, cfg);
+            let (decay, step_size) = (decay as f64, step_size as f64);
             let p = var.as_tensor();
             let g = match &grads[i] {
                 Some(g) => g.reshape(p.shape())?,
