@@ -954,6 +954,16 @@ fn summarize(
         let mut cfg = var.cfg.clone();
         cfg.model.vocab_size = vocab_size;
         let f = flops_per_token(&cfg.model, cfg.train.seq_len, routing.steps, routing.ratios.as_deref());
+        // Against the experiment's dense baseline, not the model's own layer count: a deeper
+        // dense model (dense2x) costs twice the baseline, not 1.00x.
+        let flops_vs_dense = match dense {
+            Some(d) => {
+                let mut base = d.cfg.model.clone();
+                base.vocab_size = vocab_size;
+                f.forward / flops_per_token(&base, d.cfg.train.seq_len, None, None).forward
+            }
+            None => f.ratio_to_dense,
+        };
         let dense_curve = dense.and_then(|d| curves.iter().find(|c| c.variant == d.name));
         let tokens_to_dense = match (dense_curve, *role == Role::Trained && !is_dense) {
             (Some(d), true) => {
@@ -976,7 +986,7 @@ fn summarize(
             solved: (!solved.is_empty()).then(|| solved.iter().sum::<f64>() / solved.len() as f64),
             params: results[0].params,
             eval_flops_per_token: f.forward,
-            flops_vs_dense: f.ratio_to_dense,
+            flops_vs_dense,
             wall_s_mean: results.iter().map(|r| r.wall_s).sum::<f64>() / results.len() as f64,
             tokens_to_dense,
             seeds: results.len(),
@@ -1014,6 +1024,15 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
             .min_by(|a, b| a.1.total_cmp(&b.1))
     };
     let dense_model = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense).map(|v| v.model.clone());
+    // FLOPs per token against the dense baseline's (a deeper dense model is not 1.00x).
+    let dense_base = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense");
+    let flops_vs_dense = |v: &Variant| {
+        let mine = flops_per_token(&v.cfg.model, v.cfg.train.seq_len, None, None);
+        match dense_base {
+            Some(d) => mine.forward / flops_per_token(&d.cfg.model, d.cfg.train.seq_len, None, None).forward,
+            None => mine.ratio_to_dense,
+        }
+    };
     let mut out = vec![];
     for m in &models {
         let mut pooled_mine: Vec<&RunResult> = vec![];
@@ -1037,7 +1056,7 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
                 lr: v.cfg.train.lr,
                 val_loss_mean: loss,
                 vs_dense,
-                flops_vs_dense: flops_per_token(&v.cfg.model, v.cfg.train.seq_len, None, None).ratio_to_dense,
+                flops_vs_dense: flops_vs_dense(v),
             });
         }
         if corpora.len() > 1 {
@@ -1050,7 +1069,7 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
                 lr: f64::NAN,
                 val_loss_mean: f64::NAN,
                 vs_dense: if is_dense { None } else { paired(&pooled_mine, &pooled_dense, |a, b| a.val_loss - b.val_loss) },
-                flops_vs_dense: flops_per_token(&m.cfg.model, m.cfg.train.seq_len, None, None).ratio_to_dense,
+                flops_vs_dense: flops_vs_dense(m),
             });
         }
     }

@@ -274,7 +274,7 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
         seq_len: Some(16),
         eval_batches: 2,
         problems: 0,
-        variants: vec!["dense".into(), "itt4".into()],
+        variants: vec!["dense".into(), "dense2x".into(), "itt4".into()],
         lr_scales: vec![1.0, 2.0],
         out: tmp.path().join("exp"),
         quiet: true,
@@ -287,11 +287,16 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
     for c in &r.corpora {
         assert!(opts.out.join(c).join("runs").join("itt4-lr2-s1").join("latest").exists(), "{c}");
     }
-    // Rows: dense and dense-lr2 (trained), itt4 and itt4-lr2 (top-k, causal, off): 8 per corpus
-    // and 8 pooled.
+    // Rows: dense, dense2x and their lr2 twins (trained), itt4 and itt4-lr2 (top-k, causal,
+    // off): 10 per corpus and 10 pooled.
     for c in ["one-char", "two-char", "pooled"] {
-        assert_eq!(r.rows.iter().filter(|row| row.corpus == c).count(), 8, "{c}");
+        assert_eq!(r.rows.iter().filter(|row| row.corpus == c).count(), 10, "{c}");
     }
+    // FLOPs against the dense baseline: twice the layers cost about twice (the head is shared).
+    let deeper = r.rows.iter().find(|x| x.corpus == "one-char" && x.variant == "dense2x").unwrap();
+    assert!(deeper.flops_vs_dense > 1.5 && deeper.flops_vs_dense < 2.01, "{}", deeper.flops_vs_dense);
+    let dense = r.rows.iter().find(|x| x.corpus == "one-char" && x.variant == "dense").unwrap();
+    assert_eq!(dense.flops_vs_dense, 1.0);
     // The pooled difference is the mean over all four (corpus, seed) pairs of its corpora's.
     let pooled = r.rows.iter().find(|x| x.corpus == "pooled" && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap();
     let per: Vec<f64> = ["one-char", "two-char"]
@@ -301,8 +306,8 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
     let vs = pooled.vs_dense.unwrap();
     assert_eq!(vs.n, 4);
     assert!((vs.mean - (per[0] + per[1]) / 2.0).abs() < 1e-9);
-    // Best rates: per corpus and pooled, for dense and ITT.
-    assert_eq!(r.best_lr.len(), 6);
+    // Best rates: per corpus and pooled, for dense, dense2x and ITT.
+    assert_eq!(r.best_lr.len(), 9);
     for b in r.best_lr.iter().filter(|b| b.corpus != "pooled") {
         let rows: Vec<_> = r.rows.iter().filter(|x| x.corpus == b.corpus && x.role == Role::Trained && (x.variant == b.model || x.variant == format!("{}-lr2", b.model))).collect();
         let least = rows.iter().map(|x| x.val_loss_mean).fold(f64::INFINITY, f64::min);
