@@ -23,6 +23,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// CPU seconds used by the whole process so far (all threads), from getrusage.
 fn cpu_s() -> f64 {
+    // SAFETY: rusage is plain integers (all-zero is a valid value), and getrusage writes one
+    // into the struct it is given.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;

@@ -37,6 +37,8 @@ pub fn reset_peak_rss() -> bool {
 /// ~30% of a training step (docs/DESIGN.md §11). Call once at start-up.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes two integers and only changes glibc's allocation thresholds; it is
+    // called at start-up (from `main`, before other threads allocate) and cannot fail unsafely.
     unsafe {
         // M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1 (malloc.h).
         libc::mallopt(-3, 1 << 30);

@@ -43,10 +43,13 @@ fn over_cap(size: usize) -> bool {
     // No allocation from inside the allocator: a fixed message, then refusing the request
     // makes the standard library abort with "memory allocation of N bytes failed".
     let msg = b"\nfuzz: a loader asked for one allocation above the 512 MiB cap (a size taken from the input?)\n";
+    // SAFETY: writes a static buffer of its own length to stderr; nothing is allocated.
     unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
     true
 }
 
+// SAFETY: every call goes to the system allocator with the caller's own arguments, or returns
+// null (allowed: an allocation may fail), so `GlobalAlloc`'s contract is the system's.
 unsafe impl GlobalAlloc for Capped {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         if over_cap(l.size()) {

@@ -209,14 +209,21 @@ fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize
 }
 
 /// out[c * ld + r] = rows[r][c] for a 16 x 16 block.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW; every row holds at least 16 values (both are what the caller
+/// checks; the output's length is asserted).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn transpose_block_f32(rows: [&[f32]; 16], out: &mut [f32], ld: usize) {
     use std::arch::x86_64::*;
     assert!(out.len() >= 15 * ld + 16);
+    // SAFETY: each row holds 16 f32 (the caller's contract), one unaligned 64-byte load.
     let r: [__m512i; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_si512(rows[i].as_ptr() as *const __m512i) });
     let t = super::bf16_gemm::simd::transpose16(r);
     for (c, v) in t.into_iter().enumerate() {
+        // SAFETY: out.len() >= 15 * ld + 16 (asserted above), so the 16 floats at c * ld, c < 16,
+        // lie inside `out`.
         unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(c * ld) as *mut __m512i, v) };
     }
 }

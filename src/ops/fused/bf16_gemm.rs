@@ -366,9 +366,13 @@ pub(crate) mod simd {
     use std::arch::x86_64::*;
 
     /// 16 f32 -> their bf16 bits in the low half of each 32-bit lane ([`super::to_bf16_bits`]).
+    ///
+    /// # Safety
+    /// AVX-512F/BW; 16 f32 are readable at `p`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn cvt16(p: *const f32) -> __m512i {
+        // SAFETY: 16 f32 (64 bytes) are readable at p (the contract); the load is unaligned.
         let x = unsafe { _mm512_loadu_si512(p as *const __m512i) };
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
         let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
@@ -386,9 +390,13 @@ pub(crate) mod simd {
     }
 
     /// 32 consecutive f32 -> 32 consecutive bf16.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; 32 f32 are readable at `p`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn cvt32(p: *const f32) -> __m512i {
+        // SAFETY: the 32 values at p are the two runs of 16 that `cvt16` reads.
         let (lo, hi) = unsafe { (cvt16(p), cvt16(p.add(16))) };
         // The low 16 bits of every 32-bit lane of lo, then of hi: words 0, 2, ..., 62.
         let idx = _mm512_set_epi16(
@@ -429,10 +437,15 @@ pub(crate) mod simd {
         out
     }
 
+    /// The 16 rows of a tile (64 bytes each) to `out`, rows TK bf16 apart.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; `out` holds a whole tile (16 x TK u16) that this thread may write.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn store_rows(rows: [__m512i; 16], out: *mut u16) {
         for (r, v) in rows.into_iter().enumerate() {
+            // SAFETY: row r of the tile, 64 bytes at r * TK u16, lies inside it (the contract).
             unsafe { _mm512_storeu_si512(out.add(r * TK) as *mut __m512i, v) };
         }
     }
@@ -443,6 +456,7 @@ pub(crate) mod simd {
     /// AVX-512F/BW; the 16 x 32 values exist; `out` holds a tile.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn a_tile_rows(src: *const f32, rs: usize, out: *mut u16) {
+        // SAFETY: row r's 32 values at src + r * rs exist, and `out` holds a tile (the contract).
         let rows: [__m512i; 16] = std::array::from_fn(|r| unsafe { cvt32(src.add(r * rs)) });
         unsafe { store_rows(rows, out) }
     }
@@ -454,6 +468,8 @@ pub(crate) mod simd {
     /// As [`a_tile_rows`].
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn a_tile_cols(src: *const f32, cs: usize, out: *mut u16) {
+        // SAFETY: the 16 values of each k at src + kk * cs, kk < 32, exist, and `out` holds a
+        // tile (the contract).
         let pairs: [__m512i; 16] =
             std::array::from_fn(|p| unsafe { pair(cvt16(src.add(2 * p * cs)), cvt16(src.add((2 * p + 1) * cs))) });
         unsafe { store_rows(transpose16(pairs), out) }
@@ -466,6 +482,8 @@ pub(crate) mod simd {
     /// As [`a_tile_rows`], for 32 x 16 values of B.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn b_tile_rows(src: *const f32, rs: usize, out: *mut u32) {
+        // SAFETY: rows kk < 32 of 16 values at src + kk * rs exist, and `out` holds a tile (the
+        // contract; a tile of u32 pairs is the same 1 KiB as one of u16).
         let rows: [__m512i; 16] =
             std::array::from_fn(|p| unsafe { pair(cvt16(src.add(2 * p * rs)), cvt16(src.add((2 * p + 1) * rs))) });
         unsafe { store_rows(rows, out as *mut u16) }
@@ -479,6 +497,8 @@ pub(crate) mod simd {
     /// As [`b_tile_rows`].
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn b_tile_cols(src: *const f32, cs: usize, out: *mut u32) {
+        // SAFETY: column j's 32 values at src + j * cs exist, and `out` holds a tile (the
+        // contract; a tile of u32 pairs is the same 1 KiB as one of u16).
         let cols: [__m512i; 16] = std::array::from_fn(|j| unsafe { cvt32(src.add(j * cs)) });
         unsafe { store_rows(transpose16(cols), out as *mut u16) }
     }
@@ -588,6 +608,8 @@ impl TileGuard {
     /// # Safety
     /// [`amx_hardware`] must have returned true.
     unsafe fn new() -> Self {
+        // SAFETY: the CPU has AMX and Linux granted the tile state (the contract); TILE_CONFIG
+        // is a static, 64-byte aligned palette-1 configuration, the 64 bytes ldtilecfg reads.
         unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack)) };
         TileGuard
     }
@@ -623,6 +645,8 @@ unsafe fn kernel_32x32(
     load: bool,
 ) {
     use std::arch::asm;
+    // SAFETY: tiles are configured (the contract); every address below is in one of the four
+    // tile runs (kb < kbc) or in C's 32 x 32 block, which the contract says exist and are ours.
     unsafe {
         let c1 = c.add(16);
         let c2 = c.byte_add(16 * c_stride);
@@ -675,11 +699,15 @@ struct TileGuard;
 
 #[cfg(not(target_arch = "x86_64"))]
 impl TileGuard {
+    /// # Safety
+    /// Never called (see above).
     unsafe fn new() -> Self {
         unreachable!("AMX is x86_64 only")
     }
 }
 
+/// # Safety
+/// Never called (see above).
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_32x32(

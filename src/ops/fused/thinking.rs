@@ -89,6 +89,7 @@ fn backward<T: Real>(idx: &[u32], y: &[T], pw: &[T], g: &[T], d: usize) -> (Vec<
             *dp += a * yv;
             dwr += gv * (yv * p);
         }
+        // SAFETY: as above, element r of dw belongs to this chunk.
         unsafe { pdw.slice(r, 1)[0] = dwr };
     });
     // SAFETY: the chunks cover every row of dy and every element of dw.
