@@ -12,11 +12,6 @@ pub fn peak_rss_mb() -> f64 {
     read_status_kb("VmHWM:") / 1024.0
 }
 
-/// Current resident memory in MiB (Linux `VmRSS`), 0 where unknown.
-pub fn rss_mb() -> f64 {
-    read_status_kb("VmRSS:") / 1024.0
-}
-
 fn read_status_kb(key: &str) -> f64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
     s.lines()
@@ -24,12 +19,6 @@ fn read_status_kb(key: &str) -> f64 {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|v| v.parse::<f64>().ok())
         .unwrap_or(0.0)
-}
-
-/// Reset the peak-RSS counter (Linux: write 5 to /proc/self/clear_refs), so that a later
-/// `peak_rss_mb` measures one phase. Returns false where unsupported.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// Keep freed large buffers in the heap instead of returning them to the kernel: every

@@ -109,20 +109,6 @@ fn mean_nll(shard: &TokenShard, seq_len: usize, sums: &[(usize, f64, usize)]) ->
     Ok(total / count as f64)
 }
 
-/// Per-token negative log-likelihoods (nats) of `rows` sequences of `seq_len` tokens.
-pub fn window_nll(
-    model: &Model,
-    inp: &[u32],
-    tgt: &[u32],
-    rows: usize,
-    seq_len: usize,
-    routing: &RoutingOptions,
-) -> Result<Vec<f64>> {
-    let x = Tensor::from_slice(inp, inp.len(), model.device())?;
-    let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, None)?;
-    ops::token_nll(&logits, tgt)
-}
-
 /// Loss, perplexity and bits per byte of a text.
 #[derive(Clone, Debug, Serialize)]
 pub struct TextEval {

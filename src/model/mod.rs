@@ -163,12 +163,6 @@ impl SeqLayout {
         }
         s
     }
-
-    /// Some((B, T)) when every sequence has the same length T.
-    pub fn uniform_shape(&self) -> Option<(usize, usize)> {
-        let t = *self.lens.first()?;
-        self.lens.iter().all(|&n| n == t).then_some((self.lens.len(), t))
-    }
 }
 
 /// Rotary cos/sin gathered at the positions of one call's tokens: (N, hd/2) each.
