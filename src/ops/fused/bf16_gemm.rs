@@ -961,13 +961,25 @@ mod tests {
         }
     }
 
+    /// Where AMX is usable, or a clear failure: built on an AMX CPU (build.rs) but unusable
+    /// here (`ITT_AMX=0`, or the kernel refused the tile state) must not pass unnoticed.
+    fn require_amx() {
+        assert!(
+            amx_available(),
+            "these tests were built on a CPU with AMX, but AMX is not usable here (ITT_AMX=0, or Linux \
+             refused the tile state); run them where it is, or without ITT_AMX=0"
+        );
+    }
+
+    /// The AMX path: every case against the f64 reference, zero-length k, and the same bits on
+    /// a second call and on 1 and 3 threads.
     #[test]
-    fn amx_matches_reference() {
-        if !amx_available() {
-            eprintln!("bf16_gemm::amx_matches_reference SKIPPED: no AMX on this machine (or ITT_AMX=0)");
-            return;
-        }
+    #[cfg_attr(not(itt_amx), ignore = "no AMX on the CPU these tests were built on")]
+    fn amx_matches_reference_and_repeats() {
+        require_amx();
         check_all(gemm_amx);
+        check_empty_k(gemm_amx);
+        check_deterministic("amx", gemm_amx);
     }
 
     #[test]
@@ -981,52 +993,48 @@ mod tests {
         check_case(gemm_bf16, 40, 65, 77, 2, 0, 0, false, 10);
     }
 
-    #[test]
-    fn empty_k_zeroes_or_keeps_c() {
+    /// k = 0: C kept when accumulating, zeroed otherwise.
+    fn check_empty_k(f: Gemm) {
         let a = MatRef { data: &[], row_stride: 0, col_stride: 1 };
         let b = MatRef { data: &[], row_stride: 3, col_stride: 1 };
-        let mut paths: Vec<Gemm> = vec![gemm_bf16, gemm_fallback];
-        if amx_available() {
-            paths.push(gemm_amx);
-        }
-        for f in paths {
-            let mut c = vec![5.0f32; 6];
-            f(2, 3, 0, a, b, &mut c, 3, true);
-            assert_eq!(c, vec![5.0; 6]);
-            f(2, 3, 0, a, b, &mut c, 3, false);
-            assert_eq!(c, vec![0.0; 6]);
-        }
+        let mut c = vec![5.0f32; 6];
+        f(2, 3, 0, a, b, &mut c, 3, true);
+        assert_eq!(c, vec![5.0; 6]);
+        f(2, 3, 0, a, b, &mut c, 3, false);
+        assert_eq!(c, vec![0.0; 6]);
     }
 
-    /// Same call twice, then on a 1-thread and a 3-thread pool: identical bits, for whichever
-    /// paths this machine has. Shapes with many tasks and edge blocks, transposed A.
     #[test]
-    fn bit_for_bit_deterministic() {
-        let mut paths: Vec<(&str, Gemm)> = vec![("fallback", gemm_fallback)];
-        if amx_available() {
-            paths.push(("amx", gemm_amx));
-        } else {
-            eprintln!("bf16_gemm::bit_for_bit_deterministic: no AMX, checking the fallback only");
-        }
+    fn empty_k_zeroes_or_keeps_c() {
+        check_empty_k(gemm_bf16);
+        check_empty_k(gemm_fallback);
+    }
+
+    /// Same call twice, then on a 1-thread and a 3-thread pool: identical bits. Shapes with
+    /// many tasks and edge blocks, transposed A.
+    fn check_deterministic(name: &str, f: Gemm) {
         let mut rng = Rng::new(3);
         for (m, n, k, la) in [(300, 200, 150, 0), (257, 129, 300, 2)] {
             let a = Operand::new(m, k, la, &mut rng);
             let b = Operand::new(k, n, 0, &mut rng);
             let c0: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
-            for &(name, f) in &paths {
-                let run = || {
-                    let mut c = c0.clone();
-                    f(m, n, k, a.view(), b.view(), &mut c, n, true);
-                    c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
-                };
-                let first = run();
-                assert_eq!(first, run(), "{name}: second call differs");
-                for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    assert_eq!(first, pool.install(run), "{name}: differs on {threads} thread(s)");
-                }
+            let run = || {
+                let mut c = c0.clone();
+                f(m, n, k, a.view(), b.view(), &mut c, n, true);
+                c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+            };
+            let first = run();
+            assert_eq!(first, run(), "{name}: second call differs");
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                assert_eq!(first, pool.install(run), "{name}: differs on {threads} thread(s)");
             }
         }
+    }
+
+    #[test]
+    fn fallback_is_bit_for_bit_deterministic() {
+        check_deterministic("fallback", gemm_fallback);
     }
 
     /// `gemm_f32` sharing C's rows out over the threads gives, bit for bit, what one
@@ -1074,12 +1082,13 @@ mod tests {
     /// The vector packers (row- and column-major tiles, with their transposes) against the
     /// element-by-element ones, on every layout, with edge tiles in both directions.
     #[test]
+    #[cfg_attr(not(itt_avx512), ignore = "no AVX-512 on the CPU these tests were built on")]
     fn packers_match_scalar() {
         #[cfg(target_arch = "x86_64")]
-        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")) {
-            eprintln!("bf16_gemm::packers_match_scalar SKIPPED: no AVX-512");
-            return;
-        }
+        assert!(
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw"),
+            "built on a CPU with AVX-512 but run on one without: run the tests where they were built"
+        );
         let (rows, cols) = (72, 100);
         let mut rng = Rng::new(11);
         for layout in 0..5 {
