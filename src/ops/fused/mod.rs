@@ -17,6 +17,7 @@ mod cross_entropy;
 mod linear;
 mod rms_norm;
 mod rope;
+mod shell;
 mod swiglu;
 mod thinking;
 
