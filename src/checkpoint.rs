@@ -629,6 +629,7 @@ pub fn load_model(path: &Path) -> Result<(Model, crate::data::Tokenizer, Checkpo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::TestModel;
 
     fn write_with_header(path: &Path, header: &[(&str, &str)]) {
         let t = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
@@ -639,12 +640,7 @@ mod tests {
     /// A small dense model saved as a weights-only checkpoint in `dir`.
     fn saved(dir: &Path) -> Model {
         let mut cfg = crate::config::preset("tiny").unwrap();
-        cfg.model.vocab_size = 257;
-        cfg.model.d_model = 16;
-        cfg.model.n_heads = 2;
-        cfg.model.n_kv_heads = 2;
-        cfg.model.mlp_hidden = 32;
-        cfg.model.n_layers = 1;
+        cfg.model = TestModel::preset("tiny").vocab(257).width(16, 32).heads(2, 2).layers(1).config();
         let model = Model::new(&cfg.model, 1, &Device::Cpu).unwrap();
         let tok = crate::data::Tokenizer::byte().to_json().unwrap();
         let parts = SaveParts { config: &cfg, tokenizer_json: &tok, optimizer: None, state: None, calibration: None };

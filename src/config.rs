@@ -638,6 +638,65 @@ pub fn preset(name: &str) -> Result<RunConfig> {
     Ok(cfg)
 }
 
+/// The small models of tests: a preset's model with the sizes a test needs set by name, e.g.
+/// `TestModel::preset("tiny-itt4").vocab(v).width(32, 48).heads(2, 1).context(64).config()`,
+/// instead of a preset's fields assigned one by one in every test file.
+#[derive(Clone, Debug)]
+pub struct TestModel(ModelConfig);
+
+impl TestModel {
+    /// A preset's model; the name must be one of [`preset_names`] (tests name presets that exist).
+    pub fn preset(name: &str) -> Self {
+        TestModel(preset(name).unwrap_or_else(|e| panic!("{e}")).model)
+    }
+
+    /// The tokenizer's vocabulary size.
+    pub fn vocab(mut self, vocab_size: usize) -> Self {
+        self.0.vocab_size = vocab_size;
+        self
+    }
+
+    /// Width of the residual stream and of the SwiGLU hidden layer.
+    pub fn width(mut self, d_model: usize, mlp_hidden: usize) -> Self {
+        (self.0.d_model, self.0.mlp_hidden) = (d_model, mlp_hidden);
+        self
+    }
+
+    /// Query heads and key/value heads (fewer key/value heads: grouped-query attention).
+    pub fn heads(mut self, n_heads: usize, n_kv_heads: usize) -> Self {
+        (self.0.n_heads, self.0.n_kv_heads) = (n_heads, n_kv_heads);
+        self
+    }
+
+    pub fn layers(mut self, n_layers: usize) -> Self {
+        self.0.n_layers = n_layers;
+        self
+    }
+
+    /// The longest sequence the model accepts.
+    pub fn context(mut self, max_seq_len: usize) -> Self {
+        self.0.max_seq_len = max_seq_len;
+        self
+    }
+
+    /// Std of the initial matrices: larger than a preset's, a random model's outputs differ
+    /// more from token to token.
+    pub fn init_std(mut self, std: f64) -> Self {
+        self.0.init_std = std;
+        self
+    }
+
+    /// Std of the initial router weights: larger, a random model's routing decisions differ more.
+    pub fn router_init_std(mut self, std: f64) -> Self {
+        self.0.thinking.router_init_std = std;
+        self
+    }
+
+    pub fn config(self) -> ModelConfig {
+        self.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

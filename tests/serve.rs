@@ -3,7 +3,7 @@
 //! cancellation, deadlines, graceful shutdown, chat templates and the latency valve.
 
 use candle_core::{Device, Tensor};
-use itt::config::preset;
+use itt::config::TestModel;
 use itt::data::Tokenizer;
 use itt::generate::{generate, Event, GenerateOptions, SamplingParams};
 use itt::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqLayout};
@@ -21,15 +21,14 @@ fn model() -> (Model, Tokenizer, Arc<RouterCalibration>) {
 
 fn model_with_context(ctx: usize) -> (Model, Tokenizer, Arc<RouterCalibration>) {
     let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghijklmnopqrstuvwxyz:");
-    let mut cfg = preset("tiny-itt4").unwrap().model;
-    cfg.vocab_size = tok.vocab_size();
-    cfg.d_model = 32;
-    cfg.n_heads = 2;
-    cfg.n_kv_heads = 1;
-    cfg.mlp_hidden = 48;
-    cfg.max_seq_len = ctx;
-    cfg.init_std = 0.2;
-    cfg.thinking.router_init_std = 0.5;
+    let cfg = TestModel::preset("tiny-itt4")
+        .vocab(tok.vocab_size())
+        .width(32, 48)
+        .heads(2, 1)
+        .context(ctx)
+        .init_std(0.2)
+        .router_init_std(0.5)
+        .config();
     let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
     let ids = tok.encode("12+34=46\n5+5=10\nabc def ghij\n901-3=898\n").unwrap();
     let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();

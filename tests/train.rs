@@ -11,13 +11,8 @@ use std::path::Path;
 
 fn small_run(preset: &str, tok: &Tokenizer, steps: usize) -> RunConfig {
     let mut cfg = config::preset(preset).unwrap();
-    let m = &mut cfg.model;
-    m.vocab_size = tok.vocab_size();
-    m.d_model = 32;
-    m.n_heads = 2;
-    m.n_kv_heads = 2;
-    m.mlp_hidden = 64;
-    m.max_seq_len = 64;
+    cfg.model =
+        config::TestModel::preset(preset).vocab(tok.vocab_size()).width(32, 64).heads(2, 2).context(64).config();
     let t = &mut cfg.train;
     t.batch_size = 4;
     t.seq_len = 32;

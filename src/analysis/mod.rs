@@ -229,13 +229,7 @@ pub(crate) mod testutil {
             ModelKind::Itt => "tiny-itt4",
         };
         let mut cfg = config::preset(name).unwrap();
-        let m = &mut cfg.model;
-        m.vocab_size = vocab;
-        m.d_model = 32;
-        m.n_heads = 2;
-        m.n_kv_heads = 2;
-        m.mlp_hidden = 64;
-        m.max_seq_len = 64;
+        cfg.model = config::TestModel::preset(name).vocab(vocab).width(32, 64).heads(2, 2).context(64).config();
         cfg.train.seq_len = 32;
         cfg.train.batch_size = 2;
         cfg

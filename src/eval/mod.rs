@@ -222,20 +222,14 @@ pub fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::preset;
+    use crate::config::TestModel;
     use candle_core::Device;
 
     #[test]
     fn perplexity_is_exp_of_the_mean_token_loss_and_bpb_counts_bytes() {
         let text = "12+34=46\nsort 3 1 2 = 1 2 3\nrev abc = cba\n";
         let tok = Tokenizer::char_from_text(text);
-        let mut cfg = preset("tiny-itt2").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.d_model = 16;
-        cfg.n_heads = 2;
-        cfg.n_kv_heads = 2;
-        cfg.mlp_hidden = 24;
-        cfg.max_seq_len = 64;
+        let cfg = TestModel::preset("tiny-itt2").vocab(tok.vocab_size()).width(16, 24).heads(2, 2).context(64).config();
         let model = Model::new(&cfg, 2, &Device::Cpu).unwrap();
         // Independent: one forward over [eot] + text, hand-written log-softmax, mean.
         let mut ids = vec![tok.eot_id()];

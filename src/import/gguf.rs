@@ -674,7 +674,7 @@ pub fn write(
 mod tests {
     use super::*;
     use crate::checkpoint::model_tensors;
-    use crate::config::preset;
+    use crate::config::{preset, TestModel};
     use crate::model::{Model, RoutingOptions, SeqLayout};
 
     fn docs() -> Vec<String> {
@@ -685,9 +685,7 @@ mod tests {
     /// model written as a GGUF the way llama.cpp would.
     fn small_gguf(dir: &Path) -> (Model, Tokenizer, std::path::PathBuf) {
         let tok = Tokenizer::train_bpe(&docs(), 300, 2).unwrap();
-        let mut cfg = preset("tiny").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.n_kv_heads = 2;
+        let mut cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).heads(4, 2).config();
         cfg.tie_embeddings = true;
         cfg.rope_theta = 100000.0;
         let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();

@@ -298,15 +298,13 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
 mod tests {
     use super::*;
     use crate::checkpoint::model_tensors;
-    use crate::config::preset;
+    use crate::config::{preset, TestModel};
     use crate::model::{Model, RoutingOptions, SeqLayout};
 
     fn setup() -> (Model, Tokenizer) {
         let docs: Vec<String> = (0..20).map(|i| format!("the cat sat on the mat {i} times\n")).collect();
         let tok = Tokenizer::train_bpe(&docs, 280, 2).unwrap();
-        let mut cfg = preset("tiny").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.n_kv_heads = 2;
+        let cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).heads(4, 2).config();
         (Model::new(&cfg, 3, &Device::Cpu).unwrap(), tok)
     }
 

@@ -237,13 +237,11 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
 mod tests {
     use super::*;
     use crate::checkpoint::model_tensors;
-    use crate::config::preset;
+    use crate::config::{preset, TestModel};
     use crate::model::SeqLayout;
 
     fn dense() -> Model {
-        let mut cfg = preset("tiny").unwrap().model;
-        cfg.n_kv_heads = 2;
-        Model::new(&cfg, 11, &Device::Cpu).unwrap()
+        Model::new(&TestModel::preset("tiny").heads(4, 2).config(), 11, &Device::Cpu).unwrap()
     }
 
     fn itt(steps: usize, ratios: Vec<f64>, phi_init: f64) -> ThinkingConfig {
