@@ -4,8 +4,7 @@
 use crate::config::RunConfig;
 use crate::flops::flops_per_token;
 use crate::model::{Model, RoutingOptions};
-use crate::optim::device::DeviceOptimizer;
-use crate::optim::{AdamW, GradAccumulator};
+use crate::optim::{AdamW, Optimizer};
 use crate::rng::Rng;
 use crate::Result;
 use candle_core::Device;
@@ -100,12 +99,8 @@ pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<Trai
     model.precision = cfg.train.precision;
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let mut rng = Rng::new(cfg.train.seed);
-    let mut opt = AdamW::new(&model.params);
-    let mut acc = GradAccumulator::new(&model.params);
-    let mut on_device = match device.is_cpu() {
-        true => None,
-        false => Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?),
-    };
+    let state = AdamW::new(&model.params);
+    let mut opt = Optimizer::new(&model.params, cfg.train.trainable, state, !device.is_cpu())?;
     let mut gpu_memory_mb = crate::util::gpu_memory_used_mb(device);
     let (mut times, mut fwd, mut bwd, mut opt_times) = (vec![], vec![], vec![], vec![]);
     for i in 0..steps.max(1) + 1 {
@@ -122,22 +117,11 @@ pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<Trai
         let grads = loss.backward()?;
         sync()?;
         let t2 = Instant::now();
-        match &mut on_device {
-            Some(d) => {
-                d.acc.zero();
-                d.acc.add(&model.params, &grads)?;
-                drop(grads);
-                let norm = d.acc.finish()?;
-                d.adam.step(&model.params, &d.acc.sums, norm, 1e-4, &cfg.train)?;
-            }
-            None => {
-                acc.zero();
-                acc.add(&model.params, &grads)?;
-                drop(grads);
-                let norm = acc.finish();
-                opt.step(&model.params, &acc.sums, norm, 1e-4, &cfg.train)?;
-            }
-        }
+        opt.zero();
+        opt.accumulate(&model.params, &grads)?;
+        drop(grads);
+        let norm = opt.finish()?;
+        opt.update(&model.params, norm, 1e-4, &cfg.train)?;
         sync()?;
         if let Some(used) = crate::util::gpu_memory_used_mb(device) {
             gpu_memory_mb = Some(gpu_memory_mb.unwrap_or(0.0).max(used));

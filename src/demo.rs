@@ -7,7 +7,7 @@ use crate::error::IoContext;
 use crate::eval::reasoning;
 use crate::generate::{self, Event, GenerateOptions, SamplingParams};
 use crate::model::{Routing, RoutingOptions};
-use crate::train::{self, DataSpec, RunOptions, Trainer};
+use crate::train::{self, DataSpec, RunOptions, Trainer, TrainerOptions};
 use crate::{report, Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -86,7 +86,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         cfg.train.warmup_steps,
         cfg.train.seed
     );
-    let mut trainer = Trainer::new(cfg.clone(), &tok, out)?;
+    let mut trainer = Trainer::new(cfg.clone(), &tok, out, TrainerOptions::default())?;
     let initial = trainer.evaluate(&dataset.val, cfg.train.eval_batches)?;
     let summary = train::run(&mut trainer, &dataset, &RunOptions::default())?;
     let entropy = unigram_entropy(&dataset.train);

@@ -454,7 +454,8 @@ fn train_one(
     device: &candle_core::Device,
 ) -> Result<Trainer> {
     if run_dir.join("latest").exists() {
-        let mut t = Trainer::resume_on(run_dir, None, device)?;
+        let mut t =
+            Trainer::resume(run_dir, None, train::TrainerOptions { device: device.clone(), ..Default::default() })?;
         if t.cfg != *cfg {
             return Err(Error::usage(format!(
                 "{} was trained with another configuration; remove it or choose another --out",
@@ -466,7 +467,12 @@ fn train_one(
         }
         return Ok(t);
     }
-    let mut t = Trainer::new_on(cfg.clone(), tok, run_dir, device)?;
+    let mut t = Trainer::new(
+        cfg.clone(),
+        tok,
+        run_dir,
+        train::TrainerOptions { device: device.clone(), ..Default::default() },
+    )?;
     train::run(&mut t, dataset, &RunOptions { quiet, stop_at: None })?;
     Ok(t)
 }

@@ -455,7 +455,7 @@ fn checkpoint_files() -> &'static Vec<(String, Vec<u8>)> {
         m.max_seq_len = 32;
         (cfg.train.batch_size, cfg.train.seq_len, cfg.train.max_steps) = (2, 16, 1);
         let run = dir.path().join("run");
-        let mut t = itt::train::Trainer::new(cfg, &tok, &run).unwrap();
+        let mut t = itt::train::Trainer::new(cfg, &tok, &run, Default::default()).unwrap();
         itt::train::run(&mut t, &ds, &itt::train::RunOptions { quiet: true, stop_at: None }).unwrap();
         let ck = checkpoint::resolve(&run).unwrap();
         let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&ck)

@@ -4,7 +4,7 @@ use super::ModelSource;
 use crate::config::{OnNonFinite, ResidualForm, Trainable};
 use crate::dist::Group;
 use crate::ops::Precision;
-use crate::train::{DataSpec, RunOptions, Trainer};
+use crate::train::{DataSpec, RunOptions, Trainer, TrainerOptions};
 use crate::util::DeviceSpec;
 use crate::{data, demo, report, Error, Result};
 use clap::Args;
@@ -203,8 +203,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
         spec => spec,
     };
     let device = crate::util::open_device(device)?;
+    // The GPU's optimiser on CPU tensors: how tests reach its data-parallel sum without a GPU
+    // (tests/mpi.rs; DESIGN §15).
+    let device_optimizer = std::env::var("ITT_DEVICE_OPTIMIZER").is_ok_and(|v| v == "1");
+    let placed = || TrainerOptions { group: group.clone(), device: device.clone(), device_optimizer, weights: None };
     let (mut trainer, dataset) = if a.resume {
-        let mut trainer = Trainer::resume_in(&a.out, a.checkpoint.as_deref(), group.clone(), &device)?;
+        let mut trainer = Trainer::resume(&a.out, a.checkpoint.as_deref(), placed())?;
         if group.is_lead() {
             for n in &trainer.notices {
                 eprintln!("{n}");
@@ -234,7 +238,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         };
         let (dataset, tok) = crate::train::prepare_data(&prepared, &data_dir)?;
         let cfg = crate::config::RunConfig::load(&a.out.join("config.json"))?;
-        (Trainer::new_in(cfg, &tok, &a.out, group.clone(), &device)?, dataset)
+        (Trainer::new(cfg, &tok, &a.out, placed())?, dataset)
     } else {
         let mut cfg = a.model.load("tiny")?;
         let t = &mut cfg.train;
@@ -282,7 +286,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
                 cfg.model.vocab_size = tok.vocab_size();
             }
             cfg.validate()?;
-            Ok((Trainer::new_in(cfg, &tok, &a.out, group.clone(), &device)?, dataset))
+            Ok((Trainer::new(cfg, &tok, &a.out, placed())?, dataset))
         };
         let made = match setup() {
             Ok(x) => x,
@@ -301,11 +305,6 @@ pub fn train(a: TrainArgs) -> Result<()> {
         // Ranks that disagree here would train different models without a word.
         group.share(trainer.cfg.train.grad_accum)?;
         group.check_agree("model, optimiser state or data position", trainer.fingerprint()?)?;
-    }
-    if std::env::var("ITT_DEVICE_OPTIMIZER").is_ok_and(|v| v == "1") {
-        // The GPU's optimiser on CPU tensors: how tests reach its data-parallel sum without a
-        // GPU (tests/mpi.rs; DESIGN §15).
-        trainer.use_device_optimizer()?;
     }
     let summary = crate::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
     if group.is_lead() {

@@ -788,7 +788,14 @@ mod tests {
             assert!(served.dequantize().is_err());
             // Quantized products have no gradients: such a model is not trained.
             let run = crate::import::run_config_for(&q.cfg);
-            let e = crate::train::Trainer::from_model(run, q, &tok, &dir.path().join("run")).err().unwrap();
+            let e = crate::train::Trainer::new(
+                run,
+                &tok,
+                &dir.path().join("run"),
+                crate::train::TrainerOptions { weights: Some(q), ..Default::default() },
+            )
+            .err()
+            .unwrap();
             assert!(e.to_string().contains("cannot be trained"), "{e}");
         }
     }

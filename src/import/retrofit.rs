@@ -25,7 +25,7 @@ use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::{Model, RoutingOptions};
 use crate::rng::Rng;
-use crate::train::{RunOptions, TrainSummary, Trainer};
+use crate::train::{RunOptions, TrainSummary, Trainer, TrainerOptions};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -195,7 +195,8 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
     }
 
     let run_cfg = RunConfig { train: train.clone(), ..super::run_config_for(&cfg) };
-    let mut trainer = Trainer::from_model(run_cfg, model, &tokenizer, &opts.out)?;
+    let mut trainer =
+        Trainer::new(run_cfg, &tokenizer, &opts.out, TrainerOptions { weights: Some(model), ..Default::default() })?;
     let summary = if train.max_steps == 0 {
         // No fine-tuning: keep the retrofitted model as it starts (step 0) and its losses.
         trainer.state.last_val_loss = Some(val_loss_retrofit);
