@@ -980,7 +980,7 @@ impl Model {
     }
 
     /// The cross-entropy and, when `router_aux`, the router auxiliary loss of B sequences of T
-    /// tokens (the training objective: ce + weight * router_aux, `train.rs`).
+    /// tokens (the training objective: ce + weight * router_aux, `train::Trainer::step`).
     #[allow(clippy::too_many_arguments)]
     pub fn train_loss(
         &self,

@@ -126,7 +126,7 @@ impl Precision {
 
     /// Whether this CPU computes bf16 products in hardware (AMX tiles). Without it the bf16
     /// path rounds the operands and multiplies in f32 (`bf16_gemm::gemm_fallback`): ~0.66x the
-    /// speed of plain f32 on an AVX2 EPYC, so training falls back to f32 there (`train.rs`).
+    /// speed of plain f32 on an AVX2 EPYC, so training falls back to f32 there (`train::Trainer::new`).
     pub fn bf16_in_hardware() -> bool {
         fused::bf16_gemm::amx_available()
     }

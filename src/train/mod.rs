@@ -25,6 +25,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod launch;
+pub use launch::{launch, LaunchOptions, Start};
+
 /// Where the training text comes from and how it becomes tokens.
 #[derive(Clone, Debug)]
 pub struct DataSpec {
