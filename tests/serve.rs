@@ -273,7 +273,8 @@ fn a_full_queue_gets_429_and_a_client_that_leaves_frees_its_place() {
 
 #[test]
 fn deadlines_end_requests_and_shutdown_lets_running_ones_finish() {
-    let (server, url) = start(EngineConfig::default());
+    // A context of 2048: the stream below runs long enough (~0.5 s) to be seen running.
+    let (server, url) = start_with_context(EngineConfig::default(), 2048);
     let (status, v) =
         post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 100, "timeout": 0.000001, "temperature": 0}"#);
     assert_eq!(status, 200, "{v}");
@@ -281,7 +282,7 @@ fn deadlines_end_requests_and_shutdown_lets_running_ones_finish() {
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 100);
 
     // A stream running when shutdown begins still ends well formed, with all its tokens.
-    let body = json!({"prompt": "1", "max_tokens": 100, "temperature": 0.7, "seed": 3, "ignore_eos": true});
+    let body = json!({"prompt": "1", "max_tokens": 1000, "temperature": 0.7, "seed": 3, "ignore_eos": true});
     let url2 = url.clone();
     let reader = std::thread::spawn(move || bench::stream_completion(&url2, &body, Duration::from_secs(60)));
     wait_until(|| metric(&url, "itt_running_sequences") >= 1.0, "the stream to start");
