@@ -3,6 +3,7 @@
 
 use crate::config::RunConfig;
 use crate::flops::flops_per_token;
+use crate::import::OpenOptions;
 use crate::model::{Model, RoutingOptions};
 use crate::optim::{AdamW, Optimizer};
 use crate::rng::Rng;
@@ -338,7 +339,7 @@ carrying a lantern and a small notebook in which he recorded the ships that pass
 November, he noticed a strange green light far out at sea that did not move with the waves.";
 
 /// Prefill and decode speed of `generate` (greedy, batch 1, KV cache) on a model read for
-/// inference (`import::load_for_inference`), `runs` times; medians are reported.
+/// inference (`import::open`), `runs` times; medians are reported.
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateBench {
     pub model: String,
@@ -370,8 +371,8 @@ pub fn generate_file(
 ) -> Result<GenerateBench> {
     use crate::generate::{Event, GenerateOptions, SamplingParams};
     let t0 = Instant::now();
-    let (model, tok, _) = crate::import::load_for_inference(path, weights)?;
-    let model = model.to_device(device)?;
+    let opened = crate::import::open(path, &OpenOptions { gguf_weights: weights, device: device.clone() })?;
+    let (model, tok) = (opened.model, opened.tokenizer);
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_tokens = tok.encode(prompt)?.len();
     let (mut prefill, mut decode, mut count, mut text) = (vec![], vec![], 0, String::new());

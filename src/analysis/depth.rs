@@ -13,7 +13,7 @@ use super::plot::{self, Png};
 use super::{html_escape, visible, write_json};
 use crate::data::Tokenizer;
 use crate::model::{ForwardRecord, Model, Routing, RoutingOptions, SeqLayout};
-use crate::{checkpoint, Error, Result};
+use crate::{Error, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -429,7 +429,8 @@ pub fn run(ckpt: &Path, text: &str, opts: &DepthOptions, out: &Path) -> Result<D
             "the text to analyse is empty; give some text with --text or a non-empty --data file",
         ));
     }
-    let (model, tok, info) = checkpoint::load_model(ckpt)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(ckpt, &crate::import::OpenOptions::differentiable())?;
     if model.thinking_layers().next().is_none() {
         return Err(Error::checkpoint(
             &info.dir,

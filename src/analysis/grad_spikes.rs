@@ -24,7 +24,7 @@ use super::plot::{self, Panel, Png, Series};
 use super::{encode_with_offsets, write_json};
 use crate::data::{answer_spans, Tokenizer};
 use crate::model::{Model, RoutingOptions, SeqLayout};
-use crate::{checkpoint, ops, Error, Result};
+use crate::{ops, Error, Result};
 use candle_core::{DType, Tensor};
 use plotters::style::colors::BLACK;
 use serde::Serialize;
@@ -506,7 +506,8 @@ fn wrap(s: &str, width: usize) -> String {
 
 /// Load a checkpoint, run the study on `data`, write grad_spikes.json and grad_spikes.png.
 pub fn run(ckpt: &Path, data: &str, opts: &SpikeOptions, out: &Path) -> Result<(SpikeReport, Vec<PathBuf>)> {
-    let (model, tok, info) = checkpoint::load_model(ckpt)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(ckpt, &crate::import::OpenOptions::differentiable())?;
     let max_len = info.config.train.seq_len.min(model.cfg.max_seq_len);
     let (samples, rule) = build_samples(&tok, data, max_len, opts)?;
     let report = analyze(&model, &samples, rule, data, opts)?;

@@ -17,7 +17,7 @@ use super::plot::{self, Panel, Png, Series};
 use super::{encode_with_offsets, write_json, CharClass};
 use crate::data::{answer_byte_mask, line_kind, Tokenizer};
 use crate::model::{ForwardRecord, Model, RoutingOptions, SeqLayout};
-use crate::{checkpoint, Error, Result};
+use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -544,7 +544,8 @@ fn short_group(g: &str) -> String {
 
 /// Load a checkpoint, analyse `data`, write router.json and the pictures into `out`.
 pub fn run(ckpt: &Path, data: &str, opts: &RouterOptions, out: &Path) -> Result<(RouterReport, Vec<PathBuf>)> {
-    let (model, tok, info) = checkpoint::load_model(ckpt)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(ckpt, &crate::import::OpenOptions::differentiable())?;
     if !model.has_routers() {
         return Err(Error::checkpoint(
             &info.dir,
@@ -661,7 +662,7 @@ mod tests {
             assert!(s.w_mean_selected >= s.w_mean_unselected, "{s:?}");
         }
         // The synthetic labels: answer vs prompt, from answer_spans.
-        let (model, tok, _) = checkpoint::load_model(&ck).unwrap();
+        let (model, tok, _) = crate::checkpoint::load_model(&ck).unwrap();
         let docs = vec!["12+34=46\nla la la\n".to_string()];
         let r = analyze(&model, &tok, &docs, true, "builtin", &RouterOptions { seq_len: Some(8), ..opts }).unwrap();
         let n =

@@ -183,7 +183,8 @@ fn default_prompts(run_dir: &Path, cfg: &RunConfig) -> Vec<String> {
 
 /// Generated samples as HTML, each token coloured by its mean depth over thinking layers.
 fn generations(run_dir: &Path, cfg: &RunConfig, opts: &ReportOptions) -> Result<String> {
-    let (model, tok, info) = checkpoint::load_model(run_dir)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(run_dir, &crate::import::OpenOptions::differentiable())?;
     let prompts = if opts.prompts.is_empty() { default_prompts(run_dir, cfg) } else { opts.prompts.clone() };
     let threshold = model.has_routers() && info.calibration.is_some();
     let use_cache = threshold || !model.has_routers();

@@ -3,6 +3,7 @@
 use super::RoutingArgs;
 use crate::generate::{Event, GenerateOptions, SamplingParams};
 use crate::import::gguf::GgufWeights;
+use crate::import::{open, Format, OpenOptions, Opened};
 use crate::model::Routing;
 use crate::ops::Precision;
 use crate::train::DataSpec;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Checkpoint folder, run folder, or a .gguf file (llama architecture).
+    /// Checkpoint folder, run folder, a .gguf file (llama architecture) or a Hugging Face folder.
     #[arg(long)]
     checkpoint: PathBuf,
     /// A text file or corpus (scored whole), or a prepared dataset folder (its validation split).
@@ -65,7 +66,7 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint folder, run folder, or a .gguf file (llama architecture).
+    /// Checkpoint folder, run folder, a .gguf file (llama architecture) or a Hugging Face folder.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Prompt (repeat for a batch).
@@ -135,8 +136,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     let device = a.device.open()?;
-    let (model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
-    let mut model = model.to_device(&device)?;
+    let opened = open(&a.checkpoint, &OpenOptions { gguf_weights: a.gguf_weights, device: device.clone() })?;
+    let Opened { mut model, tokenizer: tok, info, .. } = opened;
     model.precision = a.precision.unwrap_or(info.config.train.precision);
     if model.precision == crate::ops::Precision::Bf16 && device.is_cpu() && crate::ops::Precision::bf16_falls_back() {
         eprintln!("notice: no bf16 matrix units (AMX) on this CPU: scoring in f32");
@@ -216,8 +217,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let device = a.device.open()?;
-    let (model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
-    let model = model.to_device(&device)?;
+    let opened = open(&a.checkpoint, &OpenOptions { gguf_weights: a.gguf_weights, device })?;
+    let Opened { model, tokenizer: tok, info, .. } = opened;
     let default = if model.has_routers() && !a.no_cache { Routing::Threshold } else { Routing::TopK };
     let routing = a.routing.options(info.calibration.as_ref(), default)?;
     if routing.mode == Routing::Threshold && routing.calibration.is_none() && model.has_routers() {
@@ -280,8 +281,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     let device = a.device.open()?;
-    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
-    let model = model.to_device(&device)?;
+    let Opened { model, tokenizer: tok, info, format } =
+        open(&a.checkpoint, &OpenOptions { device, ..Default::default() })?;
+    if format != Format::Itt {
+        return Err(Error::input(
+            &a.checkpoint,
+            format!("is a {} model; router thresholds are stored in itt checkpoints", format.name()),
+        ));
+    }
     let spec = DataSpec { path: a.data.clone(), ..Default::default() };
     let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
     let cal = eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;

@@ -142,7 +142,7 @@ pub struct RouterArgs {
 
 #[derive(Args)]
 pub struct SpikeArgs {
-    /// Any checkpoint folder or run folder (dense, Loop or ITT).
+    /// Any checkpoint or run folder (dense, Loop or ITT), a .gguf file or a Hugging Face folder.
     #[arg(long)]
     checkpoint: PathBuf,
     /// `builtin` (task lines, answer tokens as targets), a .jsonl file with prompt/answer or
@@ -207,7 +207,7 @@ pub struct ExportArgs {
 
 pub fn info(a: InfoArgs) -> Result<()> {
     let cfg = match &a.checkpoint {
-        Some(c) => checkpoint::load(c)?.config,
+        Some(c) => crate::import::open(c, &Default::default())?.info.config,
         None => a.model.load("tiny")?,
     };
     if let Some(r) = &a.ratios {

@@ -1,6 +1,7 @@
 //! `itt serve` and `itt bench --serve`.
 
 use crate::import::gguf::GgufWeights;
+use crate::import::{Format, OpenOptions, Opened};
 use crate::serve::engine::EngineConfig;
 use crate::serve::{bench, template::ChatTemplate, ServeOptions, Server};
 use crate::{Error, Result};
@@ -94,23 +95,17 @@ pub fn start(
     device: &candle_core::Device,
 ) -> Result<(Server, String)> {
     // A GGUF keeps its quantized weights (DESIGN §13); other formats load as they train.
-    let (model, tok, calibration) = if checkpoint.is_file() {
-        let (m, t, info) = crate::import::load_for_inference(checkpoint, weights)?;
+    let opened = crate::import::open(checkpoint, &OpenOptions { gguf_weights: weights, device: device.clone() })?;
+    let Opened { mut model, tokenizer: tok, info, format } = opened;
+    if format == Format::Gguf {
         // On a GPU the model runs dense (DESIGN §15); on the CPU serving never trains nor
         // dequantizes, so the f32 copies of quantized weights are freed.
-        let mut m = m.to_device(device)?;
         if device.is_cpu() {
-            m.drop_dense_copies()?;
+            model.drop_dense_copies()?;
         }
         crate::util::release_free_memory();
-        (m, t, info.calibration)
-    } else {
-        let imported = crate::import::load(checkpoint)?;
-        let calibration = imported.calibration.clone();
-        let (m, t) = imported.into_model(device)?;
-        (m, t, calibration)
-    };
-    let calibration = calibration.map(Arc::new);
+    }
+    let calibration = info.calibration.map(Arc::new);
     let template = ChatTemplate::find(checkpoint, chat_template, &tok)?;
     let name = name.unwrap_or_else(|| model_name(checkpoint));
     let origin = template.origin.clone();

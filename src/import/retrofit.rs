@@ -18,7 +18,6 @@
 //! `max_steps = 0` writes the retrofitted model untrained. Fine-tuning can update only the new parameters (`Trainable::Thinking`: phi and routers,
 //! the backbone frozen) or everything (`Trainable::All`).
 
-use super::Imported;
 use crate::config::{ModelConfig, ModelKind, RunConfig, ThinkingConfig, Trainable};
 use crate::data::{self, CorpusOptions, Dataset, Tokenizer};
 use crate::error::IoContext;
@@ -162,7 +161,13 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
     if opts.out.join("latest").exists() {
         return Err(Error::usage(format!("{} already holds a run; choose another --out", opts.out.display())));
     }
-    let Imported { config: dense, tensors, tokenizer, origin, .. } = super::load(&opts.from)?;
+    let opened = super::open(&opts.from, &super::OpenOptions::differentiable())?;
+    let super::Opened { model: pretrained, tokenizer, info, .. } = opened;
+    let (dense, origin) = (pretrained.cfg.clone(), info.dir);
+    // `detach` keeps the storage but drops the variable flag, so a model built from these
+    // tensors gets its own copy (`Var::from_tensor` copies non-variables).
+    let tensors: HashMap<String, Tensor> =
+        pretrained.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
     if dense.thinking.kind != ModelKind::Dense {
         return Err(Error::input(&origin, "is not a dense model; retrofit starts from a pretrained dense model"));
     }
@@ -180,7 +185,6 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
         )
     };
 
-    let pretrained = Model::from_tensors(&dense, tensors.clone(), &origin.to_string_lossy(), &Device::Cpu)?;
     let val_loss_pretrained = val_loss(&pretrained)?;
     drop(pretrained);
 
