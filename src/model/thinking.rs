@@ -49,7 +49,7 @@
 //! Loop xT (DESIGN §3.5) shares this file: x_t = f(x_{t-1}) on every token, no router, phi or
 //! accumulation.
 
-use super::{Block, Call, Init, ParamStore};
+use super::{Block, Call, Init, ParamStore, Routed};
 use crate::config::{ModelConfig, ModelKind, ResidualForm, RoutedAttention};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
@@ -526,7 +526,7 @@ impl ThinkingLayer {
             RoutedAttention::Selected => block.forward(&xs, &sub, prec, call.slot(self.layer, t - 1))?,
             RoutedAttention::All => {
                 let (pos, slot) = call.pos_and_slot(self.layer, t - 1);
-                block.forward_routed(x, &xs, selected, pos, &sub, prec, slot)?
+                block.forward_routed(x, &xs, Routed { rows: selected, pos: &sub }, pos, prec, slot)?
             }
         };
         let (x_new, update) = match (self.residual_connection, self.residual_form, self.phi(t)) {

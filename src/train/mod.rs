@@ -13,7 +13,7 @@ use crate::dist::Group;
 use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::thinking::CalibrationEntry;
-use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
+use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions, TokenBatch};
 use crate::ops::Precision;
 use crate::optim::{AdamW, Optimizer};
 use crate::rng::Rng;
@@ -490,7 +490,8 @@ impl Trainer {
             if !mine.contains(&i) {
                 continue;
             }
-            let parts = self.model.train_loss(&inp, &tgt, b, t, &routing, Some(&mut *record), with_aux)?;
+            let batch = TokenBatch { inputs: &inp, targets: &tgt, b, t };
+            let parts = self.model.train_loss(&batch, &routing, Some(&mut *record), with_aux)?;
             let (grads, aux) = match &parts.router_aux {
                 // The objective: cross-entropy + weight * router auxiliary loss (DESIGN §4.6).
                 Some(aux) => (((&parts.ce + (aux * tc.router_aux_weight)?)?).backward()?, Some(scalar(aux)?)),
