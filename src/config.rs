@@ -5,10 +5,46 @@
 //! `tiny`, `small`, `paper-162m`, `paper-230m`, `paper-466m`, each also as `SIZE-loopT` and
 //! `SIZE-ittT` for T = 2, 3, 4.
 
-pub use crate::ops::Precision;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// Number format of the matrix products in `linear` (training and its validation; `f32`
+/// elsewhere unless asked). `Bf16` rounds both operands of every product to bfloat16 and sums in
+/// f32, in the forward and backward passes, like PyTorch's CPU autocast; everything else (norms,
+/// attention, softmax, the optimiser and its master weights) stays f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    #[value(alias = "fp32")]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::usage(format!("unknown precision '{s}' (use f32 or bf16)"))),
+        }
+    }
+}
 
 /// Bumped whenever the meaning of a saved field changes.
 pub const CONFIG_FORMAT_VERSION: u32 = 1;
@@ -315,7 +351,7 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Trainable::is_all")]
     pub trainable: Trainable,
     /// Number format of the matrix products in training and validation: `f32`, or `bf16`
-    /// (bf16 operands, f32 sums; `ops::Precision`). Left out of files when f32.
+    /// (bf16 operands, f32 sums; [`Precision`]). Left out of files when f32.
     #[serde(skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
     /// Learning-rate multiplier of the thinking parameters (routers and step vectors phi_t,
