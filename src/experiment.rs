@@ -42,7 +42,10 @@ pub struct ExperimentOptions {
     pub name: String,
     /// Model size, e.g. `tiny` (scaling: the sizes to compare).
     pub sizes: Vec<String>,
-    pub data: DataSpec,
+    /// The corpora (each with its tokenizer). With one, its data and runs live in `OUT/data`
+    /// and `OUT/runs`; with several, each in `OUT/CORPUS` (`Corpus::name`), and the results
+    /// hold a table per corpus and one pooled over them.
+    pub data: Vec<DataSpec>,
     pub seeds: usize,
     pub steps: Option<usize>,
     pub batch_size: Option<usize>,
@@ -53,12 +56,88 @@ pub struct ExperimentOptions {
     pub problems: usize,
     /// Run only the variants of these names (empty: the whole grid).
     pub variants: Vec<String>,
+    /// Learning-rate multipliers (of each variant's preset rate); several make a sweep in which
+    /// every model is also reported at its own best rate.
+    pub lr_scales: Vec<f64>,
     pub out: PathBuf,
     pub quiet: bool,
     /// Where the runs train and are scored (DESIGN §15).
     pub device: candle_core::Device,
     /// The command line that ran this, written into results.md.
     pub command: String,
+}
+
+impl Default for ExperimentOptions {
+    fn default() -> Self {
+        ExperimentOptions {
+            name: "table1".into(),
+            sizes: vec!["tiny".into()],
+            data: vec![DataSpec::default()],
+            seeds: 3,
+            steps: None,
+            batch_size: None,
+            seq_len: None,
+            eval_batches: 0,
+            problems: 40,
+            variants: vec![],
+            lr_scales: vec![1.0],
+            out: PathBuf::from("runs/experiments"),
+            quiet: false,
+            device: candle_core::Device::Cpu,
+            command: String::new(),
+        }
+    }
+}
+
+/// One corpus of an experiment: its data spec, a short name, and the folder of its data and runs.
+#[derive(Clone, Debug)]
+pub struct Corpus {
+    /// File stem and tokenizer, e.g. `moby-dick-char`, `sotu-bpe1024`, `builtin`.
+    pub name: String,
+    pub spec: DataSpec,
+    pub dir: PathBuf,
+}
+
+impl Corpus {
+    /// The corpora of `opts`, each with its folder.
+    pub fn all(opts: &ExperimentOptions) -> Result<Vec<Corpus>> {
+        if opts.data.is_empty() {
+            return Err(Error::usage("--data needs at least one corpus"));
+        }
+        let mut out: Vec<Corpus> = vec![];
+        for spec in &opts.data {
+            let name = corpus_name(spec);
+            if out.iter().any(|c| c.name == name) {
+                return Err(Error::usage(format!("corpus '{name}' is given twice in --data / --tokenizer")));
+            }
+            let dir = if opts.data.len() == 1 { opts.out.clone() } else { opts.out.join(&name) };
+            out.push(Corpus { name, spec: spec.clone(), dir });
+        }
+        Ok(out)
+    }
+}
+
+/// `builtin`, or the corpus's file or folder stem followed by its tokenizer (`bpe:1024` ->
+/// `bpe1024`, a tokenizer file -> its stem).
+pub fn corpus_name(spec: &DataSpec) -> String {
+    if spec.path == "builtin" {
+        return "builtin".into();
+    }
+    let stem = |p: &str| -> String {
+        let name = Path::new(p.trim_end_matches('/')).file_name().map(|n| n.to_string_lossy().into_owned());
+        let name = name.unwrap_or_else(|| p.to_string());
+        let mut s = name.as_str();
+        for ext in [".gz", ".jsonl", ".txt", ".json"] {
+            s = s.strip_suffix(ext).unwrap_or(s);
+        }
+        s.to_string()
+    };
+    let tok = match spec.tokenizer.as_str() {
+        t @ ("char" | "byte") => t.to_string(),
+        t if t.starts_with("bpe:") => t.replace(':', ""),
+        t => stem(t),
+    };
+    format!("{}-{tok}", stem(&spec.path))
 }
 
 /// What a setting measures, for the derived columns.
@@ -86,8 +165,12 @@ struct Setting {
 }
 
 /// One trained configuration of the grid.
+#[derive(Clone)]
 struct Variant {
     name: String,
+    /// The name without a learning-rate suffix (what `--variants` selects).
+    model: String,
+    lr_scale: f64,
     label: String,
     cfg: RunConfig,
     /// Extra settings (elastic ratios) beyond the standard trained / causal / off.
@@ -98,7 +181,11 @@ struct Variant {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RunResult {
+    pub corpus: String,
     pub variant: String,
+    /// The variant's name without its learning-rate suffix.
+    pub model: String,
+    pub lr_scale: f64,
     pub setting: String,
     pub role: Role,
     pub seed: u64,
@@ -159,6 +246,8 @@ pub fn t_975(df: usize) -> f64 {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Row {
+    /// The corpus, or `pooled` for the rows pooled over corpora.
+    pub corpus: String,
     pub variant: String,
     pub label: String,
     pub setting: String,
@@ -193,10 +282,47 @@ pub struct ExperimentResults {
     /// fig4 / table1: share of the dense run's tokens ITT x4 needs to reach dense's final loss.
     pub data_share_to_match_dense: Option<f64>,
     pub curves: Vec<Curve>,
+    pub corpora: Vec<String>,
+    /// With a learning-rate sweep: every model at its own best rate, per corpus and pooled.
+    pub best_lr: Vec<BestLr>,
+    /// Each thinking model's per-token loss minus dense's, by token class (paired seeds).
+    pub token_classes: Vec<ClassSummary>,
+}
+
+/// A model at the learning rate that gave it the lowest mean validation loss on a corpus.
+#[derive(Clone, Debug, Serialize)]
+pub struct BestLr {
+    pub corpus: String,
+    pub model: String,
+    pub label: String,
+    pub lr_scale: f64,
+    pub lr: f64,
+    pub val_loss_mean: f64,
+    /// Paired per-seed difference to dense at dense's own best rate (pooled: over every
+    /// corpus and seed).
+    pub vs_dense: Option<Estimate>,
+    pub flops_vs_dense: f64,
+}
+
+/// One token class's loss difference (thinking model - dense of the same seed), over seeds.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClassSummary {
+    pub corpus: String,
+    pub variant: String,
+    pub group: String,
+    pub class: String,
+    /// Mean share of the validation positions in this class.
+    pub share: f64,
+    pub dense_loss: f64,
+    pub loss: f64,
+    pub diff: Estimate,
+    /// share x diff, averaged over seeds: the class's part of the whole difference.
+    pub contribution: f64,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Curve {
+    pub corpus: String,
     pub variant: String,
     pub label: String,
     /// (tokens seen, validation loss) averaged over seeds.
@@ -223,6 +349,14 @@ fn sized(size: &str, suffix: &str, opts: &ExperimentOptions) -> Result<RunConfig
     Ok(cfg)
 }
 
+/// Dense at about ITT x4's FLOPs per token: twice the layers (and parameters), the
+/// equal-compute baseline of Mixture-of-Recursions' comparisons.
+fn deeper(size: &str, opts: &ExperimentOptions) -> Result<RunConfig> {
+    let mut cfg = sized(size, "", opts)?;
+    cfg.model.n_layers *= 2;
+    Ok(cfg)
+}
+
 const PAPER_T2: [(&str, [f64; 3], f64); 5] = [
     ("70/70/70", [0.7, 0.7, 0.7], 10.52),
     ("50/50/50", [0.5, 0.5, 0.5], 10.47),
@@ -244,6 +378,10 @@ struct Recipe {
     lr_scale: f64,
     warmup: f64,
     aux: f64,
+    /// The layers that think; `None` = every other layer (DESIGN §2).
+    layers: Option<&'static [usize]>,
+    /// alpha, the fixed factor beside the router weight (DESIGN §3.3).
+    step_scale: f64,
 }
 
 const fn recipe(name: &'static str, label: &'static str, ratio: f64) -> Recipe {
@@ -258,10 +396,17 @@ const fn recipe(name: &'static str, label: &'static str, ratio: f64) -> Recipe {
         lr_scale: 1.0,
         warmup: 0.0,
         aux: 0.0,
+        layers: None,
+        step_scale: 1.0,
     }
 }
 
-const RECIPES: [Recipe; 9] = [
+/// r-norm70 with one thing changed (the text search of DESIGN §9).
+const fn normed(name: &'static str, label: &'static str, ratio: f64) -> Recipe {
+    Recipe { router_norm: true, ..recipe(name, label, ratio) }
+}
+
+const RECIPES: [Recipe; 17] = [
     Recipe {
         form: ResidualForm::Literal,
         phi_init: 0.1,
@@ -278,6 +423,16 @@ const RECIPES: [Recipe; 9] = [
     Recipe { router_norm: true, aux: 0.1, ..recipe("r-aux70", "... + router aux loss 0.1", 0.7) },
     Recipe { router_norm: true, warmup: 0.25, ..recipe("r-warm70", "... + capacity warm-up 25%", 0.7) },
     Recipe { router_norm: true, lr_scale: 5.0, ..recipe("r-lr70", "... + thinking lr x5", 0.7) },
+    // The text search (docs/EXPERIMENTS.md, "Adaptive depth on natural text"): r-norm70 with
+    // one change each.
+    normed("r-norm30", "r-norm70 at 30%", 0.3),
+    normed("r-norm50", "r-norm70 at 50%", 0.5),
+    normed("r-norm90", "r-norm70 at 90%", 0.9),
+    Recipe { attention: RoutedAttention::All, ..normed("r-normall70", "... + routed tokens attend to all", 0.7) },
+    Recipe { step_scale: 2.0, ..normed("r-scale2", "... + step scale 2 (w phi = 1 at init)", 0.7) },
+    Recipe { layers: Some(&[1, 2]), ..normed("r-mid70", "... thinking in the middle layers 1, 2", 0.7) },
+    Recipe { layers: Some(&[1]), ..normed("r-one70", "... thinking in layer 1 only", 0.7) },
+    Recipe { layers: Some(&[0, 1, 2, 3]), ..normed("r-every70", "... thinking in every layer", 0.7) },
 ];
 
 fn recipe_config(size: &str, r: &Recipe, opts: &ExperimentOptions) -> Result<RunConfig> {
@@ -288,7 +443,8 @@ fn recipe_config(size: &str, r: &Recipe, opts: &ExperimentOptions) -> Result<Run
     th.ratios = vec![r.ratio; 3];
     th.router_norm = r.router_norm;
     th.routed_attention = r.attention;
-    th.step_scale = 1.0;
+    th.step_scale = r.step_scale;
+    th.layers = r.layers.map(<[usize]>::to_vec);
     th.residual_connection = true;
     th.adaptive_routing = true;
     th.step_encoding = true;
@@ -303,6 +459,8 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
     let size = opts.sizes.first().map(String::as_str).unwrap_or("tiny");
     let v = |name: &str, label: &str, cfg: RunConfig, paper: Option<f64>| Variant {
         name: name.into(),
+        model: name.into(),
+        lr_scale: 1.0,
         label: label.into(),
         cfg,
         extra: vec![],
@@ -314,6 +472,7 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
                 v("dense", "Dense", sized(size, "", opts)?, Some(40.4)),
                 v("loop4", "Loop x4", sized(size, "-loop4", opts)?, Some(40.7)),
                 v("itt4", "ITT x4", sized(size, "-itt4", opts)?, Some(42.1)),
+                v("dense2x", "Dense, 2x layers (equal FLOPs)", deeper(size, opts)?, None),
             ],
             "162M avg accuracy of 10 tasks (paper Table 1; higher is better)".into(),
         ),
@@ -404,6 +563,7 @@ fn variants(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
             let mut out = vec![
                 v("dense", "Dense", sized(size, "", opts)?, None),
                 v("loop4", "Loop x4", sized(size, "-loop4", opts)?, None),
+                v("dense2x", "Dense, 2x layers (equal FLOPs)", deeper(size, opts)?, None),
             ];
             for r in &RECIPES {
                 out.push(v(r.name, &format!("ITT x4 {}", r.label), recipe_config(size, r, opts)?, None));
@@ -507,15 +667,23 @@ fn tokens_to_reach(points: &[(f64, f64)], target: f64) -> Option<f64> {
     None
 }
 
-/// Per-seed paired differences a - b over the seeds both have.
+/// Per-seed paired differences a - b over the (corpus, seed) pairs both have.
 fn paired(a: &[&RunResult], b: &[&RunResult], f: impl Fn(&RunResult, &RunResult) -> f64) -> Option<Estimate> {
-    let d: Vec<f64> = a.iter().filter_map(|x| b.iter().find(|y| y.seed == x.seed).map(|y| f(x, y))).collect();
+    let d: Vec<f64> = a
+        .iter()
+        .filter_map(|x| b.iter().find(|y| y.seed == x.seed && y.corpus == x.corpus).map(|y| f(x, y)))
+        .collect();
     (!d.is_empty()).then(|| Estimate::of(&d))
 }
 
-pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
+/// The grid to train: the experiment's variants (filtered by `--variants`), each at every
+/// learning-rate multiplier (`name-lrS` for S != 1).
+fn grid(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
     if opts.seeds == 0 {
         return Err(Error::usage("--seeds must be at least 1"));
+    }
+    if opts.lr_scales.is_empty() || opts.lr_scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
+        return Err(Error::usage("--lr-scales must be positive numbers, e.g. 0.5,1,2"));
     }
     let (mut variants, paper_metric) = variants(opts)?;
     if !opts.variants.is_empty() {
@@ -525,24 +693,69 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         }
         variants.retain(|v| opts.variants.contains(&v.name));
     }
-    std::fs::create_dir_all(&opts.out).at(&opts.out)?;
-    // Every experiment in one --out folder shares its data and its runs: table1, table2,
-    // table3 and fig4 train the same dense / Loop / ITT configurations once.
-    let data_dir = opts.out.join("data");
-    let (dataset, tok) = match data::Dataset::open(&data_dir) {
-        Ok(ds) if ds.meta.source == opts.data.path => {
-            let tok = ds.load_tokenizer()?;
-            (ds, tok)
+    let mut out = vec![];
+    for var in variants {
+        for &scale in &opts.lr_scales {
+            let mut v = Variant { lr_scale: scale, ..var.clone() };
+            if scale != 1.0 {
+                v.name = format!("{}-lr{scale}", var.name);
+                v.label = format!("{} (lr x{scale})", var.label);
+                v.cfg.train.lr *= scale;
+            }
+            out.push(v);
         }
-        _ => train::prepare_data(&opts.data, &data_dir)?,
-    };
-    let builtin = opts.data.path == "builtin";
+    }
+    Ok((out, paper_metric))
+}
+
+/// The corpus's prepared data, made on first use; data made from another source or with
+/// another tokenizer is refused rather than silently reused or overwritten.
+fn corpus_data(corpus: &Corpus) -> Result<(data::Dataset, data::Tokenizer)> {
+    std::fs::create_dir_all(&corpus.dir).at(&corpus.dir)?;
+    let data_dir = corpus.dir.join("data");
+    match data::Dataset::open(&data_dir) {
+        Ok(ds) => {
+            let spec = &corpus.spec;
+            let family = spec.tokenizer.split(':').next().unwrap_or("");
+            let builtin_or_prepared = spec.path == "builtin" || Path::new(&spec.path).join("meta.json").exists();
+            let same_tok = builtin_or_prepared
+                || !matches!(family, "char" | "byte" | "bpe")
+                || (ds.meta.tokenizer_kind == family
+                    && (family != "bpe" || spec.tokenizer[4..].parse::<usize>().ok() == Some(ds.meta.vocab_size)));
+            if ds.meta.source != spec.path || !same_tok {
+                return Err(Error::usage(format!(
+                    "{} holds {} tokenized by {} ({} tokens); this experiment asks for {} with {}: choose another --out",
+                    data_dir.display(),
+                    ds.meta.source,
+                    ds.meta.tokenizer_kind,
+                    ds.meta.vocab_size,
+                    spec.path,
+                    spec.tokenizer
+                )));
+            }
+            let tok = ds.load_tokenizer()?;
+            Ok((ds, tok))
+        }
+        Err(_) => train::prepare_data(&corpus.spec, &data_dir),
+    }
+}
+
+/// Everything one corpus's grid produced.
+struct CorpusRuns {
+    runs: Vec<RunResult>,
+    curves: Vec<Curve>,
+    classes: Vec<ClassSummary>,
+    vocab_size: usize,
+}
+
+/// Train (or reuse) every run of the grid on one corpus and score each in its settings.
+fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions) -> Result<CorpusRuns> {
+    let (dataset, tok) = corpus_data(corpus)?;
+    let builtin = corpus.spec.path == "builtin";
     let problems = if builtin && opts.problems > 0 { reasoning::held_out_problems(50, opts.problems) } else { vec![] };
     let mut runs: Vec<RunResult> = vec![];
     let mut curves = vec![];
-    // (variant index, setting label, role, paper) in table order.
-    let mut row_keys: Vec<(usize, String, Role, Option<f64>)> = vec![];
-    for (vi, var) in variants.iter().enumerate() {
+    for var in variants {
         let mut cfg = var.cfg.clone();
         cfg.model.vocab_size = tok.vocab_size();
         let mut seed_curves = vec![];
@@ -550,60 +763,14 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             let mut cfg = cfg.clone();
             cfg.train.seed = 1000 + s as u64;
             cfg.validate()?;
-            let run_dir = opts.out.join("runs").join(format!("{}-s{}", var.name, s));
+            let run_dir = corpus.dir.join("runs").join(format!("{}-s{}", var.name, s));
             if !opts.quiet {
-                eprintln!("[{}] {} seed {}: {}", opts.name, var.label, s, run_dir.display());
+                eprintln!("[{} {}] {} seed {}: {}", opts.name, corpus.name, var.label, s, run_dir.display());
             }
             let t = train_one(&cfg, &run_dir, &dataset, &tok, opts.quiet, &opts.device)?;
             seed_curves.push(val_curve(&run_dir));
-            let settings = settings(var, t.calibration.clone().map(Arc::new));
-            if s == 0 {
-                row_keys.extend(settings.iter().map(|st| (vi, st.label.clone(), st.role, st.paper.or(var.paper))));
-            }
-            for st in &settings {
-                let mut rec = crate::model::ForwardRecord::default();
-                let val = eval::shard_loss_recorded(
-                    &t.model,
-                    &dataset.val,
-                    cfg.train.batch_size,
-                    cfg.train.seq_len,
-                    opts.eval_batches,
-                    &st.routing,
-                    &mut rec,
-                )?;
-                let routed = (!rec.stats.is_empty()).then(|| {
-                    let (sel, cand) =
-                        rec.stats.values().fold((0u64, 0u64), |a, s| (a.0 + s.selected, a.1 + s.candidates));
-                    sel as f64 / cand.max(1) as f64
-                });
-                // Answers are generated causally: ITT with routers in threshold mode.
-                let answers_here = match st.role {
-                    Role::Off => true,
-                    Role::Causal => true,
-                    Role::Trained => !(cfg.model.thinking.kind == ModelKind::Itt && t.model.has_routers()),
-                    Role::Elastic => false,
-                };
-                let solved = if !problems.is_empty() && answers_here {
-                    Some(reasoning::solve_rates(&t.model, &tok, &problems, &st.routing)?)
-                } else {
-                    None
-                };
-                let f = flops_per_token(&cfg.model, cfg.train.seq_len, st.routing.steps, st.routing.ratios.as_deref());
-                runs.push(RunResult {
-                    variant: var.name.clone(),
-                    setting: st.label.clone(),
-                    role: st.role,
-                    seed: cfg.train.seed,
-                    val_loss: val,
-                    train_loss: t.state.last_train_loss.unwrap_or(f64::NAN),
-                    params: t.model.n_params(),
-                    train_flops_per_token: flops_per_token(&cfg.model, cfg.train.seq_len, None, None).train,
-                    eval_flops_per_token: f.forward,
-                    wall_s: t.state.elapsed_s,
-                    tokens: t.state.tokens_seen,
-                    routed_share: routed,
-                    solved,
-                });
+            for st in settings(var, t.calibration.clone().map(Arc::new)) {
+                runs.push(score(corpus, var, &cfg, &t, &st, &dataset, &tok, &problems, opts)?);
             }
             let _ = checkpoint::resolve(&run_dir)?;
         }
@@ -612,22 +779,173 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         let points = (0..n_pts)
             .map(|i| (seed_curves[0][i].0, seed_curves.iter().map(|c| c[i].1).sum::<f64>() / seed_curves.len() as f64))
             .collect();
-        curves.push(Curve { variant: var.name.clone(), label: var.label.clone(), points });
+        curves.push(Curve { corpus: corpus.name.clone(), variant: var.name.clone(), label: var.label.clone(), points });
     }
+    let classes = token_classes(corpus, variants, &dataset, &tok, opts)?;
+    Ok(CorpusRuns { runs, curves, classes, vocab_size: tok.vocab_size() })
+}
 
-    let of = |variant: &str, setting: &str| -> Vec<&RunResult> {
-        runs.iter().filter(|r| r.variant == variant && r.setting == setting).collect()
+/// One trained run scored in one setting.
+#[allow(clippy::too_many_arguments)]
+fn score(
+    corpus: &Corpus,
+    var: &Variant,
+    cfg: &RunConfig,
+    t: &Trainer,
+    st: &Setting,
+    dataset: &data::Dataset,
+    tok: &data::Tokenizer,
+    problems: &[reasoning::Problem],
+    opts: &ExperimentOptions,
+) -> Result<RunResult> {
+    let mut rec = crate::model::ForwardRecord::default();
+    let val = eval::shard_loss_recorded(
+        &t.model,
+        &dataset.val,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        opts.eval_batches,
+        &st.routing,
+        &mut rec,
+    )?;
+    let routed = (!rec.stats.is_empty()).then(|| {
+        let (sel, cand) = rec.stats.values().fold((0u64, 0u64), |a, s| (a.0 + s.selected, a.1 + s.candidates));
+        sel as f64 / cand.max(1) as f64
+    });
+    // Answers are generated causally: ITT with routers in threshold mode.
+    let answers_here = match st.role {
+        Role::Off | Role::Causal => true,
+        Role::Trained => !(cfg.model.thinking.kind == ModelKind::Itt && t.model.has_routers()),
+        Role::Elastic => false,
     };
-    let dense_name = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense).map(|v| v.name.clone());
-    let dense_runs = dense_name.as_deref().map(|d| of(d, "trained")).unwrap_or_default();
-    let dense_curve = dense_name.as_deref().and_then(|d| curves.iter().find(|c| c.variant == d));
+    let solved = if !problems.is_empty() && answers_here {
+        Some(reasoning::solve_rates(&t.model, tok, problems, &st.routing)?)
+    } else {
+        None
+    };
+    let f = flops_per_token(&cfg.model, cfg.train.seq_len, st.routing.steps, st.routing.ratios.as_deref());
+    Ok(RunResult {
+        corpus: corpus.name.clone(),
+        variant: var.name.clone(),
+        model: var.model.clone(),
+        lr_scale: var.lr_scale,
+        setting: st.label.clone(),
+        role: st.role,
+        seed: cfg.train.seed,
+        val_loss: val,
+        train_loss: t.state.last_train_loss.unwrap_or(f64::NAN),
+        params: t.model.n_params(),
+        train_flops_per_token: flops_per_token(&cfg.model, cfg.train.seq_len, None, None).train,
+        eval_flops_per_token: f.forward,
+        wall_s: t.state.elapsed_s,
+        tokens: t.state.tokens_seen,
+        routed_share: routed,
+        solved,
+    })
+}
+
+/// Per-token loss of each thinking variant minus the dense run of the same seed and learning
+/// rate, by token class (`analysis::tokens`), as trained (top-k), over seeds.
+fn token_classes(
+    corpus: &Corpus,
+    variants: &[Variant],
+    dataset: &data::Dataset,
+    tok: &data::Tokenizer,
+    opts: &ExperimentOptions,
+) -> Result<Vec<ClassSummary>> {
+    use crate::analysis::tokens::{self, Classifier};
+    let dense_of = |scale: f64| {
+        variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
+    };
+    let thinkers: Vec<&Variant> = variants
+        .iter()
+        .filter(|v| v.cfg.model.thinking.kind != ModelKind::Dense && dense_of(v.lr_scale).is_some())
+        .collect();
+    if thinkers.is_empty() {
+        return Ok(vec![]);
+    }
+    let classes = Classifier::new(tok, &dataset.train);
+    let routing = RoutingOptions::default();
+    let trace_of = |var: &Variant, s: usize| -> Result<tokens::TokenTrace> {
+        let run_dir = corpus.dir.join("runs").join(format!("{}-s{}", var.name, s));
+        let (model, _, _) = checkpoint::load_model(&run_dir)?;
+        let model = model.to_device(&opts.device)?;
+        let (b, l) = (var.cfg.train.batch_size, var.cfg.train.seq_len);
+        tokens::trace(&model, &dataset.val, b, l, opts.eval_batches, &routing)
+    };
+    // (variant, group, class) -> per seed (share, dense loss, loss, diff, contribution)
+    let mut acc: Vec<((String, String, String), Vec<[f64; 5]>)> = vec![];
+    for s in 0..opts.seeds {
+        let mut dense_traces: Vec<(f64, tokens::TokenTrace)> = vec![];
+        for var in &thinkers {
+            let dense = dense_of(var.lr_scale).expect("filtered above");
+            if !dense_traces.iter().any(|(sc, _)| *sc == var.lr_scale) {
+                dense_traces.push((var.lr_scale, trace_of(dense, s)?));
+            }
+            let base = &dense_traces.iter().find(|(sc, _)| *sc == var.lr_scale).expect("just pushed").1;
+            for row in tokens::compare(base, &trace_of(var, s)?, &classes) {
+                let key = (var.name.clone(), row.group, row.class);
+                let v = [row.share, row.base_loss, row.loss, row.diff, row.contribution];
+                match acc.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, xs)) => xs.push(v),
+                    None => acc.push((key, vec![v])),
+                }
+            }
+        }
+    }
+    Ok(acc
+        .into_iter()
+        .map(|((variant, group, class), xs)| {
+            let mean = |k: usize| xs.iter().map(|x| x[k]).sum::<f64>() / xs.len() as f64;
+            // A class absent from a seed (e.g. no position took 0 extra steps) has share 0
+            // there: shares and contributions average over every seed, so a group's rows still
+            // add up to the whole.
+            let over_seeds = |k: usize| xs.iter().map(|x| x[k]).sum::<f64>() / opts.seeds as f64;
+            ClassSummary {
+                corpus: corpus.name.clone(),
+                variant,
+                group,
+                class,
+                share: over_seeds(0),
+                dense_loss: mean(1),
+                loss: mean(2),
+                diff: Estimate::of(&xs.iter().map(|x| x[3]).collect::<Vec<_>>()),
+                contribution: over_seeds(4),
+            }
+        })
+        .collect())
+}
+
+/// The table rows of one corpus's runs (or, with `corpus` = `pooled`, of every corpus's runs
+/// together: paired differences over every (corpus, seed) pair).
+fn summarize(
+    corpus: &str,
+    variants: &[Variant],
+    row_keys: &[(usize, String, Role, Option<f64>)],
+    runs: &[&RunResult],
+    curves: &[&Curve],
+    vocab_size: usize,
+) -> Vec<Row> {
+    let of = |variant: &str, setting: &str| -> Vec<&RunResult> {
+        runs.iter().copied().filter(|r| r.variant == variant && r.setting == setting).collect()
+    };
+    // Dense at the same learning-rate multiplier is each row's partner.
+    let dense_of = |scale: f64| {
+        variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
+            .or_else(|| variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.lr_scale == scale))
+    };
     let mut rows = vec![];
-    for (vi, setting, role, paper) in &row_keys {
+    for (vi, setting, role, paper) in row_keys {
         let var = &variants[*vi];
         let results = of(&var.name, setting);
+        if results.is_empty() {
+            continue;
+        }
         let losses: Vec<f64> = results.iter().map(|r| r.val_loss).collect();
         let (m, sd) = mean_std(&losses);
-        let is_dense = dense_name.as_deref() == Some(var.name.as_str());
+        let dense = dense_of(var.lr_scale);
+        let is_dense = dense.is_some_and(|d| d.name == var.name);
+        let dense_runs = dense.map(|d| of(&d.name, "trained")).unwrap_or_default();
         let vs_dense = (!is_dense && !dense_runs.is_empty())
             .then(|| paired(&results, &dense_runs, |a, b| a.val_loss - b.val_loss))
             .flatten();
@@ -640,8 +958,9 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             None => RoutingOptions { steps: if *role == Role::Off { Some(1) } else { None }, ..Default::default() },
         };
         let mut cfg = var.cfg.clone();
-        cfg.model.vocab_size = tok.vocab_size();
+        cfg.model.vocab_size = vocab_size;
         let f = flops_per_token(&cfg.model, cfg.train.seq_len, routing.steps, routing.ratios.as_deref());
+        let dense_curve = dense.and_then(|d| curves.iter().find(|c| c.variant == d.name));
         let tokens_to_dense = match (dense_curve, *role == Role::Trained && !is_dense) {
             (Some(d), true) => {
                 let mine = curves.iter().find(|c| c.variant == var.name).map(|c| c.points.as_slice()).unwrap_or(&[]);
@@ -650,6 +969,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             _ => None,
         };
         rows.push(Row {
+            corpus: corpus.to_string(),
             variant: var.name.clone(),
             label: var.label.clone(),
             setting: setting.clone(),
@@ -669,35 +989,141 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
             paper: *paper,
         });
     }
-    let data_share =
-        rows.iter().find(|r| r.variant == "itt4" && r.role == Role::Trained).and_then(|r| r.tokens_to_dense);
+    rows
+}
+
+/// With a learning-rate sweep: each model at the multiplier with its lowest mean validation
+/// loss (as trained) on each corpus, against dense at dense's own best; then pooled over the
+/// corpora (each corpus at its own best rates).
+fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts: &ExperimentOptions) -> Vec<BestLr> {
+    if opts.lr_scales.len() < 2 {
+        return vec![];
+    }
+    let mut models: Vec<&Variant> = vec![];
+    for v in variants {
+        if !models.iter().any(|m| m.model == v.model) {
+            models.push(v);
+        }
+    }
+    let trained = |c: &str, variant: &str| -> Vec<&RunResult> {
+        runs.iter().filter(|r| r.corpus == c && r.variant == variant && r.role == Role::Trained).collect()
+    };
+    // The best variant of `model` on corpus c: (variant, mean loss).
+    let best = |c: &str, model: &str| -> Option<(&Variant, f64)> {
+        variants
+            .iter()
+            .filter(|v| v.model == model)
+            .filter_map(|v| {
+                let rs = trained(c, &v.name);
+                (!rs.is_empty()).then(|| (v, rs.iter().map(|r| r.val_loss).sum::<f64>() / rs.len() as f64))
+            })
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+    };
+    let dense_model = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense).map(|v| v.model.clone());
+    let mut out = vec![];
+    for m in &models {
+        let mut pooled_mine: Vec<&RunResult> = vec![];
+        let mut pooled_dense: Vec<&RunResult> = vec![];
+        for c in corpora {
+            let Some((v, loss)) = best(&c.name, &m.model) else { continue };
+            let mine = trained(&c.name, &v.name);
+            let dense = dense_model.as_deref().and_then(|d| best(&c.name, d)).map(|(d, _)| trained(&c.name, &d.name));
+            let is_dense = dense_model.as_deref() == Some(m.model.as_str());
+            let vs_dense = match (&dense, is_dense) {
+                (Some(d), false) => paired(&mine, d, |a, b| a.val_loss - b.val_loss),
+                _ => None,
+            };
+            pooled_mine.extend(&mine);
+            pooled_dense.extend(dense.unwrap_or_default());
+            out.push(BestLr {
+                corpus: c.name.clone(),
+                model: m.model.clone(),
+                label: m.label.clone(),
+                lr_scale: v.lr_scale,
+                lr: v.cfg.train.lr,
+                val_loss_mean: loss,
+                vs_dense,
+                flops_vs_dense: flops_per_token(&v.cfg.model, v.cfg.train.seq_len, None, None).ratio_to_dense,
+            });
+        }
+        if corpora.len() > 1 {
+            let is_dense = dense_model.as_deref() == Some(m.model.as_str());
+            out.push(BestLr {
+                corpus: "pooled".into(),
+                model: m.model.clone(),
+                label: m.label.clone(),
+                lr_scale: f64::NAN,
+                lr: f64::NAN,
+                val_loss_mean: f64::NAN,
+                vs_dense: if is_dense { None } else { paired(&pooled_mine, &pooled_dense, |a, b| a.val_loss - b.val_loss) },
+                flops_vs_dense: flops_per_token(&m.cfg.model, m.cfg.train.seq_len, None, None).ratio_to_dense,
+            });
+        }
+    }
+    out
+}
+
+pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
+    let (variants, paper_metric) = grid(opts)?;
+    let corpora = Corpus::all(opts)?;
+    std::fs::create_dir_all(&opts.out).at(&opts.out)?;
+    let mut runs: Vec<RunResult> = vec![];
+    let mut curves = vec![];
+    let mut classes = vec![];
+    let mut vocab = vec![];
+    for corpus in &corpora {
+        let done = train_corpus(corpus, &variants, opts)?;
+        runs.extend(done.runs);
+        curves.extend(done.curves);
+        classes.extend(done.classes);
+        vocab.push(done.vocab_size);
+    }
+    // Rows in table order: (variant index, setting label, role, paper), from the first seed.
+    let mut row_keys: Vec<(usize, String, Role, Option<f64>)> = vec![];
+    for (vi, var) in variants.iter().enumerate() {
+        for st in settings(var, None) {
+            row_keys.push((vi, st.label.clone(), st.role, st.paper.or(var.paper)));
+        }
+    }
+    let mut rows = vec![];
+    for (corpus, &v) in corpora.iter().zip(&vocab) {
+        let mine: Vec<&RunResult> = runs.iter().filter(|r| r.corpus == corpus.name).collect();
+        let cs: Vec<&Curve> = curves.iter().filter(|c| c.corpus == corpus.name).collect();
+        rows.extend(summarize(&corpus.name, &variants, &row_keys, &mine, &cs, v));
+    }
+    if corpora.len() > 1 {
+        let all: Vec<&RunResult> = runs.iter().collect();
+        rows.extend(summarize("pooled", &variants, &row_keys, &all, &[], vocab[0]));
+    }
+    let first = &corpora[0].name;
+    let data_share = rows
+        .iter()
+        .find(|r| &r.corpus == first && r.variant == "itt4" && r.role == Role::Trained)
+        .and_then(|r| r.tokens_to_dense);
     let results = ExperimentResults {
         name: opts.name.clone(),
         command: opts.command.clone(),
         paper_metric,
+        best_lr: best_rates(&variants, &corpora, &runs, opts),
         rows,
         runs,
         data_share_to_match_dense: data_share,
         curves,
+        corpora: corpora.iter().map(|c| c.name.clone()).collect(),
+        token_classes: classes,
     };
     write_outputs(&results, opts)?;
     Ok(results)
 }
 
-pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
+fn table(r: &ExperimentResults, corpus: &str) -> String {
     let mut s = format!(
-        "## {} — {} on {}, {} seed(s)\n\n`{}`\n\n\
-         | model | setting | val loss (mean ± sd) | vs dense, paired (95% CI) | thinking gain (95% CI) | solved | params | forward FLOPs/token | vs dense | tokens to dense's loss | train wall s | paper: {} |\n\
+        "| model | setting | val loss (mean ± sd) | vs dense, paired (95% CI) | thinking gain (95% CI) | solved | params | forward FLOPs/token | vs dense | tokens to dense's loss | train wall s | paper: {} |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
-        r.name,
-        opts.sizes.join(", "),
-        opts.data.path,
-        opts.seeds,
-        r.command,
         r.paper_metric
     );
     let dash = || "–".to_string();
-    for row in &r.rows {
+    for row in r.rows.iter().filter(|row| row.corpus == corpus) {
         s.push_str(&format!(
             "| {} | {} | {:.4} ± {:.4} | {} | {} | {} | {:.3}M | {:.2}M | {:.2}x | {} | {:.0} | {} |\n",
             row.label,
@@ -715,14 +1141,127 @@ pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
             row.paper.map(|p| format!("{p}")).unwrap_or_else(dash)
         ));
     }
+    s
+}
+
+/// The pooled rows: the paired differences over every (corpus, seed), and each corpus's mean.
+fn pooled_table(r: &ExperimentResults) -> String {
+    let mut s = String::from("| model | setting | vs dense, pooled (95% CI) | thinking gain, pooled (95% CI) |");
+    for c in &r.corpora {
+        s.push_str(&format!(" {c}: vs dense |"));
+    }
+    s.push_str(" forward FLOPs vs dense |\n|---|---|---|---|");
+    s.push_str(&"---|".repeat(r.corpora.len() + 1));
+    s.push('\n');
+    let dash = || "–".to_string();
+    for row in r.rows.iter().filter(|row| row.corpus == "pooled") {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} |",
+            row.label,
+            row.setting,
+            row.vs_dense.map(|e| e.text(4)).unwrap_or_else(dash),
+            row.thinking_gain.map(|e| e.text(4)).unwrap_or_else(dash)
+        ));
+        for c in &r.corpora {
+            let here = r.rows.iter().find(|x| &x.corpus == c && x.variant == row.variant && x.setting == row.setting);
+            s.push_str(&format!(" {} |", here.and_then(|x| x.vs_dense).map(|e| format!("{:+.4}", e.mean)).unwrap_or_else(dash)));
+        }
+        s.push_str(&format!(" {:.2}x |\n", row.flops_vs_dense));
+    }
+    s
+}
+
+fn best_lr_table(r: &ExperimentResults) -> String {
+    let mut s = String::from(
+        "| corpus | model | best lr multiplier | lr | val loss | vs dense at its own best (95% CI) | FLOPs vs dense |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    let dash = || "–".to_string();
+    for b in &r.best_lr {
+        let num = |x: f64, d: usize| if x.is_finite() { format!("{x:.d$}") } else { dash() };
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {:.2}x |\n",
+            b.corpus,
+            b.label,
+            num(b.lr_scale, 2),
+            if b.lr.is_finite() { format!("{:.1e}", b.lr) } else { dash() },
+            num(b.val_loss_mean, 4),
+            b.vs_dense.map(|e| e.text(4)).unwrap_or_else(dash),
+            b.flops_vs_dense
+        ));
+    }
+    s
+}
+
+fn class_table(r: &ExperimentResults) -> String {
+    let mut s = String::from(
+        "| corpus | model | group | class | share | dense loss | loss | minus dense (95% CI over seeds) | contribution |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for c in &r.token_classes {
+        s.push_str(&format!(
+            "| {} | {} | {} | {} | {:.1}% | {:.4} | {:.4} | {} | {:+.4} |\n",
+            c.corpus,
+            c.variant,
+            c.group,
+            c.class,
+            100.0 * c.share,
+            c.dense_loss,
+            c.loss,
+            c.diff.text(4),
+            c.contribution
+        ));
+    }
+    s
+}
+
+pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
+    let mut s = format!(
+        "## {} — {} on {}, {} seed(s)\n\n`{}`\n\n",
+        r.name,
+        opts.sizes.join(", "),
+        opts.data.iter().map(|d| d.path.as_str()).collect::<Vec<_>>().join(", "),
+        opts.seeds,
+        r.command,
+    );
+    if r.corpora.len() == 1 {
+        s.push_str(&table(r, &r.corpora[0]));
+    } else {
+        for c in &r.corpora {
+            s.push_str(&format!("### {c}\n\n{}\n", table(r, c)));
+        }
+        s.push_str(&format!(
+            "### Pooled over {} corpora\n\nPaired differences over every (corpus, seed) pair; the corpus columns are \
+             each corpus's mean paired difference.\n\n{}",
+            r.corpora.len(),
+            pooled_table(r)
+        ));
+    }
     s.push_str(
         "\n`vs dense`: per-seed difference to the dense run of the same seed (same initial backbone weights and \
-         data order), mean and 95% t-interval over seeds; negative = lower loss than dense. `thinking gain`: \
-         loss with thinking off (one step, same weights) minus loss in this setting, paired per seed. `top-k` \
-         is the paper's routing (not causal); `causal` routes by the thresholds tracked in training, as \
-         generation does. `solved`: exact answers to held-out problems of the built-in corpus, greedy, KV \
-         cache, causal routing.\n",
+         data order) and learning-rate multiplier, mean and 95% t-interval over seeds; negative = lower loss than \
+         dense. `thinking gain`: loss with thinking off (one step, same weights) minus loss in this setting, paired \
+         per seed. `top-k` is the paper's routing (not causal); `causal` routes by the thresholds tracked in \
+         training, as generation does. `solved`: exact answers to held-out problems of the built-in corpus, \
+         greedy, KV cache, causal routing.\n",
     );
+    if !r.best_lr.is_empty() {
+        s.push_str(&format!(
+            "\n### Each model at its own best learning rate\n\nThe multiplier (of the preset's rate) with the lowest \
+             mean validation loss on each corpus, chosen on the validation split it is reported on.\n\n{}",
+            best_lr_table(r)
+        ));
+    }
+    if !r.token_classes.is_empty() {
+        s.push_str(&format!(
+            "\n### Where the thinking steps help and hurt: per-token loss minus dense, by class\n\nSame validation \
+             positions for both models of a seed; classes of the predicted token (frequency: head = the most \
+             frequent tokens making half of the training tokens, body the next 40%, tail the last 10%; word \
+             position), or of the input position (routed steps taken, top-k as trained). `contribution` = share x \
+             difference: a group's rows add up to the whole difference.\n\n{}",
+            class_table(r)
+        ));
+    }
     if let Some(share) = r.data_share_to_match_dense {
         s.push_str(&format!(
             "\nITT x4 reaches the dense model's final validation loss after {:.1}% of the tokens (paper Figure 4: 56.8%).\n",
@@ -734,10 +1273,10 @@ pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
     let per_kind: Vec<String> = r
         .rows
         .iter()
-        .filter(|row| row.solved.is_some())
+        .filter(|row| row.solved.is_some() && row.corpus != "pooled")
         .map(|row| {
             let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-            for run in r.runs.iter().filter(|x| x.variant == row.variant && x.setting == row.setting) {
+            for run in r.runs.iter().filter(|x| x.corpus == row.corpus && x.variant == row.variant && x.setting == row.setting) {
                 for (k, (c, n)) in run.solved.iter().flat_map(|s| s.by_kind.iter()) {
                     let e = by_kind.entry(k.clone()).or_default();
                     e.0 += c;
@@ -764,25 +1303,35 @@ fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> 
     let md = dir.join("results.md");
     std::fs::write(&md, markdown(r, opts)).at(&md)?;
     use crate::analysis::plot::{self, Panel, Series};
-    let series: Vec<Series> = r
-        .curves
-        .iter()
-        .enumerate()
-        .map(|(i, c)| Series::new(&c.label, c.points.clone(), plot::color(i)).with_markers())
-        .collect();
-    let mut panels = vec![Panel::Line {
-        title: format!("{}: validation loss (mean of {} seeds)", r.name, opts.seeds),
-        x_label: "tokens seen".into(),
-        y_label: "validation loss (nats/token)".into(),
-        series,
-        x_ticks: None,
-    }];
+    let mut panels = vec![];
+    for c in &r.corpora {
+        let series: Vec<Series> = r
+            .curves
+            .iter()
+            .filter(|cv| &cv.corpus == c)
+            .enumerate()
+            .map(|(i, cv)| Series::new(&cv.label, cv.points.clone(), plot::color(i)).with_markers())
+            .collect();
+        let title = if r.corpora.len() == 1 {
+            format!("{}: validation loss (mean of {} seeds)", r.name, opts.seeds)
+        } else {
+            format!("{} on {c}: validation loss (mean of {} seeds)", r.name, opts.seeds)
+        };
+        panels.push(Panel::Line {
+            title,
+            x_label: "tokens seen".into(),
+            y_label: "validation loss (nats/token)".into(),
+            series,
+            x_ticks: None,
+        });
+    }
     if r.name == "table2" {
         // Elastic inference: loss against inference FLOPs for each ratio setting of ITT.
+        let first = &r.corpora[0];
         let mut pts: Vec<(f64, f64)> = r
             .rows
             .iter()
-            .filter(|row| row.variant == "itt4" && row.role != Role::Causal)
+            .filter(|row| &row.corpus == first && row.variant == "itt4" && row.role != Role::Causal)
             .map(|row| (row.flops_vs_dense, row.val_loss_mean))
             .collect();
         pts.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -794,7 +1343,7 @@ fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> 
             x_ticks: None,
         });
     }
-    let cols = panels.len();
+    let cols = panels.len().min(3);
     plot::grid(&format!("itt experiment {}", r.name), &panels, cols, (640, 400))?.write(&dir.join("loss.png"))?;
     Ok(())
 }

@@ -183,7 +183,7 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
         let opts = ExperimentOptions {
             name: name.into(),
             sizes: vec!["tiny".into()],
-            data: itt::train::DataSpec::default(),
+            data: vec![itt::train::DataSpec::default()],
             seeds: 2,
             steps: Some(2),
             batch_size: Some(2),
@@ -191,6 +191,7 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             eval_batches: 2,
             problems: if name == "table2" { 1 } else { 0 },
             variants: vec![],
+            lr_scales: vec![1.0],
             out: tmp.path().join("shared"),
             quiet: true,
             device: candle_core::Device::Cpu,
@@ -244,6 +245,86 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             assert!(err.contains("no variant 'itt9'") && err.contains("itt4-no-rtc"), "{err}");
         }
     }
+}
+
+#[test]
+fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
+    use itt::experiment::{self, ExperimentOptions, Role};
+    let tmp = tempfile::tempdir().unwrap();
+    let words = ["the cat sat on the mat. ", "a dog ran to the park! ", "we think, therefore we are. "];
+    let mut paths = vec![];
+    for (i, name) in ["one.txt", "two.txt"].iter().enumerate() {
+        let text: String = (0..300).map(|k| words[(k * (i + 1)) % 3]).collect();
+        let p = tmp.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        paths.push(p.display().to_string());
+    }
+    let spec = |p: &str| itt::train::DataSpec { path: p.into(), ..Default::default() };
+    let opts = ExperimentOptions {
+        name: "table1".into(),
+        data: paths.iter().map(|p| spec(p)).collect(),
+        seeds: 2,
+        steps: Some(2),
+        batch_size: Some(2),
+        seq_len: Some(16),
+        eval_batches: 2,
+        problems: 0,
+        variants: vec!["dense".into(), "itt4".into()],
+        lr_scales: vec![1.0, 2.0],
+        out: tmp.path().join("exp"),
+        quiet: true,
+        command: "itt experiment table1 (test)".into(),
+        ..Default::default()
+    };
+    let r = experiment::run(&opts).unwrap();
+    assert_eq!(r.corpora, ["one-char", "two-char"]);
+    // Each corpus in its own folder.
+    for c in &r.corpora {
+        assert!(opts.out.join(c).join("runs").join("itt4-lr2-s1").join("latest").exists(), "{c}");
+    }
+    // Rows: dense and dense-lr2 (trained), itt4 and itt4-lr2 (top-k, causal, off): 8 per corpus
+    // and 8 pooled.
+    for c in ["one-char", "two-char", "pooled"] {
+        assert_eq!(r.rows.iter().filter(|row| row.corpus == c).count(), 8, "{c}");
+    }
+    // The pooled difference is the mean over all four (corpus, seed) pairs of its corpora's.
+    let pooled = r.rows.iter().find(|x| x.corpus == "pooled" && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap();
+    let per: Vec<f64> = ["one-char", "two-char"]
+        .iter()
+        .map(|c| r.rows.iter().find(|x| x.corpus == *c && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap().vs_dense.unwrap().mean)
+        .collect();
+    let vs = pooled.vs_dense.unwrap();
+    assert_eq!(vs.n, 4);
+    assert!((vs.mean - (per[0] + per[1]) / 2.0).abs() < 1e-9);
+    // Best rates: per corpus and pooled, for dense and ITT.
+    assert_eq!(r.best_lr.len(), 6);
+    for b in r.best_lr.iter().filter(|b| b.corpus != "pooled") {
+        let rows: Vec<_> = r.rows.iter().filter(|x| x.corpus == b.corpus && x.role == Role::Trained && (x.variant == b.model || x.variant == format!("{}-lr2", b.model))).collect();
+        let least = rows.iter().map(|x| x.val_loss_mean).fold(f64::INFINITY, f64::min);
+        assert_eq!(b.val_loss_mean, least, "{} {}", b.corpus, b.model);
+    }
+    // Token classes of ITT against dense: each group's contributions add up to the whole.
+    for v in ["itt4", "itt4-lr2"] {
+        let mine: Vec<_> = r.token_classes.iter().filter(|c| c.corpus == "one-char" && c.variant == v).collect();
+        let whole = mine.iter().find(|c| c.group == "all").unwrap();
+        assert_eq!(whole.diff.n, 2);
+        for g in ["frequency", "word", "extra steps"] {
+            let sum: f64 = mine.iter().filter(|c| c.group == g).map(|c| c.contribution).sum();
+            assert!((sum - whole.contribution).abs() < 1e-5, "{v} {g}: {sum} vs {}", whole.contribution);
+        }
+        assert!(mine.iter().any(|c| c.group == "L1 step 2" && c.class == "took it"));
+    }
+    let md = std::fs::read_to_string(opts.out.join("table1").join("results.md")).unwrap();
+    assert!(md.contains("### one-char") && md.contains("### Pooled over 2 corpora") && md.contains("own best"), "{md}");
+    // The same folder with another tokenizer is refused, not silently reused.
+    let other = ExperimentOptions {
+        data: paths.iter().map(|p| itt::train::DataSpec { tokenizer: "byte".into(), ..spec(p) }).collect(),
+        out: opts.out.join("one-char"),
+        ..opts.clone()
+    };
+    let one = ExperimentOptions { data: vec![other.data[0].clone()], ..other };
+    let err = experiment::run(&one).unwrap_err().to_string();
+    assert!(err.contains("another --out"), "{err}");
 }
 
 #[test]

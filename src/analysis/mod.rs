@@ -17,6 +17,7 @@ pub mod linalg;
 pub mod plot;
 pub mod router;
 pub mod run_report;
+pub mod tokens;
 
 use crate::data::Tokenizer;
 use crate::error::IoContext;

@@ -148,12 +148,19 @@ pub struct ExperimentArgs {
     /// Model size(s): tiny, small, ... (scaling takes several, comma-separated).
     #[arg(long, default_value = "tiny", value_delimiter = ',')]
     preset: Vec<String>,
-    #[arg(long, default_value = "builtin")]
-    data: String,
-    #[arg(long, default_value = "char")]
-    tokenizer: String,
+    /// Corpora (comma-separated): several give a table per corpus and one pooled over them,
+    /// each corpus's data and runs in OUT/NAME (file stem and tokenizer, e.g. moby-dick-char).
+    #[arg(long, default_value = "builtin", value_delimiter = ',')]
+    data: Vec<String>,
+    /// Tokenizer(s) for raw corpora (comma-separated: every corpus with each, e.g. char,bpe:1024).
+    #[arg(long, default_value = "char", value_delimiter = ',')]
+    tokenizer: Vec<String>,
     #[arg(long, default_value_t = 3)]
     seeds: usize,
+    /// Learning-rate multipliers of every model (comma-separated, e.g. 0.5,1,2): a sweep that
+    /// also reports each model at its own best rate.
+    #[arg(long, default_value = "1", value_delimiter = ',')]
+    lr_scales: Vec<f64>,
     /// Optimiser steps per run (default: the preset's).
     #[arg(long)]
     steps: Option<usize>,
@@ -277,7 +284,14 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs/experiments")),
         name: a.name,
         sizes: a.preset,
-        data: DataSpec { path: a.data, tokenizer: a.tokenizer, ..Default::default() },
+        data: a
+            .data
+            .iter()
+            .flat_map(|path| {
+                a.tokenizer.iter().map(|tok| DataSpec { path: path.clone(), tokenizer: tok.clone(), ..Default::default() })
+            })
+            .collect(),
+        lr_scales: a.lr_scales,
         seeds: a.seeds,
         steps: a.steps,
         batch_size: a.batch_size,
