@@ -5,8 +5,8 @@
 //!     cargo bench --bench kernels            (ITT_SIMD=avx2|portable to cap the SIMD level)
 
 use candle_core::{Device, Tensor, Var};
+use itt::base::rng::Rng;
 use itt::ops::{self, with_composed, Kernel};
-use itt::rng::Rng;
 use std::time::Instant;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -49,8 +49,8 @@ type Op = Box<dyn Fn(&[Tensor]) -> itt::Result<Tensor>>;
 
 fn main() {
     // As the CLI does: keep freed buffers in the heap, element-wise ops on one thread.
-    itt::util::tune_allocator();
-    itt::util::tune_threads();
+    itt::base::util::tune_allocator();
+    itt::base::util::tune_threads();
     let (b, t, d, h, hd, f, v) = (8, 256, 256, 4, 64, 688, 4096);
     let n = b * t;
     let reps = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);

@@ -7,9 +7,9 @@
 //! a token's steps depend only on its past (DESIGN §5). Without the cache every new token
 //! re-runs the whole text, which also allows the paper's top-k routing.
 
+use crate::base::rng::Rng;
 use crate::data::Tokenizer;
 use crate::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqCache, SeqLayout};
-use crate::rng::Rng;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
@@ -621,7 +621,7 @@ mod tests {
 #[cfg(test)]
 mod generation_tests {
     use super::*;
-    use crate::config::TestModel;
+    use crate::base::config::TestModel;
     use crate::model::{RouterCalibration, SeqLayout};
     use candle_core::Device;
     use std::sync::Arc;

@@ -8,8 +8,8 @@
 //! norm gains, router weights and biases, or step vectors phi (rank 1 or routers): decaying
 //! those pulls gains and step encodings toward zero, which is not regularisation.
 
-use crate::config::{TrainConfig, Trainable};
-use crate::dist::Group;
+use crate::base::config::{TrainConfig, Trainable};
+use crate::base::dist::Group;
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::Var;

@@ -11,8 +11,8 @@
 //! cases get).
 
 use candle_core::Device;
+use itt::base::config::{self, RunConfig};
 use itt::checkpoint;
-use itt::config::{self, RunConfig};
 use itt::data::Tokenizer;
 use itt::eval::tasks;
 use itt::import::gguf;

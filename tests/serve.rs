@@ -3,7 +3,7 @@
 //! cancellation, deadlines, graceful shutdown, chat templates and the latency valve.
 
 use candle_core::{Device, Tensor};
-use itt::config::TestModel;
+use itt::base::config::TestModel;
 use itt::data::Tokenizer;
 use itt::generate::{generate, Event, GenerateOptions, SamplingParams};
 use itt::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqLayout};

@@ -1,13 +1,14 @@
 //! Commands that use a trained model: eval, generate, calibrate.
 
 use super::RoutingArgs;
+use crate::apps::report;
 use crate::generate::{Event, GenerateOptions, SamplingParams};
 use crate::import::gguf::GgufWeights;
 use crate::import::{open, Format, OpenOptions, Opened};
 use crate::model::Routing;
 use crate::ops::Precision;
 use crate::train::DataSpec;
-use crate::{checkpoint, data, eval, report, Error, Result};
+use crate::{checkpoint, data, eval, Error, Result};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -170,7 +171,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         if let Some(p) = &a.per_item {
             let lines: Vec<String> =
                 results.iter().flat_map(|r| &r.per_item).map(|it| serde_json::to_string(it).unwrap()).collect();
-            crate::util::write_new(p, (lines.join("\n") + "\n").as_bytes())?;
+            crate::base::util::write_new(p, (lines.join("\n") + "\n").as_bytes())?;
             if !a.json {
                 eprintln!("{} item scores written to {}", lines.len(), p.display());
             }

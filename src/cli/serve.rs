@@ -105,7 +105,7 @@ pub fn start(checkpoint: &Path, open: &OpenOptions, opts: StartOptions, addr: So
         if device.is_cpu() {
             model.drop_dense_copies()?;
         }
-        crate::util::release_free_memory();
+        crate::base::util::release_free_memory();
     }
     let calibration = info.calibration.map(Arc::new);
     let template = ChatTemplate::find(checkpoint, opts.chat_template, &tok)?;

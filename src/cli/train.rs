@@ -1,10 +1,11 @@
 //! Commands that train: demo, train, retrofit, experiment.
 
 use super::ModelSource;
-use crate::config::{OnNonFinite, ResidualForm, Trainable};
+use crate::apps::{demo, report};
+use crate::base::config::{OnNonFinite, ResidualForm, Trainable};
 use crate::ops::Precision;
 use crate::train::{DataSpec, LaunchOptions, RunOptions, Start};
-use crate::{data, demo, report, Result};
+use crate::{data, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -238,7 +239,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
 }
 
 pub fn retrofit(a: RetrofitArgs) -> Result<()> {
-    use crate::config::{ModelKind, ThinkingConfig, TrainConfig};
+    use crate::base::config::{ModelKind, ThinkingConfig, TrainConfig};
     let thinking = if a.steps <= 1 {
         ThinkingConfig::default()
     } else {
@@ -280,7 +281,7 @@ pub fn retrofit(a: RetrofitArgs) -> Result<()> {
 }
 
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
-    let opts = crate::experiment::ExperimentOptions {
+    let opts = crate::apps::experiment::ExperimentOptions {
         out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs/experiments")),
         name: a.name,
         sizes: a.preset,
@@ -288,7 +289,11 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             .data
             .iter()
             .flat_map(|path| {
-                a.tokenizer.iter().map(|tok| DataSpec { path: path.clone(), tokenizer: tok.clone(), ..Default::default() })
+                a.tokenizer.iter().map(|tok| DataSpec {
+                    path: path.clone(),
+                    tokenizer: tok.clone(),
+                    ..Default::default()
+                })
             })
             .collect(),
         lr_scales: a.lr_scales,
@@ -303,8 +308,8 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         device: a.device.open()?,
         command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
     };
-    let r = crate::experiment::run(&opts)?;
-    println!("{}", crate::experiment::markdown(&r, &opts));
+    let r = crate::apps::experiment::run(&opts)?;
+    println!("{}", crate::apps::experiment::markdown(&r, &opts));
     println!("written: {}/{}/results.json, results.md, loss.png", opts.out.display(), opts.name);
     Ok(())
 }

@@ -46,7 +46,7 @@ pub fn shard_loss_in(
     seq_len: usize,
     max_batches: usize,
     routing: &RoutingOptions,
-    group: &crate::dist::Group,
+    group: &crate::base::dist::Group,
 ) -> Result<f64> {
     if !group.is_distributed() {
         return shard_loss(model, shard, batch, seq_len, max_batches, routing);
@@ -222,7 +222,7 @@ pub fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TestModel;
+    use crate::base::config::TestModel;
     use candle_core::Device;
 
     #[test]

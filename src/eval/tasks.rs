@@ -437,7 +437,7 @@ pub fn table(results: &[TaskResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::TestModel;
+    use crate::base::config::TestModel;
     use candle_core::Device;
 
     fn model_and_tok() -> (Model, Tokenizer) {

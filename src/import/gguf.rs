@@ -20,7 +20,7 @@
 //! RoPE; `unpermute_rotary` puts them back into the rotate-half layout of `ops::apply_rope`.
 
 use super::{first_line, unpermute_rotary, Imported};
-use crate::config::{ModelConfig, ThinkingConfig};
+use crate::base::config::{ModelConfig, ThinkingConfig};
 use crate::data::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -578,7 +578,7 @@ pub fn write(
     tokenizer: &Tokenizer,
     quant: GgufQuant,
 ) -> Result<String> {
-    if cfg.thinking.kind != crate::config::ModelKind::Dense {
+    if cfg.thinking.kind != crate::base::config::ModelKind::Dense {
         return Err(Error::usage("only dense models can be written as GGUF (llama has no thinking layers)"));
     }
     let hf = tokenizer.hf().ok_or_else(|| Error::usage("a GGUF needs a byte-level BPE tokenizer"))?;
@@ -673,8 +673,8 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::{preset, TestModel};
     use crate::checkpoint::model_tensors;
-    use crate::config::{preset, TestModel};
     use crate::model::{Model, RoutingOptions, SeqLayout};
 
     fn docs() -> Vec<String> {

@@ -16,9 +16,9 @@
 //! ```
 
 use super::Imported;
-use crate::config::{ModelConfig, ModelKind, ThinkingConfig};
+use crate::base::config::{ModelConfig, ModelKind, ThinkingConfig};
+use crate::base::error::IoContext;
 use crate::data::Tokenizer;
-use crate::error::IoContext;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
@@ -297,8 +297,8 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::{preset, TestModel};
     use crate::checkpoint::model_tensors;
-    use crate::config::{preset, TestModel};
     use crate::model::{Model, RoutingOptions, SeqLayout};
 
     fn setup() -> (Model, Tokenizer) {

@@ -14,8 +14,8 @@ pub mod gguf;
 pub mod hf;
 pub mod retrofit;
 
+use crate::base::config::{ModelConfig, RunConfig, TrainConfig, CONFIG_FORMAT_VERSION};
 use crate::checkpoint;
-use crate::config::{ModelConfig, RunConfig, TrainConfig, CONFIG_FORMAT_VERSION};
 use crate::data::Tokenizer;
 use crate::model::{Model, RouterCalibration};
 use crate::{Error, Result};
@@ -320,7 +320,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let docs: Vec<String> = (0..20).map(|i| format!("one two three {i} four five\n")).collect();
         let tok = Tokenizer::train_bpe(&docs, 280, 2).unwrap();
-        let mut cfg = crate::config::preset("tiny").unwrap();
+        let mut cfg = crate::base::config::preset("tiny").unwrap();
         cfg.model.vocab_size = tok.vocab_size();
         let model = Model::new(&cfg.model, 9, &Device::Cpu).unwrap();
         let ck = dir.path().join("ck");

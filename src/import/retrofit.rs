@@ -18,12 +18,12 @@
 //! `max_steps = 0` writes the retrofitted model untrained. Fine-tuning can update only the new parameters (`Trainable::Thinking`: phi and routers,
 //! the backbone frozen) or everything (`Trainable::All`).
 
-use crate::config::{ModelConfig, ModelKind, RunConfig, ThinkingConfig, Trainable};
+use crate::base::config::{ModelConfig, ModelKind, RunConfig, ThinkingConfig, Trainable};
+use crate::base::error::IoContext;
+use crate::base::rng::Rng;
 use crate::data::{self, CorpusOptions, Dataset, Tokenizer};
-use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::{Model, RoutingOptions};
-use crate::rng::Rng;
 use crate::train::{RunOptions, TrainSummary, Trainer, TrainerOptions};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -94,7 +94,7 @@ pub struct RetrofitOptions {
     /// baseline with the same budget).
     pub thinking: ThinkingConfig,
     /// Training settings; `trainable` picks what is fine-tuned.
-    pub train: crate::config::TrainConfig,
+    pub train: crate::base::config::TrainConfig,
     pub quiet: bool,
 }
 
@@ -212,7 +212,7 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
             final_val_loss: val_loss_retrofit,
             seconds: 0.0,
             tokens_per_s: 0.0,
-            peak_rss_mb: crate::util::peak_rss_mb(),
+            peak_rss_mb: crate::base::util::peak_rss_mb(),
             checkpoint,
         }
     } else {
@@ -241,8 +241,8 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::{preset, TestModel};
     use crate::checkpoint::model_tensors;
-    use crate::config::{preset, TestModel};
     use crate::model::SeqLayout;
 
     fn dense() -> Model {
@@ -320,7 +320,7 @@ mod tests {
             val_fraction: 0.1,
             out: dir.path().join("run"),
             thinking: itt(3, vec![0.5, 0.5], 0.0),
-            train: crate::config::TrainConfig {
+            train: crate::base::config::TrainConfig {
                 batch_size: 2,
                 seq_len: 32,
                 max_steps: 3,

@@ -11,9 +11,9 @@
 
 pub mod thinking;
 
-use crate::config::{ModelConfig, ModelKind};
+use crate::base::config::{ModelConfig, ModelKind};
+use crate::base::rng::Rng;
 use crate::ops::{self, Precision};
-use crate::rng::Rng;
 use crate::{Error, Result};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};

@@ -2,9 +2,9 @@
 //! properties, and cached decoding against the full pass.
 
 use super::*;
-use crate::config::{preset, ModelConfig, ModelKind, ResidualForm, RoutedAttention, ThinkingConfig};
+use crate::base::config::{preset, ModelConfig, ModelKind, ResidualForm, RoutedAttention, ThinkingConfig};
+use crate::base::rng::Rng;
 use crate::ops::Precision;
-use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -15,7 +15,7 @@ pub mod quant;
 #[cfg(test)]
 mod tests;
 
-pub use crate::config::Precision;
+pub use crate::base::config::Precision;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use std::cell::Cell;

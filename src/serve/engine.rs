@@ -194,7 +194,7 @@ pub fn start(
         // On a rayon worker, as the CLI runs (`util::on_worker_thread`): the products' parallel
         // regions then fork from a thread that takes part, instead of handing each region to
         // the pool and sleeping until woken (hundreds of times per token).
-        .spawn(move || crate::util::on_worker_thread(move || run(&model, &tok, cfg, rx, h, metrics)))
+        .spawn(move || crate::base::util::on_worker_thread(move || run(&model, &tok, cfg, rx, h, metrics)))
         .map_err(|e| Error::usage(format!("cannot start the engine thread: {e}")))?;
     Ok((handle, thread))
 }

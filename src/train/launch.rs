@@ -6,10 +6,10 @@
 //! folder, the others wait for it and then read what it wrote.
 
 use super::{prepare_data, refuse_existing_run, run, DataSpec, RunOptions, TrainSummary, Trainer, TrainerOptions};
-use crate::config::{OnNonFinite, RunConfig};
+use crate::base::config::{OnNonFinite, RunConfig};
+use crate::base::dist::Group;
+use crate::base::util::DeviceSpec;
 use crate::data::{Dataset, Tokenizer};
-use crate::dist::Group;
-use crate::util::DeviceSpec;
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -47,7 +47,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
     let group = Group::from_launch()?;
     let placed = TrainerOptions {
         group: group.clone(),
-        device: crate::util::open_device(rank_device(opts.device, &group))?,
+        device: crate::base::util::open_device(rank_device(opts.device, &group))?,
         device_optimizer: opts.device_optimizer,
         weights: None,
     };
@@ -70,7 +70,7 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
 /// Under mpirun each rank of a machine takes its own GPU: cuda:N is the first (DESIGN §14).
 fn rank_device(device: DeviceSpec, group: &Group) -> DeviceSpec {
     match device {
-        DeviceSpec::Cuda(n) if group.is_distributed() => DeviceSpec::Cuda(n + crate::dist::launched_local_rank()),
+        DeviceSpec::Cuda(n) if group.is_distributed() => DeviceSpec::Cuda(n + crate::base::dist::launched_local_rank()),
         spec => spec,
     }
 }

@@ -6,18 +6,18 @@
 //! the host in a fixed order. So a run is the same bit for bit for the same seed, and a run
 //! stopped at step N and resumed equals the uninterrupted run.
 
+use crate::base::config::{OnNonFinite, RunConfig};
+use crate::base::dist::Group;
+use crate::base::error::IoContext;
+use crate::base::rng::Rng;
+use crate::base::util::write_atomic;
 use crate::checkpoint::{self, Check, SaveParts, TrainState};
-use crate::config::{OnNonFinite, RunConfig};
 use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
-use crate::dist::Group;
-use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::thinking::CalibrationEntry;
 use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions, TokenBatch};
 use crate::ops::Precision;
 use crate::optim::{AdamW, Optimizer};
-use crate::rng::Rng;
-use crate::util::write_atomic;
 use crate::{Error, Result};
 use candle_core::Device;
 use serde_json::json;
@@ -813,7 +813,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
         final_val_loss: trainer.state.last_val_loss.unwrap_or(f64::NAN),
         seconds,
         tokens_per_s: (trainer.state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
-        peak_rss_mb: crate::util::peak_rss_mb(),
+        peak_rss_mb: crate::base::util::peak_rss_mb(),
         checkpoint,
     })
 }

@@ -854,7 +854,7 @@ struct Buf([f32; 32 * 32]);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::base::rng::Rng;
 
     type Gemm = fn(usize, usize, usize, MatRef, MatRef, &mut [f32], usize, bool);
 

@@ -70,7 +70,7 @@ pub struct LayerSummary {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DepthMap {
-    pub model_kind: crate::config::ModelKind,
+    pub model_kind: crate::base::config::ModelKind,
     /// "topk" or "threshold".
     pub routing: Routing,
     /// Ratios in effect per routed step (elastic or trained).
@@ -219,7 +219,7 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
 pub fn render_terminal(map: &DepthMap, color: bool) -> String {
     let mut out = String::new();
     for t in &map.tokens {
-        out.push_str(&crate::report::depth_mark(&t.text, &t.depth, map.max_depth, color));
+        out.push_str(&crate::apps::report::depth_mark(&t.text, &t.depth, map.max_depth, color));
     }
     if !out.ends_with('\n') {
         out.push('\n');
@@ -465,7 +465,7 @@ pub fn run(ckpt: &Path, text: &str, opts: &DepthOptions, out: &Path) -> Result<D
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn depth_agrees_with_the_models_own_record() {

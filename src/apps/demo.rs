@@ -1,14 +1,15 @@
 //! `itt demo`, the main job: train a tiny ITT model on the built-in synthetic corpus, evaluate
 //! it, let it solve held-out problems with cached causal decoding, and say what happened.
 
-use crate::config;
+use crate::apps::report;
+use crate::base::config;
+use crate::base::error::IoContext;
 use crate::data::{self, synthetic, Tokenizer};
-use crate::error::IoContext;
 use crate::eval::reasoning;
 use crate::generate::{self, Event, GenerateOptions, SamplingParams};
 use crate::model::{Routing, RoutingOptions};
 use crate::train::{self, DataSpec, RunOptions, Trainer, TrainerOptions};
-use crate::{report, Error, Result};
+use crate::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 

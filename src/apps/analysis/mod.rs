@@ -19,8 +19,8 @@ pub mod router;
 pub mod run_report;
 pub mod tokens;
 
+use crate::base::error::IoContext;
 use crate::data::Tokenizer;
-use crate::error::IoContext;
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -214,8 +214,8 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 pub(crate) mod testutil {
     //! Tiny random checkpoints for the analysis tests: no training, a few milliseconds each.
+    use crate::base::config::{self, ModelKind, RunConfig};
     use crate::checkpoint::{self, SaveParts};
-    use crate::config::{self, ModelKind, RunConfig};
     use crate::data::Tokenizer;
     use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions, SeqLayout};
     use candle_core::{Device, Tensor};

@@ -5,7 +5,7 @@
 //! `tiny`, `small`, `paper-162m`, `paper-230m`, `paper-466m`, each also as `SIZE-loopT` and
 //! `SIZE-ittT` for T = 2, 3, 4.
 
-use crate::{Error, Result};
+use crate::base::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 

@@ -101,7 +101,7 @@ pub struct GroupDepth {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RouterReport {
-    pub model_kind: crate::config::ModelKind,
+    pub model_kind: crate::base::config::ModelKind,
     pub data: String,
     pub synthetic: bool,
     pub tokens: usize,
@@ -658,7 +658,7 @@ pub fn summary(r: &RouterReport) -> String {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn router_report_files_and_schema() {

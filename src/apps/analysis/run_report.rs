@@ -12,7 +12,7 @@
 use super::depth::BASE_CSS;
 use super::plot::{self, Panel, Series};
 use super::{depth_rgb, html_escape, visible};
-use crate::config::RunConfig;
+use crate::base::config::RunConfig;
 use crate::generate::{Event, GenerateOptions, SamplingParams};
 use crate::model::{Routing, RoutingOptions};
 use crate::{checkpoint, flops, Error, Result};
@@ -292,7 +292,7 @@ pub fn run(run_dir: &Path, opts: &ReportOptions) -> Result<PathBuf> {
     h.push_str(&row("preset", cfg.preset.as_deref().unwrap_or("custom")));
     h.push_str(&row(
         "model",
-        crate::report::info(&cfg, &f, seq_len).lines().nth(1).unwrap_or("").trim_start_matches("kind").trim(),
+        crate::apps::report::info(&cfg, &f, seq_len).lines().nth(1).unwrap_or("").trim_start_matches("kind").trim(),
     ));
     h.push_str(&row("parameters", format!("{} ({:.2}M)", cfg.model.n_params(), cfg.model.n_params() as f64 / 1e6)));
     h.push_str(&row(
@@ -395,7 +395,7 @@ fn routing_table(m: &Metrics) -> String {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn report_pages_for_itt_and_dense_runs() {

@@ -91,7 +91,7 @@ pub struct LayerSpikes {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SpikeReport {
-    pub model_kind: crate::config::ModelKind,
+    pub model_kind: crate::base::config::ModelKind,
     pub data: String,
     /// How samples were split into easy and hard.
     pub rule: String,
@@ -547,7 +547,7 @@ pub fn summary(r: &SpikeReport) -> String {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn nuclear_norms_of_real_gradients_and_all_split_rules() {
