@@ -1069,21 +1069,40 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
     out
 }
 
+/// The whole experiment: the grid, trained and scored on every corpus, summarised into the
+/// tables and written to `opts.out`.
 pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     let (variants, paper_metric) = grid(opts)?;
     let corpora = Corpus::all(opts)?;
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
-    let mut runs: Vec<RunResult> = vec![];
-    let mut curves = vec![];
-    let mut classes = vec![];
-    let mut vocab = vec![];
-    for corpus in &corpora {
-        let done = train_corpus(corpus, &variants, opts)?;
+    let per_corpus = corpora.iter().map(|c| train_corpus(c, &variants, opts)).collect::<Result<Vec<_>>>()?;
+    let rows = table_rows(&corpora, &variants, &per_corpus);
+    let data_share_to_match_dense = data_share(&rows, &corpora[0].name);
+    let (mut runs, mut curves, mut token_classes) = (vec![], vec![], vec![]);
+    for done in per_corpus {
         runs.extend(done.runs);
         curves.extend(done.curves);
-        classes.extend(done.classes);
-        vocab.push(done.vocab_size);
+        token_classes.extend(done.classes);
     }
+    let results = ExperimentResults {
+        name: opts.name.clone(),
+        command: opts.command.clone(),
+        paper_metric,
+        best_lr: best_rates(&variants, &corpora, &runs, opts),
+        rows,
+        runs,
+        data_share_to_match_dense,
+        curves,
+        corpora: corpora.iter().map(|c| c.name.clone()).collect(),
+        token_classes,
+    };
+    write_outputs(&results, opts)?;
+    Ok(results)
+}
+
+/// Every table row: each corpus's, then (with several corpora) the pooled ones, each corpus in
+/// the order of the variants and their settings.
+fn table_rows(corpora: &[Corpus], variants: &[Variant], per_corpus: &[CorpusRuns]) -> Vec<Row> {
     // Rows in table order: (variant index, setting label, role, paper), from the first seed.
     let mut row_keys: Vec<(usize, String, Role, Option<f64>)> = vec![];
     for (vi, var) in variants.iter().enumerate() {
@@ -1092,34 +1111,24 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         }
     }
     let mut rows = vec![];
-    for (corpus, &v) in corpora.iter().zip(&vocab) {
-        let mine: Vec<&RunResult> = runs.iter().filter(|r| r.corpus == corpus.name).collect();
-        let cs: Vec<&Curve> = curves.iter().filter(|c| c.corpus == corpus.name).collect();
-        rows.extend(summarize(&corpus.name, &variants, &row_keys, &mine, &cs, v));
+    for (corpus, done) in corpora.iter().zip(per_corpus) {
+        let mine: Vec<&RunResult> = done.runs.iter().collect();
+        let cs: Vec<&Curve> = done.curves.iter().collect();
+        rows.extend(summarize(&corpus.name, variants, &row_keys, &mine, &cs, done.vocab_size));
     }
     if corpora.len() > 1 {
-        let all: Vec<&RunResult> = runs.iter().collect();
-        rows.extend(summarize("pooled", &variants, &row_keys, &all, &[], vocab[0]));
+        let all: Vec<&RunResult> = per_corpus.iter().flat_map(|d| &d.runs).collect();
+        rows.extend(summarize("pooled", variants, &row_keys, &all, &[], per_corpus[0].vocab_size));
     }
-    let first = &corpora[0].name;
-    let data_share = rows
-        .iter()
-        .find(|r| &r.corpus == first && r.variant == "itt4" && r.role == Role::Trained)
-        .and_then(|r| r.tokens_to_dense);
-    let results = ExperimentResults {
-        name: opts.name.clone(),
-        command: opts.command.clone(),
-        paper_metric,
-        best_lr: best_rates(&variants, &corpora, &runs, opts),
-        rows,
-        runs,
-        data_share_to_match_dense: data_share,
-        curves,
-        corpora: corpora.iter().map(|c| c.name.clone()).collect(),
-        token_classes: classes,
-    };
-    write_outputs(&results, opts)?;
-    Ok(results)
+    rows
+}
+
+/// The share of dense's training tokens that ITT x4 (as trained) needed to reach dense's final
+/// validation loss, on the first corpus.
+fn data_share(rows: &[Row], first_corpus: &str) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.corpus == first_corpus && r.variant == "itt4" && r.role == Role::Trained)
+        .and_then(|r| r.tokens_to_dense)
 }
 
 fn table(r: &ExperimentResults, corpus: &str) -> String {
