@@ -751,6 +751,7 @@ fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions)
     let (dataset, tok) = corpus_data(corpus)?;
     let builtin = corpus.spec.path == "builtin";
     let problems = if builtin && opts.problems > 0 { reasoning::held_out_problems(50, opts.problems) } else { vec![] };
+    let on = ScoreOn { corpus, dataset: &dataset, tok: &tok, problems: &problems, opts };
     let mut runs: Vec<RunResult> = vec![];
     let mut curves = vec![];
     for var in variants {
@@ -768,7 +769,7 @@ fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions)
             let t = train_one(&cfg, &run_dir, &dataset, &tok, opts.quiet, &opts.device)?;
             seed_curves.push(val_curve(&run_dir));
             for st in settings(var, t.calibration.clone().map(Arc::new)) {
-                runs.push(score(corpus, var, &cfg, &t, &st, &dataset, &tok, &problems, opts)?);
+                runs.push(score(on, var, &cfg, &t, &st)?);
             }
             let _ = checkpoint::resolve(&run_dir)?;
         }
@@ -783,19 +784,20 @@ fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions)
     Ok(CorpusRuns { runs, curves, classes, vocab_size: tok.vocab_size() })
 }
 
+/// What every run of one corpus is scored on: its validation shard, its tokenizer, and the
+/// held-out problems (built-in data only).
+#[derive(Clone, Copy)]
+struct ScoreOn<'a> {
+    corpus: &'a Corpus,
+    dataset: &'a data::Dataset,
+    tok: &'a data::Tokenizer,
+    problems: &'a [reasoning::Problem],
+    opts: &'a ExperimentOptions,
+}
+
 /// One trained run scored in one setting.
-#[allow(clippy::too_many_arguments)]
-fn score(
-    corpus: &Corpus,
-    var: &Variant,
-    cfg: &RunConfig,
-    t: &Trainer,
-    st: &Setting,
-    dataset: &data::Dataset,
-    tok: &data::Tokenizer,
-    problems: &[reasoning::Problem],
-    opts: &ExperimentOptions,
-) -> Result<RunResult> {
+fn score(on: ScoreOn, var: &Variant, cfg: &RunConfig, t: &Trainer, st: &Setting) -> Result<RunResult> {
+    let ScoreOn { corpus, dataset, tok, problems, opts } = on;
     let mut rec = crate::model::ForwardRecord::default();
     let val = eval::shard_loss_recorded(
         &t.model,
