@@ -456,6 +456,15 @@ fn depth_by_group(info: &[Option<TokenInfo>], layers: &[usize], depth: &BTreeMap
 
 /// The three pictures: router weight histograms, routing statistics, depth by token group.
 pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
+    Ok(vec![
+        ("router_weights.png", weights_picture(r)?),
+        ("router_stats.png", stats_picture(r)?),
+        ("token_depth.png", depth_picture(r)?),
+    ])
+}
+
+/// Histograms of the router weights, selected and passed over, one panel per layer and step.
+fn weights_picture(r: &RouterReport) -> Result<Png> {
     let hist_panels: Vec<Panel> = r
         .steps
         .iter()
@@ -475,13 +484,16 @@ pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
         })
         .collect();
     let steps_per_layer = r.steps.iter().filter(|s| s.layer == r.layers[0]).count().max(1);
-    let weights = plot::grid(
+    plot::grid(
         &format!("Router weights per thinking layer and step ({} tokens of {}, top-k)", r.tokens, r.data),
         &hist_panels,
         steps_per_layer,
         (400, 280),
-    )?;
+    )
+}
 
+/// Share selected, mean weights, what each step adds, overlap between steps, and phi_t.
+fn stats_picture(r: &RouterReport) -> Result<Png> {
     let cats: Vec<String> = r.steps.iter().map(|s| format!("L{} t{}", s.layer, s.step)).collect();
     let overlap_steps: Vec<&StepStat> = r.steps.iter().filter(|s| s.overlap_prev.is_some()).collect();
     let mut panels = vec![
@@ -552,8 +564,11 @@ pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
             x_ticks: Some((1..=max_t).map(|t| (t as f64, format!("t={t}"))).collect()),
         }
     });
-    let stats = plot::grid("Routing statistics", &panels, 2, (520, 330))?;
+    plot::grid("Routing statistics", &panels, 2, (520, 330))
+}
 
+/// Mean extra steps by token group (class, frequency, synthetic role, task), per layer.
+fn depth_picture(r: &RouterReport) -> Result<Png> {
     let mut group_panels = vec![];
     for (family, title) in [
         ("class", "Extra steps by character class"),
@@ -578,8 +593,7 @@ pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
                 .collect(),
         });
     }
-    let groups = plot::grid("Which tokens think more (top-k routing)", &group_panels, 2, (560, 330))?;
-    Ok(vec![("router_weights.png", weights), ("router_stats.png", stats), ("token_depth.png", groups)])
+    plot::grid("Which tokens think more (top-k routing)", &group_panels, 2, (560, 330))
 }
 
 fn short_group(g: &str) -> String {
