@@ -175,13 +175,31 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
         }
     }
     let max_depth = model.layer_steps().into_iter().max().unwrap_or(1) as u32;
-    let summary = layers
+    let summary = layer_summaries(&layers, &tokens, max_depth, routed);
+    Ok(DepthMap {
+        model_kind: model.kind(),
+        routing: opts.routing.mode,
+        ratios,
+        steps,
+        seq_len,
+        layers,
+        max_depth,
+        tokens,
+        dropped_tokens: dropped,
+        summary,
+    })
+}
+
+/// Per thinking layer: mean depth, share selected and mean weight at each routed step, and the
+/// depth histogram over `tokens`.
+fn layer_summaries(layers: &[usize], tokens: &[TokenDepth], max_depth: u32, routed: usize) -> Vec<LayerSummary> {
+    layers
         .iter()
         .enumerate()
         .map(|(li, &layer)| {
             let n = tokens.len().max(1) as f64;
             let mut hist = vec![0; max_depth as usize];
-            for t in &tokens {
+            for t in tokens {
                 hist[(t.depth[li] as usize).clamp(1, max_depth as usize) - 1] += 1;
             }
             LayerSummary {
@@ -199,19 +217,7 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
                 depth_histogram: hist,
             }
         })
-        .collect();
-    Ok(DepthMap {
-        model_kind: model.kind(),
-        routing: opts.routing.mode,
-        ratios,
-        steps,
-        seq_len,
-        layers,
-        max_depth,
-        tokens,
-        dropped_tokens: dropped,
-        summary,
-    })
+        .collect()
 }
 
 /// The text with each token marked by its depth: ANSI colours (deeper = warmer) when `color`,
