@@ -5,8 +5,8 @@
 //!     cargo bench --bench kernels            (ITT_SIMD=avx2|portable to cap the SIMD level)
 
 use candle_core::{Device, Tensor, Var};
+use itt::base::rng::Rng;
 use itt::ops::{self, with_composed, Kernel};
-use itt::rng::Rng;
 use std::time::Instant;
 
 fn randn(shape: &[usize], seed: u64) -> Tensor {
@@ -23,6 +23,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// CPU seconds used by the whole process so far (all threads), from getrusage.
 fn cpu_s() -> f64 {
+    // SAFETY: rusage is plain integers (all-zero is a valid value), and getrusage writes one
+    // into the struct it is given.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
@@ -47,8 +49,8 @@ type Op = Box<dyn Fn(&[Tensor]) -> itt::Result<Tensor>>;
 
 fn main() {
     // As the CLI does: keep freed buffers in the heap, element-wise ops on one thread.
-    itt::util::tune_allocator();
-    itt::util::tune_threads();
+    itt::base::util::tune_allocator();
+    itt::base::util::tune_threads();
     let (b, t, d, h, hd, f, v) = (8, 256, 256, 4, 64, 688, 4096);
     let n = b * t;
     let reps = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(15);

@@ -22,11 +22,11 @@
 //! and `itt verify` also check every sha256. Checkpoints written before manifests existed load
 //! unchecked.
 
-use crate::config::RunConfig;
-use crate::error::IoContext;
+use crate::base::config::RunConfig;
+use crate::base::error::IoContext;
+use crate::base::util::{sync_dir, write_atomic};
 use crate::model::{Model, RouterCalibration};
 use crate::optim::AdamW;
-use crate::util::{sync_dir, write_atomic};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -629,6 +629,7 @@ pub fn load_model(path: &Path) -> Result<(Model, crate::data::Tokenizer, Checkpo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::TestModel;
 
     fn write_with_header(path: &Path, header: &[(&str, &str)]) {
         let t = Tensor::new(&[1.0f32, 2.0, 3.0], &Device::Cpu).unwrap();
@@ -638,13 +639,8 @@ mod tests {
 
     /// A small dense model saved as a weights-only checkpoint in `dir`.
     fn saved(dir: &Path) -> Model {
-        let mut cfg = crate::config::preset("tiny").unwrap();
-        cfg.model.vocab_size = 257;
-        cfg.model.d_model = 16;
-        cfg.model.n_heads = 2;
-        cfg.model.n_kv_heads = 2;
-        cfg.model.mlp_hidden = 32;
-        cfg.model.n_layers = 1;
+        let mut cfg = crate::base::config::preset("tiny").unwrap();
+        cfg.model = TestModel::preset("tiny").vocab(257).width(16, 32).heads(2, 2).layers(1).config();
         let model = Model::new(&cfg.model, 1, &Device::Cpu).unwrap();
         let tok = crate::data::Tokenizer::byte().to_json().unwrap();
         let parts = SaveParts { config: &cfg, tokenizer_json: &tok, optimizer: None, state: None, calibration: None };

@@ -9,7 +9,7 @@
 //! The paper's rule dense * (1 + 1/2 * sum rho) (DESIGN §7) is this without attention,
 //! embeddings and head.
 
-use crate::config::{ModelConfig, ModelKind, RoutedAttention};
+use crate::base::config::{ModelConfig, ModelKind, RoutedAttention};
 use serde::Serialize;
 
 #[derive(Clone, Debug, Serialize, PartialEq)]
@@ -99,7 +99,7 @@ pub fn flops_per_token(cfg: &ModelConfig, n: usize, steps: Option<usize>, ratios
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::preset;
+    use crate::base::config::preset;
 
     #[test]
     fn paper_ratios_follow_the_rule_of_spec_section_7() {

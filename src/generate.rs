@@ -7,9 +7,9 @@
 //! a token's steps depend only on its past (DESIGN §5). Without the cache every new token
 //! re-runs the whole text, which also allows the paper's top-k routing.
 
+use crate::base::rng::Rng;
 use crate::data::Tokenizer;
 use crate::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqCache, SeqLayout};
-use crate::rng::Rng;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
@@ -621,22 +621,21 @@ mod tests {
 #[cfg(test)]
 mod generation_tests {
     use super::*;
-    use crate::config::preset;
+    use crate::base::config::TestModel;
     use crate::model::{RouterCalibration, SeqLayout};
     use candle_core::Device;
     use std::sync::Arc;
 
     fn setup() -> (Model, Tokenizer, Arc<RouterCalibration>) {
         let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghij");
-        let mut cfg = preset("tiny-itt4").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.d_model = 32;
-        cfg.n_heads = 2;
-        cfg.n_kv_heads = 1;
-        cfg.mlp_hidden = 48;
-        cfg.max_seq_len = 64;
-        cfg.init_std = 0.2;
-        cfg.thinking.router_init_std = 0.5;
+        let cfg = TestModel::preset("tiny-itt4")
+            .vocab(tok.vocab_size())
+            .width(32, 48)
+            .heads(2, 1)
+            .context(64)
+            .init_std(0.2)
+            .router_init_std(0.5)
+            .config();
         let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
         let ids = tok.encode("12+34=46\n5+5=10\nabc def ghij\n901-3=898\n").unwrap();
         let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();

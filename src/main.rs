@@ -5,8 +5,8 @@ use clap::Parser;
 use std::io::Write;
 
 fn main() {
-    itt::util::tune_allocator();
-    itt::util::tune_threads();
+    itt::base::util::tune_allocator();
+    itt::base::util::tune_threads();
     let cli = match itt::cli::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(), // --help, --version
@@ -22,12 +22,12 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = itt::util::on_worker_thread(|| itt::cli::run(cli)) {
+    if let Err(e) = itt::base::util::on_worker_thread(|| itt::cli::run(cli)) {
         let _ = std::io::stdout().flush();
-        eprintln!("error: {}", itt::error::one_line(e.to_string()));
+        eprintln!("error: {}", itt::base::error::one_line(e.to_string()));
         // Under mpirun the other ranks may be waiting for this one in a collective.
-        itt::dist::abort_job(1);
+        itt::base::dist::abort_job(1);
         std::process::exit(1);
     }
-    itt::dist::finalize();
+    itt::base::dist::finalize();
 }

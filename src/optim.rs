@@ -1,20 +1,113 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter), gradient accumulation and
-//! global-norm clipping, run on the host in f32 so that its state is plain vectors that a
-//! checkpoint stores exactly and a resumed run continues bit for bit.
+//! global-norm clipping. [`Optimizer`] is what a training step talks to: on the host in f32
+//! ([`GradAccumulator`], [`AdamW`]), so that its state is plain vectors that a checkpoint
+//! stores exactly and a resumed run continues bit for bit, or beside the parameters on their
+//! device (`device`, DESIGN §15).
 //!
 //! Which tensors decay: matrices — linear weights and the embedding/head (rank 2) — but not
 //! norm gains, router weights and biases, or step vectors phi (rank 1 or routers): decaying
 //! those pulls gains and step encodings toward zero, which is not regularisation.
 
-use crate::config::{TrainConfig, Trainable};
+use crate::base::config::{TrainConfig, Trainable};
+use crate::base::dist::Group;
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::Var;
 use rayon::prelude::*;
+use std::borrow::Cow;
 
 pub mod device;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+
+/// The optimiser of a run, owning its state where it steps: on the host (the CPU) or beside the
+/// parameters (a GPU, or the CPU when asked, to test that path; DESIGN §15). One step is
+/// `zero`, `accumulate` per micro-batch, `sum_over` the ranks, `finish` (the gradient norm),
+/// `update`; `state` is the host form a checkpoint saves and resumes from.
+pub enum Optimizer {
+    Host { acc: GradAccumulator, adam: AdamW },
+    Device(device::DeviceOptimizer),
+}
+
+impl Optimizer {
+    /// `state` (fresh zeros, or a checkpoint's moments) on the host, or moved beside the
+    /// parameters when `on_device`; parameters `trainable` leaves out get no update.
+    pub fn new(params: &[(String, Var)], trainable: Trainable, state: AdamW, on_device: bool) -> Result<Self> {
+        Ok(if on_device {
+            Optimizer::Device(device::DeviceOptimizer::from_host(&state, params, trainable)?)
+        } else {
+            Optimizer::Host { acc: GradAccumulator::with_trainable(params, trainable), adam: state }
+        })
+    }
+
+    pub fn is_on_device(&self) -> bool {
+        matches!(self, Optimizer::Device(_))
+    }
+
+    /// Start a new step.
+    pub fn zero(&mut self) {
+        match self {
+            Optimizer::Host { acc, .. } => acc.zero(),
+            Optimizer::Device(d) => d.acc.zero(),
+        }
+    }
+
+    /// Add one backward pass's gradients.
+    pub fn accumulate(&mut self, params: &[(String, Var)], grads: &GradStore) -> Result<()> {
+        match self {
+            Optimizer::Host { acc, .. } => acc.add(params, grads),
+            Optimizer::Device(d) => d.acc.add(params, grads),
+        }
+    }
+
+    /// Replace the sums by their sum over the ranks of `group`, added in rank order (the same
+    /// bits on every rank); `micro_batches` is the whole step's count (DESIGN §14).
+    pub fn sum_over(&mut self, params: &[(String, Var)], group: &Group, micro_batches: usize) -> Result<()> {
+        match self {
+            Optimizer::Host { acc, .. } => {
+                group.sum_in_rank_order(&mut acc.sums)?;
+                acc.micro_batches = micro_batches;
+                Ok(())
+            }
+            // On a GPU: through NCCL with the `nccl` feature, else through the host.
+            Optimizer::Device(d) => d.acc.sum_over(params, group, micro_batches),
+        }
+    }
+
+    /// Average over the micro-batches; returns the global L2 norm of the averaged gradient.
+    pub fn finish(&mut self) -> Result<f64> {
+        match self {
+            Optimizer::Host { acc, .. } => Ok(acc.finish()),
+            Optimizer::Device(d) => d.acc.finish(),
+        }
+    }
+
+    /// The averaged gradients on the host, one vector per parameter: those `wanted` accepts
+    /// (on the host every one, as they already are there; read back from a device, the others
+    /// empty).
+    pub fn gradients(&self, params: &[(String, Var)], wanted: impl Fn(&str) -> bool) -> Result<Cow<'_, [Vec<f32>]>> {
+        match self {
+            Optimizer::Host { acc, .. } => Ok(Cow::Borrowed(&acc.sums)),
+            Optimizer::Device(d) => Ok(Cow::Owned(d.acc.host_sums(params, wanted)?)),
+        }
+    }
+
+    /// One AdamW update with the averaged gradients, clipped by `grad_norm` (from `finish`).
+    pub fn update(&mut self, params: &[(String, Var)], grad_norm: f64, lr: f64, cfg: &TrainConfig) -> Result<()> {
+        match self {
+            Optimizer::Host { acc, adam } => adam.step(params, &acc.sums, grad_norm, lr, cfg),
+            Optimizer::Device(d) => d.adam.step(params, &d.acc.sums, grad_norm, lr, cfg),
+        }
+    }
+
+    /// The moments and update count as host vectors: what a checkpoint saves and ranks compare.
+    pub fn state(&self) -> Result<Cow<'_, AdamW>> {
+        match self {
+            Optimizer::Host { adam, .. } => Ok(Cow::Borrowed(adam)),
+            Optimizer::Device(d) => Ok(Cow::Owned(d.to_host()?)),
+        }
+    }
+}
 
 pub fn decays(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2 && !name.contains(".router.")

@@ -111,7 +111,7 @@ fn configs_malformed_unknown_field_bad_values_unknown_preset() {
     std::fs::write(&bad, "{ \"format_version\": 1, ").unwrap();
     fails_cleanly(&itt(&["train", "--config", bad.to_str().unwrap(), "--out", o]), &["bad.json", "malformed"]);
     let mut cfg: serde_json::Value =
-        serde_json::from_str(&itt::config::preset("tiny-itt4").unwrap().to_json()).unwrap();
+        serde_json::from_str(&itt::base::config::preset("tiny-itt4").unwrap().to_json()).unwrap();
     cfg["model"]["wobble"] = serde_json::json!(3);
     let unknown = tmp.path().join("unknown.json");
     std::fs::write(&unknown, cfg.to_string()).unwrap();

@@ -11,8 +11,8 @@
 //! cases get).
 
 use candle_core::Device;
+use itt::base::config::{self, RunConfig};
 use itt::checkpoint;
-use itt::config::{self, RunConfig};
 use itt::data::Tokenizer;
 use itt::eval::tasks;
 use itt::import::gguf;
@@ -43,10 +43,13 @@ fn over_cap(size: usize) -> bool {
     // No allocation from inside the allocator: a fixed message, then refusing the request
     // makes the standard library abort with "memory allocation of N bytes failed".
     let msg = b"\nfuzz: a loader asked for one allocation above the 512 MiB cap (a size taken from the input?)\n";
+    // SAFETY: writes a static buffer of its own length to stderr; nothing is allocated.
     unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
     true
 }
 
+// SAFETY: every call goes to the system allocator with the caller's own arguments, or returns
+// null (allowed: an allocation may fail), so `GlobalAlloc`'s contract is the system's.
 unsafe impl GlobalAlloc for Capped {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         if over_cap(l.size()) {
@@ -452,7 +455,7 @@ fn checkpoint_files() -> &'static Vec<(String, Vec<u8>)> {
         m.max_seq_len = 32;
         (cfg.train.batch_size, cfg.train.seq_len, cfg.train.max_steps) = (2, 16, 1);
         let run = dir.path().join("run");
-        let mut t = itt::train::Trainer::new(cfg, &tok, &run).unwrap();
+        let mut t = itt::train::Trainer::new(cfg, &tok, &run, Default::default()).unwrap();
         itt::train::run(&mut t, &ds, &itt::train::RunOptions { quiet: true, stop_at: None }).unwrap();
         let ck = checkpoint::resolve(&run).unwrap();
         let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(&ck)

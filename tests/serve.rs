@@ -3,7 +3,7 @@
 //! cancellation, deadlines, graceful shutdown, chat templates and the latency valve.
 
 use candle_core::{Device, Tensor};
-use itt::config::preset;
+use itt::base::config::TestModel;
 use itt::data::Tokenizer;
 use itt::generate::{generate, Event, GenerateOptions, SamplingParams};
 use itt::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqLayout};
@@ -21,15 +21,14 @@ fn model() -> (Model, Tokenizer, Arc<RouterCalibration>) {
 
 fn model_with_context(ctx: usize) -> (Model, Tokenizer, Arc<RouterCalibration>) {
     let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghijklmnopqrstuvwxyz:");
-    let mut cfg = preset("tiny-itt4").unwrap().model;
-    cfg.vocab_size = tok.vocab_size();
-    cfg.d_model = 32;
-    cfg.n_heads = 2;
-    cfg.n_kv_heads = 1;
-    cfg.mlp_hidden = 48;
-    cfg.max_seq_len = ctx;
-    cfg.init_std = 0.2;
-    cfg.thinking.router_init_std = 0.5;
+    let cfg = TestModel::preset("tiny-itt4")
+        .vocab(tok.vocab_size())
+        .width(32, 48)
+        .heads(2, 1)
+        .context(ctx)
+        .init_std(0.2)
+        .router_init_std(0.5)
+        .config();
     let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
     let ids = tok.encode("12+34=46\n5+5=10\nabc def ghij\n901-3=898\n").unwrap();
     let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
@@ -274,7 +273,8 @@ fn a_full_queue_gets_429_and_a_client_that_leaves_frees_its_place() {
 
 #[test]
 fn deadlines_end_requests_and_shutdown_lets_running_ones_finish() {
-    let (server, url) = start(EngineConfig::default());
+    // A context of 2048: the stream below runs long enough (~0.5 s) to be seen running.
+    let (server, url) = start_with_context(EngineConfig::default(), 2048);
     let (status, v) =
         post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 100, "timeout": 0.000001, "temperature": 0}"#);
     assert_eq!(status, 200, "{v}");
@@ -282,7 +282,7 @@ fn deadlines_end_requests_and_shutdown_lets_running_ones_finish() {
     assert!(v["usage"]["completion_tokens"].as_u64().unwrap() < 100);
 
     // A stream running when shutdown begins still ends well formed, with all its tokens.
-    let body = json!({"prompt": "1", "max_tokens": 100, "temperature": 0.7, "seed": 3, "ignore_eos": true});
+    let body = json!({"prompt": "1", "max_tokens": 1000, "temperature": 0.7, "seed": 3, "ignore_eos": true});
     let url2 = url.clone();
     let reader = std::thread::spawn(move || bench::stream_completion(&url2, &body, Duration::from_secs(60)));
     wait_until(|| metric(&url, "itt_running_sequences") >= 1.0, "the stream to start");

@@ -2,22 +2,17 @@
 //! routed share during training, and the bad inputs the library must refuse cleanly.
 
 use candle_core::{Device, Tensor};
+use itt::base::config::{self, RunConfig};
 use itt::checkpoint;
-use itt::config::{self, RunConfig};
 use itt::data::{self, synthetic, Tokenizer};
 use itt::model::{Model, RoutingOptions, SeqLayout};
-use itt::train::{self, RunOptions, Trainer};
+use itt::train::{self, RunOptions, Trainer, TrainerOptions};
 use std::path::Path;
 
 fn small_run(preset: &str, tok: &Tokenizer, steps: usize) -> RunConfig {
     let mut cfg = config::preset(preset).unwrap();
-    let m = &mut cfg.model;
-    m.vocab_size = tok.vocab_size();
-    m.d_model = 32;
-    m.n_heads = 2;
-    m.n_kv_heads = 2;
-    m.mlp_hidden = 64;
-    m.max_seq_len = 64;
+    cfg.model =
+        config::TestModel::preset(preset).vocab(tok.vocab_size()).width(32, 64).heads(2, 2).context(64).config();
     let t = &mut cfg.train;
     t.batch_size = 4;
     t.seq_len = 32;
@@ -62,25 +57,25 @@ fn same_seed_same_run_and_resume_equals_uninterrupted() {
     let quiet = RunOptions { quiet: true, stop_at: None };
 
     let a = tmp.path().join("a");
-    let mut ta = Trainer::new(cfg.clone(), &tok, &a).unwrap();
+    let mut ta = Trainer::new(cfg.clone(), &tok, &a, TrainerOptions::default()).unwrap();
     train::run(&mut ta, &ds, &quiet).unwrap();
 
     let b = tmp.path().join("b");
-    let mut tb = Trainer::new(cfg.clone(), &tok, &b).unwrap();
+    let mut tb = Trainer::new(cfg.clone(), &tok, &b, TrainerOptions::default()).unwrap();
     train::run(&mut tb, &ds, &quiet).unwrap();
     assert_eq!(params(&ta.model), params(&tb.model), "same seed, different weights");
     assert_eq!(losses(&a), losses(&b));
 
     // Stop after 3 steps, drop the trainer, resume from disk, finish.
     let c = tmp.path().join("c");
-    let mut tc = Trainer::new(cfg.clone(), &tok, &c).unwrap();
+    let mut tc = Trainer::new(cfg.clone(), &tok, &c, TrainerOptions::default()).unwrap();
     train::run(&mut tc, &ds, &RunOptions { quiet: true, stop_at: Some(3) }).unwrap();
     drop(tc);
-    let mut tc = Trainer::resume(&c, None).unwrap();
+    let mut tc = Trainer::resume(&c, None, TrainerOptions::default()).unwrap();
     assert_eq!(tc.state.step, 3);
     train::run(&mut tc, &ds, &quiet).unwrap();
     assert_eq!(params(&ta.model), params(&tc.model), "resumed run differs from the uninterrupted one");
-    assert_eq!(ta.opt, tc.opt);
+    assert_eq!(ta.optimizer.state().unwrap(), tc.optimizer.state().unwrap());
     assert_eq!(ta.calibration, tc.calibration);
     assert_eq!(losses(&a), losses(&c));
 
@@ -88,7 +83,7 @@ fn same_seed_same_run_and_resume_equals_uninterrupted() {
     let mut other = cfg.clone();
     other.train.seed += 1;
     let d = tmp.path().join("d");
-    let mut td = Trainer::new(other, &tok, &d).unwrap();
+    let mut td = Trainer::new(other, &tok, &d, TrainerOptions::default()).unwrap();
     train::run(&mut td, &ds, &quiet).unwrap();
     assert_ne!(params(&ta.model), params(&td.model));
 }
@@ -99,7 +94,7 @@ fn checkpoint_round_trips_bit_exactly() {
     let (ds, tok) = dataset(tmp.path());
     let cfg = small_run("tiny-itt2", &tok, 2);
     let run = tmp.path().join("run");
-    let mut t = Trainer::new(cfg, &tok, &run).unwrap();
+    let mut t = Trainer::new(cfg, &tok, &run, TrainerOptions::default()).unwrap();
     train::run(&mut t, &ds, &RunOptions { quiet: true, stop_at: None }).unwrap();
     let (model, tok2, info) = checkpoint::load_model(&run).unwrap();
     assert_eq!(params(&model), params(&t.model));
@@ -111,7 +106,7 @@ fn checkpoint_round_trips_bit_exactly() {
     assert_eq!(info.config, t.cfg);
     assert_eq!(info.calibration, t.calibration);
     let opt = checkpoint::load_optimizer(&info.dir, &model.params).unwrap();
-    assert_eq!(opt, t.opt);
+    assert_eq!(opt, *t.optimizer.state().unwrap());
     let x = Tensor::from_slice(&[1u32, 2, 3, 4], 4, &Device::Cpu).unwrap();
     let run_logits = |m: &Model| -> Vec<f32> {
         m.forward(&x, &SeqLayout::uniform(1, 4), &RoutingOptions::default(), None, None)
@@ -155,7 +150,7 @@ fn routed_share_during_training_matches_the_configured_ratio() {
     let (ds, tok) = dataset(tmp.path());
     let mut cfg = small_run("tiny-itt4", &tok, 2);
     cfg.model.thinking.ratios = vec![0.5, 0.25, 0.75];
-    let mut t = Trainer::new(cfg, &tok, &tmp.path().join("r")).unwrap();
+    let mut t = Trainer::new(cfg, &tok, &tmp.path().join("r"), TrainerOptions::default()).unwrap();
     let rep = t.step(&ds.train, false).unwrap();
     for ((_, step), s) in &rep.record.stats {
         let want = [0.5, 0.25, 0.75][step - 2];
@@ -172,17 +167,17 @@ fn existing_runs_are_never_overwritten() {
     let (ds, tok) = dataset(tmp.path());
     let cfg = small_run("tiny", &tok, 1);
     let run = tmp.path().join("run");
-    let mut t = Trainer::new(cfg.clone(), &tok, &run).unwrap();
+    let mut t = Trainer::new(cfg.clone(), &tok, &run, TrainerOptions::default()).unwrap();
     train::run(&mut t, &ds, &RunOptions { quiet: true, stop_at: None }).unwrap();
     let before = std::fs::read(run.join("metrics.jsonl")).unwrap();
-    let err = Trainer::new(cfg, &tok, &run).err().unwrap().to_string();
+    let err = Trainer::new(cfg, &tok, &run, TrainerOptions::default()).err().unwrap().to_string();
     assert!(err.contains("--resume"), "{err}");
     assert_eq!(std::fs::read(run.join("metrics.jsonl")).unwrap(), before);
 }
 
 #[test]
 fn a_miniature_experiment_grid_writes_its_table_and_plot() {
-    use itt::experiment::{self, ExperimentOptions};
+    use itt::apps::experiment::{self, ExperimentOptions};
     let tmp = tempfile::tempdir().unwrap();
     for name in ["table2", "table3"] {
         let opts = ExperimentOptions {
@@ -254,7 +249,7 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
 
 #[test]
 fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
-    use itt::experiment::{self, ExperimentOptions, Role};
+    use itt::apps::experiment::{self, ExperimentOptions, Role};
     let tmp = tempfile::tempdir().unwrap();
     let words = ["the cat sat on the mat. ", "a dog ran to the park! ", "we think, therefore we are. "];
     let mut paths = vec![];
@@ -298,10 +293,19 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
     let dense = r.rows.iter().find(|x| x.corpus == "one-char" && x.variant == "dense").unwrap();
     assert_eq!(dense.flops_vs_dense, 1.0);
     // The pooled difference is the mean over all four (corpus, seed) pairs of its corpora's.
-    let pooled = r.rows.iter().find(|x| x.corpus == "pooled" && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap();
+    let pooled =
+        r.rows.iter().find(|x| x.corpus == "pooled" && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap();
     let per: Vec<f64> = ["one-char", "two-char"]
         .iter()
-        .map(|c| r.rows.iter().find(|x| x.corpus == *c && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap().vs_dense.unwrap().mean)
+        .map(|c| {
+            r.rows
+                .iter()
+                .find(|x| x.corpus == *c && x.variant == "itt4-lr2" && x.role == Role::Trained)
+                .unwrap()
+                .vs_dense
+                .unwrap()
+                .mean
+        })
         .collect();
     let vs = pooled.vs_dense.unwrap();
     assert_eq!(vs.n, 4);
@@ -309,7 +313,15 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
     // Best rates: per corpus and pooled, for dense, dense2x and ITT.
     assert_eq!(r.best_lr.len(), 9);
     for b in r.best_lr.iter().filter(|b| b.corpus != "pooled") {
-        let rows: Vec<_> = r.rows.iter().filter(|x| x.corpus == b.corpus && x.role == Role::Trained && (x.variant == b.model || x.variant == format!("{}-lr2", b.model))).collect();
+        let rows: Vec<_> = r
+            .rows
+            .iter()
+            .filter(|x| {
+                x.corpus == b.corpus
+                    && x.role == Role::Trained
+                    && (x.variant == b.model || x.variant == format!("{}-lr2", b.model))
+            })
+            .collect();
         let least = rows.iter().map(|x| x.val_loss_mean).fold(f64::INFINITY, f64::min);
         assert_eq!(b.val_loss_mean, least, "{} {}", b.corpus, b.model);
     }
@@ -347,12 +359,12 @@ fn bf16_training_tracks_f32_and_resumes_exactly() {
     let mut cfg = small_run("tiny-itt3", &tok, 6);
     let quiet = RunOptions { quiet: true, stop_at: None };
     let f32_run = tmp.path().join("f32");
-    let mut t32 = Trainer::new(cfg.clone(), &tok, &f32_run).unwrap();
+    let mut t32 = Trainer::new(cfg.clone(), &tok, &f32_run, TrainerOptions::default()).unwrap();
     train::run(&mut t32, &ds, &quiet).unwrap();
 
     cfg.train.precision = config::Precision::Bf16;
     let a = tmp.path().join("bf16");
-    let mut ta = Trainer::new(cfg.clone(), &tok, &a).unwrap();
+    let mut ta = Trainer::new(cfg.clone(), &tok, &a, TrainerOptions::default()).unwrap();
     train::run(&mut ta, &ds, &quiet).unwrap();
     // The precision is saved with the run, and the products really were rounded.
     let saved = std::fs::read_to_string(checkpoint::resolve(&a).unwrap().join("config.json")).unwrap();
@@ -368,10 +380,10 @@ fn bf16_training_tracks_f32_and_resumes_exactly() {
 
     // Resume from step 3 in bf16 (the precision comes from the checkpoint): bit-exact.
     let c = tmp.path().join("bf16-resumed");
-    let mut tc = Trainer::new(cfg.clone(), &tok, &c).unwrap();
+    let mut tc = Trainer::new(cfg.clone(), &tok, &c, TrainerOptions::default()).unwrap();
     train::run(&mut tc, &ds, &RunOptions { quiet: true, stop_at: Some(3) }).unwrap();
     drop(tc);
-    let mut tc = Trainer::resume(&c, None).unwrap();
+    let mut tc = Trainer::resume(&c, None, TrainerOptions::default()).unwrap();
     assert_eq!(tc.cfg.train.precision, config::Precision::Bf16);
     train::run(&mut tc, &ds, &quiet).unwrap();
     assert_eq!(params(&ta.model), params(&tc.model), "resumed bf16 run differs");
@@ -384,7 +396,7 @@ fn non_finite_weights_stop_or_skip_a_step_and_are_never_saved() {
     let (ds, tok) = dataset(tmp.path());
     let mut cfg = small_run("tiny-itt2", &tok, 4);
     let run = tmp.path().join("run");
-    let mut t = Trainer::new(cfg.clone(), &tok, &run).unwrap();
+    let mut t = Trainer::new(cfg.clone(), &tok, &run, TrainerOptions::default()).unwrap();
     let (name, var) = t.model.params[1].clone();
     var.set(&(var.as_tensor() * f64::NAN).unwrap()).unwrap();
     let e = t.save().err().unwrap().to_string();
@@ -395,14 +407,14 @@ fn non_finite_weights_stop_or_skip_a_step_and_are_never_saved() {
 
     // skip: no update (weights, optimiser and thresholds as they were), the data moves on.
     cfg.train.on_nonfinite = config::OnNonFinite::Skip;
-    let mut t = Trainer::new(cfg, &tok, &tmp.path().join("skip")).unwrap();
+    let mut t = Trainer::new(cfg, &tok, &tmp.path().join("skip"), TrainerOptions::default()).unwrap();
     let (_, var) = t.model.params[1].clone();
     var.set(&(var.as_tensor() * f64::NAN).unwrap()).unwrap();
-    let before = (t.opt.clone(), t.calibration.clone(), t.state.data_rng);
+    let before = (t.optimizer.state().unwrap().into_owned(), t.calibration.clone(), t.state.data_rng);
     let rep = t.step(&ds.train, false).unwrap();
     assert_eq!(rep.skipped.as_deref(), Some("the loss is NaN"));
     assert_eq!((t.state.step, t.state.skipped_batches, t.state.last_train_loss), (1, 1, None));
-    assert_eq!((&t.opt, &t.calibration), (&before.0, &before.1));
+    assert_eq!((&*t.optimizer.state().unwrap(), &t.calibration), (&before.0, &before.1));
     assert_ne!(t.state.data_rng, before.2);
     assert!(params(&t.model)[0].iter().all(|x| x.is_finite()));
 }
@@ -419,11 +431,12 @@ fn the_device_optimiser_matches_the_host_one() {
     let mut cfg = small_run("tiny-itt2", &tok, 4);
     cfg.train.grad_clip = 0.5; // small enough to clip, so the clip factor is compared too
     let quiet = RunOptions { quiet: true, stop_at: None };
-    let mut host = Trainer::new(cfg.clone(), &tok, &tmp.path().join("host")).unwrap();
+    let mut host = Trainer::new(cfg.clone(), &tok, &tmp.path().join("host"), TrainerOptions::default()).unwrap();
     train::run(&mut host, &ds, &quiet).unwrap();
     let dev_dir = tmp.path().join("device");
-    let mut dev = Trainer::new(cfg.clone(), &tok, &dev_dir).unwrap();
-    dev.use_device_optimizer().unwrap();
+    let on_device = TrainerOptions { device_optimizer: true, ..Default::default() };
+    let mut dev = Trainer::new(cfg.clone(), &tok, &dev_dir, on_device).unwrap();
+    assert!(dev.optimizer.is_on_device());
     train::run(&mut dev, &ds, &quiet).unwrap();
 
     let max_diff = |a: &[Vec<f32>], b: &[Vec<f32>]| -> f32 {
@@ -431,10 +444,11 @@ fn the_device_optimiser_matches_the_host_one() {
     };
     let weights = max_diff(&params(&host.model), &params(&dev.model));
     let saved = checkpoint::load_optimizer(&checkpoint::resolve(&dev_dir).unwrap(), &dev.model.params).unwrap();
-    let (m, v) = (max_diff(&host.opt.m, &saved.m), max_diff(&host.opt.v, &saved.v));
+    let host_state = host.optimizer.state().unwrap();
+    let (m, v) = (max_diff(&host_state.m, &saved.m), max_diff(&host_state.v, &saved.v));
     println!("device vs host optimiser, max |difference|: weights {weights:e}, m {m:e}, v {v:e}");
     assert!(weights < 1e-5 && m < 1e-5 && v < 1e-5, "weights {weights:e}, m {m:e}, v {v:e}");
-    assert_eq!(saved.t, host.opt.t);
+    assert_eq!(saved.t, host_state.t);
     let loss = |run: &Path| -> Vec<f64> {
         std::fs::read_to_string(run.join("metrics.jsonl"))
             .unwrap()
@@ -449,7 +463,7 @@ fn the_device_optimiser_matches_the_host_one() {
     }
 
     // The device optimiser's checkpoint resumes on the host optimiser.
-    let resumed = Trainer::resume(&dev_dir, None).unwrap();
-    assert_eq!((resumed.state.step, &resumed.opt), (4, &saved));
+    let resumed = Trainer::resume(&dev_dir, None, TrainerOptions::default()).unwrap();
+    assert_eq!((resumed.state.step, &*resumed.optimizer.state().unwrap()), (4, &saved));
     assert_eq!(params(&resumed.model), params(&dev.model));
 }

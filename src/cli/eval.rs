@@ -1,19 +1,21 @@
 //! Commands that use a trained model: eval, generate, calibrate.
 
 use super::RoutingArgs;
+use crate::apps::report;
 use crate::generate::{Event, GenerateOptions, SamplingParams};
 use crate::import::gguf::GgufWeights;
+use crate::import::{open, Format, OpenOptions, Opened};
 use crate::model::Routing;
 use crate::ops::Precision;
 use crate::train::DataSpec;
-use crate::{checkpoint, data, eval, report, Error, Result};
+use crate::{checkpoint, data, eval, Error, Result};
 use clap::Args;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Checkpoint folder, run folder, or a .gguf file (llama architecture).
+    /// Checkpoint folder, run folder, a .gguf file (llama architecture) or a Hugging Face folder.
     #[arg(long)]
     checkpoint: PathBuf,
     /// A text file or corpus (scored whole), or a prepared dataset folder (its validation split).
@@ -65,7 +67,7 @@ pub struct EvalArgs {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint folder, run folder, or a .gguf file (llama architecture).
+    /// Checkpoint folder, run folder, a .gguf file (llama architecture) or a Hugging Face folder.
     #[arg(long)]
     checkpoint: PathBuf,
     /// Prompt (repeat for a batch).
@@ -135,8 +137,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         }
     }
     let device = a.device.open()?;
-    let (model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
-    let mut model = model.to_device(&device)?;
+    let opened = open(&a.checkpoint, &OpenOptions { gguf_weights: a.gguf_weights, device: device.clone() })?;
+    let Opened { mut model, tokenizer: tok, info, .. } = opened;
     model.precision = a.precision.unwrap_or(info.config.train.precision);
     if model.precision == crate::ops::Precision::Bf16 && device.is_cpu() && crate::ops::Precision::bf16_falls_back() {
         eprintln!("notice: no bf16 matrix units (AMX) on this CPU: scoring in f32");
@@ -169,7 +171,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
         if let Some(p) = &a.per_item {
             let lines: Vec<String> =
                 results.iter().flat_map(|r| &r.per_item).map(|it| serde_json::to_string(it).unwrap()).collect();
-            crate::util::write_new(p, (lines.join("\n") + "\n").as_bytes())?;
+            crate::base::util::write_new(p, (lines.join("\n") + "\n").as_bytes())?;
             if !a.json {
                 eprintln!("{} item scores written to {}", lines.len(), p.display());
             }
@@ -216,8 +218,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 
 pub fn generate(a: GenerateArgs) -> Result<()> {
     let device = a.device.open()?;
-    let (model, tok, info) = crate::import::load_for_inference(&a.checkpoint, a.gguf_weights)?;
-    let model = model.to_device(&device)?;
+    let opened = open(&a.checkpoint, &OpenOptions { gguf_weights: a.gguf_weights, device })?;
+    let Opened { model, tokenizer: tok, info, .. } = opened;
     let default = if model.has_routers() && !a.no_cache { Routing::Threshold } else { Routing::TopK };
     let routing = a.routing.options(info.calibration.as_ref(), default)?;
     if routing.mode == Routing::Threshold && routing.calibration.is_none() && model.has_routers() {
@@ -280,8 +282,14 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     let device = a.device.open()?;
-    let (model, tok, info) = checkpoint::load_model(&a.checkpoint)?;
-    let model = model.to_device(&device)?;
+    let Opened { model, tokenizer: tok, info, format } =
+        open(&a.checkpoint, &OpenOptions { device, ..Default::default() })?;
+    if format != Format::Itt {
+        return Err(Error::input(
+            &a.checkpoint,
+            format!("is a {} model; router thresholds are stored in itt checkpoints", format.name()),
+        ));
+    }
     let spec = DataSpec { path: a.data.clone(), ..Default::default() };
     let docs = data::read_corpus(Path::new(&spec.path), &spec.corpus)?;
     let cal = eval::calibrate(&model, &tok, &docs, info.config.train.seq_len, a.batches)?;

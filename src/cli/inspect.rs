@@ -2,9 +2,11 @@
 //! report, convert, export.
 
 use super::{ModelSource, RoutingArgs};
+use crate::apps::{analysis, report};
+use crate::base::config;
 use crate::model::Routing;
 use crate::ops::Precision;
-use crate::{analysis, checkpoint, config, data, flops, report, Error, Result};
+use crate::{checkpoint, data, flops, Error, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
 
@@ -142,7 +144,7 @@ pub struct RouterArgs {
 
 #[derive(Args)]
 pub struct SpikeArgs {
-    /// Any checkpoint folder or run folder (dense, Loop or ITT).
+    /// Any checkpoint or run folder (dense, Loop or ITT), a .gguf file or a Hugging Face folder.
     #[arg(long)]
     checkpoint: PathBuf,
     /// `builtin` (task lines, answer tokens as targets), a .jsonl file with prompt/answer or
@@ -207,7 +209,7 @@ pub struct ExportArgs {
 
 pub fn info(a: InfoArgs) -> Result<()> {
     let cfg = match &a.checkpoint {
-        Some(c) => checkpoint::load(c)?.config,
+        Some(c) => crate::import::open(c, &Default::default())?.info.config,
         None => a.model.load("tiny")?,
     };
     if let Some(r) = &a.ratios {
@@ -251,8 +253,8 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         if a.decode.is_some() || a.precision.is_some() {
             return Err(Error::usage("--gguf times generation on a file; leave out --decode and --precision"));
         }
-        let prompt = a.prompt.as_deref().unwrap_or(crate::bench::GENERATE_PROMPT);
-        let r = crate::bench::generate_file(path, a.gguf_weights, prompt, a.new_tokens, a.steps, &device)?;
+        let prompt = a.prompt.as_deref().unwrap_or(crate::apps::bench::GENERATE_PROMPT);
+        let r = crate::apps::bench::generate_file(path, a.gguf_weights, prompt, a.new_tokens, a.steps, &device)?;
         if a.json {
             println!("{}", serde_json::to_string(&r).unwrap());
         } else {
@@ -266,13 +268,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "--precision applies to the training benchmark, not to --decode (decoding runs in f32)",
             ));
         }
-        println!("{}", crate::bench::DecodeBench::HEADER);
+        println!("{}", crate::apps::bench::DecodeBench::HEADER);
         for p in presets {
             let mut cfg = config::preset(p)?;
             if let Some(v) = a.vocab {
                 cfg.model.vocab_size = v;
             }
-            let r = crate::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens, &device)?;
+            let r = crate::apps::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens, &device)?;
             if a.json {
                 println!("{}", serde_json::to_string(&r).unwrap());
             } else {
@@ -295,7 +297,7 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         cfg.train.precision = p;
     }
     cfg.validate()?;
-    let r = crate::bench::train_step(&cfg, a.steps, &device)?;
+    let r = crate::apps::bench::train_step(&cfg, a.steps, &device)?;
     if a.json {
         println!("{}", serde_json::to_string(&r).unwrap());
     } else {

@@ -8,7 +8,7 @@ mod inspect;
 mod serve;
 mod train;
 
-use crate::config::{self, RunConfig};
+use crate::base::config::{self, RunConfig};
 use crate::model::{Routing, RoutingOptions};
 use crate::{Error, Result};
 use clap::{Args, Parser, Subcommand};
@@ -73,12 +73,12 @@ pub enum Cmd {
 pub struct DeviceArg {
     /// cpu, cuda (GPU 0) or cuda:N; a GPU needs an itt built with `--features cuda`.
     #[arg(long, default_value = "cpu")]
-    pub device: crate::util::DeviceSpec,
+    pub device: crate::base::util::DeviceSpec,
 }
 
 impl DeviceArg {
     pub fn open(&self) -> Result<candle_core::Device> {
-        crate::util::open_device(self.device)
+        crate::base::util::open_device(self.device)
     }
 }
 
@@ -142,7 +142,8 @@ impl RoutingArgs {
 /// Run one parsed command.
 pub fn run(cli: Cli) -> Result<()> {
     // P copies of any other command would each do the whole job, writing the same files.
-    if let (Some(p), false) = (crate::dist::launched_size().filter(|&p| p > 1), matches!(cli.cmd, Cmd::Train(_))) {
+    if let (Some(p), false) = (crate::base::dist::launched_size().filter(|&p| p > 1), matches!(cli.cmd, Cmd::Train(_)))
+    {
         return Err(crate::Error::usage(format!(
             "started by mpirun with {p} ranks, but only `itt train` runs data-parallel; run this command as one process"
         )));

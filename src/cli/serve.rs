@@ -1,6 +1,7 @@
 //! `itt serve` and `itt bench --serve`.
 
 use crate::import::gguf::GgufWeights;
+use crate::import::{Format, OpenOptions, Opened};
 use crate::serve::engine::EngineConfig;
 use crate::serve::{bench, template::ChatTemplate, ServeOptions, Server};
 use crate::{Error, Result};
@@ -80,42 +81,38 @@ impl EngineArgs {
     }
 }
 
-/// Load a model for serving and start the server on `addr`.
-#[allow(clippy::too_many_arguments)]
-pub fn start(
-    checkpoint: &Path,
-    weights: GgufWeights,
-    engine: EngineConfig,
-    name: Option<String>,
-    chat_template: Option<&Path>,
-    seed: u64,
-    grace: Duration,
-    addr: SocketAddr,
-    device: &candle_core::Device,
-) -> Result<(Server, String)> {
+/// How `start` serves a model, besides how it opens it.
+pub struct StartOptions<'a> {
+    pub engine: EngineConfig,
+    /// The model name clients pass (default: the checkpoint's file or folder name).
+    pub name: Option<String>,
+    /// A Jinja chat template file, instead of the model's own.
+    pub chat_template: Option<&'a Path>,
+    pub seed: u64,
+    pub grace: Duration,
+}
+
+/// Open a model for serving and start the server on `addr`; returns it and where its chat
+/// template came from.
+pub fn start(checkpoint: &Path, open: &OpenOptions, opts: StartOptions, addr: SocketAddr) -> Result<(Server, String)> {
+    let device = &open.device;
     // A GGUF keeps its quantized weights (DESIGN §13); other formats load as they train.
-    let (model, tok, calibration) = if checkpoint.is_file() {
-        let (m, t, info) = crate::import::load_for_inference(checkpoint, weights)?;
+    let opened = crate::import::open(checkpoint, open)?;
+    let Opened { mut model, tokenizer: tok, info, format } = opened;
+    if format == Format::Gguf {
         // On a GPU the model runs dense (DESIGN §15); on the CPU serving never trains nor
         // dequantizes, so the f32 copies of quantized weights are freed.
-        let mut m = m.to_device(device)?;
         if device.is_cpu() {
-            m.drop_dense_copies()?;
+            model.drop_dense_copies()?;
         }
-        crate::util::release_free_memory();
-        (m, t, info.calibration)
-    } else {
-        let imported = crate::import::load(checkpoint)?;
-        let calibration = imported.calibration.clone();
-        let (m, t) = imported.into_model(device)?;
-        (m, t, calibration)
-    };
-    let calibration = calibration.map(Arc::new);
-    let template = ChatTemplate::find(checkpoint, chat_template, &tok)?;
-    let name = name.unwrap_or_else(|| model_name(checkpoint));
+        crate::base::util::release_free_memory();
+    }
+    let calibration = info.calibration.map(Arc::new);
+    let template = ChatTemplate::find(checkpoint, opts.chat_template, &tok)?;
+    let name = opts.name.unwrap_or_else(|| model_name(checkpoint));
     let origin = template.origin.clone();
-    let opts = ServeOptions { engine, name, template, calibration, seed, grace };
-    Ok((Server::start(model, tok, opts, addr)?, origin))
+    let serve = ServeOptions { engine: opts.engine, name, template, calibration, seed: opts.seed, grace: opts.grace };
+    Ok((Server::start(model, tok, serve, addr)?, origin))
 }
 
 fn model_name(path: &Path) -> String {
@@ -143,18 +140,15 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         .map_err(|e| Error::usage(format!("--host {}: {e}", a.host)))?
         .next()
         .ok_or_else(|| Error::usage(format!("--host {} resolves to no address", a.host)))?;
-    let device = a.device.open()?;
-    let (server, template_origin) = start(
-        &a.checkpoint,
-        a.gguf_weights,
-        a.engine.config()?,
-        a.name,
-        a.chat_template.as_deref(),
-        a.seed,
-        Duration::from_secs_f64(a.grace),
-        addr,
-        &device,
-    )?;
+    let open = OpenOptions { gguf_weights: a.gguf_weights, device: a.device.open()? };
+    let opts = StartOptions {
+        engine: a.engine.config()?,
+        name: a.name,
+        chat_template: a.chat_template.as_deref(),
+        seed: a.seed,
+        grace: Duration::from_secs_f64(a.grace),
+    };
+    let (server, template_origin) = start(&a.checkpoint, &open, opts, addr)?;
     eprintln!("chat template: {template_origin}");
     eprintln!("serving on http://{} (OpenAI API under /v1, web page at /, metrics at /metrics)", server.addr);
     server.wait()?;
@@ -220,17 +214,9 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             latency_target: valve.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             share_floor: 0.25,
         };
-        let (server, _) = start(
-            checkpoint,
-            GgufWeights::Quantized,
-            engine,
-            None,
-            None,
-            1234,
-            Duration::from_secs(5),
-            "127.0.0.1:0".parse().expect("an address"),
-            &candle_core::Device::Cpu,
-        )?;
+        let open = OpenOptions { gguf_weights: GgufWeights::Quantized, device: candle_core::Device::Cpu };
+        let opts = StartOptions { engine, name: None, chat_template: None, seed: 1234, grace: Duration::from_secs(5) };
+        let (server, _) = start(checkpoint, &open, opts, "127.0.0.1:0".parse().expect("an address"))?;
         let url = format!("http://{}", server.addr);
         // Warm up (first-touch allocations, thread pools).
         bench::load(&url, 1, 1, &body);

@@ -1,14 +1,13 @@
 //! Commands that train: demo, train, retrofit, experiment.
 
 use super::ModelSource;
-use crate::config::{OnNonFinite, ResidualForm, Trainable};
-use crate::dist::Group;
+use crate::apps::{demo, report};
+use crate::base::config::{OnNonFinite, ResidualForm, Trainable};
 use crate::ops::Precision;
-use crate::train::{DataSpec, RunOptions, Trainer};
-use crate::util::DeviceSpec;
-use crate::{data, demo, report, Error, Result};
+use crate::train::{DataSpec, LaunchOptions, RunOptions, Start};
+use crate::{data, Result};
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -193,58 +192,11 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
-    // Under `mpirun -n P` every rank runs this; rank 0 alone prepares data and writes the run
-    // folder, the others wait for it and then read what it wrote (DESIGN §14).
-    let group = Group::from_launch()?;
-    let spec = DataSpec {
-        path: a.data.clone(),
-        tokenizer: a.tokenizer.clone(),
-        corpus: data::CorpusOptions { jsonl_field: a.jsonl_field.clone(), ..Default::default() },
-        val_fraction: a.val_fraction,
-    };
-    let on_nonfinite = a.on_nonfinite;
-    let data_dir = a.out.join("data");
-    // Under mpirun each rank of a machine takes its own GPU: cuda:N is the first (DESIGN §14).
-    let device = match a.device.device {
-        DeviceSpec::Cuda(n) if group.is_distributed() => DeviceSpec::Cuda(n + crate::dist::launched_local_rank()),
-        spec => spec,
-    };
-    let device = crate::util::open_device(device)?;
-    let (mut trainer, dataset) = if a.resume {
-        let mut trainer = Trainer::resume_in(&a.out, a.checkpoint.as_deref(), group.clone(), &device)?;
-        if group.is_lead() {
-            for n in &trainer.notices {
-                eprintln!("{n}");
-            }
-        }
-        if let Some(v) = on_nonfinite {
-            trainer.cfg.train.on_nonfinite = v;
-        }
-        let open =
-            || data::Dataset::open(&data_dir).or_else(|_| crate::train::prepare_data(&spec, &data_dir).map(|x| x.0));
-        // Rank 0 prepares the data if the run folder lost it; the others then find it there.
-        let lead_data = if group.is_lead() { Some(open()?) } else { None };
-        group.barrier();
-        let dataset = match lead_data {
-            Some(d) => d,
-            None => open()?,
-        };
-        dataset.check_tokenizer(&data::Tokenizer::from_json(&trainer.tokenizer_json)?)?;
-        (trainer, dataset)
-    } else if !group.is_lead() {
-        group.barrier();
-        // What rank 0 prepared: its dataset and the run's config as it wrote it.
-        let prepared = if Path::new(&spec.path).join("meta.json").exists() {
-            spec.clone()
-        } else {
-            DataSpec { path: data_dir.to_string_lossy().into_owned(), ..spec.clone() }
-        };
-        let (dataset, tok) = crate::train::prepare_data(&prepared, &data_dir)?;
-        let cfg = crate::config::RunConfig::load(&a.out.join("config.json"))?;
-        (Trainer::new_in(cfg, &tok, &a.out, group.clone(), &device)?, dataset)
+    let start = if a.resume {
+        Start::Resume { from: a.checkpoint }
     } else {
-        let mut cfg = a.model.load("tiny")?;
-        let t = &mut cfg.train;
+        let mut config = a.model.load("tiny")?;
+        let t = &mut config.train;
         macro_rules! set {
             ($field:ident, $v:expr) => {
                 if let Some(v) = $v {
@@ -262,67 +214,32 @@ pub fn train(a: TrainArgs) -> Result<()> {
         set!(eval_interval, a.eval_interval);
         set!(log_interval, a.log_interval);
         set!(checkpoint_interval, a.checkpoint_interval);
-        if let Some(p) = a.precision {
-            t.precision = p;
-        }
-        set!(on_nonfinite, on_nonfinite);
-        // Checked before anything is written, so that a bad split leaves no folder behind.
-        group.share(cfg.train.grad_accum)?;
-        if a.out.join("latest").exists() {
-            return Err(Error::usage(format!(
-                "{} already holds a training run; pass --resume to continue it or choose another --out",
-                a.out.display()
-            )));
-        }
-        if a.out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
-            return Err(Error::usage(format!(
-                "{} exists and is not empty (an unrelated folder, or a run stopped before its first checkpoint); \
-                 choose another --out",
-                a.out.display()
-            )));
-        }
-        let created = !a.out.exists();
-        let setup = || -> Result<(Trainer, data::Dataset)> {
-            let (dataset, tok) = crate::train::prepare_data(&spec, &data_dir)?;
-            if a.model.config.is_none() {
-                // Presets take their vocabulary from the tokenizer; a config file must match it.
-                cfg.model.vocab_size = tok.vocab_size();
-            }
-            cfg.validate()?;
-            Ok((Trainer::new_in(cfg, &tok, &a.out, group.clone(), &device)?, dataset))
-        };
-        let made = match setup() {
-            Ok(x) => x,
-            Err(e) => {
-                // A run that never started leaves nothing behind in a folder it created.
-                if created {
-                    let _ = std::fs::remove_dir_all(&a.out);
-                }
-                return Err(e);
-            }
-        };
-        group.barrier();
-        made
+        set!(precision, a.precision);
+        // Presets take their vocabulary from the tokenizer; a config file must match it.
+        Start::New { config: Box::new(config), vocab_from_tokenizer: a.model.config.is_none() }
     };
-    if group.is_distributed() {
-        // Ranks that disagree here would train different models without a word.
-        group.share(trainer.cfg.train.grad_accum)?;
-        group.check_agree("model, optimiser state or data position", trainer.fingerprint()?)?;
-    }
-    if std::env::var("ITT_DEVICE_OPTIMIZER").is_ok_and(|v| v == "1") {
-        // The GPU's optimiser on CPU tensors: how tests reach its data-parallel sum without a
-        // GPU (tests/mpi.rs; DESIGN §15).
-        trainer.use_device_optimizer()?;
-    }
-    let summary = crate::train::run(&mut trainer, &dataset, &RunOptions { quiet: a.quiet, stop_at: a.stop_at })?;
-    if group.is_lead() {
+    let opts = LaunchOptions {
+        out: a.out,
+        start,
+        data: DataSpec {
+            path: a.data,
+            tokenizer: a.tokenizer,
+            corpus: data::CorpusOptions { jsonl_field: a.jsonl_field, ..Default::default() },
+            val_fraction: a.val_fraction,
+        },
+        on_nonfinite: a.on_nonfinite,
+        device: a.device.device,
+        device_optimizer: std::env::var("ITT_DEVICE_OPTIMIZER").is_ok_and(|v| v == "1"),
+        run: RunOptions { quiet: a.quiet, stop_at: a.stop_at },
+    };
+    if let Some(summary) = crate::train::launch(&opts)? {
         println!("{}", report::train_summary(&summary));
     }
     Ok(())
 }
 
 pub fn retrofit(a: RetrofitArgs) -> Result<()> {
-    use crate::config::{ModelKind, ThinkingConfig, TrainConfig};
+    use crate::base::config::{ModelKind, ThinkingConfig, TrainConfig};
     let thinking = if a.steps <= 1 {
         ThinkingConfig::default()
     } else {
@@ -364,7 +281,7 @@ pub fn retrofit(a: RetrofitArgs) -> Result<()> {
 }
 
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
-    let opts = crate::experiment::ExperimentOptions {
+    let opts = crate::apps::experiment::ExperimentOptions {
         out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs/experiments")),
         name: a.name,
         sizes: a.preset,
@@ -372,7 +289,11 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             .data
             .iter()
             .flat_map(|path| {
-                a.tokenizer.iter().map(|tok| DataSpec { path: path.clone(), tokenizer: tok.clone(), ..Default::default() })
+                a.tokenizer.iter().map(|tok| DataSpec {
+                    path: path.clone(),
+                    tokenizer: tok.clone(),
+                    ..Default::default()
+                })
             })
             .collect(),
         lr_scales: a.lr_scales,
@@ -387,8 +308,8 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         device: a.device.open()?,
         command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
     };
-    let r = crate::experiment::run(&opts)?;
-    println!("{}", crate::experiment::markdown(&r, &opts));
+    let r = crate::apps::experiment::run(&opts)?;
+    println!("{}", crate::apps::experiment::markdown(&r, &opts));
     println!("written: {}/{}/results.json, results.md, loss.png", opts.out.display(), opts.name);
     Ok(())
 }

@@ -15,8 +15,8 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use crate::base::error::IoContext;
 use crate::data::synthetic::{synthetic_corpus, SyntheticOptions};
-use crate::error::IoContext;
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, PartialEq, Eq)]

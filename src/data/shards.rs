@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
+use crate::base::error::IoContext;
+use crate::base::rng::Rng;
+use crate::base::util::write_atomic;
 use crate::data::tokenizer::Tokenizer;
-use crate::error::IoContext;
-use crate::rng::Rng;
-use crate::util::write_atomic;
 use crate::{Error, Result};
 
 pub const SHARD_MAGIC: &[u8; 8] = b"ITTTOK01";
@@ -429,7 +429,7 @@ mod tests {
             let tokens: Vec<u32> = (0..1000).map(|i| (i * 7919 % vocab) as u32).collect();
             let path = dir.path().join(format!("v{vocab}.bin"));
             write_shard(&path, &tokens, vocab, FP).unwrap();
-            assert!(!crate::util::tmp_path(&path).exists());
+            assert!(!crate::base::util::tmp_path(&path).exists());
             let s = TokenShard::open(&path).unwrap();
             assert_eq!(s.len(), 1000);
             assert_eq!(s.vocab_size(), vocab);

@@ -25,7 +25,7 @@
 
 use std::ops::Range;
 
-use crate::rng::Rng;
+use crate::base::rng::Rng;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SyntheticOptions {

@@ -16,8 +16,8 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, NormalizerWrapper, TokenizerBuilder};
 
-use crate::config::MAX_VOCAB;
-use crate::error::IoContext;
+use crate::base::config::MAX_VOCAB;
+use crate::base::error::IoContext;
 use crate::{Error, Result};
 
 /// The end-of-document token of the tokenizers made here.

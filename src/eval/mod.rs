@@ -46,7 +46,7 @@ pub fn shard_loss_in(
     seq_len: usize,
     max_batches: usize,
     routing: &RoutingOptions,
-    group: &crate::dist::Group,
+    group: &crate::base::dist::Group,
 ) -> Result<f64> {
     if !group.is_distributed() {
         return shard_loss(model, shard, batch, seq_len, max_batches, routing);
@@ -107,20 +107,6 @@ fn mean_nll(shard: &TokenShard, seq_len: usize, sums: &[(usize, f64, usize)]) ->
         ));
     }
     Ok(total / count as f64)
-}
-
-/// Per-token negative log-likelihoods (nats) of `rows` sequences of `seq_len` tokens.
-pub fn window_nll(
-    model: &Model,
-    inp: &[u32],
-    tgt: &[u32],
-    rows: usize,
-    seq_len: usize,
-    routing: &RoutingOptions,
-) -> Result<Vec<f64>> {
-    let x = Tensor::from_slice(inp, inp.len(), model.device())?;
-    let logits = model.forward(&x, &SeqLayout::uniform(rows, seq_len), routing, None, None)?;
-    ops::token_nll(&logits, tgt)
 }
 
 /// Loss, perplexity and bits per byte of a text.
@@ -236,20 +222,14 @@ pub fn calibrate(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::preset;
+    use crate::base::config::TestModel;
     use candle_core::Device;
 
     #[test]
     fn perplexity_is_exp_of_the_mean_token_loss_and_bpb_counts_bytes() {
         let text = "12+34=46\nsort 3 1 2 = 1 2 3\nrev abc = cba\n";
         let tok = Tokenizer::char_from_text(text);
-        let mut cfg = preset("tiny-itt2").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.d_model = 16;
-        cfg.n_heads = 2;
-        cfg.n_kv_heads = 2;
-        cfg.mlp_hidden = 24;
-        cfg.max_seq_len = 64;
+        let cfg = TestModel::preset("tiny-itt2").vocab(tok.vocab_size()).width(16, 24).heads(2, 2).context(64).config();
         let model = Model::new(&cfg, 2, &Device::Cpu).unwrap();
         // Independent: one forward over [eot] + text, hand-written log-softmax, mean.
         let mut ids = vec![tok.eot_id()];

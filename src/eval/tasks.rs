@@ -437,19 +437,18 @@ pub fn table(results: &[TaskResult]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::preset;
+    use crate::base::config::TestModel;
     use candle_core::Device;
 
     fn model_and_tok() -> (Model, Tokenizer) {
         let tok = Tokenizer::char_from_text("abcdefghij xyz.?");
-        let mut cfg = preset("tiny-itt2").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.d_model = 16;
-        cfg.n_heads = 2;
-        cfg.n_kv_heads = 2;
-        cfg.mlp_hidden = 24;
-        cfg.max_seq_len = 32;
-        cfg.init_std = 0.5;
+        let cfg = TestModel::preset("tiny-itt2")
+            .vocab(tok.vocab_size())
+            .width(16, 24)
+            .heads(2, 2)
+            .context(32)
+            .init_std(0.5)
+            .config();
         (Model::new(&cfg, 3, &Device::Cpu).unwrap(), tok)
     }
 

@@ -20,7 +20,7 @@
 //! RoPE; `unpermute_rotary` puts them back into the rotate-half layout of `ops::apply_rope`.
 
 use super::{first_line, unpermute_rotary, Imported};
-use crate::config::{ModelConfig, ThinkingConfig};
+use crate::base::config::{ModelConfig, ThinkingConfig};
 use crate::data::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file::{Content, Value};
@@ -578,7 +578,7 @@ pub fn write(
     tokenizer: &Tokenizer,
     quant: GgufQuant,
 ) -> Result<String> {
-    if cfg.thinking.kind != crate::config::ModelKind::Dense {
+    if cfg.thinking.kind != crate::base::config::ModelKind::Dense {
         return Err(Error::usage("only dense models can be written as GGUF (llama has no thinking layers)"));
     }
     let hf = tokenizer.hf().ok_or_else(|| Error::usage("a GGUF needs a byte-level BPE tokenizer"))?;
@@ -673,8 +673,8 @@ pub fn write(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::{preset, TestModel};
     use crate::checkpoint::model_tensors;
-    use crate::config::preset;
     use crate::model::{Model, RoutingOptions, SeqLayout};
 
     fn docs() -> Vec<String> {
@@ -685,9 +685,7 @@ mod tests {
     /// model written as a GGUF the way llama.cpp would.
     fn small_gguf(dir: &Path) -> (Model, Tokenizer, std::path::PathBuf) {
         let tok = Tokenizer::train_bpe(&docs(), 300, 2).unwrap();
-        let mut cfg = preset("tiny").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.n_kv_heads = 2;
+        let mut cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).heads(4, 2).config();
         cfg.tie_embeddings = true;
         cfg.rope_theta = 100000.0;
         let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
@@ -790,7 +788,14 @@ mod tests {
             assert!(served.dequantize().is_err());
             // Quantized products have no gradients: such a model is not trained.
             let run = crate::import::run_config_for(&q.cfg);
-            let e = crate::train::Trainer::from_model(run, q, &tok, &dir.path().join("run")).err().unwrap();
+            let e = crate::train::Trainer::new(
+                run,
+                &tok,
+                &dir.path().join("run"),
+                crate::train::TrainerOptions { weights: Some(q), ..Default::default() },
+            )
+            .err()
+            .unwrap();
             assert!(e.to_string().contains("cannot be trained"), "{e}");
         }
     }

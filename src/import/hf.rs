@@ -16,9 +16,9 @@
 //! ```
 
 use super::Imported;
-use crate::config::{ModelConfig, ModelKind, ThinkingConfig};
+use crate::base::config::{ModelConfig, ModelKind, ThinkingConfig};
+use crate::base::error::IoContext;
 use crate::data::Tokenizer;
-use crate::error::IoContext;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
@@ -297,16 +297,14 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::{preset, TestModel};
     use crate::checkpoint::model_tensors;
-    use crate::config::preset;
     use crate::model::{Model, RoutingOptions, SeqLayout};
 
     fn setup() -> (Model, Tokenizer) {
         let docs: Vec<String> = (0..20).map(|i| format!("the cat sat on the mat {i} times\n")).collect();
         let tok = Tokenizer::train_bpe(&docs, 280, 2).unwrap();
-        let mut cfg = preset("tiny").unwrap().model;
-        cfg.vocab_size = tok.vocab_size();
-        cfg.n_kv_heads = 2;
+        let cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).heads(4, 2).config();
         (Model::new(&cfg, 3, &Device::Cpu).unwrap(), tok)
     }
 

@@ -2,7 +2,9 @@
 //! Hugging Face folders (`hf`), write ours back out in the Hugging Face layout (`hf::export`),
 //! and turn a pretrained dense model into an ITT model (`retrofit`).
 //!
-//! Every loader produces the same thing, an [`Imported`]: a dense `ModelConfig`, the weights
+//! [`open`] is the one loader every command uses: it tells the format from the path
+//! ([`Format::of`]) and reads any of them, ours included, into a model on the asked device.
+//! The format loaders produce the same thing, an [`Imported`]: a dense `ModelConfig`, the weights
 //! under this crate's parameter names (`embed.weight`, `layers.{i}.attn.wq.weight`, ... see
 //! `model/mod.rs`) in f32 and in the rotate-half rotary layout of `ops::apply_rope`, and the
 //! model's own tokenizer. From there `Model::from_tensors` builds the model, `checkpoint::save`
@@ -12,8 +14,8 @@ pub mod gguf;
 pub mod hf;
 pub mod retrofit;
 
+use crate::base::config::{ModelConfig, RunConfig, TrainConfig, CONFIG_FORMAT_VERSION};
 use crate::checkpoint;
-use crate::config::{ModelConfig, RunConfig, TrainConfig, CONFIG_FORMAT_VERSION};
 use crate::data::Tokenizer;
 use crate::model::{Model, RouterCalibration};
 use crate::{Error, Result};
@@ -63,92 +65,134 @@ pub fn run_config_for(model: &ModelConfig) -> RunConfig {
     RunConfig { format_version: CONFIG_FORMAT_VERSION, preset: None, model: model.clone(), train }
 }
 
-/// Load a model from a GGUF file, a Hugging Face folder (`config.json` + safetensors +
-/// `tokenizer.json`), or one of our checkpoint or run folders.
-pub fn load(path: &Path) -> Result<Imported> {
-    if !path.exists() {
-        return Err(Error::input(
+/// The formats `open` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// A llama GGUF file (`gguf`).
+    Gguf,
+    /// A Hugging Face LLaMA folder: config.json, safetensors, tokenizer.json (`hf`).
+    HuggingFace,
+    /// One of our checkpoint or run folders (`checkpoint`).
+    Itt,
+}
+
+impl Format {
+    /// What `path` holds, from its shape alone: a file is a GGUF; a run folder (`latest`) or
+    /// a folder whose config.json is not a Hugging Face one (no `model_type`, no
+    /// `architectures`) is ours, and its loader says what is wrong with it if anything is.
+    pub fn of(path: &Path) -> Result<Format> {
+        if !path.exists() {
+            return Err(Error::input(
+                path,
+                "does not exist (give a .gguf file, a Hugging Face model folder or an itt checkpoint)",
+            ));
+        }
+        if path.is_file() {
+            return Ok(Format::Gguf);
+        }
+        let config = path.join("config.json");
+        if path.join("latest").exists() || (path.join("model.safetensors").exists() && !config.exists()) {
+            return Ok(Format::Itt);
+        }
+        if config.exists() {
+            let hf = std::fs::read_to_string(&config)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .is_some_and(|v| v.get("model_type").is_some() || v.get("architectures").is_some());
+            return Ok(if hf { Format::HuggingFace } else { Format::Itt });
+        }
+        Err(Error::input(
             path,
-            "does not exist (give a .gguf file, a Hugging Face model folder or an itt checkpoint)",
-        ));
+            "is a folder with neither config.json (Hugging Face) nor an itt checkpoint; give a .gguf file or a model folder",
+        ))
     }
-    if path.is_file() {
-        return gguf::load(path);
+
+    /// "gguf", "hf" or "itt", as messages and `Imported::source` name them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Format::Gguf => "gguf",
+            Format::HuggingFace => "hf",
+            Format::Itt => "itt",
+        }
     }
-    if (path.join("model.safetensors").exists() || path.join("latest").exists()) && is_itt_checkpoint(path) {
-        return load_checkpoint(path);
-    }
-    if path.join("config.json").exists() {
-        return hf::load(path);
-    }
-    Err(Error::input(
-        path,
-        "is a folder with neither config.json (Hugging Face) nor an itt checkpoint; give a .gguf file or a model folder",
-    ))
 }
 
-/// A model for inference (eval, generate, bench): one of our checkpoints or run folders, or a
-/// GGUF file read directly, its quantized weights kept or dequantized as `weights` says
-/// (DESIGN §13). A GGUF gets the run config `run_config_for` makes.
-pub fn load_for_inference(
-    path: &Path,
-    weights: gguf::GgufWeights,
-) -> Result<(Model, Tokenizer, checkpoint::CheckpointInfo)> {
-    if !path.is_file() {
-        return checkpoint::load_model(path);
+/// How `open` reads a model. `Default`: a GGUF's quantized matrices kept, on the CPU.
+#[derive(Clone, Debug)]
+pub struct OpenOptions {
+    /// A GGUF's quantized matrices: kept, the products running on them (DESIGN §13), or
+    /// dequantized to f32 (needed to train or differentiate the model).
+    pub gguf_weights: gguf::GgufWeights,
+    /// Where the model runs.
+    pub device: Device,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        OpenOptions { gguf_weights: gguf::GgufWeights::default(), device: Device::Cpu }
     }
-    let imported = gguf::load_with(path, weights)?;
-    let config = imported.run_config();
-    let tokenizer_json = imported.tokenizer.to_json()?;
-    let (model, tok) = imported.into_model(&Device::Cpu)?;
-    let info =
-        checkpoint::CheckpointInfo { dir: path.to_path_buf(), config, tokenizer_json, state: None, calibration: None };
-    Ok((model, tok, info))
 }
 
-/// Whether a folder is one of our checkpoints or runs (its weights carry our header).
-fn is_itt_checkpoint(path: &Path) -> bool {
-    let Ok(dir) = checkpoint::resolve(path) else { return false };
-    let Ok(text) = std::fs::read_to_string(dir.join("config.json")) else { return false };
-    serde_json::from_str::<RunConfig>(&text).is_ok()
+impl OpenOptions {
+    /// Every weight in f32 on the CPU: a model that can be trained, or differentiated for
+    /// analysis (quantized products have no backward pass).
+    pub fn differentiable() -> Self {
+        OpenOptions { gguf_weights: gguf::GgufWeights::F32, device: Device::Cpu }
+    }
 }
 
-fn load_checkpoint(path: &Path) -> Result<Imported> {
-    let (model, tokenizer, info) = checkpoint::load_model(path)?;
-    // `detach` keeps the storage but drops the variable flag, so a model built from these
-    // tensors gets its own copy (`Var::from_tensor` copies non-variables) and training it
-    // cannot change this one.
-    let tensors = model.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
-    Ok(Imported {
-        config: info.config.model,
-        tensors,
-        tokenizer,
-        origin: info.dir,
-        source: "itt",
-        calibration: info.calibration,
-        quantized: HashMap::new(),
-    })
+/// A model `open` read.
+pub struct Opened {
+    pub model: Model,
+    pub tokenizer: Tokenizer,
+    /// Where it came from, its run config (for a GGUF or Hugging Face model the one
+    /// [`run_config_for`] makes), its router thresholds and, for a training checkpoint, its state.
+    pub info: checkpoint::CheckpointInfo,
+    pub format: Format,
 }
 
-/// Write an imported model as one of our checkpoint folders (weights, config, tokenizer), so
-/// that `itt eval`, `itt generate` and `itt train --resume`-free fine-tuning can use it.
-pub fn save_checkpoint(imported: Imported, out: &Path) -> Result<Model> {
-    let cfg = imported.run_config();
-    let tokenizer_json = imported.tokenizer.to_json()?;
-    let calibration = imported.calibration.clone();
-    let (model, _) = imported.into_model(&Device::Cpu)?;
+/// The one loader of every command: a GGUF file, a Hugging Face folder (`config.json` +
+/// safetensors + `tokenizer.json`), or one of our checkpoint or run folders, built on
+/// `opts.device`.
+pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
+    let format = Format::of(path)?;
+    let (model, tokenizer, info) = match format {
+        Format::Itt => checkpoint::load_model(path)?,
+        Format::Gguf => built(gguf::load_with(path, opts.gguf_weights)?)?,
+        Format::HuggingFace => built(hf::load(path)?)?,
+    };
+    Ok(Opened { model: model.to_device(&opts.device)?, tokenizer, info, format })
+}
+
+/// An imported model built on the host, with the checkpoint info of a weights-only checkpoint.
+fn built(imported: Imported) -> Result<(Model, Tokenizer, checkpoint::CheckpointInfo)> {
+    let info = checkpoint::CheckpointInfo {
+        dir: imported.origin.clone(),
+        config: imported.run_config(),
+        tokenizer_json: imported.tokenizer.to_json()?,
+        state: None,
+        calibration: imported.calibration.clone(),
+    };
+    let (model, tokenizer) = imported.into_model(&Device::Cpu)?;
+    Ok((model, tokenizer, info))
+}
+
+/// Write a model as one of our checkpoint folders (weights, config, tokenizer, router
+/// thresholds), so that `itt eval`, `itt generate` and fine-tuning can use it.
+fn save_checkpoint(opened: &Opened, out: &Path) -> Result<()> {
+    // Weights only: the model and default training settings, not the run it came from.
+    let cfg = run_config_for(&opened.model.cfg);
     checkpoint::save(
         out,
-        &model,
+        &opened.model,
         &checkpoint::SaveParts {
             config: &cfg,
-            tokenizer_json: &tokenizer_json,
+            tokenizer_json: &opened.tokenizer.to_json()?,
             optimizer: None,
             state: None,
-            calibration: calibration.as_ref(),
+            calibration: opened.info.calibration.as_ref(),
         },
-    )?;
-    Ok(model)
+    )
 }
 
 /// The first line of an error's message: candle's Display may append a backtrace, and our
@@ -183,7 +227,7 @@ impl std::str::FromStr for ExportFormat {
     }
 }
 
-/// Export any model `load` reads (our checkpoint, a GGUF, a Hugging Face folder) to `out`;
+/// Export any model `open` reads (our checkpoint, a GGUF, a Hugging Face folder) to `out`;
 /// `quant` is the number format of a GGUF's matrices (f32 for the other formats).
 /// Returns a one-line description of what was written.
 pub fn export(from: &Path, out: &Path, format: ExportFormat, quant: gguf::GgufQuant) -> Result<String> {
@@ -196,20 +240,20 @@ pub fn export(from: &Path, out: &Path, format: ExportFormat, quant: gguf::GgufQu
     if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(true) {
         return Err(Error::usage(format!("{} exists and is not empty; choose another --out", out.display())));
     }
-    let imported = load(from)?;
-    let source = imported.source;
+    let opened = open(from, &OpenOptions::differentiable())?;
+    let source = opened.format.name();
     match format {
         ExportFormat::Itt => {
-            let model = save_checkpoint(imported, out)?;
+            save_checkpoint(&opened, out)?;
             Ok(format!(
                 "{source} model with {} parameters written as an itt checkpoint to {}",
-                model.n_params(),
+                opened.model.n_params(),
                 out.display()
             ))
         }
         ExportFormat::Hf | ExportFormat::Gguf => {
-            let cfg = imported.config.clone();
-            let (model, tok) = imported.into_model(&Device::Cpu)?;
+            let Opened { model, tokenizer: tok, .. } = opened;
+            let cfg = model.cfg.clone();
             let tensors = checkpoint::model_tensors(&model.params);
             if format == ExportFormat::Gguf {
                 std::fs::create_dir_all(out).map_err(|e| Error::input(out, e.to_string()))?;
@@ -269,14 +313,14 @@ mod tests {
         l.flatten_all().unwrap().to_vec1().unwrap()
     }
 
-    /// A dense checkpoint exported in each format loads back (through `load`'s dispatch on
+    /// A dense checkpoint exported in each format loads back (through `open`'s dispatch on
     /// file vs folder) as the same model.
     #[test]
     fn every_export_format_loads_back_as_the_same_model() {
         let dir = tempfile::tempdir().unwrap();
         let docs: Vec<String> = (0..20).map(|i| format!("one two three {i} four five\n")).collect();
         let tok = Tokenizer::train_bpe(&docs, 280, 2).unwrap();
-        let mut cfg = crate::config::preset("tiny").unwrap();
+        let mut cfg = crate::base::config::preset("tiny").unwrap();
         cfg.model.vocab_size = tok.vocab_size();
         let model = Model::new(&cfg.model, 9, &Device::Cpu).unwrap();
         let ck = dir.path().join("ck");
@@ -294,9 +338,9 @@ mod tests {
         {
             let out = dir.path().join(format!("{format:?}"));
             export(&ck, &out, format, gguf::GgufQuant::F32).unwrap();
-            let back = load(&out.join(file)).unwrap();
-            assert_eq!(back.source, source);
-            let (m, t) = back.into_model(&Device::Cpu).unwrap();
+            let back = open(&out.join(file), &OpenOptions::default()).unwrap();
+            assert_eq!(back.format.name(), source);
+            let (m, t) = (back.model, back.tokenizer);
             assert_eq!(logits(&m), want, "{format:?}");
             assert_eq!(t.encode("one two 12").unwrap(), tok.encode("one two 12").unwrap());
             assert!(export(&ck, &out, format, gguf::GgufQuant::F32).unwrap_err().to_string().contains("not empty"));

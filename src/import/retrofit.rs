@@ -18,14 +18,13 @@
 //! `max_steps = 0` writes the retrofitted model untrained. Fine-tuning can update only the new parameters (`Trainable::Thinking`: phi and routers,
 //! the backbone frozen) or everything (`Trainable::All`).
 
-use super::Imported;
-use crate::config::{ModelConfig, ModelKind, RunConfig, ThinkingConfig, Trainable};
+use crate::base::config::{ModelConfig, ModelKind, RunConfig, ThinkingConfig, Trainable};
+use crate::base::error::IoContext;
+use crate::base::rng::Rng;
 use crate::data::{self, CorpusOptions, Dataset, Tokenizer};
-use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::{Model, RoutingOptions};
-use crate::rng::Rng;
-use crate::train::{RunOptions, TrainSummary, Trainer};
+use crate::train::{RunOptions, TrainSummary, Trainer, TrainerOptions};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use serde::Serialize;
@@ -95,7 +94,7 @@ pub struct RetrofitOptions {
     /// baseline with the same budget).
     pub thinking: ThinkingConfig,
     /// Training settings; `trainable` picks what is fine-tuned.
-    pub train: crate::config::TrainConfig,
+    pub train: crate::base::config::TrainConfig,
     pub quiet: bool,
 }
 
@@ -162,7 +161,13 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
     if opts.out.join("latest").exists() {
         return Err(Error::usage(format!("{} already holds a run; choose another --out", opts.out.display())));
     }
-    let Imported { config: dense, tensors, tokenizer, origin, .. } = super::load(&opts.from)?;
+    let opened = super::open(&opts.from, &super::OpenOptions::differentiable())?;
+    let super::Opened { model: pretrained, tokenizer, info, .. } = opened;
+    let (dense, origin) = (pretrained.cfg.clone(), info.dir);
+    // `detach` keeps the storage but drops the variable flag, so a model built from these
+    // tensors gets its own copy (`Var::from_tensor` copies non-variables).
+    let tensors: HashMap<String, Tensor> =
+        pretrained.params.iter().map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect();
     if dense.thinking.kind != ModelKind::Dense {
         return Err(Error::input(&origin, "is not a dense model; retrofit starts from a pretrained dense model"));
     }
@@ -180,7 +185,6 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
         )
     };
 
-    let pretrained = Model::from_tensors(&dense, tensors.clone(), &origin.to_string_lossy(), &Device::Cpu)?;
     let val_loss_pretrained = val_loss(&pretrained)?;
     drop(pretrained);
 
@@ -195,7 +199,8 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
     }
 
     let run_cfg = RunConfig { train: train.clone(), ..super::run_config_for(&cfg) };
-    let mut trainer = Trainer::from_model(run_cfg, model, &tokenizer, &opts.out)?;
+    let mut trainer =
+        Trainer::new(run_cfg, &tokenizer, &opts.out, TrainerOptions { weights: Some(model), ..Default::default() })?;
     let summary = if train.max_steps == 0 {
         // No fine-tuning: keep the retrofitted model as it starts (step 0) and its losses.
         trainer.state.last_val_loss = Some(val_loss_retrofit);
@@ -207,7 +212,7 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
             final_val_loss: val_loss_retrofit,
             seconds: 0.0,
             tokens_per_s: 0.0,
-            peak_rss_mb: crate::util::peak_rss_mb(),
+            peak_rss_mb: crate::base::util::peak_rss_mb(),
             checkpoint,
         }
     } else {
@@ -236,14 +241,12 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::base::config::{preset, TestModel};
     use crate::checkpoint::model_tensors;
-    use crate::config::preset;
     use crate::model::SeqLayout;
 
     fn dense() -> Model {
-        let mut cfg = preset("tiny").unwrap().model;
-        cfg.n_kv_heads = 2;
-        Model::new(&cfg, 11, &Device::Cpu).unwrap()
+        Model::new(&TestModel::preset("tiny").heads(4, 2).config(), 11, &Device::Cpu).unwrap()
     }
 
     fn itt(steps: usize, ratios: Vec<f64>, phi_init: f64) -> ThinkingConfig {
@@ -317,7 +320,7 @@ mod tests {
             val_fraction: 0.1,
             out: dir.path().join("run"),
             thinking: itt(3, vec![0.5, 0.5], 0.0),
-            train: crate::config::TrainConfig {
+            train: crate::base::config::TrainConfig {
                 batch_size: 2,
                 seq_len: 32,
                 max_steps: 3,

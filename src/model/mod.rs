@@ -11,9 +11,9 @@
 
 pub mod thinking;
 
-use crate::config::{ModelConfig, ModelKind};
+use crate::base::config::{ModelConfig, ModelKind};
+use crate::base::rng::Rng;
 use crate::ops::{self, Precision};
-use crate::rng::Rng;
 use crate::{Error, Result};
 use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Tensor, Var};
@@ -163,12 +163,6 @@ impl SeqLayout {
         }
         s
     }
-
-    /// Some((B, T)) when every sequence has the same length T.
-    pub fn uniform_shape(&self) -> Option<(usize, usize)> {
-        let t = *self.lens.first()?;
-        self.lens.iter().all(|&n| n == t).then_some((self.lens.len(), t))
-    }
 }
 
 /// Rotary cos/sin gathered at the positions of one call's tokens: (N, hd/2) each.
@@ -184,6 +178,14 @@ impl RopeAt {
     pub fn select(&self, selected: &[u32]) -> Result<RopeAt> {
         Ok(RopeAt { cos: ops::gather_rows(&self.cos, selected)?, sin: ops::gather_rows(&self.sin, selected)? })
     }
+}
+
+/// The tokens of a routed step: their rows among the call's tokens (distinct, ascending) and
+/// their positions (`Positions::select` of those rows).
+#[derive(Clone, Copy)]
+pub struct Routed<'a> {
+    pub rows: &'a [u32],
+    pub pos: &'a Positions,
 }
 
 /// Where one call's tokens sit: their packed layout and the rotary rows at their positions.
@@ -433,19 +435,18 @@ impl Attention {
 
     /// A routed step whose selected tokens attend to every token (DESIGN §4.1,
     /// `routed_attention: all`): queries from the selected rows `hs` (M, D) at positions
-    /// `sub`, keys and values from every token's normalised state `hn` (N, D) at `pos`.
+    /// `routed.pos`, keys and values from every token's normalised state `hn` (N, D) at `pos`.
     /// With a KV cache the step's cache holds every token. -> (M, D).
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_routed(
         &self,
         hn: &Tensor,
         hs: &Tensor,
-        selected: &[u32],
+        routed: Routed,
         pos: &Positions,
-        sub: &Positions,
         prec: Precision,
         cache: Option<CacheSlot>,
     ) -> Result<Tensor> {
+        let Routed { rows: selected, pos: sub } = routed;
         let (n, m) = (hn.dim(0)?, hs.dim(0)?);
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let q = ops::apply_rope(&self.wq.forward(hs, prec)?.reshape((m, h, hd))?, &sub.rope.cos, &sub.rope.sin)?;
@@ -560,20 +561,18 @@ impl Block {
 impl Block {
     /// `f` on the selected rows `xs` = x[S] (M, D) of a routed step whose tokens attend to every
     /// token (DESIGN §4.1, `routed_attention: all`); x (N, D) is every token's state. -> (M, D).
-    #[allow(clippy::too_many_arguments)]
     pub fn forward_routed(
         &self,
         x: &Tensor,
         xs: &Tensor,
-        selected: &[u32],
+        routed: Routed,
         pos: &Positions,
-        sub: &Positions,
         prec: Precision,
         cache: Option<CacheSlot>,
     ) -> Result<Tensor> {
         let hn = self.attn_norm.forward(x)?; // (N, D)
-        let hs = ops::gather_rows(&hn, selected)?; // (M, D): the norm is per row
-        let h = (xs + self.attn.forward_routed(&hn, &hs, selected, pos, sub, prec, cache)?)?;
+        let hs = ops::gather_rows(&hn, routed.rows)?; // (M, D): the norm is per row
+        let h = (xs + self.attn.forward_routed(&hn, &hs, routed, pos, prec, cache)?)?;
         Ok((&h + self.mlp.forward(&self.mlp_norm.forward(&h)?, prec)?)?)
     }
 }
@@ -627,6 +626,15 @@ pub struct Model {
     pub precision: Precision,
     /// The f32 copies of quantized linear weights were freed (`drop_dense_copies`).
     dense_dropped: bool,
+}
+
+/// B sequences of T tokens, row-major, and their next tokens: one training micro-batch.
+#[derive(Clone, Copy, Debug)]
+pub struct TokenBatch<'a> {
+    pub inputs: &'a [u32],
+    pub targets: &'a [u32],
+    pub b: usize,
+    pub t: usize,
 }
 
 /// The losses of one training forward pass.
@@ -982,22 +990,19 @@ impl Model {
         routing: &RoutingOptions,
         record: Option<&mut ForwardRecord>,
     ) -> Result<Tensor> {
-        Ok(self.train_loss(inputs, targets, b, t, routing, record, false)?.ce)
+        Ok(self.train_loss(&TokenBatch { inputs, targets, b, t }, routing, record, false)?.ce)
     }
 
-    /// The cross-entropy and, when `router_aux`, the router auxiliary loss of B sequences of T
-    /// tokens (the training objective: ce + weight * router_aux, `train.rs`).
-    #[allow(clippy::too_many_arguments)]
+    /// The cross-entropy and, when `router_aux`, the router auxiliary loss of a batch (the
+    /// training objective: ce + weight * router_aux, `train::Trainer::step`).
     pub fn train_loss(
         &self,
-        inputs: &[u32],
-        targets: &[u32],
-        b: usize,
-        t: usize,
+        batch: &TokenBatch,
         routing: &RoutingOptions,
         record: Option<&mut ForwardRecord>,
         router_aux: bool,
     ) -> Result<TrainLoss> {
+        let &TokenBatch { inputs, targets, b, t } = batch;
         let dev = self.device();
         let tokens = Tensor::from_slice(inputs, b * t, dev)?;
         let targets = Tensor::from_slice(targets, b * t, dev)?;

@@ -2,9 +2,9 @@
 //! properties, and cached decoding against the full pass.
 
 use super::*;
-use crate::config::{preset, ModelConfig, ModelKind, ResidualForm, RoutedAttention, ThinkingConfig};
+use crate::base::config::{preset, ModelConfig, ModelKind, ResidualForm, RoutedAttention, ThinkingConfig};
+use crate::base::rng::Rng;
 use crate::ops::Precision;
-use crate::rng::Rng;
 use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -38,18 +38,14 @@ fn tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 }
 
 /// The training objective ce + aux_weight * router_aux as a graph node.
-#[allow(clippy::too_many_arguments)]
 fn objective(
     model: &Model,
-    inp: &[u32],
-    tgt: &[u32],
-    b: usize,
-    t: usize,
+    batch: &TokenBatch,
     opts: &RoutingOptions,
     record: Option<&mut ForwardRecord>,
     aux_weight: f64,
 ) -> Tensor {
-    let parts = model.train_loss(inp, tgt, b, t, opts, record, aux_weight > 0.0).unwrap();
+    let parts = model.train_loss(batch, opts, record, aux_weight > 0.0).unwrap();
     match parts.router_aux {
         Some(aux) => (parts.ce + (aux * aux_weight).unwrap()).unwrap(),
         None => parts.ce,
@@ -70,7 +66,8 @@ fn grad_check_objective(cfg: &ModelConfig, aux_weight: f64, only: &str) {
     let inp = tokens(b * t, cfg.vocab_size, 1);
     let tgt = tokens(b * t, cfg.vocab_size, 2);
     let mut rec = ForwardRecord::with_detail();
-    let loss = objective(&model, &inp, &tgt, b, t, &RoutingOptions::default(), Some(&mut rec), aux_weight);
+    let batch = TokenBatch { inputs: &inp, targets: &tgt, b, t };
+    let loss = objective(&model, &batch, &RoutingOptions::default(), Some(&mut rec), aux_weight);
     let grads = loss.backward().unwrap();
     let forced = RoutingOptions { forced: Some(Arc::new(rec.selections.clone())), ..Default::default() };
     let mut rng = Rng::new(9);
@@ -86,7 +83,7 @@ fn grad_check_objective(cfg: &ModelConfig, aux_weight: f64, only: &str) {
                 let mut p = base.clone();
                 p[j] += delta;
                 var.set(&Tensor::from_vec(p, var.dims(), &dev).unwrap()).unwrap();
-                objective(&model, &inp, &tgt, b, t, &forced, None, aux_weight).to_scalar::<f64>().unwrap()
+                objective(&model, &batch, &forced, None, aux_weight).to_scalar::<f64>().unwrap()
             };
             let num = (eval(eps) - eval(-eps)) / (2.0 * eps);
             var.set(&Tensor::from_vec(base.clone(), var.dims(), &dev).unwrap()).unwrap();
@@ -150,7 +147,9 @@ fn router_aux_loss_is_the_mean_bce_of_logits_against_topk_membership() {
     let (b, t) = (2, 6);
     let (inp, tgt) = (tokens(b * t, 13, 1), tokens(b * t, 13, 2));
     let mut rec = ForwardRecord::with_detail();
-    let parts = model.train_loss(&inp, &tgt, b, t, &RoutingOptions::default(), Some(&mut rec), true).unwrap();
+    let parts = model
+        .train_loss(&TokenBatch { inputs: &inp, targets: &tgt, b, t }, &RoutingOptions::default(), Some(&mut rec), true)
+        .unwrap();
     let got = parts.router_aux.unwrap().to_scalar::<f64>().unwrap();
     // By hand: per (layer, step), mean over tokens of softplus(z) - [selected] z; then the mean.
     let mut terms = vec![];
@@ -169,10 +168,16 @@ fn router_aux_loss_is_the_mean_bce_of_logits_against_topk_membership() {
     let want = terms.iter().sum::<f64>() / terms.len() as f64;
     assert!((got - want).abs() < 1e-5, "{got} vs {want}");
     // Without the flag, or for a model without routers, there is no auxiliary term.
-    let plain = model.train_loss(&inp, &tgt, b, t, &RoutingOptions::default(), None, false).unwrap();
+    let plain = model
+        .train_loss(&TokenBatch { inputs: &inp, targets: &tgt, b, t }, &RoutingOptions::default(), None, false)
+        .unwrap();
     assert!(plain.router_aux.is_none());
     let dense = Model::new(&small_cfg(ModelKind::Dense, 1), 3, &Device::Cpu).unwrap();
-    assert!(dense.train_loss(&inp, &tgt, b, t, &RoutingOptions::default(), None, true).unwrap().router_aux.is_none());
+    assert!(dense
+        .train_loss(&TokenBatch { inputs: &inp, targets: &tgt, b, t }, &RoutingOptions::default(), None, true)
+        .unwrap()
+        .router_aux
+        .is_none());
 }
 
 #[test]

@@ -49,8 +49,8 @@
 //! Loop xT (DESIGN §3.5) shares this file: x_t = f(x_{t-1}) on every token, no router, phi or
 //! accumulation.
 
-use super::{Block, Call, Init, ParamStore};
-use crate::config::{ModelConfig, ModelKind, ResidualForm, RoutedAttention};
+use super::{Block, Call, Init, ParamStore, Routed};
+use crate::base::config::{ModelConfig, ModelKind, ResidualForm, RoutedAttention};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::{Deserialize, Serialize};
@@ -359,7 +359,7 @@ impl ThinkingLayer {
                         r.len()
                     )));
                 }
-                crate::config::check_ratios("--ratios", r)?;
+                crate::base::config::check_ratios("--ratios", r)?;
                 r.clone()
             }
             // Extended steps take the last trained step's share.
@@ -526,7 +526,7 @@ impl ThinkingLayer {
             RoutedAttention::Selected => block.forward(&xs, &sub, prec, call.slot(self.layer, t - 1))?,
             RoutedAttention::All => {
                 let (pos, slot) = call.pos_and_slot(self.layer, t - 1);
-                block.forward_routed(x, &xs, selected, pos, &sub, prec, slot)?
+                block.forward_routed(x, &xs, Routed { rows: selected, pos: &sub }, pos, prec, slot)?
             }
         };
         let (x_new, update) = match (self.residual_connection, self.residual_form, self.phi(t)) {
@@ -774,7 +774,7 @@ mod tests {
     #[test]
     fn topk_partition_selects_what_a_full_sort_selects() {
         // Random logits drawn from few values (many ties), random lengths, ratios and dead tokens.
-        let mut rng = crate::rng::Rng::new(7);
+        let mut rng = crate::base::rng::Rng::new(7);
         for _ in 0..300 {
             let lens: Vec<usize> = (0..1 + rng.below(4)).map(|_| rng.below(40) as usize).collect();
             let n: usize = lens.iter().sum();

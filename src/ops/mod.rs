@@ -15,6 +15,7 @@ pub mod quant;
 #[cfg(test)]
 mod tests;
 
+pub use crate::base::config::Precision;
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use std::cell::Cell;
@@ -106,27 +107,12 @@ pub fn with_composed<R>(kernels: &[Kernel], f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Number format of the matrix products in `linear` (training and its validation; `f32`
-/// elsewhere unless asked). `Bf16` rounds both operands of every product to bfloat16 and sums in
-/// f32, in the forward and backward passes, like PyTorch's CPU autocast; everything else (norms,
-/// attention, softmax, the optimiser and its master weights) stays f32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    #[value(alias = "fp32")]
-    F32,
-    Bf16,
-}
-
+/// What the machine does with a [`Precision`]: the bf16 hardware queries (the enum itself is
+/// plain config data, `config::Precision`).
 impl Precision {
-    pub fn is_f32(&self) -> bool {
-        *self == Precision::F32
-    }
-
     /// Whether this CPU computes bf16 products in hardware (AMX tiles). Without it the bf16
     /// path rounds the operands and multiplies in f32 (`bf16_gemm::gemm_fallback`): ~0.66x the
-    /// speed of plain f32 on an AVX2 EPYC, so training falls back to f32 there (`train.rs`).
+    /// speed of plain f32 on an AVX2 EPYC, so training falls back to f32 there (`train::Trainer::new`).
     pub fn bf16_in_hardware() -> bool {
         fused::bf16_gemm::amx_available()
     }
@@ -149,23 +135,6 @@ impl Precision {
                 let isa = "portable";
                 format!("f32 gemm, {isa} micro-kernels")
             }
-        }
-    }
-    pub fn name(self) -> &'static str {
-        match self {
-            Precision::F32 => "f32",
-            Precision::Bf16 => "bf16",
-        }
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = crate::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "f32" | "fp32" => Ok(Precision::F32),
-            "bf16" => Ok(Precision::Bf16),
-            _ => Err(crate::Error::usage(format!("unknown precision '{s}' (use f32 or bf16)"))),
         }
     }
 }

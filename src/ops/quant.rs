@@ -152,7 +152,7 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
-        let mut rng = crate::rng::Rng::new(seed);
+        let mut rng = crate::base::rng::Rng::new(seed);
         let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.normal() as f32).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }

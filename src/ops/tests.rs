@@ -4,7 +4,7 @@
 
 use super::fused::{self, simd_level, with_simd_cap, Simd};
 use super::{composed, with_composed, Kernel};
-use crate::rng::Rng;
+use crate::base::rng::Rng;
 use crate::Result;
 use candle_core::{DType, Device, Tensor, Var};
 
@@ -404,7 +404,7 @@ fn composed_switch_is_honoured() {
 
 #[test]
 fn model_with_fused_ops_matches_composed_ops() {
-    use crate::config::{ModelConfig, ModelKind, ThinkingConfig};
+    use crate::base::config::{ModelConfig, ModelKind, ThinkingConfig};
     use crate::model::{Model, RoutingOptions};
     let mut cfg = ModelConfig {
         vocab_size: 37,

@@ -10,8 +10,8 @@
 //! ([`DeviceOptimizer::from_host`], [`DeviceOptimizer::to_host`]), which is what is saved.
 
 use super::{param_group, AdamW};
-use crate::config::{TrainConfig, Trainable};
-use crate::dist::Group;
+use crate::base::config::{TrainConfig, Trainable};
+use crate::base::dist::Group;
 use crate::Result;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};

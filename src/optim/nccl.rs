@@ -8,7 +8,7 @@
 //! collective is ordered with candle's kernels on that stream. cudarc loads libnccl lazily and
 //! panics when it is missing; every NCCL call here is guarded and fails with a one-line error.
 
-use crate::dist::Group;
+use crate::base::dist::Group;
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc;
 use candle_core::op::BackpropOp;
@@ -38,7 +38,7 @@ fn guarded<T>(what: &str, f: impl FnOnce() -> T) -> Result<T> {
             .cloned()
             .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "the NCCL library refused".into());
-        Error::usage(crate::error::one_line(format!("NCCL {what}: {why}")))
+        Error::usage(crate::base::error::one_line(format!("NCCL {what}: {why}")))
     })
 }
 

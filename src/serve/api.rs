@@ -72,6 +72,50 @@ pub struct ThinkingRequest {
     pub routing: Option<String>,
 }
 
+impl ThinkingRequest {
+    /// The routing these controls ask for, checked against the model and its thresholds.
+    fn routing_options(
+        &self,
+        model: &Model,
+        calibration: Option<&Arc<RouterCalibration>>,
+    ) -> Result<RoutingOptions, ApiError> {
+        let mode = match self.routing.as_deref() {
+            None | Some("threshold") => Routing::Threshold,
+            Some("topk") => Routing::TopK,
+            Some(other) => {
+                return Err(ApiError::bad(
+                    "thinking.routing",
+                    format!("thinking.routing must be \"threshold\" or \"topk\" (got \"{other}\")"),
+                ))
+            }
+        };
+        if let Some(e) = self.early_exit {
+            if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
+                return Err(ApiError::bad(
+                    "thinking.early_exit",
+                    format!("thinking.early_exit must be in [0, 1] (got {e})"),
+                ));
+            }
+        }
+        let routing = RoutingOptions {
+            mode,
+            calibration: calibration.cloned(),
+            ratios: self.ratios.clone(),
+            steps: self.steps,
+            early_exit: self.early_exit,
+            forced: None,
+        };
+        if model.has_routers() && mode == Routing::Threshold && calibration.is_none() {
+            return Err(ApiError::bad(
+                "thinking.routing",
+                "this model has no stored router thresholds (run `itt calibrate` on it); use thinking.routing \"topk\"",
+            ));
+        }
+        model.check_routing(&routing).map_err(|e| ApiError::bad("thinking", e.to_string()))?;
+        Ok(routing)
+    }
+}
+
 #[derive(Deserialize, Debug, Default)]
 #[serde(default)]
 pub struct StreamOptions {
@@ -186,6 +230,53 @@ impl Common {
                 ))
             }
         };
+        let sampling = self.sampling(seed)?;
+        let n = match self.n {
+            None => 1,
+            Some(n) if n >= 1 && n as usize <= MAX_N => n as usize,
+            Some(n) => return Err(ApiError::bad("n", format!("n must be between 1 and {MAX_N} (got {n})"))),
+        };
+        let stop = match &self.stop {
+            None => vec![],
+            Some(OneOrMany::One(s)) => vec![s.clone()],
+            Some(OneOrMany::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.is_empty()) {
+            return Err(ApiError::bad("stop", format!("stop takes 1 to {MAX_STOPS} non-empty strings")));
+        }
+        self.refuse_unsupported()?;
+        let timeout = match self.timeout {
+            None => None,
+            Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some(std::time::Duration::from_secs_f64(t)),
+            Some(t) => {
+                return Err(ApiError::bad("timeout", format!("timeout must be between 0 and 86400 seconds (got {t})")))
+            }
+        };
+        let th = self.thinking.clone().unwrap_or_default();
+        let routing = th.routing_options(model, calibration)?;
+        let opts = GenerateOptions {
+            max_new_tokens: max_tokens,
+            stop,
+            stop_ids: vec![],
+            ignore_eot: self.ignore_eos,
+            sampling,
+            // Top-k routing is not causal: it re-runs the whole text each token (DESIGN §5).
+            use_cache: routing.mode == Routing::Threshold || !model.has_routers(),
+            routing,
+            prefill_chunk: 0,
+        };
+        Ok(Checked {
+            opts,
+            n,
+            stream: self.stream.unwrap_or(false),
+            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            pinned: th.ratios.is_some() || th.steps.is_some(),
+            timeout,
+        })
+    }
+
+    /// temperature, top_p, top_k and the seed (the server's `seed` when the request gives none).
+    fn sampling(&self, seed: u64) -> Result<SamplingParams, ApiError> {
         let temperature = self.temperature.unwrap_or(1.0);
         if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
             return Err(ApiError::bad(
@@ -202,19 +293,11 @@ impl Common {
             Some(k) if k >= 0 => k as usize,
             Some(k) => return Err(ApiError::bad("top_k", format!("top_k must be >= 0 (got {k})"))),
         };
-        let n = match self.n {
-            None => 1,
-            Some(n) if n >= 1 && n as usize <= MAX_N => n as usize,
-            Some(n) => return Err(ApiError::bad("n", format!("n must be between 1 and {MAX_N} (got {n})"))),
-        };
-        let stop = match &self.stop {
-            None => vec![],
-            Some(OneOrMany::One(s)) => vec![s.clone()],
-            Some(OneOrMany::Many(v)) => v.clone(),
-        };
-        if stop.len() > MAX_STOPS || stop.iter().any(|s| s.is_empty()) {
-            return Err(ApiError::bad("stop", format!("stop takes 1 to {MAX_STOPS} non-empty strings")));
-        }
+        Ok(SamplingParams { temperature, top_k, top_p, seed: self.seed.unwrap_or(seed) })
+    }
+
+    /// OpenAI fields this server does not implement, refused rather than ignored.
+    fn refuse_unsupported(&self) -> Result<(), ApiError> {
         if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
             return Err(ApiError::bad("logprobs", "logprobs are not supported by this server"));
         }
@@ -226,65 +309,6 @@ impl Common {
                 return Err(ApiError::bad(name, format!("{name} is not supported by this server (only 0)")));
             }
         }
-        let timeout = match self.timeout {
-            None => None,
-            Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some(std::time::Duration::from_secs_f64(t)),
-            Some(t) => {
-                return Err(ApiError::bad("timeout", format!("timeout must be between 0 and 86400 seconds (got {t})")))
-            }
-        };
-        let th = self.thinking.clone().unwrap_or_default();
-        let mode = match th.routing.as_deref() {
-            None | Some("threshold") => Routing::Threshold,
-            Some("topk") => Routing::TopK,
-            Some(other) => {
-                return Err(ApiError::bad(
-                    "thinking.routing",
-                    format!("thinking.routing must be \"threshold\" or \"topk\" (got \"{other}\")"),
-                ))
-            }
-        };
-        if let Some(e) = th.early_exit {
-            if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
-                return Err(ApiError::bad(
-                    "thinking.early_exit",
-                    format!("thinking.early_exit must be in [0, 1] (got {e})"),
-                ));
-            }
-        }
-        let routing = RoutingOptions {
-            mode,
-            calibration: calibration.cloned(),
-            ratios: th.ratios.clone(),
-            steps: th.steps,
-            early_exit: th.early_exit,
-            forced: None,
-        };
-        if model.has_routers() && mode == Routing::Threshold && calibration.is_none() {
-            return Err(ApiError::bad(
-                "thinking.routing",
-                "this model has no stored router thresholds (run `itt calibrate` on it); use thinking.routing \"topk\"",
-            ));
-        }
-        model.check_routing(&routing).map_err(|e| ApiError::bad("thinking", e.to_string()))?;
-        let opts = GenerateOptions {
-            max_new_tokens: max_tokens,
-            stop,
-            stop_ids: vec![],
-            ignore_eot: self.ignore_eos,
-            sampling: SamplingParams { temperature, top_k, top_p, seed: self.seed.unwrap_or(seed) },
-            // Top-k routing is not causal: it re-runs the whole text each token (DESIGN §5).
-            use_cache: mode == Routing::Threshold || !model.has_routers(),
-            routing,
-            prefill_chunk: 0,
-        };
-        Ok(Checked {
-            opts,
-            n,
-            stream: self.stream.unwrap_or(false),
-            include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
-            pinned: th.ratios.is_some() || th.steps.is_some(),
-            timeout,
-        })
+        Ok(())
     }
 }

@@ -194,7 +194,7 @@ pub fn start(
         // On a rayon worker, as the CLI runs (`util::on_worker_thread`): the products' parallel
         // regions then fork from a thread that takes part, instead of handing each region to
         // the pool and sleeping until woken (hundreds of times per token).
-        .spawn(move || crate::util::on_worker_thread(move || run(&model, &tok, cfg, rx, h, metrics)))
+        .spawn(move || crate::base::util::on_worker_thread(move || run(&model, &tok, cfg, rx, h, metrics)))
         .map_err(|e| Error::usage(format!("cannot start the engine thread: {e}")))?;
     Ok((handle, thread))
 }
@@ -210,6 +210,11 @@ struct Valve {
 }
 
 impl Valve {
+    /// Shares at full scale; `target` None: the valve stays open.
+    fn new(target: Option<Duration>, floor: f64) -> Self {
+        Valve { target, floor, scale: 1.0, ewma: None, steps_since_change: 0 }
+    }
+
     /// Feed one step's time; returns the new scale when it changes.
     fn observe(&mut self, step: Duration) -> Option<f64> {
         let target = self.target?.as_secs_f64();
@@ -247,47 +252,75 @@ fn run(
     handle: EngineHandle,
     metrics: Arc<Metrics>,
 ) {
-    let mut batch = match Batch::new(model, tok) {
+    let batch = match Batch::new(model, tok) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: the engine cannot start: {e}");
             return;
         }
     };
-    let trained: Vec<f64> = model.thinking_layers().next().map(|t| t.ratios.clone()).unwrap_or_default();
-    let routed = model.has_routers();
-    let mut valve =
-        Valve { target: cfg.latency_target, floor: cfg.share_floor, scale: 1.0, ewma: None, steps_since_change: 0 };
-    let mut live: HashMap<usize, Live> = HashMap::new();
-    let mut disconnected = false;
+    let valve = Valve::new(cfg.latency_target, cfg.share_floor);
+    let mut engine = Engine {
+        model,
+        trained: model.thinking_layers().next().map(|t| t.ratios.clone()).unwrap_or_default(),
+        routed: model.has_routers(),
+        cfg,
+        rx,
+        handle,
+        metrics,
+        batch,
+        valve,
+        live: HashMap::new(),
+        disconnected: false,
+    };
+    // Between two steps: admit queued jobs, end the ones that must end, then step the batch,
+    // send its tokens and let the valve see how long the step took.
     loop {
-        // Admit queued jobs while there is room; wait for one when idle.
-        while live.len() < cfg.max_batch && !disconnected {
-            let job = if live.is_empty() {
-                match rx.recv_timeout(Duration::from_millis(50)) {
-                    Ok(j) => j,
-                    Err(mpsc::RecvTimeoutError::Timeout) => break,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
-            } else {
-                match rx.try_recv() {
-                    Ok(j) => j,
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        disconnected = true;
-                        break;
-                    }
-                }
-            };
-            handle.queued.fetch_sub(1, Ordering::SeqCst);
+        engine.admit();
+        if engine.live.is_empty() {
+            if engine.drained() {
+                break;
+            }
+            continue;
+        }
+        engine.expire();
+        if engine.live.is_empty() {
+            continue;
+        }
+        let Some((events, took)) = engine.step() else { continue };
+        engine.dispatch(events);
+        engine.open_or_close_valve(took);
+    }
+}
+
+/// The engine thread's state: the batch and the bookkeeping of its running jobs.
+struct Engine<'a> {
+    model: &'a Model,
+    cfg: EngineConfig,
+    rx: mpsc::Receiver<Job>,
+    handle: EngineHandle,
+    metrics: Arc<Metrics>,
+    batch: Batch<'a>,
+    /// The trained routed shares, which the valve scales.
+    trained: Vec<f64>,
+    routed: bool,
+    valve: Valve,
+    live: HashMap<usize, Live>,
+    /// Every handle is gone: no job can come any more.
+    disconnected: bool,
+}
+
+impl Engine<'_> {
+    /// Admit queued jobs while there is room in the batch; wait a little for one when idle.
+    fn admit(&mut self) {
+        while self.live.len() < self.cfg.max_batch && !self.disconnected {
+            let Some(job) = self.next_job() else { break };
+            self.handle.queued.fetch_sub(1, Ordering::SeqCst);
             if job.events.is_closed() {
-                metrics.cancelled.inc();
+                self.metrics.cancelled.inc();
                 continue;
             }
-            if handle.abort.load(Ordering::SeqCst) {
+            if self.handle.abort.load(Ordering::SeqCst) {
                 let _ = job.events.send(JobEvent::Finished {
                     end: JobEnd::Shutdown,
                     usage: SeqUsage { prompt_tokens: job.prompt.len(), ..Default::default() },
@@ -296,44 +329,71 @@ fn run(
                 continue;
             }
             let mut opts = job.opts;
-            opts.prefill_chunk = cfg.prefill_chunk;
-            if !job.pinned && routed && valve.scale < 1.0 {
-                opts.routing.ratios = Some(scaled(&trained, valve.scale, opts.routing.steps));
+            opts.prefill_chunk = self.cfg.prefill_chunk;
+            if !job.pinned && self.routed && self.valve.scale < 1.0 {
+                opts.routing.ratios = Some(scaled(&self.trained, self.valve.scale, opts.routing.steps));
             }
-            match batch.add(job.prompt, opts) {
+            match self.batch.add(job.prompt, opts) {
                 Ok(id) => {
-                    live.insert(
-                        id,
-                        Live {
-                            events: job.events,
-                            pinned: job.pinned,
-                            deadline: job.deadline,
-                            admitted: Instant::now(),
-                            first_token: None,
-                            share_sum: vec![],
-                            share_steps: 0,
-                        },
-                    );
+                    let live = Live {
+                        events: job.events,
+                        pinned: job.pinned,
+                        deadline: job.deadline,
+                        admitted: Instant::now(),
+                        first_token: None,
+                        share_sum: vec![],
+                        share_steps: 0,
+                    };
+                    self.live.insert(id, live);
                 }
                 Err(e) => {
                     let _ = job.events.send(JobEvent::Failed(e.to_string()));
                 }
             }
         }
-        metrics.queue_depth.set(handle.queued() as i64);
-        metrics.running.set(live.len() as i64);
-        if live.is_empty() {
-            if disconnected || (handle.closing.load(Ordering::SeqCst) && handle.queued() == 0) {
-                break;
+        self.metrics.queue_depth.set(self.handle.queued() as i64);
+        self.metrics.running.set(self.live.len() as i64);
+    }
+
+    /// The next queued job: waited for (50 ms at most) when nothing runs, else only taken if
+    /// one is there.
+    fn next_job(&mut self) -> Option<Job> {
+        let next = if self.live.is_empty() {
+            match self.rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(j) => Ok(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => Err(false),
+                Err(mpsc::RecvTimeoutError::Disconnected) => Err(true),
             }
-            continue;
+        } else {
+            match self.rx.try_recv() {
+                Ok(j) => Ok(j),
+                Err(mpsc::TryRecvError::Empty) => Err(false),
+                Err(mpsc::TryRecvError::Disconnected) => Err(true),
+            }
+        };
+        match next {
+            Ok(job) => Some(job),
+            Err(disconnected) => {
+                self.disconnected |= disconnected;
+                None
+            }
         }
-        // Clients gone, deadlines passed, shutdown's grace over.
+    }
+
+    /// Nothing runs and nothing more will come: every handle is gone, or the server closed
+    /// and its queue is empty.
+    fn drained(&self) -> bool {
+        self.disconnected || (self.handle.closing.load(Ordering::SeqCst) && self.handle.queued() == 0)
+    }
+
+    /// End the jobs whose client went away, whose deadline passed, or all of them once
+    /// shutdown's grace is over.
+    fn expire(&mut self) {
         let now = Instant::now();
-        let abort = handle.abort.load(Ordering::SeqCst);
-        let ids: Vec<usize> = live.keys().copied().collect();
+        let abort = self.handle.abort.load(Ordering::SeqCst);
+        let ids: Vec<usize> = self.live.keys().copied().collect();
         for id in ids {
-            let l = &live[&id];
+            let l = &self.live[&id];
             let end = if abort {
                 Some(JobEnd::Shutdown)
             } else if l.deadline.is_some_and(|d| now >= d) {
@@ -342,28 +402,30 @@ fn run(
                 None
             };
             if l.events.is_closed() {
-                metrics.cancelled.inc();
+                self.metrics.cancelled.inc();
             } else if let Some(end) = end {
-                let usage = batch.usage(id).unwrap_or_default();
-                let thinking = report(model, &usage, l);
+                let usage = self.batch.usage(id).unwrap_or_default();
+                let thinking = report(self.model, &usage, l);
                 let _ = l.events.send(JobEvent::Finished { end, usage, thinking });
-                metrics.finished(end.name());
+                self.metrics.finished(end.name());
             } else {
                 continue;
             }
-            batch.remove(id);
-            live.remove(&id);
+            self.batch.remove(id);
+            self.live.remove(&id);
         }
-        metrics.running.set(live.len() as i64);
-        if live.is_empty() {
-            continue;
-        }
+        self.metrics.running.set(self.live.len() as i64);
+    }
+
+    /// One decode step of the whole batch: its events and how long it took. `None` when the
+    /// model failed: its jobs end with the error and serving goes on.
+    fn step(&mut self) -> Option<(Vec<Event>, Duration)> {
         // Record the shares each job runs this step at (what the valve gave it).
-        for (&id, l) in live.iter_mut() {
-            if let Some(r) = batch.routing(id) {
+        for (&id, l) in self.live.iter_mut() {
+            if let Some(r) = self.batch.routing(id) {
                 let shares: Vec<f64> = match &r.ratios {
                     Some(r) => r.clone(),
-                    None => trained.clone(),
+                    None => self.trained.clone(),
                 };
                 if l.share_sum.len() != shares.len() {
                     l.share_sum = vec![0.0; shares.len()];
@@ -373,27 +435,32 @@ fn run(
             }
         }
         let t0 = Instant::now();
-        let events = match batch.step() {
+        let events = match self.batch.step() {
             Ok(e) => e,
             Err(e) => {
-                // The model failed on this batch: end its jobs with the error, keep serving.
                 let msg = e.to_string();
-                for (id, l) in live.drain() {
+                for (id, l) in self.live.drain() {
                     let _ = l.events.send(JobEvent::Failed(msg.clone()));
-                    batch.remove(id);
-                    metrics.finished("error");
+                    self.batch.remove(id);
+                    self.metrics.finished("error");
                 }
-                continue;
+                return None;
             }
         };
-        let dt = t0.elapsed();
-        metrics.step_seconds.observe(dt.as_secs_f64());
-        metrics.batch_size.observe(live.len() as f64);
+        let took = t0.elapsed();
+        self.metrics.step_seconds.observe(took.as_secs_f64());
+        self.metrics.batch_size.observe(self.live.len() as f64);
+        Some((events, took))
+    }
+
+    /// Send each token to its job, and finish the jobs whose sequence ended.
+    fn dispatch(&mut self, events: Vec<Event>) {
+        let metrics = &self.metrics;
         for ev in events {
             match ev {
                 Event::Token(t) => {
                     metrics.completion_tokens.inc();
-                    if let Some(l) = live.get_mut(&t.seq) {
+                    if let Some(l) = self.live.get_mut(&t.seq) {
                         if l.first_token.is_none() {
                             l.first_token = Some(Instant::now());
                             metrics.time_to_first_token.observe(l.admitted.elapsed().as_secs_f64());
@@ -402,8 +469,8 @@ fn run(
                     }
                 }
                 Event::Finished { seq, reason, usage, .. } => {
-                    if let Some(l) = live.remove(&seq) {
-                        let thinking = report(model, &usage, &l);
+                    if let Some(l) = self.live.remove(&seq) {
+                        let thinking = report(self.model, &usage, &l);
                         metrics.prompt_tokens.inc_by(usage.prompt_tokens as u64);
                         metrics.request_seconds.observe(l.admitted.elapsed().as_secs_f64());
                         if usage.completion_tokens > 1 {
@@ -416,21 +483,29 @@ fn run(
                         metrics.finished(end.name());
                         let _ = l.events.send(JobEvent::Finished { end, usage, thinking });
                     }
-                    batch.remove(seq);
+                    self.batch.remove(seq);
                 }
             }
         }
-        metrics.running.set(live.len() as i64);
-        if let Some(scale) = valve.observe(dt) {
-            metrics.share_scale.set(scale);
-            for (&id, l) in &live {
-                if !l.pinned && routed {
-                    if let Some(r) = batch.routing(id) {
-                        let mut r = r.clone();
-                        r.ratios = Some(scaled(&trained, scale, r.steps));
-                        batch.set_routing(id, r);
-                    }
-                }
+        metrics.running.set(self.live.len() as i64);
+    }
+
+    /// Feed the step's time to the valve; when it changes the scale, rescale the routed shares
+    /// of every running job that did not pin its own.
+    fn open_or_close_valve(&mut self, took: Duration) {
+        let Some(scale) = self.valve.observe(took) else { return };
+        self.metrics.share_scale.set(scale);
+        if !self.routed {
+            return;
+        }
+        for (&id, l) in &self.live {
+            if l.pinned {
+                continue;
+            }
+            if let Some(r) = self.batch.routing(id) {
+                let mut r = r.clone();
+                r.ratios = Some(scaled(&self.trained, scale, r.steps));
+                self.batch.set_routing(id, r);
             }
         }
     }
@@ -460,5 +535,52 @@ fn report(model: &Model, usage: &SeqUsage, l: &Live) -> ThinkingReport {
         extra_block_steps: usage.extra_block_steps,
         thinking_flops,
         total_flops: dense + thinking_flops,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Feed `n` steps of `step` and return the scales the valve announced.
+    fn feed(valve: &mut Valve, step: Duration, n: usize) -> Vec<f64> {
+        (0..n).filter_map(|_| valve.observe(step)).collect()
+    }
+
+    #[test]
+    fn the_valve_closes_to_its_floor_under_load_and_reopens_when_it_passes() {
+        let mut valve = Valve::new(Some(10 * MS), 0.5);
+        // Over the target: down by 0.8 at most every 4 steps, never below the floor.
+        assert_eq!(feed(&mut valve, 20 * MS, 3), Vec::<f64>::new());
+        assert_eq!(feed(&mut valve, 20 * MS, 1), vec![0.8]);
+        assert_eq!(feed(&mut valve, 20 * MS, 3), Vec::<f64>::new());
+        let down = feed(&mut valve, 20 * MS, 40);
+        let want = [0.64, 0.512, 0.5];
+        assert!(down.len() == 3 && down.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{down:?}");
+        // Between 0.7 and 1 of the target the scale holds.
+        let mut held = Valve { scale: 0.5, ewma: Some(8e-3), ..Valve::new(Some(10 * MS), 0.5) };
+        assert_eq!(feed(&mut held, 8 * MS, 20), Vec::<f64>::new());
+        // Well under it: back up by 1.25 per change, to 1 and no further.
+        let up = feed(&mut valve, MS, 80);
+        assert_eq!(up.last(), Some(&1.0), "{up:?}");
+        assert!(up.windows(2).all(|w| w[1] > w[0]), "{up:?}");
+        assert_eq!(valve.scale, 1.0);
+    }
+
+    #[test]
+    fn without_a_target_the_valve_stays_open() {
+        let mut valve = Valve::new(None, 0.25);
+        assert_eq!(feed(&mut valve, Duration::from_secs(1), 100), Vec::<f64>::new());
+        assert_eq!(valve.scale, 1.0);
+    }
+
+    #[test]
+    fn scaled_shares_follow_the_steps_asked_for() {
+        assert_eq!(scaled(&[0.8, 0.4], 0.5, None), vec![0.4, 0.2]);
+        // Fewer steps: fewer shares; extended thinking: the last share repeats.
+        assert_eq!(scaled(&[0.8, 0.4], 0.5, Some(2)), vec![0.4]);
+        assert_eq!(scaled(&[0.8, 0.4], 1.0, Some(5)), vec![0.8, 0.4, 0.4, 0.4]);
     }
 }

@@ -252,67 +252,81 @@ fn usage_json(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-async fn respond(
-    s: Arc<AppState>,
-    mut sub: Submitted,
-    c: Checked,
+async fn respond(s: Arc<AppState>, sub: Submitted, c: Checked, id: String, chat: bool) -> Result<Response, ApiError> {
+    let reply = Reply { id, created: now(), name: s.name.clone(), chat };
+    if c.stream {
+        Ok(respond_streamed(sub, reply, c.include_usage))
+    } else {
+        respond_whole(sub, reply).await
+    }
+}
+
+/// What every response (or chunk) of one request carries.
+struct Reply {
     id: String,
+    created: u64,
+    name: String,
     chat: bool,
-) -> Result<Response, ApiError> {
-    let created = now();
-    let name = s.name.clone();
-    if !c.stream {
-        let mut choices = vec![Choice::default(); sub.choices];
-        let mut done = 0;
-        while done < sub.choices {
-            let Some((i, ev)) = sub.rx.recv().await else { break };
-            match ev {
-                JobEvent::Token { text, depth, .. } => {
-                    choices[i].text.push_str(&text);
-                    choices[i].depth.push(depth);
-                }
-                JobEvent::Finished { end, usage, thinking } => {
-                    choices[i].end = Some(end);
-                    choices[i].usage = usage;
-                    choices[i].thinking = thinking;
-                    done += 1;
-                }
-                JobEvent::Failed(msg) => {
-                    return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg));
-                }
+}
+
+/// A non-streamed response: every choice's whole text once all have finished.
+async fn respond_whole(mut sub: Submitted, reply: Reply) -> Result<Response, ApiError> {
+    let Reply { id, created, name, chat } = reply;
+    let mut choices = vec![Choice::default(); sub.choices];
+    let mut done = 0;
+    while done < sub.choices {
+        let Some((i, ev)) = sub.rx.recv().await else { break };
+        match ev {
+            JobEvent::Token { text, depth, .. } => {
+                choices[i].text.push_str(&text);
+                choices[i].depth.push(depth);
+            }
+            JobEvent::Finished { end, usage, thinking } => {
+                choices[i].end = Some(end);
+                choices[i].usage = usage;
+                choices[i].thinking = thinking;
+                done += 1;
+            }
+            JobEvent::Failed(msg) => {
+                return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", msg));
             }
         }
-        if done < sub.choices {
-            return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped"));
-        }
-        let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
-        let out: Vec<Value> = choices
-            .iter()
-            .enumerate()
-            .map(|(i, ch)| {
-                let reason = ch.end.map(|e| e.name()).unwrap_or("stop");
-                let thinking = thinking_json(&ch.thinking, Some(&ch.depth));
-                if chat {
-                    json!({"index": i, "message": {"role": "assistant", "content": ch.text}, "finish_reason": reason, "thinking": thinking})
-                } else {
-                    json!({"index": i, "text": ch.text, "logprobs": null, "finish_reason": reason, "thinking": thinking})
-                }
-            })
-            .collect();
-        let total = choices.iter().fold(ThinkingReport::default(), |mut a, c| {
-            a.extra_block_steps += c.thinking.extra_block_steps;
-            a.thinking_flops += c.thinking.thinking_flops;
-            a.total_flops += c.thinking.total_flops;
-            a
-        });
-        let object = if chat { "chat.completion" } else { "text_completion" };
-        return Ok(Json(json!({
-            "id": id, "object": object, "created": created, "model": name, "choices": out,
-            "usage": usage_json(sub.prompt_tokens, completion),
-            "thinking": {"extra_block_steps": total.extra_block_steps, "thinking_flops": total.thinking_flops, "total_flops": total.total_flops},
-        }))
-        .into_response());
     }
+    if done < sub.choices {
+        return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped"));
+    }
+    let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
+    let out: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, ch)| {
+            let reason = ch.end.map(|e| e.name()).unwrap_or("stop");
+            let thinking = thinking_json(&ch.thinking, Some(&ch.depth));
+            if chat {
+                json!({"index": i, "message": {"role": "assistant", "content": ch.text}, "finish_reason": reason, "thinking": thinking})
+            } else {
+                json!({"index": i, "text": ch.text, "logprobs": null, "finish_reason": reason, "thinking": thinking})
+            }
+        })
+        .collect();
+    let total = choices.iter().fold(ThinkingReport::default(), |mut a, c| {
+        a.extra_block_steps += c.thinking.extra_block_steps;
+        a.thinking_flops += c.thinking.thinking_flops;
+        a.total_flops += c.thinking.total_flops;
+        a
+    });
+    let object = if chat { "chat.completion" } else { "text_completion" };
+    Ok(Json(json!({
+        "id": id, "object": object, "created": created, "model": name, "choices": out,
+        "usage": usage_json(sub.prompt_tokens, completion),
+        "thinking": {"extra_block_steps": total.extra_block_steps, "thinking_flops": total.thinking_flops, "total_flops": total.total_flops},
+    }))
+    .into_response())
+}
+
+/// A streamed response (SSE).
+fn respond_streamed(sub: Submitted, reply: Reply, include_usage: bool) -> Response {
+    let Reply { id, created, name, chat } = reply;
     // Streaming: one SSE chunk per token, a last chunk per choice with its finish reason and
     // thinking, a usage chunk when asked, then [DONE].
     let object = if chat { "chat.completion.chunk" } else { "text_completion" };
@@ -324,7 +338,6 @@ async fn respond(
         completion: usize,
         finished: bool,
     }
-    let include_usage = c.include_usage;
     let st = St { started: vec![false; sub.choices], sub, done: 0, completion: 0, finished: false };
     let stream = futures_util::stream::unfold(st, move |mut st| {
         let chunk = chunk.clone();
@@ -393,5 +406,5 @@ async fn respond(
     let stream = stream.flat_map(|evs| {
         futures_util::stream::iter(evs.into_iter().map(|d| Ok::<_, Infallible>(SseEvent::default().data(d))))
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }

@@ -13,10 +13,11 @@
 //! backward pass, so each item owns the gradient rows it writes (dK, dV of its kv head and dQ of
 //! the query heads in its group) and no atomics or reductions across threads are needed.
 
+use super::shell::{Grad, Kernel, Shell};
 use super::{axpy, dot, madd, max, multiversion, simd_level, sum, with_data, Filled, Real, SharedMut, Simd};
 use crate::ops::composed;
 use crate::{Error, Result};
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Shape, Tensor};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -209,14 +210,21 @@ fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize
 }
 
 /// out[c * ld + r] = rows[r][c] for a 16 x 16 block.
+///
+/// # Safety
+/// The CPU has AVX-512F/BW; every row holds at least 16 values (both are what the caller
+/// checks; the output's length is asserted).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 unsafe fn transpose_block_f32(rows: [&[f32]; 16], out: &mut [f32], ld: usize) {
     use std::arch::x86_64::*;
     assert!(out.len() >= 15 * ld + 16);
+    // SAFETY: each row holds 16 f32 (the caller's contract), one unaligned 64-byte load.
     let r: [__m512i; 16] = std::array::from_fn(|i| unsafe { _mm512_loadu_si512(rows[i].as_ptr() as *const __m512i) });
     let t = super::bf16_gemm::simd::transpose16(r);
     for (c, v) in t.into_iter().enumerate() {
+        // SAFETY: out.len() >= 15 * ld + 16 (asserted above), so the 16 floats at c * ld, c < 16,
+        // lie inside `out`.
         unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(c * ld) as *mut __m512i, v) };
     }
 }
@@ -518,7 +526,8 @@ struct FlashAttention {
 }
 
 impl FlashAttention {
-    fn forward<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    /// (O, lse).
+    fn attend<T: Real>(&self, q: &[T], k: &[T], v: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let g = &*self.g;
         if q.len() != g.q.elems || k.len() != g.k.elems || v.len() != g.k.elems {
             bail!("attention: tensor sizes do not match the sequence lengths");
@@ -542,8 +551,9 @@ impl FlashAttention {
         Ok(unsafe { (out.assume_filled(), lse.assume_filled()) })
     }
 
+    /// (dQ, dK, dV).
     #[allow(clippy::type_complexity)]
-    fn backward<T: Real>(
+    fn grads<T: Real>(
         &self,
         q: &[T],
         k: &[T],
@@ -578,79 +588,32 @@ impl FlashAttention {
     }
 }
 
-impl CustomOp3 for FlashAttention {
-    fn name(&self) -> &'static str {
-        "itt-flash-attention"
+impl Kernel<3> for FlashAttention {
+    const NAME: &'static str = "itt-flash-attention";
+    const WHAT: &'static str = "attention";
+
+    fn forward<T: Real>(&self, [q, k, v]: [&[T]; 3], shapes: [&Shape; 3]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (out, lse) = self.attend(q, k, v)?;
+        *self.lse.lock().unwrap() = Some(T::to_cpu_storage_owned(lse));
+        Ok((out, shapes[0].clone()))
     }
 
-    fn cpu_fwd(
+    fn backward<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as d;
-        let (out, lse) = match s1 {
-            CpuStorage::F32(_) => {
-                let (o, l) = self.forward::<f32>(d(s1, l1)?, d(s2, l2)?, d(s3, l3)?)?;
-                (CpuStorage::F32(o), CpuStorage::F32(l))
-            }
-            CpuStorage::F64(_) => {
-                let (o, l) = self.forward::<f64>(d(s1, l1)?, d(s2, l2)?, d(s3, l3)?)?;
-                (CpuStorage::F64(o), CpuStorage::F64(l))
-            }
-            _ => bail!("attention: fused kernel runs in f32 or f64"),
-        };
-        *self.lse.lock().unwrap() = Some(lse);
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(
-            op: &FlashAttention,
-            q: &Tensor,
-            k: &Tensor,
-            v: &Tensor,
-            res: &Tensor,
-            grad: &Tensor,
-        ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-            let (dq, dk, dv) = with_data::<T, _>(q, |qd| {
-                with_data::<T, _>(k, |kd| {
-                    with_data::<T, _>(v, |vd| {
-                        with_data::<T, _>(res, |od| with_data::<T, _>(grad, |gd| op.backward(qd, kd, vd, od, gd)))
-                    })
-                })
-            })?;
-            let dev = q.device();
-            Ok((
-                Tensor::from_vec(dq, q.shape(), dev)?,
-                Tensor::from_vec(dk, k.shape(), dev)?,
-                Tensor::from_vec(dv, v.shape(), dev)?,
-            ))
-        }
-        let (dq, dk, dv) = match q.dtype() {
-            candle_core::DType::F32 => run::<f32>(self, q, k, v, res, grad)?,
-            candle_core::DType::F64 => run::<f64>(self, q, k, v, res, grad)?,
-            dt => bail!("attention: fused kernel runs in f32 or f64, not {dt:?}"),
-        };
-        Ok((Some(dq), Some(dk), Some(dv)))
+        _: [&Tensor; 3],
+        [q, k, v]: [&[T]; 3],
+        out: &[T],
+        d_out: &[T],
+    ) -> candle_core::Result<[Grad<T>; 3]> {
+        let (dq, dk, dv) = self.grads(q, k, v, out, d_out)?;
+        Ok([Grad::Values(dq), Grad::Values(dk), Grad::Values(dv)])
     }
 }
 
 fn apply(q: &Tensor, k: &Tensor, v: &Tensor, g: Geometry) -> Result<Tensor> {
     let scale = 1.0 / (g.hd as f64).sqrt();
     let op = FlashAttention { g: Arc::new(g), scale, lse: Mutex::new(None) };
-    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, op)?)
+    Ok(q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, Shell(op))?)
 }
 
 /// Fused twin of `composed::causal_sdpa`.

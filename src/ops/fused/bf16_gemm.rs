@@ -366,9 +366,13 @@ pub(crate) mod simd {
     use std::arch::x86_64::*;
 
     /// 16 f32 -> their bf16 bits in the low half of each 32-bit lane ([`super::to_bf16_bits`]).
+    ///
+    /// # Safety
+    /// AVX-512F/BW; 16 f32 are readable at `p`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn cvt16(p: *const f32) -> __m512i {
+        // SAFETY: 16 f32 (64 bytes) are readable at p (the contract); the load is unaligned.
         let x = unsafe { _mm512_loadu_si512(p as *const __m512i) };
         let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(x), _mm512_set1_epi32(1));
         let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(x, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))));
@@ -386,9 +390,13 @@ pub(crate) mod simd {
     }
 
     /// 32 consecutive f32 -> 32 consecutive bf16.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; 32 f32 are readable at `p`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn cvt32(p: *const f32) -> __m512i {
+        // SAFETY: the 32 values at p are the two runs of 16 that `cvt16` reads.
         let (lo, hi) = unsafe { (cvt16(p), cvt16(p.add(16))) };
         // The low 16 bits of every 32-bit lane of lo, then of hi: words 0, 2, ..., 62.
         let idx = _mm512_set_epi16(
@@ -429,10 +437,15 @@ pub(crate) mod simd {
         out
     }
 
+    /// The 16 rows of a tile (64 bytes each) to `out`, rows TK bf16 apart.
+    ///
+    /// # Safety
+    /// AVX-512F/BW; `out` holds a whole tile (16 x TK u16) that this thread may write.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn store_rows(rows: [__m512i; 16], out: *mut u16) {
         for (r, v) in rows.into_iter().enumerate() {
+            // SAFETY: row r of the tile, 64 bytes at r * TK u16, lies inside it (the contract).
             unsafe { _mm512_storeu_si512(out.add(r * TK) as *mut __m512i, v) };
         }
     }
@@ -443,6 +456,7 @@ pub(crate) mod simd {
     /// AVX-512F/BW; the 16 x 32 values exist; `out` holds a tile.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn a_tile_rows(src: *const f32, rs: usize, out: *mut u16) {
+        // SAFETY: row r's 32 values at src + r * rs exist, and `out` holds a tile (the contract).
         let rows: [__m512i; 16] = std::array::from_fn(|r| unsafe { cvt32(src.add(r * rs)) });
         unsafe { store_rows(rows, out) }
     }
@@ -454,6 +468,8 @@ pub(crate) mod simd {
     /// As [`a_tile_rows`].
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn a_tile_cols(src: *const f32, cs: usize, out: *mut u16) {
+        // SAFETY: the 16 values of each k at src + kk * cs, kk < 32, exist, and `out` holds a
+        // tile (the contract).
         let pairs: [__m512i; 16] =
             std::array::from_fn(|p| unsafe { pair(cvt16(src.add(2 * p * cs)), cvt16(src.add((2 * p + 1) * cs))) });
         unsafe { store_rows(transpose16(pairs), out) }
@@ -466,6 +482,8 @@ pub(crate) mod simd {
     /// As [`a_tile_rows`], for 32 x 16 values of B.
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn b_tile_rows(src: *const f32, rs: usize, out: *mut u32) {
+        // SAFETY: rows kk < 32 of 16 values at src + kk * rs exist, and `out` holds a tile (the
+        // contract; a tile of u32 pairs is the same 1 KiB as one of u16).
         let rows: [__m512i; 16] =
             std::array::from_fn(|p| unsafe { pair(cvt16(src.add(2 * p * rs)), cvt16(src.add((2 * p + 1) * rs))) });
         unsafe { store_rows(rows, out as *mut u16) }
@@ -479,6 +497,8 @@ pub(crate) mod simd {
     /// As [`b_tile_rows`].
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn b_tile_cols(src: *const f32, cs: usize, out: *mut u32) {
+        // SAFETY: column j's 32 values at src + j * cs exist, and `out` holds a tile (the
+        // contract; a tile of u32 pairs is the same 1 KiB as one of u16).
         let cols: [__m512i; 16] = std::array::from_fn(|j| unsafe { cvt32(src.add(j * cs)) });
         unsafe { store_rows(transpose16(cols), out as *mut u16) }
     }
@@ -588,6 +608,8 @@ impl TileGuard {
     /// # Safety
     /// [`amx_hardware`] must have returned true.
     unsafe fn new() -> Self {
+        // SAFETY: the CPU has AMX and Linux granted the tile state (the contract); TILE_CONFIG
+        // is a static, 64-byte aligned palette-1 configuration, the 64 bytes ldtilecfg reads.
         unsafe { std::arch::asm!("ldtilecfg [{}]", in(reg) TILE_CONFIG.0.as_ptr(), options(nostack)) };
         TileGuard
     }
@@ -623,6 +645,8 @@ unsafe fn kernel_32x32(
     load: bool,
 ) {
     use std::arch::asm;
+    // SAFETY: tiles are configured (the contract); every address below is in one of the four
+    // tile runs (kb < kbc) or in C's 32 x 32 block, which the contract says exist and are ours.
     unsafe {
         let c1 = c.add(16);
         let c2 = c.byte_add(16 * c_stride);
@@ -675,11 +699,15 @@ struct TileGuard;
 
 #[cfg(not(target_arch = "x86_64"))]
 impl TileGuard {
+    /// # Safety
+    /// Never called (see above).
     unsafe fn new() -> Self {
         unreachable!("AMX is x86_64 only")
     }
 }
 
+/// # Safety
+/// Never called (see above).
 #[cfg(not(target_arch = "x86_64"))]
 #[allow(clippy::too_many_arguments)]
 unsafe fn kernel_32x32(
@@ -826,7 +854,7 @@ struct Buf([f32; 32 * 32]);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::base::rng::Rng;
 
     type Gemm = fn(usize, usize, usize, MatRef, MatRef, &mut [f32], usize, bool);
 
@@ -933,13 +961,25 @@ mod tests {
         }
     }
 
+    /// Where AMX is usable, or a clear failure: built on an AMX CPU (build.rs) but unusable
+    /// here (`ITT_AMX=0`, or the kernel refused the tile state) must not pass unnoticed.
+    fn require_amx() {
+        assert!(
+            amx_available(),
+            "these tests were built on a CPU with AMX, but AMX is not usable here (ITT_AMX=0, or Linux \
+             refused the tile state); run them where it is, or without ITT_AMX=0"
+        );
+    }
+
+    /// The AMX path: every case against the f64 reference, zero-length k, and the same bits on
+    /// a second call and on 1 and 3 threads.
     #[test]
-    fn amx_matches_reference() {
-        if !amx_available() {
-            eprintln!("bf16_gemm::amx_matches_reference SKIPPED: no AMX on this machine (or ITT_AMX=0)");
-            return;
-        }
+    #[cfg_attr(not(itt_amx), ignore = "no AMX on the CPU these tests were built on")]
+    fn amx_matches_reference_and_repeats() {
+        require_amx();
         check_all(gemm_amx);
+        check_empty_k(gemm_amx);
+        check_deterministic("amx", gemm_amx);
     }
 
     #[test]
@@ -953,52 +993,48 @@ mod tests {
         check_case(gemm_bf16, 40, 65, 77, 2, 0, 0, false, 10);
     }
 
-    #[test]
-    fn empty_k_zeroes_or_keeps_c() {
+    /// k = 0: C kept when accumulating, zeroed otherwise.
+    fn check_empty_k(f: Gemm) {
         let a = MatRef { data: &[], row_stride: 0, col_stride: 1 };
         let b = MatRef { data: &[], row_stride: 3, col_stride: 1 };
-        let mut paths: Vec<Gemm> = vec![gemm_bf16, gemm_fallback];
-        if amx_available() {
-            paths.push(gemm_amx);
-        }
-        for f in paths {
-            let mut c = vec![5.0f32; 6];
-            f(2, 3, 0, a, b, &mut c, 3, true);
-            assert_eq!(c, vec![5.0; 6]);
-            f(2, 3, 0, a, b, &mut c, 3, false);
-            assert_eq!(c, vec![0.0; 6]);
-        }
+        let mut c = vec![5.0f32; 6];
+        f(2, 3, 0, a, b, &mut c, 3, true);
+        assert_eq!(c, vec![5.0; 6]);
+        f(2, 3, 0, a, b, &mut c, 3, false);
+        assert_eq!(c, vec![0.0; 6]);
     }
 
-    /// Same call twice, then on a 1-thread and a 3-thread pool: identical bits, for whichever
-    /// paths this machine has. Shapes with many tasks and edge blocks, transposed A.
     #[test]
-    fn bit_for_bit_deterministic() {
-        let mut paths: Vec<(&str, Gemm)> = vec![("fallback", gemm_fallback)];
-        if amx_available() {
-            paths.push(("amx", gemm_amx));
-        } else {
-            eprintln!("bf16_gemm::bit_for_bit_deterministic: no AMX, checking the fallback only");
-        }
+    fn empty_k_zeroes_or_keeps_c() {
+        check_empty_k(gemm_bf16);
+        check_empty_k(gemm_fallback);
+    }
+
+    /// Same call twice, then on a 1-thread and a 3-thread pool: identical bits. Shapes with
+    /// many tasks and edge blocks, transposed A.
+    fn check_deterministic(name: &str, f: Gemm) {
         let mut rng = Rng::new(3);
         for (m, n, k, la) in [(300, 200, 150, 0), (257, 129, 300, 2)] {
             let a = Operand::new(m, k, la, &mut rng);
             let b = Operand::new(k, n, 0, &mut rng);
             let c0: Vec<f32> = (0..m * n).map(|_| rng.normal() as f32).collect();
-            for &(name, f) in &paths {
-                let run = || {
-                    let mut c = c0.clone();
-                    f(m, n, k, a.view(), b.view(), &mut c, n, true);
-                    c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
-                };
-                let first = run();
-                assert_eq!(first, run(), "{name}: second call differs");
-                for threads in [1, 3] {
-                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    assert_eq!(first, pool.install(run), "{name}: differs on {threads} thread(s)");
-                }
+            let run = || {
+                let mut c = c0.clone();
+                f(m, n, k, a.view(), b.view(), &mut c, n, true);
+                c.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+            };
+            let first = run();
+            assert_eq!(first, run(), "{name}: second call differs");
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                assert_eq!(first, pool.install(run), "{name}: differs on {threads} thread(s)");
             }
         }
+    }
+
+    #[test]
+    fn fallback_is_bit_for_bit_deterministic() {
+        check_deterministic("fallback", gemm_fallback);
     }
 
     /// `gemm_f32` sharing C's rows out over the threads gives, bit for bit, what one
@@ -1046,12 +1082,13 @@ mod tests {
     /// The vector packers (row- and column-major tiles, with their transposes) against the
     /// element-by-element ones, on every layout, with edge tiles in both directions.
     #[test]
+    #[cfg_attr(not(itt_avx512), ignore = "no AVX-512 on the CPU these tests were built on")]
     fn packers_match_scalar() {
         #[cfg(target_arch = "x86_64")]
-        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw")) {
-            eprintln!("bf16_gemm::packers_match_scalar SKIPPED: no AVX-512");
-            return;
-        }
+        assert!(
+            std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("avx512bw"),
+            "built on a CPU with AVX-512 but run on one without: run the tests where they were built"
+        );
         let (rows, cols) = (72, 100);
         let mut rng = Rng::new(11);
         for layout in 0..5 {

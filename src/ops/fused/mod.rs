@@ -17,6 +17,7 @@ mod cross_entropy;
 mod linear;
 mod rms_norm;
 mod rope;
+mod shell;
 mod swiglu;
 mod thinking;
 
@@ -340,6 +341,8 @@ macro_rules! multiversion {
             #[allow(clippy::too_many_arguments)]
             fn imp<$T: Real, const $F: bool>($($a: $t),*) $(-> $ret)? $body
 
+            /// # Safety
+            /// The CPU has AVX-512 F/BW/DQ/VL (`Simd::Avx512`).
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
             #[allow(clippy::too_many_arguments)]
@@ -347,6 +350,8 @@ macro_rules! multiversion {
                 imp::<$T, true>($($a),*)
             }
 
+            /// # Safety
+            /// The CPU has AVX2 and FMA (`Simd::Avx2` or better).
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx2,fma")]
             #[allow(clippy::too_many_arguments)]
@@ -408,6 +413,7 @@ impl<T> SharedMut<T> {
     #[inline(always)]
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice(&self, off: usize, len: usize) -> &mut [T] {
+        // SAFETY: the range lies in the buffer and no one else touches it (the contract).
         unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
     }
 }
@@ -432,6 +438,7 @@ impl<T> Filled<T> {
     /// # Safety
     /// Every one of the `n` elements has been written through [`Filled::ptr`].
     pub unsafe fn assume_filled(mut self) -> Vec<T> {
+        // SAFETY: the capacity is n (`new`) and all n elements are written (the contract).
         unsafe { self.v.set_len(self.n) };
         self.v
     }

@@ -2,9 +2,10 @@
 //! Forward: r = 1 / sqrt(mean(x^2) + eps) per row (saved), y = x * r * gain.
 //! Backward: dx = r * gain * dy - x * r^3 / D * sum(x * gain * dy);  dgain = sum_rows dy * x * r.
 
-use super::{dot, dot3, for_row_chunks, multiversion, simd_level, with_data, Filled, Real};
+use super::shell::{Grad, Kernel, Shell};
+use super::{dot, dot3, for_row_chunks, multiversion, simd_level, Filled, Real};
 use crate::{Error, Result};
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{bail, CpuStorage, Shape, Tensor};
 use std::sync::Mutex;
 
 multiversion! {
@@ -42,7 +43,8 @@ struct RmsNorm {
 }
 
 impl RmsNorm {
-    fn forward<T: Real>(&self, x: &[T], gain: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    /// (y, r per row).
+    fn normalize<T: Real>(&self, x: &[T], gain: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let d = gain.len();
         if d == 0 || !x.len().is_multiple_of(d) {
             bail!("rms_norm: gain of {d} does not divide the input of {} elements", x.len());
@@ -60,7 +62,8 @@ impl RmsNorm {
         Ok(unsafe { (y.assume_filled(), r.assume_filled()) })
     }
 
-    fn backward<T: Real>(&self, x: &[T], gain: &[T], dy: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
+    /// (dx, dgain).
+    fn grads<T: Real>(&self, x: &[T], gain: &[T], dy: &[T]) -> candle_core::Result<(Vec<T>, Vec<T>)> {
         let guard = self.r.lock().unwrap();
         let Some(r) = guard.as_ref() else { bail!("rms_norm backward before its forward pass") };
         let r = T::cpu_storage_as_slice(r)?;
@@ -89,58 +92,25 @@ impl RmsNorm {
     }
 }
 
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "itt-rms-norm"
+impl Kernel<2> for RmsNorm {
+    const NAME: &'static str = "itt-rms-norm";
+    const WHAT: &'static str = "rms_norm";
+
+    fn forward<T: Real>(&self, [x, gain]: [&[T]; 2], shapes: [&Shape; 2]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (y, r) = self.normalize(x, gain)?;
+        *self.r.lock().unwrap() = Some(T::to_cpu_storage_owned(r));
+        Ok((y, shapes[0].clone()))
     }
 
-    fn cpu_fwd(
+    fn backward<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as d;
-        let (y, r) = match s1 {
-            CpuStorage::F32(_) => {
-                let (y, r) = self.forward::<f32>(d(s1, l1)?, d(s2, l2)?)?;
-                (CpuStorage::F32(y), CpuStorage::F32(r))
-            }
-            CpuStorage::F64(_) => {
-                let (y, r) = self.forward::<f64>(d(s1, l1)?, d(s2, l2)?)?;
-                (CpuStorage::F64(y), CpuStorage::F64(r))
-            }
-            _ => bail!("rms_norm: fused kernel runs in f32 or f64"),
-        };
-        *self.r.lock().unwrap() = Some(r);
-        Ok((y, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        gain: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(
-            op: &RmsNorm,
-            x: &Tensor,
-            gain: &Tensor,
-            grad: &Tensor,
-        ) -> candle_core::Result<(Tensor, Tensor)> {
-            let (dx, dg) = with_data::<T, _>(x, |xd| {
-                with_data::<T, _>(gain, |gd| with_data::<T, _>(grad, |dy| op.backward(xd, gd, dy)))
-            })?;
-            Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dg, gain.shape(), x.device())?))
-        }
-        let (dx, dg) = match x.dtype() {
-            candle_core::DType::F32 => run::<f32>(self, x, gain, grad)?,
-            candle_core::DType::F64 => run::<f64>(self, x, gain, grad)?,
-            dt => bail!("rms_norm: fused kernel runs in f32 or f64, not {dt:?}"),
-        };
-        Ok((Some(dx), Some(dg)))
+        _: [&Tensor; 2],
+        [x, gain]: [&[T]; 2],
+        _out: &[T],
+        dy: &[T],
+    ) -> candle_core::Result<[Grad<T>; 2]> {
+        let (dx, dg) = self.grads(x, gain, dy)?;
+        Ok([Grad::Values(dx), Grad::Values(dg)])
     }
 }
 
@@ -153,5 +123,5 @@ pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
     if x.elem_count() == 0 {
         return crate::ops::composed::rms_norm(x, gain, eps);
     }
-    Ok(x.contiguous()?.apply_op2(&gain.contiguous()?, RmsNorm { eps, r: Mutex::new(None) })?)
+    Ok(x.contiguous()?.apply_op2(&gain.contiguous()?, Shell(RmsNorm { eps, r: Mutex::new(None) }))?)
 }

@@ -4,9 +4,10 @@
 //! Backward (the transposed rotation): dx1 = dy1 cos + dy2 sin, dx2 = dy2 cos - dy1 sin; and,
 //! only when the tables are tracked, dcos = sum_h dy1 x1 + dy2 x2, dsin = sum_h dy2 x1 - dy1 x2.
 
-use super::{for_row_chunks, multiversion, simd_level, with_data, Filled, Real};
+use super::shell::{Grad, Kernel, Shell};
+use super::{for_row_chunks, multiversion, simd_level, Filled, Real};
 use crate::{Error, Result};
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{bail, Shape, Tensor};
 
 multiversion! {
     /// Tokens of x (rows, H * hd) -> y; `sign` = 1 rotates forward, -1 backward (dx from dy).
@@ -92,61 +93,28 @@ impl Rope {
     }
 }
 
-impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "itt-rope"
+impl Kernel<3> for Rope {
+    const NAME: &'static str = "itt-rope";
+    const WHAT: &'static str = "rope";
+
+    fn forward<T: Real>(&self, [x, cos, sin]: [&[T]; 3], shapes: [&Shape; 3]) -> candle_core::Result<(Vec<T>, Shape)> {
+        Ok((self.rotate(x, cos, sin, 1.0)?, shapes[0].clone()))
     }
 
-    fn cpu_fwd(
+    fn backward<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as d;
-        let y = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(self.rotate::<f32>(d(s1, l1)?, d(s2, l2)?, d(s3, l3)?, 1.0)?),
-            CpuStorage::F64(_) => CpuStorage::F64(self.rotate::<f64>(d(s1, l1)?, d(s2, l2)?, d(s3, l3)?, 1.0)?),
-            _ => bail!("rope: fused kernel runs in f32 or f64"),
-        };
-        Ok((y, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(
-            op: &Rope,
-            x: &Tensor,
-            cos: &Tensor,
-            sin: &Tensor,
-            grad: &Tensor,
-        ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let dev = x.device();
-            let dx = with_data::<T, _>(cos, |c| {
-                with_data::<T, _>(sin, |s| with_data::<T, _>(grad, |dy| op.rotate(dy, c, s, -1.0)))
-            })?;
-            let dx = Tensor::from_vec(dx, x.shape(), dev)?;
-            // The tables are constants in the model; their gradients only when something tracks them.
-            if !cos.track_op() && !sin.track_op() {
-                return Ok((Some(dx), None, None));
-            }
-            let (dc, ds) = with_data::<T, _>(x, |xd| with_data::<T, _>(grad, |dy| Ok(op.table_grads(xd, dy))))?;
-            Ok((Some(dx), Some(Tensor::from_vec(dc, cos.shape(), dev)?), Some(Tensor::from_vec(ds, sin.shape(), dev)?)))
+        [_, cos_t, sin_t]: [&Tensor; 3],
+        [x, cos, sin]: [&[T]; 3],
+        _out: &[T],
+        dy: &[T],
+    ) -> candle_core::Result<[Grad<T>; 3]> {
+        let dx = Grad::Values(self.rotate(dy, cos, sin, -1.0)?);
+        // The tables are constants in the model; their gradients only when something tracks them.
+        if !cos_t.track_op() && !sin_t.track_op() {
+            return Ok([dx, Grad::None, Grad::None]);
         }
-        match x.dtype() {
-            candle_core::DType::F32 => run::<f32>(self, x, cos, sin, grad),
-            candle_core::DType::F64 => run::<f64>(self, x, cos, sin, grad),
-            dt => bail!("rope: fused kernel runs in f32 or f64, not {dt:?}"),
-        }
+        let (dc, ds) = self.table_grads(x, dy);
+        Ok([dx, Grad::Values(dc), Grad::Values(ds)])
     }
 }
 
@@ -165,5 +133,5 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if x.elem_count() == 0 {
         return crate::ops::composed::apply_rope(x, cos, sin);
     }
-    Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Rope { dims: (n, h, hd) })?)
+    Ok(x.contiguous()?.apply_op3(&cos.contiguous()?, &sin.contiguous()?, Shell(Rope { dims: (n, h, hd) }))?)
 }

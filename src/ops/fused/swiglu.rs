@@ -2,9 +2,10 @@
 //! Forward: s = sigmoid(gate), y = gate * s * up (silu(gate) * up).
 //! Backward: dgate = dy * up * s * (1 + gate * (1 - s)),  dup = dy * gate * s.
 
-use super::{for_row_chunks, multiversion, simd_level, with_data, Filled, Real};
+use super::shell::{Grad, Kernel, Shell};
+use super::{for_row_chunks, multiversion, simd_level, Filled, Real};
 use crate::{Error, Result};
-use candle_core::{bail, CpuStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{bail, Shape, Tensor};
 
 multiversion! {
     fn fwd_elems<T: Real, const FMA: bool>(g: &[T], u: &[T], y: &mut [T]) {
@@ -56,46 +57,23 @@ fn backward<T: Real>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
     unsafe { (dg.assume_filled(), du.assume_filled()) }
 }
 
-impl CustomOp2 for Swiglu {
-    fn name(&self) -> &'static str {
-        "itt-swiglu"
+impl Kernel<2> for Swiglu {
+    const NAME: &'static str = "itt-swiglu";
+    const WHAT: &'static str = "swiglu";
+
+    fn forward<T: Real>(&self, [g, u]: [&[T]; 2], shapes: [&Shape; 2]) -> candle_core::Result<(Vec<T>, Shape)> {
+        Ok((forward(g, u)?, shapes[0].clone()))
     }
 
-    fn cpu_fwd(
+    fn backward<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as d;
-        let y = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(d(s1, l1)?, d(s2, l2)?)?),
-            CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(d(s1, l1)?, d(s2, l2)?)?),
-            _ => bail!("swiglu: fused kernel runs in f32 or f64"),
-        };
-        Ok((y, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        gate: &Tensor,
-        up: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(gate: &Tensor, up: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-            let (dg, du) = with_data::<T, _>(gate, |g| {
-                with_data::<T, _>(up, |u| with_data::<T, _>(grad, |dy| Ok(backward(g, u, dy))))
-            })?;
-            Ok((Tensor::from_vec(dg, gate.shape(), gate.device())?, Tensor::from_vec(du, up.shape(), up.device())?))
-        }
-        let (dg, du) = match gate.dtype() {
-            candle_core::DType::F32 => run::<f32>(gate, up, grad)?,
-            candle_core::DType::F64 => run::<f64>(gate, up, grad)?,
-            dt => bail!("swiglu: fused kernel runs in f32 or f64, not {dt:?}"),
-        };
-        Ok((Some(dg), Some(du)))
+        _: [&Tensor; 2],
+        [g, u]: [&[T]; 2],
+        _out: &[T],
+        dy: &[T],
+    ) -> candle_core::Result<[Grad<T>; 2]> {
+        let (dg, du) = backward(g, u, dy);
+        Ok([Grad::Values(dg), Grad::Values(du)])
     }
 }
 
@@ -107,5 +85,5 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     if gate.elem_count() == 0 {
         return crate::ops::composed::swiglu(gate, up);
     }
-    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, Swiglu)?)
+    Ok(gate.contiguous()?.apply_op2(&up.contiguous()?, Shell(Swiglu))?)
 }

@@ -31,9 +31,10 @@
 //! sums in another order. It replaces ten nodes (two broadcast products, the scatter, and the
 //! backward's gathers, products and reductions over (M, D) temporaries).
 
-use super::{dot, for_row_chunks, with_data, Filled, Real};
+use super::shell::{Grad, Kernel, Shell};
+use super::{dot, for_row_chunks, Filled, Real};
 use crate::{Error, Result};
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Shape, Tensor};
+use candle_core::{Shape, Tensor};
 
 struct RoutedUpdate {
     idx: Vec<u32>,
@@ -89,6 +90,7 @@ fn backward<T: Real>(idx: &[u32], y: &[T], pw: &[T], g: &[T], d: usize) -> (Vec<
             *dp += a * yv;
             dwr += gv * (yv * p);
         }
+        // SAFETY: as above, element r of dw belongs to this chunk.
         unsafe { pdw.slice(r, 1)[0] = dwr };
     });
     // SAFETY: the chunks cover every row of dy and every element of dw.
@@ -96,57 +98,25 @@ fn backward<T: Real>(idx: &[u32], y: &[T], pw: &[T], g: &[T], d: usize) -> (Vec<
     (dy, dphi.into_iter().chain(dw).collect())
 }
 
-impl CustomOp3 for RoutedUpdate {
-    fn name(&self) -> &'static str {
-        "itt-routed-update"
+impl Kernel<3> for RoutedUpdate {
+    const NAME: &'static str = "itt-routed-update";
+    const WHAT: &'static str = "routed update";
+
+    fn forward<T: Real>(&self, [x, y, pw]: [&[T]; 3], shapes: [&Shape; 3]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let d = shapes[0].dims2()?.1;
+        Ok((forward(&self.slot, x, y, pw, d), shapes[0].clone()))
     }
 
-    fn cpu_fwd(
+    fn backward<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as c;
-        let d = l1.shape().dims2()?.1;
-        let out = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(forward::<f32>(&self.slot, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
-            CpuStorage::F64(_) => CpuStorage::F64(forward::<f64>(&self.slot, c(s1, l1)?, c(s2, l2)?, c(s3, l3)?, d)),
-            _ => bail!("routed update: fused kernel runs in f32 or f64"),
-        };
-        Ok((out, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        y: &Tensor,
-        pw: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(
-            op: &RoutedUpdate,
-            y: &Tensor,
-            pw: &Tensor,
-            grad: &Tensor,
-        ) -> candle_core::Result<(Tensor, Tensor)> {
-            let d = y.dims2()?.1;
-            let (dy, dpw) = with_data::<T, _>(y, |yd| {
-                with_data::<T, _>(pw, |pd| with_data::<T, _>(grad, |gd| Ok(backward(&op.idx, yd, pd, gd, d))))
-            })?;
-            Ok((Tensor::from_vec(dy, y.shape(), y.device())?, Tensor::from_vec(dpw, pw.shape(), pw.device())?))
-        }
-        let (dy, dpw) = match y.dtype() {
-            candle_core::DType::F32 => run::<f32>(self, y, pw, grad)?,
-            candle_core::DType::F64 => run::<f64>(self, y, pw, grad)?,
-            dt => bail!("routed update: fused kernel runs in f32 or f64, not {dt:?}"),
-        };
+        [_, y_t, _]: [&Tensor; 3],
+        [_, y, pw]: [&[T]; 3],
+        _out: &[T],
+        g: &[T],
+    ) -> candle_core::Result<[Grad<T>; 3]> {
+        let (dy, dpw) = backward(&self.idx, y, pw, g, y_t.dims2()?.1);
         // The state passes through unchanged: its gradient is g itself.
-        Ok((Some(grad.clone()), Some(dy), Some(dpw)))
+        Ok([Grad::Output, Grad::Values(dy), Grad::Values(dpw)])
     }
 }
 
@@ -170,7 +140,7 @@ pub fn routed_update(x: &Tensor, idx: &[u32], y: &Tensor, phi: &Tensor, w: &Tens
         return Ok(x.clone());
     }
     let pw = Tensor::cat(&[phi.contiguous()?, w.flatten_all()?.contiguous()?], 0)?;
-    Ok(x.contiguous()?.apply_op3(&y.contiguous()?, &pw, RoutedUpdate { idx: idx.to_vec(), slot })?)
+    Ok(x.contiguous()?.apply_op3(&y.contiguous()?, &pw, Shell(RoutedUpdate { idx: idx.to_vec(), slot }))?)
 }
 
 /// Partial column sums of a chunk of rows, added in chunk order: `sum_r f(r)[d]` for every d.
@@ -232,62 +202,24 @@ fn router_backward<T: Real>(x: &[T], w: &[T], g: &[T], d: usize) -> (Vec<T>, Vec
     (unsafe { dx.assume_filled() }, dw, db)
 }
 
-impl CustomOp3 for RouterLogits {
-    fn name(&self) -> &'static str {
-        "itt-router-logits"
+impl Kernel<3> for RouterLogits {
+    const NAME: &'static str = "itt-router-logits";
+    const WHAT: &'static str = "router logits";
+
+    fn forward<T: Real>(&self, [x, w, b]: [&[T]; 3], shapes: [&Shape; 3]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let (n, d) = shapes[0].dims2()?;
+        Ok((router_forward(x, w, b[0], d), Shape::from((n, 1))))
     }
 
-    fn cpu_fwd(
+    fn backward<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as c;
-        let (n, d) = l1.shape().dims2()?;
-        let z = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(router_forward::<f32>(c(s1, l1)?, c(s2, l2)?, c(s3, l3)?[0], d)),
-            CpuStorage::F64(_) => CpuStorage::F64(router_forward::<f64>(c(s1, l1)?, c(s2, l2)?, c(s3, l3)?[0], d)),
-            _ => bail!("router logits: fused kernel runs in f32 or f64"),
-        };
-        Ok((z, Shape::from((n, 1))))
-    }
-
-    #[allow(clippy::type_complexity)]
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(
-            x: &Tensor,
-            w: &Tensor,
-            b: &Tensor,
-            grad: &Tensor,
-        ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-            let d = x.dims2()?.1;
-            let (dx, dw, db) = with_data::<T, _>(x, |xd| {
-                with_data::<T, _>(w, |wd| with_data::<T, _>(grad, |gd| Ok(router_backward(xd, wd, gd, d))))
-            })?;
-            let dev = x.device();
-            Ok((
-                Tensor::from_vec(dx, x.shape(), dev)?,
-                Tensor::from_vec(dw, w.shape(), dev)?,
-                Tensor::from_vec(vec![db], b.shape(), dev)?,
-            ))
-        }
-        let (dx, dw, db) = match x.dtype() {
-            candle_core::DType::F32 => run::<f32>(x, w, b, grad)?,
-            candle_core::DType::F64 => run::<f64>(x, w, b, grad)?,
-            dt => bail!("router logits: fused kernel runs in f32 or f64, not {dt:?}"),
-        };
-        Ok((Some(dx), Some(dw), Some(db)))
+        [x_t, _, _]: [&Tensor; 3],
+        [x, w, _]: [&[T]; 3],
+        _out: &[T],
+        g: &[T],
+    ) -> candle_core::Result<[Grad<T>; 3]> {
+        let (dx, dw, db) = router_backward(x, w, g, x_t.dims2()?.1);
+        Ok([Grad::Values(dx), Grad::Values(dw), Grad::Values(vec![db])])
     }
 }
 
@@ -305,7 +237,7 @@ pub fn router_logits(x: &Tensor, w: &Tensor, b: &Tensor) -> Result<Tensor> {
     if n == 0 {
         return crate::ops::composed::router_logits(x, w, b);
     }
-    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, RouterLogits)?)
+    Ok(x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Shell(RouterLogits))?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -348,46 +280,23 @@ fn scale_backward<T: Real>(x: &[T], phi: &[T], g: &[T]) -> (Vec<T>, Vec<T>) {
     (unsafe { dx.assume_filled() }, dphi)
 }
 
-impl CustomOp2 for ScaleColumns {
-    fn name(&self) -> &'static str {
-        "itt-scale-columns"
+impl Kernel<2> for ScaleColumns {
+    const NAME: &'static str = "itt-scale-columns";
+    const WHAT: &'static str = "column scaling";
+
+    fn forward<T: Real>(&self, [x, phi]: [&[T]; 2], shapes: [&Shape; 2]) -> candle_core::Result<(Vec<T>, Shape)> {
+        Ok((scale_forward(x, phi), shapes[0].clone()))
     }
 
-    fn cpu_fwd(
+    fn backward<T: Real>(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as c;
-        let y = match s1 {
-            CpuStorage::F32(_) => CpuStorage::F32(scale_forward::<f32>(c(s1, l1)?, c(s2, l2)?)),
-            CpuStorage::F64(_) => CpuStorage::F64(scale_forward::<f64>(c(s1, l1)?, c(s2, l2)?)),
-            _ => bail!("column scaling: fused kernel runs in f32 or f64"),
-        };
-        Ok((y, l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        phi: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        fn run<T: Real>(x: &Tensor, phi: &Tensor, grad: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
-            let (dx, dphi) = with_data::<T, _>(x, |xd| {
-                with_data::<T, _>(phi, |pd| with_data::<T, _>(grad, |gd| Ok(scale_backward(xd, pd, gd))))
-            })?;
-            Ok((Tensor::from_vec(dx, x.shape(), x.device())?, Tensor::from_vec(dphi, phi.shape(), phi.device())?))
-        }
-        let (dx, dphi) = match x.dtype() {
-            candle_core::DType::F32 => run::<f32>(x, phi, grad)?,
-            candle_core::DType::F64 => run::<f64>(x, phi, grad)?,
-            dt => bail!("column scaling: fused kernel runs in f32 or f64, not {dt:?}"),
-        };
-        Ok((Some(dx), Some(dphi)))
+        _: [&Tensor; 2],
+        [x, phi]: [&[T]; 2],
+        _out: &[T],
+        g: &[T],
+    ) -> candle_core::Result<[Grad<T>; 2]> {
+        let (dx, dphi) = scale_backward(x, phi, g);
+        Ok([Grad::Values(dx), Grad::Values(dphi)])
     }
 }
 
@@ -400,7 +309,7 @@ pub fn scale_columns(x: &Tensor, phi: &Tensor) -> Result<Tensor> {
     if n == 0 || d == 0 {
         return crate::ops::composed::scale_columns(x, phi);
     }
-    Ok(x.contiguous()?.apply_op2(&phi.contiguous()?, ScaleColumns)?)
+    Ok(x.contiguous()?.apply_op2(&phi.contiguous()?, Shell(ScaleColumns))?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -446,34 +355,23 @@ fn gather_backward<T: Real>(slot: &[u32], g: &[T], d: usize) -> Vec<T> {
     unsafe { dx.assume_filled() }
 }
 
-impl candle_core::CustomOp1 for GatherRows {
-    fn name(&self) -> &'static str {
-        "itt-gather-rows"
+impl Kernel<1> for GatherRows {
+    const NAME: &'static str = "itt-gather-rows";
+    const WHAT: &'static str = "row gather";
+
+    fn forward<T: Real>(&self, [x]: [&[T]; 1], shapes: [&Shape; 1]) -> candle_core::Result<(Vec<T>, Shape)> {
+        let d = shapes[0].dims2()?.1;
+        Ok((gather_forward(&self.idx, x, d), Shape::from((self.idx.len(), d))))
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        use super::cpu_data as c;
-        let d = l.shape().dims2()?.1;
-        let y = match s {
-            CpuStorage::F32(_) => CpuStorage::F32(gather_forward::<f32>(&self.idx, c(s, l)?, d)),
-            CpuStorage::F64(_) => CpuStorage::F64(gather_forward::<f64>(&self.idx, c(s, l)?, d)),
-            _ => bail!("row gather: fused kernel runs in f32 or f64"),
-        };
-        Ok((y, Shape::from((self.idx.len(), d))))
-    }
-
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        let (n, d) = x.dims2()?;
-        let dx = match x.dtype() {
-            candle_core::DType::F32 => {
-                with_data::<f32, _>(grad, |g| Tensor::from_vec(gather_backward(&self.slot, g, d), (n, d), x.device()))?
-            }
-            candle_core::DType::F64 => {
-                with_data::<f64, _>(grad, |g| Tensor::from_vec(gather_backward(&self.slot, g, d), (n, d), x.device()))?
-            }
-            dt => bail!("row gather: fused kernel runs in f32 or f64, not {dt:?}"),
-        };
-        Ok(Some(dx))
+    fn backward<T: Real>(
+        &self,
+        [x_t]: [&Tensor; 1],
+        _: [&[T]; 1],
+        _out: &[T],
+        g: &[T],
+    ) -> candle_core::Result<[Grad<T>; 1]> {
+        Ok([Grad::Values(gather_backward(&self.slot, g, x_t.dims2()?.1))])
     }
 }
 
@@ -485,7 +383,7 @@ pub fn gather_rows(x: &Tensor, idx: &[u32]) -> Result<Tensor> {
     if idx.is_empty() {
         return crate::ops::composed::gather_rows(x, idx);
     }
-    Ok(x.contiguous()?.apply_op1(GatherRows { idx: idx.to_vec(), slot })?)
+    Ok(x.contiguous()?.apply_op1(Shell(GatherRows { idx: idx.to_vec(), slot }))?)
 }
 
 /// For each of the n rows, the position r with idx[r] = that row, or u32::MAX where it is not

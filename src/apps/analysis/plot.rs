@@ -13,7 +13,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use std::sync::OnceLock;
 
-static FONT: &[u8] = include_bytes!("../../assets/DejaVuSans.ttf");
+static FONT: &[u8] = include_bytes!("../../../assets/DejaVuSans.ttf");
 const FAMILY: &str = "sans-serif";
 
 /// A finished picture.
@@ -250,6 +250,30 @@ fn shorten(s: &str, n: usize) -> String {
     }
 }
 
+type Chart<'a, 'b> = ChartContext<'a, BitMapBackend<'b>, Cartesian2d<Axis, Axis>>;
+
+/// The grid, axis labels and tick labels every chart panel has; `x_mesh` false leaves the
+/// vertical grid lines out (bars, histograms).
+fn draw_mesh(
+    chart: &mut Chart,
+    (x_label, y_label): (&str, &str),
+    fmt_x: &dyn Fn(&f64) -> String,
+    x_mesh: bool,
+) -> DrawResult {
+    let mut mesh = chart.configure_mesh();
+    mesh.x_desc(x_label)
+        .y_desc(y_label)
+        .label_style(font(11.0))
+        .axis_desc_style(font(12.0))
+        .x_label_formatter(fmt_x)
+        .y_label_formatter(&|v| tick_label(*v));
+    if !x_mesh {
+        mesh.disable_x_mesh();
+    }
+    mesh.light_line_style(WHITE).bold_line_style(RGBColor(225, 225, 225)).draw()?;
+    Ok(())
+}
+
 fn draw_panel(area: &Area, p: &Panel) -> DrawResult {
     match p {
         Panel::Note { title, text } => {
@@ -257,162 +281,157 @@ fn draw_panel(area: &Area, p: &Panel) -> DrawResult {
             for (i, line) in text.lines().enumerate() {
                 area.draw(&Text::new(line.to_string(), (10, 40 + 16 * i as i32), font(12.0)))?;
             }
+            Ok(())
         }
         Panel::Line { title, x_label, y_label, series, x_ticks } => {
-            let pts = series.iter().flat_map(|s| s.points.iter()).filter(|p| p.0.is_finite() && p.1.is_finite());
-            let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
-            for &(x, y) in pts {
-                x0 = x0.min(x);
-                x1 = x1.max(x);
-                y0 = y0.min(y);
-                y1 = y1.max(y);
-            }
-            let (x0, x1) = match x_ticks {
-                Some(t) if !t.is_empty() => {
-                    let lo = t.iter().map(|t| t.0).fold(x0, f64::min);
-                    let hi = t.iter().map(|t| t.0).fold(x1, f64::max);
-                    (lo - 0.3, hi + 0.3)
-                }
-                _ => padded(x0, x1, false),
-            };
-            let (y0, y1) = padded(y0, y1, false);
-            let xt = match x_ticks {
-                Some(t) => t.iter().map(|t| t.0).collect(),
-                None => nice_ticks(x0, x1, 6),
-            };
-            let mut chart = axes(area, title, (x0, x1, xt), (y0, y1, nice_ticks(y0, y1, 6)))?;
-            let names = x_ticks.clone().unwrap_or_default();
-            let fmt_x = |v: &f64| match names.iter().find(|t| (t.0 - v).abs() < 1e-9) {
-                Some(t) => t.1.clone(),
-                None => tick_label(*v),
-            };
-            chart
-                .configure_mesh()
-                .x_desc(x_label.as_str())
-                .y_desc(y_label.as_str())
-                .label_style(font(11.0))
-                .axis_desc_style(font(12.0))
-                .x_label_formatter(&fmt_x)
-                .y_label_formatter(&|v| tick_label(*v))
-                .light_line_style(WHITE)
-                .bold_line_style(RGBColor(225, 225, 225))
-                .draw()?;
-            for s in series {
-                let pts: Vec<(f64, f64)> =
-                    s.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
-                if s.dashed {
-                    // Dashes by hand: plotters 0.3.7's DashedLineSeries needs a newer API.
-                    for w in pts.windows(2) {
-                        for k in 0..8 {
-                            if k % 2 == 0 {
-                                let a = k as f64 / 8.0;
-                                let b = (k + 1) as f64 / 8.0;
-                                let p = |t: f64| (w[0].0 + t * (w[1].0 - w[0].0), w[0].1 + t * (w[1].1 - w[0].1));
-                                chart.draw_series(std::iter::once(PathElement::new(
-                                    vec![p(a), p(b)],
-                                    s.color.stroke_width(2),
-                                )))?;
-                            }
-                        }
-                    }
-                } else {
-                    chart.draw_series(LineSeries::new(pts.clone(), s.color.stroke_width(2)))?;
-                }
-                if s.markers || pts.len() == 1 {
-                    chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, s.color.filled())))?;
-                }
-            }
-            let legend: Vec<(String, RGBColor)> = series.iter().map(|s| (s.name.clone(), s.color)).collect();
-            if legend.len() > 1 {
-                draw_legend(area, &legend)?;
-            }
+            draw_lines(area, title, (x_label, y_label), series, x_ticks.as_deref())
         }
         Panel::Bars { title, x_label, y_label, categories, groups } => {
-            let n = categories.len().max(1);
-            let vals = groups.iter().flat_map(|g| g.1.iter()).copied().filter(|v| v.is_finite());
-            let (lo, hi) = vals.fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
-            let (y0, y1) = padded(lo, hi * 1.15 + 1e-12, true);
-            let xt: Vec<f64> = (0..n).map(|i| i as f64).collect();
-            let mut chart = axes(area, title, (-0.6, n as f64 - 0.4, xt), (y0, y1, nice_ticks(y0, y1, 6)))?;
-            let fmt_x = |v: &f64| {
-                let i = v.round();
-                if (i - v).abs() < 1e-9 && i >= 0.0 {
-                    categories.get(i as usize).map(|c| shorten(c, 12)).unwrap_or_default()
-                } else {
-                    String::new()
-                }
-            };
-            chart
-                .configure_mesh()
-                .x_desc(x_label.as_str())
-                .y_desc(y_label.as_str())
-                .label_style(font(11.0))
-                .axis_desc_style(font(12.0))
-                .x_label_formatter(&fmt_x)
-                .y_label_formatter(&|v| tick_label(*v))
-                .disable_x_mesh()
-                .light_line_style(WHITE)
-                .bold_line_style(RGBColor(225, 225, 225))
-                .draw()?;
-            let g = groups.len().max(1);
-            let width = 0.8 / g as f64;
-            for (k, (_, values)) in groups.iter().enumerate() {
-                let c = color(k);
-                chart.draw_series(values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| {
-                    let left = i as f64 - 0.4 + k as f64 * width;
-                    Rectangle::new([(left, 0.0), (left + width * 0.92, v)], c.filled())
-                }))?;
-            }
-            if groups.len() > 1 {
-                let legend: Vec<(String, RGBColor)> =
-                    groups.iter().enumerate().map(|(k, g)| (g.0.clone(), color(k))).collect();
-                draw_legend(area, &legend)?;
-            }
+            draw_bars(area, title, (x_label, y_label), categories, groups)
         }
         Panel::Hist { title, x_label, y_label, lo, hi, stacks } => {
-            let bins = stacks.iter().map(|s| s.1.len()).max().unwrap_or(0).max(1);
-            let totals: Vec<f64> =
-                (0..bins).map(|b| stacks.iter().map(|s| s.1.get(b).copied().unwrap_or(0.0)).sum()).collect();
-            let top = totals.iter().copied().fold(0.0, f64::max);
-            let (y0, y1) = padded(0.0, top * 1.1 + 1e-12, true);
-            let (lo, hi) = if hi > lo { (*lo, *hi) } else { (*lo, *lo + 1.0) };
-            let mut chart = axes(area, title, (lo, hi, nice_ticks(lo, hi, 5)), (y0, y1, nice_ticks(y0, y1, 5)))?;
-            chart
-                .configure_mesh()
-                .x_desc(x_label.as_str())
-                .y_desc(y_label.as_str())
-                .label_style(font(11.0))
-                .axis_desc_style(font(12.0))
-                .x_label_formatter(&|v| tick_label(*v))
-                .y_label_formatter(&|v| tick_label(*v))
-                .disable_x_mesh()
-                .light_line_style(WHITE)
-                .bold_line_style(RGBColor(225, 225, 225))
-                .draw()?;
-            let bw = (hi - lo) / bins as f64;
-            let mut base = vec![0.0; bins];
-            for (k, (_, counts)) in stacks.iter().enumerate() {
-                let c = color(k);
-                let rects: Vec<_> = counts
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, &v)| v > 0.0)
-                    .map(|(b, &v)| {
-                        let x = lo + b as f64 * bw;
-                        Rectangle::new([(x, base[b]), (x + bw, base[b] + v)], c.filled())
-                    })
-                    .collect();
-                chart.draw_series(rects)?;
-                for (b, &v) in counts.iter().enumerate() {
-                    base[b] += v;
+            draw_hist(area, title, (x_label, y_label), (*lo, *hi), stacks)
+        }
+    }
+}
+
+/// `Panel::Line`.
+fn draw_lines(
+    area: &Area,
+    title: &str,
+    labels: (&str, &str),
+    series: &[Series],
+    x_ticks: Option<&[(f64, String)]>,
+) -> DrawResult {
+    let pts = series.iter().flat_map(|s| s.points.iter()).filter(|p| p.0.is_finite() && p.1.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::INFINITY, f64::NEG_INFINITY, f64::INFINITY, f64::NEG_INFINITY);
+    for &(x, y) in pts {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    let (x0, x1) = match x_ticks {
+        Some(t) if !t.is_empty() => {
+            let lo = t.iter().map(|t| t.0).fold(x0, f64::min);
+            let hi = t.iter().map(|t| t.0).fold(x1, f64::max);
+            (lo - 0.3, hi + 0.3)
+        }
+        _ => padded(x0, x1, false),
+    };
+    let (y0, y1) = padded(y0, y1, false);
+    let xt = match x_ticks {
+        Some(t) => t.iter().map(|t| t.0).collect(),
+        None => nice_ticks(x0, x1, 6),
+    };
+    let mut chart = axes(area, title, (x0, x1, xt), (y0, y1, nice_ticks(y0, y1, 6)))?;
+    let names = x_ticks.unwrap_or_default();
+    let fmt_x = |v: &f64| match names.iter().find(|t| (t.0 - v).abs() < 1e-9) {
+        Some(t) => t.1.clone(),
+        None => tick_label(*v),
+    };
+    draw_mesh(&mut chart, labels, &fmt_x, true)?;
+    for s in series {
+        let pts: Vec<(f64, f64)> = s.points.iter().copied().filter(|p| p.0.is_finite() && p.1.is_finite()).collect();
+        if s.dashed {
+            // Dashes by hand: plotters 0.3.7's DashedLineSeries needs a newer API.
+            for w in pts.windows(2) {
+                for k in (0..8).step_by(2) {
+                    let a = k as f64 / 8.0;
+                    let b = (k + 1) as f64 / 8.0;
+                    let p = |t: f64| (w[0].0 + t * (w[1].0 - w[0].0), w[0].1 + t * (w[1].1 - w[0].1));
+                    chart.draw_series(std::iter::once(PathElement::new(vec![p(a), p(b)], s.color.stroke_width(2))))?;
                 }
             }
-            if stacks.len() > 1 {
-                let legend: Vec<(String, RGBColor)> =
-                    stacks.iter().enumerate().map(|(k, s)| (s.0.clone(), color(k))).collect();
-                draw_legend(area, &legend)?;
-            }
+        } else {
+            chart.draw_series(LineSeries::new(pts.clone(), s.color.stroke_width(2)))?;
         }
+        if s.markers || pts.len() == 1 {
+            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, s.color.filled())))?;
+        }
+    }
+    let legend: Vec<(String, RGBColor)> = series.iter().map(|s| (s.name.clone(), s.color)).collect();
+    if legend.len() > 1 {
+        draw_legend(area, &legend)?;
+    }
+    Ok(())
+}
+
+/// `Panel::Bars`.
+fn draw_bars(
+    area: &Area,
+    title: &str,
+    labels: (&str, &str),
+    categories: &[String],
+    groups: &[(String, Vec<f64>)],
+) -> DrawResult {
+    let n = categories.len().max(1);
+    let vals = groups.iter().flat_map(|g| g.1.iter()).copied().filter(|v| v.is_finite());
+    let (lo, hi) = vals.fold((0.0f64, 0.0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let (y0, y1) = padded(lo, hi * 1.15 + 1e-12, true);
+    let xt: Vec<f64> = (0..n).map(|i| i as f64).collect();
+    let mut chart = axes(area, title, (-0.6, n as f64 - 0.4, xt), (y0, y1, nice_ticks(y0, y1, 6)))?;
+    let fmt_x = |v: &f64| {
+        let i = v.round();
+        if (i - v).abs() < 1e-9 && i >= 0.0 {
+            categories.get(i as usize).map(|c| shorten(c, 12)).unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    draw_mesh(&mut chart, labels, &fmt_x, false)?;
+    let g = groups.len().max(1);
+    let width = 0.8 / g as f64;
+    for (k, (_, values)) in groups.iter().enumerate() {
+        let c = color(k);
+        chart.draw_series(values.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| {
+            let left = i as f64 - 0.4 + k as f64 * width;
+            Rectangle::new([(left, 0.0), (left + width * 0.92, v)], c.filled())
+        }))?;
+    }
+    if groups.len() > 1 {
+        let legend: Vec<(String, RGBColor)> = groups.iter().enumerate().map(|(k, g)| (g.0.clone(), color(k))).collect();
+        draw_legend(area, &legend)?;
+    }
+    Ok(())
+}
+
+/// `Panel::Hist`.
+fn draw_hist(
+    area: &Area,
+    title: &str,
+    labels: (&str, &str),
+    (lo, hi): (f64, f64),
+    stacks: &[(String, Vec<f64>)],
+) -> DrawResult {
+    let bins = stacks.iter().map(|s| s.1.len()).max().unwrap_or(0).max(1);
+    let totals: Vec<f64> = (0..bins).map(|b| stacks.iter().map(|s| s.1.get(b).copied().unwrap_or(0.0)).sum()).collect();
+    let top = totals.iter().copied().fold(0.0, f64::max);
+    let (y0, y1) = padded(0.0, top * 1.1 + 1e-12, true);
+    let (lo, hi) = if hi > lo { (lo, hi) } else { (lo, lo + 1.0) };
+    let mut chart = axes(area, title, (lo, hi, nice_ticks(lo, hi, 5)), (y0, y1, nice_ticks(y0, y1, 5)))?;
+    draw_mesh(&mut chart, labels, &|v| tick_label(*v), false)?;
+    let bw = (hi - lo) / bins as f64;
+    let mut base = vec![0.0; bins];
+    for (k, (_, counts)) in stacks.iter().enumerate() {
+        let c = color(k);
+        let rects: Vec<_> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &v)| v > 0.0)
+            .map(|(b, &v)| {
+                let x = lo + b as f64 * bw;
+                Rectangle::new([(x, base[b]), (x + bw, base[b] + v)], c.filled())
+            })
+            .collect();
+        chart.draw_series(rects)?;
+        for (b, &v) in counts.iter().enumerate() {
+            base[b] += v;
+        }
+    }
+    if stacks.len() > 1 {
+        let legend: Vec<(String, RGBColor)> = stacks.iter().enumerate().map(|(k, s)| (s.0.clone(), color(k))).collect();
+        draw_legend(area, &legend)?;
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use super::plot::{self, Png};
 use super::{html_escape, visible, write_json};
 use crate::data::Tokenizer;
 use crate::model::{ForwardRecord, Model, Routing, RoutingOptions, SeqLayout};
-use crate::{checkpoint, Error, Result};
+use crate::{Error, Result};
 use candle_core::Tensor;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -70,7 +70,7 @@ pub struct LayerSummary {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DepthMap {
-    pub model_kind: crate::config::ModelKind,
+    pub model_kind: crate::base::config::ModelKind,
     /// "topk" or "threshold".
     pub routing: Routing,
     /// Ratios in effect per routed step (elastic or trained).
@@ -175,13 +175,31 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
         }
     }
     let max_depth = model.layer_steps().into_iter().max().unwrap_or(1) as u32;
-    let summary = layers
+    let summary = layer_summaries(&layers, &tokens, max_depth, routed);
+    Ok(DepthMap {
+        model_kind: model.kind(),
+        routing: opts.routing.mode,
+        ratios,
+        steps,
+        seq_len,
+        layers,
+        max_depth,
+        tokens,
+        dropped_tokens: dropped,
+        summary,
+    })
+}
+
+/// Per thinking layer: mean depth, share selected and mean weight at each routed step, and the
+/// depth histogram over `tokens`.
+fn layer_summaries(layers: &[usize], tokens: &[TokenDepth], max_depth: u32, routed: usize) -> Vec<LayerSummary> {
+    layers
         .iter()
         .enumerate()
         .map(|(li, &layer)| {
             let n = tokens.len().max(1) as f64;
             let mut hist = vec![0; max_depth as usize];
-            for t in &tokens {
+            for t in tokens {
                 hist[(t.depth[li] as usize).clamp(1, max_depth as usize) - 1] += 1;
             }
             LayerSummary {
@@ -199,19 +217,7 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
                 depth_histogram: hist,
             }
         })
-        .collect();
-    Ok(DepthMap {
-        model_kind: model.kind(),
-        routing: opts.routing.mode,
-        ratios,
-        steps,
-        seq_len,
-        layers,
-        max_depth,
-        tokens,
-        dropped_tokens: dropped,
-        summary,
-    })
+        .collect()
 }
 
 /// The text with each token marked by its depth: ANSI colours (deeper = warmer) when `color`,
@@ -219,7 +225,7 @@ pub fn depth_map(model: &Model, tok: &Tokenizer, text: &str, opts: &DepthOptions
 pub fn render_terminal(map: &DepthMap, color: bool) -> String {
     let mut out = String::new();
     for t in &map.tokens {
-        out.push_str(&crate::report::depth_mark(&t.text, &t.depth, map.max_depth, color));
+        out.push_str(&crate::apps::report::depth_mark(&t.text, &t.depth, map.max_depth, color));
     }
     if !out.ends_with('\n') {
         out.push('\n');
@@ -429,7 +435,8 @@ pub fn run(ckpt: &Path, text: &str, opts: &DepthOptions, out: &Path) -> Result<D
             "the text to analyse is empty; give some text with --text or a non-empty --data file",
         ));
     }
-    let (model, tok, info) = checkpoint::load_model(ckpt)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(ckpt, &crate::import::OpenOptions::differentiable())?;
     if model.thinking_layers().next().is_none() {
         return Err(Error::checkpoint(
             &info.dir,
@@ -464,7 +471,7 @@ pub fn run(ckpt: &Path, text: &str, opts: &DepthOptions, out: &Path) -> Result<D
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn depth_agrees_with_the_models_own_record() {

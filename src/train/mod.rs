@@ -6,25 +6,27 @@
 //! the host in a fixed order. So a run is the same bit for bit for the same seed, and a run
 //! stopped at step N and resumed equals the uninterrupted run.
 
+use crate::base::config::{OnNonFinite, RunConfig};
+use crate::base::dist::Group;
+use crate::base::error::IoContext;
+use crate::base::rng::Rng;
+use crate::base::util::write_atomic;
 use crate::checkpoint::{self, Check, SaveParts, TrainState};
-use crate::config::{OnNonFinite, RunConfig};
 use crate::data::{self, CorpusOptions, Dataset, TokenShard, Tokenizer};
-use crate::dist::Group;
-use crate::error::IoContext;
 use crate::flops::flops_per_token;
 use crate::model::thinking::CalibrationEntry;
-use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions};
+use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions, TokenBatch};
 use crate::ops::Precision;
-use crate::optim::device::DeviceOptimizer;
-use crate::optim::{AdamW, GradAccumulator};
-use crate::rng::Rng;
-use crate::util::write_atomic;
+use crate::optim::{AdamW, Optimizer};
 use crate::{Error, Result};
 use candle_core::Device;
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+mod launch;
+pub use launch::{launch, LaunchOptions, Start};
 
 /// Where the training text comes from and how it becomes tokens.
 #[derive(Clone, Debug)]
@@ -95,6 +97,24 @@ fn gather_quantiles(group: &Group, mine: &[Vec<CalibrationEntry>]) -> Result<Vec
     Ok(all)
 }
 
+/// This rank's micro-batches of a step: per micro-batch its cross-entropy, router auxiliary
+/// loss and whether there was one (3 values each), and its router quantiles.
+struct MicroBatches {
+    losses: Vec<f64>,
+    quantiles: Vec<Vec<CalibrationEntry>>,
+}
+
+/// A fresh run never overwrites one: refuse a folder whose `latest` names a checkpoint.
+pub(crate) fn refuse_existing_run(run_dir: &Path) -> Result<()> {
+    if run_dir.join("latest").exists() {
+        return Err(Error::usage(format!(
+            "{} already holds a training run; pass --resume to continue it or choose another --out",
+            run_dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// One optimiser step's outcome.
 #[derive(Clone, Debug)]
 pub struct StepReport {
@@ -157,7 +177,8 @@ fn thinking_grads_of(params: &[(String, candle_core::Var)], sums: &[Vec<f32>]) -
 pub struct Trainer {
     pub cfg: RunConfig,
     pub model: Model,
-    pub opt: AdamW,
+    /// AdamW on the host, or on the parameters' device for a model on a GPU (DESIGN §15).
+    pub optimizer: Optimizer,
     pub state: TrainState,
     /// Running router quantiles for causal routing (ITT with routers only).
     pub calibration: Option<RouterCalibration>,
@@ -169,53 +190,41 @@ pub struct Trainer {
     /// The ranks this run trains on (DESIGN §14); the single process unless launched by mpirun.
     pub group: Group,
     data_rng: Rng,
-    acc: GradAccumulator,
-    /// The optimiser on the parameters' device (DESIGN §15), in place of `acc` and `opt`, for
-    /// a model on a GPU (or on the CPU when asked, `use_device_optimizer`); `opt` is then
-    /// stale and checkpoints take this one's state.
-    on_device: Option<DeviceOptimizer>,
+}
+
+/// Where and how a [`Trainer`] runs. `Default`: one process on the CPU with the host
+/// optimiser, a fresh run's weights drawn from its seed.
+pub struct TrainerOptions {
+    /// The ranks that train (DESIGN §14): rank 0 alone checks and writes the run folder, the
+    /// others build the same trainer without touching it.
+    pub group: Group,
+    /// Where the model and the optimiser live (DESIGN §15). Initial weights are drawn on the
+    /// host, and checkpoints hold host tensors, so a run is the same on every device and may
+    /// resume on another one than it started on.
+    pub device: Device,
+    /// The device optimiser even on the CPU (a GPU always uses it): how the tests reach the
+    /// GPU's optimiser without a GPU (tests/train.rs, `ITT_DEVICE_OPTIMIZER=1`).
+    pub device_optimizer: bool,
+    /// Start a fresh run from these weights (a pretrained or retrofitted model, on its own
+    /// device) instead of drawing them from the seed. Not for `resume`.
+    pub weights: Option<Model>,
+}
+
+impl Default for TrainerOptions {
+    fn default() -> Self {
+        TrainerOptions { group: Group::single(), device: Device::Cpu, device_optimizer: false, weights: None }
+    }
 }
 
 impl Trainer {
-    /// A fresh run in `run_dir`, which must not already hold one.
-    pub fn new(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
-        Self::new_in(cfg, tokenizer, run_dir, Group::single(), &Device::Cpu)
-    }
-
-    /// A fresh run with the model on `device` (DESIGN §15); the initial weights are the same
-    /// on every device (drawn on the host from the seed).
-    pub fn new_on(cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path, device: &Device) -> Result<Self> {
-        Self::new_in(cfg, tokenizer, run_dir, Group::single(), device)
-    }
-
-    /// A fresh run trained by the ranks of `group`, each with its model on `device`: rank 0
-    /// checks and writes the run folder, the others build the same trainer without touching it
-    /// (DESIGN §14).
-    pub fn new_in(
-        cfg: RunConfig,
-        tokenizer: &Tokenizer,
-        run_dir: &Path,
-        group: Group,
-        device: &Device,
-    ) -> Result<Self> {
+    /// A fresh run of `cfg` in `run_dir`, which must not already hold one.
+    pub fn new(mut cfg: RunConfig, tokenizer: &Tokenizer, run_dir: &Path, opts: TrainerOptions) -> Result<Self> {
         cfg.validate()?;
-        let model = Model::new(&cfg.model, cfg.train.seed, device)?;
-        Self::from_model_in(cfg, model, tokenizer, run_dir, group)
-    }
-
-    /// A fresh run that starts from the given weights (a pretrained or retrofitted model).
-    pub fn from_model(cfg: RunConfig, model: Model, tokenizer: &Tokenizer, run_dir: &Path) -> Result<Self> {
-        Self::from_model_in(cfg, model, tokenizer, run_dir, Group::single())
-    }
-
-    fn from_model_in(
-        mut cfg: RunConfig,
-        model: Model,
-        tokenizer: &Tokenizer,
-        run_dir: &Path,
-        group: Group,
-    ) -> Result<Self> {
-        cfg.validate()?;
+        let TrainerOptions { group, device, device_optimizer, weights } = opts;
+        let mut model = match weights {
+            Some(model) => model,
+            None => Model::new(&cfg.model, cfg.train.seed, &device)?,
+        };
         let on_cpu = model.device().is_cpu();
         if cfg.train.precision == Precision::Bf16 && on_cpu && Precision::bf16_falls_back() {
             // Emulated bf16 is slower than f32 and no more accurate: run (and record) f32.
@@ -235,11 +244,8 @@ impl Trainer {
                  load it with --gguf-weights f32 (or call Model::dequantize) to train",
             ));
         }
-        if group.is_lead() && run_dir.join("latest").exists() {
-            return Err(Error::usage(format!(
-                "{} already holds a training run; pass --resume to continue it or choose another --out",
-                run_dir.display()
-            )));
+        if group.is_lead() {
+            refuse_existing_run(run_dir)?;
         }
         if tokenizer.vocab_size() != cfg.model.vocab_size {
             return Err(Error::config(
@@ -254,14 +260,11 @@ impl Trainer {
             write_atomic(&run_dir.join("tokenizer.json"), |w| w.write_all(tokenizer_json.as_bytes()))?;
             let _ = std::fs::remove_file(run_dir.join("metrics.jsonl"));
         }
-        let mut model = model;
         model.precision = cfg.train.precision;
-        let opt = AdamW::new(&model.params);
-        let acc = GradAccumulator::with_trainable(&model.params, cfg.train.trainable);
+        let optimizer =
+            Optimizer::new(&model.params, cfg.train.trainable, AdamW::new(&model.params), device_optimizer || !on_cpu)?;
         let data_rng = Rng::derive(cfg.train.seed, "data");
         let calibration = model.has_routers().then(RouterCalibration::new);
-        let on_device =
-            if on_cpu { None } else { Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?) };
         let state = TrainState {
             format: checkpoint::FORMAT.into(),
             version: checkpoint::VERSION,
@@ -276,7 +279,7 @@ impl Trainer {
         Ok(Trainer {
             cfg,
             model,
-            opt,
+            optimizer,
             state,
             calibration,
             tokenizer_json,
@@ -284,39 +287,30 @@ impl Trainer {
             notices: vec![],
             group,
             data_rng,
-            acc,
-            on_device,
         })
     }
 
     /// Continue the run in `run_dir` from its latest checkpoint (or from checkpoint `from`),
     /// after checking every file's sha256 against the checkpoint's manifest. Without `from`, a
     /// damaged checkpoint is skipped for the newest intact one, and `notices` says which and why.
-    pub fn resume(run_dir: &Path, from: Option<&Path>) -> Result<Self> {
-        Self::resume_in(run_dir, from, Group::single(), &Device::Cpu)
-    }
-
-    /// `resume` with the model and optimiser on `device`: checkpoints hold host tensors, so a
-    /// run may continue on another device than the one it started on (DESIGN §15).
-    pub fn resume_on(run_dir: &Path, from: Option<&Path>, device: &Device) -> Result<Self> {
-        Self::resume_in(run_dir, from, Group::single(), device)
-    }
-
-    /// `resume_on` for the ranks of `group`: every rank reads the same checkpoint, rank 0 alone
-    /// writes (DESIGN §14). The number of ranks may differ from the run's earlier part.
-    pub fn resume_in(run_dir: &Path, from: Option<&Path>, group: Group, device: &Device) -> Result<Self> {
+    /// Every rank reads the same checkpoint, rank 0 alone writes; the number of ranks may
+    /// differ from the run's earlier part (DESIGN §14).
+    pub fn resume(run_dir: &Path, from: Option<&Path>, opts: TrainerOptions) -> Result<Self> {
+        if opts.weights.is_some() {
+            return Err(Error::usage("a resumed run continues from its checkpoint's weights; give no others"));
+        }
         let candidates = match from {
             Some(p) => vec![p.to_path_buf()],
             None => checkpoint::run_checkpoints(run_dir),
         };
         if candidates.is_empty() {
             // No checkpoint at all: `load` says what the folder is instead.
-            return Self::resume_from(run_dir, run_dir, device).map(|t| Trainer { group, ..t });
+            return Self::resume_from(run_dir, run_dir, &opts).map(|t| Trainer { group: opts.group, ..t });
         }
         let mut notices = vec![];
         let mut skipped = vec![];
         for dir in &candidates {
-            match Self::resume_from(run_dir, dir, device) {
+            match Self::resume_from(run_dir, dir, &opts) {
                 Ok(mut t) => {
                     if !skipped.is_empty() {
                         notices.push(format!(
@@ -326,10 +320,10 @@ impl Trainer {
                         ));
                     }
                     t.notices.splice(0..0, notices);
-                    if group.is_lead() {
+                    if opts.group.is_lead() {
                         truncate_metrics(&run_dir.join("metrics.jsonl"), t.state.step)?;
                     }
-                    t.group = group;
+                    t.group = opts.group;
                     return Ok(t);
                 }
                 Err(e) if from.is_none() => {
@@ -343,7 +337,8 @@ impl Trainer {
     }
 
     /// The trainer of one checkpoint, its files checked against their sha256.
-    fn resume_from(run_dir: &Path, ckpt: &Path, device: &Device) -> Result<Self> {
+    fn resume_from(run_dir: &Path, ckpt: &Path, opts: &TrainerOptions) -> Result<Self> {
+        let device = &opts.device;
         let (ck, verified) = checkpoint::load_checked(ckpt, Check::Hashes)?;
         let (mut model, info) = ck.into_model(device)?;
         model.precision = info.config.train.precision;
@@ -356,19 +351,15 @@ impl Trainer {
         }
         let state =
             info.state.ok_or_else(|| Error::checkpoint(&info.dir, "has no state.json; it cannot be resumed"))?;
-        let opt = checkpoint::load_optimizer(&info.dir, &model.params)?;
-        let acc = GradAccumulator::with_trainable(&model.params, info.config.train.trainable);
-        let on_device = if device.is_cpu() {
-            None
-        } else {
-            Some(DeviceOptimizer::from_host(&opt, &model.params, info.config.train.trainable)?)
-        };
+        let saved = checkpoint::load_optimizer(&info.dir, &model.params)?;
+        let on_device = opts.device_optimizer || !device.is_cpu();
+        let optimizer = Optimizer::new(&model.params, info.config.train.trainable, saved, on_device)?;
         let calibration =
             if model.has_routers() { Some(info.calibration.unwrap_or_else(RouterCalibration::new)) } else { None };
         Ok(Trainer {
             cfg: info.config,
             model,
-            opt,
+            optimizer,
             data_rng: Rng::from_state(state.data_rng),
             state,
             calibration,
@@ -376,19 +367,7 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             notices: verified.notice().into_iter().collect(),
             group: Group::single(),
-            acc,
-            on_device,
         })
-    }
-
-    /// Run the optimiser on the parameters' device from here on (what a GPU run does); on the
-    /// CPU this is the test of that path against the host optimiser (`tests/train.rs`).
-    pub fn use_device_optimizer(&mut self) -> Result<()> {
-        if self.on_device.is_none() {
-            let state = DeviceOptimizer::from_host(&self.opt, &self.model.params, self.cfg.train.trainable)?;
-            self.on_device = Some(state);
-        }
-        Ok(())
     }
 
     /// The checkpoint folder of the current step.
@@ -429,82 +408,16 @@ impl Trainer {
     pub fn step(&mut self, shard: &TokenShard, measure: bool) -> Result<StepReport> {
         let t0 = Instant::now();
         let tc = self.cfg.train.clone();
-        let (b, t) = (tc.batch_size, tc.seq_len);
-        let ratios = if self.model.has_routers() {
-            tc.capacity_at(self.state.step, &self.cfg.model.thinking.ratios)
-        } else {
-            None
-        };
-        let routing = RoutingOptions { ratios, ..Default::default() };
         let mut record = ForwardRecord { keep_scores: self.calibration.is_some(), measure, ..Default::default() };
-        let with_aux = tc.router_aux_weight > 0.0;
-        let scalar =
-            |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
         // A skipped batch must not move the router thresholds either.
         let calibration_before = (tc.on_nonfinite == OnNonFinite::Skip).then(|| self.calibration.clone());
-        // Every rank draws the whole global batch (the same data stream everywhere) and computes
-        // its own block of micro-batches (DESIGN §14); a single process computes them all.
-        let mine = self.group.share(tc.grad_accum)?;
-        // Per micro-batch: cross-entropy, router auxiliary loss, whether there was one.
-        let mut losses = Vec::with_capacity(3 * mine.len());
-        let mut quantiles = vec![];
-        match &mut self.on_device {
-            Some(d) => d.acc.zero(),
-            None => self.acc.zero(),
-        }
-        for i in 0..tc.grad_accum {
-            let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
-            if !mine.contains(&i) {
-                continue;
-            }
-            let parts = self.model.train_loss(&inp, &tgt, b, t, &routing, Some(&mut record), with_aux)?;
-            let (grads, aux) = match &parts.router_aux {
-                // The objective: cross-entropy + weight * router auxiliary loss (DESIGN §4.6).
-                Some(aux) => (((&parts.ce + (aux * tc.router_aux_weight)?)?).backward()?, Some(scalar(aux)?)),
-                None => (parts.ce.backward()?, None),
-            };
-            match &mut self.on_device {
-                Some(d) => d.acc.add(&self.model.params, &grads)?,
-                None => self.acc.add(&self.model.params, &grads)?,
-            }
-            losses.extend([scalar(&parts.ce)?, aux.unwrap_or(0.0), f64::from(u8::from(aux.is_some()))]);
-            if let Some(cal) = &self.calibration {
-                quantiles.push(cal.batch_quantiles(&mut record));
-            }
-        }
-        // Sums over the whole global batch, added in micro-batch order on every rank.
+        let mine = self.backward_passes(shard, &mut record)?;
         let t_comm = Instant::now();
-        let losses = self.group.all_gather_f64(&losses)?;
-        let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
-        for m in losses.chunks_exact(3) {
-            loss_sum += m[0];
-            if m[2] != 0.0 {
-                *aux_sum.get_or_insert(0.0) += m[1];
-            }
-        }
-        if self.group.is_distributed() {
-            match &mut self.on_device {
-                // On a GPU: through NCCL with the `nccl` feature, else through the host (DESIGN §14).
-                Some(d) => d.acc.sum_over(&self.model.params, &self.group, tc.grad_accum)?,
-                None => {
-                    self.group.sum_in_rank_order(&mut self.acc.sums)?;
-                    self.acc.micro_batches = tc.grad_accum;
-                }
-            }
-            quantiles = gather_quantiles(&self.group, &quantiles)?;
-        }
+        let (loss_sum, aux_sum) = self.sum_over_ranks(mine)?;
         let comm_seconds = if self.group.is_distributed() { t_comm.elapsed().as_secs_f64() } else { 0.0 };
-        if let Some(cal) = &mut self.calibration {
-            for q in quantiles {
-                cal.fold(q, tc.threshold_momentum);
-            }
-        }
         let loss = loss_sum / tc.grad_accum as f64;
         // Checked before the update: a NaN gradient would make every weight NaN.
-        let grad_norm = match &mut self.on_device {
-            Some(d) => d.acc.finish()?,
-            None => self.acc.finish(),
-        };
+        let grad_norm = self.optimizer.finish()?;
         let nonfinite = if !loss.is_finite() {
             Some(format!("the loss is {loss}"))
         } else if !grad_norm.is_finite() {
@@ -523,21 +436,11 @@ impl Trainer {
                 None => return Err(self.diverged(what)),
             }
         } else {
-            match &mut self.on_device {
-                Some(d) => {
-                    if measure {
-                        let sums = d.acc.host_sums(&self.model.params, |n| thinking_param(n).is_some())?;
-                        thinking_grads = thinking_grads_of(&self.model.params, &sums);
-                    }
-                    d.adam.step(&self.model.params, &d.acc.sums, grad_norm, lr, &tc)?;
-                }
-                None => {
-                    if measure {
-                        thinking_grads = thinking_grads_of(&self.model.params, &self.acc.sums);
-                    }
-                    self.opt.step(&self.model.params, &self.acc.sums, grad_norm, lr, &tc)?;
-                }
+            if measure {
+                let sums = self.optimizer.gradients(&self.model.params, |n| thinking_param(n).is_some())?;
+                thinking_grads = thinking_grads_of(&self.model.params, &sums);
             }
+            self.optimizer.update(&self.model.params, grad_norm, lr, &tc)?;
             // Finite gradients can still overflow a weight (a huge learning rate times weight
             // decay); the update cannot be taken back, so this stops in either mode.
             if let Some(name) = first_nonfinite_param(&self.model.params)? {
@@ -562,6 +465,70 @@ impl Trainer {
             thinking_grads,
             skipped: nonfinite,
         })
+    }
+
+    /// A step's forward and backward passes: every rank draws the whole global batch (the same
+    /// data stream everywhere) and computes its own block of micro-batches, their gradients
+    /// summed into the optimiser (DESIGN §14); a single process computes them all.
+    fn backward_passes(&mut self, shard: &TokenShard, record: &mut ForwardRecord) -> Result<MicroBatches> {
+        let tc = &self.cfg.train;
+        let (b, t) = (tc.batch_size, tc.seq_len);
+        let ratios = if self.model.has_routers() {
+            tc.capacity_at(self.state.step, &self.cfg.model.thinking.ratios)
+        } else {
+            None
+        };
+        let routing = RoutingOptions { ratios, ..Default::default() };
+        let with_aux = tc.router_aux_weight > 0.0;
+        let scalar =
+            |t: &candle_core::Tensor| -> Result<f64> { Ok(t.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?) };
+        let mine = self.group.share(tc.grad_accum)?;
+        let mut out = MicroBatches { losses: Vec::with_capacity(3 * mine.len()), quantiles: vec![] };
+        self.optimizer.zero();
+        for i in 0..tc.grad_accum {
+            let (inp, tgt) = data::sample_batch(shard, &mut self.data_rng, b, t)?;
+            if !mine.contains(&i) {
+                continue;
+            }
+            let batch = TokenBatch { inputs: &inp, targets: &tgt, b, t };
+            let parts = self.model.train_loss(&batch, &routing, Some(&mut *record), with_aux)?;
+            let (grads, aux) = match &parts.router_aux {
+                // The objective: cross-entropy + weight * router auxiliary loss (DESIGN §4.6).
+                Some(aux) => (((&parts.ce + (aux * tc.router_aux_weight)?)?).backward()?, Some(scalar(aux)?)),
+                None => (parts.ce.backward()?, None),
+            };
+            self.optimizer.accumulate(&self.model.params, &grads)?;
+            out.losses.extend([scalar(&parts.ce)?, aux.unwrap_or(0.0), f64::from(u8::from(aux.is_some()))]);
+            if let Some(cal) = &self.calibration {
+                out.quantiles.push(cal.batch_quantiles(record));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sums over the whole global batch, added in micro-batch order on every rank: the
+    /// gradients (in the optimiser), the router quantiles (folded into the calibration), and
+    /// the returned (cross-entropy, router auxiliary loss) sums.
+    fn sum_over_ranks(&mut self, mine: MicroBatches) -> Result<(f64, Option<f64>)> {
+        let MicroBatches { losses, mut quantiles } = mine;
+        let losses = self.group.all_gather_f64(&losses)?;
+        let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
+        for m in losses.chunks_exact(3) {
+            loss_sum += m[0];
+            if m[2] != 0.0 {
+                *aux_sum.get_or_insert(0.0) += m[1];
+            }
+        }
+        if self.group.is_distributed() {
+            self.optimizer.sum_over(&self.model.params, &self.group, self.cfg.train.grad_accum)?;
+            quantiles = gather_quantiles(&self.group, &quantiles)?;
+        }
+        if let Some(cal) = &mut self.calibration {
+            for q in quantiles {
+                cal.fold(q, self.cfg.train.threshold_momentum);
+            }
+        }
+        Ok((loss_sum, aux_sum))
     }
 
     /// Mean validation loss over up to `batches` sequential batches (0 = all), the batches
@@ -589,7 +556,8 @@ impl Trainer {
                 Ok(())
             })?;
         }
-        for moments in self.opt.m.iter().chain(&self.opt.v) {
+        let state = self.optimizer.state()?;
+        for moments in state.m.iter().chain(&state.v) {
             h.update(le_bytes(moments));
         }
         Ok(u64::from_le_bytes(h.finalize()[..8].try_into().expect("8 bytes")))
@@ -602,14 +570,14 @@ impl Trainer {
             return Err(self.diverged(&format!("weight `{name}` is non-finite; no checkpoint written")));
         }
         let dir = self.state_dir();
-        let from_device = self.on_device.as_ref().map(DeviceOptimizer::to_host).transpose()?;
+        let optimizer = self.optimizer.state()?;
         checkpoint::save(
             &dir,
             &self.model,
             &SaveParts {
                 config: &self.cfg,
                 tokenizer_json: &self.tokenizer_json,
-                optimizer: Some(from_device.as_ref().unwrap_or(&self.opt)),
+                optimizer: Some(&optimizer),
                 state: Some(&self.state),
                 calibration: self.calibration.as_ref(),
             },
@@ -845,7 +813,7 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
         final_val_loss: trainer.state.last_val_loss.unwrap_or(f64::NAN),
         seconds,
         tokens_per_s: (trainer.state.tokens_seen - tokens_at_start) as f64 / seconds.max(1e-9),
-        peak_rss_mb: crate::util::peak_rss_mb(),
+        peak_rss_mb: crate::base::util::peak_rss_mb(),
         checkpoint,
     })
 }

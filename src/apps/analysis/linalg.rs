@@ -131,7 +131,7 @@ pub fn nuclear_norm(g: &[f64], rows: usize, cols: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::Rng;
+    use crate::base::rng::Rng;
 
     /// A random n x k matrix with orthonormal columns (modified Gram-Schmidt on normals).
     fn orthonormal(rng: &mut Rng, n: usize, k: usize) -> Vec<f64> {

@@ -1,14 +1,15 @@
 //! `itt demo`, the main job: train a tiny ITT model on the built-in synthetic corpus, evaluate
 //! it, let it solve held-out problems with cached causal decoding, and say what happened.
 
-use crate::config;
+use crate::apps::report;
+use crate::base::config;
+use crate::base::error::IoContext;
 use crate::data::{self, synthetic, Tokenizer};
-use crate::error::IoContext;
 use crate::eval::reasoning;
 use crate::generate::{self, Event, GenerateOptions, SamplingParams};
 use crate::model::{Routing, RoutingOptions};
-use crate::train::{self, DataSpec, RunOptions, Trainer};
-use crate::{report, Error, Result};
+use crate::train::{self, DataSpec, RunOptions, Trainer, TrainerOptions};
+use crate::{Error, Result};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -58,35 +59,8 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     }
     cfg.train.eval_interval = (cfg.train.max_steps / 4).max(1);
     cfg.validate()?;
-    let m = &cfg.model;
-    println!(
-        "data     {:.2} MB of synthetic problems (arithmetic with carries, bracket closing, sorting, reversal, counting)\n\
-         \x20        {} tokenizer, {} tokens | {} train / {} validation tokens",
-        dataset.meta.train_tokens as f64 / 1e6 + dataset.meta.val_tokens as f64 / 1e6,
-        tok.kind(),
-        tok.vocab_size(),
-        dataset.meta.train_tokens,
-        dataset.meta.val_tokens
-    );
-    println!(
-        "model    {}: {:.2}M parameters, {} layers; layers {:?} think for up to {} steps, {:?} of tokens per extra step",
-        opts.preset,
-        m.n_params() as f64 / 1e6,
-        m.n_layers,
-        m.thinking_layers(),
-        m.thinking.steps,
-        m.thinking.ratios
-    );
-    println!(
-        "train    {} steps of {} x {} tokens, AdamW lr {} (warmup {}, cosine to 10%), seed {}",
-        cfg.train.max_steps,
-        cfg.train.batch_size,
-        cfg.train.seq_len,
-        cfg.train.lr,
-        cfg.train.warmup_steps,
-        cfg.train.seed
-    );
-    let mut trainer = Trainer::new(cfg.clone(), &tok, out)?;
+    describe(opts, &cfg, &dataset, &tok);
+    let mut trainer = Trainer::new(cfg.clone(), &tok, out, TrainerOptions::default())?;
     let initial = trainer.evaluate(&dataset.val, cfg.train.eval_batches)?;
     let summary = train::run(&mut trainer, &dataset, &RunOptions::default())?;
     let entropy = unigram_entropy(&dataset.train);
@@ -104,24 +78,7 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
         val.exp(),
         100.0 * (1.0 - val / entropy)
     );
-    let routing_line: Vec<String> = std::fs::read_to_string(out.join("metrics.jsonl"))
-        .ok()
-        .and_then(|t| t.lines().rev().find(|l| l.contains("\"routing\"")).map(str::to_string))
-        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
-        .and_then(|v| v.get("routing").cloned())
-        .and_then(|r| r.as_array().cloned())
-        .unwrap_or_default()
-        .iter()
-        .map(|r| {
-            format!(
-                "L{}s{} {:.0}% (adds {:.2} of |x|)",
-                r["layer"],
-                r["step"],
-                100.0 * r["share"].as_f64().unwrap_or(0.0),
-                r["contribution"].as_f64().unwrap_or(f64::NAN)
-            )
-        })
-        .collect();
+    let routing_line = last_routing_shares(out);
     if !routing_line.is_empty() {
         println!("routing  share of tokens taking each extra step (layer, step): {}", routing_line.join(", "));
     }
@@ -163,6 +120,60 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     println!("files    {}/metrics.jsonl, {}/checkpoints/, {}/data/", out.display(), out.display(), out.display());
     println!("next     itt generate --checkpoint {} --prompt \"47+85=\" --show-depth --temperature 0", out.display());
     Ok(())
+}
+
+/// The data, model and training settings, before training.
+fn describe(opts: &DemoOptions, cfg: &config::RunConfig, dataset: &crate::data::Dataset, tok: &Tokenizer) {
+    let m = &cfg.model;
+    println!(
+        "data     {:.2} MB of synthetic problems (arithmetic with carries, bracket closing, sorting, reversal, counting)\n\
+         \x20        {} tokenizer, {} tokens | {} train / {} validation tokens",
+        dataset.meta.train_tokens as f64 / 1e6 + dataset.meta.val_tokens as f64 / 1e6,
+        tok.kind(),
+        tok.vocab_size(),
+        dataset.meta.train_tokens,
+        dataset.meta.val_tokens
+    );
+    println!(
+        "model    {}: {:.2}M parameters, {} layers; layers {:?} think for up to {} steps, {:?} of tokens per extra step",
+        opts.preset,
+        m.n_params() as f64 / 1e6,
+        m.n_layers,
+        m.thinking_layers(),
+        m.thinking.steps,
+        m.thinking.ratios
+    );
+    println!(
+        "train    {} steps of {} x {} tokens, AdamW lr {} (warmup {}, cosine to 10%), seed {}",
+        cfg.train.max_steps,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        cfg.train.lr,
+        cfg.train.warmup_steps,
+        cfg.train.seed
+    );
+}
+
+/// The routed share and contribution of each (layer, step) in the run's last metrics line.
+fn last_routing_shares(out: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .ok()
+        .and_then(|t| t.lines().rev().find(|l| l.contains("\"routing\"")).map(str::to_string))
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .and_then(|v| v.get("routing").cloned())
+        .and_then(|r| r.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            format!(
+                "L{}s{} {:.0}% (adds {:.2} of |x|)",
+                r["layer"],
+                r["step"],
+                100.0 * r["share"].as_f64().unwrap_or(0.0),
+                r["contribution"].as_f64().unwrap_or(f64::NAN)
+            )
+        })
+        .collect()
 }
 
 /// One problem answered with each token's thinking depth shown.

@@ -19,8 +19,8 @@ pub mod router;
 pub mod run_report;
 pub mod tokens;
 
+use crate::base::error::IoContext;
 use crate::data::Tokenizer;
-use crate::error::IoContext;
 use crate::{Error, Result};
 use std::path::Path;
 
@@ -214,8 +214,8 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 #[cfg(test)]
 pub(crate) mod testutil {
     //! Tiny random checkpoints for the analysis tests: no training, a few milliseconds each.
+    use crate::base::config::{self, ModelKind, RunConfig};
     use crate::checkpoint::{self, SaveParts};
-    use crate::config::{self, ModelKind, RunConfig};
     use crate::data::Tokenizer;
     use crate::model::{ForwardRecord, Model, RouterCalibration, RoutingOptions, SeqLayout};
     use candle_core::{Device, Tensor};
@@ -230,13 +230,7 @@ pub(crate) mod testutil {
             ModelKind::Itt => "tiny-itt4",
         };
         let mut cfg = config::preset(name).unwrap();
-        let m = &mut cfg.model;
-        m.vocab_size = vocab;
-        m.d_model = 32;
-        m.n_heads = 2;
-        m.n_kv_heads = 2;
-        m.mlp_hidden = 64;
-        m.max_seq_len = 64;
+        cfg.model = config::TestModel::preset(name).vocab(vocab).width(32, 64).heads(2, 2).context(64).config();
         cfg.train.seq_len = 32;
         cfg.train.batch_size = 2;
         cfg

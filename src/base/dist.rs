@@ -10,7 +10,7 @@
 //! Without the cargo feature `mpi` the group is always the single process, and a launch by
 //! `mpirun` is refused (P copies would train P separate runs into one folder).
 
-use crate::{Error, Result};
+use crate::base::error::{Error, Result};
 
 /// The ranks training one run together. `Group::single()` is the one-process group.
 #[derive(Clone, Debug)]
@@ -198,7 +198,7 @@ pub fn abort_job(code: i32) {
 #[cfg(feature = "mpi")]
 mod imp {
     use super::{add_in_order, partition, Group};
-    use crate::{Error, Result};
+    use crate::base::error::{Error, Result};
     use mpi::collective::{CommunicatorCollectives, Root};
     use mpi::datatype::{Partition, PartitionMut};
     use mpi::environment::Universe;
@@ -304,7 +304,7 @@ mod imp {
 #[cfg(not(feature = "mpi"))]
 mod imp {
     use super::Group;
-    use crate::{Error, Result};
+    use crate::base::error::{Error, Result};
 
     pub fn world(launched: usize) -> Result<Group> {
         Err(Error::usage(format!(

@@ -5,10 +5,46 @@
 //! `tiny`, `small`, `paper-162m`, `paper-230m`, `paper-466m`, each also as `SIZE-loopT` and
 //! `SIZE-ittT` for T = 2, 3, 4.
 
-pub use crate::ops::Precision;
-use crate::{Error, Result};
+use crate::base::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
+
+/// Number format of the matrix products in `linear` (training and its validation; `f32`
+/// elsewhere unless asked). `Bf16` rounds both operands of every product to bfloat16 and sums in
+/// f32, in the forward and backward passes, like PyTorch's CPU autocast; everything else (norms,
+/// attention, softmax, the optimiser and its master weights) stays f32.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    #[value(alias = "fp32")]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn is_f32(&self) -> bool {
+        *self == Precision::F32
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Precision::F32),
+            "bf16" => Ok(Precision::Bf16),
+            _ => Err(Error::usage(format!("unknown precision '{s}' (use f32 or bf16)"))),
+        }
+    }
+}
 
 /// Bumped whenever the meaning of a saved field changes.
 pub const CONFIG_FORMAT_VERSION: u32 = 1;
@@ -315,7 +351,7 @@ pub struct TrainConfig {
     #[serde(skip_serializing_if = "Trainable::is_all")]
     pub trainable: Trainable,
     /// Number format of the matrix products in training and validation: `f32`, or `bf16`
-    /// (bf16 operands, f32 sums; `ops::Precision`). Left out of files when f32.
+    /// (bf16 operands, f32 sums; [`Precision`]). Left out of files when f32.
     #[serde(skip_serializing_if = "Precision::is_f32")]
     pub precision: Precision,
     /// Learning-rate multiplier of the thinking parameters (routers and step vectors phi_t,
@@ -636,6 +672,65 @@ pub fn preset(name: &str) -> Result<RunConfig> {
     let cfg = RunConfig { format_version: CONFIG_FORMAT_VERSION, preset: Some(name.to_string()), model, train };
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The small models of tests: a preset's model with the sizes a test needs set by name, e.g.
+/// `TestModel::preset("tiny-itt4").vocab(v).width(32, 48).heads(2, 1).context(64).config()`,
+/// instead of a preset's fields assigned one by one in every test file.
+#[derive(Clone, Debug)]
+pub struct TestModel(ModelConfig);
+
+impl TestModel {
+    /// A preset's model; the name must be one of [`preset_names`] (tests name presets that exist).
+    pub fn preset(name: &str) -> Self {
+        TestModel(preset(name).unwrap_or_else(|e| panic!("{e}")).model)
+    }
+
+    /// The tokenizer's vocabulary size.
+    pub fn vocab(mut self, vocab_size: usize) -> Self {
+        self.0.vocab_size = vocab_size;
+        self
+    }
+
+    /// Width of the residual stream and of the SwiGLU hidden layer.
+    pub fn width(mut self, d_model: usize, mlp_hidden: usize) -> Self {
+        (self.0.d_model, self.0.mlp_hidden) = (d_model, mlp_hidden);
+        self
+    }
+
+    /// Query heads and key/value heads (fewer key/value heads: grouped-query attention).
+    pub fn heads(mut self, n_heads: usize, n_kv_heads: usize) -> Self {
+        (self.0.n_heads, self.0.n_kv_heads) = (n_heads, n_kv_heads);
+        self
+    }
+
+    pub fn layers(mut self, n_layers: usize) -> Self {
+        self.0.n_layers = n_layers;
+        self
+    }
+
+    /// The longest sequence the model accepts.
+    pub fn context(mut self, max_seq_len: usize) -> Self {
+        self.0.max_seq_len = max_seq_len;
+        self
+    }
+
+    /// Std of the initial matrices: larger than a preset's, a random model's outputs differ
+    /// more from token to token.
+    pub fn init_std(mut self, std: f64) -> Self {
+        self.0.init_std = std;
+        self
+    }
+
+    /// Std of the initial router weights: larger, a random model's routing decisions differ more.
+    pub fn router_init_std(mut self, std: f64) -> Self {
+        self.0.thinking.router_init_std = std;
+        self
+    }
+
+    pub fn config(self) -> ModelConfig {
+        self.0
+    }
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@
 //! and a partial one resumed, so an interrupted experiment continues where it stopped, and
 //! experiments sharing an `OUT` train each configuration once.
 
-use crate::config::{self, ModelKind, ResidualForm, RoutedAttention, RunConfig};
-use crate::error::IoContext;
+use crate::base::config::{self, ModelKind, ResidualForm, RoutedAttention, RunConfig};
+use crate::base::error::IoContext;
 use crate::eval::reasoning::{self, SolveRates};
 use crate::flops::flops_per_token;
 use crate::model::{Routing, RoutingOptions};
@@ -614,7 +614,8 @@ fn train_one(
     device: &candle_core::Device,
 ) -> Result<Trainer> {
     if run_dir.join("latest").exists() {
-        let mut t = Trainer::resume_on(run_dir, None, device)?;
+        let mut t =
+            Trainer::resume(run_dir, None, train::TrainerOptions { device: device.clone(), ..Default::default() })?;
         if t.cfg != *cfg {
             return Err(Error::usage(format!(
                 "{} was trained with another configuration; remove it or choose another --out",
@@ -626,7 +627,12 @@ fn train_one(
         }
         return Ok(t);
     }
-    let mut t = Trainer::new_on(cfg.clone(), tok, run_dir, device)?;
+    let mut t = Trainer::new(
+        cfg.clone(),
+        tok,
+        run_dir,
+        train::TrainerOptions { device: device.clone(), ..Default::default() },
+    )?;
     train::run(&mut t, dataset, &RunOptions { quiet, stop_at: None })?;
     Ok(t)
 }
@@ -663,10 +669,8 @@ fn tokens_to_reach(points: &[(f64, f64)], target: f64) -> Option<f64> {
 
 /// Per-seed paired differences a - b over the (corpus, seed) pairs both have.
 fn paired(a: &[&RunResult], b: &[&RunResult], f: impl Fn(&RunResult, &RunResult) -> f64) -> Option<Estimate> {
-    let d: Vec<f64> = a
-        .iter()
-        .filter_map(|x| b.iter().find(|y| y.seed == x.seed && y.corpus == x.corpus).map(|y| f(x, y)))
-        .collect();
+    let d: Vec<f64> =
+        a.iter().filter_map(|x| b.iter().find(|y| y.seed == x.seed && y.corpus == x.corpus).map(|y| f(x, y))).collect();
     (!d.is_empty()).then(|| Estimate::of(&d))
 }
 
@@ -747,6 +751,7 @@ fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions)
     let (dataset, tok) = corpus_data(corpus)?;
     let builtin = corpus.spec.path == "builtin";
     let problems = if builtin && opts.problems > 0 { reasoning::held_out_problems(50, opts.problems) } else { vec![] };
+    let on = ScoreOn { corpus, dataset: &dataset, tok: &tok, problems: &problems, opts };
     let mut runs: Vec<RunResult> = vec![];
     let mut curves = vec![];
     for var in variants {
@@ -764,7 +769,7 @@ fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions)
             let t = train_one(&cfg, &run_dir, &dataset, &tok, opts.quiet, &opts.device)?;
             seed_curves.push(val_curve(&run_dir));
             for st in settings(var, t.calibration.clone().map(Arc::new)) {
-                runs.push(score(corpus, var, &cfg, &t, &st, &dataset, &tok, &problems, opts)?);
+                runs.push(score(on, var, &cfg, &t, &st)?);
             }
             let _ = checkpoint::resolve(&run_dir)?;
         }
@@ -779,19 +784,20 @@ fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions)
     Ok(CorpusRuns { runs, curves, classes, vocab_size: tok.vocab_size() })
 }
 
+/// What every run of one corpus is scored on: its validation shard, its tokenizer, and the
+/// held-out problems (built-in data only).
+#[derive(Clone, Copy)]
+struct ScoreOn<'a> {
+    corpus: &'a Corpus,
+    dataset: &'a data::Dataset,
+    tok: &'a data::Tokenizer,
+    problems: &'a [reasoning::Problem],
+    opts: &'a ExperimentOptions,
+}
+
 /// One trained run scored in one setting.
-#[allow(clippy::too_many_arguments)]
-fn score(
-    corpus: &Corpus,
-    var: &Variant,
-    cfg: &RunConfig,
-    t: &Trainer,
-    st: &Setting,
-    dataset: &data::Dataset,
-    tok: &data::Tokenizer,
-    problems: &[reasoning::Problem],
-    opts: &ExperimentOptions,
-) -> Result<RunResult> {
+fn score(on: ScoreOn, var: &Variant, cfg: &RunConfig, t: &Trainer, st: &Setting) -> Result<RunResult> {
+    let ScoreOn { corpus, dataset, tok, problems, opts } = on;
     let mut rec = crate::model::ForwardRecord::default();
     let val = eval::shard_loss_recorded(
         &t.model,
@@ -847,9 +853,11 @@ fn token_classes(
     tok: &data::Tokenizer,
     opts: &ExperimentOptions,
 ) -> Result<Vec<ClassSummary>> {
-    use crate::analysis::tokens::{self, Classifier};
+    use crate::apps::analysis::tokens::{self, Classifier};
     let dense_of = |scale: f64| {
-        variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
+        variants
+            .iter()
+            .find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
     };
     let thinkers: Vec<&Variant> = variants
         .iter()
@@ -925,7 +933,9 @@ fn summarize(
     };
     // Dense at the same learning-rate multiplier is each row's partner.
     let dense_of = |scale: f64| {
-        variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
+        variants
+            .iter()
+            .find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
             .or_else(|| variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.lr_scale == scale))
     };
     let mut rows = vec![];
@@ -1068,7 +1078,11 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
                 lr_scale: f64::NAN,
                 lr: f64::NAN,
                 val_loss_mean: f64::NAN,
-                vs_dense: if is_dense { None } else { paired(&pooled_mine, &pooled_dense, |a, b| a.val_loss - b.val_loss) },
+                vs_dense: if is_dense {
+                    None
+                } else {
+                    paired(&pooled_mine, &pooled_dense, |a, b| a.val_loss - b.val_loss)
+                },
                 flops_vs_dense: flops_vs_dense(m),
             });
         }
@@ -1076,21 +1090,40 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
     out
 }
 
+/// The whole experiment: the grid, trained and scored on every corpus, summarised into the
+/// tables and written to `opts.out`.
 pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     let (variants, paper_metric) = grid(opts)?;
     let corpora = Corpus::all(opts)?;
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
-    let mut runs: Vec<RunResult> = vec![];
-    let mut curves = vec![];
-    let mut classes = vec![];
-    let mut vocab = vec![];
-    for corpus in &corpora {
-        let done = train_corpus(corpus, &variants, opts)?;
+    let per_corpus = corpora.iter().map(|c| train_corpus(c, &variants, opts)).collect::<Result<Vec<_>>>()?;
+    let rows = table_rows(&corpora, &variants, &per_corpus);
+    let data_share_to_match_dense = data_share(&rows, &corpora[0].name);
+    let (mut runs, mut curves, mut token_classes) = (vec![], vec![], vec![]);
+    for done in per_corpus {
         runs.extend(done.runs);
         curves.extend(done.curves);
-        classes.extend(done.classes);
-        vocab.push(done.vocab_size);
+        token_classes.extend(done.classes);
     }
+    let results = ExperimentResults {
+        name: opts.name.clone(),
+        command: opts.command.clone(),
+        paper_metric,
+        best_lr: best_rates(&variants, &corpora, &runs, opts),
+        rows,
+        runs,
+        data_share_to_match_dense,
+        curves,
+        corpora: corpora.iter().map(|c| c.name.clone()).collect(),
+        token_classes,
+    };
+    write_outputs(&results, opts)?;
+    Ok(results)
+}
+
+/// Every table row: each corpus's, then (with several corpora) the pooled ones, each corpus in
+/// the order of the variants and their settings.
+fn table_rows(corpora: &[Corpus], variants: &[Variant], per_corpus: &[CorpusRuns]) -> Vec<Row> {
     // Rows in table order: (variant index, setting label, role, paper), from the first seed.
     let mut row_keys: Vec<(usize, String, Role, Option<f64>)> = vec![];
     for (vi, var) in variants.iter().enumerate() {
@@ -1099,34 +1132,24 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         }
     }
     let mut rows = vec![];
-    for (corpus, &v) in corpora.iter().zip(&vocab) {
-        let mine: Vec<&RunResult> = runs.iter().filter(|r| r.corpus == corpus.name).collect();
-        let cs: Vec<&Curve> = curves.iter().filter(|c| c.corpus == corpus.name).collect();
-        rows.extend(summarize(&corpus.name, &variants, &row_keys, &mine, &cs, v));
+    for (corpus, done) in corpora.iter().zip(per_corpus) {
+        let mine: Vec<&RunResult> = done.runs.iter().collect();
+        let cs: Vec<&Curve> = done.curves.iter().collect();
+        rows.extend(summarize(&corpus.name, variants, &row_keys, &mine, &cs, done.vocab_size));
     }
     if corpora.len() > 1 {
-        let all: Vec<&RunResult> = runs.iter().collect();
-        rows.extend(summarize("pooled", &variants, &row_keys, &all, &[], vocab[0]));
+        let all: Vec<&RunResult> = per_corpus.iter().flat_map(|d| &d.runs).collect();
+        rows.extend(summarize("pooled", variants, &row_keys, &all, &[], per_corpus[0].vocab_size));
     }
-    let first = &corpora[0].name;
-    let data_share = rows
-        .iter()
-        .find(|r| &r.corpus == first && r.variant == "itt4" && r.role == Role::Trained)
-        .and_then(|r| r.tokens_to_dense);
-    let results = ExperimentResults {
-        name: opts.name.clone(),
-        command: opts.command.clone(),
-        paper_metric,
-        best_lr: best_rates(&variants, &corpora, &runs, opts),
-        rows,
-        runs,
-        data_share_to_match_dense: data_share,
-        curves,
-        corpora: corpora.iter().map(|c| c.name.clone()).collect(),
-        token_classes: classes,
-    };
-    write_outputs(&results, opts)?;
-    Ok(results)
+    rows
+}
+
+/// The share of dense's training tokens that ITT x4 (as trained) needed to reach dense's final
+/// validation loss, on the first corpus.
+fn data_share(rows: &[Row], first_corpus: &str) -> Option<f64> {
+    rows.iter()
+        .find(|r| r.corpus == first_corpus && r.variant == "itt4" && r.role == Role::Trained)
+        .and_then(|r| r.tokens_to_dense)
 }
 
 fn table(r: &ExperimentResults, corpus: &str) -> String {
@@ -1177,7 +1200,10 @@ fn pooled_table(r: &ExperimentResults) -> String {
         ));
         for c in &r.corpora {
             let here = r.rows.iter().find(|x| &x.corpus == c && x.variant == row.variant && x.setting == row.setting);
-            s.push_str(&format!(" {} |", here.and_then(|x| x.vs_dense).map(|e| format!("{:+.4}", e.mean)).unwrap_or_else(dash)));
+            s.push_str(&format!(
+                " {} |",
+                here.and_then(|x| x.vs_dense).map(|e| format!("{:+.4}", e.mean)).unwrap_or_else(dash)
+            ));
         }
         s.push_str(&format!(" {:.2}x |\n", row.flops_vs_dense));
     }
@@ -1289,7 +1315,9 @@ pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
         .filter(|row| row.solved.is_some() && row.corpus != "pooled")
         .map(|row| {
             let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-            for run in r.runs.iter().filter(|x| x.corpus == row.corpus && x.variant == row.variant && x.setting == row.setting) {
+            for run in
+                r.runs.iter().filter(|x| x.corpus == row.corpus && x.variant == row.variant && x.setting == row.setting)
+            {
                 for (k, (c, n)) in run.solved.iter().flat_map(|s| s.by_kind.iter()) {
                     let e = by_kind.entry(k.clone()).or_default();
                     e.0 += c;
@@ -1315,7 +1343,7 @@ fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> 
     std::fs::write(&json, serde_json::to_string_pretty(r).unwrap()).at(&json)?;
     let md = dir.join("results.md");
     std::fs::write(&md, markdown(r, opts)).at(&md)?;
-    use crate::analysis::plot::{self, Panel, Series};
+    use crate::apps::analysis::plot::{self, Panel, Series};
     let mut panels = vec![];
     for c in &r.corpora {
         let series: Vec<Series> = r

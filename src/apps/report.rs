@@ -1,6 +1,6 @@
 //! Human-readable output shared by the CLI and the demo: tables, summaries, depth marks.
 
-use crate::config::{ModelKind, RunConfig};
+use crate::base::config::{ModelKind, RunConfig};
 use crate::flops::Flops;
 use crate::train::TrainSummary;
 use std::io::IsTerminal;

@@ -1,12 +1,12 @@
 //! Benchmarks that print numbers (never asserted in tests): training step throughput and
 //! peak memory for a configuration, on random tokens.
 
-use crate::config::RunConfig;
+use crate::base::config::RunConfig;
+use crate::base::rng::Rng;
 use crate::flops::flops_per_token;
+use crate::import::OpenOptions;
 use crate::model::{Model, RoutingOptions};
-use crate::optim::device::DeviceOptimizer;
-use crate::optim::{AdamW, GradAccumulator};
-use crate::rng::Rng;
+use crate::optim::{AdamW, Optimizer};
 use crate::Result;
 use candle_core::Device;
 use serde::Serialize;
@@ -100,19 +100,15 @@ pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<Trai
     model.precision = cfg.train.precision;
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let mut rng = Rng::new(cfg.train.seed);
-    let mut opt = AdamW::new(&model.params);
-    let mut acc = GradAccumulator::new(&model.params);
-    let mut on_device = match device.is_cpu() {
-        true => None,
-        false => Some(DeviceOptimizer::from_host(&opt, &model.params, cfg.train.trainable)?),
-    };
-    let mut gpu_memory_mb = crate::util::gpu_memory_used_mb(device);
+    let state = AdamW::new(&model.params);
+    let mut opt = Optimizer::new(&model.params, cfg.train.trainable, state, !device.is_cpu())?;
+    let mut gpu_memory_mb = crate::base::util::gpu_memory_used_mb(device);
     let (mut times, mut fwd, mut bwd, mut opt_times) = (vec![], vec![], vec![], vec![]);
     for i in 0..steps.max(1) + 1 {
         let v = cfg.model.vocab_size as u64;
         let inp: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
         let tgt: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
-        let sync = || crate::util::synchronize(device);
+        let sync = || crate::base::util::synchronize(device);
         sync()?;
         let t0 = Instant::now();
         let loss = model.loss(&inp, &tgt, b, t, &RoutingOptions::default(), None)?;
@@ -122,24 +118,13 @@ pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<Trai
         let grads = loss.backward()?;
         sync()?;
         let t2 = Instant::now();
-        match &mut on_device {
-            Some(d) => {
-                d.acc.zero();
-                d.acc.add(&model.params, &grads)?;
-                drop(grads);
-                let norm = d.acc.finish()?;
-                d.adam.step(&model.params, &d.acc.sums, norm, 1e-4, &cfg.train)?;
-            }
-            None => {
-                acc.zero();
-                acc.add(&model.params, &grads)?;
-                drop(grads);
-                let norm = acc.finish();
-                opt.step(&model.params, &acc.sums, norm, 1e-4, &cfg.train)?;
-            }
-        }
+        opt.zero();
+        opt.accumulate(&model.params, &grads)?;
+        drop(grads);
+        let norm = opt.finish()?;
+        opt.update(&model.params, norm, 1e-4, &cfg.train)?;
         sync()?;
-        if let Some(used) = crate::util::gpu_memory_used_mb(device) {
+        if let Some(used) = crate::base::util::gpu_memory_used_mb(device) {
             gpu_memory_mb = Some(gpu_memory_mb.unwrap_or(0.0).max(used));
         }
         if i > 0 {
@@ -173,7 +158,7 @@ pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<Trai
         tokens_per_s: (b * t) as f64 / med,
         train_flops_per_token: f.train,
         gflops_per_s: rate,
-        peak_rss_mb: crate::util::peak_rss_mb(),
+        peak_rss_mb: crate::base::util::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
         precision: cfg.train.precision,
         kernels: match (device.is_cpu(), cfg.train.precision) {
@@ -207,10 +192,10 @@ pub fn gemm_gflops(precision: crate::ops::Precision, device: &Device) -> Result<
     let w = candle_core::Tensor::randn(0f32, 1.0, (n, n), device)?;
     let mut best = f64::INFINITY;
     for _ in 0..3 {
-        crate::util::synchronize(device)?;
+        crate::base::util::synchronize(device)?;
         let t0 = Instant::now();
         let y = crate::ops::linear(&x, &w, precision)?;
-        crate::util::synchronize(device)?;
+        crate::base::util::synchronize(device)?;
         drop(y);
         best = best.min(t0.elapsed().as_secs_f64());
     }
@@ -248,7 +233,7 @@ pub fn decode(
     use candle_core::Tensor;
     use std::sync::Arc;
     let model = Model::new(&cfg.model, cfg.train.seed, dev)?;
-    let sync = || crate::util::synchronize(dev);
+    let sync = || crate::base::util::synchronize(dev);
     let mut rng = Rng::new(7);
     let v = cfg.model.vocab_size as u64;
     let mut draw = |n: usize| -> Vec<u32> { (0..n).map(|_| rng.below(v) as u32).collect() };
@@ -354,7 +339,7 @@ carrying a lantern and a small notebook in which he recorded the ships that pass
 November, he noticed a strange green light far out at sea that did not move with the waves.";
 
 /// Prefill and decode speed of `generate` (greedy, batch 1, KV cache) on a model read for
-/// inference (`import::load_for_inference`), `runs` times; medians are reported.
+/// inference (`import::open`), `runs` times; medians are reported.
 #[derive(Clone, Debug, Serialize)]
 pub struct GenerateBench {
     pub model: String,
@@ -386,8 +371,8 @@ pub fn generate_file(
 ) -> Result<GenerateBench> {
     use crate::generate::{Event, GenerateOptions, SamplingParams};
     let t0 = Instant::now();
-    let (model, tok, _) = crate::import::load_for_inference(path, weights)?;
-    let model = model.to_device(device)?;
+    let opened = crate::import::open(path, &OpenOptions { gguf_weights: weights, device: device.clone() })?;
+    let (model, tok) = (opened.model, opened.tokenizer);
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_tokens = tok.encode(prompt)?.len();
     let (mut prefill, mut decode, mut count, mut text) = (vec![], vec![], 0, String::new());
@@ -437,7 +422,7 @@ pub fn generate_file(
         decode_tokens_per_s: median(&decode),
         decode_tokens_per_s_runs: decode,
         load_s,
-        peak_rss_mb: crate::util::peak_rss_mb(),
+        peak_rss_mb: crate::base::util::peak_rss_mb(),
         text,
     })
 }

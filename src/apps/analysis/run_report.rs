@@ -12,7 +12,7 @@
 use super::depth::BASE_CSS;
 use super::plot::{self, Panel, Series};
 use super::{depth_rgb, html_escape, visible};
-use crate::config::RunConfig;
+use crate::base::config::RunConfig;
 use crate::generate::{Event, GenerateOptions, SamplingParams};
 use crate::model::{Routing, RoutingOptions};
 use crate::{checkpoint, flops, Error, Result};
@@ -183,7 +183,8 @@ fn default_prompts(run_dir: &Path, cfg: &RunConfig) -> Vec<String> {
 
 /// Generated samples as HTML, each token coloured by its mean depth over thinking layers.
 fn generations(run_dir: &Path, cfg: &RunConfig, opts: &ReportOptions) -> Result<String> {
-    let (model, tok, info) = checkpoint::load_model(run_dir)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(run_dir, &crate::import::OpenOptions::differentiable())?;
     let prompts = if opts.prompts.is_empty() { default_prompts(run_dir, cfg) } else { opts.prompts.clone() };
     let threshold = model.has_routers() && info.calibration.is_some();
     let use_cache = threshold || !model.has_routers();
@@ -291,7 +292,7 @@ pub fn run(run_dir: &Path, opts: &ReportOptions) -> Result<PathBuf> {
     h.push_str(&row("preset", cfg.preset.as_deref().unwrap_or("custom")));
     h.push_str(&row(
         "model",
-        crate::report::info(&cfg, &f, seq_len).lines().nth(1).unwrap_or("").trim_start_matches("kind").trim(),
+        crate::apps::report::info(&cfg, &f, seq_len).lines().nth(1).unwrap_or("").trim_start_matches("kind").trim(),
     ));
     h.push_str(&row("parameters", format!("{} ({:.2}M)", cfg.model.n_params(), cfg.model.n_params() as f64 / 1e6)));
     h.push_str(&row(
@@ -394,7 +395,7 @@ fn routing_table(m: &Metrics) -> String {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn report_pages_for_itt_and_dense_runs() {

@@ -17,7 +17,7 @@ use super::plot::{self, Panel, Png, Series};
 use super::{encode_with_offsets, write_json, CharClass};
 use crate::data::{answer_byte_mask, line_kind, Tokenizer};
 use crate::model::{ForwardRecord, Model, RoutingOptions, SeqLayout};
-use crate::{checkpoint, Error, Result};
+use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -101,7 +101,7 @@ pub struct GroupDepth {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct RouterReport {
-    pub model_kind: crate::config::ModelKind,
+    pub model_kind: crate::base::config::ModelKind,
     pub data: String,
     pub synthetic: bool,
     pub tokens: usize,
@@ -228,19 +228,51 @@ pub fn analyze(
     if ids.len() < 2 {
         return Err(Error::input(data, "has too little text to route"));
     }
-    let bands = frequency_bands(&info);
     let windows: Vec<(usize, usize)> =
         (0..ids.len()).step_by(seq_len).map(|s| (s, seq_len.min(ids.len() - s))).collect();
+    let routed = route_windows(model, &ids, &windows, &layers, opts)?;
     let trained: BTreeMap<usize, Vec<f64>> = model.thinking_layers().map(|t| (t.layer, t.ratios.clone())).collect();
+    Ok(RouterReport {
+        model_kind: model.kind(),
+        data: data.to_string(),
+        synthetic,
+        tokens: ids.len(),
+        windows: windows.len(),
+        seq_len,
+        steps: step_stats(&routed, &trained, opts.bins.max(2)),
+        phi: phi_norms(model)?,
+        groups: depth_by_group(&info, &layers, &routed.depth),
+        layers,
+    })
+}
 
-    // Per (layer, step): weights and selected flags over all tokens; overlap counts.
-    let mut w_all: BTreeMap<(usize, usize), Vec<(f32, bool)>> = BTreeMap::new();
-    let mut overlap: BTreeMap<(usize, usize), (u64, u64)> = BTreeMap::new();
-    let mut depth: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
-    let mut measured = ForwardRecord::default();
-    // Squared gradient norms of the thinking parameters per (layer, step): (router, phi, batches).
-    let mut grad_sq: BTreeMap<(usize, usize), (f64, f64)> = BTreeMap::new();
-    let mut grad_done = 0usize;
+/// What routing the windows recorded, over all of them.
+#[derive(Default)]
+struct Routed {
+    /// Per (layer, step): each token's router weight and whether it was selected.
+    weights: BTreeMap<(usize, usize), Vec<(f32, bool)>>,
+    /// Per (layer, step >= 3): tokens selected at this step and the one before, and at this one.
+    overlap: BTreeMap<(usize, usize), (u64, u64)>,
+    /// Per thinking layer: each token's depth.
+    depth: BTreeMap<usize, Vec<u32>>,
+    /// The forward passes' step statistics (contribution).
+    measured: ForwardRecord,
+    /// Squared gradient norms of the thinking parameters per (layer, step): (router, phi).
+    grad_sq: BTreeMap<(usize, usize), (f64, f64)>,
+    /// Batches those gradients were summed over.
+    grad_batches: usize,
+}
+
+/// Route the windows in batches of `opts.batch`, recording weights, selections and depths; the
+/// first `opts.grad_batches` batches also take the next-token loss's gradient.
+fn route_windows(
+    model: &Model,
+    ids: &[u32],
+    windows: &[(usize, usize)],
+    layers: &[usize],
+    opts: &RouterOptions,
+) -> Result<Routed> {
+    let mut r = Routed::default();
     for group in windows.chunks(opts.batch.max(1)) {
         let chunk: Vec<u32> = group.iter().flat_map(|&(s, n)| ids[s..s + n].iter().copied()).collect();
         let lens: Vec<usize> = group.iter().map(|w| w.1).collect();
@@ -248,53 +280,65 @@ pub fn analyze(
         let x = Tensor::from_slice(&chunk, chunk.len(), model.device())?;
         let mut rec = ForwardRecord { measure: true, ..ForwardRecord::with_detail() };
         let hidden = model.forward_hidden(&x, &layout, &RoutingOptions::default(), None, Some(&mut rec))?;
-        measured.merge_stats(&rec);
+        r.measured.merge_stats(&rec);
         // The gradient reaching routers and phi: next-token loss of the windows that have a
         // next token for every position.
         let end = group.last().map(|&(s, n)| s + n).unwrap_or(0);
-        if grad_done < opts.grad_batches && end < ids.len() {
+        if r.grad_batches < opts.grad_batches && end < ids.len() {
             let targets: Vec<u32> = group.iter().flat_map(|&(s, n)| ids[s + 1..s + n + 1].iter().copied()).collect();
             let targets = Tensor::from_slice(&targets, targets.len(), model.device())?;
             let loss = crate::ops::cross_entropy(&model.logits(&hidden)?, &targets)?;
-            let grads = loss.backward()?;
-            for (name, var) in &model.params {
-                let (Some((layer, step, router)), Some(g)) =
-                    (crate::train::thinking_param(name), grads.get(var.as_tensor()))
-                else {
-                    continue;
-                };
-                let sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                let e = grad_sq.entry((layer, step)).or_default();
-                if router {
-                    e.0 += sq;
-                } else {
-                    e.1 += sq;
-                }
-            }
-            grad_done += 1;
+            add_thinking_grads(model, &loss.backward()?, &mut r.grad_sq)?;
+            r.grad_batches += 1;
         }
         for (&key, w) in &rec.weights {
             let sel = rec.selections.get(&key).cloned().unwrap_or_default();
             let mut flags = vec![false; w.len()];
             sel.iter().for_each(|&i| flags[i as usize] = true);
-            w_all.entry(key).or_default().extend(w.iter().copied().zip(flags));
+            r.weights.entry(key).or_default().extend(w.iter().copied().zip(flags));
             if key.1 >= 3 {
                 if let Some(prev) = rec.selections.get(&(key.0, key.1 - 1)) {
                     let both = sel.iter().filter(|i| prev.binary_search(i).is_ok()).count() as u64;
-                    let e = overlap.entry(key).or_default();
+                    let e = r.overlap.entry(key).or_default();
                     e.0 += both;
                     e.1 += sel.len() as u64;
                 }
             }
         }
-        for &l in &layers {
-            depth.entry(l).or_default().extend(rec.depth.get(&l).cloned().unwrap_or_else(|| vec![1; chunk.len()]));
+        for &l in layers {
+            r.depth.entry(l).or_default().extend(rec.depth.get(&l).cloned().unwrap_or_else(|| vec![1; chunk.len()]));
         }
     }
+    Ok(r)
+}
 
-    let bins = opts.bins.max(2);
+/// Add the squared norms of the thinking parameters' gradients per (layer, step).
+fn add_thinking_grads(
+    model: &Model,
+    grads: &candle_core::backprop::GradStore,
+    grad_sq: &mut BTreeMap<(usize, usize), (f64, f64)>,
+) -> Result<()> {
+    for (name, var) in &model.params {
+        let (Some((layer, step, router)), Some(g)) = (crate::train::thinking_param(name), grads.get(var.as_tensor()))
+        else {
+            continue;
+        };
+        let sq = g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let e = grad_sq.entry((layer, step)).or_default();
+        if router {
+            e.0 += sq;
+        } else {
+            e.1 += sq;
+        }
+    }
+    Ok(())
+}
+
+/// Shares, weights (all, selected, passed over, histogram in `bins`), overlap, contribution and
+/// gradient norms per (layer, routed step).
+fn step_stats(r: &Routed, trained: &BTreeMap<usize, Vec<f64>>, bins: usize) -> Vec<StepStat> {
     let mut stats = vec![];
-    for (&(layer, step), v) in &w_all {
+    for (&(layer, step), v) in &r.weights {
         let n = v.len() as u64;
         let selected = v.iter().filter(|x| x.1).count() as u64;
         let ws: Vec<f64> = v.iter().map(|x| x.0 as f64).collect();
@@ -318,7 +362,10 @@ pub fn analyze(
             }
         }
         let prev_share =
-            w_all.get(&(layer, step - 1)).map(|p| p.iter().filter(|x| x.1).count() as f64 / p.len().max(1) as f64);
+            r.weights.get(&(layer, step - 1)).map(|p| p.iter().filter(|x| x.1).count() as f64 / p.len().max(1) as f64);
+        let grad = |part: fn(&(f64, f64)) -> f64| {
+            r.grad_sq.get(&(layer, step)).map(|g| (part(g) / r.grad_batches.max(1) as f64).sqrt())
+        };
         stats.push(StepStat {
             layer,
             step,
@@ -330,18 +377,22 @@ pub fn analyze(
             w_std,
             w_mean_selected: mean_of(true),
             w_mean_unselected: mean_of(false),
-            overlap_prev: overlap.get(&(layer, step)).map(|&(b, s)| b as f64 / s.max(1) as f64),
+            overlap_prev: r.overlap.get(&(layer, step)).map(|&(b, s)| b as f64 / s.max(1) as f64),
             overlap_random: if step >= 3 { prev_share } else { None },
-            contribution: measured.stats.get(&(layer, step)).and_then(|s| s.contribution()),
-            grad_router: grad_sq.get(&(layer, step)).map(|g| (g.0 / grad_done.max(1) as f64).sqrt()),
-            grad_phi: grad_sq.get(&(layer, step)).map(|g| (g.1 / grad_done.max(1) as f64).sqrt()),
+            contribution: r.measured.stats.get(&(layer, step)).and_then(|s| s.contribution()),
+            grad_router: grad(|g| g.0),
+            grad_phi: grad(|g| g.1),
             hist_lo: lo,
             hist_hi: hi,
             hist_selected: hs,
             hist_unselected: hu,
         });
     }
+    stats
+}
 
+/// Norms of every thinking layer's step vectors phi_t.
+fn phi_norms(model: &Model) -> Result<Vec<PhiNorm>> {
     let mut phi = vec![];
     for th in model.thinking_layers() {
         for (t, p) in th.phis.iter().enumerate() {
@@ -357,8 +408,14 @@ pub fn analyze(
             });
         }
     }
+    Ok(phi)
+}
 
-    // Depth by group. Extra steps = depth - 1; the end-of-document tokens are left out.
+/// Mean extra steps (depth - 1) per thinking layer of each group of tokens: character class,
+/// frequency band, and on the synthetic corpus answer vs prompt and task. The end-of-document
+/// tokens are left out.
+fn depth_by_group(info: &[Option<TokenInfo>], layers: &[usize], depth: &BTreeMap<usize, Vec<u32>>) -> Vec<GroupDepth> {
+    let bands = frequency_bands(info);
     let mut acc: BTreeMap<(String, String), (u64, Vec<f64>)> = BTreeMap::new();
     for (i, t) in info.iter().enumerate() {
         let Some(t) = t else { continue };
@@ -383,8 +440,7 @@ pub fn analyze(
             }
         }
     }
-    let groups = acc
-        .into_iter()
+    acc.into_iter()
         .map(|((family, group), (n, sums))| {
             let means: Vec<f64> = sums.iter().map(|s| s / n as f64).collect();
             GroupDepth {
@@ -395,23 +451,20 @@ pub fn analyze(
                 mean_extra_steps: means,
             }
         })
-        .collect();
-    Ok(RouterReport {
-        model_kind: model.kind(),
-        data: data.to_string(),
-        synthetic,
-        tokens: ids.len(),
-        windows: windows.len(),
-        seq_len,
-        layers,
-        steps: stats,
-        phi,
-        groups,
-    })
+        .collect()
 }
 
 /// The three pictures: router weight histograms, routing statistics, depth by token group.
 pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
+    Ok(vec![
+        ("router_weights.png", weights_picture(r)?),
+        ("router_stats.png", stats_picture(r)?),
+        ("token_depth.png", depth_picture(r)?),
+    ])
+}
+
+/// Histograms of the router weights, selected and passed over, one panel per layer and step.
+fn weights_picture(r: &RouterReport) -> Result<Png> {
     let hist_panels: Vec<Panel> = r
         .steps
         .iter()
@@ -431,13 +484,16 @@ pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
         })
         .collect();
     let steps_per_layer = r.steps.iter().filter(|s| s.layer == r.layers[0]).count().max(1);
-    let weights = plot::grid(
+    plot::grid(
         &format!("Router weights per thinking layer and step ({} tokens of {}, top-k)", r.tokens, r.data),
         &hist_panels,
         steps_per_layer,
         (400, 280),
-    )?;
+    )
+}
 
+/// Share selected, mean weights, what each step adds, overlap between steps, and phi_t.
+fn stats_picture(r: &RouterReport) -> Result<Png> {
     let cats: Vec<String> = r.steps.iter().map(|s| format!("L{} t{}", s.layer, s.step)).collect();
     let overlap_steps: Vec<&StepStat> = r.steps.iter().filter(|s| s.overlap_prev.is_some()).collect();
     let mut panels = vec![
@@ -508,8 +564,11 @@ pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
             x_ticks: Some((1..=max_t).map(|t| (t as f64, format!("t={t}"))).collect()),
         }
     });
-    let stats = plot::grid("Routing statistics", &panels, 2, (520, 330))?;
+    plot::grid("Routing statistics", &panels, 2, (520, 330))
+}
 
+/// Mean extra steps by token group (class, frequency, synthetic role, task), per layer.
+fn depth_picture(r: &RouterReport) -> Result<Png> {
     let mut group_panels = vec![];
     for (family, title) in [
         ("class", "Extra steps by character class"),
@@ -534,8 +593,7 @@ pub fn pictures(r: &RouterReport) -> Result<Vec<(&'static str, Png)>> {
                 .collect(),
         });
     }
-    let groups = plot::grid("Which tokens think more (top-k routing)", &group_panels, 2, (560, 330))?;
-    Ok(vec![("router_weights.png", weights), ("router_stats.png", stats), ("token_depth.png", groups)])
+    plot::grid("Which tokens think more (top-k routing)", &group_panels, 2, (560, 330))
 }
 
 fn short_group(g: &str) -> String {
@@ -544,7 +602,8 @@ fn short_group(g: &str) -> String {
 
 /// Load a checkpoint, analyse `data`, write router.json and the pictures into `out`.
 pub fn run(ckpt: &Path, data: &str, opts: &RouterOptions, out: &Path) -> Result<(RouterReport, Vec<PathBuf>)> {
-    let (model, tok, info) = checkpoint::load_model(ckpt)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(ckpt, &crate::import::OpenOptions::differentiable())?;
     if !model.has_routers() {
         return Err(Error::checkpoint(
             &info.dir,
@@ -613,7 +672,7 @@ pub fn summary(r: &RouterReport) -> String {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn router_report_files_and_schema() {
@@ -661,7 +720,7 @@ mod tests {
             assert!(s.w_mean_selected >= s.w_mean_unselected, "{s:?}");
         }
         // The synthetic labels: answer vs prompt, from answer_spans.
-        let (model, tok, _) = checkpoint::load_model(&ck).unwrap();
+        let (model, tok, _) = crate::checkpoint::load_model(&ck).unwrap();
         let docs = vec!["12+34=46\nla la la\n".to_string()];
         let r = analyze(&model, &tok, &docs, true, "builtin", &RouterOptions { seq_len: Some(8), ..opts }).unwrap();
         let n =

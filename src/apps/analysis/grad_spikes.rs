@@ -24,7 +24,7 @@ use super::plot::{self, Panel, Png, Series};
 use super::{encode_with_offsets, write_json};
 use crate::data::{answer_spans, Tokenizer};
 use crate::model::{Model, RoutingOptions, SeqLayout};
-use crate::{checkpoint, ops, Error, Result};
+use crate::{ops, Error, Result};
 use candle_core::{DType, Tensor};
 use plotters::style::colors::BLACK;
 use serde::Serialize;
@@ -91,7 +91,7 @@ pub struct LayerSpikes {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct SpikeReport {
-    pub model_kind: crate::config::ModelKind,
+    pub model_kind: crate::base::config::ModelKind,
     pub data: String,
     /// How samples were split into easy and hard.
     pub rule: String,
@@ -506,7 +506,8 @@ fn wrap(s: &str, width: usize) -> String {
 
 /// Load a checkpoint, run the study on `data`, write grad_spikes.json and grad_spikes.png.
 pub fn run(ckpt: &Path, data: &str, opts: &SpikeOptions, out: &Path) -> Result<(SpikeReport, Vec<PathBuf>)> {
-    let (model, tok, info) = checkpoint::load_model(ckpt)?;
+    let crate::import::Opened { model, tokenizer: tok, info, .. } =
+        crate::import::open(ckpt, &crate::import::OpenOptions::differentiable())?;
     let max_len = info.config.train.seq_len.min(model.cfg.max_seq_len);
     let (samples, rule) = build_samples(&tok, data, max_len, opts)?;
     let report = analyze(&model, &samples, rule, data, opts)?;
@@ -546,7 +547,7 @@ pub fn summary(r: &SpikeReport) -> String {
 mod tests {
     use super::super::testutil::*;
     use super::*;
-    use crate::config::ModelKind;
+    use crate::base::config::ModelKind;
 
     #[test]
     fn nuclear_norms_of_real_gradients_and_all_split_rules() {

@@ -1,8 +1,7 @@
 //! Small process-level helpers: memory readings, allocator settings, and the one way files
 //! are written atomically.
 
-use crate::error::IoContext;
-use crate::Result;
+use crate::base::error::{Error, IoContext, Result};
 use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
@@ -10,11 +9,6 @@ use std::path::{Path, PathBuf};
 /// Peak resident memory of this process in MiB (Linux `VmHWM`), 0 where unknown.
 pub fn peak_rss_mb() -> f64 {
     read_status_kb("VmHWM:") / 1024.0
-}
-
-/// Current resident memory in MiB (Linux `VmRSS`), 0 where unknown.
-pub fn rss_mb() -> f64 {
-    read_status_kb("VmRSS:") / 1024.0
 }
 
 fn read_status_kb(key: &str) -> f64 {
@@ -26,17 +20,13 @@ fn read_status_kb(key: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Reset the peak-RSS counter (Linux: write 5 to /proc/self/clear_refs), so that a later
-/// `peak_rss_mb` measures one phase. Returns false where unsupported.
-pub fn reset_peak_rss() -> bool {
-    std::fs::write("/proc/self/clear_refs", "5").is_ok()
-}
-
 /// Keep freed large buffers in the heap instead of returning them to the kernel: every
 /// tensor op allocates fresh buffers, and glibc's default mmap/munmap of large blocks cost
 /// ~30% of a training step (docs/DESIGN.md §11). Call once at start-up.
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes two integers and only changes glibc's allocation thresholds; it is
+    // called at start-up (from `main`, before other threads allocate) and cannot fail unsafely.
     unsafe {
         // M_MMAP_THRESHOLD = -3, M_TRIM_THRESHOLD = -1 (malloc.h).
         libc::mallopt(-3, 1 << 30);
@@ -82,21 +72,21 @@ pub fn tune_threads() {
     if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
         std::env::set_var("CANDLE_NUM_THREADS", "1");
     }
-    if let (None, Some(local)) = (std::env::var_os("RAYON_NUM_THREADS"), crate::dist::launched_local_size()) {
+    if let (None, Some(local)) = (std::env::var_os("RAYON_NUM_THREADS"), crate::base::dist::launched_local_size()) {
         let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         std::env::set_var("RAYON_NUM_THREADS", (cores / local).max(1).to_string());
     }
 }
 
 /// Write a new file, refusing to replace one that exists (user files are never overwritten).
-pub fn write_new(path: &std::path::Path, bytes: &[u8]) -> crate::Result<()> {
+pub fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(path)
-        .map_err(|e| crate::Error::input(path, format!("cannot create: {e}")))?;
-    f.write_all(bytes).map_err(|e| crate::Error::input(path, format!("cannot write: {e}")))
+        .map_err(|e| Error::input(path, format!("cannot create: {e}")))?;
+    f.write_all(bytes).map_err(|e| Error::input(path, format!("cannot write: {e}")))
 }
 
 /// Write `path` atomically: into `path.tmpPID` beside it, fsync, rename over `path`, fsync the
@@ -176,7 +166,7 @@ impl std::fmt::Display for DeviceSpec {
 
 /// Parse and open a `--device` value: one place for every command.
 pub fn parse_device(s: &str) -> Result<candle_core::Device> {
-    open_device(s.parse().map_err(crate::Error::usage)?)
+    open_device(s.parse().map_err(Error::usage)?)
 }
 
 /// Open the device. A CUDA device needs a build with the `cuda` feature and an NVIDIA driver;
@@ -190,7 +180,7 @@ pub fn open_device(spec: DeviceSpec) -> Result<candle_core::Device> {
 
 #[cfg(not(feature = "cuda"))]
 fn open_cuda(_ordinal: usize) -> Result<candle_core::Device> {
-    Err(crate::Error::usage(
+    Err(Error::usage(
         "this itt was built without CUDA; rebuild with `cargo build --release --features cuda` (scripts/build_cuda.sh)",
     ))
 }
@@ -205,7 +195,7 @@ fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
         !unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_LAZY) }.is_null()
     });
     if !driver_found {
-        return Err(crate::Error::usage(format!(
+        return Err(Error::usage(format!(
             "cuda:{ordinal}: no NVIDIA driver here (libcuda.so.1 cannot be loaded); use --device cpu or run on a machine with an NVIDIA GPU"
         )));
     }
@@ -215,14 +205,14 @@ fn open_cuda(ordinal: usize) -> Result<candle_core::Device> {
     std::panic::set_hook(previous_hook);
     match opened {
         Ok(Ok(device)) => Ok(device),
-        Ok(Err(e)) => Err(crate::Error::usage(format!("cannot open GPU cuda:{ordinal}: {e}"))),
+        Ok(Err(e)) => Err(Error::usage(format!("cannot open GPU cuda:{ordinal}: {e}"))),
         Err(panic) => {
             let why = panic
                 .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "the CUDA library refused".into());
-            Err(crate::Error::usage(format!("cannot open GPU cuda:{ordinal}: {why}")))
+            Err(Error::usage(format!("cannot open GPU cuda:{ordinal}: {why}")))
         }
     }
 }

@@ -1,0 +1,162 @@
+//! Starting a training run as `itt train` does: new or resumed, on every rank of an `mpirun`
+//! job, with its data prepared and its folder checked (DESIGN §14). The command line parses
+//! its flags into [`LaunchOptions`] and makes one call, [`launch`].
+//!
+//! Under `mpirun -n P` every rank runs `launch`; rank 0 alone prepares data and writes the run
+//! folder, the others wait for it and then read what it wrote.
+
+use super::{prepare_data, refuse_existing_run, run, DataSpec, RunOptions, TrainSummary, Trainer, TrainerOptions};
+use crate::base::config::{OnNonFinite, RunConfig};
+use crate::base::dist::Group;
+use crate::base::util::DeviceSpec;
+use crate::data::{Dataset, Tokenizer};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+
+/// How a run starts.
+#[derive(Clone, Debug)]
+pub enum Start {
+    /// A fresh run of this config. `vocab_from_tokenizer`: the model's vocabulary is the
+    /// tokenizer's (a preset); otherwise the config's must match it (a config file).
+    New { config: Box<RunConfig>, vocab_from_tokenizer: bool },
+    /// Continue the run in the folder from this checkpoint, or from its newest intact one.
+    Resume { from: Option<PathBuf> },
+}
+
+/// Everything `itt train` decides from its flags.
+#[derive(Clone, Debug)]
+pub struct LaunchOptions {
+    /// The run folder.
+    pub out: PathBuf,
+    pub start: Start,
+    /// The training text; a raw corpus is tokenized into `out/data`.
+    pub data: DataSpec,
+    /// What to do on a non-finite loss or gradient norm, over the config's (resumed runs too).
+    pub on_nonfinite: Option<OnNonFinite>,
+    /// The device of rank 0 of each machine; under mpirun rank r of a machine takes `cuda:(N + r)`.
+    pub device: DeviceSpec,
+    /// The optimiser on the parameters' device even on the CPU (`ITT_DEVICE_OPTIMIZER=1`:
+    /// how tests reach the GPU path without a GPU; DESIGN §15).
+    pub device_optimizer: bool,
+    pub run: RunOptions,
+}
+
+/// Start (or resume) the run, train it to the end, and return rank 0's summary (`None` on the
+/// other ranks, whose metrics and checkpoints go nowhere).
+pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
+    let group = Group::from_launch()?;
+    let placed = TrainerOptions {
+        group: group.clone(),
+        device: crate::base::util::open_device(rank_device(opts.device, &group))?,
+        device_optimizer: opts.device_optimizer,
+        weights: None,
+    };
+    let (mut trainer, dataset) = match &opts.start {
+        Start::Resume { from } => resume(opts, from.as_deref(), placed)?,
+        Start::New { .. } if !group.is_lead() => join_new(opts, placed)?,
+        Start::New { config, vocab_from_tokenizer } => {
+            start_new(opts, (**config).clone(), *vocab_from_tokenizer, placed)?
+        }
+    };
+    if group.is_distributed() {
+        // Ranks that disagree here would train different models without a word.
+        group.share(trainer.cfg.train.grad_accum)?;
+        group.check_agree("model, optimiser state or data position", trainer.fingerprint()?)?;
+    }
+    let summary = run(&mut trainer, &dataset, &opts.run)?;
+    Ok(group.is_lead().then_some(summary))
+}
+
+/// Under mpirun each rank of a machine takes its own GPU: cuda:N is the first (DESIGN §14).
+fn rank_device(device: DeviceSpec, group: &Group) -> DeviceSpec {
+    match device {
+        DeviceSpec::Cuda(n) if group.is_distributed() => DeviceSpec::Cuda(n + crate::base::dist::launched_local_rank()),
+        spec => spec,
+    }
+}
+
+/// Continue the run in `out`; its data folder is prepared again if the run lost it.
+fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> Result<(Trainer, Dataset)> {
+    let group = placed.group.clone();
+    let mut trainer = Trainer::resume(&opts.out, from, placed)?;
+    if group.is_lead() {
+        for n in &trainer.notices {
+            eprintln!("{n}");
+        }
+    }
+    if let Some(v) = opts.on_nonfinite {
+        trainer.cfg.train.on_nonfinite = v;
+    }
+    let data_dir = opts.out.join("data");
+    let open = || Dataset::open(&data_dir).or_else(|_| prepare_data(&opts.data, &data_dir).map(|x| x.0));
+    // Rank 0 prepares the data if the run folder lost it; the others then find it there.
+    let lead_data = if group.is_lead() { Some(open()?) } else { None };
+    group.barrier();
+    let dataset = match lead_data {
+        Some(d) => d,
+        None => open()?,
+    };
+    dataset.check_tokenizer(&Tokenizer::from_json(&trainer.tokenizer_json)?)?;
+    Ok((trainer, dataset))
+}
+
+/// Rank 0's fresh run: checks that `out` is free before anything is written, prepares the data,
+/// writes the run folder; a folder it created is removed again if that fails.
+fn start_new(
+    opts: &LaunchOptions,
+    mut cfg: RunConfig,
+    vocab_from_tokenizer: bool,
+    placed: TrainerOptions,
+) -> Result<(Trainer, Dataset)> {
+    let group = placed.group.clone();
+    if let Some(v) = opts.on_nonfinite {
+        cfg.train.on_nonfinite = v;
+    }
+    // Checked before anything is written, so that a bad split leaves no folder behind.
+    group.share(cfg.train.grad_accum)?;
+    let out = &opts.out;
+    refuse_existing_run(out)?;
+    if out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+        return Err(Error::usage(format!(
+            "{} exists and is not empty (an unrelated folder, or a run stopped before its first checkpoint); \
+             choose another --out",
+            out.display()
+        )));
+    }
+    let created = !out.exists();
+    let setup = || -> Result<(Trainer, Dataset)> {
+        let (dataset, tok) = prepare_data(&opts.data, &out.join("data"))?;
+        if vocab_from_tokenizer {
+            cfg.model.vocab_size = tok.vocab_size();
+        }
+        cfg.validate()?;
+        Ok((Trainer::new(cfg, &tok, out, placed)?, dataset))
+    };
+    let made = match setup() {
+        Ok(x) => x,
+        Err(e) => {
+            // A run that never started leaves nothing behind in a folder it created.
+            if created {
+                let _ = std::fs::remove_dir_all(out);
+            }
+            return Err(e);
+        }
+    };
+    group.barrier();
+    Ok(made)
+}
+
+/// Another rank's part of a fresh run: what rank 0 prepared, its dataset and the run's config
+/// as it wrote them.
+fn join_new(opts: &LaunchOptions, placed: TrainerOptions) -> Result<(Trainer, Dataset)> {
+    placed.group.barrier();
+    let data_dir = opts.out.join("data");
+    let prepared = if Path::new(&opts.data.path).join("meta.json").exists() {
+        opts.data.clone()
+    } else {
+        DataSpec { path: data_dir.to_string_lossy().into_owned(), ..opts.data.clone() }
+    };
+    let (dataset, tok) = prepare_data(&prepared, &data_dir)?;
+    let cfg = RunConfig::load(&opts.out.join("config.json"))?;
+    Ok((Trainer::new(cfg, &tok, &opts.out, placed)?, dataset))
+}
