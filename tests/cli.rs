@@ -594,3 +594,28 @@ fn device_flag_refuses_cleanly() {
     }
     assert!(!out_dir.exists(), "a refused run left {o} behind");
 }
+
+#[test]
+fn the_demo_compares_thinking_on_off_and_dense_of_equal_parameters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("demo");
+    let o = itt(&["demo", "--steps", "2", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    let rows: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("compare")).take(4).collect();
+    assert_eq!(rows.len(), 4, "{text}");
+    assert!(rows[1].contains("tiny-itt4, thinking on"), "{text}");
+    assert!(rows[2].contains("thinking off"), "{text}");
+    assert!(rows[3].contains("tiny (dense"), "{text}");
+    // Every row has a loss and six kinds of problems out of 40 each.
+    for r in &rows[1..] {
+        assert_eq!(r.matches("/40").count(), 6, "{r}");
+    }
+    assert!(out.join("dense").join("latest").exists());
+    // A second demo into the same folder replaces it; --no-dense drops the dense row.
+    let o = itt(&["demo", "--steps", "1", "--no-dense", "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("compare") && !text.contains("(dense,"), "{text}");
+    assert!(!out.join("dense").exists());
+}

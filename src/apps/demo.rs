@@ -18,6 +18,9 @@ pub struct DemoOptions {
     pub preset: String,
     pub steps: Option<usize>,
     pub seed: u64,
+    /// Also train the dense model of equal parameters (the preset without `-ittT`) on the same
+    /// data, seed and steps, and compare.
+    pub dense: bool,
 }
 
 const MARKER: &str = ".itt-demo";
@@ -89,8 +92,9 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let causal = RoutingOptions { mode, calibration: calibration.clone(), ..Default::default() };
     let off = RoutingOptions { steps: Some(1), ..Default::default() };
     let thinks = trainer.model.thinking_layers().next().is_some();
+    let mut val_off = None;
     if thinks {
-        let val_off = val_with(&off)?;
+        let val_off = *val_off.insert(val_with(&off)?);
         let val_causal = val_with(&causal)?;
         println!(
             "thinking validation loss {val_off:.4} with the extra steps off, {val:.4} on (top-k), {val_causal:.4} on (causal): \
@@ -103,23 +107,90 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let problems = reasoning::default_problems();
     let on = reasoning::solve_rates(&trainer.model, &tok, &problems, &causal)?;
     println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", on.line());
-    if thinks {
-        let without = reasoning::solve_rates(&trainer.model, &tok, &problems, &off)?;
-        println!(
-            "         thinking on {}/{} ({:.1}%), off {}/{} ({:.1}%); off: {}",
-            on.solved(),
-            on.asked(),
-            100.0 * on.accuracy(),
-            without.solved(),
-            without.asked(),
-            100.0 * without.accuracy(),
-            without.line()
-        );
+    let without = if thinks { Some(reasoning::solve_rates(&trainer.model, &tok, &problems, &off)?) } else { None };
+    let dense = match dense_preset(opts) {
+        Some(name) => Some(train_dense(&name, &cfg, &dataset, &tok, &out.join("dense"), &problems)?),
+        None => None,
+    };
+    let mut table = vec![(format!("{}, thinking on", opts.preset), val, on.clone())];
+    if let (Some(v), Some(w)) = (val_off, without) {
+        table.push((format!("{}, thinking off (same weights)", opts.preset), v, w));
     }
+    if let Some((name, v, r)) = dense {
+        table.push((format!("{name} (dense, {:.2}M parameters)", r.1), v, r.0));
+    }
+    compare(&table);
     show_sample(&trainer, &tok, calibration, mode)?;
-    println!("files    {}/metrics.jsonl, {}/checkpoints/, {}/data/", out.display(), out.display(), out.display());
+    println!("files    {0}/metrics.jsonl, {0}/checkpoints/, {0}/data/, {0}/dense/ (the dense run)", out.display());
     println!("next     itt generate --checkpoint {} --prompt \"47+85=\" --show-depth --temperature 0", out.display());
     Ok(())
+}
+
+/// The dense preset of equal parameters for an ITT or Loop preset (`tiny-itt4` -> `tiny`), or
+/// none when the demo's model is dense or the comparison is off.
+fn dense_preset(opts: &DemoOptions) -> Option<String> {
+    let (size, kind) = opts.preset.split_once('-')?;
+    (opts.dense && !kind.is_empty()).then(|| size.to_string())
+}
+
+/// Train the dense model on the same data, seed and steps (quietly), and score it as the ITT
+/// model was: validation loss on the whole split, held-out problems greedily with a KV cache.
+/// Returns (preset, validation loss, (solve rates, parameters in millions)).
+fn train_dense(
+    name: &str,
+    itt: &config::RunConfig,
+    dataset: &crate::data::Dataset,
+    tok: &Tokenizer,
+    dir: &std::path::Path,
+    problems: &[reasoning::Problem],
+) -> Result<(String, f64, (reasoning::SolveRates, f64))> {
+    let mut cfg = config::preset(name)?;
+    cfg.model.vocab_size = itt.model.vocab_size;
+    cfg.train = itt.train.clone();
+    cfg.validate()?;
+    println!(
+        "dense    training {name} ({:.2}M parameters, no thinking) for the same {} steps, seed and data ...",
+        cfg.model.n_params() as f64 / 1e6,
+        cfg.train.max_steps
+    );
+    let mut trainer = Trainer::new(cfg.clone(), tok, dir, TrainerOptions::default())?;
+    let summary = train::run(&mut trainer, dataset, &RunOptions { quiet: true, ..Default::default() })?;
+    let val = crate::eval::shard_loss(
+        &trainer.model,
+        &dataset.val,
+        cfg.train.batch_size,
+        cfg.train.seq_len,
+        0,
+        &RoutingOptions::default(),
+    )?;
+    println!("         {} steps in {:.0} s ({:.0} tokens/s)", summary.steps, summary.seconds, summary.tokens_per_s);
+    let rates = reasoning::solve_rates(&trainer.model, tok, problems, &RoutingOptions::default())?;
+    Ok((name.to_string(), val, (rates, cfg.model.n_params() as f64 / 1e6)))
+}
+
+/// The comparison that matters, one line per model: validation loss and held-out problems
+/// solved, in all and per kind.
+fn compare(table: &[(String, f64, reasoning::SolveRates)]) {
+    let kinds: Vec<String> = table.first().map(|t| t.2.by_kind.keys().cloned().collect()).unwrap_or_default();
+    let width = table.iter().map(|t| t.0.len()).max().unwrap_or(0).max(5);
+    let mut head = format!("compare  {:width$}  val loss  solved      ", "model");
+    for k in &kinds {
+        head.push_str(&format!(" {k:>6}"));
+    }
+    println!("{head}");
+    for (name, val, rates) in table {
+        let mut line = format!(
+            "         {name:width$}  {val:8.4}  {:3}/{:<3} {:4.1}%",
+            rates.solved(),
+            rates.asked(),
+            100.0 * rates.accuracy()
+        );
+        for k in &kinds {
+            let (c, n) = rates.by_kind.get(k).copied().unwrap_or((0, 0));
+            line.push_str(&format!(" {:>6}", format!("{c}/{n}")));
+        }
+        println!("{line}");
+    }
 }
 
 /// The data, model and training settings, before training.

@@ -876,7 +876,9 @@ fn token_classes(
         tokens::trace(&model, &dataset.val, b, l, opts.eval_batches, &routing)
     };
     // (variant, group, class) -> per seed (share, dense loss, loss, diff, contribution)
-    let mut acc: Vec<((String, String, String), Vec<[f64; 5]>)> = vec![];
+    // (variant, group, class) -> per seed [share, dense loss, loss, diff, contribution].
+    type PerSeed = Vec<[f64; 5]>;
+    let mut acc: Vec<((String, String, String), PerSeed)> = vec![];
     for s in 0..opts.seeds {
         let mut dense_traces: Vec<(f64, tokens::TokenTrace)> = vec![];
         for var in &thinkers {

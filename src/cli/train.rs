@@ -21,6 +21,10 @@ pub struct DemoArgs {
     steps: usize,
     #[arg(long, default_value_t = 1337)]
     seed: u64,
+    /// Skip the dense model of equal parameters (trained on the same data, seed and steps
+    /// for the comparison at the end).
+    #[arg(long)]
+    no_dense: bool,
 }
 
 #[derive(Args)]
@@ -188,7 +192,13 @@ pub struct ExperimentArgs {
 }
 
 pub fn demo(a: DemoArgs) -> Result<()> {
-    demo::run(&demo::DemoOptions { out: a.out, preset: a.preset, steps: Some(a.steps), seed: a.seed })
+    demo::run(&demo::DemoOptions {
+        out: a.out,
+        preset: a.preset,
+        steps: Some(a.steps),
+        seed: a.seed,
+        dense: !a.no_dense,
+    })
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {

@@ -183,11 +183,11 @@ pub fn compare(base: &TokenTrace, model: &TokenTrace, classes: &Classifier) -> V
     let mut rows = vec![];
     for (group, names) in groups {
         let mut acc: BTreeMap<&str, (usize, f64, f64)> = BTreeMap::new();
-        for i in 0..n {
-            let e = acc.entry(names[i].as_str()).or_default();
+        for ((name, &b), &m) in names.iter().zip(&base.nll).zip(&model.nll).take(n) {
+            let e = acc.entry(name.as_str()).or_default();
             e.0 += 1;
-            e.1 += base.nll[i] as f64;
-            e.2 += model.nll[i] as f64;
+            e.1 += b as f64;
+            e.2 += m as f64;
         }
         for (class, (count, b, m)) in acc {
             let share = count as f64 / n.max(1) as f64;
