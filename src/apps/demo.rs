@@ -92,9 +92,8 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let causal = RoutingOptions { mode, calibration: calibration.clone(), ..Default::default() };
     let off = RoutingOptions { steps: Some(1), ..Default::default() };
     let thinks = trainer.model.thinking_layers().next().is_some();
-    let mut val_off = None;
-    if thinks {
-        let val_off = *val_off.insert(val_with(&off)?);
+    let val_off = if thinks { Some(val_with(&off)?) } else { None };
+    if let Some(val_off) = val_off {
         let val_causal = val_with(&causal)?;
         println!(
             "thinking validation loss {val_off:.4} with the extra steps off, {val:.4} on (top-k), {val_causal:.4} on (causal): \
@@ -109,15 +108,15 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", on.line());
     let without = if thinks { Some(reasoning::solve_rates(&trainer.model, &tok, &problems, &off)?) } else { None };
     let dense = match dense_preset(opts) {
-        Some(name) => Some(train_dense(&name, &cfg, &dataset, &tok, &out.join("dense"), &problems)?),
+        Some(name) => Some((train_dense(&name, &cfg, &dataset, &tok, &out.join("dense"), &problems)?, name)),
         None => None,
     };
-    let mut table = vec![(format!("{}, thinking on", opts.preset), val, on.clone())];
+    let mut table = vec![(format!("{}, thinking on", opts.preset), val, on)];
     if let (Some(v), Some(w)) = (val_off, without) {
         table.push((format!("{}, thinking off (same weights)", opts.preset), v, w));
     }
-    if let Some((name, v, r)) = dense {
-        table.push((format!("{name} (dense, {:.2}M parameters)", r.1), v, r.0));
+    if let Some((d, name)) = dense {
+        table.push((format!("{name} (dense, {:.2}M parameters)", d.params as f64 / 1e6), d.val, d.rates));
     }
     compare(&table);
     show_sample(&trainer, &tok, calibration, mode)?;
@@ -133,9 +132,15 @@ fn dense_preset(opts: &DemoOptions) -> Option<String> {
     (opts.dense && !kind.is_empty()).then(|| size.to_string())
 }
 
+/// The dense twin's scores.
+struct Scored {
+    val: f64,
+    rates: reasoning::SolveRates,
+    params: usize,
+}
+
 /// Train the dense model on the same data, seed and steps (quietly), and score it as the ITT
 /// model was: validation loss on the whole split, held-out problems greedily with a KV cache.
-/// Returns (preset, validation loss, (solve rates, parameters in millions)).
 fn train_dense(
     name: &str,
     itt: &config::RunConfig,
@@ -143,7 +148,7 @@ fn train_dense(
     tok: &Tokenizer,
     dir: &std::path::Path,
     problems: &[reasoning::Problem],
-) -> Result<(String, f64, (reasoning::SolveRates, f64))> {
+) -> Result<Scored> {
     let mut cfg = config::preset(name)?;
     cfg.model.vocab_size = itt.model.vocab_size;
     cfg.train = itt.train.clone();
@@ -165,7 +170,7 @@ fn train_dense(
     )?;
     println!("         {} steps in {:.0} s ({:.0} tokens/s)", summary.steps, summary.seconds, summary.tokens_per_s);
     let rates = reasoning::solve_rates(&trainer.model, tok, problems, &RoutingOptions::default())?;
-    Ok((name.to_string(), val, (rates, cfg.model.n_params() as f64 / 1e6)))
+    Ok(Scored { val, rates, params: cfg.model.n_params() })
 }
 
 /// The comparison that matters, one line per model: validation loss and held-out problems

@@ -27,7 +27,7 @@
 use crate::base::config::{self, ModelKind, ResidualForm, RoutedAttention, RunConfig};
 use crate::base::error::IoContext;
 use crate::eval::reasoning::{self, SolveRates};
-use crate::flops::flops_per_token;
+use crate::flops::{flops_per_token, Flops};
 use crate::model::{Routing, RoutingOptions};
 use crate::train::{self, DataSpec, RunOptions, Trainer};
 use crate::{checkpoint, data, eval, Error, Result};
@@ -966,16 +966,7 @@ fn summarize(
         let mut cfg = var.cfg.clone();
         cfg.model.vocab_size = vocab_size;
         let f = flops_per_token(&cfg.model, cfg.train.seq_len, routing.steps, routing.ratios.as_deref());
-        // Against the experiment's dense baseline, not the model's own layer count: a deeper
-        // dense model (dense2x) costs twice the baseline, not 1.00x.
-        let flops_vs_dense = match dense {
-            Some(d) => {
-                let mut base = d.cfg.model.clone();
-                base.vocab_size = vocab_size;
-                f.forward / flops_per_token(&base, d.cfg.train.seq_len, None, None).forward
-            }
-            None => f.ratio_to_dense,
-        };
+        let flops_vs_dense = flops_against(&f, dense, vocab_size);
         let dense_curve = dense.and_then(|d| curves.iter().find(|c| c.variant == d.name));
         let tokens_to_dense = match (dense_curve, *role == Role::Trained && !is_dense) {
             (Some(d), true) => {
@@ -1008,6 +999,20 @@ fn summarize(
     rows
 }
 
+/// Forward FLOPs per token against the experiment's dense baseline (at `vocab_size`), not
+/// against the model's own layer count: a deeper dense model (dense2x) costs about twice the
+/// baseline, not 1.00x. Without a dense variant, against the model's own dense equivalent.
+fn flops_against(f: &Flops, dense: Option<&Variant>, vocab_size: usize) -> f64 {
+    match dense {
+        Some(d) => {
+            let mut base = d.cfg.model.clone();
+            base.vocab_size = vocab_size;
+            f.forward / flops_per_token(&base, d.cfg.train.seq_len, None, None).forward
+        }
+        None => f.ratio_to_dense,
+    }
+}
+
 /// With a learning-rate sweep: each model at the multiplier with its lowest mean validation
 /// loss (as trained) on each corpus, against dense at dense's own best; then pooled over the
 /// corpora (each corpus at its own best rates).
@@ -1036,14 +1041,10 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
             .min_by(|a, b| a.1.total_cmp(&b.1))
     };
     let dense_model = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense).map(|v| v.model.clone());
-    // FLOPs per token against the dense baseline's (a deeper dense model is not 1.00x).
     let dense_base = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense");
     let flops_vs_dense = |v: &Variant| {
-        let mine = flops_per_token(&v.cfg.model, v.cfg.train.seq_len, None, None);
-        match dense_base {
-            Some(d) => mine.forward / flops_per_token(&d.cfg.model, d.cfg.train.seq_len, None, None).forward,
-            None => mine.ratio_to_dense,
-        }
+        let f = flops_per_token(&v.cfg.model, v.cfg.train.seq_len, None, None);
+        flops_against(&f, dense_base, v.cfg.model.vocab_size)
     };
     let mut out = vec![];
     for m in &models {

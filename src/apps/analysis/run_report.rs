@@ -103,14 +103,12 @@ fn phi_series(lines: &[Value]) -> BTreeMap<(u64, usize), Vec<(f64, f64)>> {
     out
 }
 
+/// A line panel over training steps.
+fn line(title: &str, y: &str, series: Vec<Series>) -> Panel {
+    Panel::Line { title: title.into(), x_label: "step".into(), y_label: y.into(), series, x_ticks: None }
+}
+
 fn training_panels(m: &Metrics) -> Vec<Panel> {
-    let line = |title: &str, y: &str, series: Vec<Series>| Panel::Line {
-        title: title.into(),
-        x_label: "step".into(),
-        y_label: y.into(),
-        series,
-        x_ticks: None,
-    };
     let mut loss = vec![Series::new("train", series_of(&m.train, "loss"), plot::color(0))];
     let val = series_of(&m.val, "val_loss");
     if !val.is_empty() {
@@ -140,13 +138,6 @@ fn routing_panels(m: &Metrics) -> Vec<Panel> {
             .enumerate()
             .map(|(i, ((l, t), pts))| Series::new(format!("L{l} t{t}"), pts, plot::color(i)))
             .collect()
-    };
-    let line = |title: &str, y: &str, series: Vec<Series>| Panel::Line {
-        title: title.into(),
-        x_label: "step".into(),
-        y_label: y.into(),
-        series,
-        x_ticks: None,
     };
     let phi: Vec<Series> = phi_series(&m.train)
         .into_iter()
