@@ -669,10 +669,8 @@ fn tokens_to_reach(points: &[(f64, f64)], target: f64) -> Option<f64> {
 
 /// Per-seed paired differences a - b over the (corpus, seed) pairs both have.
 fn paired(a: &[&RunResult], b: &[&RunResult], f: impl Fn(&RunResult, &RunResult) -> f64) -> Option<Estimate> {
-    let d: Vec<f64> = a
-        .iter()
-        .filter_map(|x| b.iter().find(|y| y.seed == x.seed && y.corpus == x.corpus).map(|y| f(x, y)))
-        .collect();
+    let d: Vec<f64> =
+        a.iter().filter_map(|x| b.iter().find(|y| y.seed == x.seed && y.corpus == x.corpus).map(|y| f(x, y))).collect();
     (!d.is_empty()).then(|| Estimate::of(&d))
 }
 
@@ -855,7 +853,9 @@ fn token_classes(
 ) -> Result<Vec<ClassSummary>> {
     use crate::analysis::tokens::{self, Classifier};
     let dense_of = |scale: f64| {
-        variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
+        variants
+            .iter()
+            .find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
     };
     let thinkers: Vec<&Variant> = variants
         .iter()
@@ -931,7 +931,9 @@ fn summarize(
     };
     // Dense at the same learning-rate multiplier is each row's partner.
     let dense_of = |scale: f64| {
-        variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
+        variants
+            .iter()
+            .find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense" && v.lr_scale == scale)
             .or_else(|| variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.lr_scale == scale))
     };
     let mut rows = vec![];
@@ -1055,7 +1057,11 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
                 lr_scale: f64::NAN,
                 lr: f64::NAN,
                 val_loss_mean: f64::NAN,
-                vs_dense: if is_dense { None } else { paired(&pooled_mine, &pooled_dense, |a, b| a.val_loss - b.val_loss) },
+                vs_dense: if is_dense {
+                    None
+                } else {
+                    paired(&pooled_mine, &pooled_dense, |a, b| a.val_loss - b.val_loss)
+                },
                 flops_vs_dense: flops_per_token(&m.cfg.model, m.cfg.train.seq_len, None, None).ratio_to_dense,
             });
         }
@@ -1164,7 +1170,10 @@ fn pooled_table(r: &ExperimentResults) -> String {
         ));
         for c in &r.corpora {
             let here = r.rows.iter().find(|x| &x.corpus == c && x.variant == row.variant && x.setting == row.setting);
-            s.push_str(&format!(" {} |", here.and_then(|x| x.vs_dense).map(|e| format!("{:+.4}", e.mean)).unwrap_or_else(dash)));
+            s.push_str(&format!(
+                " {} |",
+                here.and_then(|x| x.vs_dense).map(|e| format!("{:+.4}", e.mean)).unwrap_or_else(dash)
+            ));
         }
         s.push_str(&format!(" {:.2}x |\n", row.flops_vs_dense));
     }
@@ -1276,7 +1285,9 @@ pub fn markdown(r: &ExperimentResults, opts: &ExperimentOptions) -> String {
         .filter(|row| row.solved.is_some() && row.corpus != "pooled")
         .map(|row| {
             let mut by_kind: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
-            for run in r.runs.iter().filter(|x| x.corpus == row.corpus && x.variant == row.variant && x.setting == row.setting) {
+            for run in
+                r.runs.iter().filter(|x| x.corpus == row.corpus && x.variant == row.variant && x.setting == row.setting)
+            {
                 for (k, (c, n)) in run.solved.iter().flat_map(|s| s.by_kind.iter()) {
                     let e = by_kind.entry(k.clone()).or_default();
                     e.0 += c;

@@ -288,10 +288,19 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
         assert_eq!(r.rows.iter().filter(|row| row.corpus == c).count(), 8, "{c}");
     }
     // The pooled difference is the mean over all four (corpus, seed) pairs of its corpora's.
-    let pooled = r.rows.iter().find(|x| x.corpus == "pooled" && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap();
+    let pooled =
+        r.rows.iter().find(|x| x.corpus == "pooled" && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap();
     let per: Vec<f64> = ["one-char", "two-char"]
         .iter()
-        .map(|c| r.rows.iter().find(|x| x.corpus == *c && x.variant == "itt4-lr2" && x.role == Role::Trained).unwrap().vs_dense.unwrap().mean)
+        .map(|c| {
+            r.rows
+                .iter()
+                .find(|x| x.corpus == *c && x.variant == "itt4-lr2" && x.role == Role::Trained)
+                .unwrap()
+                .vs_dense
+                .unwrap()
+                .mean
+        })
         .collect();
     let vs = pooled.vs_dense.unwrap();
     assert_eq!(vs.n, 4);
@@ -299,7 +308,15 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
     // Best rates: per corpus and pooled, for dense and ITT.
     assert_eq!(r.best_lr.len(), 6);
     for b in r.best_lr.iter().filter(|b| b.corpus != "pooled") {
-        let rows: Vec<_> = r.rows.iter().filter(|x| x.corpus == b.corpus && x.role == Role::Trained && (x.variant == b.model || x.variant == format!("{}-lr2", b.model))).collect();
+        let rows: Vec<_> = r
+            .rows
+            .iter()
+            .filter(|x| {
+                x.corpus == b.corpus
+                    && x.role == Role::Trained
+                    && (x.variant == b.model || x.variant == format!("{}-lr2", b.model))
+            })
+            .collect();
         let least = rows.iter().map(|x| x.val_loss_mean).fold(f64::INFINITY, f64::min);
         assert_eq!(b.val_loss_mean, least, "{} {}", b.corpus, b.model);
     }

@@ -231,7 +231,12 @@ mod tests {
         // Positions: " a", "ab", "b ", " c"; the model gains 0.4 on the word starts only.
         let input = vec![id(' '), id('a'), id('b'), id(' ')];
         let target = vec![id('a'), id('b'), id(' '), id('c')];
-        let base = TokenTrace { input: input.clone(), target: target.clone(), nll: vec![2.0, 1.0, 0.5, 3.0], ..Default::default() };
+        let base = TokenTrace {
+            input: input.clone(),
+            target: target.clone(),
+            nll: vec![2.0, 1.0, 0.5, 3.0],
+            ..Default::default()
+        };
         let mut took = BTreeMap::new();
         took.insert((1, 2), vec![true, false, false, true]);
         let model = TokenTrace { input, target, nll: vec![1.6, 1.0, 0.5, 2.6], took };

@@ -3,7 +3,7 @@
 use super::ModelSource;
 use crate::config::{OnNonFinite, ResidualForm, Trainable};
 use crate::ops::Precision;
-use crate::train::{DataSpec, LaunchOptions, RunOptions, Start};
+use crate::train::{preempt, DataSpec, LaunchOptions, RunOptions, Start};
 use crate::{data, demo, report, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -81,6 +81,11 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    /// Signals that stop training at the next step boundary with a checkpoint and exit status
+    /// 75 (comma-separated names or numbers, or none; default $ITT_PREEMPT_SIGNALS, else
+    /// TERM,INT,USR1). A second signal exits at once.
+    #[arg(long)]
+    preempt_signals: Option<String>,
     #[command(flatten)]
     device: super::DeviceArg,
 }
@@ -182,6 +187,11 @@ pub struct ExperimentArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     quiet: bool,
+    /// Signals that stop training at the next step boundary with a checkpoint and exit status
+    /// 75 (comma-separated names or numbers, or none; default $ITT_PREEMPT_SIGNALS, else
+    /// TERM,INT,USR1). A second signal exits at once.
+    #[arg(long)]
+    preempt_signals: Option<String>,
     #[command(flatten)]
     device: super::DeviceArg,
 }
@@ -191,6 +201,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    preempt::install(&preempt::signals_from(a.preempt_signals.as_deref())?)?;
     let start = if a.resume {
         Start::Resume { from: a.checkpoint }
     } else {
@@ -280,6 +291,8 @@ pub fn retrofit(a: RetrofitArgs) -> Result<()> {
 }
 
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
+    // The run in flight checkpoints and stops; the same command later resumes the grid there.
+    preempt::install(&preempt::signals_from(a.preempt_signals.as_deref())?)?;
     let opts = crate::experiment::ExperimentOptions {
         out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs/experiments")),
         name: a.name,
@@ -288,7 +301,11 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
             .data
             .iter()
             .flat_map(|path| {
-                a.tokenizer.iter().map(|tok| DataSpec { path: path.clone(), tokenizer: tok.clone(), ..Default::default() })
+                a.tokenizer.iter().map(|tok| DataSpec {
+                    path: path.clone(),
+                    tokenizer: tok.clone(),
+                    ..Default::default()
+                })
             })
             .collect(),
         lr_scales: a.lr_scales,

@@ -1,0 +1,175 @@
+//! Runs that survive a cluster (issue 26): preemption by a signal, one writer per run folder,
+//! extending a finished run, verified checkpoint loads. Each test drives the built binary as
+//! a scheduler or a user would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn itt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_itt")).args(args).output().expect("the itt binary runs")
+}
+
+fn spawn(args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_itt"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the itt binary starts")
+}
+
+fn ok(out: &Output) {
+    assert!(out.status.success(), "failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A small fast run: tiny model, one metrics line per step (so a resumed run's lines can be
+/// compared one for one with an uninterrupted run's).
+fn train_args<'a>(out: &'a Path, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--preset",
+        "tiny-itt2",
+        "--steps",
+        steps,
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "7",
+        "--quiet",
+        "--out",
+        s(out),
+    ]
+}
+
+/// The metrics lines without their timings.
+fn metrics(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            for k in ["elapsed_s", "tokens_per_s", "comm_s"] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v.to_string()
+        })
+        .collect()
+}
+
+fn latest(run: &Path) -> PathBuf {
+    run.join(std::fs::read_to_string(run.join("latest")).unwrap().trim())
+}
+
+/// The final weights and optimiser state, byte for byte.
+fn final_state(run: &Path) -> (Vec<u8>, Vec<u8>) {
+    let dir = latest(run);
+    (std::fs::read(dir.join("model.safetensors")).unwrap(), std::fs::read(dir.join("optimizer.safetensors")).unwrap())
+}
+
+fn metric_lines(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+/// Wait until the run has logged `lines` metrics lines (or the child ended).
+fn wait_for_lines(child: &mut Child, run: &Path, lines: usize) {
+    let t0 = Instant::now();
+    while metric_lines(run) < lines {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it was signalled");
+        assert!(t0.elapsed() < Duration::from_secs(120), "the run made no progress");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, sig) }, 0);
+}
+
+/// A pseudo-random number from the clock, printed so that a failure can be reproduced.
+fn random_below(n: usize) -> usize {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
+    let r = nanos.wrapping_mul(2654435761) % n;
+    eprintln!("random pick: {r} of {n}");
+    r
+}
+
+#[test]
+fn a_signal_at_a_random_step_then_resume_equals_the_uninterrupted_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (whole, cut) = (dir.path().join("whole"), dir.path().join("cut"));
+    ok(&itt(&train_args(&whole, "120")));
+
+    for (sig, exit) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGUSR1, "SIGUSR1")] {
+        let _ = std::fs::remove_dir_all(&cut);
+        let mut child = spawn(&train_args(&cut, "120"));
+        // Somewhere in the first half of the run, then a random extra wait inside a step.
+        wait_for_lines(&mut child, &cut, 2 + random_below(50));
+        std::thread::sleep(Duration::from_micros(random_below(20_000) as u64));
+        signal(&child, sig);
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(75), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(exit) && stderr.contains("--resume"), "{stderr}");
+        let stopped = latest(&cut);
+        let step: usize = stopped.file_name().unwrap().to_str().unwrap()["step-".len()..].parse().unwrap();
+        assert!(step < 120, "the run was not stopped early: {}", stopped.display());
+        ok(&itt(&["verify", s(&stopped)]));
+
+        ok(&itt(&["train", "--out", s(&cut), "--resume", "--quiet"]));
+        assert!(final_state(&cut) == final_state(&whole), "stopped at step {step}: the final state differs");
+        assert_eq!(metrics(&cut), metrics(&whole), "stopped at step {step}");
+    }
+}
+
+#[test]
+fn a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // Slow steps (about half a second here), so that both signals land inside one.
+    let mut child = spawn(&[
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "50",
+        "--batch-size",
+        "16",
+        "--seq-len",
+        "128",
+        "--log-interval",
+        "1",
+        "--checkpoint-interval",
+        "0",
+        "--quiet",
+        "--out",
+        s(&run),
+    ]);
+    wait_for_lines(&mut child, &run, 1);
+    signal(&child, libc::SIGINT);
+    std::thread::sleep(Duration::from_millis(20));
+    signal(&child, libc::SIGINT);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGINT), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn preemption_signals_can_be_chosen_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = train_args(&run, "1");
+    args.extend(["--preempt-signals", "KILL"]);
+    let out = itt(&args);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("KILL"));
+    assert!(!run.exists(), "a refused run left a folder behind");
+}
