@@ -1073,6 +1073,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     let (variants, paper_metric) = grid(opts)?;
     let corpora = Corpus::all(opts)?;
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
+    // One experiment writes a folder at a time (its runs, results and shared data).
+    let _lock = train::lock::RunLock::acquire(&opts.out)?;
     let mut runs: Vec<RunResult> = vec![];
     let mut curves = vec![];
     let mut classes = vec![];

@@ -173,3 +173,66 @@ fn preemption_signals_can_be_chosen_and_bad_ones_are_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("KILL"));
     assert!(!run.exists(), "a refused run left a folder behind");
 }
+
+fn slow_run<'a>(out: &'a Path, steps: &'a str) -> Vec<&'a str> {
+    vec![
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        steps,
+        "--batch-size",
+        "16",
+        "--seq-len",
+        "128",
+        "--log-interval",
+        "1",
+        "--checkpoint-interval",
+        "1",
+        "--quiet",
+        "--out",
+        s(out),
+    ]
+}
+
+#[test]
+fn a_second_writer_is_refused_with_the_holder_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut holder = spawn(&slow_run(&run, "400"));
+    wait_for_lines(&mut holder, &run, 4);
+    let lines_before = metric_lines(&run);
+    let out = itt(&["train", "--out", s(&run), "--resume", "--quiet"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a second writer ran: {stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains(&format!("PID {}", holder.id())) && stderr.contains("lock"), "{stderr}");
+    // Readers need no lock.
+    ok(&itt(&["verify", s(&run)]));
+    signal(&holder, libc::SIGTERM);
+    let out = holder.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(75), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(metric_lines(&run) >= lines_before);
+    // Released on exit: the next writer goes ahead, with no word about a stale lock.
+    let out = itt(&["train", "--out", s(&run), "--resume", "--stop-at", &(lines_before + 2).to_string(), "--quiet"]);
+    ok(&out);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("taken over"));
+}
+
+#[test]
+fn a_lock_left_by_a_dead_process_is_reported_and_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    ok(&itt(&train_args(&run, "2")));
+    // A process that has ended: its PID is no holder of any lock.
+    let mut gone = Command::new("true").spawn().unwrap();
+    gone.wait().unwrap();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let text = format!("{{\"host\": \"{}\", \"pid\": {}}}\n", host.trim(), gone.id());
+    std::fs::write(run.join("lock"), text).unwrap();
+    let out = itt(&["train", "--out", s(&run), "--resume", "--steps", "4", "--quiet"]);
+    ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("PID {}", gone.id())) && stderr.contains("taken over"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(run.join("lock")).unwrap(), "", "the lock was not released");
+}

@@ -5,6 +5,7 @@
 //! Under `mpirun -n P` every rank runs `launch`; rank 0 alone prepares data and writes the run
 //! folder, the others wait for it and then read what it wrote.
 
+use super::lock::RunLock;
 use super::{prepare_data, refuse_existing_run, run, DataSpec, RunOptions, TrainSummary, Trainer, TrainerOptions};
 use crate::config::{OnNonFinite, RunConfig};
 use crate::data::{Dataset, Tokenizer};
@@ -51,7 +52,8 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
         device_optimizer: opts.device_optimizer,
         weights: None,
     };
-    let (mut trainer, dataset) = match &opts.start {
+    // Held until training ends; rank 0 alone writes, so it alone locks (DESIGN §14).
+    let (mut trainer, dataset, _lock) = match &opts.start {
         Start::Resume { from } => resume(opts, from.as_deref(), placed)?,
         Start::New { .. } if !group.is_lead() => join_new(opts, placed)?,
         Start::New { config, vocab_from_tokenizer } => {
@@ -67,6 +69,9 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
     Ok(group.is_lead().then_some(summary))
 }
 
+/// A run ready to train, and rank 0's lock of its folder.
+type Started = (Trainer, Dataset, Option<RunLock>);
+
 /// Under mpirun each rank of a machine takes its own GPU: cuda:N is the first (DESIGN §14).
 fn rank_device(device: DeviceSpec, group: &Group) -> DeviceSpec {
     match device {
@@ -75,9 +80,21 @@ fn rank_device(device: DeviceSpec, group: &Group) -> DeviceSpec {
     }
 }
 
+/// Rank 0's lock of the run folder, announcing a stale one it took over.
+fn lock(dir: &Path) -> Result<RunLock> {
+    let lock = RunLock::acquire(dir)?;
+    if let Some(note) = &lock.took_over {
+        eprintln!("{note}");
+    }
+    Ok(lock)
+}
+
 /// Continue the run in `out`; its data folder is prepared again if the run lost it.
-fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> Result<(Trainer, Dataset)> {
+fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> Result<Started> {
     let group = placed.group.clone();
+    // Before anything is read, so that no other writer changes the run under this one; a
+    // folder that does not exist is left to `Trainer::resume` to report (and not created).
+    let held = if group.is_lead() && opts.out.is_dir() { Some(lock(&opts.out)?) } else { None };
     let mut trainer = Trainer::resume(&opts.out, from, placed)?;
     if group.is_lead() {
         for n in &trainer.notices {
@@ -97,7 +114,7 @@ fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> 
         None => open()?,
     };
     dataset.check_tokenizer(&Tokenizer::from_json(&trainer.tokenizer_json)?)?;
-    Ok((trainer, dataset))
+    Ok((trainer, dataset, held))
 }
 
 /// Rank 0's fresh run: checks that `out` is free before anything is written, prepares the data,
@@ -107,7 +124,7 @@ fn start_new(
     mut cfg: RunConfig,
     vocab_from_tokenizer: bool,
     placed: TrainerOptions,
-) -> Result<(Trainer, Dataset)> {
+) -> Result<Started> {
     let group = placed.group.clone();
     if let Some(v) = opts.on_nonfinite {
         cfg.train.on_nonfinite = v;
@@ -116,7 +133,8 @@ fn start_new(
     group.share(cfg.train.grad_accum)?;
     let out = &opts.out;
     refuse_existing_run(out)?;
-    if out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+    let others = |d: std::fs::ReadDir| d.flatten().any(|e| e.file_name() != super::lock::LOCK_FILE);
+    if out.read_dir().map(others).unwrap_or(false) {
         return Err(Error::usage(format!(
             "{} exists and is not empty (an unrelated folder, or a run stopped before its first checkpoint); \
              choose another --out",
@@ -124,6 +142,16 @@ fn start_new(
         )));
     }
     let created = !out.exists();
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.clone(), source: e })?;
+    let held = match lock(out) {
+        Ok(l) => l,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_dir_all(out);
+            }
+            return Err(e);
+        }
+    };
     let setup = || -> Result<(Trainer, Dataset)> {
         let (dataset, tok) = prepare_data(&opts.data, &out.join("data"))?;
         if vocab_from_tokenizer {
@@ -143,12 +171,12 @@ fn start_new(
         }
     };
     group.barrier();
-    Ok(made)
+    Ok((made.0, made.1, Some(held)))
 }
 
 /// Another rank's part of a fresh run: what rank 0 prepared, its dataset and the run's config
 /// as it wrote them.
-fn join_new(opts: &LaunchOptions, placed: TrainerOptions) -> Result<(Trainer, Dataset)> {
+fn join_new(opts: &LaunchOptions, placed: TrainerOptions) -> Result<Started> {
     placed.group.barrier();
     let data_dir = opts.out.join("data");
     let prepared = if Path::new(&opts.data.path).join("meta.json").exists() {
@@ -158,5 +186,5 @@ fn join_new(opts: &LaunchOptions, placed: TrainerOptions) -> Result<(Trainer, Da
     };
     let (dataset, tok) = prepare_data(&prepared, &data_dir)?;
     let cfg = RunConfig::load(&opts.out.join("config.json"))?;
-    Ok((Trainer::new(cfg, &tok, &opts.out, placed)?, dataset))
+    Ok((Trainer::new(cfg, &tok, &opts.out, placed)?, dataset, None))
 }

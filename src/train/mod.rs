@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod launch;
+pub mod lock;
 pub mod preempt;
 pub use launch::{launch, LaunchOptions, Start};
 
