@@ -322,6 +322,13 @@ pub struct TrainConfig {
     /// Micro-batches per optimiser step.
     pub grad_accum: usize,
     pub max_steps: usize,
+    /// Length of the learning-rate schedule (warm-up + cosine) and of the capacity warm-up when
+    /// it is not `max_steps`: a run extended by `itt train --resume --steps N` keeps its
+    /// original schedule, and past its end the rate stays at the cosine's final value (a
+    /// constant tail), so the steps before the old end are unchanged (DESIGN §14.3). Absent
+    /// (the usual case): `max_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_steps: Option<usize>,
     /// Peak learning rate.
     pub lr: f64,
     /// Final learning rate as a share of the peak (cosine decay ends here; DESIGN §2: 10%).
@@ -442,6 +449,7 @@ impl Default for TrainConfig {
             seq_len: 128,
             grad_accum: 1,
             max_steps: 1000,
+            schedule_steps: None,
             lr: 3e-3,
             min_lr_ratio: 0.1,
             warmup_steps: 30,
@@ -515,12 +523,17 @@ impl TrainConfig {
     /// `ratios`, linearly over the first `capacity_warmup * max_steps` steps; `None` once the
     /// warm-up is over (or off), meaning the model's own ratios.
     pub fn capacity_at(&self, step: usize, ratios: &[f64]) -> Option<Vec<f64>> {
-        let span = self.capacity_warmup * self.max_steps as f64;
+        let span = self.capacity_warmup * self.schedule_len() as f64;
         if span <= 0.0 || step as f64 >= span {
             return None;
         }
         let left = 1.0 - step as f64 / span; // 1 at the start, -> 0 at the end of the warm-up
         Some(ratios.iter().map(|&r| if r == 0.0 { 0.0 } else { r + (1.0 - r) * left }).collect())
+    }
+
+    /// Steps of the learning-rate and capacity schedules: `schedule_steps`, else `max_steps`.
+    pub fn schedule_len(&self) -> usize {
+        self.schedule_steps.unwrap_or(self.max_steps)
     }
 
     /// Tokens per optimiser step.
@@ -533,7 +546,7 @@ impl TrainConfig {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
-        let decay_steps = self.max_steps.saturating_sub(self.warmup_steps).max(1);
+        let decay_steps = self.schedule_len().saturating_sub(self.warmup_steps).max(1);
         let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)

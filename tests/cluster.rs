@@ -236,3 +236,57 @@ fn a_lock_left_by_a_dead_process_is_reported_and_taken_over() {
     assert!(stderr.contains(&format!("PID {}", gone.id())) && stderr.contains("taken over"), "{stderr}");
     assert_eq!(std::fs::read_to_string(run.join("lock")).unwrap(), "", "the lock was not released");
 }
+
+fn lr_of(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v["lr"].as_f64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_finished_run_extends_with_a_constant_tail_and_its_past_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, once, twice) = (dir.path().join("base"), dir.path().join("once"), dir.path().join("twice"));
+    ok(&itt(&train_args(&base, "30")));
+    let copy = |to: &Path| ok(&Command::new("cp").args(["-r", s(&base), s(to)]).output().unwrap());
+    copy(&once);
+    copy(&twice);
+    let base_lines = metrics(&base);
+
+    let out = itt(&["train", "--out", s(&once), "--resume", "--steps", "50", "--quiet"]);
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("from 30 to 50"));
+    let lines = metrics(&once);
+    assert_eq!(lines[..base_lines.len()], base_lines[..], "the steps before the old end changed");
+    assert_eq!(latest(&once).file_name().unwrap(), "step-00000050");
+    // The constant tail: every extra step at the cosine's final rate.
+    let lr = lr_of(&once);
+    let last_old = lr.iter().find(|(s, _)| *s == 30).unwrap().1;
+    let tail: Vec<f64> = lr.iter().filter(|(s, _)| *s > 30).map(|x| x.1).collect();
+    assert_eq!(tail.len(), 20);
+    assert!(tail.iter().all(|&x| x == tail[0]) && tail[0] <= last_old, "{tail:?} after {last_old}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(once.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["train"]["max_steps"].as_u64(), cfg["train"]["schedule_steps"].as_u64()), (Some(50), Some(30)));
+
+    // The extension survives a stop and a resume: the same bits as in one go.
+    ok(&itt(&["train", "--out", s(&twice), "--resume", "--steps", "50", "--stop-at", "41", "--quiet"]));
+    ok(&itt(&["train", "--out", s(&twice), "--resume", "--quiet"]));
+    assert!(final_state(&twice) == final_state(&once), "an extension resumed in two parts differs");
+
+    // Going back, or shortening the schedule, is refused in one line.
+    let mid = dir.path().join("mid");
+    ok(&itt(&train_args(&mid, "60").into_iter().chain(["--stop-at", "20"]).collect::<Vec<_>>()));
+    for (run, steps, needle) in [(&once, "10", "behind this run"), (&mid, "45", "--stop-at 45")] {
+        let out = itt(&["train", "--out", s(run), "--resume", "--steps", steps, "--quiet"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+}

@@ -49,6 +49,8 @@ pub struct TrainArgs {
     checkpoint: Option<PathBuf>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Optimiser steps. With --resume: continue a run past its end to step N (the learning
+    /// rate then stays at its final value; recorded in config.json and metrics.jsonl).
     #[arg(long)]
     steps: Option<usize>,
     /// Stop after this step (the schedule still runs to --steps); resume later.
@@ -203,7 +205,7 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 pub fn train(a: TrainArgs) -> Result<()> {
     preempt::install(&preempt::signals_from(a.preempt_signals.as_deref())?)?;
     let start = if a.resume {
-        Start::Resume { from: a.checkpoint }
+        Start::Resume { from: a.checkpoint, steps: a.steps }
     } else {
         let mut config = a.model.load("tiny")?;
         let t = &mut config.train;

@@ -10,8 +10,10 @@ use super::{prepare_data, refuse_existing_run, run, DataSpec, RunOptions, TrainS
 use crate::config::{OnNonFinite, RunConfig};
 use crate::data::{Dataset, Tokenizer};
 use crate::dist::Group;
+use crate::error::IoContext;
 use crate::util::DeviceSpec;
 use crate::{Error, Result};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// How a run starts.
@@ -20,8 +22,9 @@ pub enum Start {
     /// A fresh run of this config. `vocab_from_tokenizer`: the model's vocabulary is the
     /// tokenizer's (a preset); otherwise the config's must match it (a config file).
     New { config: Box<RunConfig>, vocab_from_tokenizer: bool },
-    /// Continue the run in the folder from this checkpoint, or from its newest intact one.
-    Resume { from: Option<PathBuf> },
+    /// Continue the run in the folder from this checkpoint, or from its newest intact one;
+    /// `steps`: to this step, past the run's end if larger (see [`extend`]).
+    Resume { from: Option<PathBuf>, steps: Option<usize> },
 }
 
 /// Everything `itt train` decides from its flags.
@@ -54,7 +57,13 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
     };
     // Held until training ends; rank 0 alone writes, so it alone locks (DESIGN §14).
     let (mut trainer, dataset, _lock) = match &opts.start {
-        Start::Resume { from } => resume(opts, from.as_deref(), placed)?,
+        Start::Resume { from, steps } => {
+            let mut started = resume(opts, from.as_deref(), placed)?;
+            if let Some(n) = steps {
+                extend(&mut started.0, *n)?;
+            }
+            started
+        }
         Start::New { .. } if !group.is_lead() => join_new(opts, placed)?,
         Start::New { config, vocab_from_tokenizer } => {
             start_new(opts, (**config).clone(), *vocab_from_tokenizer, placed)?
@@ -115,6 +124,45 @@ fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> 
     };
     dataset.check_tokenizer(&Tokenizer::from_json(&trainer.tokenizer_json)?)?;
     Ok((trainer, dataset, held))
+}
+
+/// Set a resumed run's end to step `n`. Past its end the run continues with the learning rate
+/// at the cosine's final value (a constant tail; `schedule_steps` keeps the original length,
+/// so every earlier step is unchanged); a shorter schedule or a step already passed is refused,
+/// since either would make the run something it was not.
+pub fn extend(trainer: &mut Trainer, n: usize) -> Result<()> {
+    let (at, end) = (trainer.state.step, trainer.cfg.train.max_steps);
+    if n < at {
+        return Err(Error::usage(format!(
+            "--steps {n} is behind this run, which is at step {at}; give --steps {at} or more, or resume an earlier \
+             checkpoint with --checkpoint"
+        )));
+    }
+    if n == end {
+        return Ok(());
+    }
+    if n < end {
+        return Err(Error::usage(format!(
+            "--steps {n} would shorten this run's {end}-step learning-rate schedule; to stop early and keep it, \
+             use --stop-at {n}"
+        )));
+    }
+    let tc = &mut trainer.cfg.train;
+    let schedule = *tc.schedule_steps.get_or_insert(end);
+    tc.max_steps = n;
+    let tail_lr = tc.lr_at(schedule);
+    if trainer.group.is_lead() {
+        let config = trainer.run_dir.join("config.json");
+        crate::util::write_atomic(&config, |w| w.write_all(trainer.cfg.to_json().as_bytes()))?;
+        let metrics = trainer.run_dir.join("metrics.jsonl");
+        let line = serde_json::json!({"step": at, "extended": {"from": end, "to": n, "schedule_steps": schedule, "tail_lr": tail_lr}});
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&metrics).at(&metrics)?;
+        writeln!(f, "{line}").at(&metrics)?;
+        eprintln!(
+            "extending the run from {end} to {n} steps; after step {schedule} the learning rate stays at {tail_lr:.3e}"
+        );
+    }
+    Ok(())
 }
 
 /// Rank 0's fresh run: checks that `out` is free before anything is written, prepares the data,
