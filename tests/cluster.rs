@@ -290,3 +290,37 @@ fn a_finished_run_extends_with_a_constant_tail_and_its_past_unchanged() {
         assert!(stderr.contains(needle), "{stderr}");
     }
 }
+
+#[test]
+fn every_command_that_loads_a_checkpoint_refuses_a_flipped_byte_unless_told_not_to_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    ok(&itt(&train_args(&run, "2")));
+    let st = latest(&run).join("model.safetensors");
+    let mut bytes = std::fs::read(&st).unwrap();
+    // A mantissa bit of the last weight: the file stays well-formed, only the hash tells.
+    let at = bytes.len() - 4;
+    bytes[at] ^= 0x01;
+    std::fs::write(&st, &bytes).unwrap();
+    let r = s(&run);
+    let (export, analysis) = (dir.path().join("export"), dir.path().join("analysis"));
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["eval", "--checkpoint", r, "--text", "12+34=46"],
+        vec!["generate", "--checkpoint", r, "--prompt", "1+1=", "--max-new-tokens", "2"],
+        vec!["export", "--checkpoint", r, "--out", s(&export)],
+        vec!["analyze", "depth", "--checkpoint", r, "--text", "12+34=46", "--out", s(&analysis)],
+        vec!["serve", "--checkpoint", r, "--port", "0"],
+        vec!["info", "--checkpoint", r],
+    ];
+    for args in &commands {
+        let out = itt(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.contains("model.safetensors") && stderr.contains("sha256"), "{args:?}: {stderr}");
+    }
+    assert!(!export.exists(), "a refused export wrote its folder");
+    let mut args = commands[0].clone();
+    args.push("--no-verify");
+    ok(&itt(&args));
+}

@@ -24,6 +24,9 @@ pub use train::{DemoArgs, ExperimentArgs, RetrofitArgs, TrainArgs};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// Load checkpoints without checking their files' sha256 against the manifest (sizes only).
+    #[arg(long, global = true)]
+    pub no_verify: bool,
 }
 
 #[derive(Subcommand)]
@@ -141,6 +144,7 @@ impl RoutingArgs {
 
 /// Run one parsed command.
 pub fn run(cli: Cli) -> Result<()> {
+    crate::checkpoint::set_verify(!cli.no_verify);
     // P copies of any other command would each do the whole job, writing the same files.
     if let (Some(p), false) = (crate::dist::launched_size().filter(|&p| p > 1), matches!(cli.cmd, Cmd::Train(_))) {
         return Err(crate::Error::usage(format!(
