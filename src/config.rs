@@ -553,6 +553,10 @@ impl TrainConfig {
     }
 }
 
+/// The vocabulary size a `null` `model.vocab_size` is read as until the tokenizer gives the
+/// real one (what `itt info --config` counts with, having no tokenizer).
+pub const OPEN_VOCAB_PLACEHOLDER: usize = 256;
+
 /// Everything that defines a run; saved as `config.json` in the run folder and every checkpoint.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -586,11 +590,39 @@ impl RunConfig {
 
     /// Read a JSON (or TOML, by extension) config file, rejecting unknown fields.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read config: {e}")))?;
-        let cfg: RunConfig =
-            serde_json::from_str(&text).map_err(|e| Error::input(path, format!("malformed config: {e}")))?;
-        cfg.validate().map_err(|e| Error::input(path, e.to_string()))?;
+        let (cfg, open) = Self::load_open_vocab(path)?;
+        if open {
+            return Err(Error::input(path, "model.vocab_size is null here, where no tokenizer gives it; set a number"));
+        }
         Ok(cfg)
+    }
+
+    /// A config file whose `model.vocab_size` may be `null`: "the tokenizer's", as in the
+    /// presets (`itt info --preset P --json` writes it so). Returns the config, the null read
+    /// as [`OPEN_VOCAB_PLACEHOLDER`], and whether it was null; the caller sets the real size.
+    pub fn load_open_vocab(path: &Path) -> Result<(Self, bool)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read config: {e}")))?;
+        let malformed = |e: serde_json::Error| Error::input(path, format!("malformed config: {e}"));
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
+        let open = value.get("model").and_then(|m| m.get("vocab_size")).is_some_and(serde_json::Value::is_null);
+        let cfg: RunConfig = if open {
+            let mut value = value;
+            value["model"]["vocab_size"] = OPEN_VOCAB_PLACEHOLDER.into();
+            serde_json::from_value(value).map_err(malformed)?
+        } else {
+            // Parsed from the text again, so that errors keep their line and column.
+            serde_json::from_str(&text).map_err(malformed)?
+        };
+        cfg.validate().map_err(|e| Error::input(path, e.to_string()))?;
+        Ok((cfg, open))
+    }
+
+    /// The JSON of a preset's config, with `model.vocab_size` null: a preset takes its
+    /// vocabulary from the tokenizer it is trained with, and so does a config file saying so.
+    pub fn to_json_open_vocab(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        v["model"]["vocab_size"] = serde_json::Value::Null;
+        serde_json::to_string_pretty(&v).expect("config serialises")
     }
 
     pub fn to_json(&self) -> String {

@@ -98,10 +98,16 @@ pub struct ModelSource {
 
 impl ModelSource {
     pub fn load(&self, default: &str) -> Result<RunConfig> {
+        Ok(self.load_vocab(default)?.0)
+    }
+
+    /// The config, and whether its vocabulary is the tokenizer's: a preset's, or a config
+    /// file's whose `model.vocab_size` is null.
+    pub fn load_vocab(&self, default: &str) -> Result<(RunConfig, bool)> {
         match (&self.preset, &self.config) {
             (Some(_), Some(_)) => Err(Error::usage("give either --preset or --config, not both")),
-            (None, Some(path)) => RunConfig::load(path),
-            (p, None) => config::preset(p.as_deref().unwrap_or(default)),
+            (None, Some(path)) => RunConfig::load_open_vocab(path),
+            (p, None) => Ok((config::preset(p.as_deref().unwrap_or(default))?, true)),
         }
     }
 }

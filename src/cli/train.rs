@@ -207,7 +207,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
     let start = if a.resume {
         Start::Resume { from: a.checkpoint, steps: a.steps }
     } else {
-        let mut config = a.model.load("tiny")?;
+        let (mut config, vocab_from_tokenizer) = a.model.load_vocab("tiny")?;
         let t = &mut config.train;
         macro_rules! set {
             ($field:ident, $v:expr) => {
@@ -227,8 +227,9 @@ pub fn train(a: TrainArgs) -> Result<()> {
         set!(log_interval, a.log_interval);
         set!(checkpoint_interval, a.checkpoint_interval);
         set!(precision, a.precision);
-        // Presets take their vocabulary from the tokenizer; a config file must match it.
-        Start::New { config: Box::new(config), vocab_from_tokenizer: a.model.config.is_none() }
+        // Presets, and config files with a null vocab_size, take their vocabulary from the
+        // tokenizer; a config file that gives a number must match it.
+        Start::New { config: Box::new(config), vocab_from_tokenizer }
     };
     let opts = LaunchOptions {
         out: a.out,
