@@ -324,3 +324,18 @@ fn every_command_that_loads_a_checkpoint_refuses_a_flipped_byte_unless_told_not_
     args.push("--no-verify");
     ok(&itt(&args));
 }
+
+#[test]
+fn mpirun_without_grad_accum_takes_one_micro_batch_per_rank() {
+    use itt::train::grad_accum_for_ranks as g;
+    // A preset (1 micro-batch) over 2 ranks: one each, and a notice saying so.
+    let (n, note) = g(1, false, 2);
+    assert_eq!(n, 2);
+    assert!(note.unwrap().contains("--grad-accum 2"));
+    // Splits already, or given on the command line, or one process: unchanged, no word.
+    assert_eq!(g(4, false, 2), (4, None));
+    assert_eq!(g(3, true, 2), (3, None));
+    assert_eq!(g(3, false, 1), (3, None));
+    // A config's 3 over 2 ranks: 3 per rank.
+    assert_eq!(g(3, false, 2).0, 6);
+}

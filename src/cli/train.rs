@@ -227,6 +227,12 @@ pub fn train(a: TrainArgs) -> Result<()> {
         set!(log_interval, a.log_interval);
         set!(checkpoint_interval, a.checkpoint_interval);
         set!(precision, a.precision);
+        let ranks = crate::dist::launched_size().unwrap_or(1);
+        let (accum, note) = crate::train::grad_accum_for_ranks(t.grad_accum, a.grad_accum.is_some(), ranks);
+        t.grad_accum = accum;
+        if let (Some(note), 0) = (note, crate::dist::launched_rank()) {
+            eprintln!("{note}");
+        }
         // Presets, and config files with a null vocab_size, take their vocabulary from the
         // tokenizer; a config file that gives a number must match it.
         Start::New { config: Box::new(config), vocab_from_tokenizer }

@@ -81,6 +81,24 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
 /// A run ready to train, and rank 0's lock of its folder.
 type Started = (Trainer, Dataset, Option<RunLock>);
 
+/// The micro-batches per step of a fresh run over `ranks` ranks when `--grad-accum` was not
+/// given: the config's `grad_accum` if it splits evenly, else that many per rank (a preset's
+/// 1 becomes one micro-batch per rank), so `mpirun -n P itt train --preset small` runs as
+/// launched. Each rank then computes what the single process would; the global batch is P
+/// times larger, which the returned notice says. `--grad-accum` given is taken as it is.
+pub fn grad_accum_for_ranks(configured: usize, given: bool, ranks: usize) -> (usize, Option<String>) {
+    if given || ranks <= 1 || configured.is_multiple_of(ranks) {
+        return (configured, None);
+    }
+    let total = configured * ranks;
+    let note = format!(
+        "note: {ranks} ranks, so --grad-accum {total} ({configured} micro-batch{} per rank; {ranks} times the \
+         single-process batch); give --grad-accum to choose",
+        if configured == 1 { "" } else { "es" }
+    );
+    (total, Some(note))
+}
+
 /// Under mpirun each rank of a machine takes its own GPU: cuda:N is the first (DESIGN §14).
 fn rank_device(device: DeviceSpec, group: &Group) -> DeviceSpec {
     match device {

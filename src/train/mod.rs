@@ -28,7 +28,7 @@ use std::time::Instant;
 mod launch;
 pub mod lock;
 pub mod preempt;
-pub use launch::{launch, LaunchOptions, Start};
+pub use launch::{grad_accum_for_ranks, launch, LaunchOptions, Start};
 
 /// Where the training text comes from and how it becomes tokens.
 #[derive(Clone, Debug)]
