@@ -325,7 +325,7 @@ pub struct TrainConfig {
     /// Length of the learning-rate schedule (warm-up + cosine) and of the capacity warm-up when
     /// it is not `max_steps`: a run extended by `itt train --resume --steps N` keeps its
     /// original schedule, and past its end the rate stays at the cosine's final value (a
-    /// constant tail), so the steps before the old end are unchanged (DESIGN §14.3). Absent
+    /// constant tail), so the steps before the old end are unchanged (DESIGN §14.4). Absent
     /// (the usual case): `max_steps`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule_steps: Option<usize>,

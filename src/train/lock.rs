@@ -1,4 +1,4 @@
-//! One writer per run folder: an advisory lock (flock(2)) on `RUN/lock`, held by the commands
+//! One writer per run folder (docs/DESIGN.md §14.3): an advisory lock (flock(2)) on `RUN/lock`, held by the commands
 //! that write a run (train, its resume, retrofit, experiment) for as long as they run.
 //! Readers (eval, generate, serve, analyze, report) take none: checkpoints are published by a
 //! rename, so a reader sees a whole one or the previous one.

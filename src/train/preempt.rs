@@ -1,5 +1,5 @@
 //! Preemption: a scheduler's signal ends training at the next step boundary with a checkpoint
-//! (docs/DESIGN.md §14.1, README "Training").
+//! (docs/DESIGN.md §14.2, README "Training on a cluster").
 //!
 //! SLURM, Kubernetes and spot-instance schedulers send SIGTERM (SLURM's `--signal` another
 //! one, often SIGUSR1) some seconds before they kill a job. The handler only records the
