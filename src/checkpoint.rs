@@ -688,8 +688,11 @@ mod tests {
         assert!(verify(&dir, Check::Sizes).unwrap().is_intact());
         let e = verify(&dir, Check::Hashes).unwrap().error().unwrap().to_string();
         assert!(e.contains("config.json") && e.contains("sha256"), "{e}");
-        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        // Loading checks hashes too, unless told to check sizes only (`--no-verify`).
         let e = load(&dir).err().unwrap().to_string();
+        assert!(e.contains("config.json") && e.contains("sha256"), "{e}");
+        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        let e = load_checked(&dir, Check::Sizes).err().unwrap().to_string();
         assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
     }
 
