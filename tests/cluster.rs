@@ -339,3 +339,32 @@ fn mpirun_without_grad_accum_takes_one_micro_batch_per_rank() {
     // A config's 3 over 2 ranks: 3 per rank.
     assert_eq!(g(3, false, 2).0, 6);
 }
+
+#[test]
+fn a_crash_at_every_point_of_a_checkpoint_save_resumes_from_an_intact_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    let mut args = train_args(&whole, "6");
+    args.extend(["--checkpoint-interval", "2"]);
+    ok(&itt(&args));
+    for point in itt::checkpoint::FAULT_POINTS {
+        let run = dir.path().join(point);
+        let mut args = train_args(&run, "6");
+        args.extend(["--checkpoint-interval", "2"]);
+        // Saving step 6 also prunes step 2 (two are kept).
+        let out = Command::new(env!("CARGO_BIN_EXE_itt"))
+            .args(&args)
+            .env("ITT_FAULT_CHECKPOINT", format!("{point}@6"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{point}: the fault did not fire");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("aborting at {point}")), "{point}");
+        // Step 4, the checkpoint before the crash, is intact whatever the point.
+        ok(&itt(&["verify", s(&run.join("checkpoints/step-00000004"))]));
+        let out = itt(&["train", "--out", s(&run), "--resume", "--quiet"]);
+        assert!(out.status.success(), "{point}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(final_state(&run) == final_state(&whole), "{point}: the resumed run differs");
+        assert_eq!(metrics(&run), metrics(&whole), "{point}");
+        ok(&itt(&["verify", s(&run)]));
+    }
+}

@@ -599,7 +599,9 @@ impl Trainer {
             },
         )?;
         checkpoint::set_latest(&self.run_dir, &dir)?;
+        checkpoint::fault_point("latest", &dir);
         checkpoint::prune(&self.run_dir, self.cfg.train.keep_checkpoints)?;
+        checkpoint::fault_point("pruned", &dir);
         Ok(dir)
     }
 
