@@ -230,7 +230,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         let ranks = crate::dist::launched_size().unwrap_or(1);
         let (accum, note) = crate::train::grad_accum_for_ranks(t.grad_accum, a.grad_accum.is_some(), ranks);
         t.grad_accum = accum;
-        if let (Some(note), 0) = (note, crate::dist::launched_rank()) {
+        // Without the `mpi` feature an mpirun launch is refused next, in one line of its own.
+        if let (Some(note), 0, true) = (note, crate::dist::launched_rank(), cfg!(feature = "mpi")) {
             eprintln!("{note}");
         }
         // Presets, and config files with a null vocab_size, take their vocabulary from the
