@@ -372,6 +372,38 @@ pub struct SaveParts<'a> {
     pub calibration: Option<&'a RouterCalibration>,
 }
 
+/// The points of a save at which `ITT_FAULT_CHECKPOINT=POINT@STEP` aborts the process, in the
+/// order they are reached: after each file (written to a temporary name, fsynced, renamed),
+/// after the folder's fsync, after the folder's rename into place, after `latest` is
+/// rewritten, after pruning. tests/cluster.rs aborts at each in turn and resumes.
+pub const FAULT_POINTS: [&str; 11] = [
+    "model",
+    "optimizer",
+    "state",
+    "calibration",
+    "config",
+    "tokenizer",
+    "manifest",
+    "synced",
+    "placed",
+    "latest",
+    "pruned",
+];
+
+/// Crash-consistency testing: abort (no unwinding, no cleanup, as a kill or power loss would
+/// leave things) when `ITT_FAULT_CHECKPOINT` names this point of saving the checkpoint whose
+/// folder `dir` is (or whose temporary folder is) for that step. Unset: one env lookup.
+pub fn fault_point(point: &str, dir: &Path) {
+    let Ok(spec) = std::env::var("ITT_FAULT_CHECKPOINT") else { return };
+    let Some((at, step)) = spec.split_once('@') else { return };
+    let step_name = step.trim().parse::<usize>().map(|n| format!("step-{n:08}"));
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if at == point && step_name.is_ok_and(|s| name.contains(&s)) {
+        eprintln!("ITT_FAULT_CHECKPOINT: aborting at {point} of {}", dir.display());
+        std::process::abort();
+    }
+}
+
 /// Write a checkpoint folder `dir` atomically (temporary sibling folder, then rename). A failed
 /// save removes its temporary folder and leaves any existing `dir` as it was.
 pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
@@ -383,6 +415,7 @@ pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
         std::fs::remove_dir_all(&tmp).at(&tmp)?;
     }
     let placed = write_folder(&tmp, model, parts).and_then(|()| {
+        fault_point("synced", &tmp);
         if !dir.exists() {
             return std::fs::rename(&tmp, dir).at(dir);
         }
@@ -403,7 +436,9 @@ pub fn save(dir: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
             format!("was not saved ({e}); is the disk full? Earlier checkpoints are untouched"),
         ));
     }
-    sync_dir(parent)
+    sync_dir(parent)?;
+    fault_point("placed", dir);
+    Ok(())
 }
 
 /// Every file of a checkpoint into the fresh folder `tmp`, each fsynced, the manifest last.
@@ -416,6 +451,7 @@ fn write_folder(tmp: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
         .map(|(n, t)| Ok((n, t.to_device(&Device::Cpu)?)))
         .collect::<Result<Vec<_>>>()?;
     save_tensors(&tmp.join("model.safetensors"), on_host, "model")?;
+    fault_point("model", tmp);
     if let Some(opt) = parts.optimizer {
         let mut t = Vec::with_capacity(2 * model.params.len() + 1);
         for (i, (n, _)) in model.params.iter().enumerate() {
@@ -424,19 +460,25 @@ fn write_folder(tmp: &Path, model: &Model, parts: &SaveParts) -> Result<()> {
         }
         t.push(("t".to_string(), Tensor::from_slice(&[opt.t as u32], 1, &Device::Cpu)?));
         save_tensors(&tmp.join("optimizer.safetensors"), t, "optimizer")?;
+        fault_point("optimizer", tmp);
     }
     let json = |path: &Path, v: std::result::Result<String, serde_json::Error>| -> Result<()> {
         write_bytes(path, v.map_err(|e| Error::checkpoint(path, e.to_string()))?.as_bytes())
     };
     if let Some(state) = parts.state {
         json(&tmp.join("state.json"), serde_json::to_string_pretty(state))?;
+        fault_point("state", tmp);
     }
     if let Some(cal) = parts.calibration {
         json(&tmp.join("router_calibration.json"), serde_json::to_string(cal))?;
+        fault_point("calibration", tmp);
     }
     write_bytes(&tmp.join("config.json"), parts.config.to_json().as_bytes())?;
+    fault_point("config", tmp);
     write_bytes(&tmp.join("tokenizer.json"), parts.tokenizer_json.as_bytes())?;
+    fault_point("tokenizer", tmp);
     write_manifest(tmp)?;
+    fault_point("manifest", tmp);
     sync_dir(tmp)
 }
 
@@ -534,10 +576,22 @@ fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::checkpoint(path, format!("malformed: {e}")))
 }
 
+/// Set by `--no-verify`: [`load`] then checks only the files' sizes, not their sha256.
+static SIZES_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// How thoroughly [`load`] checks: every file's sha256 unless `verify` is off (`--no-verify`).
+/// A process-wide switch because every command that reads a model reaches `load` through
+/// `import::open`, and each would otherwise need its own flag threaded through.
+pub fn set_verify(verify: bool) {
+    SIZES_ONLY.store(!verify, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Load the weights, config, tokenizer, state and calibration of a checkpoint or run folder,
-/// after checking each file's size against the manifest.
+/// after checking its files against the manifest: their sha256 (hashing costs about 0.05 s
+/// for the 37 MB `small` checkpoint), or only their sizes after `set_verify(false)`.
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    Ok(load_checked(path, Check::Sizes)?.0)
+    let check = if SIZES_ONLY.load(std::sync::atomic::Ordering::Relaxed) { Check::Sizes } else { Check::Hashes };
+    Ok(load_checked(path, check)?.0)
 }
 
 /// `load`, checking the files against the manifest as thoroughly as asked first.
@@ -676,8 +730,11 @@ mod tests {
         assert!(verify(&dir, Check::Sizes).unwrap().is_intact());
         let e = verify(&dir, Check::Hashes).unwrap().error().unwrap().to_string();
         assert!(e.contains("config.json") && e.contains("sha256"), "{e}");
-        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        // Loading checks hashes too, unless told to check sizes only (`--no-verify`).
         let e = load(&dir).err().unwrap().to_string();
+        assert!(e.contains("config.json") && e.contains("sha256"), "{e}");
+        std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+        let e = load_checked(&dir, Check::Sizes).err().unwrap().to_string();
         assert!(e.contains("tokenizer.json") && e.contains("missing"), "{e}");
     }
 

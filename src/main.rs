@@ -22,12 +22,25 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(e) = itt::base::util::on_worker_thread(|| itt::cli::run(cli)) {
-        let _ = std::io::stdout().flush();
-        eprintln!("error: {}", itt::base::error::one_line(e.to_string()));
-        // Under mpirun the other ranks may be waiting for this one in a collective.
-        itt::base::dist::abort_job(1);
-        std::process::exit(1);
+    match itt::base::util::on_worker_thread(|| itt::cli::run(cli)) {
+        Ok(()) => {}
+        Err(e @ itt::Error::Preempted { .. }) => {
+            // Not a failure: every rank stopped at the same step and the checkpoint is written,
+            // so MPI is finalised normally and the status tells a requeue script to resume.
+            let _ = std::io::stdout().flush();
+            eprintln!("itt: {e}");
+            itt::base::dist::finalize();
+            std::process::exit(itt::train::preempt::EXIT_PREEMPTED);
+        }
+        Err(e) => fail(e),
     }
     itt::base::dist::finalize();
+}
+
+fn fail(e: itt::Error) -> ! {
+    let _ = std::io::stdout().flush();
+    eprintln!("error: {}", itt::base::error::one_line(e.to_string()));
+    // Under mpirun the other ranks may be waiting for this one in a collective.
+    itt::base::dist::abort_job(1);
+    std::process::exit(1);
 }

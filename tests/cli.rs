@@ -274,14 +274,20 @@ fn info_json_is_a_config_that_train_accepts() {
     let train = || {
         itt(&["train", "--config", p, "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--quiet", "--out", r])
     };
-    // The preset's vocabulary (512) is not the built-in data's: the config is read, and refused
-    // for that reason only, naming the field.
-    fails_cleanly(&train(), &["vocab_size"]);
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["model"]["vocab_size"] = serde_json::json!(51);
-    std::fs::write(&path, cfg.to_string()).unwrap();
+    // A preset's vocabulary is its tokenizer's, written as null: the config trains on the
+    // built-in data as the preset does (issue 26).
     let out = train();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("config.json")).unwrap()).unwrap();
+    assert_eq!(saved["model"]["vocab_size"], 51);
+    // A number is the model's vocabulary, and must match the tokenizer's: refused naming the field.
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(cfg["model"]["vocab_size"].is_null());
+    cfg["model"]["vocab_size"] = serde_json::json!(512);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    std::fs::remove_dir_all(&run).unwrap();
+    fails_cleanly(&train(), &["vocab_size"]);
 }
 
 #[test]

@@ -339,3 +339,30 @@ fn the_latency_valve_lowers_unpinned_shares_under_load() {
     assert_eq!(v["choices"][0]["thinking"]["ratios"], json!([0.7, 0.7, 0.7]), "a pinned request keeps its shares");
     server.stop().unwrap();
 }
+
+#[test]
+fn a_dense_model_refuses_thinking_settings() {
+    let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghijklmnopqrstuvwxyz:");
+    let cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).width(32, 48).heads(2, 1).context(64).config();
+    let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
+    let template = ChatTemplate::new(PLAIN_TEMPLATE, "plain".into(), &tok).unwrap();
+    let opts = ServeOptions {
+        engine: EngineConfig::default(),
+        name: "test-model".into(),
+        template,
+        calibration: None,
+        seed: 1,
+        grace: Duration::from_secs(10),
+    };
+    let server = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).unwrap();
+    let url = format!("http://{}", server.addr);
+    let (got, v) = post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 2}"#);
+    assert_eq!(got, 200, "{v}");
+    for th in [r#"{"ratios": [9, 9, 9]}"#, r#"{"steps": 2}"#, r#"{"routing": "topk"}"#, r#"{"early_exit": 0.5}"#] {
+        let body = format!(r#"{{"prompt": "1", "max_tokens": 2, "thinking": {th}}}"#);
+        let (got, v) = post(&url, "/v1/completions", &body);
+        assert_eq!(got, 400, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains("dense"), "{msg}");
+    }
+}

@@ -1099,6 +1099,8 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     let (variants, paper_metric) = grid(opts)?;
     let corpora = Corpus::all(opts)?;
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
+    // One experiment writes a folder at a time (its runs, results and shared data).
+    let _lock = crate::train::lock::RunLock::acquire(&opts.out)?;
     let per_corpus = corpora.iter().map(|c| train_corpus(c, &variants, opts)).collect::<Result<Vec<_>>>()?;
     let rows = table_rows(&corpora, &variants, &per_corpus);
     let data_share_to_match_dense = data_share(&rows, &corpora[0].name);

@@ -322,6 +322,13 @@ pub struct TrainConfig {
     /// Micro-batches per optimiser step.
     pub grad_accum: usize,
     pub max_steps: usize,
+    /// Length of the learning-rate schedule (warm-up + cosine) and of the capacity warm-up when
+    /// it is not `max_steps`: a run extended by `itt train --resume --steps N` keeps its
+    /// original schedule, and past its end the rate stays at the cosine's final value (a
+    /// constant tail), so the steps before the old end are unchanged (DESIGN §14.4). Absent
+    /// (the usual case): `max_steps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule_steps: Option<usize>,
     /// Peak learning rate.
     pub lr: f64,
     /// Final learning rate as a share of the peak (cosine decay ends here; DESIGN §2: 10%).
@@ -442,6 +449,7 @@ impl Default for TrainConfig {
             seq_len: 128,
             grad_accum: 1,
             max_steps: 1000,
+            schedule_steps: None,
             lr: 3e-3,
             min_lr_ratio: 0.1,
             warmup_steps: 30,
@@ -515,12 +523,17 @@ impl TrainConfig {
     /// `ratios`, linearly over the first `capacity_warmup * max_steps` steps; `None` once the
     /// warm-up is over (or off), meaning the model's own ratios.
     pub fn capacity_at(&self, step: usize, ratios: &[f64]) -> Option<Vec<f64>> {
-        let span = self.capacity_warmup * self.max_steps as f64;
+        let span = self.capacity_warmup * self.schedule_len() as f64;
         if span <= 0.0 || step as f64 >= span {
             return None;
         }
         let left = 1.0 - step as f64 / span; // 1 at the start, -> 0 at the end of the warm-up
         Some(ratios.iter().map(|&r| if r == 0.0 { 0.0 } else { r + (1.0 - r) * left }).collect())
+    }
+
+    /// Steps of the learning-rate and capacity schedules: `schedule_steps`, else `max_steps`.
+    pub fn schedule_len(&self) -> usize {
+        self.schedule_steps.unwrap_or(self.max_steps)
     }
 
     /// Tokens per optimiser step.
@@ -533,12 +546,16 @@ impl TrainConfig {
         if step < self.warmup_steps {
             return self.lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
-        let decay_steps = self.max_steps.saturating_sub(self.warmup_steps).max(1);
+        let decay_steps = self.schedule_len().saturating_sub(self.warmup_steps).max(1);
         let progress = ((step - self.warmup_steps) as f64 / decay_steps as f64).min(1.0);
         let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
         self.lr * (self.min_lr_ratio + (1.0 - self.min_lr_ratio) * cosine)
     }
 }
+
+/// The vocabulary size a `null` `model.vocab_size` is read as until the tokenizer gives the
+/// real one (what `itt info --config` counts with, having no tokenizer).
+pub const OPEN_VOCAB_PLACEHOLDER: usize = 256;
 
 /// Everything that defines a run; saved as `config.json` in the run folder and every checkpoint.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
@@ -573,11 +590,39 @@ impl RunConfig {
 
     /// Read a JSON (or TOML, by extension) config file, rejecting unknown fields.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read config: {e}")))?;
-        let cfg: RunConfig =
-            serde_json::from_str(&text).map_err(|e| Error::input(path, format!("malformed config: {e}")))?;
-        cfg.validate().map_err(|e| Error::input(path, e.to_string()))?;
+        let (cfg, open) = Self::load_open_vocab(path)?;
+        if open {
+            return Err(Error::input(path, "model.vocab_size is null here, where no tokenizer gives it; set a number"));
+        }
         Ok(cfg)
+    }
+
+    /// A config file whose `model.vocab_size` may be `null`: "the tokenizer's", as in the
+    /// presets (`itt info --preset P --json` writes it so). Returns the config, the null read
+    /// as [`OPEN_VOCAB_PLACEHOLDER`], and whether it was null; the caller sets the real size.
+    pub fn load_open_vocab(path: &Path) -> Result<(Self, bool)> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::input(path, format!("cannot read config: {e}")))?;
+        let malformed = |e: serde_json::Error| Error::input(path, format!("malformed config: {e}"));
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(malformed)?;
+        let open = value.get("model").and_then(|m| m.get("vocab_size")).is_some_and(serde_json::Value::is_null);
+        let cfg: RunConfig = if open {
+            let mut value = value;
+            value["model"]["vocab_size"] = OPEN_VOCAB_PLACEHOLDER.into();
+            serde_json::from_value(value).map_err(malformed)?
+        } else {
+            // Parsed from the text again, so that errors keep their line and column.
+            serde_json::from_str(&text).map_err(malformed)?
+        };
+        cfg.validate().map_err(|e| Error::input(path, e.to_string()))?;
+        Ok((cfg, open))
+    }
+
+    /// The JSON of a preset's config, with `model.vocab_size` null: a preset takes its
+    /// vocabulary from the tokenizer it is trained with, and so does a config file saying so.
+    pub fn to_json_open_vocab(&self) -> String {
+        let mut v = serde_json::to_value(self).expect("config serialises");
+        v["model"]["vocab_size"] = serde_json::Value::Null;
+        serde_json::to_string_pretty(&v).expect("config serialises")
     }
 
     pub fn to_json(&self) -> String {

@@ -39,6 +39,15 @@ pub fn launched_local_size() -> Option<usize> {
     std::env::var("OMPI_COMM_WORLD_LOCAL_SIZE").ok().and_then(|v| v.trim().parse().ok()).filter(|&n| n > 0)
 }
 
+/// This process's rank in the job (0 when not launched by mpirun), read before MPI starts.
+pub fn launched_rank() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok())
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// This process's rank among the job's ranks on its machine (0 when not launched by mpirun).
 pub fn launched_local_rank() -> usize {
     ["OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"]

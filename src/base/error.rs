@@ -22,6 +22,11 @@ pub enum Error {
     #[error("training diverged at step {step}: {msg}")]
     Diverged { step: usize, msg: String },
 
+    /// Training stopped at a step boundary on a signal (preemption) after writing and verifying
+    /// the checkpoint `checkpoint`; the binary exits with `train::preempt::EXIT_PREEMPTED`.
+    #[error("stopped by {signal} after step {step}; checkpoint {} written and verified; continue with --resume", checkpoint.display())]
+    Preempted { signal: String, step: usize, checkpoint: PathBuf },
+
     /// Bad arguments to a library call (a prompt longer than the context, an unknown task, ...).
     #[error("{0}")]
     Usage(String),

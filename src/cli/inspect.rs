@@ -208,9 +208,9 @@ pub struct ExportArgs {
 }
 
 pub fn info(a: InfoArgs) -> Result<()> {
-    let cfg = match &a.checkpoint {
-        Some(c) => crate::import::open(c, &Default::default())?.info.config,
-        None => a.model.load("tiny")?,
+    let (cfg, open_vocab) = match &a.checkpoint {
+        Some(c) => (crate::import::open(c, &Default::default())?.info.config, false),
+        None => a.model.load_vocab("tiny")?,
     };
     if let Some(r) = &a.ratios {
         config::check_ratios("--ratios", r)?;
@@ -218,7 +218,9 @@ pub fn info(a: InfoArgs) -> Result<()> {
     let n = a.seq_len.unwrap_or(cfg.train.seq_len);
     let f = flops::flops_per_token(&cfg.model, n, a.steps, a.ratios.as_deref());
     if a.json {
-        println!("{}", cfg.to_json());
+        // A preset's vocabulary is its tokenizer's: written as null, so that `itt train
+        // --config` of this file trains on any data as the preset does.
+        println!("{}", if open_vocab { cfg.to_json_open_vocab() } else { cfg.to_json() });
     } else {
         println!("{}", report::info(&cfg, &f, n));
     }

@@ -24,6 +24,9 @@ pub use train::{DemoArgs, ExperimentArgs, RetrofitArgs, TrainArgs};
 pub struct Cli {
     #[command(subcommand)]
     pub cmd: Cmd,
+    /// Load checkpoints without checking their files' sha256 against the manifest (sizes only).
+    #[arg(long, global = true)]
+    pub no_verify: bool,
 }
 
 #[derive(Subcommand)]
@@ -95,10 +98,16 @@ pub struct ModelSource {
 
 impl ModelSource {
     pub fn load(&self, default: &str) -> Result<RunConfig> {
+        Ok(self.load_vocab(default)?.0)
+    }
+
+    /// The config, and whether its vocabulary is the tokenizer's: a preset's, or a config
+    /// file's whose `model.vocab_size` is null.
+    pub fn load_vocab(&self, default: &str) -> Result<(RunConfig, bool)> {
         match (&self.preset, &self.config) {
             (Some(_), Some(_)) => Err(Error::usage("give either --preset or --config, not both")),
-            (None, Some(path)) => RunConfig::load(path),
-            (p, None) => config::preset(p.as_deref().unwrap_or(default)),
+            (None, Some(path)) => RunConfig::load_open_vocab(path),
+            (p, None) => Ok((config::preset(p.as_deref().unwrap_or(default))?, true)),
         }
     }
 }
@@ -141,6 +150,7 @@ impl RoutingArgs {
 
 /// Run one parsed command.
 pub fn run(cli: Cli) -> Result<()> {
+    crate::checkpoint::set_verify(!cli.no_verify);
     // P copies of any other command would each do the whole job, writing the same files.
     if let (Some(p), false) = (crate::base::dist::launched_size().filter(|&p| p > 1), matches!(cli.cmd, Cmd::Train(_)))
     {

@@ -4,7 +4,7 @@ use super::ModelSource;
 use crate::apps::{demo, report};
 use crate::base::config::{OnNonFinite, ResidualForm, Trainable};
 use crate::ops::Precision;
-use crate::train::{DataSpec, LaunchOptions, RunOptions, Start};
+use crate::train::{preempt, DataSpec, LaunchOptions, RunOptions, Start};
 use crate::{data, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -54,6 +54,8 @@ pub struct TrainArgs {
     checkpoint: Option<PathBuf>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Optimiser steps. With --resume: continue a run past its end to step N (the learning
+    /// rate then stays at its final value; recorded in config.json and metrics.jsonl).
     #[arg(long)]
     steps: Option<usize>,
     /// Stop after this step (the schedule still runs to --steps); resume later.
@@ -86,6 +88,11 @@ pub struct TrainArgs {
     /// No progress output.
     #[arg(long)]
     quiet: bool,
+    /// Signals that stop training at the next step boundary with a checkpoint and exit status
+    /// 75 (comma-separated names or numbers, or none; default $ITT_PREEMPT_SIGNALS, else
+    /// TERM,INT,USR1). A second signal exits at once.
+    #[arg(long)]
+    preempt_signals: Option<String>,
     #[command(flatten)]
     device: super::DeviceArg,
 }
@@ -187,6 +194,11 @@ pub struct ExperimentArgs {
     out: Option<PathBuf>,
     #[arg(long)]
     quiet: bool,
+    /// Signals that stop training at the next step boundary with a checkpoint and exit status
+    /// 75 (comma-separated names or numbers, or none; default $ITT_PREEMPT_SIGNALS, else
+    /// TERM,INT,USR1). A second signal exits at once.
+    #[arg(long)]
+    preempt_signals: Option<String>,
     #[command(flatten)]
     device: super::DeviceArg,
 }
@@ -202,10 +214,11 @@ pub fn demo(a: DemoArgs) -> Result<()> {
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
+    preempt::install(&preempt::signals_from(a.preempt_signals.as_deref())?)?;
     let start = if a.resume {
-        Start::Resume { from: a.checkpoint }
+        Start::Resume { from: a.checkpoint, steps: a.steps }
     } else {
-        let mut config = a.model.load("tiny")?;
+        let (mut config, vocab_from_tokenizer) = a.model.load_vocab("tiny")?;
         let t = &mut config.train;
         macro_rules! set {
             ($field:ident, $v:expr) => {
@@ -225,8 +238,16 @@ pub fn train(a: TrainArgs) -> Result<()> {
         set!(log_interval, a.log_interval);
         set!(checkpoint_interval, a.checkpoint_interval);
         set!(precision, a.precision);
-        // Presets take their vocabulary from the tokenizer; a config file must match it.
-        Start::New { config: Box::new(config), vocab_from_tokenizer: a.model.config.is_none() }
+        let ranks = crate::base::dist::launched_size().unwrap_or(1);
+        let (accum, note) = crate::train::grad_accum_for_ranks(t.grad_accum, a.grad_accum.is_some(), ranks);
+        t.grad_accum = accum;
+        // Without the `mpi` feature an mpirun launch is refused next, in one line of its own.
+        if let (Some(note), 0, true) = (note, crate::base::dist::launched_rank(), cfg!(feature = "mpi")) {
+            eprintln!("{note}");
+        }
+        // Presets, and config files with a null vocab_size, take their vocabulary from the
+        // tokenizer; a config file that gives a number must match it.
+        Start::New { config: Box::new(config), vocab_from_tokenizer }
     };
     let opts = LaunchOptions {
         out: a.out,
@@ -291,6 +312,8 @@ pub fn retrofit(a: RetrofitArgs) -> Result<()> {
 }
 
 pub fn experiment(a: ExperimentArgs) -> Result<()> {
+    // The run in flight checkpoints and stops; the same command later resumes the grid there.
+    preempt::install(&preempt::signals_from(a.preempt_signals.as_deref())?)?;
     let opts = crate::apps::experiment::ExperimentOptions {
         out: a.out.clone().unwrap_or_else(|| PathBuf::from("runs/experiments")),
         name: a.name,

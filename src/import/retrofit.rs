@@ -173,6 +173,9 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
     }
     let mut train = opts.train.clone();
     train.seq_len = train.seq_len.min(dense.max_seq_len);
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.clone(), source: e })?;
+    // The first write; one writer per run folder (DESIGN §14.3).
+    let _lock = crate::train::lock::RunLock::acquire(&opts.out)?;
     let data = prepare(&opts.data, opts.val_fraction, &tokenizer, &opts.out.join("data"))?;
     let val_loss = |m: &Model| {
         crate::eval::shard_loss(

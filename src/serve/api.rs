@@ -79,6 +79,22 @@ impl ThinkingRequest {
         model: &Model,
         calibration: Option<&Arc<RouterCalibration>>,
     ) -> Result<RoutingOptions, ApiError> {
+        // Without thinking layers every setting would be ignored; a 200 would tell the client
+        // its ratios or steps were used.
+        if model.thinking_layers().next().is_none() {
+            let given = [
+                ("thinking.ratios", self.ratios.is_some()),
+                ("thinking.steps", self.steps.is_some()),
+                ("thinking.early_exit", self.early_exit.is_some()),
+                ("thinking.routing", self.routing.is_some()),
+            ];
+            if let Some(&(name, _)) = given.iter().find(|(_, set)| *set) {
+                return Err(ApiError::bad(
+                    name,
+                    format!("{name}: this model is dense (no thinking layers); send no thinking settings"),
+                ));
+            }
+        }
         let mode = match self.routing.as_deref() {
             None | Some("threshold") => Routing::Threshold,
             Some("topk") => Routing::TopK,

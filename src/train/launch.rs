@@ -5,12 +5,15 @@
 //! Under `mpirun -n P` every rank runs `launch`; rank 0 alone prepares data and writes the run
 //! folder, the others wait for it and then read what it wrote.
 
+use super::lock::RunLock;
 use super::{prepare_data, refuse_existing_run, run, DataSpec, RunOptions, TrainSummary, Trainer, TrainerOptions};
 use crate::base::config::{OnNonFinite, RunConfig};
 use crate::base::dist::Group;
 use crate::base::util::DeviceSpec;
 use crate::data::{Dataset, Tokenizer};
+use crate::base::error::IoContext;
 use crate::{Error, Result};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// How a run starts.
@@ -19,8 +22,9 @@ pub enum Start {
     /// A fresh run of this config. `vocab_from_tokenizer`: the model's vocabulary is the
     /// tokenizer's (a preset); otherwise the config's must match it (a config file).
     New { config: Box<RunConfig>, vocab_from_tokenizer: bool },
-    /// Continue the run in the folder from this checkpoint, or from its newest intact one.
-    Resume { from: Option<PathBuf> },
+    /// Continue the run in the folder from this checkpoint, or from its newest intact one;
+    /// `steps`: to this step, past the run's end if larger (see [`extend`]).
+    Resume { from: Option<PathBuf>, steps: Option<usize> },
 }
 
 /// Everything `itt train` decides from its flags.
@@ -51,8 +55,15 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
         device_optimizer: opts.device_optimizer,
         weights: None,
     };
-    let (mut trainer, dataset) = match &opts.start {
-        Start::Resume { from } => resume(opts, from.as_deref(), placed)?,
+    // Held until training ends; rank 0 alone writes, so it alone locks (DESIGN §14).
+    let (mut trainer, dataset, _lock) = match &opts.start {
+        Start::Resume { from, steps } => {
+            let mut started = resume(opts, from.as_deref(), placed)?;
+            if let Some(n) = steps {
+                extend(&mut started.0, *n)?;
+            }
+            started
+        }
         Start::New { .. } if !group.is_lead() => join_new(opts, placed)?,
         Start::New { config, vocab_from_tokenizer } => {
             start_new(opts, (**config).clone(), *vocab_from_tokenizer, placed)?
@@ -67,6 +78,27 @@ pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
     Ok(group.is_lead().then_some(summary))
 }
 
+/// A run ready to train, and rank 0's lock of its folder.
+type Started = (Trainer, Dataset, Option<RunLock>);
+
+/// The micro-batches per step of a fresh run over `ranks` ranks when `--grad-accum` was not
+/// given: the config's `grad_accum` if it splits evenly, else that many per rank (a preset's
+/// 1 becomes one micro-batch per rank), so `mpirun -n P itt train --preset small` runs as
+/// launched. Each rank then computes what the single process would; the global batch is P
+/// times larger, which the returned notice says. `--grad-accum` given is taken as it is.
+pub fn grad_accum_for_ranks(configured: usize, given: bool, ranks: usize) -> (usize, Option<String>) {
+    if given || ranks <= 1 || configured.is_multiple_of(ranks) {
+        return (configured, None);
+    }
+    let total = configured * ranks;
+    let note = format!(
+        "note: {ranks} ranks, so --grad-accum {total} ({configured} micro-batch{} per rank; {ranks} times the \
+         single-process batch); give --grad-accum to choose",
+        if configured == 1 { "" } else { "es" }
+    );
+    (total, Some(note))
+}
+
 /// Under mpirun each rank of a machine takes its own GPU: cuda:N is the first (DESIGN §14).
 fn rank_device(device: DeviceSpec, group: &Group) -> DeviceSpec {
     match device {
@@ -75,9 +107,21 @@ fn rank_device(device: DeviceSpec, group: &Group) -> DeviceSpec {
     }
 }
 
+/// Rank 0's lock of the run folder, announcing a stale one it took over.
+fn lock(dir: &Path) -> Result<RunLock> {
+    let lock = RunLock::acquire(dir)?;
+    if let Some(note) = &lock.took_over {
+        eprintln!("{note}");
+    }
+    Ok(lock)
+}
+
 /// Continue the run in `out`; its data folder is prepared again if the run lost it.
-fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> Result<(Trainer, Dataset)> {
+fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> Result<Started> {
     let group = placed.group.clone();
+    // Before anything is read, so that no other writer changes the run under this one; a
+    // folder that does not exist is left to `Trainer::resume` to report (and not created).
+    let held = if group.is_lead() && opts.out.is_dir() { Some(lock(&opts.out)?) } else { None };
     let mut trainer = Trainer::resume(&opts.out, from, placed)?;
     if group.is_lead() {
         for n in &trainer.notices {
@@ -97,7 +141,46 @@ fn resume(opts: &LaunchOptions, from: Option<&Path>, placed: TrainerOptions) -> 
         None => open()?,
     };
     dataset.check_tokenizer(&Tokenizer::from_json(&trainer.tokenizer_json)?)?;
-    Ok((trainer, dataset))
+    Ok((trainer, dataset, held))
+}
+
+/// Set a resumed run's end to step `n`. Past its end the run continues with the learning rate
+/// at the cosine's final value (a constant tail; `schedule_steps` keeps the original length,
+/// so every earlier step is unchanged); a shorter schedule or a step already passed is refused,
+/// since either would make the run something it was not.
+pub fn extend(trainer: &mut Trainer, n: usize) -> Result<()> {
+    let (at, end) = (trainer.state.step, trainer.cfg.train.max_steps);
+    if n < at {
+        return Err(Error::usage(format!(
+            "--steps {n} is behind this run, which is at step {at}; give --steps {at} or more, or resume an earlier \
+             checkpoint with --checkpoint"
+        )));
+    }
+    if n == end {
+        return Ok(());
+    }
+    if n < end {
+        return Err(Error::usage(format!(
+            "--steps {n} would shorten this run's {end}-step learning-rate schedule; to stop early and keep it, \
+             use --stop-at {n}"
+        )));
+    }
+    let tc = &mut trainer.cfg.train;
+    let schedule = *tc.schedule_steps.get_or_insert(end);
+    tc.max_steps = n;
+    let tail_lr = tc.lr_at(schedule);
+    if trainer.group.is_lead() {
+        let config = trainer.run_dir.join("config.json");
+        crate::base::util::write_atomic(&config, |w| w.write_all(trainer.cfg.to_json().as_bytes()))?;
+        let metrics = trainer.run_dir.join("metrics.jsonl");
+        let line = serde_json::json!({"step": at, "extended": {"from": end, "to": n, "schedule_steps": schedule, "tail_lr": tail_lr}});
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&metrics).at(&metrics)?;
+        writeln!(f, "{line}").at(&metrics)?;
+        eprintln!(
+            "extending the run from {end} to {n} steps; after step {schedule} the learning rate stays at {tail_lr:.3e}"
+        );
+    }
+    Ok(())
 }
 
 /// Rank 0's fresh run: checks that `out` is free before anything is written, prepares the data,
@@ -107,7 +190,7 @@ fn start_new(
     mut cfg: RunConfig,
     vocab_from_tokenizer: bool,
     placed: TrainerOptions,
-) -> Result<(Trainer, Dataset)> {
+) -> Result<Started> {
     let group = placed.group.clone();
     if let Some(v) = opts.on_nonfinite {
         cfg.train.on_nonfinite = v;
@@ -116,7 +199,8 @@ fn start_new(
     group.share(cfg.train.grad_accum)?;
     let out = &opts.out;
     refuse_existing_run(out)?;
-    if out.read_dir().map(|mut d| d.next().is_some()).unwrap_or(false) {
+    let others = |d: std::fs::ReadDir| d.flatten().any(|e| e.file_name() != super::lock::LOCK_FILE);
+    if out.read_dir().map(others).unwrap_or(false) {
         return Err(Error::usage(format!(
             "{} exists and is not empty (an unrelated folder, or a run stopped before its first checkpoint); \
              choose another --out",
@@ -124,6 +208,16 @@ fn start_new(
         )));
     }
     let created = !out.exists();
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.clone(), source: e })?;
+    let held = match lock(out) {
+        Ok(l) => l,
+        Err(e) => {
+            if created {
+                let _ = std::fs::remove_dir_all(out);
+            }
+            return Err(e);
+        }
+    };
     let setup = || -> Result<(Trainer, Dataset)> {
         let (dataset, tok) = prepare_data(&opts.data, &out.join("data"))?;
         if vocab_from_tokenizer {
@@ -143,12 +237,12 @@ fn start_new(
         }
     };
     group.barrier();
-    Ok(made)
+    Ok((made.0, made.1, Some(held)))
 }
 
 /// Another rank's part of a fresh run: what rank 0 prepared, its dataset and the run's config
 /// as it wrote them.
-fn join_new(opts: &LaunchOptions, placed: TrainerOptions) -> Result<(Trainer, Dataset)> {
+fn join_new(opts: &LaunchOptions, placed: TrainerOptions) -> Result<Started> {
     placed.group.barrier();
     let data_dir = opts.out.join("data");
     let prepared = if Path::new(&opts.data.path).join("meta.json").exists() {
@@ -158,5 +252,5 @@ fn join_new(opts: &LaunchOptions, placed: TrainerOptions) -> Result<(Trainer, Da
     };
     let (dataset, tok) = prepare_data(&prepared, &data_dir)?;
     let cfg = RunConfig::load(&opts.out.join("config.json"))?;
-    Ok((Trainer::new(cfg, &tok, &opts.out, placed)?, dataset))
+    Ok((Trainer::new(cfg, &tok, &opts.out, placed)?, dataset, None))
 }

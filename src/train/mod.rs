@@ -26,7 +26,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 mod launch;
-pub use launch::{launch, LaunchOptions, Start};
+pub mod lock;
+pub mod preempt;
+pub use launch::{grad_accum_for_ranks, launch, LaunchOptions, Start};
 
 /// Where the training text comes from and how it becomes tokens.
 #[derive(Clone, Debug)]
@@ -134,6 +136,8 @@ pub struct StepReport {
     pub thinking_grads: Vec<ThinkingGrad>,
     /// Why this step's batch was dropped without an update (`on_nonfinite: skip`), if it was.
     pub skipped: Option<String>,
+    /// The signal that asks every rank to stop after this step (preemption), the same on all.
+    pub preempted: Option<i32>,
 }
 
 /// L2 norms of the (micro-batch averaged, unclipped) gradient of one (layer, step)'s router
@@ -413,7 +417,7 @@ impl Trainer {
         let calibration_before = (tc.on_nonfinite == OnNonFinite::Skip).then(|| self.calibration.clone());
         let mine = self.backward_passes(shard, &mut record)?;
         let t_comm = Instant::now();
-        let (loss_sum, aux_sum) = self.sum_over_ranks(mine)?;
+        let (loss_sum, aux_sum, preempted) = self.sum_over_ranks(mine)?;
         let comm_seconds = if self.group.is_distributed() { t_comm.elapsed().as_secs_f64() } else { 0.0 };
         let loss = loss_sum / tc.grad_accum as f64;
         // Checked before the update: a NaN gradient would make every weight NaN.
@@ -464,6 +468,7 @@ impl Trainer {
             record,
             thinking_grads,
             skipped: nonfinite,
+            preempted,
         })
     }
 
@@ -508,15 +513,26 @@ impl Trainer {
 
     /// The sums over the whole global batch, added in micro-batch order on every rank: the
     /// gradients (in the optimiser), the router quantiles (folded into the calibration), and
-    /// the returned (cross-entropy, router auxiliary loss) sums.
-    fn sum_over_ranks(&mut self, mine: MicroBatches) -> Result<(f64, Option<f64>)> {
-        let MicroBatches { losses, mut quantiles } = mine;
-        let losses = self.group.all_gather_f64(&losses)?;
-        let (mut loss_sum, mut aux_sum) = (0.0, None::<f64>);
-        for m in losses.chunks_exact(3) {
-            loss_sum += m[0];
-            if m[2] != 0.0 {
-                *aux_sum.get_or_insert(0.0) += m[1];
+    /// the returned (cross-entropy, router auxiliary loss) sums. Also the preemption signal, if
+    /// any rank has received one: it rides on the loss exchange every step makes anyway, so all
+    /// ranks see the same answer and stop after the same step without a collective of its own.
+    fn sum_over_ranks(&mut self, mine: MicroBatches) -> Result<(f64, Option<f64>, Option<i32>)> {
+        let MicroBatches { mut losses, mut quantiles } = mine;
+        losses.push(f64::from(preempt::received().unwrap_or(0)));
+        let per_rank = losses.len();
+        let all = self.group.all_gather_f64(&losses)?;
+        let (mut loss_sum, mut aux_sum, mut preempted) = (0.0, None::<f64>, None);
+        // (ce, aux, has_aux) per micro-batch, then the signal, for each rank in rank order.
+        for rank in all.chunks_exact(per_rank) {
+            let (micro, signal) = rank.split_at(per_rank - 1);
+            if signal[0] != 0.0 && preempted.is_none() {
+                preempted = Some(signal[0] as i32);
+            }
+            for m in micro.chunks_exact(3) {
+                loss_sum += m[0];
+                if m[2] != 0.0 {
+                    *aux_sum.get_or_insert(0.0) += m[1];
+                }
             }
         }
         if self.group.is_distributed() {
@@ -528,7 +544,7 @@ impl Trainer {
                 cal.fold(q, self.cfg.train.threshold_momentum);
             }
         }
-        Ok((loss_sum, aux_sum))
+        Ok((loss_sum, aux_sum, preempted))
     }
 
     /// Mean validation loss over up to `batches` sequential batches (0 = all), the batches
@@ -583,7 +599,9 @@ impl Trainer {
             },
         )?;
         checkpoint::set_latest(&self.run_dir, &dir)?;
+        checkpoint::fault_point("latest", &dir);
         checkpoint::prune(&self.run_dir, self.cfg.train.keep_checkpoints)?;
+        checkpoint::fault_point("pruned", &dir);
         Ok(dir)
     }
 
@@ -796,10 +814,22 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
             let line = json!({"step": step, "val_loss": last_val, "val_ppl": last_val.exp(), "tokens_seen": trainer.state.tokens_seen});
             writeln!(metrics, "{line}").at(&metrics_path)?;
         }
-        if lead && ((tc.checkpoint_interval > 0 && step % tc.checkpoint_interval == 0) || step == end) {
+        let scheduled = (tc.checkpoint_interval > 0 && step % tc.checkpoint_interval == 0) || step == end;
+        if lead && scheduled {
             trainer.save()?;
         }
         bar.set_position(step as u64);
+        if let Some(sig) = rep.preempted {
+            if step == end {
+                // The run is complete anyway: finish normally.
+                continue;
+            }
+            if lead && !scheduled {
+                trainer.save()?;
+            }
+            bar.finish_and_clear();
+            return Err(preempted(trainer, sig));
+        }
     }
     bar.finish_and_clear();
     let seconds = t_start.elapsed().as_secs_f64();
@@ -816,6 +846,21 @@ pub fn run(trainer: &mut Trainer, data: &Dataset, opts: &RunOptions) -> Result<T
         peak_rss_mb: crate::base::util::peak_rss_mb(),
         checkpoint,
     })
+}
+
+/// After a preempting signal: every rank waits for rank 0's checkpoint, which is read back and
+/// checked against its manifest (a resume must find it intact), and the run stops.
+fn preempted(trainer: &Trainer, sig: i32) -> Error {
+    trainer.group.barrier();
+    let checked =
+        checkpoint::resolve(&trainer.run_dir).and_then(|dir| match checkpoint::verify(&dir, Check::Hashes)?.error() {
+            Some(e) => Err(e),
+            None => Ok(dir),
+        });
+    match checked {
+        Ok(dir) => Error::Preempted { signal: preempt::name(sig), step: trainer.state.step, checkpoint: dir },
+        Err(e) => e,
+    }
 }
 
 fn progress_bar(len: u64, pos: u64, quiet: bool) -> indicatif::ProgressBar {
