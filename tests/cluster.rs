@@ -368,3 +368,105 @@ fn a_crash_at_every_point_of_a_checkpoint_save_resumes_from_an_intact_one() {
         ok(&itt(&["verify", s(&run)]));
     }
 }
+
+/// `itt` under a file-size limit: writes past `bytes` fail (EFBIG) as they fail on a full disk
+/// (ENOSPC), through the same error paths, without root or a small filesystem. SIGXFSZ is
+/// ignored so that the write returns the error instead of killing the process.
+fn itt_on_a_full_disk(args: &[&str], bytes: u64) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut c = Command::new(env!("CARGO_BIN_EXE_itt"));
+    c.args(args);
+    // SAFETY: only async-signal-safe calls (signal, setrlimit) between fork and exec.
+    unsafe {
+        c.pre_exec(move || {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+            if libc::setrlimit(libc::RLIMIT_FSIZE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    c.output().expect("the itt binary runs")
+}
+
+/// A failed write is one `error:` line naming the file, exit 1, never a panic.
+fn failed_to_write(out: &Output, what: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{what}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: {stderr}");
+    assert!(lines[0].starts_with("error: ") && lines[0].contains("large"), "{what}: {stderr}");
+}
+
+/// No temporary file (`*.tmp<pid>`) left anywhere under `dir`.
+fn no_temporaries(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let temporary = name.rsplit_once(".tmp").is_some_and(|(_, pid)| pid.parse::<u32>().is_ok());
+        assert!(!temporary, "left behind: {}", path.display());
+        if path.is_dir() {
+            no_temporaries(&path);
+        }
+    }
+}
+
+#[test]
+fn a_full_disk_fails_every_writer_in_one_line_and_damages_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // Training: the checkpoint at step 6 (3.3 MB of weights) does not fit; the one at step 4
+    // stays the run's latest, and resuming with room ends where an uninterrupted run does.
+    let whole = dir.path().join("whole");
+    let mut args = train_args(&whole, "8");
+    args.extend(["--checkpoint-interval", "2"]);
+    ok(&itt(&args));
+    let run = dir.path().join("run");
+    let mut args = train_args(&run, "8");
+    args.extend(["--checkpoint-interval", "2", "--stop-at", "4"]);
+    ok(&itt(&args));
+    let out = itt_on_a_full_disk(&["train", "--out", s(&run), "--resume", "--quiet"], 3_000_000);
+    failed_to_write(&out, "checkpoint");
+    no_temporaries(&run);
+    assert!(latest(&run).ends_with("step-00000004"));
+    ok(&itt(&["verify", s(&run)]));
+    ok(&itt(&["train", "--out", s(&run), "--resume", "--quiet"]));
+    assert!(final_state(&run) == final_state(&whole), "the resumed run differs");
+
+    // A fresh run whose data does not fit: nothing is left that blocks running it again.
+    let fresh = dir.path().join("fresh");
+    failed_to_write(&itt_on_a_full_disk(&train_args(&fresh, "2"), 1_000_000), "training data");
+    if fresh.exists() {
+        no_temporaries(&fresh);
+    }
+    ok(&itt(&train_args(&fresh, "2")));
+
+    // Export: no half-written model file.
+    let export = ["export", "--checkpoint", s(&whole), "--format", "itt", "--out"];
+    let folder = dir.path().join("exported");
+    failed_to_write(&itt_on_a_full_disk(&[&export[..], &[s(&folder)]].concat(), 100_000), "export");
+    assert!(!folder.join("model.safetensors").exists());
+    no_temporaries(dir.path());
+
+    // Tokenizer training: the output either whole or absent.
+    let corpus = dir.path().join("corpus.txt");
+    std::fs::write(&corpus, "the cat sat on the mat. ".repeat(400)).unwrap();
+    let tok = dir.path().join("tok.json");
+    let out = itt_on_a_full_disk(&["tokenizer", "train", "--data", s(&corpus), "--vocab-size", "300", "--out", s(&tok)], 64);
+    failed_to_write(&out, "tokenizer");
+    assert!(!tok.exists());
+
+    // Experiment results: a rerun that cannot write them leaves the earlier ones intact.
+    let exp = dir.path().join("exp");
+    let grid = [
+        "experiment", "table1", "--variants", "dense", "--steps", "2", "--seeds", "1", "--problems", "0",
+        "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--quiet", "--out", s(&exp),
+    ];
+    ok(&itt(&grid));
+    let results = exp.join("table1/results.json");
+    let before = std::fs::read(&results).unwrap();
+    failed_to_write(&itt_on_a_full_disk(&grid, 64), "experiment results");
+    assert_eq!(std::fs::read(&results).unwrap(), before);
+    no_temporaries(&exp);
+}

@@ -198,3 +198,42 @@ fn only_train_runs_under_mpirun() {
     let out = mpirun(2).args(["info", "--preset", "tiny"]).output().unwrap();
     job_failed_with(&out, "only `itt train` runs data-parallel");
 }
+
+/// Preemption under mpirun (DESIGN §14.2): mpirun forwards SIGUSR1 to every rank (as SLURM's
+/// `--signal` does); the ranks stop at the same step, rank 0 writes the checkpoint, the job
+/// exits 75, and `--resume` on 2 ranks ends with the uninterrupted run's bits.
+#[test]
+fn a_preempted_two_rank_run_resumes_to_the_uninterrupted_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
+    let args = ["--steps", "60", "--log-interval", "1", "--checkpoint-interval", "1000"];
+    ok(&train(2, &whole, &args));
+
+    let mut c = mpirun(2);
+    c.env("RAYON_NUM_THREADS", "1").arg("train").args(RUN).args(args).arg("--out").arg(&cut);
+    let mut child = c.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    // Wait for a few logged steps, then preempt somewhere inside the run.
+    let started = std::time::Instant::now();
+    while losses_logged(&cut) < 5 {
+        assert!(child.try_wait().unwrap().is_none(), "the run ended before it was signalled");
+        assert!(started.elapsed().as_secs() < 300, "no steps logged");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // SAFETY: kill(2) on the pid of a child this test spawned and has not reaped.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("SIGUSR1") && stderr.contains("--resume"), "{stderr}");
+    let stopped = losses(&cut).last().unwrap().0 as usize;
+    assert!(stopped < 60, "the run was not stopped early");
+    assert!(checkpoint(&cut, stopped).join("model.safetensors").exists(), "no checkpoint at step {stopped}");
+
+    ok(&train(2, &cut, &["--resume"]));
+    same_state(&checkpoint(&whole, 60), &checkpoint(&cut, 60));
+    assert_eq!(losses(&whole), losses(&cut), "stopped at step {stopped}");
+}
+
+fn losses_logged(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map(|s| s.matches("\"loss\"").count()).unwrap_or(0)
+}

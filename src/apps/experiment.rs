@@ -26,6 +26,8 @@
 
 use crate::base::config::{self, ModelKind, ResidualForm, RoutedAttention, RunConfig};
 use crate::base::error::IoContext;
+use crate::base::util::write_atomic;
+use std::io::Write;
 use crate::eval::reasoning::{self, SolveRates};
 use crate::flops::{flops_per_token, Flops};
 use crate::model::{Routing, RoutingOptions};
@@ -1345,9 +1347,11 @@ fn write_outputs(r: &ExperimentResults, opts: &ExperimentOptions) -> Result<()> 
     let dir = opts.out.join(&r.name);
     std::fs::create_dir_all(&dir).at(&dir)?;
     let json = dir.join("results.json");
-    std::fs::write(&json, serde_json::to_string_pretty(r).unwrap()).at(&json)?;
+    let body = serde_json::to_string_pretty(r).unwrap();
+    write_atomic(&json, |w| w.write_all(body.as_bytes()))?;
     let md = dir.join("results.md");
-    std::fs::write(&md, markdown(r, opts)).at(&md)?;
+    let body = markdown(r, opts);
+    write_atomic(&md, |w| w.write_all(body.as_bytes()))?;
     use crate::apps::analysis::plot::{self, Panel, Series};
     let mut panels = vec![];
     for c in &r.corpora {

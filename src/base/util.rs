@@ -90,19 +90,26 @@ pub fn write_new(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Write `path` atomically: into `path.tmpPID` beside it, fsync, rename over `path`, fsync the
-/// folder. Readers never see a half-written file, and after a crash there is either the old
-/// file or the new one. A failed write removes its temporary file.
+/// folder. Readers never see a half-written file, and after a crash (or a full disk) there is
+/// either the old file or the new one. A failed write removes its temporary file.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> Result<()> {
-    let tmp = tmp_path(path);
-    let written = (|| -> Result<()> {
-        let file = File::create(&tmp).at(&tmp)?;
+    write_atomic_via(path, |tmp| {
+        let file = File::create(tmp).at(tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
-        write(&mut w).at(&tmp)?;
-        let file = w.into_inner().map_err(|e| e.into_error()).at(&tmp)?;
-        file.sync_all().at(&tmp)?;
-        drop(file);
+        write(&mut w).at(tmp)?;
+        w.into_inner().map_err(|e| e.into_error()).at(tmp)?;
+        Ok(())
+    })
+}
+
+/// [`write_atomic`] for writers that create the file themselves from a path (a library's
+/// `save(path)`): `write` fills the temporary path, which is then synced and renamed.
+pub fn write_atomic_via(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let tmp = tmp_path(path);
+    let written = write(&tmp).and_then(|()| {
+        File::open(&tmp).and_then(|f| f.sync_all()).at(&tmp)?;
         std::fs::rename(&tmp, path).at(path)
-    })();
+    });
     if written.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }

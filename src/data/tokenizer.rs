@@ -342,7 +342,8 @@ impl Tokenizer {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).at(dir)?;
         }
-        std::fs::write(path, self.to_json()?).at(path)
+        let json = self.to_json()?;
+        crate::base::util::write_atomic(path, |w| std::io::Write::write_all(w, json.as_bytes()))
     }
 
     /// Load our tokenizer file or a plain HF `tokenizer.json`.

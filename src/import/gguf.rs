@@ -30,7 +30,7 @@ use serde_json::json;
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -662,11 +662,11 @@ pub fn write(
         *types.entry(format!("{dtype:?}")).or_insert(0) += 1;
         qts.push((g, QTensor::quantize(&t, dtype)?));
     }
-    let mut f = File::create(path).map_err(|e| Error::input(path, format!("cannot create: {e}")))?;
     let md_refs: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (*k, v)).collect();
     let t_refs: Vec<(&str, &QTensor)> = qts.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    candle_core::quantized::gguf_file::write(&mut f, &md_refs, &t_refs)?;
-    f.flush().map_err(|e| Error::input(path, e.to_string()))?;
+    crate::base::util::write_atomic(path, |w| {
+        candle_core::quantized::gguf_file::write(w, &md_refs, &t_refs).map_err(std::io::Error::other)
+    })?;
     Ok(types.iter().map(|(t, n)| format!("{t} x{n}")).collect::<Vec<_>>().join(", "))
 }
 

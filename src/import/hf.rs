@@ -18,6 +18,8 @@
 use super::Imported;
 use crate::base::config::{ModelConfig, ModelKind, ThinkingConfig};
 use crate::base::error::IoContext;
+use crate::base::util::{write_atomic, write_atomic_via};
+use std::io::Write;
 use crate::data::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -270,15 +272,16 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
     }
     let st = dir.join("model.safetensors");
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(named, Some(meta), &st)
-        .map_err(|e| Error::input(&st, format!("cannot write: {e}")))?;
+    write_atomic_via(&st, |tmp| {
+        safetensors::serialize_to_file(named, Some(meta), tmp).map_err(|e| Error::input(&st, format!("cannot write: {e}")))
+    })?;
     crate::checkpoint::make_world_readable(&st)?;
     let cfg_path = dir.join("config.json");
     let body = serde_json::to_string_pretty(&config_json(cfg, Some(tokenizer))).unwrap_or_default();
-    std::fs::write(&cfg_path, body).at(&cfg_path)?;
+    write_atomic(&cfg_path, |w| w.write_all(body.as_bytes()))?;
     let Some(hf) = tokenizer.hf() else { return Ok(false) };
     let tok_path = dir.join("tokenizer.json");
-    hf.save(&tok_path, true).map_err(|e| Error::input(&tok_path, format!("cannot write: {e}")))?;
+    write_atomic_via(&tok_path, |tmp| hf.save(tmp, true).map_err(|e| Error::input(&tok_path, format!("cannot write: {e}"))))?;
     let eot = tokenizer.token_text(tokenizer.eot_id());
     let tc = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -290,7 +293,8 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
         "clean_up_tokenization_spaces": false,
     });
     let tc_path = dir.join("tokenizer_config.json");
-    std::fs::write(&tc_path, serde_json::to_string_pretty(&tc).unwrap_or_default()).at(&tc_path)?;
+    let body = serde_json::to_string_pretty(&tc).unwrap_or_default();
+    write_atomic(&tc_path, |w| w.write_all(body.as_bytes()))?;
     Ok(true)
 }
 

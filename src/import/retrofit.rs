@@ -19,7 +19,6 @@
 //! the backbone frozen) or everything (`Trainable::All`).
 
 use crate::base::config::{ModelConfig, ModelKind, RunConfig, ThinkingConfig, Trainable};
-use crate::base::error::IoContext;
 use crate::base::rng::Rng;
 use crate::data::{self, CorpusOptions, Dataset, Tokenizer};
 use crate::flops::flops_per_token;
@@ -237,7 +236,8 @@ pub fn run(opts: &RetrofitOptions) -> Result<RetrofitReport> {
         summary,
     };
     let path = opts.out.join("retrofit.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&report).unwrap_or_default()).at(&path)?;
+    let body = serde_json::to_string_pretty(&report).unwrap_or_default();
+    crate::base::util::write_atomic(&path, |w| std::io::Write::write_all(w, body.as_bytes()))?;
     Ok(report)
 }
 

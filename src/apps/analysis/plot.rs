@@ -27,7 +27,7 @@ pub struct Png {
 
 impl Png {
     pub fn write(&self, path: &std::path::Path) -> Result<()> {
-        std::fs::write(path, &self.bytes).map_err(|e| Error::input(path, format!("cannot write: {e}")))
+        crate::base::util::write_atomic(path, |w| std::io::Write::write_all(w, &self.bytes))
     }
 
     /// `data:` URL for an `<img>` in a self-contained page.
