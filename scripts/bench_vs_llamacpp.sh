@@ -42,7 +42,7 @@ build_llamacpp() {
     tar -xzf "$CACHE/$SDIST" -C "$CACHE/src" --strip-components=1
     local src=$CACHE/src/vendor/llama.cpp
     PATH=$CACHE/venv/bin:$PATH cmake -S "$src" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-        -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
+        -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_SERVER=OFF \
         -DLLAMA_BUILD_EXAMPLES=ON -DLLAMA_BUILD_TOOLS=ON >&2
     PATH=$CACHE/venv/bin:$PATH cmake --build "$CACHE/build" --target llama-bench llama-batched-bench -j "$(nproc)" >&2
     mkdir -p "$CACHE/bin"
@@ -50,6 +50,8 @@ build_llamacpp() {
 }
 
 build_llamacpp
+# Builds from before BUILD_SHARED_LIBS=OFF keep their libraries beside them.
+export LD_LIBRARY_PATH=$CACHE/build/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if [ ! -x "$ITT" ]; then
     (cd "$ROOT" && cargo build --release >&2)
 fi
