@@ -677,7 +677,13 @@ mod generation_tests {
     fn quantized_batch_equals_alone() {
         use candle_core::quantized::{GgmlDType, QTensor};
         let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghij");
-        let cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).width(64, 96).heads(2, 1).context(64).init_std(0.2).config();
+        let cfg = TestModel::preset("tiny")
+            .vocab(tok.vocab_size())
+            .width(64, 96)
+            .heads(2, 1)
+            .context(64)
+            .init_std(0.2)
+            .config();
         let mut model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
         let mut quant = std::collections::HashMap::new();
         for (name, var) in &model.params {

@@ -481,7 +481,13 @@ pub fn batched_file(
             for i in 0..new_tokens {
                 let ids: Vec<u32> = (0..b).map(|_| rng.below(vocab) as u32).collect();
                 let layout = SeqLayout::with_past(&vec![1; b], &vec![prompt_len + i; b]);
-                let h = model.forward_hidden(&Tensor::from_slice(&ids, b, device)?, &layout, &routing, Some(&mut caches), None)?;
+                let h = model.forward_hidden(
+                    &Tensor::from_slice(&ids, b, device)?,
+                    &layout,
+                    &routing,
+                    Some(&mut caches),
+                    None,
+                )?;
                 model.logits(&h)?;
             }
             sync()?;

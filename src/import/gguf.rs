@@ -239,7 +239,8 @@ pub fn load_with(path: &Path, weights: GgufWeights) -> Result<Imported> {
         if weights == GgufWeights::Quantized && product && crate::ops::quant::is_quantized(q.dtype()) {
             let blocks = match heads {
                 Some(heads) => Arc::new(
-                    unpermute_rotary_blocks(&q, heads).map_err(|e| Error::input(path, format!("tensor `{name}`: {e}")))?,
+                    unpermute_rotary_blocks(&q, heads)
+                        .map_err(|e| Error::input(path, format!("tensor `{name}`: {e}")))?,
                 ),
                 None => q.clone(),
             };
@@ -314,7 +315,8 @@ fn dequantize_into_var(q: &QTensor, rows: usize, cols: usize) -> candle_core::Re
     const ROWS: usize = 1024;
     for r0 in (0..rows).step_by(ROWS) {
         let r1 = (r0 + ROWS).min(rows);
-        let storage = QStorage::from_data(Cow::Borrowed(&data[r0 * row_bytes..r1 * row_bytes]), &Device::Cpu, q.dtype())?;
+        let storage =
+            QStorage::from_data(Cow::Borrowed(&data[r0 * row_bytes..r1 * row_bytes]), &Device::Cpu, q.dtype())?;
         let chunk = QTensor::new(storage, (r1 - r0, cols))?.dequantize(&Device::Cpu)?;
         var.slice_set(&chunk, 0, r0)?;
     }

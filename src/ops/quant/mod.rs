@@ -258,7 +258,10 @@ mod tests {
                     assert!(same, "{dt:?}: row {i} of {m} differs from the row alone");
                 }
             }
-            println!("{dt:?}: tiled kernel {}", if tiled::kernel(dt).is_some() { "ran" } else { "not run (row by row)" });
+            println!(
+                "{dt:?}: tiled kernel {}",
+                if tiled::kernel(dt).is_some() { "ran" } else { "not run (row by row)" }
+            );
         }
     }
 

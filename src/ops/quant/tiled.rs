@@ -20,7 +20,8 @@ use candle_core::quantized::GgmlDType;
 /// One tile: `kb` blocks of four weight rows (`w[c]` points at row c's first block) against
 /// `m` activation rows of `kb` dot-type blocks each (`x`, contiguous), written to
 /// `out[i * ld + c]`.
-pub(super) type QuadFn = unsafe fn(kb: usize, w: [*const u8; 4], x: *const u8, m: usize, out: *mut f32, ld: usize, scratch: &mut Scratch);
+pub(super) type QuadFn =
+    unsafe fn(kb: usize, w: [*const u8; 4], x: *const u8, m: usize, out: *mut f32, ld: usize, scratch: &mut Scratch);
 
 /// Per-thread buffers for an unpacked quad of weight rows: (kb * 4) 32-byte vectors of quants
 /// (and of their magnitudes) and kb groups of four scales (and minimums).
@@ -169,7 +170,15 @@ mod avx2 {
     /// # Safety
     /// `w[c]` point at `kb` Q4_0 blocks, `x` at `m * kb` Q8_0 blocks, `out` as in [`rows_i8`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quad_q4_0(kb: usize, w: [*const u8; 4], x: *const u8, m: usize, out: *mut f32, ld: usize, s: &mut Scratch) {
+    pub(super) unsafe fn quad_q4_0(
+        kb: usize,
+        w: [*const u8; 4],
+        x: *const u8,
+        m: usize,
+        out: *mut f32,
+        ld: usize,
+        s: &mut Scratch,
+    ) {
         reserve(s, kb);
         let w = w.map(|p| p as *const Q4_0);
         for b in 0..kb {
@@ -189,7 +198,15 @@ mod avx2 {
     /// # Safety
     /// As [`quad_q4_0`], with Q8_0 weight blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quad_q8_0(kb: usize, w: [*const u8; 4], x: *const u8, m: usize, out: *mut f32, ld: usize, s: &mut Scratch) {
+    pub(super) unsafe fn quad_q8_0(
+        kb: usize,
+        w: [*const u8; 4],
+        x: *const u8,
+        m: usize,
+        out: *mut f32,
+        ld: usize,
+        s: &mut Scratch,
+    ) {
         reserve(s, kb);
         let w = w.map(|p| p as *const Q8_0);
         for b in 0..kb {
@@ -211,7 +228,15 @@ mod avx2 {
     /// # Safety
     /// `w[c]` point at `kb` Q4_1 blocks, `x` at `m * kb` Q8_1 blocks, `out` as in [`rows_i8`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quad_q4_1(kb: usize, w: [*const u8; 4], x: *const u8, m: usize, out: *mut f32, ld: usize, s: &mut Scratch) {
+    pub(super) unsafe fn quad_q4_1(
+        kb: usize,
+        w: [*const u8; 4],
+        x: *const u8,
+        m: usize,
+        out: *mut f32,
+        ld: usize,
+        s: &mut Scratch,
+    ) {
         reserve(s, kb);
         let w = w.map(|p| p as *const Q4_1);
         for b in 0..kb {
