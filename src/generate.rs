@@ -670,6 +670,40 @@ mod generation_tests {
         }
     }
 
+    /// The server's rule on quantized weights (DESIGN §12, §13): batched prefill and decode run
+    /// the tiled quantized product (several rows per unpacked weight quad), a sequence alone
+    /// decodes one row at a time through candle's block dot; its tokens are the same.
+    #[test]
+    fn quantized_batch_equals_alone() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghij");
+        let cfg = TestModel::preset("tiny")
+            .vocab(tok.vocab_size())
+            .width(64, 96)
+            .heads(2, 1)
+            .context(64)
+            .init_std(0.2)
+            .config();
+        let mut model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
+        let mut quant = std::collections::HashMap::new();
+        for (name, var) in &model.params {
+            let dtype = match name.as_str() {
+                "embed.weight" if cfg.tie_embeddings => GgmlDType::Q8_0,
+                n if n.contains(".attn.w") || n.contains(".mlp.w") => GgmlDType::Q4_1,
+                _ => continue,
+            };
+            quant.insert(name.clone(), Arc::new(QTensor::quantize(var.as_tensor(), dtype).unwrap()));
+        }
+        model.set_quantized(quant).unwrap();
+        assert!(model.quantized_summary().contains("Q4_1"), "{}", model.quantized_summary());
+        let prompts = ["12+34=", "9", "abc def ghij\n77-", "5+5="];
+        let opts = GenerateOptions { max_new_tokens: 12, sampling: SamplingParams::greedy(), ..Default::default() };
+        let batch = run(&model, &tok, &prompts, &opts);
+        for (i, p) in prompts.iter().enumerate() {
+            assert_eq!(run(&model, &tok, &[p], &opts)[0], batch[i], "prompt {p:?} alone vs in a batch");
+        }
+    }
+
     #[test]
     fn sequences_joining_and_leaving_a_running_batch_keep_their_tokens() {
         let (model, tok, cal) = setup();

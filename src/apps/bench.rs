@@ -404,11 +404,6 @@ pub fn generate_file(
             count = n;
         }
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-    };
     let prefill_s = median(&prefill);
     let quantized = if model.is_quantized() { model.quantized_summary() } else { "f32".into() };
     Ok(GenerateBench {
@@ -425,6 +420,139 @@ pub fn generate_file(
         peak_rss_mb: crate::base::util::peak_rss_mb(),
         text,
     })
+}
+
+/// One row of `itt bench --gguf FILE --batch ...`, the columns of llama.cpp's
+/// `llama-batched-bench`: B sequences of PP prompt tokens prefilled in one packed call (logits
+/// of each sequence's last token), then TG steps of B tokens (logits of every row), medians
+/// over runs.
+#[derive(Clone, Debug, Serialize)]
+pub struct BatchedRow {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub batch: usize,
+    /// Tokens in the caches at the end, all sequences: B * (PP + TG).
+    pub kv_tokens: usize,
+    pub prefill_s: f64,
+    pub prefill_tokens_per_s: f64,
+    pub generate_s: f64,
+    pub generate_tokens_per_s: f64,
+    pub total_s: f64,
+    pub total_tokens_per_s: f64,
+}
+
+/// `llama-batched-bench -npp PP -ntg TG -npl B1,B2,..` on a model file read for inference (the
+/// quantized products for a GGUF by default): random prompt tokens, no sampling, as llama.cpp's
+/// tool does. Rows go through the same packed forward as `itt serve`'s batches.
+pub fn batched_file(
+    path: &std::path::Path,
+    weights: crate::import::gguf::GgufWeights,
+    batches: &[usize],
+    prompt_len: usize,
+    new_tokens: usize,
+    runs: usize,
+    device: &Device,
+) -> Result<(GenerateBench, Vec<BatchedRow>)> {
+    use crate::model::SeqLayout;
+    use candle_core::Tensor;
+    let t0 = Instant::now();
+    let opened = crate::import::open(path, &OpenOptions { gguf_weights: weights, device: device.clone() })?;
+    let model = opened.model;
+    let load_s = t0.elapsed().as_secs_f64();
+    let sync = || crate::base::util::synchronize(device);
+    let routing = RoutingOptions::default();
+    let vocab = opened.tokenizer.vocab_size() as u64;
+    let mut rng = Rng::new(7);
+    let mut rows = vec![];
+    for &b in batches {
+        let (mut pp, mut tg) = (vec![], vec![]);
+        // One run more than asked: the first warms caches and pages, and is not counted.
+        for run in 0..runs.max(1) + 1 {
+            let prompts: Vec<u32> = (0..b * prompt_len).map(|_| rng.below(vocab) as u32).collect();
+            let mut caches: Vec<_> = (0..b).map(|_| model.new_cache_reserved(prompt_len + new_tokens)).collect();
+            let t0 = Instant::now();
+            let x = Tensor::from_slice(&prompts, prompts.len(), device)?;
+            let h = model.forward_hidden(&x, &SeqLayout::uniform(b, prompt_len), &routing, Some(&mut caches), None)?;
+            let last: Vec<u32> = (0..b).map(|i| ((i + 1) * prompt_len - 1) as u32).collect();
+            model.logits(&h.index_select(&Tensor::from_slice(&last, b, device)?, 0)?)?;
+            sync()?;
+            let t_pp = t0.elapsed().as_secs_f64();
+            let t0 = Instant::now();
+            for i in 0..new_tokens {
+                let ids: Vec<u32> = (0..b).map(|_| rng.below(vocab) as u32).collect();
+                let layout = SeqLayout::with_past(&vec![1; b], &vec![prompt_len + i; b]);
+                let h = model.forward_hidden(
+                    &Tensor::from_slice(&ids, b, device)?,
+                    &layout,
+                    &routing,
+                    Some(&mut caches),
+                    None,
+                )?;
+                model.logits(&h)?;
+            }
+            sync()?;
+            if run > 0 {
+                pp.push(t_pp);
+                tg.push(t0.elapsed().as_secs_f64());
+            }
+        }
+        let (t_pp, t_tg) = (median(&pp), median(&tg));
+        rows.push(BatchedRow {
+            prompt_tokens: prompt_len,
+            new_tokens,
+            batch: b,
+            kv_tokens: b * (prompt_len + new_tokens),
+            prefill_s: t_pp,
+            prefill_tokens_per_s: (b * prompt_len) as f64 / t_pp,
+            generate_s: t_tg,
+            generate_tokens_per_s: (b * new_tokens) as f64 / t_tg,
+            total_s: t_pp + t_tg,
+            total_tokens_per_s: (b * (prompt_len + new_tokens)) as f64 / (t_pp + t_tg),
+        });
+    }
+    let quantized = if model.is_quantized() { model.quantized_summary() } else { "f32".into() };
+    let info = GenerateBench {
+        model: path.display().to_string(),
+        quantized,
+        threads: rayon::current_num_threads(),
+        prompt_tokens: prompt_len,
+        new_tokens,
+        prefill_s_median: f64::NAN,
+        prefill_tokens_per_s: f64::NAN,
+        decode_tokens_per_s: f64::NAN,
+        decode_tokens_per_s_runs: vec![],
+        load_s,
+        peak_rss_mb: crate::base::util::peak_rss_mb(),
+        text: String::new(),
+    };
+    Ok((info, rows))
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+impl BatchedRow {
+    /// llama-batched-bench's header, its column names.
+    pub const HEADER: &'static str = "|    PP |     TG |    B |   N_KV |   T_PP s | S_PP t/s |   T_TG s | S_TG t/s |      T s |    S t/s |\n\
+                                      |-------|--------|------|--------|----------|----------|----------|----------|----------|----------|";
+    pub fn row(&self) -> String {
+        format!(
+            "| {:5} | {:6} | {:4} | {:6} | {:8.3} | {:8.2} | {:8.3} | {:8.2} | {:8.3} | {:8.2} |",
+            self.prompt_tokens,
+            self.new_tokens,
+            self.batch,
+            self.kv_tokens,
+            self.prefill_s,
+            self.prefill_tokens_per_s,
+            self.generate_s,
+            self.generate_tokens_per_s,
+            self.total_s,
+            self.total_tokens_per_s
+        )
+    }
 }
 
 impl GenerateBench {

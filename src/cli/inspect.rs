@@ -82,6 +82,10 @@ pub struct BenchArgs {
     /// With --gguf: quantized (products on the file's quantized weights) or f32.
     #[arg(long, value_enum, default_value = "quantized")]
     gguf_weights: crate::import::gguf::GgufWeights,
+    /// With --gguf: llama-batched-bench's table instead, for these batch sizes (e.g. 1,4,16):
+    /// B sequences of --prompt-len random tokens prefilled together, then --new-tokens steps of B tokens.
+    #[arg(long, value_delimiter = ',')]
+    batch: Option<Vec<usize>>,
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -254,6 +258,30 @@ pub fn bench(a: BenchArgs) -> Result<()> {
     if let Some(path) = &a.gguf {
         if a.decode.is_some() || a.precision.is_some() {
             return Err(Error::usage("--gguf times generation on a file; leave out --decode and --precision"));
+        }
+        if let Some(batches) = &a.batch {
+            let (info, rows) = crate::apps::bench::batched_file(
+                path,
+                a.gguf_weights,
+                batches,
+                a.prompt_len,
+                a.new_tokens,
+                a.steps,
+                &device,
+            )?;
+            if a.json {
+                println!("{}", serde_json::json!({ "info": info, "rows": rows }));
+            } else {
+                println!(
+                    "{} | weights {} | {} threads | loaded in {:.2} s | peak RSS {:.0} MiB | medians of {} runs",
+                    info.model, info.quantized, info.threads, info.load_s, info.peak_rss_mb, a.steps
+                );
+                println!("{}", crate::apps::bench::BatchedRow::HEADER);
+                for r in &rows {
+                    println!("{}", r.row());
+                }
+            }
+            return Ok(());
         }
         let prompt = a.prompt.as_deref().unwrap_or(crate::apps::bench::GENERATE_PROMPT);
         let r = crate::apps::bench::generate_file(path, a.gguf_weights, prompt, a.new_tokens, a.steps, &device)?;

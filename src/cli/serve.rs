@@ -95,16 +95,12 @@ pub struct StartOptions<'a> {
 /// Open a model for serving and start the server on `addr`; returns it and where its chat
 /// template came from.
 pub fn start(checkpoint: &Path, open: &OpenOptions, opts: StartOptions, addr: SocketAddr) -> Result<(Server, String)> {
-    let device = &open.device;
     // A GGUF keeps its quantized weights (DESIGN §13); other formats load as they train.
     let opened = crate::import::open(checkpoint, open)?;
-    let Opened { mut model, tokenizer: tok, info, format } = opened;
+    let Opened { model, tokenizer: tok, info, format } = opened;
     if format == Format::Gguf {
-        // On a GPU the model runs dense (DESIGN §15); on the CPU serving never trains nor
-        // dequantizes, so the f32 copies of quantized weights are freed.
-        if device.is_cpu() {
-            model.drop_dense_copies()?;
-        }
+        // The loader kept no f32 copies of quantized weights (DESIGN §13); give back what
+        // reading the file freed.
         crate::base::util::release_free_memory();
     }
     let calibration = info.calibration.map(Arc::new);

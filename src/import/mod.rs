@@ -39,14 +39,18 @@ pub struct Imported {
     pub calibration: Option<RouterCalibration>,
     /// Quantized forms of linear weights (and of the embedding under a tied head), kept from a
     /// GGUF loaded with `GgufWeights::Quantized`; `into_model` runs the products on them
-    /// (DESIGN §13). `tensors` still holds every weight dequantized.
+    /// (DESIGN §13). `tensors` holds every other weight in f32, and the embedding always (lookups
+    /// read it); a quantized linear weight has no f32 copy (the model never needs one for
+    /// inference, and SmolLM2-135M's would be 430 MB).
     pub quantized: HashMap<String, Arc<QTensor>>,
 }
 
 impl Imported {
     /// Build the model (the tensors are moved into it) and hand back the tokenizer.
     pub fn into_model(self, device: &Device) -> Result<(Model, Tokenizer)> {
-        let mut model = Model::from_tensors(&self.config, self.tensors, &self.origin.to_string_lossy(), device)?;
+        let blocks_only = self.quantized.keys().filter(|n| !self.tensors.contains_key(*n)).cloned().collect();
+        let origin = self.origin.to_string_lossy();
+        let mut model = Model::from_tensors_blocks_only(&self.config, self.tensors, blocks_only, &origin, device)?;
         model.set_quantized(self.quantized).map_err(|e| Error::input(&self.origin, e.to_string()))?;
         Ok((model, self.tokenizer))
     }
@@ -158,7 +162,20 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<Opened> {
     let format = Format::of(path)?;
     let (model, tokenizer, info) = match format {
         Format::Itt => checkpoint::load_model(path)?,
-        Format::Gguf => built(gguf::load_with(path, opts.gguf_weights)?)?,
+        Format::Gguf => {
+            // Quantized products run on the CPU only (DESIGN §15): elsewhere the model runs
+            // dense, so read it dequantized (a quantized read keeps no f32 copies, §13).
+            let weights = match opts.device.is_cpu() {
+                true => opts.gguf_weights,
+                false => {
+                    if opts.gguf_weights == gguf::GgufWeights::Quantized {
+                        eprintln!("notice: quantized products run on the CPU only; on {:?} this model runs dense (f32 weights)", opts.device);
+                    }
+                    gguf::GgufWeights::F32
+                }
+            };
+            built(gguf::load_with(path, weights)?)?
+        }
         Format::HuggingFace => built(hf::load(path)?)?,
     };
     Ok(Opened { model: model.to_device(&opts.device)?, tokenizer, info, format })

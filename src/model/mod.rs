@@ -51,6 +51,9 @@ enum ParamSource {
     Loaded {
         tensors: HashMap<String, Tensor>,
         origin: String,
+        /// Weights read only as quantized blocks (DESIGN §13): no f32 values, no parameter;
+        /// a zero-stride stand-in of the right shape takes their place.
+        blocks_only: std::collections::HashSet<String>,
     },
 }
 
@@ -68,7 +71,7 @@ impl ParamStore {
     /// `origin` names the file the tensors came from, for error messages.
     pub fn loaded(tensors: HashMap<String, Tensor>, origin: &str, device: &Device) -> Self {
         ParamStore {
-            source: ParamSource::Loaded { tensors, origin: origin.to_string() },
+            source: ParamSource::Loaded { tensors, origin: origin.to_string(), blocks_only: Default::default() },
             device: device.clone(),
             dtype: DType::F32,
             names: vec![],
@@ -87,7 +90,10 @@ impl ParamStore {
                 };
                 Tensor::from_vec(data, shape, &self.device)?.to_dtype(self.dtype)?
             }
-            ParamSource::Loaded { tensors, origin } => {
+            ParamSource::Loaded { blocks_only, .. } if blocks_only.contains(name) => {
+                return Ok(Tensor::zeros(1, self.dtype, &self.device)?.broadcast_as(shape)?);
+            }
+            ParamSource::Loaded { tensors, origin, .. } => {
                 let t = tensors.remove(name).ok_or_else(|| {
                     Error::checkpoint(
                         origin.as_str(),
@@ -112,7 +118,7 @@ impl ParamStore {
 
     /// After building: a loaded source must have no tensors left over.
     pub fn finish(self) -> Result<Vec<(String, Var)>> {
-        if let ParamSource::Loaded { tensors, origin } = &self.source {
+        if let ParamSource::Loaded { tensors, origin, .. } = &self.source {
             if let Some(extra) = tensors.keys().min() {
                 return Err(Error::checkpoint(
                     origin.as_str(),
@@ -669,6 +675,27 @@ impl Model {
         Model::build(cfg, ParamStore::loaded(tensors, origin, device), device)
     }
 
+    /// `from_tensors` for a model read for inference from quantized blocks: the linear weights
+    /// named in `blocks_only` have no f32 values (`tensors` lacks them) and get stand-ins until
+    /// `set_quantized` gives them their blocks; the model is then as after
+    /// `drop_dense_copies`, without ever holding the f32 copies (DESIGN §13).
+    pub fn from_tensors_blocks_only(
+        cfg: &ModelConfig,
+        tensors: HashMap<String, Tensor>,
+        blocks_only: std::collections::HashSet<String>,
+        origin: &str,
+        device: &Device,
+    ) -> Result<Model> {
+        let dropped = !blocks_only.is_empty();
+        let mut ps = ParamStore::loaded(tensors, origin, device);
+        if let ParamSource::Loaded { blocks_only: b, .. } = &mut ps.source {
+            *b = blocks_only;
+        }
+        let mut model = Model::build(cfg, ps, device)?;
+        model.dense_dropped = dropped;
+        Ok(model)
+    }
+
     fn build(cfg: &ModelConfig, mut ps: ParamStore, device: &Device) -> Result<Model> {
         cfg.validate()?;
         let embed = ps.get("embed.weight", &[cfg.vocab_size, cfg.d_model], Init::Normal(cfg.init_std))?;
@@ -893,6 +920,9 @@ impl Model {
     /// the same shape, and leaves `params`; `dequantize` is refused from then on, and training
     /// already refuses a quantized model. Returns the bytes freed.
     pub fn drop_dense_copies(&mut self) -> Result<usize> {
+        if self.dense_dropped {
+            return Ok(0);
+        }
         let mut freed_ids = vec![];
         let mut bytes = 0;
         for l in self.linears_mut() {

@@ -416,6 +416,16 @@ impl<T> SharedMut<T> {
         // SAFETY: the range lies in the buffer and no one else touches it (the contract).
         unsafe { std::slice::from_raw_parts_mut(self.0.add(off), len) }
     }
+
+    /// The element at `off`, for kernels that write through strided raw pointers.
+    ///
+    /// # Safety
+    /// As [`SharedMut::slice`] for every element written through the pointer.
+    #[inline(always)]
+    pub unsafe fn at(&self, off: usize) -> *mut T {
+        // SAFETY: `off` lies in the buffer (the contract).
+        unsafe { self.0.add(off) }
+    }
 }
 
 /// An output buffer that a kernel writes completely (from several threads) before anyone reads

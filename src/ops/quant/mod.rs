@@ -12,6 +12,8 @@
 //! train (`Model::is_quantized`; the trainer refuses such a model). Oracle: the f32 product with
 //! the dequantized weight (`tests`), within the activation rounding of the dot type.
 
+mod tiled;
+
 use super::fused::{with_data, Filled};
 use crate::{Error, Result};
 use candle_core::quantized::k_quants::{self, GgmlType};
@@ -66,6 +68,10 @@ pub fn qlinear(x: &Tensor, w: &QTensor) -> Result<Tensor> {
 /// `itt bench --gguf`, docs/PERFORMANCE.md).
 const PAR_MIN_WORK: usize = 64 * 1024;
 
+/// From this many activation rows on, a product of a tiled type unpacks its weights once for
+/// all rows (`tiled`); one row (decode at batch 1) reads them straight into `vec_dot_4`.
+const TILED_MIN_ROWS: usize = 2;
+
 /// Activation rows per block of the product's row loop: 32 rows of 1536 values in Q8_1 are
 /// 55 KB, well inside L2.
 const ROW_BLOCK: usize = 32;
@@ -97,31 +103,49 @@ fn product<T: GgmlType>(
     // Column tiles, a multiple of 4 wide (candle's 4-row dot products share one activation
     // load): ~32 tiles per product, so two threads stay balanced on the narrow K/V products.
     let tile = ((n / 32) & !3).clamp(4, 256);
+    // Several activation rows (prefill, batched decode): unpack each quad of weight rows once
+    // and run it against every row (`tiled`); the same float operations per output as
+    // `vec_dot`, so the values are those of the row-by-row path, bit for bit.
+    let tiled = if m >= TILED_MIN_ROWS { tiled::kernel(T::DTYPE) } else { None };
     let mut out = Filled::new(m * n);
     let dst = out.ptr();
     let run = |t: usize| {
         let (c0, c1) = (t * tile, ((t + 1) * tile).min(n));
-        // Rows in blocks of ROW_BLOCK, columns in quads, rows innermost: a quad of weight rows
-        // stays in L1 while a block of activation rows (L2-sized) passes over it. Without the
-        // row blocks a long prefill streamed every activation row from memory once per quad.
-        for r0 in (0..m).step_by(ROW_BLOCK) {
-            let rows = r0..(r0 + ROW_BLOCK).min(m);
-            let mut c = c0;
+        let mut c = c0;
+        if let Some(quad) = tiled {
+            let mut scratch = tiled::Scratch::default();
             while c + 4 <= c1 {
-                for i in rows.clone() {
-                    let xi = &xq[i * kb..(i + 1) * kb];
-                    let (a, b, e, f) = T::vec_dot_4(k, row(c), row(c + 1), row(c + 2), row(c + 3), xi);
-                    // SAFETY: tile t owns columns c0..c1 of every row; the buffer holds m * n.
-                    unsafe { dst.slice(i * n + c, 4) }.copy_from_slice(&[a, b, e, f]);
-                }
+                let w4 = [0, 1, 2, 3].map(|j| row(c + j).as_ptr() as *const u8);
+                // SAFETY: each w4[j] is a row of kb blocks, xq holds m rows of kb blocks, and
+                // tile t owns columns c..c+4 of every row of the m * n output.
+                unsafe { quad(kb, w4, xq.as_ptr() as *const u8, m, dst.at(c), n, &mut scratch) };
                 c += 4;
             }
-            for c in c..c1 {
-                for i in rows.clone() {
-                    let d = T::vec_dot(k, row(c), &xq[i * kb..(i + 1) * kb]);
-                    // SAFETY: as above.
-                    unsafe { dst.slice(i * n + c, 1) }.copy_from_slice(&[d]);
+        } else {
+            // Rows in blocks of ROW_BLOCK, columns in quads, rows innermost: a quad of weight
+            // rows stays in L1 while a block of activation rows (L2-sized) passes over it.
+            // Without the row blocks a long prefill streamed every activation row from memory
+            // once per quad.
+            for r0 in (0..m).step_by(ROW_BLOCK) {
+                let rows = r0..(r0 + ROW_BLOCK).min(m);
+                let mut c = c0;
+                while c + 4 <= c1 {
+                    for i in rows.clone() {
+                        let xi = &xq[i * kb..(i + 1) * kb];
+                        let (a, b, e, f) = T::vec_dot_4(k, row(c), row(c + 1), row(c + 2), row(c + 3), xi);
+                        // SAFETY: tile t owns columns c0..c1 of every row; the buffer holds m * n.
+                        unsafe { dst.slice(i * n + c, 4) }.copy_from_slice(&[a, b, e, f]);
+                    }
+                    c += 4;
                 }
+            }
+            c = c0 + (c1 - c0) / 4 * 4;
+        }
+        for c in c..c1 {
+            for i in 0..m {
+                let d = T::vec_dot(k, row(c), &xq[i * kb..(i + 1) * kb]);
+                // SAFETY: as above.
+                unsafe { dst.slice(i * n + c, 1) }.copy_from_slice(&[d]);
             }
         }
     };
@@ -198,6 +222,47 @@ mod tests {
             }
         }
         println!("largest relative L2 error: {worst:.4}");
+    }
+
+    /// The server's rule (DESIGN §12): a row's outputs do not depend on how many rows share
+    /// the product. Products of 1, 3, 4 and 16 rows (the tiled path from 2 rows on, for the
+    /// types that have one) equal the same rows multiplied one at a time (candle's `vec_dot_4`
+    /// / `vec_dot`, the oracle) bit for bit, for every quantized type; N = 130 leaves a tail of
+    /// two columns, K = 768 is 24 blocks of 32 and 3 of 256.
+    #[test]
+    fn rows_together_equal_rows_one_at_a_time_bit_for_bit() {
+        let types = [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+            GgmlDType::Q2K,
+            GgmlDType::Q3K,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+        ];
+        let (n, k) = (130, 768);
+        let w = rand((n, k), 7);
+        for dt in types {
+            let q = QTensor::quantize(&w, dt).unwrap();
+            for m in [1, 3, 4, 16] {
+                let x = rand((m, k), 8 + m as u64);
+                let together: Vec<f32> = qlinear(&x, &q).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for i in 0..m {
+                    let one: Vec<f32> =
+                        qlinear(&x.narrow(0, i, 1).unwrap(), &q).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let row = &together[i * n..(i + 1) * n];
+                    let same = row.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{dt:?}: row {i} of {m} differs from the row alone");
+                }
+            }
+            println!(
+                "{dt:?}: tiled kernel {}",
+                if tiled::kernel(dt).is_some() { "ran" } else { "not run (row by row)" }
+            );
+        }
     }
 
     #[test]
