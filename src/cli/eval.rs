@@ -84,6 +84,16 @@ pub struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// OpenAI's: subtract this from the logit of every token already generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// OpenAI's: subtract this times the token's count among the generated ones.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// llama.cpp's: divide positive logits (multiply negative ones) of every token in the
+    /// prompt or output by this; 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
     /// Stop when the output contains this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -235,10 +245,20 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop,
         stop_ids: vec![],
         ignore_eot: false,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            repetition_penalty: a.repetition_penalty,
+            logit_bias: vec![],
+        },
         routing,
         use_cache: !a.no_cache,
         prefill_chunk: 0,
+        ..Default::default()
     };
     let max_depth = model.layer_steps().into_iter().max().unwrap_or(1) as u32;
     let color = a.show_depth && report::stdout_is_terminal();
@@ -264,7 +284,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                     let _ = out.flush();
                 }
             }
-            Event::Finished { .. } => {}
+            Event::Finished { .. } | Event::Prompt { .. } => {}
         }
     }
     if batch {

@@ -7,7 +7,7 @@
 
 use super::metrics::Metrics;
 use crate::data::Tokenizer;
-use crate::generate::{Batch, Event, FinishReason, GenerateOptions, SeqUsage};
+use crate::generate::{Batch, Event, FinishReason, GenerateOptions, SeqUsage, TokenLogprob};
 use crate::model::Model;
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -85,10 +85,13 @@ pub struct ThinkingReport {
 }
 
 pub enum JobEvent {
+    /// With `GenerateOptions::prompt_logprobs`, before any token: prompt tokens 2.. scored.
+    Prompt(Vec<TokenLogprob>),
     Token {
         id: u32,
         text: String,
         depth: Vec<u32>,
+        logprob: Option<TokenLogprob>,
     },
     Finished {
         end: JobEnd,
@@ -465,7 +468,13 @@ impl Engine<'_> {
                             l.first_token = Some(Instant::now());
                             metrics.time_to_first_token.observe(l.admitted.elapsed().as_secs_f64());
                         }
-                        let _ = l.events.send(JobEvent::Token { id: t.id, text: t.text, depth: t.depth });
+                        let ev = JobEvent::Token { id: t.id, text: t.text, depth: t.depth, logprob: t.logprob };
+                        let _ = l.events.send(ev);
+                    }
+                }
+                Event::Prompt { seq, logprobs } => {
+                    if let Some(l) = self.live.get(&seq) {
+                        let _ = l.events.send(JobEvent::Prompt(logprobs));
                     }
                 }
                 Event::Finished { seq, reason, usage, .. } => {
