@@ -723,17 +723,42 @@ impl Iterator for Generation<'_> {
     }
 }
 
+/// The largest logit's id, ties to the lower id.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &z) in logits.iter().enumerate() {
+        if z > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Draw a token id from one row of logits.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     if p.temperature == 0.0 {
-        let mut best = 0;
-        for (i, &z) in logits.iter().enumerate() {
-            if z > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
+        return argmax(logits);
     }
+    let (idx, probs) = distribution(logits, p);
+    draw(&idx, &probs, rng)
+}
+
+/// Draw one of `idx` with probabilities `probs` (summing to 1).
+pub fn draw(idx: &[usize], probs: &[f64], rng: &mut Rng) -> u32 {
+    let u = rng.uniform();
+    let mut cum = 0.0;
+    for (j, q) in probs.iter().enumerate() {
+        cum += q;
+        if u < cum {
+            return idx[j] as u32;
+        }
+    }
+    idx[probs.len() - 1] as u32
+}
+
+/// The distribution `sample` draws from at temperature > 0: candidate ids and their
+/// probabilities after temperature, top-k and top-p.
+pub fn distribution(logits: &[f32], p: &SamplingParams) -> (Vec<usize>, Vec<f64>) {
     // Candidates in descending order of logit (ties to the lower id) when top-k or top-p cut
     // them; without either every token is a candidate and no sort is needed (a full sort of a
     // 49k vocabulary per token was a measurable share of a decode step).
@@ -761,15 +786,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         let t: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= t);
     }
-    let u = rng.uniform();
-    let mut cum = 0.0;
-    for (j, q) in probs.iter().enumerate() {
-        cum += q;
-        if u < cum {
-            return idx[j] as u32;
-        }
-    }
-    idx[probs.len() - 1] as u32
+    (idx, probs)
 }
 
 #[cfg(test)]
