@@ -569,3 +569,25 @@ fn logit_bias_bans_and_forces_tokens_and_penalties_change_greedy_text() {
     assert!(distinct(penalised["text"].as_str().unwrap()) >= distinct(text), "{penalised} vs {text:?}");
     server.stop().unwrap();
 }
+
+/// The official `openai` Python client against the server (issue 28 item 5). It needs the
+/// venv `scripts/setup_pyclient.sh` makes; without it the test says it was skipped.
+#[test]
+fn the_official_openai_client_drives_the_server() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".cache/itt/venv/bin/python");
+    if !python.exists() {
+        eprintln!("skipped: no {} (run scripts/setup_pyclient.sh)", python.display());
+        return;
+    }
+    let (server, url) = start(EngineConfig::default());
+    let out = std::process::Command::new(&python)
+        .arg(root.join("scripts/openai_client_check.py"))
+        .arg(format!("{url}/v1"))
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "the openai client check failed:\n{stdout}\n{stderr}");
+    println!("{stdout}");
+    server.stop().unwrap();
+}
