@@ -280,6 +280,89 @@ impl SeqState {
     }
 }
 
+/// KV caches of prompt prefixes kept for later requests that start with the same tokens
+/// (DESIGN §12, "Prefix cache"): a system prompt shared by every request is computed once.
+/// With causal routing a prefix's caches (every layer and thinking step) do not depend on what
+/// follows it. An entry holds a prompt's first `len - 1` tokens (the last prompt token runs
+/// with the request, whose logits it gives); entries are evicted least recently used first
+/// when their bytes pass `limit_bytes`.
+#[derive(Default)]
+pub struct PrefixCache {
+    pub limit_bytes: usize,
+    entries: Vec<PrefixEntry>,
+    clock: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+struct PrefixEntry {
+    ids: Vec<u32>,
+    /// Routing the caches were made with: reused only by sequences routed the same way.
+    routing: RoutingOptions,
+    cache: SeqCache,
+    bytes: usize,
+    used: u64,
+}
+
+impl PrefixCache {
+    pub fn new(limit_bytes: usize) -> Self {
+        PrefixCache { limit_bytes, ..Default::default() }
+    }
+
+    /// Bytes held by the entries.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// The longest entry that is a prefix of `prompt` leaving at least its last token to run,
+    /// under the same routing: a copy of its caches and its length.
+    fn lookup(&mut self, prompt: &[u32], routing: &RoutingOptions) -> Option<(SeqCache, usize)> {
+        self.clock += 1;
+        let best = self
+            .entries
+            .iter_mut()
+            .filter(|e| e.ids.len() < prompt.len() && prompt.starts_with(&e.ids) && same_routing(&e.routing, routing))
+            .max_by_key(|e| e.ids.len());
+        match best {
+            Some(e) => {
+                e.used = self.clock;
+                self.hits += 1;
+                Some((e.cache.clone(), e.ids.len()))
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Keep a copy of `cache`, which holds exactly `ids`; evict least recently used entries
+    /// past the limit (an entry larger than the limit is not kept).
+    fn insert(&mut self, ids: &[u32], routing: &RoutingOptions, cache: &SeqCache) {
+        if self.entries.iter().any(|e| e.ids == ids && same_routing(&e.routing, routing)) {
+            return;
+        }
+        let bytes = cache.bytes();
+        if bytes > self.limit_bytes {
+            return;
+        }
+        self.clock += 1;
+        self.entries.push(PrefixEntry {
+            ids: ids.to_vec(),
+            routing: routing.clone(),
+            cache: cache.clone(),
+            bytes,
+            used: self.clock,
+        });
+        while self.bytes() > self.limit_bytes {
+            let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used).expect("over the limit");
+            self.entries.swap_remove(oldest);
+            self.evictions += 1;
+        }
+    }
+}
+
 /// A changing set of sequences generated together: sequences join ([`Batch::add`]) and leave
 /// ([`Batch::remove`], or when they finish) between steps, each with its own options. Each
 /// [`Batch::step`] runs one packed forward per group of sequences that share their routing
@@ -295,6 +378,8 @@ pub struct Batch<'a> {
     pub layers: Vec<usize>,
     /// Routing statistics over everything run so far.
     pub record: ForwardRecord,
+    /// Caches of prompt prefixes for later sequences (the server's `--prefix-cache-mb`).
+    pub prefix_cache: Option<PrefixCache>,
 }
 
 impl<'a> Batch<'a> {
@@ -307,7 +392,7 @@ impl<'a> Batch<'a> {
             )));
         }
         let layers = model.thinking_layers().map(|t| t.layer).collect();
-        Ok(Batch { model, tok, seqs: vec![], layers, record: ForwardRecord::default() })
+        Ok(Batch { model, tok, seqs: vec![], layers, record: ForwardRecord::default(), prefix_cache: None })
     }
 
     /// Check that `opts` can run on this model (sampling values, causal routing with a cache).
@@ -361,11 +446,17 @@ impl<'a> Batch<'a> {
             )));
         }
         let reserve = if opts.use_cache { (prompt.len() + opts.max_new_tokens).min(ctx) } else { 0 };
+        // Prompt scoring needs the prompt's own rows, so it does not start from a cached prefix.
+        let cached = match &mut self.prefix_cache {
+            Some(pc) if opts.use_cache && !opts.prompt_logprobs => pc.lookup(&prompt, &opts.routing),
+            _ => None,
+        };
+        let (cache, fed) = cached.unwrap_or_else(|| (self.model.new_cache_reserved(reserve), 0));
         self.seqs.push(Some(SeqState {
             prompt_len: prompt.len(),
             ids: prompt,
-            fed: 0,
-            cache: self.model.new_cache_reserved(reserve),
+            fed,
+            cache,
             rng: Rng::derive(opts.sampling.seed, "sample"),
             opts,
             text: String::new(),
@@ -480,7 +571,12 @@ impl<'a> Batch<'a> {
             .map(|&i| {
                 let s = self.seq(i);
                 if s.opts.use_cache {
-                    let chunk = if s.opts.prefill_chunk == 0 { usize::MAX } else { s.opts.prefill_chunk };
+                    let mut chunk = if s.opts.prefill_chunk == 0 { usize::MAX } else { s.opts.prefill_chunk };
+                    if self.prefix_cache.is_some() && s.fed + 1 < s.prompt_len && !s.opts.prompt_logprobs {
+                        // Stop before the last prompt token, so the caches then hold a prefix
+                        // the prefix cache can keep (`PrefixCache`).
+                        chunk = chunk.min(s.prompt_len - 1 - s.fed);
+                    }
                     ((s.ids.len() - s.fed).min(chunk), s.fed)
                 } else {
                     // No cache: the whole text so far, every time.
@@ -535,6 +631,11 @@ impl<'a> Batch<'a> {
             s.extra_block_steps +=
                 (first_new..end).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum::<u64>();
             s.fed = past[k] + lens[k];
+            if s.opts.use_cache && s.fed + 1 == s.prompt_len && s.fed > past[k] && !s.opts.prompt_logprobs {
+                if let Some(pc) = &mut self.prefix_cache {
+                    pc.insert(&s.ids[..s.fed], &s.opts.routing, &s.cache);
+                }
+            }
             if s.fed == s.ids.len() {
                 let row = starts[k] + lens[k] - 1;
                 rows.push(hidden.narrow(0, row, 1)?);

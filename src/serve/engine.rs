@@ -31,11 +31,20 @@ pub struct EngineConfig {
     pub latency_target: Option<Duration>,
     /// The valve never scales routed shares below this fraction of the trained ones.
     pub share_floor: f64,
+    /// Bytes of prompt-prefix KV caches kept for later requests (0 = no prefix cache).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 16, max_queue: 64, prefill_chunk: 256, latency_target: None, share_floor: 0.25 }
+        EngineConfig {
+            max_batch: 16,
+            max_queue: 64,
+            prefill_chunk: 256,
+            latency_target: None,
+            share_floor: 0.25,
+            prefix_cache_bytes: 0,
+        }
     }
 }
 
@@ -255,13 +264,16 @@ fn run(
     handle: EngineHandle,
     metrics: Arc<Metrics>,
 ) {
-    let batch = match Batch::new(model, tok) {
+    let mut batch = match Batch::new(model, tok) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: the engine cannot start: {e}");
             return;
         }
     };
+    if cfg.prefix_cache_bytes > 0 {
+        batch.prefix_cache = Some(crate::generate::PrefixCache::new(cfg.prefix_cache_bytes));
+    }
     let valve = Valve::new(cfg.latency_target, cfg.share_floor);
     let mut engine = Engine {
         model,
@@ -356,6 +368,17 @@ impl Engine<'_> {
         }
         self.metrics.queue_depth.set(self.handle.queued() as i64);
         self.metrics.running.set(self.live.len() as i64);
+        self.prefix_metrics();
+    }
+
+    /// Bring the prefix cache's counters to /metrics.
+    fn prefix_metrics(&self) {
+        let Some(pc) = &self.batch.prefix_cache else { return };
+        let m = &self.metrics;
+        m.prefix_hits.inc_by(pc.hits - m.prefix_hits.get());
+        m.prefix_misses.inc_by(pc.misses - m.prefix_misses.get());
+        m.prefix_evictions.inc_by(pc.evictions - m.prefix_evictions.get());
+        m.prefix_bytes.set(pc.bytes() as i64);
     }
 
     /// The next queued job: waited for (50 ms at most) when nothing runs, else only taken if
@@ -452,6 +475,7 @@ impl Engine<'_> {
         };
         let took = t0.elapsed();
         self.metrics.step_seconds.observe(took.as_secs_f64());
+        self.prefix_metrics();
         self.metrics.batch_size.observe(self.live.len() as f64);
         Some((events, took))
     }
