@@ -950,14 +950,15 @@ mod tests {
 }
 
 #[cfg(test)]
-mod generation_tests {
+pub(crate) mod generation_tests {
     use super::*;
     use crate::base::config::TestModel;
     use crate::model::{RouterCalibration, SeqLayout};
     use candle_core::Device;
     use std::sync::Arc;
 
-    fn setup() -> (Model, Tokenizer, Arc<RouterCalibration>) {
+    /// A small random tiny-itt4 with causal thresholds from one pass (also `speculate`'s tests).
+    pub(crate) fn setup() -> (Model, Tokenizer, Arc<RouterCalibration>) {
         let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghij");
         let cfg = TestModel::preset("tiny-itt4")
             .vocab(tok.vocab_size())

@@ -222,32 +222,12 @@ fn roll_back_all(cache: &mut SeqCache, keep: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::base::config::TestModel;
     use crate::generate::SamplingParams;
-    use crate::model::{RouterCalibration, Routing};
-    use candle_core::Device;
-    use std::sync::Arc;
+    use crate::model::Routing;
 
     fn setup() -> (Model, Tokenizer, RoutingOptions) {
-        let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghij");
-        let cfg = TestModel::preset("tiny-itt4")
-            .vocab(tok.vocab_size())
-            .width(32, 48)
-            .heads(2, 1)
-            .context(64)
-            .init_std(0.2)
-            .router_init_std(0.5)
-            .config();
-        let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
-        let ids = tok.encode("12+34=46\n5+5=10\nabc def ghij\n901-3=898\n").unwrap();
-        let x = Tensor::from_slice(&ids, ids.len(), &Device::Cpu).unwrap();
-        let mut rec = ForwardRecord::with_scores();
-        model.forward(&x, &SeqLayout::uniform(1, ids.len()), &RoutingOptions::default(), None, Some(&mut rec)).unwrap();
-        let mut cal = RouterCalibration::new();
-        cal.update(&mut rec, 0.0);
-        let routing =
-            RoutingOptions { mode: Routing::Threshold, calibration: Some(Arc::new(cal)), ..Default::default() };
-        (model, tok, routing)
+        let (model, tok, cal) = crate::generate::generation_tests::setup();
+        (model, tok, RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() })
     }
 
     #[test]
@@ -263,7 +243,7 @@ mod tests {
         let mut stats = SpecStats::default();
         for i in 0..20 {
             let prompt = format!("{}+{}=", i * 7 % 13, i * 3 + 1);
-            let want = crate::generate::generate(&model, &tok, &[prompt.clone()], opts.clone())
+            let want = crate::generate::generate(&model, &tok, std::slice::from_ref(&prompt), opts.clone())
                 .unwrap()
                 .collect_all()
                 .unwrap()
@@ -324,11 +304,11 @@ mod tests {
         };
         let p1 = probs(&prompt);
         let mut p2 = vec![0.0; v];
-        for x in 0..v {
+        for (x, &px) in p1.iter().enumerate() {
             let mut ids = prompt.clone();
             ids.push(x as u32);
             for (y, q) in probs(&ids).into_iter().enumerate() {
-                p2[y] += p1[x] * q;
+                p2[y] += px * q;
             }
         }
         let n = 1500;

@@ -554,7 +554,7 @@ fn logit_bias_bans_and_forces_tokens_and_penalties_change_greedy_text() {
         v["choices"][0].clone()
     };
     let plain = complete(json!({}));
-    let first = tok.encode(&plain["logprobs"]["tokens"][0].as_str().unwrap()).unwrap()[0];
+    let first = tok.encode(plain["logprobs"]["tokens"][0].as_str().unwrap()).unwrap()[0];
     let banned = complete(json!({"logit_bias": {first.to_string(): -100}}));
     assert_ne!(banned["logprobs"]["tokens"][0], plain["logprobs"]["tokens"][0], "a banned token was drawn");
     // Log-probabilities are the model's, before the bias: the first position reads the same.
