@@ -26,11 +26,29 @@ pub struct SamplingParams {
     /// Keep the smallest set of tokens whose probability reaches p; 1 = off.
     pub top_p: f64,
     pub seed: u64,
+    /// OpenAI's penalties over the generated tokens: logit -= presence * [count > 0] +
+    /// frequency * count. 0 = off.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
+    /// llama.cpp's / Hugging Face's, over prompt and generated tokens: a positive logit is
+    /// divided by it, a negative one multiplied. 1 = off.
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids (OpenAI's `logit_bias`, -100 bans, +100 forces).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 1234 }
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 1234,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: vec![],
+        }
     }
 }
 
@@ -45,7 +63,58 @@ impl SamplingParams {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(Error::usage(format!("top_p must be in (0, 1] (got {})", self.top_p)));
         }
+        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(Error::usage(format!("{name} must be between -2 and 2 (got {v})")));
+            }
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return Err(Error::usage(format!("repetition_penalty must be > 0 (got {})", self.repetition_penalty)));
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return Err(Error::usage(format!("logit_bias of token {id} must be between -100 and 100 (got {b})")));
+        }
         Ok(())
+    }
+
+    /// Whether the logits are changed before sampling (penalties or biases set).
+    pub fn adjusts(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
+    }
+
+    /// Apply the penalties and biases to one row of logits, in llama.cpp's order: repetition
+    /// (over `prompt` and `generated`), then presence and frequency (over `generated`), then
+    /// the biases. Log-probabilities are reported before this (DESIGN §12).
+    pub fn adjust(&self, logits: &mut [f32], prompt: &[u32], generated: &[u32]) {
+        if self.repetition_penalty != 1.0 {
+            let mut seen = vec![false; logits.len()];
+            for &id in prompt.iter().chain(generated) {
+                let i = id as usize;
+                if i < logits.len() && !std::mem::replace(&mut seen[i], true) {
+                    let z = &mut logits[i];
+                    *z = if *z > 0.0 { *z / self.repetition_penalty } else { *z * self.repetition_penalty };
+                }
+            }
+        }
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            let mut count: std::collections::HashMap<u32, f32> = std::collections::HashMap::new();
+            for &id in generated {
+                *count.entry(id).or_default() += 1.0;
+            }
+            for (id, c) in count {
+                if let Some(z) = logits.get_mut(id as usize) {
+                    *z -= self.presence_penalty + self.frequency_penalty * c;
+                }
+            }
+        }
+        for &(id, b) in &self.logit_bias {
+            if let Some(z) = logits.get_mut(id as usize) {
+                *z += b;
+            }
+        }
     }
 }
 
@@ -65,6 +134,13 @@ pub struct GenerateOptions {
     pub use_cache: bool,
     /// Prefill prompts in chunks of at most this many tokens (0 = whole prompt at once).
     pub prefill_chunk: usize,
+    /// Report each generated token's log-probability with this many most likely alternatives
+    /// (`None`: no log-probabilities). They are the model's log-softmax, before temperature and
+    /// every other sampling transform (DESIGN §12, as OpenAI reports them).
+    pub logprobs: Option<usize>,
+    /// Also report the log-probability of every prompt token after the first
+    /// ([`Event::Prompt`]): the scoring path of `echo` (lm-evaluation-harness).
+    pub prompt_logprobs: bool,
 }
 
 impl Default for GenerateOptions {
@@ -78,6 +154,8 @@ impl Default for GenerateOptions {
             routing: RoutingOptions::default(),
             use_cache: true,
             prefill_chunk: 0,
+            logprobs: None,
+            prompt_logprobs: false,
         }
     }
 }
@@ -102,12 +180,62 @@ pub struct GeneratedToken {
     pub id: u32,
     pub text: String,
     pub depth: Vec<u32>,
+    /// With `GenerateOptions::logprobs`.
+    pub logprob: Option<TokenLogprob>,
+}
+
+/// A token's log-probability under the model (log-softmax of the raw logits) and the `top`
+/// most likely tokens at that position, most likely first (ties to the lower id).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprob {
+    /// Token `id`'s entry in one row of logits, with the `top_n` most likely tokens.
+    pub fn from_logits(logits: &[f32], id: u32, top_n: usize) -> Self {
+        // log-sum-exp in f64: the scores are summed over hundreds of tokens by scorers.
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let lse = max + logits.iter().map(|&z| (z as f64 - max).exp()).sum::<f64>().ln();
+        let lp = |i: usize| (logits[i] as f64 - lse) as f32;
+        let top = top_ids(logits, top_n).into_iter().map(|i| (i as u32, lp(i))).collect();
+        TokenLogprob { id, logprob: lp(id as usize), top }
+    }
+}
+
+/// The `n` largest logits' ids, largest first, ties to the lower id.
+fn top_ids(logits: &[f32], n: usize) -> Vec<usize> {
+    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
+    let mut idx: Vec<usize> = (0..logits.len()).collect();
+    let n = n.min(idx.len());
+    if n == 0 {
+        return vec![];
+    }
+    if n < idx.len() {
+        idx.select_nth_unstable_by(n - 1, desc);
+        idx.truncate(n);
+    }
+    idx.sort_unstable_by(desc);
+    idx
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub enum Event {
     Token(GeneratedToken),
-    Finished { seq: usize, reason: FinishReason, text: String, usage: SeqUsage },
+    /// With `GenerateOptions::prompt_logprobs`, once the prompt is fed: the log-probability of
+    /// prompt tokens 2.. given the ones before (the first has no context to be scored in).
+    Prompt {
+        seq: usize,
+        logprobs: Vec<TokenLogprob>,
+    },
+    Finished {
+        seq: usize,
+        reason: FinishReason,
+        text: String,
+        usage: SeqUsage,
+    },
 }
 
 /// A sequence whose text is all fed: its id, next-token logits and depth at its last position.
@@ -136,6 +264,10 @@ struct SeqState {
     emitted: usize,
     extra_block_steps: u64,
     done: Option<FinishReason>,
+    /// With `prompt_logprobs`: the prompt tokens scored so far (chunked prefill), and whether
+    /// they were sent.
+    prompt_logprobs: Vec<TokenLogprob>,
+    prompt_sent: bool,
 }
 
 impl SeqState {
@@ -144,6 +276,89 @@ impl SeqState {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.ids.len() - self.prompt_len,
             extra_block_steps: self.extra_block_steps,
+        }
+    }
+}
+
+/// KV caches of prompt prefixes kept for later requests that start with the same tokens
+/// (DESIGN §12, "Prefix cache"): a system prompt shared by every request is computed once.
+/// With causal routing a prefix's caches (every layer and thinking step) do not depend on what
+/// follows it. An entry holds a prompt's first `len - 1` tokens (the last prompt token runs
+/// with the request, whose logits it gives); entries are evicted least recently used first
+/// when their bytes pass `limit_bytes`.
+#[derive(Default)]
+pub struct PrefixCache {
+    pub limit_bytes: usize,
+    entries: Vec<PrefixEntry>,
+    clock: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub evictions: u64,
+}
+
+struct PrefixEntry {
+    ids: Vec<u32>,
+    /// Routing the caches were made with: reused only by sequences routed the same way.
+    routing: RoutingOptions,
+    cache: SeqCache,
+    bytes: usize,
+    used: u64,
+}
+
+impl PrefixCache {
+    pub fn new(limit_bytes: usize) -> Self {
+        PrefixCache { limit_bytes, ..Default::default() }
+    }
+
+    /// Bytes held by the entries.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// The longest entry that is a prefix of `prompt` leaving at least its last token to run,
+    /// under the same routing: a copy of its caches and its length.
+    fn lookup(&mut self, prompt: &[u32], routing: &RoutingOptions) -> Option<(SeqCache, usize)> {
+        self.clock += 1;
+        let best = self
+            .entries
+            .iter_mut()
+            .filter(|e| e.ids.len() < prompt.len() && prompt.starts_with(&e.ids) && same_routing(&e.routing, routing))
+            .max_by_key(|e| e.ids.len());
+        match best {
+            Some(e) => {
+                e.used = self.clock;
+                self.hits += 1;
+                Some((e.cache.clone(), e.ids.len()))
+            }
+            None => {
+                self.misses += 1;
+                None
+            }
+        }
+    }
+
+    /// Keep a copy of `cache`, which holds exactly `ids`; evict least recently used entries
+    /// past the limit (an entry larger than the limit is not kept).
+    fn insert(&mut self, ids: &[u32], routing: &RoutingOptions, cache: &SeqCache) {
+        if self.entries.iter().any(|e| e.ids == ids && same_routing(&e.routing, routing)) {
+            return;
+        }
+        let bytes = cache.bytes();
+        if bytes > self.limit_bytes {
+            return;
+        }
+        self.clock += 1;
+        self.entries.push(PrefixEntry {
+            ids: ids.to_vec(),
+            routing: routing.clone(),
+            cache: cache.clone(),
+            bytes,
+            used: self.clock,
+        });
+        while self.bytes() > self.limit_bytes {
+            let oldest = (0..self.entries.len()).min_by_key(|&i| self.entries[i].used).expect("over the limit");
+            self.entries.swap_remove(oldest);
+            self.evictions += 1;
         }
     }
 }
@@ -163,6 +378,8 @@ pub struct Batch<'a> {
     pub layers: Vec<usize>,
     /// Routing statistics over everything run so far.
     pub record: ForwardRecord,
+    /// Caches of prompt prefixes for later sequences (the server's `--prefix-cache-mb`).
+    pub prefix_cache: Option<PrefixCache>,
 }
 
 impl<'a> Batch<'a> {
@@ -175,7 +392,7 @@ impl<'a> Batch<'a> {
             )));
         }
         let layers = model.thinking_layers().map(|t| t.layer).collect();
-        Ok(Batch { model, tok, seqs: vec![], layers, record: ForwardRecord::default() })
+        Ok(Batch { model, tok, seqs: vec![], layers, record: ForwardRecord::default(), prefix_cache: None })
     }
 
     /// Check that `opts` can run on this model (sampling values, causal routing with a cache).
@@ -214,7 +431,9 @@ impl<'a> Batch<'a> {
         if prompt.is_empty() {
             return Err(Error::usage("the prompt is empty"));
         }
-        if prompt.len() >= ctx {
+        // Scoring only (max_new_tokens 0) may fill the context; generating needs a free place.
+        let room = usize::from(opts.max_new_tokens > 0);
+        if prompt.len() + room > ctx {
             return Err(Error::usage(format!(
                 "the prompt has {} tokens; the model's context is {ctx}, leaving no room to generate",
                 prompt.len()
@@ -227,17 +446,25 @@ impl<'a> Batch<'a> {
             )));
         }
         let reserve = if opts.use_cache { (prompt.len() + opts.max_new_tokens).min(ctx) } else { 0 };
+        // Prompt scoring needs the prompt's own rows, so it does not start from a cached prefix.
+        let cached = match &mut self.prefix_cache {
+            Some(pc) if opts.use_cache && !opts.prompt_logprobs => pc.lookup(&prompt, &opts.routing),
+            _ => None,
+        };
+        let (cache, fed) = cached.unwrap_or_else(|| (self.model.new_cache_reserved(reserve), 0));
         self.seqs.push(Some(SeqState {
             prompt_len: prompt.len(),
             ids: prompt,
-            fed: 0,
-            cache: self.model.new_cache_reserved(reserve),
+            fed,
+            cache,
             rng: Rng::derive(opts.sampling.seed, "sample"),
             opts,
             text: String::new(),
             emitted: 0,
             extra_block_steps: 0,
             done: None,
+            prompt_logprobs: vec![],
+            prompt_sent: false,
         }));
         Ok(self.seqs.len() - 1)
     }
@@ -307,8 +534,24 @@ impl<'a> Batch<'a> {
         let mut events = vec![];
         for (i, logits, depth) in ready {
             let s = self.seqs[i].as_mut().expect("active");
-            let id = sample(&logits, &s.opts.sampling, &mut s.rng);
-            self.push_token(i, id, depth, &mut events)?;
+            if s.opts.prompt_logprobs && !s.prompt_sent {
+                s.prompt_sent = true;
+                events.push(Event::Prompt { seq: i, logprobs: std::mem::take(&mut s.prompt_logprobs) });
+            }
+            if s.opts.max_new_tokens == 0 {
+                // Scoring only (`echo` with max_tokens 0): the prompt was all there was to run.
+                self.finish(i, FinishReason::Length, &mut events);
+                continue;
+            }
+            let id = if s.opts.sampling.adjusts() {
+                let mut adjusted = logits.clone();
+                s.opts.sampling.adjust(&mut adjusted, &s.ids[..s.prompt_len], &s.ids[s.prompt_len..]);
+                sample(&adjusted, &s.opts.sampling, &mut s.rng)
+            } else {
+                sample(&logits, &s.opts.sampling, &mut s.rng)
+            };
+            let logprob = s.opts.logprobs.map(|n| TokenLogprob::from_logits(&logits, id, n));
+            self.push_token(i, id, depth, logprob, &mut events)?;
         }
         Ok(events)
     }
@@ -328,7 +571,12 @@ impl<'a> Batch<'a> {
             .map(|&i| {
                 let s = self.seq(i);
                 if s.opts.use_cache {
-                    let chunk = if s.opts.prefill_chunk == 0 { usize::MAX } else { s.opts.prefill_chunk };
+                    let mut chunk = if s.opts.prefill_chunk == 0 { usize::MAX } else { s.opts.prefill_chunk };
+                    if self.prefix_cache.is_some() && s.fed + 1 < s.prompt_len && !s.opts.prompt_logprobs {
+                        // Stop before the last prompt token, so the caches then hold a prefix
+                        // the prefix cache can keep (`PrefixCache`).
+                        chunk = chunk.min(s.prompt_len - 1 - s.fed);
+                    }
                     ((s.ids.len() - s.fed).min(chunk), s.fed)
                 } else {
                     // No cache: the whole text so far, every time.
@@ -362,6 +610,18 @@ impl<'a> Batch<'a> {
         };
         let starts = layout.starts();
         let (mut rows, mut out) = (vec![], vec![]);
+        // Rows whose next token is a prompt token to score: (sequence, row, that token).
+        let mut scored: Vec<(usize, usize, u32)> = vec![];
+        for (k, &i) in group.iter().enumerate() {
+            let s = self.seq(i);
+            if s.opts.prompt_logprobs {
+                // Row r holds position past[k] + (r - starts[k]) and predicts the token after it.
+                let first_new = s.fed.max(past[k]);
+                for p in first_new..(past[k] + lens[k]).min(s.prompt_len - 1) {
+                    scored.push((i, starts[k] + p - past[k], s.ids[p + 1]));
+                }
+            }
+        }
         for (k, &i) in group.iter().enumerate() {
             // Charge the rows of tokens not run before: all of a cached call's rows, the new
             // tail of an uncached one (which re-runs the whole text from position 0).
@@ -371,20 +631,48 @@ impl<'a> Batch<'a> {
             s.extra_block_steps +=
                 (first_new..end).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum::<u64>();
             s.fed = past[k] + lens[k];
+            if s.opts.use_cache && s.fed + 1 == s.prompt_len && s.fed > past[k] && !s.opts.prompt_logprobs {
+                if let Some(pc) = &mut self.prefix_cache {
+                    pc.insert(&s.ids[..s.fed], &s.opts.routing, &s.cache);
+                }
+            }
             if s.fed == s.ids.len() {
                 let row = starts[k] + lens[k] - 1;
                 rows.push(hidden.narrow(0, row, 1)?);
                 out.push((i, depth_at(row)));
             }
         }
+        for &(_, row, _) in &scored {
+            rows.push(hidden.narrow(0, row, 1)?);
+        }
         if rows.is_empty() {
             return Ok(vec![]);
         }
-        let logits = self.model.logits(&Tensor::cat(&rows, 0)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        let mut logits = self.model.logits(&Tensor::cat(&rows, 0)?)?.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        for ((i, _, id), l) in scored.into_iter().zip(logits.drain(out.len()..)) {
+            let s = self.seqs[i].as_mut().expect("active");
+            let n = s.opts.logprobs.unwrap_or(0);
+            s.prompt_logprobs.push(TokenLogprob::from_logits(&l, id, n));
+        }
         Ok(out.into_iter().zip(logits).map(|((i, d), l)| (i, l, d)).collect())
     }
 
-    fn push_token(&mut self, i: usize, id: u32, depth: Vec<u32>, events: &mut Vec<Event>) -> Result<()> {
+    /// End sequence `i` for `reason`: it keeps its tokens and usage, not its caches.
+    fn finish(&mut self, i: usize, reason: FinishReason, events: &mut Vec<Event>) {
+        let s = self.seqs[i].as_mut().expect("active");
+        s.done = Some(reason);
+        s.cache = empty_cache();
+        events.push(Event::Finished { seq: i, reason, text: s.text.clone(), usage: s.usage() });
+    }
+
+    fn push_token(
+        &mut self,
+        i: usize,
+        id: u32,
+        depth: Vec<u32>,
+        logprob: Option<TokenLogprob>,
+        events: &mut Vec<Event>,
+    ) -> Result<()> {
         let max_seq_len = self.model.cfg.max_seq_len;
         let s = self.seqs[i].as_mut().expect("active");
         let mut finished = None;
@@ -405,7 +693,7 @@ impl<'a> Batch<'a> {
             let new_text = visible.get(s.emitted..).unwrap_or("").trim_end_matches('\u{FFFD}').to_string();
             s.emitted += new_text.len();
             s.text = visible;
-            events.push(Event::Token(GeneratedToken { seq: i, id, text: new_text, depth }));
+            events.push(Event::Token(GeneratedToken { seq: i, id, text: new_text, depth, logprob }));
             let generated = s.ids.len() - s.prompt_len;
             if finished.is_none() && generated >= s.opts.max_new_tokens {
                 finished = Some(FinishReason::Length);
@@ -415,10 +703,7 @@ impl<'a> Batch<'a> {
             }
         }
         if let Some(reason) = finished {
-            s.done = Some(reason);
-            // A finished sequence keeps its tokens and usage, not its caches.
-            s.cache = empty_cache();
-            events.push(Event::Finished { seq: i, reason, text: s.text.clone(), usage: s.usage() });
+            self.finish(i, reason, events);
         }
         Ok(())
     }
@@ -539,29 +824,50 @@ impl Iterator for Generation<'_> {
     }
 }
 
+/// The largest logit's id, ties to the lower id.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &z) in logits.iter().enumerate() {
+        if z > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
 /// Draw a token id from one row of logits.
 pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
     if p.temperature == 0.0 {
-        let mut best = 0;
-        for (i, &z) in logits.iter().enumerate() {
-            if z > logits[best] {
-                best = i;
-            }
-        }
-        return best as u32;
+        return argmax(logits);
     }
+    let (idx, probs) = distribution(logits, p);
+    draw(&idx, &probs, rng)
+}
+
+/// Draw one of `idx` with probabilities `probs` (summing to 1).
+pub fn draw(idx: &[usize], probs: &[f64], rng: &mut Rng) -> u32 {
+    let u = rng.uniform();
+    let mut cum = 0.0;
+    for (j, q) in probs.iter().enumerate() {
+        cum += q;
+        if u < cum {
+            return idx[j] as u32;
+        }
+    }
+    idx[probs.len() - 1] as u32
+}
+
+/// The distribution `sample` draws from at temperature > 0: candidate ids and their
+/// probabilities after temperature, top-k and top-p.
+pub fn distribution(logits: &[f32], p: &SamplingParams) -> (Vec<usize>, Vec<f64>) {
     // Candidates in descending order of logit (ties to the lower id) when top-k or top-p cut
     // them; without either every token is a candidate and no sort is needed (a full sort of a
     // 49k vocabulary per token was a measurable share of a decode step).
-    let desc = |a: &usize, b: &usize| logits[*b].total_cmp(&logits[*a]).then(a.cmp(b));
-    let mut idx: Vec<usize> = (0..logits.len()).collect();
-    if p.top_k > 0 && p.top_k < idx.len() {
-        idx.select_nth_unstable_by(p.top_k - 1, desc);
-        idx.truncate(p.top_k);
-    }
-    if p.top_k > 0 || p.top_p < 1.0 {
-        idx.sort_unstable_by(desc);
-    }
+    let mut idx: Vec<usize> = if p.top_k > 0 || p.top_p < 1.0 {
+        top_ids(logits, if p.top_k > 0 { p.top_k } else { logits.len() })
+    } else {
+        (0..logits.len()).collect()
+    };
     let max = idx.iter().map(|&i| logits[i]).fold(f32::NEG_INFINITY, f32::max) as f64;
     let mut probs: Vec<f64> = idx.iter().map(|&i| ((logits[i] as f64 - max) / p.temperature).exp()).collect();
     let total: f64 = probs.iter().sum();
@@ -581,15 +887,7 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> u32 {
         let t: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|q| *q /= t);
     }
-    let u = rng.uniform();
-    let mut cum = 0.0;
-    for (j, q) in probs.iter().enumerate() {
-        cum += q;
-        if u < cum {
-            return idx[j] as u32;
-        }
-    }
-    idx[probs.len() - 1] as u32
+    (idx, probs)
 }
 
 #[cfg(test)]
@@ -616,17 +914,51 @@ mod tests {
         assert!((seen[0] as f64 / 2000.0 - 0.0466).abs() < 0.02, "{seen:?}");
         assert!((seen[2] as f64 / 2000.0 - 0.1288).abs() < 0.03, "{seen:?}");
     }
+
+    #[test]
+    fn penalties_and_biases_match_a_hand_computation() {
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            repetition_penalty: 2.0,
+            logit_bias: vec![(2, 1.0), (4, -100.0)],
+            ..SamplingParams::greedy()
+        };
+        let mut logits = [2.0f32, -1.0, 0.5, 3.0, 0.0];
+        p.adjust(&mut logits, &[0, 1], &[3, 3, 1]);
+        // Repetition over {0, 1, 3}: 2/2, -1*2, 3/2. Generated counts {3: 2, 1: 1}:
+        // z3 = 1.5 - 0.5 - 2*0.25, z1 = -2 - 0.5 - 0.25. Biases: z2 = 0.5 + 1, z4 = 0 - 100.
+        assert_eq!(logits, [1.0, -2.75, 1.5, 0.5, -100.0]);
+        assert_eq!(sample(&logits, &p, &mut Rng::new(1)), 2);
+        assert!(!SamplingParams::default().adjusts() && p.adjusts());
+        assert!(SamplingParams { presence_penalty: 3.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { repetition_penalty: 0.0, ..Default::default() }.validate().is_err());
+        assert!(SamplingParams { logit_bias: vec![(0, 101.0)], ..Default::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn token_logprobs_are_the_log_softmax_with_the_top_sorted() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lse = (1f64.exp() + 2.0 * 3f64.exp() + 2f64.exp()).ln();
+        let lp = TokenLogprob::from_logits(&logits, 2, 3);
+        assert!((lp.logprob as f64 - (2.0 - lse)).abs() < 1e-6);
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 2], "most likely first, ties to the lower id");
+        assert!((lp.top[0].1 as f64 - (3.0 - lse)).abs() < 1e-6);
+        assert!(TokenLogprob::from_logits(&logits, 0, 0).top.is_empty());
+    }
 }
 
 #[cfg(test)]
-mod generation_tests {
+pub(crate) mod generation_tests {
     use super::*;
     use crate::base::config::TestModel;
     use crate::model::{RouterCalibration, SeqLayout};
     use candle_core::Device;
     use std::sync::Arc;
 
-    fn setup() -> (Model, Tokenizer, Arc<RouterCalibration>) {
+    /// A small random tiny-itt4 with causal thresholds from one pass (also `speculate`'s tests).
+    pub(crate) fn setup() -> (Model, Tokenizer, Arc<RouterCalibration>) {
         let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghij");
         let cfg = TestModel::preset("tiny-itt4")
             .vocab(tok.vocab_size())
@@ -656,7 +988,10 @@ mod generation_tests {
         let (model, tok, cal) = setup();
         let routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
         let prompts = ["12+34=", "9", "abc def ghij\n77-"];
-        for sampling in [SamplingParams::greedy(), SamplingParams { temperature: 1.0, top_k: 5, top_p: 0.9, seed: 3 }] {
+        for sampling in [
+            SamplingParams::greedy(),
+            SamplingParams { temperature: 1.0, top_k: 5, top_p: 0.9, seed: 3, ..Default::default() },
+        ] {
             let opts = GenerateOptions { max_new_tokens: 12, sampling, routing: routing.clone(), ..Default::default() };
             let batch = run(&model, &tok, &prompts, &opts);
             for (i, p) in prompts.iter().enumerate() {
@@ -713,7 +1048,7 @@ mod generation_tests {
         let elastic = GenerateOptions {
             routing: RoutingOptions { ratios: Some(vec![0.3, 0.3, 0.3]), ..opts.routing.clone() },
             prefill_chunk: 3,
-            sampling: SamplingParams { temperature: 0.9, top_k: 0, top_p: 1.0, seed: 5 },
+            sampling: SamplingParams { temperature: 0.9, top_k: 0, top_p: 1.0, seed: 5, ..Default::default() },
             ..opts.clone()
         };
         let (p1, p2, p3) = ("12+34=", "abc def ghij\n77-", "5+5=");
@@ -727,6 +1062,7 @@ mod generation_tests {
                 match ev {
                     Event::Token(t) => got[t.seq].push(t.id),
                     Event::Finished { seq, usage: u, .. } => usage[seq] = Some(u),
+                    Event::Prompt { .. } => {}
                 }
             }
         };

@@ -44,6 +44,7 @@ pub mod model;
 pub mod ops;
 pub mod optim;
 pub mod serve;
+pub mod speculate;
 pub mod train;
 
 pub use base::error::{Error, Result};

@@ -269,6 +269,7 @@ fn show_sample(
         routing: RoutingOptions { mode, calibration, ..Default::default() },
         use_cache: true,
         prefill_chunk: 0,
+        ..Default::default()
     };
     let max_depth = trainer.model.layer_steps().into_iter().max().unwrap_or(1) as u32;
     let mut text = String::new();

@@ -84,12 +84,27 @@ pub struct GenerateArgs {
     top_p: f64,
     #[arg(long, default_value_t = 1234)]
     seed: u64,
+    /// OpenAI's: subtract this from the logit of every token already generated.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    presence_penalty: f32,
+    /// OpenAI's: subtract this times the token's count among the generated ones.
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+    frequency_penalty: f32,
+    /// llama.cpp's: divide positive logits (multiply negative ones) of every token in the
+    /// prompt or output by this; 1 = off.
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
     /// Stop when the output contains this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
     /// Re-run the whole text for each token instead of using KV caches.
     #[arg(long)]
     no_cache: bool,
+    /// Self-speculative decoding (ITT models): draft K tokens with the routed steps off, verify
+    /// them in one pass of the full model; the output is the full model's (DESIGN §12). Prints
+    /// the acceptance rate and tokens/s to stderr.
+    #[arg(long, value_name = "K")]
+    speculate: Option<usize>,
     /// Mark each token with the number of thinking steps that produced it.
     #[arg(long)]
     show_depth: bool,
@@ -235,11 +250,51 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop,
         stop_ids: vec![],
         ignore_eot: false,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+            presence_penalty: a.presence_penalty,
+            frequency_penalty: a.frequency_penalty,
+            repetition_penalty: a.repetition_penalty,
+            logit_bias: vec![],
+        },
         routing,
         use_cache: !a.no_cache,
         prefill_chunk: 0,
+        ..Default::default()
     };
+    if let Some(k) = a.speculate {
+        // One prompt at a time: speculation keeps its own pair of caches per sequence. The
+        // plain decode runs too, so the speed-up and the identity of greedy text are measured
+        // in one process.
+        for p in &a.prompt {
+            let ids = tok.encode(p)?;
+            let t0 = std::time::Instant::now();
+            let plain =
+                crate::generate::generate(&model, &tok, std::slice::from_ref(p), opts.clone())?.collect_all()?;
+            let plain_s = t0.elapsed().as_secs_f64();
+            let t0 = std::time::Instant::now();
+            let (out, st) = crate::speculate::generate(&model, &tok, &ids, &opts, k)?;
+            let secs = t0.elapsed().as_secs_f64();
+            println!("{p}{}", tok.decode(&out)?);
+            let same = if plain[0].2 == out { "identical" } else { "different" };
+            eprintln!(
+                "speculate k={k}: {} tokens in {secs:.3} s ({:.1} tokens/s) vs {:.1} tokens/s without ({:.2}x; \
+                 text {same}); {} of {} drafted accepted ({:.1}%), {} verify passes",
+                out.len(),
+                out.len() as f64 / secs,
+                plain[0].2.len() as f64 / plain_s,
+                plain_s / secs * out.len() as f64 / plain[0].2.len().max(1) as f64,
+                st.accepted,
+                st.drafted,
+                100.0 * st.acceptance(),
+                st.verify_passes
+            );
+        }
+        return Ok(());
+    }
     let max_depth = model.layer_steps().into_iter().max().unwrap_or(1) as u32;
     let color = a.show_depth && report::stdout_is_terminal();
     let mut out = std::io::stdout();
@@ -264,7 +319,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
                     let _ = out.flush();
                 }
             }
-            Event::Finished { .. } => {}
+            Event::Finished { .. } | Event::Prompt { .. } => {}
         }
     }
     if batch {

@@ -62,6 +62,10 @@ pub struct EngineArgs {
     /// The valve never scales the trained shares below this fraction.
     #[arg(long, default_value_t = 0.25)]
     share_floor: f64,
+    /// Keep the KV caches of prompt prefixes, up to this many MB (LRU), for later requests that
+    /// start with the same tokens; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    prefix_cache_mb: usize,
 }
 
 impl EngineArgs {
@@ -77,6 +81,7 @@ impl EngineArgs {
             prefill_chunk: self.prefill_chunk,
             latency_target,
             share_floor: self.share_floor,
+            prefix_cache_bytes: self.prefix_cache_mb << 20,
         })
     }
 }
@@ -209,6 +214,7 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             prefill_chunk: 256,
             latency_target: valve.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
             share_floor: 0.25,
+            prefix_cache_bytes: 0,
         };
         let open = OpenOptions { gguf_weights: GgufWeights::Quantized, device: candle_core::Device::Cpu };
         let opts = StartOptions { engine, name: None, chat_template: None, seed: 1234, grace: Duration::from_secs(5) };

@@ -96,6 +96,7 @@ pub fn solve_rates(
         routing: routing.clone(),
         use_cache: true,
         prefill_chunk: 0,
+        ..Default::default()
     };
     let answers = generate::generate(model, tok, &prompts, opts)?.collect_all()?;
     let mut rates = SolveRates::default();

@@ -317,6 +317,12 @@ impl KvCache {
         Ok((bk.narrow(0, 0, need)?, bv.narrow(0, 0, need)?))
     }
 
+    /// Forget every entry past the first `len` (speculative decoding's rollback of rejected
+    /// tokens); the buffers stay, the next append overwrites them.
+    pub fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+    }
+
     /// Bytes held by the key and value buffers.
     pub fn bytes(&self) -> usize {
         [&self.k, &self.v].iter().filter_map(|t| t.as_ref()).map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum()

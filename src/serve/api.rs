@@ -14,6 +14,8 @@ use std::sync::Arc;
 pub const MAX_N: usize = 8;
 pub const MAX_PROMPTS: usize = 16;
 pub const MAX_STOPS: usize = 4;
+/// Alternatives per token in `logprobs` / `top_logprobs` at most (OpenAI's chat limit).
+pub const MAX_LOGPROBS: usize = 20;
 
 /// An error answer: status and OpenAI's `{"error": {...}}` body.
 #[derive(Debug)]
@@ -48,12 +50,55 @@ pub enum OneOrMany {
     Many(Vec<String>),
 }
 
-impl OneOrMany {
-    fn into_vec(self) -> Vec<String> {
-        match self {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
+/// `/v1/completions`' prompt: a string, a list of strings, a list of token ids, or a list of
+/// token-id lists (what lm-evaluation-harness sends). Ids are read as i64 so that a negative
+/// or huge id gets our message naming it rather than serde's "did not match any variant".
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum PromptInput {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<i64>),
+    IdLists(Vec<Vec<i64>>),
+}
+
+/// One prompt as given: text to encode, or token ids to check.
+pub enum Prompt {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+impl PromptInput {
+    /// The prompts, 1 to `MAX_PROMPTS`, none empty, every id inside the vocabulary.
+    pub fn prompts(self, vocab: usize) -> Result<Vec<Prompt>, ApiError> {
+        let ids = |v: Vec<i64>| -> Result<Prompt, ApiError> {
+            if v.is_empty() {
+                return Err(ApiError::bad("prompt", "a prompt is empty"));
+            }
+            v.into_iter()
+                .map(|id| match u32::try_from(id) {
+                    Ok(id) if (id as usize) < vocab => Ok(id),
+                    _ => Err(ApiError::bad(
+                        "prompt",
+                        format!("token id {id} is outside the vocabulary (0 to {})", vocab - 1),
+                    )),
+                })
+                .collect::<Result<Vec<u32>, ApiError>>()
+                .map(Prompt::Ids)
+        };
+        let v: Vec<Prompt> = match self {
+            PromptInput::Text(s) => vec![Prompt::Text(s)],
+            PromptInput::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptInput::Ids(v) => vec![ids(v)?],
+            PromptInput::IdLists(v) => v.into_iter().map(ids).collect::<Result<_, _>>()?,
+        };
+        if v.is_empty() || v.len() > MAX_PROMPTS {
+            return Err(ApiError::bad("prompt", format!("give 1 to {MAX_PROMPTS} prompts (got {})", v.len())));
         }
+        if v.iter().any(|p| matches!(p, Prompt::Text(t) if t.is_empty())) {
+            return Err(ApiError::bad("prompt", "a prompt is empty"));
+        }
+        Ok(v)
     }
 }
 
@@ -159,16 +204,24 @@ pub struct Common {
     pub ignore_eos: bool,
     /// Seconds the request may take; it ends with finish_reason "deadline" after that.
     pub timeout: Option<f64>,
-    // Refused when set to something we cannot honour, rather than ignored silently.
+    /// Completions: an integer 0..=20 (alternatives per token); chat: a boolean, with
+    /// `top_logprobs` giving the alternatives. Kept as a Value so a wrong type gets a 400 that
+    /// names the field and what it takes.
     pub logprobs: Option<Value>,
+    pub top_logprobs: Option<Value>,
+    /// Completions only: the prompt comes back before the completion (and in logprobs).
     pub echo: Option<bool>,
-    pub presence_penalty: Option<f64>,
-    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    /// llama.cpp's and vLLM's extension (1 = off).
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string, OpenAI's form) -> bias in [-100, 100].
+    pub logit_bias: Option<serde_json::Map<String, Value>>,
 }
 
 #[derive(Deserialize, Debug)]
 pub struct CompletionRequest {
-    pub prompt: Option<OneOrMany>,
+    pub prompt: Option<PromptInput>,
     #[serde(flatten)]
     pub common: Common,
 }
@@ -191,16 +244,11 @@ pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError>
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_request_error", format!("invalid request: {e}")))
 }
 
-impl OneOrMany {
-    pub fn prompts(self) -> Result<Vec<String>, ApiError> {
-        let v = self.into_vec();
-        if v.is_empty() || v.len() > MAX_PROMPTS {
-            return Err(ApiError::bad("prompt", format!("give 1 to {MAX_PROMPTS} prompts (got {})", v.len())));
-        }
-        if v.iter().any(|p| p.is_empty()) {
-            return Err(ApiError::bad("prompt", "a prompt is empty"));
-        }
-        Ok(v)
+/// An integer field in 0..=MAX_LOGPROBS (`logprobs` of completions, `top_logprobs` of chat).
+fn logprob_count(param: &'static str, v: &Value) -> Result<usize, ApiError> {
+    match v.as_u64() {
+        Some(n) if n as usize <= MAX_LOGPROBS => Ok(n as usize),
+        _ => Err(ApiError::bad(param, format!("{param} must be an integer from 0 to {MAX_LOGPROBS} (got {v})"))),
     }
 }
 
@@ -213,6 +261,8 @@ pub struct Checked {
     /// The request set its own ratios or steps (the latency valve leaves it alone).
     pub pinned: bool,
     pub timeout: Option<std::time::Duration>,
+    /// Completions: give the prompt back before the completion.
+    pub echo: bool,
 }
 
 impl Common {
@@ -225,6 +275,7 @@ impl Common {
         served_name: &str,
         default_max: usize,
         seed: u64,
+        chat: bool,
     ) -> Result<Checked, ApiError> {
         if let Some(m) = &self.model {
             if m != served_name {
@@ -236,17 +287,25 @@ impl Common {
             }
         }
         let ctx = model.cfg.max_seq_len;
+        let echo = self.echo == Some(true);
+        if echo && chat {
+            return Err(ApiError::bad("echo", "echo is a /v1/completions field; chat has none"));
+        }
+        // max_tokens 0 scores the prompt without generating: only useful with echo.
+        let min_tokens = i64::from(!echo);
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => default_max.min(ctx - 1),
-            Some(m) if m >= 1 && (m as usize) < ctx => m as usize,
+            Some(m) if m >= min_tokens && (m as usize) < ctx => m as usize,
             Some(m) => {
+                let why = if m == 0 { " (0 only with echo)" } else { "" };
                 return Err(ApiError::bad(
                     "max_tokens",
-                    format!("max_tokens must be between 1 and {} (got {m})", ctx - 1),
-                ))
+                    format!("max_tokens must be between {min_tokens} and {} (got {m}){why}", ctx - 1),
+                ));
             }
         };
-        let sampling = self.sampling(seed)?;
+        let logprobs = self.logprobs(chat)?;
+        let sampling = self.sampling(seed, model.cfg.vocab_size)?;
         let n = match self.n {
             None => 1,
             Some(n) if n >= 1 && n as usize <= MAX_N => n as usize,
@@ -260,7 +319,6 @@ impl Common {
         if stop.len() > MAX_STOPS || stop.iter().any(|s| s.is_empty()) {
             return Err(ApiError::bad("stop", format!("stop takes 1 to {MAX_STOPS} non-empty strings")));
         }
-        self.refuse_unsupported()?;
         let timeout = match self.timeout {
             None => None,
             Some(t) if t.is_finite() && t > 0.0 && t <= 86400.0 => Some(std::time::Duration::from_secs_f64(t)),
@@ -280,6 +338,8 @@ impl Common {
             use_cache: routing.mode == Routing::Threshold || !model.has_routers(),
             routing,
             prefill_chunk: 0,
+            logprobs,
+            prompt_logprobs: echo && logprobs.is_some(),
         };
         Ok(Checked {
             opts,
@@ -288,11 +348,43 @@ impl Common {
             include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
             pinned: th.ratios.is_some() || th.steps.is_some(),
             timeout,
+            echo,
         })
     }
 
-    /// temperature, top_p, top_k and the seed (the server's `seed` when the request gives none).
-    fn sampling(&self, seed: u64) -> Result<SamplingParams, ApiError> {
+    /// Alternatives per token when log-probabilities are asked for. Completions: `logprobs: N`;
+    /// chat: `logprobs: true` with `top_logprobs: N` (0 when absent).
+    fn logprobs(&self, chat: bool) -> Result<Option<usize>, ApiError> {
+        fn given(v: &Option<Value>) -> Option<&Value> {
+            v.as_ref().filter(|v| !v.is_null())
+        }
+        if !chat {
+            if given(&self.top_logprobs).is_some() {
+                return Err(ApiError::bad(
+                    "top_logprobs",
+                    "top_logprobs is a chat field; completions take logprobs: N",
+                ));
+            }
+            return given(&self.logprobs).map(|v| logprob_count("logprobs", v)).transpose();
+        }
+        let on = match given(&self.logprobs) {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(ApiError::bad("logprobs", format!("logprobs must be true or false in chat (got {v})")))
+            }
+        };
+        let top = given(&self.top_logprobs).map(|v| logprob_count("top_logprobs", v)).transpose()?;
+        match (on, top) {
+            (false, Some(_)) => Err(ApiError::bad("top_logprobs", "top_logprobs needs logprobs: true")),
+            (false, None) => Ok(None),
+            (true, top) => Ok(Some(top.unwrap_or(0))),
+        }
+    }
+
+    /// The sampling fields and the seed (the server's `seed` when the request gives none).
+    fn sampling(&self, seed: u64, vocab: usize) -> Result<SamplingParams, ApiError> {
+        // OpenAI's temperature range; the sampler itself takes any temperature >= 0.
         let temperature = self.temperature.unwrap_or(1.0);
         if !(temperature.is_finite() && (0.0..=2.0).contains(&temperature)) {
             return Err(ApiError::bad(
@@ -300,31 +392,36 @@ impl Common {
                 format!("temperature must be between 0 and 2 (got {temperature})"),
             ));
         }
-        let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
-            return Err(ApiError::bad("top_p", format!("top_p must be in (0, 1] (got {top_p})")));
-        }
         let top_k = match self.top_k {
             None => 0,
             Some(k) if k >= 0 => k as usize,
             Some(k) => return Err(ApiError::bad("top_k", format!("top_k must be >= 0 (got {k})"))),
         };
-        Ok(SamplingParams { temperature, top_k, top_p, seed: self.seed.unwrap_or(seed) })
-    }
-
-    /// OpenAI fields this server does not implement, refused rather than ignored.
-    fn refuse_unsupported(&self) -> Result<(), ApiError> {
-        if self.logprobs.as_ref().is_some_and(|v| !v.is_null() && *v != Value::Bool(false)) {
-            return Err(ApiError::bad("logprobs", "logprobs are not supported by this server"));
+        let mut logit_bias = vec![];
+        for (k, v) in self.logit_bias.iter().flatten() {
+            let id = k.parse::<u32>().ok().filter(|&id| (id as usize) < vocab).ok_or_else(|| {
+                ApiError::bad("logit_bias", format!("logit_bias key {k:?} is not a token id (0 to {})", vocab - 1))
+            })?;
+            let b =
+                v.as_f64().ok_or_else(|| ApiError::bad("logit_bias", format!("logit_bias of {k} must be a number")))?;
+            logit_bias.push((id, b as f32));
         }
-        if self.echo == Some(true) {
-            return Err(ApiError::bad("echo", "echo is not supported by this server"));
-        }
-        for (name, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
-            if v.is_some_and(|p| p != 0.0) {
-                return Err(ApiError::bad(name, format!("{name} is not supported by this server (only 0)")));
-            }
-        }
-        Ok(())
+        let p = SamplingParams {
+            temperature,
+            top_k,
+            top_p: self.top_p.unwrap_or(1.0),
+            seed: self.seed.unwrap_or(seed),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: self.repetition_penalty.unwrap_or(1.0),
+            logit_bias,
+        };
+        // The sampler's own checks; their messages start with the field's name.
+        p.validate().map_err(|e| {
+            let m = e.to_string();
+            let fields = ["top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"];
+            ApiError::bad(fields.into_iter().find(|f| m.starts_with(f)).unwrap_or("sampling"), m)
+        })?;
+        Ok(p)
     }
 }

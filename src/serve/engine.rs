@@ -7,7 +7,7 @@
 
 use super::metrics::Metrics;
 use crate::data::Tokenizer;
-use crate::generate::{Batch, Event, FinishReason, GenerateOptions, SeqUsage};
+use crate::generate::{Batch, Event, FinishReason, GenerateOptions, SeqUsage, TokenLogprob};
 use crate::model::Model;
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -31,11 +31,20 @@ pub struct EngineConfig {
     pub latency_target: Option<Duration>,
     /// The valve never scales routed shares below this fraction of the trained ones.
     pub share_floor: f64,
+    /// Bytes of prompt-prefix KV caches kept for later requests (0 = no prefix cache).
+    pub prefix_cache_bytes: usize,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        EngineConfig { max_batch: 16, max_queue: 64, prefill_chunk: 256, latency_target: None, share_floor: 0.25 }
+        EngineConfig {
+            max_batch: 16,
+            max_queue: 64,
+            prefill_chunk: 256,
+            latency_target: None,
+            share_floor: 0.25,
+            prefix_cache_bytes: 0,
+        }
     }
 }
 
@@ -85,10 +94,13 @@ pub struct ThinkingReport {
 }
 
 pub enum JobEvent {
+    /// With `GenerateOptions::prompt_logprobs`, before any token: prompt tokens 2.. scored.
+    Prompt(Vec<TokenLogprob>),
     Token {
         id: u32,
         text: String,
         depth: Vec<u32>,
+        logprob: Option<TokenLogprob>,
     },
     Finished {
         end: JobEnd,
@@ -252,13 +264,16 @@ fn run(
     handle: EngineHandle,
     metrics: Arc<Metrics>,
 ) {
-    let batch = match Batch::new(model, tok) {
+    let mut batch = match Batch::new(model, tok) {
         Ok(b) => b,
         Err(e) => {
             eprintln!("error: the engine cannot start: {e}");
             return;
         }
     };
+    if cfg.prefix_cache_bytes > 0 {
+        batch.prefix_cache = Some(crate::generate::PrefixCache::new(cfg.prefix_cache_bytes));
+    }
     let valve = Valve::new(cfg.latency_target, cfg.share_floor);
     let mut engine = Engine {
         model,
@@ -353,6 +368,17 @@ impl Engine<'_> {
         }
         self.metrics.queue_depth.set(self.handle.queued() as i64);
         self.metrics.running.set(self.live.len() as i64);
+        self.prefix_metrics();
+    }
+
+    /// Bring the prefix cache's counters to /metrics.
+    fn prefix_metrics(&self) {
+        let Some(pc) = &self.batch.prefix_cache else { return };
+        let m = &self.metrics;
+        m.prefix_hits.inc_by(pc.hits - m.prefix_hits.get());
+        m.prefix_misses.inc_by(pc.misses - m.prefix_misses.get());
+        m.prefix_evictions.inc_by(pc.evictions - m.prefix_evictions.get());
+        m.prefix_bytes.set(pc.bytes() as i64);
     }
 
     /// The next queued job: waited for (50 ms at most) when nothing runs, else only taken if
@@ -449,6 +475,7 @@ impl Engine<'_> {
         };
         let took = t0.elapsed();
         self.metrics.step_seconds.observe(took.as_secs_f64());
+        self.prefix_metrics();
         self.metrics.batch_size.observe(self.live.len() as f64);
         Some((events, took))
     }
@@ -465,7 +492,13 @@ impl Engine<'_> {
                             l.first_token = Some(Instant::now());
                             metrics.time_to_first_token.observe(l.admitted.elapsed().as_secs_f64());
                         }
-                        let _ = l.events.send(JobEvent::Token { id: t.id, text: t.text, depth: t.depth });
+                        let ev = JobEvent::Token { id: t.id, text: t.text, depth: t.depth, logprob: t.logprob };
+                        let _ = l.events.send(ev);
+                    }
+                }
+                Event::Prompt { seq, logprobs } => {
+                    if let Some(l) = self.live.get(&seq) {
+                        let _ = l.events.send(JobEvent::Prompt(logprobs));
                     }
                 }
                 Event::Finished { seq, reason, usage, .. } => {

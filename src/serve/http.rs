@@ -1,12 +1,12 @@
 //! The HTTP front (axum): OpenAI-style routes over the engine's job channels, SSE streaming,
 //! metrics, health, and the web page.
 
-use super::api::{self, ApiError, ChatRequest, Checked, CompletionRequest};
+use super::api::{self, ApiError, ChatRequest, Checked, CompletionRequest, Prompt};
 use super::engine::{EngineHandle, Job, JobEnd, JobEvent, SubmitError, ThinkingReport};
 use super::metrics::Metrics;
 use super::template::ChatTemplate;
 use crate::data::Tokenizer;
-use crate::generate::SeqUsage;
+use crate::generate::{SeqUsage, TokenLogprob};
 use crate::model::{Model, RouterCalibration};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -109,6 +109,10 @@ struct Submitted {
 #[derive(Default, Clone)]
 struct Choice {
     text: String,
+    /// Generated token ids, with their log-probabilities when asked for.
+    tokens: Vec<(u32, Option<TokenLogprob>)>,
+    /// Prompt tokens 2.. scored (echo with logprobs).
+    prompt_logprobs: Vec<TokenLogprob>,
     depth: Vec<Vec<u32>>,
     end: Option<JobEnd>,
     usage: SeqUsage,
@@ -164,16 +168,20 @@ fn submit(s: &AppState, prompts: &[Vec<u32>], c: &Checked, extra_stop_ids: &[u32
     Ok(Submitted { rx, choices: index, prompt_tokens: prompts.iter().map(|p| p.len()).sum::<usize>() * c.n })
 }
 
-fn encode(s: &AppState, prompts: &[String]) -> Result<Vec<Vec<u32>>, ApiError> {
+/// Token ids of each prompt, checked against the context; `room`: places left to generate in.
+fn encode(s: &AppState, prompts: &[Prompt], room: usize) -> Result<Vec<Vec<u32>>, ApiError> {
     let ctx = s.model.cfg.max_seq_len;
     prompts
         .iter()
         .map(|p| {
-            let ids = s.tok.encode(p).map_err(|e| ApiError::bad("prompt", e.to_string()))?;
+            let ids = match p {
+                Prompt::Text(t) => s.tok.encode(t).map_err(|e| ApiError::bad("prompt", e.to_string()))?,
+                Prompt::Ids(ids) => ids.clone(),
+            };
             if ids.is_empty() {
                 return Err(ApiError::bad("prompt", "a prompt encodes to no tokens"));
             }
-            if ids.len() >= ctx {
+            if ids.len() + room > ctx {
                 return Err(ApiError::bad(
                     "prompt",
                     format!(
@@ -209,12 +217,32 @@ fn finish(endpoint: &str, s: &AppState, r: Result<Response, ApiError>) -> Respon
 
 async fn completions_inner(s: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
     let req: CompletionRequest = api::parse(body)?;
-    let prompts = req.prompt.ok_or_else(|| ApiError::bad("prompt", "prompt is required"))?.prompts()?;
-    let c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 16, next_seed(s))?;
-    let ids = encode(s, &prompts)?;
+    let prompts =
+        req.prompt.ok_or_else(|| ApiError::bad("prompt", "prompt is required"))?.prompts(s.model.cfg.vocab_size)?;
+    let c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 16, next_seed(s), false)?;
+    let ids = encode(s, &prompts, usize::from(c.opts.max_new_tokens > 0))?;
+    // Echo gives each prompt back as sent (token-id prompts decoded), with its tokens.
+    let echo = if c.echo {
+        let texts: Vec<String> = prompts
+            .iter()
+            .zip(&ids)
+            .map(|(p, ids)| match p {
+                Prompt::Text(t) => Ok(t.clone()),
+                Prompt::Ids(_) => s.tok.decode(ids).map_err(|e| ApiError::bad("prompt", e.to_string())),
+            })
+            .collect::<Result<_, _>>()?;
+        texts.into_iter().zip(ids.iter().cloned()).flat_map(|p| std::iter::repeat_n(p, c.n)).collect()
+    } else {
+        vec![]
+    };
     let id = format!("cmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
     let sub = submit(s, &ids, &c, &[])?;
-    respond(s.clone(), sub, c, id, false).await
+    let prompt_chars = ids
+        .iter()
+        .map(|p| s.tok.decode(p).map(|t| t.chars().count()).unwrap_or(0))
+        .flat_map(|n| std::iter::repeat_n(n, c.n))
+        .collect();
+    respond(s.clone(), sub, c, id, false, echo, prompt_chars).await
 }
 
 async fn chat_inner(s: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
@@ -228,13 +256,13 @@ async fn chat_inner(s: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError
     {
         return Err(ApiError::bad("messages", format!("unknown role `{}`", m.role)));
     }
-    let mut c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 256, next_seed(s))?;
+    let mut c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 256, next_seed(s), true)?;
     let prompt = s.template.render(&messages).map_err(|e| ApiError::bad("messages", e.to_string()))?;
     c.opts.stop.extend(s.template.stop_text.iter().cloned());
-    let ids = encode(s, &[prompt])?;
+    let ids = encode(s, &[Prompt::Text(prompt)], 1)?;
     let id = format!("chatcmpl-{}", s.next_id.fetch_add(1, Ordering::Relaxed));
     let sub = submit(s, &ids, &c, &s.template.stop_ids)?;
-    respond(s.clone(), sub, c, id, true).await
+    respond(s.clone(), sub, c, id, true, vec![], vec![]).await
 }
 
 fn thinking_json(t: &ThinkingReport, depth: Option<&[Vec<u32>]>) -> Value {
@@ -252,8 +280,26 @@ fn usage_json(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-async fn respond(s: Arc<AppState>, sub: Submitted, c: Checked, id: String, chat: bool) -> Result<Response, ApiError> {
-    let reply = Reply { id, created: now(), name: s.name.clone(), chat };
+#[allow(clippy::too_many_arguments)]
+async fn respond(
+    s: Arc<AppState>,
+    sub: Submitted,
+    c: Checked,
+    id: String,
+    chat: bool,
+    echo: Vec<(String, Vec<u32>)>,
+    prompt_chars: Vec<usize>,
+) -> Result<Response, ApiError> {
+    let reply = Reply {
+        id,
+        created: now(),
+        name: s.name.clone(),
+        chat,
+        logprobs: c.opts.logprobs.is_some(),
+        echo,
+        prompt_chars,
+        tok: s.tok.clone(),
+    };
     if c.stream {
         Ok(respond_streamed(sub, reply, c.include_usage))
     } else {
@@ -267,18 +313,99 @@ struct Reply {
     created: u64,
     name: String,
     chat: bool,
+    /// Log-probabilities were asked for.
+    logprobs: bool,
+    /// Per choice with `echo`: the prompt's text and ids (empty without echo).
+    echo: Vec<(String, Vec<u32>)>,
+    /// Per choice (completions): the prompt's length in characters, where the completion's
+    /// `text_offset`s start without echo.
+    prompt_chars: Vec<usize>,
+    tok: Arc<Tokenizer>,
+}
+
+/// One token as the logprobs objects show it: its text and entry (`None`: the first prompt
+/// token, which nothing predicts).
+type Scored<'a> = (u32, Option<&'a TokenLogprob>);
+
+/// OpenAI's legacy completions `logprobs` object over `tokens`, whose text starts at character
+/// `offset` of the choice's text. `top_logprobs` maps token text to log-probability: the top N
+/// plus the chosen token when it is not among them (as vLLM answers, so a scorer can tell
+/// whether a token was the greedy one). A JSON object has no order; its keys come sorted.
+fn completion_logprobs(tok: &Tokenizer, tokens: &[Scored], mut offset: usize) -> Value {
+    let (mut texts, mut lps, mut tops, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for &(id, lp) in tokens {
+        let text = tok.token_text(id);
+        offsets.push(offset);
+        offset += text.chars().count();
+        match lp {
+            None => {
+                lps.push(Value::Null);
+                tops.push(Value::Null);
+            }
+            Some(lp) => {
+                lps.push(json!(lp.logprob));
+                let mut top = serde_json::Map::new();
+                for &(t, l) in &lp.top {
+                    top.entry(tok.token_text(t)).or_insert(json!(l));
+                }
+                if !lp.top.is_empty() {
+                    top.entry(text.clone()).or_insert(json!(lp.logprob));
+                }
+                tops.push(Value::Object(top));
+            }
+        }
+        texts.push(text);
+    }
+    json!({"tokens": texts, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets})
+}
+
+/// The chat `logprobs.content` entries of generated tokens: token text, log-probability, UTF-8
+/// bytes, and the top N alternatives most likely first.
+fn chat_logprobs(tok: &Tokenizer, tokens: &[&TokenLogprob]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let t = tok.token_text(id);
+        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+    };
+    let content: Vec<Value> = tokens
+        .iter()
+        .map(|lp| {
+            let mut e = entry(lp.id, lp.logprob);
+            e["top_logprobs"] = lp.top.iter().map(|&(t, l)| entry(t, l)).collect();
+            e
+        })
+        .collect();
+    json!({"content": content})
+}
+
+impl Reply {
+    /// With echo, choice `i`'s prompt tokens as the logprobs objects show them (the first has
+    /// no entry; `scored` holds the rest once scored); empty without echo.
+    fn echo_tokens<'a>(&self, i: usize, scored: &'a [TokenLogprob]) -> Vec<Scored<'a>> {
+        let Some((_, ids)) = self.echo.get(i) else { return vec![] };
+        ids.iter().enumerate().map(|(j, &id)| (id, j.checked_sub(1).and_then(|j| scored.get(j)))).collect()
+    }
+
+    /// Where choice `i`'s generated text starts in its text, in characters (OpenAI counts the
+    /// prompt's length even without echo).
+    fn generated_offset(&self, i: usize) -> usize {
+        match self.echo.get(i) {
+            Some((text, _)) => text.chars().count(),
+            None => self.prompt_chars.get(i).copied().unwrap_or(0),
+        }
+    }
 }
 
 /// A non-streamed response: every choice's whole text once all have finished.
 async fn respond_whole(mut sub: Submitted, reply: Reply) -> Result<Response, ApiError> {
-    let Reply { id, created, name, chat } = reply;
     let mut choices = vec![Choice::default(); sub.choices];
     let mut done = 0;
     while done < sub.choices {
         let Some((i, ev)) = sub.rx.recv().await else { break };
         match ev {
-            JobEvent::Token { text, depth, .. } => {
+            JobEvent::Prompt(lps) => choices[i].prompt_logprobs = lps,
+            JobEvent::Token { id, text, depth, logprob } => {
                 choices[i].text.push_str(&text);
+                choices[i].tokens.push((id, logprob));
                 choices[i].depth.push(depth);
             }
             JobEvent::Finished { end, usage, thinking } => {
@@ -295,6 +422,7 @@ async fn respond_whole(mut sub: Submitted, reply: Reply) -> Result<Response, Api
     if done < sub.choices {
         return Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "the engine stopped"));
     }
+    let r = &reply;
     let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
     let out: Vec<Value> = choices
         .iter()
@@ -302,10 +430,24 @@ async fn respond_whole(mut sub: Submitted, reply: Reply) -> Result<Response, Api
         .map(|(i, ch)| {
             let reason = ch.end.map(|e| e.name()).unwrap_or("stop");
             let thinking = thinking_json(&ch.thinking, Some(&ch.depth));
-            if chat {
-                json!({"index": i, "message": {"role": "assistant", "content": ch.text}, "finish_reason": reason, "thinking": thinking})
+            let generated = ch.tokens.iter().map(|(id, lp)| (*id, lp.as_ref()));
+            if r.chat {
+                let logprobs = if r.logprobs {
+                    chat_logprobs(&r.tok, &ch.tokens.iter().filter_map(|t| t.1.as_ref()).collect::<Vec<_>>())
+                } else {
+                    Value::Null
+                };
+                json!({"index": i, "message": {"role": "assistant", "content": ch.text}, "logprobs": logprobs, "finish_reason": reason, "thinking": thinking})
             } else {
-                json!({"index": i, "text": ch.text, "logprobs": null, "finish_reason": reason, "thinking": thinking})
+                let mut text = ch.text.clone();
+                let mut tokens = r.echo_tokens(i, &ch.prompt_logprobs);
+                if let Some((prompt, _)) = r.echo.get(i) {
+                    text.insert_str(0, prompt);
+                }
+                let offset = if tokens.is_empty() { r.generated_offset(i) } else { 0 };
+                tokens.extend(generated);
+                let logprobs = if r.logprobs { completion_logprobs(&r.tok, &tokens, offset) } else { Value::Null };
+                json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": reason, "thinking": thinking})
             }
         })
         .collect();
@@ -315,9 +457,9 @@ async fn respond_whole(mut sub: Submitted, reply: Reply) -> Result<Response, Api
         a.total_flops += c.thinking.total_flops;
         a
     });
-    let object = if chat { "chat.completion" } else { "text_completion" };
+    let object = if r.chat { "chat.completion" } else { "text_completion" };
     Ok(Json(json!({
-        "id": id, "object": object, "created": created, "model": name, "choices": out,
+        "id": r.id, "object": object, "created": r.created, "model": r.name, "choices": out,
         "usage": usage_json(sub.prompt_tokens, completion),
         "thinking": {"extra_block_steps": total.extra_block_steps, "thinking_flops": total.thinking_flops, "total_flops": total.total_flops},
     }))
@@ -326,21 +468,28 @@ async fn respond_whole(mut sub: Submitted, reply: Reply) -> Result<Response, Api
 
 /// A streamed response (SSE).
 fn respond_streamed(sub: Submitted, reply: Reply, include_usage: bool) -> Response {
-    let Reply { id, created, name, chat } = reply;
-    // Streaming: one SSE chunk per token, a last chunk per choice with its finish reason and
-    // thinking, a usage chunk when asked, then [DONE].
-    let object = if chat { "chat.completion.chunk" } else { "text_completion" };
-    let chunk = move |choice: Value| json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice]});
+    // Streaming: one SSE chunk per token (after, with echo, one with the prompt), a last chunk
+    // per choice with its finish reason and thinking, a usage chunk when asked, then [DONE].
+    let object = if reply.chat { "chat.completion.chunk" } else { "text_completion" };
+    let chunk = {
+        let (id, created, name) = (reply.id.clone(), reply.created, reply.name.clone());
+        move |choice: Value| json!({"id": id, "object": object, "created": created, "model": name, "choices": [choice]})
+    };
     struct St {
         sub: Submitted,
         started: Vec<bool>,
+        /// Per choice: where its next token's text starts (completions' `text_offset`).
+        offset: Vec<usize>,
         done: usize,
         completion: usize,
         finished: bool,
     }
-    let st = St { started: vec![false; sub.choices], sub, done: 0, completion: 0, finished: false };
+    let offset = (0..sub.choices).map(|i| reply.generated_offset(i)).collect();
+    let st = St { started: vec![false; sub.choices], offset, sub, done: 0, completion: 0, finished: false };
+    let reply = Arc::new(reply);
     let stream = futures_util::stream::unfold(st, move |mut st| {
         let chunk = chunk.clone();
+        let r = reply.clone();
         async move {
             if st.finished {
                 return None;
@@ -366,19 +515,44 @@ fn respond_streamed(sub: Submitted, reply: Reply, include_usage: bool) -> Respon
                 }
             };
             let mut events = vec![];
-            if chat && !st.started[i] {
+            if !st.started[i] {
                 st.started[i] = true;
-                events.push(
-                    chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}))
-                        .to_string(),
-                );
+                if r.chat {
+                    let c = json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null});
+                    events.push(chunk(c).to_string());
+                } else if let Some((prompt, _)) = r.echo.get(i) {
+                    // The echoed prompt, scored when the job sent its prompt's log-probabilities.
+                    let scored = match &ev {
+                        JobEvent::Prompt(lps) => lps.as_slice(),
+                        _ => &[],
+                    };
+                    let lp = if r.logprobs {
+                        completion_logprobs(&r.tok, &r.echo_tokens(i, scored), 0)
+                    } else {
+                        Value::Null
+                    };
+                    events.push(
+                        chunk(json!({"index": i, "text": prompt, "logprobs": lp, "finish_reason": null})).to_string(),
+                    );
+                }
             }
             match ev {
-                JobEvent::Token { text, depth, .. } => {
-                    let c = if chat {
-                        json!({"index": i, "delta": {"content": text}, "finish_reason": null, "depth": depth})
+                JobEvent::Prompt(_) => {}
+                JobEvent::Token { id, text, depth, logprob } => {
+                    let c = if r.chat {
+                        let lp = match &logprob {
+                            Some(lp) if r.logprobs => chat_logprobs(&r.tok, &[lp]),
+                            _ => Value::Null,
+                        };
+                        json!({"index": i, "delta": {"content": text}, "logprobs": lp, "finish_reason": null, "depth": depth})
                     } else {
-                        json!({"index": i, "text": text, "logprobs": null, "finish_reason": null, "depth": depth})
+                        let lp = if r.logprobs {
+                            completion_logprobs(&r.tok, &[(id, logprob.as_ref())], st.offset[i])
+                        } else {
+                            Value::Null
+                        };
+                        st.offset[i] += r.tok.token_text(id).chars().count();
+                        json!({"index": i, "text": text, "logprobs": lp, "finish_reason": null, "depth": depth})
                     };
                     events.push(chunk(c).to_string());
                 }
@@ -386,8 +560,8 @@ fn respond_streamed(sub: Submitted, reply: Reply, include_usage: bool) -> Respon
                     st.done += 1;
                     st.completion += usage.completion_tokens;
                     let t = thinking_json(&thinking, None);
-                    let c = if chat {
-                        json!({"index": i, "delta": {}, "finish_reason": end.name(), "thinking": t})
+                    let c = if r.chat {
+                        json!({"index": i, "delta": {}, "logprobs": null, "finish_reason": end.name(), "thinking": t})
                     } else {
                         json!({"index": i, "text": "", "logprobs": null, "finish_reason": end.name(), "thinking": t})
                     };

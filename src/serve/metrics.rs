@@ -20,6 +20,12 @@ pub struct Metrics {
     pub request_seconds: Histogram,
     pub time_to_first_token: Histogram,
     pub time_per_token: Histogram,
+    /// The prefix cache (DESIGN §12): requests that reused a cached prefix, that found none,
+    /// entries evicted, and bytes held.
+    pub prefix_hits: IntCounter,
+    pub prefix_misses: IntCounter,
+    pub prefix_evictions: IntCounter,
+    pub prefix_bytes: IntGauge,
 }
 
 fn seconds_buckets() -> Vec<f64> {
@@ -53,7 +59,14 @@ impl Metrics {
             Gauge::new("share_scale", "Latency valve factor on the trained routed shares").expect("valid");
         share_scale.set(1.0);
         registry.register(Box::new(share_scale.clone())).expect("registered once");
+        let prefix_bytes =
+            IntGauge::new("prefix_cache_bytes", "Bytes of KV caches the prefix cache holds").expect("valid");
+        registry.register(Box::new(prefix_bytes.clone())).expect("registered once");
         Metrics {
+            prefix_hits: counter("prefix_cache_hits_total", "Requests that started from a cached prompt prefix"),
+            prefix_misses: counter("prefix_cache_misses_total", "Requests that found no cached prefix"),
+            prefix_evictions: counter("prefix_cache_evictions_total", "Prefix cache entries evicted (LRU)"),
+            prefix_bytes,
             requests,
             finishes,
             cancelled: counter("cancelled_total", "Generations dropped because the client went away"),

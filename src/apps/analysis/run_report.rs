@@ -193,6 +193,7 @@ fn generations(run_dir: &Path, cfg: &RunConfig, opts: &ReportOptions) -> Result<
         routing,
         use_cache,
         prefill_chunk: 0,
+        ..Default::default()
     };
     let max_depth = model.layer_steps().into_iter().max().unwrap_or(1) as u32;
     let gen = crate::generate::generate(&model, &tok, &prompts, gen_opts)?;
