@@ -570,15 +570,26 @@ fn logit_bias_bans_and_forces_tokens_and_penalties_change_greedy_text() {
     server.stop().unwrap();
 }
 
-/// The official `openai` Python client against the server (issue 28 item 5). It needs the
-/// venv `scripts/setup_pyclient.sh` makes; without it the test says it was skipped.
+/// The official `openai` Python client against the server (issue 28 item 5), in the venv
+/// `scripts/setup_pyclient.sh` makes (pinned versions from PyPI). The test makes the venv itself
+/// on first use, so a clean clone (and `.ci/run`) runs it; where PyPI cannot be reached it fails
+/// saying so, and `ITT_SKIP_PYCLIENT=1` skips it deliberately (never silently).
 #[test]
 fn the_official_openai_client_drives_the_server() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".cache/itt/venv/bin/python");
-    if !python.exists() {
-        eprintln!("skipped: no {} (run scripts/setup_pyclient.sh)", python.display());
+    if std::env::var_os("ITT_SKIP_PYCLIENT").is_some() {
+        eprintln!("skipped: ITT_SKIP_PYCLIENT is set");
         return;
+    }
+    if !python.exists() {
+        let setup = std::process::Command::new(root.join("scripts/setup_pyclient.sh")).output().unwrap();
+        assert!(
+            setup.status.success() && python.exists(),
+            "scripts/setup_pyclient.sh could not make the openai venv (PyPI unreachable? set ITT_SKIP_PYCLIENT=1 to skip):\n{}{}",
+            String::from_utf8_lossy(&setup.stdout),
+            String::from_utf8_lossy(&setup.stderr)
+        );
     }
     let (server, url) = start(EngineConfig::default());
     let out = std::process::Command::new(&python)

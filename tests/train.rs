@@ -324,6 +324,8 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
             .collect();
         let least = rows.iter().map(|x| x.val_loss_mean).fold(f64::INFINITY, f64::min);
         assert_eq!(b.val_loss_mean, least, "{} {}", b.corpus, b.model);
+        // The label names the model; the chosen multiplier has its own column.
+        assert!(!b.label.contains("(lr x"), "{} {}: label {:?}", b.corpus, b.model, b.label);
     }
     // Token classes of ITT against dense: each group's contributions add up to the whole.
     for v in ["itt4", "itt4-lr2"] {

@@ -96,8 +96,12 @@ impl TrainBench {
 /// Time `steps` training steps (after one warm-up step) of the configuration on `device`
 /// (on a GPU with the device optimiser, as training runs there; DESIGN §15).
 pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<TrainBench> {
+    // What training would run here (bf16 falls back to f32 without bf16 hardware, as in
+    // `Trainer::new`), so the benchmark never times a path no run takes.
+    let precision = if device.is_cpu() { cfg.train.precision.on_this_cpu() } else { cfg.train.precision };
+    let fell_back = precision != cfg.train.precision;
     let mut model = Model::new(&cfg.model, cfg.train.seed, device)?;
-    model.precision = cfg.train.precision;
+    model.precision = precision;
     let (b, t) = (cfg.train.batch_size, cfg.train.seq_len);
     let mut rng = Rng::new(cfg.train.seed);
     let state = AdamW::new(&model.params);
@@ -141,7 +145,7 @@ pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<Trai
     };
     let med = median(&mut times);
     let f = flops_per_token(&cfg.model, t, None, None);
-    let gemm_rate = gemm_gflops(cfg.train.precision, device)?;
+    let gemm_rate = gemm_gflops(precision, device)?;
     let rate = f.train * (b * t) as f64 / med / 1e9;
     let gpu_peak_tflops = (!device.is_cpu()).then(gpu_peak_tflops);
     Ok(TrainBench {
@@ -160,8 +164,12 @@ pub fn train_step(cfg: &RunConfig, steps: usize, device: &Device) -> Result<Trai
         gflops_per_s: rate,
         peak_rss_mb: crate::base::util::peak_rss_mb(),
         threads: candle_core::utils::get_num_threads(),
-        precision: cfg.train.precision,
-        kernels: match (device.is_cpu(), cfg.train.precision) {
+        precision,
+        kernels: match (device.is_cpu(), precision) {
+            (true, p) if fell_back => format!(
+                "{}; bf16 asked, but without bf16 hardware here training runs f32, as timed (ITT_BF16_EMULATE=1 emulates bf16)",
+                p.kernels()
+            ),
             (true, p) => p.kernels(),
             (false, crate::ops::Precision::Bf16) => "bf16 operands, cuBLAS with f32 accumulation".into(),
             (false, crate::ops::Precision::F32) => "f32 cuBLAS".into(),

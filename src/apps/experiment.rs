@@ -1015,6 +1015,16 @@ fn flops_against(f: &Flops, dense: Option<&Variant>, vocab_size: usize) -> f64 {
     }
 }
 
+/// A variant's label without the learning-rate suffix `grid` adds: the best-rate table names
+/// the model, and its chosen multiplier has a column of its own.
+fn model_label(v: &Variant) -> String {
+    if v.lr_scale == 1.0 {
+        return v.label.clone();
+    }
+    let suffix = format!(" (lr x{})", v.lr_scale);
+    v.label.strip_suffix(&suffix).unwrap_or(&v.label).to_string()
+}
+
 /// With a learning-rate sweep: each model at the multiplier with its lowest mean validation
 /// loss (as trained) on each corpus, against dense at dense's own best; then pooled over the
 /// corpora (each corpus at its own best rates).
@@ -1066,7 +1076,7 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
             out.push(BestLr {
                 corpus: c.name.clone(),
                 model: m.model.clone(),
-                label: m.label.clone(),
+                label: model_label(m),
                 lr_scale: v.lr_scale,
                 lr: v.cfg.train.lr,
                 val_loss_mean: loss,
@@ -1079,7 +1089,7 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
             out.push(BestLr {
                 corpus: "pooled".into(),
                 model: m.model.clone(),
-                label: m.label.clone(),
+                label: model_label(m),
                 lr_scale: f64::NAN,
                 lr: f64::NAN,
                 val_loss_mean: f64::NAN,

@@ -123,6 +123,16 @@ impl Precision {
         !Self::bf16_in_hardware() && std::env::var("ITT_BF16_EMULATE").as_deref() != Ok("1")
     }
 
+    /// The precision a CPU run asked for `self` computes in: bf16 falls back to f32 where
+    /// [`Self::bf16_falls_back`]. The one rule `itt train` and `itt bench` both follow, so a
+    /// benchmark measures what training would run.
+    pub fn on_this_cpu(self) -> Precision {
+        match self {
+            Precision::Bf16 if Self::bf16_falls_back() => Precision::F32,
+            p => p,
+        }
+    }
+
     /// The kernels the products of this precision run on this machine, e.g. for `itt bench`.
     pub fn kernels(self) -> String {
         match self {

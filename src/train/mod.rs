@@ -230,7 +230,7 @@ impl Trainer {
             None => Model::new(&cfg.model, cfg.train.seed, &device)?,
         };
         let on_cpu = model.device().is_cpu();
-        if cfg.train.precision == Precision::Bf16 && on_cpu && Precision::bf16_falls_back() {
+        if on_cpu && cfg.train.precision.on_this_cpu() != cfg.train.precision {
             // Emulated bf16 is slower than f32 and no more accurate: run (and record) f32.
             eprintln!(
                 "notice: this CPU has no bf16 matrix units (AMX); --precision bf16 would be emulated at about \
