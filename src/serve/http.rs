@@ -34,6 +34,8 @@ pub struct AppState {
     pub next_id: AtomicU64,
     /// Seed of requests that give none: a counter from the server's seed.
     pub seed: u64,
+    /// Drafted tokens of requests that do not set `thinking.speculate` (0 = off).
+    pub speculate: usize,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -94,6 +96,7 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
             "steps": s.model.layer_steps().into_iter().max().unwrap_or(1),
             "ratios": s.model.thinking_layers().next().map(|t| t.ratios.clone()).unwrap_or_default(),
             "routed": s.model.has_routers(),
+            "speculate": s.speculate,
         },
     }]}))
 }
@@ -219,7 +222,8 @@ async fn completions_inner(s: &Arc<AppState>, body: &[u8]) -> Result<Response, A
     let req: CompletionRequest = api::parse(body)?;
     let prompts =
         req.prompt.ok_or_else(|| ApiError::bad("prompt", "prompt is required"))?.prompts(s.model.cfg.vocab_size)?;
-    let c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 16, next_seed(s), false)?;
+    let mut c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 16, next_seed(s), false)?;
+    c.default_speculate(&s.model, s.speculate);
     let ids = encode(s, &prompts, usize::from(c.opts.max_new_tokens > 0))?;
     // Echo gives each prompt back as sent (token-id prompts decoded), with its tokens.
     let echo = if c.echo {
@@ -257,6 +261,7 @@ async fn chat_inner(s: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError
         return Err(ApiError::bad("messages", format!("unknown role `{}`", m.role)));
     }
     let mut c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 256, next_seed(s), true)?;
+    c.default_speculate(&s.model, s.speculate);
     let prompt = s.template.render(&messages).map_err(|e| ApiError::bad("messages", e.to_string()))?;
     c.opts.stop.extend(s.template.stop_text.iter().cloned());
     let ids = encode(s, &[Prompt::Text(prompt)], 1)?;
@@ -270,6 +275,9 @@ fn thinking_json(t: &ThinkingReport, depth: Option<&[Vec<u32>]>) -> Value {
         "ratios": t.ratios, "extra_block_steps": t.extra_block_steps,
         "thinking_flops": t.thinking_flops, "total_flops": t.total_flops,
     });
+    if t.drafted > 0 {
+        v["speculation"] = json!({"drafted": t.drafted, "accepted": t.accepted});
+    }
     if let Some(d) = depth {
         v["depth"] = json!(d);
     }
