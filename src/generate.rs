@@ -767,6 +767,13 @@ impl<'a> Batch<'a> {
         let mut finished = None;
         if id == self.tok.eot_id() && !s.opts.ignore_eot {
             finished = Some(FinishReason::EndOfText);
+            // With log-probabilities the end-of-text token is reported like any other (no
+            // text, not in the sequence), as OpenAI and vLLM do: lm-evaluation-harness scores
+            // `echo` + `max_tokens: 1` by dropping the last entry, taking it for the generated
+            // token, so without it the continuation's last token would go missing.
+            if logprob.is_some() {
+                events.push(Event::Token(GeneratedToken { seq: i, id, text: String::new(), depth, logprob }));
+            }
         } else if s.opts.stop_ids.contains(&id) {
             finished = Some(FinishReason::Stop);
         } else {

@@ -720,7 +720,8 @@ fn speculation_keeps_the_plain_tokens_and_counts_its_drafts() {
         assert!(msg.contains(why), "{body}: {msg}");
     }
     // Top-k routing without speculate still runs: the server's default only applies where it can.
-    let (got, v) = post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 2, "thinking": {"routing": "topk"}}"#);
+    let (got, v) =
+        post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 2, "thinking": {"routing": "topk"}}"#);
     assert_eq!(got, 200, "{v}");
     server.stop().unwrap();
 }
@@ -764,4 +765,54 @@ fn a_dense_model_cannot_serve_with_speculate() {
     };
     let err = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).err().expect("refused");
     assert!(err.to_string().contains("dense"), "{err}");
+}
+
+#[test]
+fn the_tokenizer_endpoints_round_trip_and_refuse_bad_ids() {
+    let (server, url) = start(EngineConfig::default());
+    let (_, tok, _) = model();
+    let (status, v) = post(&url, "/tokenize", r#"{"prompt": "12+34=", "add_special_tokens": false}"#);
+    assert_eq!(status, 200, "{v}");
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(ids, tok.encode("12+34=").unwrap());
+    let (status, v) = post(&url, "/detokenize", &json!({"tokens": ids}).to_string());
+    assert_eq!((status, v["prompt"].as_str().unwrap()), (200, "12+34="));
+    let (status, info) = get(&url, "/tokenizer_info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert!(status == 200 && info["eos_token"].is_string(), "{info}");
+    for (path, body, why) in [
+        ("/detokenize", r#"{"tokens": [1, 999]}"#, "token id 999"),
+        ("/detokenize", r#"{"tokens": [-2]}"#, "token id -2"),
+        ("/detokenize", r#"{}"#, "tokens is required"),
+        ("/tokenize", r#"{"prompt": 5}"#, "invalid request"),
+        ("/tokenize", r#"{"prompt": "1", "model": "other"}"#, "not served here"),
+    ] {
+        let (status, v) = post(&url, path, body);
+        assert!(status == 400 || status == 404, "{path} {body}: {status} {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{path} {body}: {v}");
+    }
+    server.stop().unwrap();
+}
+
+#[test]
+fn logprobs_report_end_of_text_and_list_the_likeliest_first() {
+    let (server, url) = start(EngineConfig::default());
+    let eot = model().1.eot_id();
+    // End of text forced as the first token: no text, but its log-probability is reported, so
+    // lm-evaluation-harness's echo scoring (`token_logprobs[ctxlen:-1]`) keeps every prompt token.
+    let body = json!({"prompt": "12+3", "max_tokens": 1, "temperature": 0, "logprobs": 3, "echo": true,
+        "logit_bias": {eot.to_string(): 100}});
+    let (status, v) = post(&url, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!((c["text"].as_str().unwrap(), c["finish_reason"].as_str().unwrap()), ("12+3", "stop"));
+    let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), 5, "4 prompt tokens and the end of text: {c}");
+    assert!(lps[0].is_null() && lps[1..].iter().all(|x| x.is_f64()), "{c}");
+    // top_logprobs maps keep OpenAI's order, most likely first.
+    for top in c["logprobs"]["top_logprobs"].as_array().unwrap().iter().skip(1) {
+        let vals: Vec<f64> = top.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect();
+        assert!(vals.windows(2).all(|w| w[0] >= w[1]), "{top}");
+    }
+    server.stop().unwrap();
 }
