@@ -94,6 +94,10 @@ pub struct GenerateArgs {
     /// prompt or output by this; 1 = off.
     #[arg(long, default_value_t = 1.0)]
     repetition_penalty: f32,
+    /// OpenAI's logit_bias: add BIAS (-100 bans, +100 forces) to token id TOKEN's logit,
+    /// e.g. --logit-bias 3=-100,17=5.
+    #[arg(long, value_delimiter = ',', value_name = "TOKEN=BIAS")]
+    logit_bias: Vec<String>,
     /// Stop when the output contains this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -258,7 +262,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             presence_penalty: a.presence_penalty,
             frequency_penalty: a.frequency_penalty,
             repetition_penalty: a.repetition_penalty,
-            logit_bias: vec![],
+            logit_bias: parse_logit_bias(&a.logit_bias, model.cfg.vocab_size)?,
         },
         routing,
         use_cache: !a.no_cache,
@@ -333,6 +337,28 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         eprintln!("(each token is followed by [a.b]: the thinking steps each thinking layer took to produce it)");
     }
     Ok(())
+}
+
+/// `--logit-bias TOKEN=BIAS,...` as (token id, bias) pairs, ids checked against the vocabulary
+/// (the bias range is the sampler's check).
+fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
+    items
+        .iter()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            let bad = || Error::usage(format!("--logit-bias {s:?}: give TOKEN=BIAS, a token id and a number"));
+            let (id, bias) = s.split_once('=').ok_or_else(bad)?;
+            let id: u32 = id.trim().parse().map_err(|_| bad())?;
+            let bias: f32 = bias.trim().parse().map_err(|_| bad())?;
+            if id as usize >= vocab {
+                return Err(Error::usage(format!(
+                    "--logit-bias: token id {id} is outside the vocabulary (0 to {})",
+                    vocab - 1
+                )));
+            }
+            Ok((id, bias))
+        })
+        .collect()
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
