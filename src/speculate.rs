@@ -278,11 +278,9 @@ impl Speculator {
         let keep_draft = self.draft.seen.min(ids.len() + accepted);
         roll_back_all(&mut self.draft, keep_draft);
         let layers: Vec<usize> = model.thinking_layers().map(|t| t.layer).collect();
-        let depth_at = |row: usize| -> Vec<u32> {
-            layers.iter().map(|l| rec.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect()
-        };
-        let extra_block_steps =
-            (0..=accepted).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum::<u64>();
+        let depth_at =
+            |row: usize| -> Vec<u32> { layers.iter().map(|l| rec.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect() };
+        let extra_block_steps = (0..=accepted).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum::<u64>();
         rows.truncate(accepted + 1);
         let tokens = drafts[..accepted]
             .iter()

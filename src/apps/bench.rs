@@ -338,13 +338,7 @@ pub fn decode(
 
 /// Greedy decoding of `n` tokens after `prompt`, plain then with `k` drafted tokens per verify
 /// pass; each timed after the prompt's prefill and its first token.
-fn speculate_bench(
-    model: &Model,
-    prompt: &[u32],
-    routing: &RoutingOptions,
-    n: usize,
-    k: usize,
-) -> Result<SpecBench> {
+fn speculate_bench(model: &Model, prompt: &[u32], routing: &RoutingOptions, n: usize, k: usize) -> Result<SpecBench> {
     use crate::generate::{argmax, SamplingParams};
     use crate::model::SeqLayout;
     use crate::speculate::{unsupported, Context, SpecStats, Speculator};

@@ -272,16 +272,30 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if let Some(k) = a.speculate {
         // One prompt at a time: speculation keeps its own pair of caches per sequence. The
         // plain decode runs too, so the speed-up and the identity of greedy text are measured
-        // in one process.
+        // in one process: after one untimed run of each (first-touch allocations), three
+        // alternating timed runs of each, medians.
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
         for p in &a.prompt {
             let ids = tok.encode(p)?;
-            let t0 = std::time::Instant::now();
-            let plain =
-                crate::generate::generate(&model, &tok, std::slice::from_ref(p), opts.clone())?.collect_all()?;
-            let plain_s = t0.elapsed().as_secs_f64();
-            let t0 = std::time::Instant::now();
-            let (out, st) = crate::speculate::generate(&model, &tok, &ids, &opts, k)?;
-            let secs = t0.elapsed().as_secs_f64();
+            let (mut plain_t, mut spec_t) = (vec![], vec![]);
+            let (mut plain, mut spec) = (vec![], (vec![], Default::default()));
+            for run in 0..4 {
+                let t0 = std::time::Instant::now();
+                plain =
+                    crate::generate::generate(&model, &tok, std::slice::from_ref(p), opts.clone())?.collect_all()?;
+                let plain_s = t0.elapsed().as_secs_f64();
+                let t0 = std::time::Instant::now();
+                spec = crate::speculate::generate(&model, &tok, &ids, &opts, k)?;
+                if run > 0 {
+                    spec_t.push(t0.elapsed().as_secs_f64());
+                    plain_t.push(plain_s);
+                }
+            }
+            let (plain_s, secs) = (median(plain_t), median(spec_t));
+            let (out, st): (Vec<u32>, crate::speculate::SpecStats) = spec;
             println!("{p}{}", tok.decode(&out)?);
             let same = if plain[0].2 == out { "identical" } else { "different" };
             eprintln!(

@@ -38,7 +38,7 @@ pub const FEW_ROWS: usize = 16;
 
 /// Lanes per dot-product accumulator of [`few_rows`], and W rows per block.
 const DOT_LANES: usize = 8;
-const W_BLOCK: usize = 4;
+const W_BLOCK: usize = 8;
 
 /// The whole chunks of lanes of the first `full` elements.
 #[inline(always)]
@@ -80,24 +80,37 @@ multiversion! {
         let m = x.len() / k;
         let full = k / DOT_LANES * DOT_LANES;
         let blocks = w.len() / (W_BLOCK * k);
+        let chunks = |v| lane_chunks(v, full);
         for (b, wb) in w.chunks_exact(W_BLOCK * k).enumerate() {
-            let (w0, rest) = wb.split_at(k);
-            let (w1, rest) = rest.split_at(k);
-            let (w2, w3) = rest.split_at(k);
-            let ws = [w0, w1, w2, w3];
-            let chunks = |v| lane_chunks(v, full);
+            let ws: [&[T]; W_BLOCK] = std::array::from_fn(|q| &wb[q * k..][..k]);
+            let [w0, w1, w2, w3, w4, w5, w6, w7] = ws;
             for (r, xr) in x.chunks_exact(k).enumerate() {
-                // Four accumulator chains, one per row of W, for each row of x in turn: with
-                // two rows of x at once (eight chains) LLVM spilled them and it ran 5x slower.
-                let mut acc = [[T::ZERO; DOT_LANES]; W_BLOCK];
-                for ((((xc, c0), c1), c2), c3) in chunks(xr).zip(chunks(w0)).zip(chunks(w1)).zip(chunks(w2)).zip(chunks(w3)) {
-                    lanes::<T, FMA>(&mut acc[0], xc, c0);
-                    lanes::<T, FMA>(&mut acc[1], xc, c1);
-                    lanes::<T, FMA>(&mut acc[2], xc, c2);
-                    lanes::<T, FMA>(&mut acc[3], xc, c3);
+                // Eight accumulator chains, one per row of W, enough to keep both FMA units
+                // busy; separate locals so that LLVM keeps them in registers (an array of
+                // them, or two rows of x against four of W, ran slower).
+                let z = [T::ZERO; DOT_LANES];
+                let (mut a0, mut a1, mut a2, mut a3, mut a4, mut a5, mut a6, mut a7) = (z, z, z, z, z, z, z, z);
+                let it = chunks(xr)
+                    .zip(chunks(w0))
+                    .zip(chunks(w1))
+                    .zip(chunks(w2))
+                    .zip(chunks(w3))
+                    .zip(chunks(w4))
+                    .zip(chunks(w5))
+                    .zip(chunks(w6))
+                    .zip(chunks(w7));
+                for ((((((((xc, c0), c1), c2), c3), c4), c5), c6), c7) in it {
+                    lanes::<T, FMA>(&mut a0, xc, c0);
+                    lanes::<T, FMA>(&mut a1, xc, c1);
+                    lanes::<T, FMA>(&mut a2, xc, c2);
+                    lanes::<T, FMA>(&mut a3, xc, c3);
+                    lanes::<T, FMA>(&mut a4, xc, c4);
+                    lanes::<T, FMA>(&mut a5, xc, c5);
+                    lanes::<T, FMA>(&mut a6, xc, c6);
+                    lanes::<T, FMA>(&mut a7, xc, c7);
                 }
-                for (q, wq) in ws.iter().enumerate() {
-                    out[(b * W_BLOCK + q) * m + r] = finish::<T, FMA>(acc[q], &xr[full..], &wq[full..]);
+                for (q, (wq, a)) in ws.iter().zip([a0, a1, a2, a3, a4, a5, a6, a7]).enumerate() {
+                    out[(b * W_BLOCK + q) * m + r] = finish::<T, FMA>(a, &xr[full..], &wq[full..]);
                 }
             }
         }
@@ -116,14 +129,14 @@ multiversion! {
 /// y (m, n) = x (m, k) . W^T, W (n, k) row-major, for m <= [`FEW_ROWS`]: one pass over W with
 /// every row of x at once, W rows split over threads when W is large. Through gemm a product
 /// this short packs all of W for each call: a 5-row 128 -> 352 product took 20 us there and
-/// 4.5 us here (1 row: 3.7 vs 3.3 us), and tiny-itt4's 5-token verify pass 3x a 1-token pass
-/// instead of 1.5x (DESIGN §12, `examples/pass_cost.rs`).
+/// 12 us here (1 row: 3.6 vs 3.5 us), and tiny-itt4's 5-token verify pass 3x a 1-token pass
+/// instead of 2x (DESIGN §12, `examples/pass_cost.rs`).
 fn few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     use rayon::prelude::*;
     let simd = simd_level();
     // (n, m) column blocks of y, transposed back below.
     let mut t = vec![0.0f32; n * m];
-    let per_chunk = 64 * W_BLOCK;
+    let per_chunk = 32 * W_BLOCK;
     if n * k >= 1 << 18 && rayon::current_num_threads() > 1 {
         t.par_chunks_mut(per_chunk * m).zip(w.par_chunks(per_chunk * k)).for_each(|(o, wc)| {
             dots_block::<f32>(simd, &x[..m * k], wc, k, o);
