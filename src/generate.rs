@@ -10,6 +10,7 @@
 use crate::base::rng::Rng;
 use crate::data::Tokenizer;
 use crate::model::{ForwardRecord, Model, RouterCalibration, Routing, RoutingOptions, SeqCache, SeqLayout};
+use crate::speculate::{SpecStats, Speculator};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
@@ -141,6 +142,9 @@ pub struct GenerateOptions {
     /// Also report the log-probability of every prompt token after the first
     /// ([`Event::Prompt`]): the scoring path of `echo` (lm-evaluation-harness).
     pub prompt_logprobs: bool,
+    /// Self-speculative decoding with this many drafted tokens per verify pass (0 = off;
+    /// `crate::speculate`). Needs a model with thinking layers and a KV cache.
+    pub speculate: usize,
 }
 
 impl Default for GenerateOptions {
@@ -156,6 +160,7 @@ impl Default for GenerateOptions {
             prefill_chunk: 0,
             logprobs: None,
             prompt_logprobs: false,
+            speculate: 0,
         }
     }
 }
@@ -249,6 +254,9 @@ pub struct SeqUsage {
     /// Sum over every token run through the model (prompt and generated) and every thinking
     /// layer of (steps taken - 1): the block applications thinking added to the dense pass.
     pub extra_block_steps: u64,
+    /// Self-speculative decoding: tokens drafted, and how many of them were kept.
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 struct SeqState {
@@ -268,6 +276,10 @@ struct SeqState {
     /// they were sent.
     prompt_logprobs: Vec<TokenLogprob>,
     prompt_sent: bool,
+    /// With `opts.speculate`: the draft's caches, made at the first round.
+    spec: Option<Speculator>,
+    drafted: usize,
+    accepted: usize,
 }
 
 impl SeqState {
@@ -276,6 +288,8 @@ impl SeqState {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.ids.len() - self.prompt_len,
             extra_block_steps: self.extra_block_steps,
+            drafted: self.drafted,
+            accepted: self.accepted,
         }
     }
 }
@@ -380,6 +394,8 @@ pub struct Batch<'a> {
     pub record: ForwardRecord,
     /// Caches of prompt prefixes for later sequences (the server's `--prefix-cache-mb`).
     pub prefix_cache: Option<PrefixCache>,
+    /// What speculation did, over every sequence so far.
+    pub spec: SpecStats,
 }
 
 impl<'a> Batch<'a> {
@@ -392,7 +408,15 @@ impl<'a> Batch<'a> {
             )));
         }
         let layers = model.thinking_layers().map(|t| t.layer).collect();
-        Ok(Batch { model, tok, seqs: vec![], layers, record: ForwardRecord::default(), prefix_cache: None })
+        Ok(Batch {
+            model,
+            tok,
+            seqs: vec![],
+            layers,
+            record: ForwardRecord::default(),
+            prefix_cache: None,
+            spec: SpecStats::default(),
+        })
     }
 
     /// Check that `opts` can run on this model (sampling values, causal routing with a cache).
@@ -406,6 +430,11 @@ impl<'a> Batch<'a> {
             return Err(Error::usage(
                 "top-k routing is not causal, so it cannot decode with a KV cache; use threshold routing or disable the cache",
             ));
+        }
+        if opts.speculate > 0 {
+            if let Some(why) = crate::speculate::unsupported(self.model, &opts.routing, opts.use_cache) {
+                return Err(Error::usage(format!("speculative decoding cannot run: {why}")));
+            }
         }
         Ok(())
     }
@@ -465,6 +494,9 @@ impl<'a> Batch<'a> {
             done: None,
             prompt_logprobs: vec![],
             prompt_sent: false,
+            spec: None,
+            drafted: 0,
+            accepted: 0,
         }));
         Ok(self.seqs.len() - 1)
     }
@@ -512,8 +544,12 @@ impl<'a> Batch<'a> {
     /// chunk, or its last token) and, where its text is all fed, sample its next token.
     /// Returns the events in sequence order. A failed step finishes no sequence.
     pub fn step(&mut self) -> Result<Vec<Event>> {
-        let active: Vec<usize> =
-            (0..self.seqs.len()).filter(|&i| self.seqs[i].as_ref().is_some_and(|s| s.done.is_none())).collect();
+        // Speculating sequences past their first token run a round of their own instead
+        // (`crate::speculate`): their passes are single-sequence, so their tokens do not
+        // depend on what else is in the batch either.
+        let (spec, active): (Vec<usize>, Vec<usize>) = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].as_ref().is_some_and(|s| s.done.is_none()))
+            .partition(|&i| self.spec_draft_len(i) > 0);
         // Sequences with the same routing settings and cache use share one packed call.
         let mut groups: Vec<Vec<usize>> = vec![];
         for &i in &active {
@@ -553,7 +589,60 @@ impl<'a> Batch<'a> {
             let logprob = s.opts.logprobs.map(|n| TokenLogprob::from_logits(&logits, id, n));
             self.push_token(i, id, depth, logprob, &mut events)?;
         }
+        for i in spec {
+            self.speculate(i, &mut events)?;
+        }
         Ok(events)
+    }
+
+    /// Tokens sequence `i` drafts if it speculates this step: 0 when it does not speculate, is
+    /// still in its prompt, or has room for one more token only (the verify pass adds one
+    /// token of its own to the drafts it keeps).
+    fn spec_draft_len(&self, i: usize) -> usize {
+        let s = self.seq(i);
+        let generated = s.ids.len() - s.prompt_len;
+        if s.opts.speculate == 0 || generated == 0 || s.fed + 1 != s.ids.len() {
+            return 0;
+        }
+        let left = s.opts.max_new_tokens.saturating_sub(generated + 1);
+        let room = self.model.cfg.max_seq_len.saturating_sub(s.ids.len() + 1);
+        s.opts.speculate.min(left).min(room)
+    }
+
+    /// One speculative round of sequence `i`: draft, verify, then emit the kept tokens one by
+    /// one as plain decoding would (stop strings, end of text and limits end it at the right
+    /// token; what follows is dropped with the finished sequence's caches).
+    fn speculate(&mut self, i: usize, events: &mut Vec<Event>) -> Result<()> {
+        let k = self.spec_draft_len(i);
+        let model = self.model;
+        let s = self.seqs[i].as_mut().expect("active");
+        let reserve = (s.prompt_len + s.opts.max_new_tokens + s.opts.speculate + 1).min(model.cfg.max_seq_len + k + 1);
+        let mut sp = s.spec.take().unwrap_or_else(|| Speculator::new(model, s.opts.speculate, reserve));
+        let ctx = crate::speculate::Context {
+            ids: &s.ids,
+            prompt_len: s.prompt_len,
+            routing: &s.opts.routing,
+            sampling: &s.opts.sampling,
+        };
+        let round = sp.round(model, &ctx, &mut s.cache, &mut s.rng, k);
+        s.spec = Some(sp);
+        let round = round?;
+        s.extra_block_steps += round.extra_block_steps;
+        s.drafted += round.stats.drafted;
+        s.accepted += round.stats.accepted;
+        let top = s.opts.logprobs;
+        // The full cache holds the kept tokens but the last: as after a plain step's feed.
+        s.fed = s.ids.len() + round.tokens.len() - 1;
+        self.spec.add(&round.stats);
+        self.record.merge_stats(&round.record);
+        for t in round.tokens {
+            let logprob = top.map(|n| TokenLogprob::from_logits(&t.logits, t.id, n));
+            self.push_token(i, t.id, t.depth, logprob, events)?;
+            if self.seq(i).done.is_some() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn seq(&self, i: usize) -> &SeqState {
@@ -678,6 +767,13 @@ impl<'a> Batch<'a> {
         let mut finished = None;
         if id == self.tok.eot_id() && !s.opts.ignore_eot {
             finished = Some(FinishReason::EndOfText);
+            // With log-probabilities the end-of-text token is reported like any other (no
+            // text, not in the sequence), as OpenAI and vLLM do: lm-evaluation-harness scores
+            // `echo` + `max_tokens: 1` by dropping the last entry, taking it for the generated
+            // token, so without it the continuation's last token would go missing.
+            if logprob.is_some() {
+                events.push(Event::Token(GeneratedToken { seq: i, id, text: String::new(), depth, logprob }));
+            }
         } else if s.opts.stop_ids.contains(&id) {
             finished = Some(FinishReason::Stop);
         } else {

@@ -6,21 +6,28 @@
 //! Greedy keeps the agreeing prefix plus the full model's own next token; sampling keeps draft x
 //! with probability min(1, p(x)/q(x)) and otherwise draws from norm(max(0, p - q)) (Leviathan
 //! et al. 2023, Chen et al. 2023), so the output is distributed exactly as the full model's.
-//! Rejected tokens are rolled back from both models' caches. Causal routing makes this sound:
-//! a token's routing depends only on its past, so the verify pass routes the accepted tokens
-//! as token-by-token decoding would (DESIGN §5).
+//! Penalties and logit biases change p and q alike (each row adjusted with the tokens before
+//! it), which the rule allows: it needs only that q is what the draft drew from. Rejected
+//! tokens are rolled back from both models' caches. Causal routing makes this sound: a token's
+//! routing depends only on its past, so the verify pass routes the accepted tokens as
+//! token-by-token decoding would (DESIGN §5).
+//!
+//! [`Speculator::round`] is one draft-and-verify step of one sequence; `generate::Batch` runs it
+//! for every sequence with `GenerateOptions::speculate` once its first token is out, so the
+//! CLI, `itt bench` and the server share it.
 
 use crate::base::rng::Rng;
 use crate::data::Tokenizer;
-use crate::generate::{argmax, distribution, draw, GenerateOptions};
+use crate::generate::{argmax, distribution, draw, GenerateOptions, SamplingParams};
 use crate::model::{ForwardRecord, Model, RoutingOptions, SeqCache, SeqLayout};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// What speculation did: tokens drafted and accepted, and the passes of each model.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct SpecStats {
     pub drafted: usize,
     pub accepted: usize,
@@ -33,11 +40,33 @@ impl SpecStats {
     pub fn acceptance(&self) -> f64 {
         self.accepted as f64 / self.drafted.max(1) as f64
     }
+
+    pub fn add(&mut self, o: &SpecStats) {
+        self.drafted += o.drafted;
+        self.accepted += o.accepted;
+        self.verify_passes += o.verify_passes;
+        self.draft_passes += o.draft_passes;
+    }
 }
 
 /// The routing of the draft: the same settings with every routed step off.
 pub fn draft_routing(full: &RoutingOptions) -> RoutingOptions {
     RoutingOptions { steps: Some(1), ratios: None, early_exit: None, ..full.clone() }
+}
+
+/// Why speculation cannot run on `model` with `routing` and `use_cache`, if it cannot: the
+/// draft is the model with one step per thinking layer, so there must be more than one.
+pub fn unsupported(model: &Model, routing: &RoutingOptions, use_cache: bool) -> Option<&'static str> {
+    if model.thinking_layers().next().is_none() {
+        return Some("this model is dense (no thinking layers), so it has no cheaper draft of itself");
+    }
+    if routing.steps == Some(1) || model.thinking_layers().all(|t| t.steps <= 1) {
+        return Some("with one thinking step the draft (routed steps off) is the model itself");
+    }
+    if !use_cache {
+        return Some("it decodes with KV caches, so it needs causal (threshold) routing");
+    }
+    None
 }
 
 /// Run `ids` (continuing `cache`) through the model; logits of every row, (n, V).
@@ -86,10 +115,187 @@ fn roll_back(
     Ok(())
 }
 
-/// Generate a continuation of `prompt` speculatively with `k` drafted tokens per verify pass.
-/// Returns the generated ids (without the end-of-text token) and what speculation did. Stops at
-/// `max_new_tokens`, the end-of-text token (unless `ignore_eot`), `stop_ids` or the context;
-/// penalties and stop strings are not supported here.
+/// Keep the first `keep` tokens of a cache whose used slots hold every token (the draft runs
+/// no routed step; its routed slots stay empty).
+fn roll_back_all(cache: &mut SeqCache, keep: usize) {
+    for c in cache.slots.iter_mut().flatten() {
+        c.truncate(keep);
+    }
+    cache.seen = keep;
+}
+
+/// The sequence a round continues and how its tokens are drawn.
+pub struct Context<'a> {
+    /// Prompt and generated tokens so far; the full model's cache holds all but the last.
+    pub ids: &'a [u32],
+    pub prompt_len: usize,
+    pub routing: &'a RoutingOptions,
+    pub sampling: &'a SamplingParams,
+}
+
+impl Context<'_> {
+    /// One row of logits with the penalties and biases applied, given the tokens drafted
+    /// before it (penalties count the generated tokens, which include them).
+    fn adjusted<'r>(&self, row: &'r [f32], drafted: &[u32]) -> Cow<'r, [f32]> {
+        if !self.sampling.adjusts() {
+            return Cow::Borrowed(row);
+        }
+        let generated: Vec<u32> = self.ids[self.prompt_len..].iter().chain(drafted).copied().collect();
+        let mut z = row.to_vec();
+        self.sampling.adjust(&mut z, &self.ids[..self.prompt_len], &generated);
+        Cow::Owned(z)
+    }
+}
+
+/// A token a round produced: its id, the full model's raw logits row that chose it (for
+/// log-probabilities) and the steps each thinking layer took at that row.
+pub struct RoundToken {
+    pub id: u32,
+    pub logits: Vec<f32>,
+    pub depth: Vec<u32>,
+}
+
+/// What one round produced: the accepted drafts and then the full model's own token, in order.
+pub struct Round {
+    pub tokens: Vec<RoundToken>,
+    pub stats: SpecStats,
+    /// (steps - 1) summed over the thinking layers and the kept rows of the verify pass.
+    pub extra_block_steps: u64,
+    /// The verify pass's record (routing statistics, rejected rows included).
+    pub record: ForwardRecord,
+}
+
+/// The draft's side of one sequence's speculation: `k` and the draft model's own caches.
+pub struct Speculator {
+    pub k: usize,
+    draft: SeqCache,
+}
+
+impl Speculator {
+    /// `reserve`: tokens the draft caches take room for when first written.
+    pub fn new(model: &Model, k: usize, reserve: usize) -> Self {
+        Speculator { k, draft: model.new_cache_reserved(reserve) }
+    }
+
+    /// Draft `k` tokens after `ctx.ids`, verify them with one pass of the full model over the
+    /// last token and the drafts (appending to `full`, which must hold every token but the
+    /// last), and roll both caches back to the kept tokens. Afterwards `full` holds every token
+    /// of `ctx.ids` and the accepted drafts; the full model's own last token is not fed.
+    pub fn round(
+        &mut self,
+        model: &Model,
+        ctx: &Context,
+        full: &mut SeqCache,
+        rng: &mut Rng,
+        k: usize,
+    ) -> Result<Round> {
+        let ids = ctx.ids;
+        if full.seen + 1 != ids.len() || self.draft.seen > ids.len() || k == 0 {
+            return Err(Error::usage("speculate: the caches do not continue the sequence"));
+        }
+        let p = ctx.sampling;
+        let greedy = p.temperature == 0.0;
+        let vocab = model.cfg.vocab_size;
+        let dense = |idx: &[usize], probs: &[f64]| {
+            let mut d = vec![0.0; vocab];
+            idx.iter().zip(probs).for_each(|(&i, &q)| d[i] = q);
+            d
+        };
+        let draft_r = draft_routing(ctx.routing);
+        let mut stats = SpecStats::default();
+        let mut drafts: Vec<u32> = vec![];
+        let mut qs: Vec<Vec<f64>> = vec![];
+        for _ in 0..k {
+            let fed = self.draft.seen;
+            let tail: Vec<u32> = ids.iter().chain(&drafts).skip(fed).copied().collect();
+            let logits = pass(model, &tail, &draft_r, &mut self.draft, None)?;
+            stats.draft_passes += 1;
+            let row = ctx.adjusted(logits.last().expect("one row per token"), &drafts);
+            let d = if greedy {
+                argmax(&row)
+            } else {
+                let (idx, probs) = distribution(&row, p);
+                let d = draw(&idx, &probs, rng);
+                qs.push(dense(&idx, &probs));
+                d
+            };
+            drafts.push(d);
+        }
+        // One full pass over the last token and the drafts: row i predicts the token after
+        // the i-th fed token.
+        let before = full.lens();
+        let fed: Vec<u32> = std::iter::once(*ids.last().expect("non-empty")).chain(drafts.iter().copied()).collect();
+        let mut rec = ForwardRecord::with_detail();
+        let mut rows = pass(model, &fed, ctx.routing, full, Some(&mut rec))?;
+        stats.verify_passes += 1;
+        stats.drafted = drafts.len();
+        let mut accepted = 0;
+        let mut next = None;
+        for (i, &d) in drafts.iter().enumerate() {
+            let row = ctx.adjusted(&rows[i], &drafts[..i]);
+            if greedy {
+                let t = argmax(&row);
+                if t != d {
+                    next = Some(t);
+                    break;
+                }
+            } else {
+                let (idx, probs) = distribution(&row, p);
+                let pd = dense(&idx, &probs);
+                let q = &qs[i];
+                if rng.uniform() >= (pd[d as usize] / q[d as usize]).min(1.0) {
+                    // Rejected: draw from the residual norm(max(0, p - q)).
+                    let resid: Vec<f64> = pd.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
+                    let total: f64 = resid.iter().sum();
+                    next = Some(if total > 0.0 {
+                        let all: Vec<usize> = (0..vocab).collect();
+                        let probs: Vec<f64> = resid.iter().map(|r| r / total).collect();
+                        draw(&all, &probs, rng)
+                    } else {
+                        draw(&idx, &probs, rng)
+                    });
+                    break;
+                }
+            }
+            accepted += 1;
+        }
+        let next = match next {
+            Some(t) => t,
+            None => {
+                let row = ctx.adjusted(&rows[accepted], &drafts);
+                if greedy {
+                    argmax(&row)
+                } else {
+                    let (idx, probs) = distribution(&row, p);
+                    draw(&idx, &probs, rng)
+                }
+            }
+        };
+        stats.accepted = accepted;
+        // Keep the last token and the accepted drafts in the full cache; the draft cache keeps
+        // what is still on the accepted path.
+        roll_back(full, &before, fed.len(), accepted + 1, &rec.selections)?;
+        let keep_draft = self.draft.seen.min(ids.len() + accepted);
+        roll_back_all(&mut self.draft, keep_draft);
+        let layers: Vec<usize> = model.thinking_layers().map(|t| t.layer).collect();
+        let depth_at =
+            |row: usize| -> Vec<u32> { layers.iter().map(|l| rec.depth.get(l).map(|d| d[row]).unwrap_or(1)).collect() };
+        let extra_block_steps = (0..=accepted).flat_map(&depth_at).map(|d| d.saturating_sub(1) as u64).sum::<u64>();
+        rows.truncate(accepted + 1);
+        let tokens = drafts[..accepted]
+            .iter()
+            .chain(std::iter::once(&next))
+            .zip(rows)
+            .enumerate()
+            .map(|(i, (&id, logits))| RoundToken { id, logits, depth: depth_at(i) })
+            .collect();
+        Ok(Round { tokens, stats, extra_block_steps, record: rec })
+    }
+}
+
+/// Generate a continuation of `prompt` speculatively with `k` drafted tokens per verify pass,
+/// through `generate::Batch` (every option of `opts` applies). Returns the generated ids
+/// (without the end-of-text token) and what speculation did.
 pub fn generate(
     model: &Model,
     tok: &Tokenizer,
@@ -100,123 +306,13 @@ pub fn generate(
     if k == 0 {
         return Err(Error::usage("--speculate needs k >= 1 drafted tokens"));
     }
-    if opts.sampling.adjusts() || !opts.stop.is_empty() || !opts.use_cache {
-        return Err(Error::usage(
-            "speculative decoding runs with KV caches and without penalties, logit_bias or stop strings",
-        ));
+    let mut batch = crate::generate::Batch::new(model, tok)?;
+    let id = batch.add(prompt.to_vec(), GenerateOptions { speculate: k, ..opts.clone() })?;
+    while batch.running() > 0 {
+        batch.step()?;
     }
-    if prompt.is_empty() {
-        return Err(Error::usage("the prompt is empty"));
-    }
-    crate::generate::Batch::new(model, tok)?.check_options(opts)?;
-    let ctx = model.cfg.max_seq_len;
-    let (full_r, draft_r) = (opts.routing.clone(), draft_routing(&opts.routing));
-    let p = &opts.sampling;
-    let greedy = p.temperature == 0.0;
-    let mut rng = Rng::derive(p.seed, "speculate");
-    let reserve = (prompt.len() + opts.max_new_tokens + k + 1).min(ctx + k + 1);
-    let (mut full, mut draft) = (model.new_cache_reserved(reserve), model.new_cache_reserved(reserve));
-    let mut stats = SpecStats::default();
-    // Invariant: the full cache holds every token of `seq` but the last; the draft cache holds
-    // the first `draft.seen` tokens of `seq`.
-    let mut seq = prompt.to_vec();
-    if seq.len() > 1 {
-        pass(model, &seq[..seq.len() - 1], &full_r, &mut full, None)?;
-    }
-    let vocab = model.cfg.vocab_size;
-    let dense = |idx: &[usize], probs: &[f64]| {
-        let mut d = vec![0.0; vocab];
-        idx.iter().zip(probs).for_each(|(&i, &q)| d[i] = q);
-        d
-    };
-    let stop = |id: u32| (id == tok.eot_id() && !opts.ignore_eot) || opts.stop_ids.contains(&id);
-    let mut generated = 0;
-    while generated < opts.max_new_tokens && seq.len() < ctx {
-        // Draft at most what can still be kept (the verify pass adds one token of its own).
-        let k_now = k.min(opts.max_new_tokens - generated - 1).min(ctx - seq.len() - 1);
-        let mut drafts: Vec<u32> = vec![];
-        let mut qs: Vec<Vec<f64>> = vec![];
-        for _ in 0..k_now {
-            let fed = draft.seen;
-            let tail: Vec<u32> = seq.iter().chain(&drafts).skip(fed).copied().collect();
-            let logits = pass(model, &tail, &draft_r, &mut draft, None)?;
-            stats.draft_passes += 1;
-            let row = logits.last().expect("one row per token");
-            let d = if greedy {
-                argmax(row)
-            } else {
-                let (idx, probs) = distribution(row, p);
-                let d = draw(&idx, &probs, &mut rng);
-                qs.push(dense(&idx, &probs));
-                d
-            };
-            drafts.push(d);
-        }
-        // One full pass over the last token and the drafts: row i predicts the token after
-        // the i-th fed token.
-        let before = full.lens();
-        let fed: Vec<u32> = std::iter::once(*seq.last().expect("non-empty")).chain(drafts.iter().copied()).collect();
-        let mut rec = ForwardRecord::with_detail();
-        let rows = pass(model, &fed, &full_r, &mut full, Some(&mut rec))?;
-        stats.verify_passes += 1;
-        stats.drafted += drafts.len();
-        let mut accepted = 0;
-        let mut next = None;
-        for (i, &d) in drafts.iter().enumerate() {
-            if greedy {
-                let t = argmax(&rows[i]);
-                if t != d {
-                    next = Some(t);
-                    break;
-                }
-            } else {
-                let (idx, probs) = distribution(&rows[i], p);
-                let pd = dense(&idx, &probs);
-                let q = &qs[i];
-                if rng.uniform() >= (pd[d as usize] / q[d as usize]).min(1.0) {
-                    // Rejected: draw from the residual norm(max(0, p - q)).
-                    let resid: Vec<f64> = pd.iter().zip(q).map(|(a, b)| (a - b).max(0.0)).collect();
-                    let total: f64 = resid.iter().sum();
-                    let ids: Vec<usize> = (0..vocab).collect();
-                    let probs: Vec<f64> = resid.iter().map(|r| r / total).collect();
-                    next = Some(if total > 0.0 { draw(&ids, &probs, &mut rng) } else { draw(&idx, &probs, &mut rng) });
-                    break;
-                }
-            }
-            accepted += 1;
-        }
-        let next = match next {
-            Some(t) => t,
-            None if greedy => argmax(&rows[accepted]),
-            None => {
-                let (idx, probs) = distribution(&rows[accepted], p);
-                draw(&idx, &probs, &mut rng)
-            }
-        };
-        stats.accepted += accepted;
-        // Keep the last token and the accepted drafts in the full cache; the draft cache keeps
-        // what is still on the accepted path.
-        roll_back(&mut full, &before, fed.len(), accepted + 1, &rec.selections)?;
-        let keep_draft = draft.seen.min(seq.len() + accepted);
-        roll_back_all(&mut draft, keep_draft);
-        for &t in drafts[..accepted].iter().chain(std::iter::once(&next)) {
-            if stop(t) || generated >= opts.max_new_tokens {
-                return Ok((seq[prompt.len()..].to_vec(), stats));
-            }
-            seq.push(t);
-            generated += 1;
-        }
-    }
-    Ok((seq[prompt.len()..].to_vec(), stats))
-}
-
-/// Keep the first `keep` tokens of a cache whose used slots hold every token (the draft runs
-/// no routed step; its routed slots stay empty).
-fn roll_back_all(cache: &mut SeqCache, keep: usize) {
-    for c in cache.slots.iter_mut().flatten() {
-        c.truncate(keep);
-    }
-    cache.seen = keep;
+    let out = batch.generated_ids(id).unwrap_or_default().to_vec();
+    Ok((out, batch.spec.clone()))
 }
 
 #[cfg(test)]
@@ -284,8 +380,9 @@ mod tests {
     fn sampled_speculation_keeps_the_full_models_distribution() {
         let (model, tok, routing) = setup();
         let sampling = SamplingParams { temperature: 1.0, ..Default::default() };
+        // The first token comes from the plain sampler, the second from a round (k_now = 1).
         let opts = GenerateOptions {
-            max_new_tokens: 2,
+            max_new_tokens: 3,
             sampling: sampling.clone(),
             routing: routing.clone(),
             ignore_eot: true,

@@ -184,6 +184,9 @@ fn generation_bad_requests() {
         &itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--ratios", "0.5,0.5,0.5"]),
         &["--ratios"],
     );
+    for (bias, why) in [("99999=1", "outside the vocabulary"), ("x", "TOKEN=BIAS"), ("3=500", "between -100 and 100")] {
+        fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--logit-bias", bias]), &[why]);
+    }
     // Causal decoding needs stored thresholds: the message says how to get them. (Removing a
     // file a manifest lists damages the checkpoint, so this one is from before manifests.)
     let ck = checkpoint_copy("nothresholds");
@@ -244,6 +247,13 @@ fn the_commands_work_on_a_trained_run() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let again = itt(&generate);
     assert_eq!(out.stdout, again.stdout, "seeded sampling must repeat");
+    // A +100 bias forces its token.
+    let forced = ["generate", "--checkpoint", run, "--prompt", "12+", "--max-new-tokens", "3", "--temperature", "0"];
+    let out = itt(&[&forced[..], &["--logit-bias", "5=100"]].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tail: Vec<char> = text.strip_prefix("12+").unwrap().strip_suffix('\n').unwrap().chars().collect();
+    assert!(tail.len() == 3 && tail.iter().all(|&c| c == tail[0]), "{text:?}");
     let out = itt(&["info", "--checkpoint", run, "--ratios", "0.5"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("FLOPs/token"));

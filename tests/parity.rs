@@ -210,6 +210,7 @@ fn smollm2_answers_a_chat_through_the_server_with_its_own_template() {
         calibration: None,
         seed: 1,
         grace: std::time::Duration::from_secs(5),
+        speculate: 0,
     };
     let server = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).unwrap();
     let body = serde_json::json!({

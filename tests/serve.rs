@@ -45,6 +45,11 @@ fn start(engine: EngineConfig) -> (Server, String) {
 }
 
 fn start_with_context(engine: EngineConfig, ctx: usize) -> (Server, String) {
+    start_speculating(engine, ctx, 0)
+}
+
+/// A server whose requests speculate with `k` drafted tokens unless they say otherwise.
+fn start_speculating(engine: EngineConfig, ctx: usize, k: usize) -> (Server, String) {
     let (m, tok, cal) = model_with_context(ctx);
     let template = ChatTemplate::new(PLAIN_TEMPLATE, "plain".into(), &tok).unwrap();
     let opts = ServeOptions {
@@ -54,6 +59,7 @@ fn start_with_context(engine: EngineConfig, ctx: usize) -> (Server, String) {
         calibration: Some(cal),
         seed: 1,
         grace: Duration::from_secs(10),
+        speculate: k,
     };
     let server = Server::start(m, tok, opts, "127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}", server.addr);
@@ -401,12 +407,14 @@ fn a_dense_model_refuses_thinking_settings() {
         calibration: None,
         seed: 1,
         grace: Duration::from_secs(10),
+        speculate: 0,
     };
     let server = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}", server.addr);
     let (got, v) = post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 2}"#);
     assert_eq!(got, 200, "{v}");
-    for th in [r#"{"ratios": [9, 9, 9]}"#, r#"{"steps": 2}"#, r#"{"routing": "topk"}"#, r#"{"early_exit": 0.5}"#] {
+    let ths = [r#"{"ratios": [9, 9, 9]}"#, r#"{"steps": 2}"#, r#"{"routing": "topk"}"#, r#"{"early_exit": 0.5}"#];
+    for th in ths.into_iter().chain([r#"{"speculate": 2}"#]) {
         let body = format!(r#"{{"prompt": "1", "max_tokens": 2, "thinking": {th}}}"#);
         let (got, v) = post(&url, "/v1/completions", &body);
         assert_eq!(got, 400, "{body}: {v}");
@@ -658,4 +666,164 @@ fn the_prefix_cache_reuses_shared_prompts_with_identical_output_and_evicts_lru()
     assert!(metric(&small_url, "itt_prefix_cache_evictions_total") >= 2.0, "{}", get(&small_url, "/metrics").1);
     assert!(metric(&small_url, "itt_prefix_cache_bytes") <= one_entry * 1.5);
     small.stop().unwrap();
+}
+
+/// The text of a completion request, whole and streamed (which must agree).
+fn completion_text(url: &str, body: &Value) -> String {
+    let (status, v) = post(url, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{body}: {v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    let s = bench::stream_completion(url, body, Duration::from_secs(60)).unwrap();
+    assert_eq!(s.text, text, "streamed and whole differ: {body}");
+    text
+}
+
+#[test]
+fn speculation_keeps_the_plain_tokens_and_counts_its_drafts() {
+    // Requests speculate with 3 drafted tokens unless they set thinking.speculate.
+    let (server, url) = start_speculating(EngineConfig::default(), 128, 3);
+    let prompts = ["12+34=", "5+5=", "abc d", "901-3=89", "7", "x+y=z\n1"];
+    for prompt in prompts {
+        let want = generated(prompt, SamplingParams::greedy(), 24);
+        for th in [json!({}), json!({"speculate": 1}), json!({"speculate": 5}), json!({"speculate": 0})] {
+            let body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "thinking": th});
+            assert_eq!(completion_text(&url, &body), want, "{body}");
+        }
+    }
+    // Penalties and biases apply to the verify rows as to plain decoding's.
+    let adjusted = json!({"prompt": "12+34=", "max_tokens": 24, "temperature": 0, "frequency_penalty": 1.5,
+        "repetition_penalty": 1.3, "logit_bias": {"3": 2.0}});
+    let mut plain = adjusted.clone();
+    plain["thinking"] = json!({"speculate": 0});
+    assert_eq!(completion_text(&url, &adjusted), completion_text(&url, &plain));
+    // Log-probabilities come from the verify pass's rows: the plain ones, within rounding.
+    let mut lp = json!({"prompt": "5+5=", "max_tokens": 12, "temperature": 0, "logprobs": 2});
+    let (_, a) = post(&url, "/v1/completions", &lp.to_string());
+    lp["thinking"] = json!({"speculate": 0});
+    let (_, b) = post(&url, "/v1/completions", &lp.to_string());
+    let (la, lb) = (&a["choices"][0]["logprobs"], &b["choices"][0]["logprobs"]);
+    assert_eq!(la["tokens"], lb["tokens"]);
+    for (x, y) in la["token_logprobs"].as_array().unwrap().iter().zip(lb["token_logprobs"].as_array().unwrap()) {
+        assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4, "{x} vs {y}");
+    }
+    // What speculation did, per choice and in /metrics.
+    let sp = &a["choices"][0]["thinking"]["speculation"];
+    assert!(sp["drafted"].as_u64().unwrap() > 0, "{a}");
+    assert!(b["choices"][0]["thinking"].get("speculation").is_none(), "{b}");
+    let (drafted, accepted) =
+        (metric(&url, "itt_speculative_drafted_tokens_total"), metric(&url, "itt_speculative_accepted_tokens_total"));
+    assert!(drafted > 0.0 && accepted <= drafted, "drafted {drafted}, accepted {accepted}");
+    // Sampled requests speculate too (the rule's distribution is tested in src/speculate.rs);
+    // stop strings end them at the same place as plain decoding.
+    let body = json!({"prompt": "12+", "max_tokens": 20, "temperature": 0.8, "seed": 3, "stop": ["="]});
+    let text = completion_text(&url, &body);
+    assert!(!text.contains('='), "{text:?}");
+    for (th, why) in [
+        (json!({"speculate": 99}), "between 0 and 16"),
+        (json!({"speculate": 2, "steps": 1}), "one thinking step"),
+        (json!({"speculate": 2, "routing": "topk"}), "KV caches"),
+        (json!({"speculate": -1}), "invalid"),
+    ] {
+        let body = json!({"prompt": "1", "max_tokens": 2, "thinking": th});
+        let (got, v) = post(&url, "/v1/completions", &body.to_string());
+        assert_eq!(got, 400, "{body}: {v}");
+        let msg = v["error"]["message"].as_str().unwrap();
+        assert!(msg.contains(why), "{body}: {msg}");
+    }
+    // Top-k routing without speculate still runs: the server's default only applies where it can.
+    let (got, v) =
+        post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 2, "thinking": {"routing": "topk"}}"#);
+    assert_eq!(got, 200, "{v}");
+    server.stop().unwrap();
+}
+
+#[test]
+fn speculating_streams_beside_each_other_keep_their_tokens() {
+    let (server, url) = start_speculating(EngineConfig { max_batch: 8, ..Default::default() }, 128, 4);
+    let prompts = ["12+34=", "5+5=", "abc d", "901-3=89", "7", "x+y=z\n1"];
+    let want: Vec<String> = prompts.iter().map(|p| generated(p, SamplingParams::greedy(), 24)).collect();
+    std::thread::scope(|sc| {
+        for round in 0..2 {
+            for (p, w) in prompts.iter().zip(&want) {
+                let url = url.clone();
+                sc.spawn(move || {
+                    // Half the streams speculate, half decode plainly in the shared batch.
+                    let th = if round == 0 { json!({}) } else { json!({"speculate": 0}) };
+                    let body = json!({"prompt": p, "max_tokens": 24, "temperature": 0, "thinking": th});
+                    let s = bench::stream_completion(&url, &body, Duration::from_secs(120)).unwrap();
+                    assert_eq!(&s.text, w, "{body}");
+                });
+            }
+        }
+    });
+    server.stop().unwrap();
+}
+
+#[test]
+fn a_dense_model_cannot_serve_with_speculate() {
+    let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghijklmnopqrstuvwxyz:");
+    let cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).width(32, 48).heads(2, 1).context(64).config();
+    let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
+    let template = ChatTemplate::new(PLAIN_TEMPLATE, "plain".into(), &tok).unwrap();
+    let opts = ServeOptions {
+        engine: EngineConfig::default(),
+        name: "test-model".into(),
+        template,
+        calibration: None,
+        seed: 1,
+        grace: Duration::from_secs(10),
+        speculate: 2,
+    };
+    let err = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).err().expect("refused");
+    assert!(err.to_string().contains("dense"), "{err}");
+}
+
+#[test]
+fn the_tokenizer_endpoints_round_trip_and_refuse_bad_ids() {
+    let (server, url) = start(EngineConfig::default());
+    let (_, tok, _) = model();
+    let (status, v) = post(&url, "/tokenize", r#"{"prompt": "12+34=", "add_special_tokens": false}"#);
+    assert_eq!(status, 200, "{v}");
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone()).unwrap();
+    assert_eq!(ids, tok.encode("12+34=").unwrap());
+    let (status, v) = post(&url, "/detokenize", &json!({"tokens": ids}).to_string());
+    assert_eq!((status, v["prompt"].as_str().unwrap()), (200, "12+34="));
+    let (status, info) = get(&url, "/tokenizer_info");
+    let info: Value = serde_json::from_str(&info).unwrap();
+    assert!(status == 200 && info["eos_token"].is_string(), "{info}");
+    for (path, body, why) in [
+        ("/detokenize", r#"{"tokens": [1, 999]}"#, "token id 999"),
+        ("/detokenize", r#"{"tokens": [-2]}"#, "token id -2"),
+        ("/detokenize", r#"{}"#, "tokens is required"),
+        ("/tokenize", r#"{"prompt": 5}"#, "invalid request"),
+        ("/tokenize", r#"{"prompt": "1", "model": "other"}"#, "not served here"),
+    ] {
+        let (status, v) = post(&url, path, body);
+        assert!(status == 400 || status == 404, "{path} {body}: {status} {v}");
+        assert!(v["error"]["message"].as_str().unwrap().contains(why), "{path} {body}: {v}");
+    }
+    server.stop().unwrap();
+}
+
+#[test]
+fn logprobs_report_end_of_text_and_list_the_likeliest_first() {
+    let (server, url) = start(EngineConfig::default());
+    let eot = model().1.eot_id();
+    // End of text forced as the first token: no text, but its log-probability is reported, so
+    // lm-evaluation-harness's echo scoring (`token_logprobs[ctxlen:-1]`) keeps every prompt token.
+    let body = json!({"prompt": "12+3", "max_tokens": 1, "temperature": 0, "logprobs": 3, "echo": true,
+        "logit_bias": {eot.to_string(): 100}});
+    let (status, v) = post(&url, "/v1/completions", &body.to_string());
+    assert_eq!(status, 200, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!((c["text"].as_str().unwrap(), c["finish_reason"].as_str().unwrap()), ("12+3", "stop"));
+    let lps = c["logprobs"]["token_logprobs"].as_array().unwrap();
+    assert_eq!(lps.len(), 5, "4 prompt tokens and the end of text: {c}");
+    assert!(lps[0].is_null() && lps[1..].iter().all(|x| x.is_f64()), "{c}");
+    // top_logprobs maps keep OpenAI's order, most likely first.
+    for top in c["logprobs"]["top_logprobs"].as_array().unwrap().iter().skip(1) {
+        let vals: Vec<f64> = top.as_object().unwrap().values().map(|x| x.as_f64().unwrap()).collect();
+        assert!(vals.windows(2).all(|w| w[0] >= w[1]), "{top}");
+    }
+    server.stop().unwrap();
 }

@@ -7,7 +7,7 @@ use crate::flops::flops_per_token;
 use crate::import::OpenOptions;
 use crate::model::{Model, RoutingOptions};
 use crate::optim::{AdamW, Optimizer};
-use crate::Result;
+use crate::{Error, Result};
 use candle_core::Device;
 use serde::Serialize;
 use std::time::Instant;
@@ -227,6 +227,22 @@ pub struct DecodeBench {
     pub cache_bytes: usize,
     /// The same if every (layer, step) cached every token (what routing saves).
     pub cache_bytes_if_unrouted: usize,
+    /// With `--speculate K`: greedy decoding of the first sequence with and without it.
+    pub speculate: Option<SpecBench>,
+}
+
+/// Greedy decoding of one sequence, plain and self-speculative (`crate::speculate`).
+#[derive(Clone, Debug, Serialize)]
+pub struct SpecBench {
+    pub k: usize,
+    pub tokens: usize,
+    pub plain_tokens_per_s: f64,
+    pub speculative_tokens_per_s: f64,
+    /// Share of drafted tokens the full model kept.
+    pub acceptance: f64,
+    pub verify_passes: usize,
+    /// Whether both gave the same tokens (greedy speculation must).
+    pub identical: bool,
 }
 
 /// Prefill and decode throughput of a freshly initialised model on random tokens.
@@ -235,6 +251,7 @@ pub fn decode(
     batch: usize,
     prompt_len: usize,
     new_tokens: usize,
+    speculate: Option<usize>,
     dev: &Device,
 ) -> Result<DecodeBench> {
     use crate::model::{ForwardRecord, RouterCalibration, Routing, SeqLayout};
@@ -308,6 +325,10 @@ pub fn decode(
     }
     sync()?;
     let uncached = t0.elapsed().as_secs_f64();
+    let speculate = match speculate {
+        Some(k) => Some(speculate_bench(&model, &prompts[..prompt_len], &routing, new_tokens, k)?),
+        None => None,
+    };
     Ok(DecodeBench {
         preset: cfg.preset.clone(),
         params: model.n_params(),
@@ -319,6 +340,67 @@ pub fn decode(
         decode_uncached_tokens_per_s: (batch * uncached_n) as f64 / uncached,
         cache_bytes,
         cache_bytes_if_unrouted,
+        speculate,
+    })
+}
+
+/// Greedy decoding of `n` tokens after `prompt`, plain then with `k` drafted tokens per verify
+/// pass; each timed after the prompt's prefill and its first token.
+fn speculate_bench(model: &Model, prompt: &[u32], routing: &RoutingOptions, n: usize, k: usize) -> Result<SpecBench> {
+    use crate::generate::{argmax, SamplingParams};
+    use crate::model::SeqLayout;
+    use crate::speculate::{unsupported, Context, SpecStats, Speculator};
+    use candle_core::{DType, Tensor};
+    if k == 0 || n < 2 {
+        return Err(Error::usage("--speculate needs K >= 1 and --new-tokens >= 2"));
+    }
+    if let Some(why) = unsupported(model, routing, true) {
+        return Err(Error::usage(format!("--speculate: {why}")));
+    }
+    let dev = model.device();
+    let last_logits = |ids: &[u32], cache: &mut crate::model::SeqCache| -> Result<Vec<f32>> {
+        let layout = SeqLayout::with_past(&[ids.len()], &[cache.seen]);
+        let x = Tensor::from_slice(ids, ids.len(), dev)?;
+        let h = model.forward_hidden(&x, &layout, routing, Some(std::slice::from_mut(cache)), None)?;
+        let h = h.narrow(0, ids.len() - 1, 1)?;
+        Ok(model.logits(&h)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let reserve = prompt.len() + n + k + 1;
+    let run = |spec: bool| -> Result<(Vec<u32>, f64, SpecStats)> {
+        let mut cache = model.new_cache_reserved(reserve);
+        let mut ids = prompt.to_vec();
+        ids.push(argmax(&last_logits(prompt, &mut cache)?));
+        let mut stats = SpecStats::default();
+        let mut sp = Speculator::new(model, k, reserve);
+        let sampling = SamplingParams::greedy();
+        let mut rng = Rng::new(0);
+        let t0 = Instant::now();
+        while ids.len() < prompt.len() + n {
+            let left = prompt.len() + n - ids.len();
+            if spec && left > 1 {
+                let ctx = Context { ids: &ids, prompt_len: prompt.len(), routing, sampling: &sampling };
+                let r = sp.round(model, &ctx, &mut cache, &mut rng, k.min(left - 1))?;
+                stats.add(&r.stats);
+                ids.extend(r.tokens.iter().map(|t| t.id));
+            } else {
+                let last = *ids.last().expect("non-empty");
+                ids.push(argmax(&last_logits(&[last], &mut cache)?));
+            }
+        }
+        crate::base::util::synchronize(dev)?;
+        Ok((ids, t0.elapsed().as_secs_f64(), stats))
+    };
+    let (plain, plain_s, _) = run(false)?;
+    let (spec, spec_s, stats) = run(true)?;
+    let timed = (n - 1) as f64;
+    Ok(SpecBench {
+        k,
+        tokens: n,
+        plain_tokens_per_s: timed / plain_s,
+        speculative_tokens_per_s: timed / spec_s,
+        acceptance: stats.acceptance(),
+        verify_passes: stats.verify_passes,
+        identical: plain == spec,
     })
 }
 
@@ -336,6 +418,21 @@ impl DecodeBench {
             self.cache_bytes as f64 / (1 << 20) as f64,
             100.0 * self.cache_bytes as f64 / self.cache_bytes_if_unrouted as f64
         )
+    }
+    /// The speculation line under the row, when measured.
+    pub fn speculate_line(&self) -> Option<String> {
+        let s = self.speculate.as_ref()?;
+        Some(format!(
+            "  speculate k={}: {:.1} tokens/s vs {:.1} plain ({:.2}x), acceptance {:.1}%, {} verify passes for {} tokens, text {}",
+            s.k,
+            s.speculative_tokens_per_s,
+            s.plain_tokens_per_s,
+            s.speculative_tokens_per_s / s.plain_tokens_per_s,
+            100.0 * s.acceptance,
+            s.verify_passes,
+            s.tokens,
+            if s.identical { "identical" } else { "DIFFERENT" }
+        ))
     }
     pub const HEADER: &'static str = "| preset | params | batch x prompt | prefill tok/s | decode tok/s (cache) | decode tok/s (no cache) | KV cache |\n|---|---|---|---|---|---|---|";
 }

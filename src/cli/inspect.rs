@@ -304,11 +304,21 @@ pub fn bench(a: BenchArgs) -> Result<()> {
             if let Some(v) = a.vocab {
                 cfg.model.vocab_size = v;
             }
-            let r = crate::apps::bench::decode(&cfg, a.batch_size.unwrap_or(1), a.prompt_len, a.new_tokens, &device)?;
+            let r = crate::apps::bench::decode(
+                &cfg,
+                a.batch_size.unwrap_or(1),
+                a.prompt_len,
+                a.new_tokens,
+                a.serve.speculate,
+                &device,
+            )?;
             if a.json {
                 println!("{}", serde_json::to_string(&r).unwrap());
             } else {
                 println!("{}", r.row());
+                if let Some(line) = r.speculate_line() {
+                    println!("{line}");
+                }
             }
         }
         return Ok(());

@@ -39,6 +39,11 @@ pub struct ServeArgs {
     /// finish_reason "shutdown".
     #[arg(long, default_value_t = 30.0)]
     grace: f64,
+    /// Self-speculative decoding for requests that do not set `thinking.speculate`: draft K
+    /// tokens with the routed steps off, verify them in one pass of the full model (same
+    /// output; DESIGN §12). Needs a model with thinking steps; 0 = off.
+    #[arg(long, value_name = "K", default_value_t = 0)]
+    speculate: usize,
     #[command(flatten)]
     device: super::DeviceArg,
 }
@@ -95,6 +100,8 @@ pub struct StartOptions<'a> {
     pub chat_template: Option<&'a Path>,
     pub seed: u64,
     pub grace: Duration,
+    /// Drafted tokens per verify pass of requests that set none (0 = no speculation).
+    pub speculate: usize,
 }
 
 /// Open a model for serving and start the server on `addr`; returns it and where its chat
@@ -112,7 +119,15 @@ pub fn start(checkpoint: &Path, open: &OpenOptions, opts: StartOptions, addr: So
     let template = ChatTemplate::find(checkpoint, opts.chat_template, &tok)?;
     let name = opts.name.unwrap_or_else(|| model_name(checkpoint));
     let origin = template.origin.clone();
-    let serve = ServeOptions { engine: opts.engine, name, template, calibration, seed: opts.seed, grace: opts.grace };
+    let serve = ServeOptions {
+        engine: opts.engine,
+        name,
+        template,
+        calibration,
+        seed: opts.seed,
+        grace: opts.grace,
+        speculate: opts.speculate,
+    };
     Ok((Server::start(model, tok, serve, addr)?, origin))
 }
 
@@ -148,6 +163,7 @@ pub fn serve(a: ServeArgs) -> Result<()> {
         chat_template: a.chat_template.as_deref(),
         seed: a.seed,
         grace: Duration::from_secs_f64(a.grace),
+        speculate: a.speculate,
     };
     let (server, template_origin) = start(&a.checkpoint, &open, opts, addr)?;
     eprintln!("chat template: {template_origin}");
@@ -178,6 +194,10 @@ pub struct ServeBenchArgs {
     /// Run every level once without and once with the latency valve at this target (ms).
     #[arg(long)]
     valve_target: Option<f64>,
+    /// Self-speculative decoding with K drafted tokens: with --serve the server's default,
+    /// with --decode timed against plain decoding, with its acceptance rate.
+    #[arg(long, value_name = "K")]
+    pub speculate: Option<usize>,
 }
 
 pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Result<()> {
@@ -217,7 +237,14 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             prefix_cache_bytes: 0,
         };
         let open = OpenOptions { gguf_weights: GgufWeights::Quantized, device: candle_core::Device::Cpu };
-        let opts = StartOptions { engine, name: None, chat_template: None, seed: 1234, grace: Duration::from_secs(5) };
+        let opts = StartOptions {
+            engine,
+            name: None,
+            chat_template: None,
+            seed: 1234,
+            grace: Duration::from_secs(5),
+            speculate: a.speculate.unwrap_or(0),
+        };
         let (server, _) = start(checkpoint, &open, opts, "127.0.0.1:0".parse().expect("an address"))?;
         let url = format!("http://{}", server.addr);
         // Warm up (first-touch allocations, thread pools).

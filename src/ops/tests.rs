@@ -504,3 +504,25 @@ fn linear_f32_matches_matmul_values_and_gradients() {
         assert!(rel_diff(&g[0], &want_g[0]) < 1e-6 && rel_diff(&g[1], &want_g[1]) < 1e-6, "linear {n}x{k}x{o}: grads");
     }
 }
+
+#[test]
+fn few_row_linear_matches_matmul_and_each_row_is_the_same_alone() {
+    // Odd k (a tail past the lanes), n not a multiple of the W block, and a W large enough to
+    // be split over threads; every SIMD level the CPU has.
+    for (k, o) in [(37, 13), (128, 352), (130, 2100)] {
+        let w = randn(&[o, k], 5, DType::F32);
+        let x = randn(&[fused::FEW_ROWS, k], 6, DType::F32);
+        for simd in [Simd::Portable, Simd::Avx2, Simd::Avx512].into_iter().filter(|&s| s <= simd_level()) {
+            with_simd_cap(simd, || {
+                let all = fused::linear(&x, &w, super::Precision::F32).unwrap();
+                let want = x.matmul(&w.t().unwrap()).unwrap();
+                assert!(rel_diff(&host(&all), &host(&want)) < 1e-6, "{k}x{o} at {simd:?}");
+                // A decode step (1 row) and a verify pass (m rows) give a row the same bits.
+                for m in [1, 2, 5, fused::FEW_ROWS] {
+                    let some = fused::linear(&x.narrow(0, 0, m).unwrap(), &w, super::Precision::F32).unwrap();
+                    assert_eq!(host(&some), host(&all.narrow(0, 0, m).unwrap()), "{k}x{o}, {m} rows, {simd:?}");
+                }
+            });
+        }
+    }
+}

@@ -16,6 +16,8 @@ pub const MAX_PROMPTS: usize = 16;
 pub const MAX_STOPS: usize = 4;
 /// Alternatives per token in `logprobs` / `top_logprobs` at most (OpenAI's chat limit).
 pub const MAX_LOGPROBS: usize = 20;
+/// Drafted tokens per verify pass at most (`thinking.speculate`).
+pub const MAX_SPECULATE: usize = 16;
 
 /// An error answer: status and OpenAI's `{"error": {...}}` body.
 #[derive(Debug)]
@@ -115,6 +117,10 @@ pub struct ThinkingRequest {
     /// "threshold" (causal, with KV caches; the default) or "topk" (the paper's per-sequence
     /// top-k: no cache, every token re-runs the whole text).
     pub routing: Option<String>,
+    /// Self-speculative decoding: tokens the model drafts with its routed steps off before
+    /// one pass of the full model checks them (DESIGN §12); 0 = off. Absent: the server's
+    /// `--speculate`.
+    pub speculate: Option<usize>,
 }
 
 impl ThinkingRequest {
@@ -132,6 +138,7 @@ impl ThinkingRequest {
                 ("thinking.steps", self.steps.is_some()),
                 ("thinking.early_exit", self.early_exit.is_some()),
                 ("thinking.routing", self.routing.is_some()),
+                ("thinking.speculate", self.speculate.is_some_and(|k| k > 0)),
             ];
             if let Some(&(name, _)) = given.iter().find(|(_, set)| *set) {
                 return Err(ApiError::bad(
@@ -263,6 +270,21 @@ pub struct Checked {
     pub timeout: Option<std::time::Duration>,
     /// Completions: give the prompt back before the completion.
     pub echo: bool,
+    /// `thinking.speculate` as the request gave it (absent: the server's default applies).
+    pub speculate: Option<usize>,
+}
+
+impl Checked {
+    /// Speculate with the server's `k` drafted tokens when the request did not say, and
+    /// speculation can run with its settings (else it decodes plainly, as without the flag).
+    pub fn default_speculate(&mut self, model: &Model, k: usize) {
+        if self.speculate.is_none()
+            && k > 0
+            && crate::speculate::unsupported(model, &self.opts.routing, self.opts.use_cache).is_none()
+        {
+            self.opts.speculate = k;
+        }
+    }
 }
 
 impl Common {
@@ -328,18 +350,32 @@ impl Common {
         };
         let th = self.thinking.clone().unwrap_or_default();
         let routing = th.routing_options(model, calibration)?;
+        // Top-k routing is not causal: it re-runs the whole text each token (DESIGN §5).
+        let use_cache = routing.mode == Routing::Threshold || !model.has_routers();
+        let speculate = th.speculate.unwrap_or(0);
+        if speculate > MAX_SPECULATE {
+            return Err(ApiError::bad(
+                "thinking.speculate",
+                format!("thinking.speculate must be between 0 and {MAX_SPECULATE} (got {speculate})"),
+            ));
+        }
+        if speculate > 0 {
+            if let Some(why) = crate::speculate::unsupported(model, &routing, use_cache) {
+                return Err(ApiError::bad("thinking.speculate", format!("thinking.speculate: {why}")));
+            }
+        }
         let opts = GenerateOptions {
             max_new_tokens: max_tokens,
             stop,
             stop_ids: vec![],
             ignore_eot: self.ignore_eos,
             sampling,
-            // Top-k routing is not causal: it re-runs the whole text each token (DESIGN §5).
-            use_cache: routing.mode == Routing::Threshold || !model.has_routers(),
+            use_cache,
             routing,
             prefill_chunk: 0,
             logprobs,
             prompt_logprobs: echo && logprobs.is_some(),
+            speculate,
         };
         Ok(Checked {
             opts,
@@ -349,6 +385,7 @@ impl Common {
             pinned: th.ratios.is_some() || th.steps.is_some(),
             timeout,
             echo,
+            speculate: th.speculate,
         })
     }
 

@@ -91,6 +91,9 @@ pub struct ThinkingReport {
     pub thinking_flops: f64,
     /// Forward FLOPs of the whole job (dense pass plus thinking).
     pub total_flops: f64,
+    /// Self-speculative decoding: tokens drafted, and how many the full model kept.
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 pub enum JobEvent {
@@ -381,6 +384,13 @@ impl Engine<'_> {
         m.prefix_bytes.set(pc.bytes() as i64);
     }
 
+    /// Bring speculation's counters to /metrics.
+    fn spec_metrics(&self) {
+        let (m, s) = (&self.metrics, &self.batch.spec);
+        m.spec_drafted.inc_by(s.drafted as u64 - m.spec_drafted.get());
+        m.spec_accepted.inc_by(s.accepted as u64 - m.spec_accepted.get());
+    }
+
     /// The next queued job: waited for (50 ms at most) when nothing runs, else only taken if
     /// one is there.
     fn next_job(&mut self) -> Option<Job> {
@@ -476,6 +486,7 @@ impl Engine<'_> {
         let took = t0.elapsed();
         self.metrics.step_seconds.observe(took.as_secs_f64());
         self.prefix_metrics();
+        self.spec_metrics();
         self.metrics.batch_size.observe(self.live.len() as f64);
         Some((events, took))
     }
@@ -568,6 +579,8 @@ fn report(model: &Model, usage: &SeqUsage, l: &Live) -> ThinkingReport {
         extra_block_steps: usage.extra_block_steps,
         thinking_flops,
         total_flops: dense + thinking_flops,
+        drafted: usage.drafted,
+        accepted: usage.accepted,
     }
 }
 

@@ -34,6 +34,8 @@ pub struct AppState {
     pub next_id: AtomicU64,
     /// Seed of requests that give none: a counter from the server's seed.
     pub seed: u64,
+    /// Drafted tokens of requests that do not set `thinking.speculate` (0 = off).
+    pub speculate: usize,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -44,6 +46,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat))
+        .route("/tokenizer_info", get(tokenizer_info))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .fallback(not_found)
         .with_state(state)
 }
@@ -94,6 +99,7 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<Value> {
             "steps": s.model.layer_steps().into_iter().max().unwrap_or(1),
             "ratios": s.model.thinking_layers().next().map(|t| t.ratios.clone()).unwrap_or_default(),
             "routed": s.model.has_routers(),
+            "speculate": s.speculate,
         },
     }]}))
 }
@@ -215,11 +221,80 @@ fn finish(endpoint: &str, s: &AppState, r: Result<Response, ApiError>) -> Respon
     resp
 }
 
+// vLLM's tokenizer endpoints: lm-evaluation-harness's `local-completions` finds them and then
+// splits each context from its continuation with the server's own tokenizer (no Hugging Face
+// tokenizer on the client). The tokenizer adds no special tokens, whatever
+// `add_special_tokens` says.
+
+async fn tokenizer_info(State(s): State<Arc<AppState>>) -> Json<Value> {
+    let eos = s.tok.decode(&[s.tok.eot_id()]).ok();
+    Json(json!({
+        "eos_token": eos, "bos_token": null, "pad_token": null,
+        "model_max_length": s.model.cfg.max_seq_len, "vocab_size": s.tok.vocab_size(), "kind": s.tok.kind(),
+    }))
+}
+
+#[derive(serde::Deserialize)]
+struct TokenizeRequest {
+    prompt: Option<String>,
+    model: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct DetokenizeRequest {
+    tokens: Option<Vec<i64>>,
+    model: Option<String>,
+}
+
+fn check_model(s: &AppState, model: &Option<String>) -> Result<(), ApiError> {
+    match model {
+        Some(m) if *m != s.name => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            format!("model `{m}` is not served here; this server serves `{}`", s.name),
+        )),
+        _ => Ok(()),
+    }
+}
+
+async fn tokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r = (|| {
+        let req: TokenizeRequest = api::parse(&body)?;
+        check_model(&s, &req.model)?;
+        let text = req.prompt.ok_or_else(|| ApiError::bad("prompt", "prompt is required"))?;
+        let ids = s.tok.encode(&text).map_err(|e| ApiError::bad("prompt", e.to_string()))?;
+        let v = json!({"tokens": ids, "count": ids.len(), "max_model_len": s.model.cfg.max_seq_len});
+        Ok(Json(v).into_response())
+    })();
+    finish("tokenize", &s, r)
+}
+
+async fn detokenize(State(s): State<Arc<AppState>>, body: Bytes) -> Response {
+    let r = (|| {
+        let req: DetokenizeRequest = api::parse(&body)?;
+        check_model(&s, &req.model)?;
+        let ids = req.tokens.ok_or_else(|| ApiError::bad("tokens", "tokens is required"))?;
+        let vocab = s.model.cfg.vocab_size;
+        let ids: Vec<u32> = ids
+            .into_iter()
+            .map(|id| {
+                u32::try_from(id).ok().filter(|&i| (i as usize) < vocab).ok_or_else(|| {
+                    ApiError::bad("tokens", format!("token id {id} is outside the vocabulary (0 to {})", vocab - 1))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let text = s.tok.decode(&ids).map_err(|e| ApiError::bad("tokens", e.to_string()))?;
+        Ok(Json(json!({"prompt": text})).into_response())
+    })();
+    finish("detokenize", &s, r)
+}
+
 async fn completions_inner(s: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError> {
     let req: CompletionRequest = api::parse(body)?;
     let prompts =
         req.prompt.ok_or_else(|| ApiError::bad("prompt", "prompt is required"))?.prompts(s.model.cfg.vocab_size)?;
-    let c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 16, next_seed(s), false)?;
+    let mut c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 16, next_seed(s), false)?;
+    c.default_speculate(&s.model, s.speculate);
     let ids = encode(s, &prompts, usize::from(c.opts.max_new_tokens > 0))?;
     // Echo gives each prompt back as sent (token-id prompts decoded), with its tokens.
     let echo = if c.echo {
@@ -257,6 +332,7 @@ async fn chat_inner(s: &Arc<AppState>, body: &[u8]) -> Result<Response, ApiError
         return Err(ApiError::bad("messages", format!("unknown role `{}`", m.role)));
     }
     let mut c = req.common.check(&s.model, s.calibration.as_ref(), &s.name, 256, next_seed(s), true)?;
+    c.default_speculate(&s.model, s.speculate);
     let prompt = s.template.render(&messages).map_err(|e| ApiError::bad("messages", e.to_string()))?;
     c.opts.stop.extend(s.template.stop_text.iter().cloned());
     let ids = encode(s, &[Prompt::Text(prompt)], 1)?;
@@ -270,6 +346,9 @@ fn thinking_json(t: &ThinkingReport, depth: Option<&[Vec<u32>]>) -> Value {
         "ratios": t.ratios, "extra_block_steps": t.extra_block_steps,
         "thinking_flops": t.thinking_flops, "total_flops": t.total_flops,
     });
+    if t.drafted > 0 {
+        v["speculation"] = json!({"drafted": t.drafted, "accepted": t.accepted});
+    }
     if let Some(d) = depth {
         v["depth"] = json!(d);
     }

@@ -26,6 +26,9 @@ pub struct Metrics {
     pub prefix_misses: IntCounter,
     pub prefix_evictions: IntCounter,
     pub prefix_bytes: IntGauge,
+    /// Self-speculative decoding (DESIGN §12): tokens drafted, and those the full model kept.
+    pub spec_drafted: IntCounter,
+    pub spec_accepted: IntCounter,
 }
 
 fn seconds_buckets() -> Vec<f64> {
@@ -67,6 +70,11 @@ impl Metrics {
             prefix_misses: counter("prefix_cache_misses_total", "Requests that found no cached prefix"),
             prefix_evictions: counter("prefix_cache_evictions_total", "Prefix cache entries evicted (LRU)"),
             prefix_bytes,
+            spec_drafted: counter("speculative_drafted_tokens_total", "Tokens drafted by self-speculative decoding"),
+            spec_accepted: counter(
+                "speculative_accepted_tokens_total",
+                "Drafted tokens the full model kept (self-speculative decoding)",
+            ),
             requests,
             finishes,
             cancelled: counter("cancelled_total", "Generations dropped because the client went away"),

@@ -32,6 +32,9 @@ pub struct ServeOptions {
     /// After SIGTERM (or `Server::stop`), running requests get this long to finish before they
     /// end with finish_reason "shutdown".
     pub grace: Duration,
+    /// Drafted tokens per verify pass for requests that do not set `thinking.speculate`
+    /// (self-speculative decoding, DESIGN §12); 0 = off.
+    pub speculate: usize,
 }
 
 /// A server running on its own threads (tokio runtime and engine).
@@ -44,6 +47,12 @@ pub struct Server {
 impl Server {
     /// Bind `addr` (port 0 picks a free one) and serve until `stop` or SIGTERM/SIGINT.
     pub fn start(model: Model, tok: Tokenizer, opts: ServeOptions, addr: SocketAddr) -> Result<Server> {
+        if opts.speculate > 0 {
+            let routing = crate::model::RoutingOptions::default();
+            if let Some(why) = crate::speculate::unsupported(&model, &routing, true) {
+                return Err(Error::usage(format!("--speculate: {why}")));
+            }
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -72,6 +81,7 @@ impl Server {
                 .unwrap_or(0),
             next_id: AtomicU64::new(0),
             seed: opts.seed,
+            speculate: opts.speculate,
         });
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let grace = opts.grace;

@@ -151,18 +151,19 @@ struct Scratch<T> {
 }
 
 impl<T: Real> Scratch<T> {
+    /// Buffers for the backward pass: query tiles of BQ rows.
     fn new(hd: usize) -> Self {
         let z = |n| vec![T::ZERO; n];
-        Scratch {
-            qs: z(BQ * hd),
-            dot: z(BQ * hd),
-            st: z(BQ * BK),
-            dpt: z(BQ * BK),
-            acc: z(BQ * hd),
-            m: z(BQ),
-            l: z(BQ),
-            ..Default::default()
-        }
+        Scratch { dot: z(BQ * hd), dpt: z(BQ * BK), ..Self::forward(hd, BQ) }
+    }
+
+    /// Buffers for the forward pass of query tiles of at most `rows` rows. A decode step or a
+    /// verify pass has a few queries per sequence: sizing the tiles to them instead of BQ
+    /// saves zeroing ~56 KiB per call (48 calls per token of tiny-itt4).
+    fn forward(hd: usize, rows: usize) -> Self {
+        let z = |n| vec![T::ZERO; n];
+        let rows = rows.clamp(1, BQ);
+        Scratch { qs: z(rows * hd), st: z(rows * BK), acc: z(rows * hd), m: z(rows), l: z(rows), ..Default::default() }
     }
 }
 
@@ -541,11 +542,12 @@ impl FlashAttention {
         let run = |scr: &mut Scratch<T>, &(s, h): &(usize, usize)| {
             fwd_item::<T>(simd, simd, g, s, h, scale, q, k, v, po, pl, scr)
         };
+        let rows = g.q.lens.iter().copied().max().unwrap_or(1);
         if g.small() {
-            let mut scr = Scratch::new(g.hd);
+            let mut scr = Scratch::forward(g.hd, rows);
             items.iter().for_each(|it| run(&mut scr, it));
         } else {
-            items.par_iter().for_each_init(|| Scratch::new(g.hd), run);
+            items.par_iter().for_each_init(|| Scratch::forward(g.hd, rows), run);
         }
         // SAFETY: the items cover every (sequence, head) with queries, hence every query row.
         Ok(unsafe { (out.assume_filled(), lse.assume_filled()) })
@@ -704,11 +706,12 @@ pub fn causal_attention_kv_slices(q: &Tensor, ks: &[Tensor], vs: &[Tensor], lens
         let run = |scr: &mut Scratch<f32>, &(s, hh): &(usize, usize)| {
             fwd_item::<f32>(simd, simd, &g, s, hh, scale, qd, kd[s], vd[s], po, pl, scr)
         };
+        let rows = lens_q.iter().copied().max().unwrap_or(1);
         if g.small() {
-            let mut scr = Scratch::new(hd);
+            let mut scr = Scratch::forward(hd, rows);
             items.iter().for_each(|it| run(&mut scr, it));
         } else {
-            items.par_iter().for_each_init(|| Scratch::new(hd), run);
+            items.par_iter().for_each_init(|| Scratch::forward(hd, rows), run);
         }
         // SAFETY: the items cover every (sequence, head) with queries, hence every query row.
         Ok(unsafe { out.assume_filled() })

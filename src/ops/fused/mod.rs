@@ -23,7 +23,7 @@ mod thinking;
 
 pub use attention::{attention_varlen_limited, causal_attention_varlen, causal_sdpa};
 pub use cross_entropy::cross_entropy;
-pub use linear::linear;
+pub use linear::{linear, FEW_ROWS};
 pub use rms_norm::rms_norm;
 pub use rope::apply_rope;
 pub use swiglu::swiglu;
