@@ -276,8 +276,11 @@ impl Tokenizer {
                        "eot_id": eot_id, "hf": hf})
             }
         };
-        // serde_json's Value map is a BTreeMap (sorted keys), so this string is canonical.
-        Ok(v.to_string())
+        // Keys sorted at every level, so this string (and the fingerprint hashed from it) is
+        // canonical whatever order the maps keep: serde_json's `preserve_order` (on for the
+        // server's ordered `top_logprobs`) would otherwise change every tokenizer's fingerprint
+        // and orphan every prepared dataset and checkpoint made before.
+        Ok(sorted_keys(v).to_string())
     }
 
     /// Parse our JSON format, or a plain HF `tokenizer.json` (end-of-text token found by name).
@@ -364,6 +367,20 @@ impl Tokenizer {
     }
 }
 
+/// `v` with the keys of every object in sorted order (byte order of the key strings, as a
+/// `BTreeMap` keeps them).
+fn sorted_keys(v: Value) -> Value {
+    match v {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sorted_keys(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sorted_keys).collect()),
+        other => other,
+    }
+}
+
 /// Build a tokenizer from a command-line spec: `byte`, `char` (the chars of `docs`), `bpe:N`
 /// (train a BPE of N tokens on `docs`) or a path to a tokenizer file.
 pub fn from_spec(spec: &str, docs: &[String]) -> Result<Tokenizer> {
@@ -446,6 +463,36 @@ mod tests {
         // Text outside the training data still round-trips through the byte alphabet.
         let odd = "zzz ϕ 中文 \t\r\n";
         assert_eq!(t.decode(&t.encode(odd).unwrap()).unwrap(), odd);
+    }
+
+    #[test]
+    fn canonical_json_has_sorted_keys_at_every_level() {
+        // The fingerprints of datasets and checkpoints made so far hash this exact string.
+        fn check(v: &Value) {
+            match v {
+                Value::Object(m) => {
+                    let keys: Vec<&String> = m.keys().collect();
+                    let mut want = keys.clone();
+                    want.sort();
+                    assert_eq!(keys, want);
+                    m.values().for_each(check);
+                }
+                Value::Array(a) => a.iter().for_each(check),
+                _ => {}
+            }
+        }
+        let docs = vec!["the cat sat on the mat; the dog sat on the log".to_string(); 4];
+        for t in [Tokenizer::byte(), Tokenizer::char_from_text("ba"), from_spec("bpe:300", &docs).unwrap()] {
+            let s = t.to_json().unwrap();
+            // Parsed in file order (preserve_order keeps it), then checked.
+            check(&serde_json::from_str::<Value>(&s).unwrap());
+        }
+        let c = Tokenizer::char_from_text("ba").to_json().unwrap();
+        assert_eq!(c, r#"{"chars":["a","b"],"format":"itt-tokenizer","kind":"char","version":1}"#);
+        // Pinned: the sha256 of Python's json.dumps(..., sort_keys=True, separators=(",", ":"))
+        // of the same objects, the fingerprints every dataset made so far carries.
+        assert_eq!(Tokenizer::char_from_text("ba").fingerprint(), "63b686eef67c8fa45b5617192693061bf9dd65e9ced118ce1cdf02214890b52e");
+        assert_eq!(Tokenizer::byte().fingerprint(), "9b294b6848186ac32610107ed69dbb45fc0c94e79fcc87652a44b012d1f956b1");
     }
 
     #[test]
