@@ -379,6 +379,19 @@ impl Linear {
             None => ops::linear(x, &self.weight, precision),
         }
     }
+
+    /// x through several linears of the same input (Q, K, V; gate, up): quantized weights go
+    /// through one grouped product (`ops::quant::qlinear_many`: x quantized once, one parallel
+    /// region), with values identical to one product each.
+    pub fn forward_many<const N: usize>(linears: [&Linear; N], x: &Tensor, precision: Precision) -> Result<[Tensor; N]> {
+        let quants: Vec<&QTensor> = linears.iter().filter_map(|l| l.quant.as_deref()).collect();
+        let outs: Vec<Tensor> = if quants.len() == N {
+            ops::quant::qlinear_many(x, &quants)?
+        } else {
+            linears.iter().map(|l| l.forward(x, precision)).collect::<Result<_>>()?
+        };
+        Ok(outs.try_into().expect("one output per linear"))
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -428,9 +441,10 @@ impl Attention {
         let n = x.dim(0)?;
         let (h, hkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let (layout, rope) = (&pos.layout, &pos.rope);
-        let q = ops::apply_rope(&self.wq.forward(x, prec)?.reshape((n, h, hd))?, &rope.cos, &rope.sin)?;
-        let k = ops::apply_rope(&self.wk.forward(x, prec)?.reshape((n, hkv, hd))?, &rope.cos, &rope.sin)?;
-        let v = self.wv.forward(x, prec)?.reshape((n, hkv, hd))?;
+        let [q, k, v] = Linear::forward_many([&self.wq, &self.wk, &self.wv], x, prec)?;
+        let q = ops::apply_rope(&q.reshape((n, h, hd))?, &rope.cos, &rope.sin)?;
+        let k = ops::apply_rope(&k.reshape((n, hkv, hd))?, &rope.cos, &rope.sin)?;
+        let v = v.reshape((n, hkv, hd))?;
         // One path for training, scoring, prefill and decode: every packed sequence at once
         // (equal lengths or not, routed subsets included), no transposes; with a cache each
         // sequence's cached keys come before its new ones. (N, H, hd)
@@ -538,7 +552,7 @@ impl Mlp {
         })
     }
     pub fn forward(&self, x: &Tensor, prec: Precision) -> Result<Tensor> {
-        let (gate, up) = (self.w_gate.forward(x, prec)?, self.w_up.forward(x, prec)?);
+        let [gate, up] = Linear::forward_many([&self.w_gate, &self.w_up], x, prec)?;
         self.w_down.forward(&ops::swiglu(&gate, &up)?, prec)
     }
 }

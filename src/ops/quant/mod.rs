@@ -31,36 +31,65 @@ pub fn is_quantized(dtype: GgmlDType) -> bool {
 
 /// x W^T: x (M, K), W (N, K) quantized -> (M, N) f32.
 pub fn qlinear(x: &Tensor, w: &QTensor) -> Result<Tensor> {
+    let mut out = qlinear_many(x, &[w])?;
+    Ok(out.pop().expect("one product per weight"))
+}
+
+/// x W_i^T for several weights of one input (attention's Q, K, V; the MLP's gate and up): the
+/// activations are quantized once and every weight's column tiles run in one parallel region,
+/// where separate products would quantize x and wake the thread pool once each (a decoding
+/// step of SmolLM2-135M makes 211 such regions, issue 27). Each output is the same dot product
+/// over the same tiles as [`qlinear`] computes alone, so the values are identical bit for bit.
+pub fn qlinear_many(x: &Tensor, ws: &[&QTensor]) -> Result<Vec<Tensor>> {
     let (m, k) = x.dims2()?;
-    let (n, wk) = w.shape().dims2()?;
-    if k != wk {
-        return Err(Error::usage(format!("quantized linear: input has {k} features, the weight {wk}")));
+    let mut ns = Vec::with_capacity(ws.len());
+    for w in ws {
+        let (n, wk) = w.shape().dims2()?;
+        if k != wk {
+            return Err(Error::usage(format!("quantized linear: input has {k} features, the weight {wk}")));
+        }
+        ns.push(n);
     }
     if !x.device().is_cpu() {
         // The block kernels read host memory; on a GPU the product runs on the dequantized
         // weight (a model moved there is dequantized once, `Model::to_device`, DESIGN §15).
-        let dense = w.dequantize(&candle_core::Device::Cpu)?.to_device(x.device())?;
-        return Ok(x.to_dtype(candle_core::DType::F32)?.matmul(&dense.t()?)?);
+        let x = x.to_dtype(candle_core::DType::F32)?;
+        return ws
+            .iter()
+            .map(|w| {
+                let dense = w.dequantize(&candle_core::Device::Cpu)?.to_device(x.device())?;
+                Ok(x.matmul(&dense.t()?)?)
+            })
+            .collect();
+    }
+    if let Some(first) = ws.first() {
+        if ws.iter().any(|w| w.dtype() != first.dtype()) {
+            // Different block types quantize the activations differently: one at a time.
+            return ws.iter().map(|w| qlinear(x, w)).collect();
+        }
+    } else {
+        return Ok(vec![]);
     }
     let x = x.to_dtype(candle_core::DType::F32)?;
-    let bytes = w.data()?;
-    let out = with_data::<f32, _>(&x, |xs| {
-        Ok(match w.dtype() {
-            GgmlDType::Q4_0 => product::<k_quants::BlockQ4_0>(xs, m, k, &bytes, n),
-            GgmlDType::Q4_1 => product::<k_quants::BlockQ4_1>(xs, m, k, &bytes, n),
-            GgmlDType::Q5_0 => product::<k_quants::BlockQ5_0>(xs, m, k, &bytes, n),
-            GgmlDType::Q5_1 => product::<k_quants::BlockQ5_1>(xs, m, k, &bytes, n),
-            GgmlDType::Q8_0 => product::<k_quants::BlockQ8_0>(xs, m, k, &bytes, n),
-            GgmlDType::Q2K => product::<k_quants::BlockQ2K>(xs, m, k, &bytes, n),
-            GgmlDType::Q3K => product::<k_quants::BlockQ3K>(xs, m, k, &bytes, n),
-            GgmlDType::Q4K => product::<k_quants::BlockQ4K>(xs, m, k, &bytes, n),
-            GgmlDType::Q5K => product::<k_quants::BlockQ5K>(xs, m, k, &bytes, n),
-            GgmlDType::Q6K => product::<k_quants::BlockQ6K>(xs, m, k, &bytes, n),
+    let bytes = ws.iter().map(|w| w.data()).collect::<candle_core::Result<Vec<_>>>()?;
+    let weights: Vec<(&[u8], usize)> = bytes.iter().map(|b| &b[..]).zip(ns.iter().copied()).collect();
+    let outs = with_data::<f32, _>(&x, |xs| {
+        Ok(match ws[0].dtype() {
+            GgmlDType::Q4_0 => products::<k_quants::BlockQ4_0>(xs, m, k, &weights),
+            GgmlDType::Q4_1 => products::<k_quants::BlockQ4_1>(xs, m, k, &weights),
+            GgmlDType::Q5_0 => products::<k_quants::BlockQ5_0>(xs, m, k, &weights),
+            GgmlDType::Q5_1 => products::<k_quants::BlockQ5_1>(xs, m, k, &weights),
+            GgmlDType::Q8_0 => products::<k_quants::BlockQ8_0>(xs, m, k, &weights),
+            GgmlDType::Q2K => products::<k_quants::BlockQ2K>(xs, m, k, &weights),
+            GgmlDType::Q3K => products::<k_quants::BlockQ3K>(xs, m, k, &weights),
+            GgmlDType::Q4K => products::<k_quants::BlockQ4K>(xs, m, k, &weights),
+            GgmlDType::Q5K => products::<k_quants::BlockQ5K>(xs, m, k, &weights),
+            GgmlDType::Q6K => products::<k_quants::BlockQ6K>(xs, m, k, &weights),
             other => Err(format!("weights of type {other:?} are not run quantized (types: {QUANTIZED_TYPES})")),
         })
     })?
     .map_err(|e| Error::usage(format!("quantized linear: {e}")))?;
-    Ok(Tensor::from_vec(out, (m, n), x.device())?)
+    outs.into_iter().zip(ns).map(|(o, n)| Ok(Tensor::from_vec(o, (m, n), x.device())?)).collect()
 }
 
 /// Below this many weight values times rows a product runs on the calling thread: a rayon
@@ -76,48 +105,58 @@ const TILED_MIN_ROWS: usize = 2;
 /// 55 KB, well inside L2.
 const ROW_BLOCK: usize = 32;
 
-/// (M, K) x (N, K)^T -> (M, N) with W as N rows of K / BLCK_SIZE blocks of `T`.
-fn product<T: GgmlType>(
+/// (M, K) x (N_i, K)^T -> (M, N_i) for each weight W_i, given as N_i rows of K / BLCK_SIZE
+/// blocks of `T`: x quantized once, all weights' column tiles in one parallel region.
+fn products<T: GgmlType>(
     x: &[f32],
     m: usize,
     k: usize,
-    w_bytes: &[u8],
-    n: usize,
-) -> std::result::Result<Vec<f32>, String> {
+    weights: &[(&[u8], usize)],
+) -> std::result::Result<Vec<Vec<f32>>, String> {
     use rayon::prelude::*;
     let bs = T::BLCK_SIZE;
     if !k.is_multiple_of(bs) || <T::VecDotType as GgmlType>::BLCK_SIZE != bs {
         return Err(format!("rows of {k} values do not split into {:?} blocks of {bs}", T::DTYPE));
     }
     let kb = k / bs;
-    let w = blocks::<T>(w_bytes, n * kb)?;
+    let ws = weights.iter().map(|&(b, n)| blocks::<T>(b, n * kb)).collect::<std::result::Result<Vec<_>, _>>()?;
     // The activations in the dot type: (M, kb) blocks.
     let mut xq: Vec<T::VecDotType> = (0..m * kb).map(|_| T::VecDotType::zeros()).collect();
     for (row, q) in x.chunks_exact(k).zip(xq.chunks_exact_mut(kb.max(1))) {
         T::VecDotType::from_float(row, q);
     }
-    if m == 0 || n == 0 {
-        return Ok(vec![0.0; m * n]);
+    let mut outs: Vec<Filled<f32>> = weights.iter().map(|&(_, n)| Filled::new(m * n)).collect();
+    if m == 0 {
+        // SAFETY: empty buffers.
+        return Ok(outs.into_iter().map(|o| unsafe { o.assume_filled() }).collect());
     }
-    let (xq, row) = (&xq[..], |c: usize| &w[c * kb..(c + 1) * kb]);
-    // Column tiles, a multiple of 4 wide (candle's 4-row dot products share one activation
-    // load): ~32 tiles per product, so two threads stay balanced on the narrow K/V products.
-    let tile = ((n / 32) & !3).clamp(4, 256);
+    let dsts: Vec<_> = outs.iter_mut().map(|o| o.ptr()).collect();
+    // Column tiles of each weight, a multiple of 4 wide (candle's 4-row dot products share one
+    // activation load): ~32 tiles per product, so two threads stay balanced on the narrow K/V
+    // products. A tile never spans two weights.
+    let tiles: Vec<(usize, usize, usize)> = weights
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &(_, n))| {
+            let tile = ((n / 32) & !3).clamp(4, 256);
+            (0..n.div_ceil(tile)).map(move |t| (i, t * tile, ((t + 1) * tile).min(n)))
+        })
+        .collect();
     // Several activation rows (prefill, batched decode): unpack each quad of weight rows once
     // and run it against every row (`tiled`); the same float operations per output as
     // `vec_dot`, so the values are those of the row-by-row path, bit for bit.
     let tiled = if m >= TILED_MIN_ROWS { tiled::kernel(T::DTYPE) } else { None };
-    let mut out = Filled::new(m * n);
-    let dst = out.ptr();
-    let run = |t: usize| {
-        let (c0, c1) = (t * tile, ((t + 1) * tile).min(n));
+    let xq = &xq[..];
+    let run = |&(i, c0, c1): &(usize, usize, usize)| {
+        let (w, n, dst) = (ws[i], weights[i].1, dsts[i]);
+        let row = |c: usize| &w[c * kb..(c + 1) * kb];
         let mut c = c0;
         if let Some(quad) = tiled {
             let mut scratch = tiled::Scratch::default();
             while c + 4 <= c1 {
                 let w4 = [0, 1, 2, 3].map(|j| row(c + j).as_ptr() as *const u8);
                 // SAFETY: each w4[j] is a row of kb blocks, xq holds m rows of kb blocks, and
-                // tile t owns columns c..c+4 of every row of the m * n output.
+                // this tile owns columns c..c+4 of every row of weight i's m * n output.
                 unsafe { quad(kb, w4, xq.as_ptr() as *const u8, m, dst.at(c), n, &mut scratch) };
                 c += 4;
             }
@@ -133,7 +172,7 @@ fn product<T: GgmlType>(
                     for i in rows.clone() {
                         let xi = &xq[i * kb..(i + 1) * kb];
                         let (a, b, e, f) = T::vec_dot_4(k, row(c), row(c + 1), row(c + 2), row(c + 3), xi);
-                        // SAFETY: tile t owns columns c0..c1 of every row; the buffer holds m * n.
+                        // SAFETY: the tile owns columns c0..c1 of every row; the buffer holds m * n.
                         unsafe { dst.slice(i * n + c, 4) }.copy_from_slice(&[a, b, e, f]);
                     }
                     c += 4;
@@ -149,14 +188,14 @@ fn product<T: GgmlType>(
             }
         }
     };
-    let tiles = n.div_ceil(tile);
-    if m * n * k < PAR_MIN_WORK {
-        (0..tiles).for_each(run);
+    let work: usize = weights.iter().map(|&(_, n)| m * n * k).sum();
+    if work < PAR_MIN_WORK {
+        tiles.iter().for_each(run);
     } else {
-        (0..tiles).into_par_iter().for_each(run);
+        tiles.par_iter().for_each(run);
     }
-    // SAFETY: the tiles cover every column of every row.
-    Ok(unsafe { out.assume_filled() })
+    // SAFETY: the tiles cover every column of every row of every weight.
+    Ok(outs.into_iter().map(|o| unsafe { o.assume_filled() }).collect())
 }
 
 /// A quantized tensor's bytes as its blocks (candle's CPU storage is a `Vec` of them, so the
@@ -263,6 +302,38 @@ mod tests {
                 if tiled::kernel(dt).is_some() { "ran" } else { "not run (row by row)" }
             );
         }
+    }
+
+    /// Products of one input against several weights at once equal the products one by one,
+    /// bit for bit (mixed types fall back to one at a time; shapes checked per weight).
+    #[test]
+    fn several_weights_at_once_equal_one_at_a_time_bit_for_bit() {
+        let k = 256;
+        for dt in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K, GgmlDType::Q6K] {
+            let ws: Vec<QTensor> =
+                [(64, 1), (24, 2), (130, 3)].map(|(n, s)| QTensor::quantize(&rand((n, k), s), dt).unwrap()).into();
+            for m in [1, 5] {
+                let x = rand((m, k), 40 + m as u64);
+                let refs: Vec<&QTensor> = ws.iter().collect();
+                let many = qlinear_many(&x, &refs).unwrap();
+                assert_eq!(many.len(), 3);
+                for (w, got) in ws.iter().zip(&many) {
+                    let want: Vec<f32> = qlinear(&x, w).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                    let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+                    assert!(want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?} m {m}");
+                }
+            }
+        }
+        let (a, b) = (
+            QTensor::quantize(&rand((8, 64), 1), GgmlDType::Q8_0).unwrap(),
+            QTensor::quantize(&rand((8, 64), 2), GgmlDType::Q4_0).unwrap(),
+        );
+        let x = rand((2, 64), 3);
+        let mixed = qlinear_many(&x, &[&a, &b]).unwrap();
+        let alone: Vec<f32> = qlinear(&x, &b).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(mixed[1].flatten_all().unwrap().to_vec1::<f32>().unwrap(), alone);
+        let short = QTensor::quantize(&rand((8, 32), 4), GgmlDType::Q8_0).unwrap();
+        assert!(qlinear_many(&x, &[&a, &short]).is_err());
     }
 
     #[test]
