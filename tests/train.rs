@@ -326,6 +326,9 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
         assert_eq!(b.val_loss_mean, least, "{} {}", b.corpus, b.model);
         // The label names the model; the chosen multiplier has its own column.
         assert!(!b.label.contains("(lr x"), "{} {}: label {:?}", b.corpus, b.model, b.label);
+        // The FLOPs ratio is the main table's (same corpus vocabulary).
+        let main = rows.iter().find(|x| x.val_loss_mean == least).unwrap();
+        assert!((b.flops_vs_dense - main.flops_vs_dense).abs() < 1e-9, "{} {}", b.corpus, b.model);
     }
     // Token classes of ITT against dense: each group's contributions add up to the whole.
     for v in ["itt4", "itt4-lr2"] {

@@ -1028,7 +1028,15 @@ fn model_label(v: &Variant) -> String {
 /// With a learning-rate sweep: each model at the multiplier with its lowest mean validation
 /// loss (as trained) on each corpus, against dense at dense's own best; then pooled over the
 /// corpora (each corpus at its own best rates).
-fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts: &ExperimentOptions) -> Vec<BestLr> {
+/// `vocabs[i]` is corpus i's vocabulary size: the FLOPs of the head depend on it, and the ratio
+/// to dense must be the one the main table gives (pooled: the first corpus's, as there).
+fn best_rates(
+    variants: &[Variant],
+    corpora: &[Corpus],
+    vocabs: &[usize],
+    runs: &[RunResult],
+    opts: &ExperimentOptions,
+) -> Vec<BestLr> {
     if opts.lr_scales.len() < 2 {
         return vec![];
     }
@@ -1054,15 +1062,17 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
     };
     let dense_model = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense).map(|v| v.model.clone());
     let dense_base = variants.iter().find(|v| v.cfg.model.thinking.kind == ModelKind::Dense && v.model == "dense");
-    let flops_vs_dense = |v: &Variant| {
-        let f = flops_per_token(&v.cfg.model, v.cfg.train.seq_len, None, None);
-        flops_against(&f, dense_base, v.cfg.model.vocab_size)
+    let flops_vs_dense = |v: &Variant, vocab_size: usize| {
+        let mut model = v.cfg.model.clone();
+        model.vocab_size = vocab_size;
+        let f = flops_per_token(&model, v.cfg.train.seq_len, None, None);
+        flops_against(&f, dense_base, vocab_size)
     };
     let mut out = vec![];
     for m in &models {
         let mut pooled_mine: Vec<&RunResult> = vec![];
         let mut pooled_dense: Vec<&RunResult> = vec![];
-        for c in corpora {
+        for (c, &vocab_size) in corpora.iter().zip(vocabs) {
             let Some((v, loss)) = best(&c.name, &m.model) else { continue };
             let mine = trained(&c.name, &v.name);
             let dense = dense_model.as_deref().and_then(|d| best(&c.name, d)).map(|(d, _)| trained(&c.name, &d.name));
@@ -1081,7 +1091,7 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
                 lr: v.cfg.train.lr,
                 val_loss_mean: loss,
                 vs_dense,
-                flops_vs_dense: flops_vs_dense(v),
+                flops_vs_dense: flops_vs_dense(v, vocab_size),
             });
         }
         if corpora.len() > 1 {
@@ -1098,7 +1108,7 @@ fn best_rates(variants: &[Variant], corpora: &[Corpus], runs: &[RunResult], opts
                 } else {
                     paired(&pooled_mine, &pooled_dense, |a, b| a.val_loss - b.val_loss)
                 },
-                flops_vs_dense: flops_vs_dense(m),
+                flops_vs_dense: flops_vs_dense(m, vocabs[0]),
             });
         }
     }
@@ -1116,6 +1126,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
     let per_corpus = corpora.iter().map(|c| train_corpus(c, &variants, opts)).collect::<Result<Vec<_>>>()?;
     let rows = table_rows(&corpora, &variants, &per_corpus);
     let data_share_to_match_dense = data_share(&rows, &corpora[0].name);
+    let vocabs: Vec<usize> = per_corpus.iter().map(|d| d.vocab_size).collect();
     let (mut runs, mut curves, mut token_classes) = (vec![], vec![], vec![]);
     for done in per_corpus {
         runs.extend(done.runs);
@@ -1126,7 +1137,7 @@ pub fn run(opts: &ExperimentOptions) -> Result<ExperimentResults> {
         name: opts.name.clone(),
         command: opts.command.clone(),
         paper_metric,
-        best_lr: best_rates(&variants, &corpora, &runs, opts),
+        best_lr: best_rates(&variants, &corpora, &vocabs, &runs, opts),
         rows,
         runs,
         data_share_to_match_dense,
