@@ -325,7 +325,19 @@ fn bf16_without_bf16_hardware_falls_back_to_f32_and_says_so() {
     // Asked for bf16, the benchmark times what training would run here (one rule,
     // `Precision::on_this_cpu`) and says which kernels ran.
     let out = Command::new(env!("CARGO_BIN_EXE_itt"))
-        .args(["bench", "--preset", "tiny", "--vocab", "64", "--steps", "1", "--batch-size", "2", "--precision", "bf16"])
+        .args([
+            "bench",
+            "--preset",
+            "tiny",
+            "--vocab",
+            "64",
+            "--steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--precision",
+            "bf16",
+        ])
         .env_remove("ITT_BF16_EMULATE")
         .output()
         .unwrap();
@@ -334,7 +346,10 @@ fn bf16_without_bf16_hardware_falls_back_to_f32_and_says_so() {
     if itt::ops::Precision::bf16_in_hardware() {
         assert!(stdout.contains("AMX tiles"), "{stdout}");
     } else {
-        assert!(stdout.contains("f32 gemm") && stdout.contains("bf16 asked") && !stdout.contains("emulated"), "{stdout}");
+        assert!(
+            stdout.contains("f32 gemm") && stdout.contains("bf16 asked") && !stdout.contains("emulated"),
+            "{stdout}"
+        );
     }
 }
 

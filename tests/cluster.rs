@@ -453,15 +453,33 @@ fn a_full_disk_fails_every_writer_in_one_line_and_damages_nothing() {
     let corpus = dir.path().join("corpus.txt");
     std::fs::write(&corpus, "the cat sat on the mat. ".repeat(400)).unwrap();
     let tok = dir.path().join("tok.json");
-    let out = itt_on_a_full_disk(&["tokenizer", "train", "--data", s(&corpus), "--vocab-size", "300", "--out", s(&tok)], 64);
+    let out =
+        itt_on_a_full_disk(&["tokenizer", "train", "--data", s(&corpus), "--vocab-size", "300", "--out", s(&tok)], 64);
     failed_to_write(&out, "tokenizer");
     assert!(!tok.exists());
 
     // Experiment results: a rerun that cannot write them leaves the earlier ones intact.
     let exp = dir.path().join("exp");
     let grid = [
-        "experiment", "table1", "--variants", "dense", "--steps", "2", "--seeds", "1", "--problems", "0",
-        "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--quiet", "--out", s(&exp),
+        "experiment",
+        "table1",
+        "--variants",
+        "dense",
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--problems",
+        "0",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-batches",
+        "1",
+        "--quiet",
+        "--out",
+        s(&exp),
     ];
     ok(&itt(&grid));
     let results = exp.join("table1/results.json");

@@ -27,13 +27,13 @@
 use crate::base::config::{self, ModelKind, ResidualForm, RoutedAttention, RunConfig};
 use crate::base::error::IoContext;
 use crate::base::util::write_atomic;
-use std::io::Write;
 use crate::eval::reasoning::{self, SolveRates};
 use crate::flops::{flops_per_token, Flops};
 use crate::model::{Routing, RoutingOptions};
 use crate::train::{self, DataSpec, RunOptions, Trainer};
 use crate::{checkpoint, data, eval, Error, Result};
 use serde::Serialize;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 

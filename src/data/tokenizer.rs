@@ -491,7 +491,10 @@ mod tests {
         assert_eq!(c, r#"{"chars":["a","b"],"format":"itt-tokenizer","kind":"char","version":1}"#);
         // Pinned: the sha256 of Python's json.dumps(..., sort_keys=True, separators=(",", ":"))
         // of the same objects, the fingerprints every dataset made so far carries.
-        assert_eq!(Tokenizer::char_from_text("ba").fingerprint(), "63b686eef67c8fa45b5617192693061bf9dd65e9ced118ce1cdf02214890b52e");
+        assert_eq!(
+            Tokenizer::char_from_text("ba").fingerprint(),
+            "63b686eef67c8fa45b5617192693061bf9dd65e9ced118ce1cdf02214890b52e"
+        );
         assert_eq!(Tokenizer::byte().fingerprint(), "9b294b6848186ac32610107ed69dbb45fc0c94e79fcc87652a44b012d1f956b1");
     }
 

@@ -19,12 +19,12 @@ use super::Imported;
 use crate::base::config::{ModelConfig, ModelKind, ThinkingConfig};
 use crate::base::error::IoContext;
 use crate::base::util::{write_atomic, write_atomic_via};
-use std::io::Write;
 use crate::data::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde_json::{json, Value};
 use std::collections::{BTreeSet, HashMap};
+use std::io::Write;
 use std::path::Path;
 
 const LAYER_PARTS: [(&str, &str); 9] = [
@@ -273,7 +273,8 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
     let st = dir.join("model.safetensors");
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_atomic_via(&st, |tmp| {
-        safetensors::serialize_to_file(named, Some(meta), tmp).map_err(|e| Error::input(&st, format!("cannot write: {e}")))
+        safetensors::serialize_to_file(named, Some(meta), tmp)
+            .map_err(|e| Error::input(&st, format!("cannot write: {e}")))
     })?;
     crate::checkpoint::make_world_readable(&st)?;
     let cfg_path = dir.join("config.json");
@@ -281,7 +282,9 @@ pub fn export(dir: &Path, cfg: &ModelConfig, tensors: &[(String, Tensor)], token
     write_atomic(&cfg_path, |w| w.write_all(body.as_bytes()))?;
     let Some(hf) = tokenizer.hf() else { return Ok(false) };
     let tok_path = dir.join("tokenizer.json");
-    write_atomic_via(&tok_path, |tmp| hf.save(tmp, true).map_err(|e| Error::input(&tok_path, format!("cannot write: {e}"))))?;
+    write_atomic_via(&tok_path, |tmp| {
+        hf.save(tmp, true).map_err(|e| Error::input(&tok_path, format!("cannot write: {e}")))
+    })?;
     let eot = tokenizer.token_text(tokenizer.eot_id());
     let tc = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",

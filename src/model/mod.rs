@@ -383,7 +383,11 @@ impl Linear {
     /// x through several linears of the same input (Q, K, V; gate, up): quantized weights go
     /// through one grouped product (`ops::quant::qlinear_many`: x quantized once, one parallel
     /// region), with values identical to one product each.
-    pub fn forward_many<const N: usize>(linears: [&Linear; N], x: &Tensor, precision: Precision) -> Result<[Tensor; N]> {
+    pub fn forward_many<const N: usize>(
+        linears: [&Linear; N],
+        x: &Tensor,
+        precision: Precision,
+    ) -> Result<[Tensor; N]> {
         let quants: Vec<&QTensor> = linears.iter().filter_map(|l| l.quant.as_deref()).collect();
         let outs: Vec<Tensor> = if quants.len() == N {
             ops::quant::qlinear_many(x, &quants)?
