@@ -394,8 +394,8 @@ fn the_latency_valve_lowers_unpinned_shares_under_load() {
     server.stop().unwrap();
 }
 
-#[test]
-fn a_dense_model_refuses_thinking_settings() {
+/// A small dense model (no thinking layers) and server options with `speculate` as given.
+fn dense_model(speculate: usize) -> (Model, Tokenizer, ServeOptions) {
     let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghijklmnopqrstuvwxyz:");
     let cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).width(32, 48).heads(2, 1).context(64).config();
     let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
@@ -407,8 +407,14 @@ fn a_dense_model_refuses_thinking_settings() {
         calibration: None,
         seed: 1,
         grace: Duration::from_secs(10),
-        speculate: 0,
+        speculate,
     };
+    (model, tok, opts)
+}
+
+#[test]
+fn a_dense_model_refuses_thinking_settings() {
+    let (model, tok, opts) = dense_model(0);
     let server = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}", server.addr);
     let (got, v) = post(&url, "/v1/completions", r#"{"prompt": "1", "max_tokens": 2}"#);
@@ -761,19 +767,7 @@ fn speculating_streams_beside_each_other_keep_their_tokens() {
 
 #[test]
 fn a_dense_model_cannot_serve_with_speculate() {
-    let tok = Tokenizer::char_from_text("0123456789+-= \nabcdefghijklmnopqrstuvwxyz:");
-    let cfg = TestModel::preset("tiny").vocab(tok.vocab_size()).width(32, 48).heads(2, 1).context(64).config();
-    let model = Model::new(&cfg, 7, &Device::Cpu).unwrap();
-    let template = ChatTemplate::new(PLAIN_TEMPLATE, "plain".into(), &tok).unwrap();
-    let opts = ServeOptions {
-        engine: EngineConfig::default(),
-        name: "test-model".into(),
-        template,
-        calibration: None,
-        seed: 1,
-        grace: Duration::from_secs(10),
-        speculate: 2,
-    };
+    let (model, tok, opts) = dense_model(2);
     let err = Server::start(model, tok, opts, "127.0.0.1:0".parse().unwrap()).err().expect("refused");
     assert!(err.to_string().contains("dense"), "{err}");
 }

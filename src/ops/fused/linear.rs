@@ -60,14 +60,7 @@ fn finish<T: Real, const FMA: bool>(mut a: [T; DOT_LANES], x: &[T], w: &[T]) -> 
     for (l, (&xv, &wv)) in x.iter().zip(w).enumerate() {
         a[l] = if FMA { xv.fma(wv, a[l]) } else { a[l] + xv * wv };
     }
-    let mut width = DOT_LANES / 2;
-    while width > 0 {
-        for i in 0..width {
-            a[i] += a[i + width];
-        }
-        width /= 2;
-    }
-    a[0]
+    super::hsum(a)
 }
 
 multiversion! {

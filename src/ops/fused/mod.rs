@@ -163,10 +163,11 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
 
 pub(crate) const LANES: usize = 16;
 
+/// The lanes summed pairwise (halves added until one is left); N a power of two.
 #[inline(always)]
-pub(crate) fn hsum<T: Real>(acc: [T; LANES]) -> T {
+pub(crate) fn hsum<T: Real, const N: usize>(acc: [T; N]) -> T {
     let mut a = acc;
-    let mut w = LANES / 2;
+    let mut w = N / 2;
     while w > 0 {
         for i in 0..w {
             a[i] += a[i + w];

@@ -214,6 +214,20 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    /// Every type that runs quantized (`QUANTIZED_TYPES`).
+    const ALL_TYPES: [GgmlDType; 10] = [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
         let mut rng = crate::base::rng::Rng::new(seed);
         let v: Vec<f32> = (0..shape.0 * shape.1).map(|_| rng.normal() as f32).collect();
@@ -234,23 +248,11 @@ mod tests {
     /// (prefill) and both the serial and the parallel split.
     #[test]
     fn quantized_product_matches_the_dequantized_f32_product() {
-        let types = [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ];
         let mut worst = 0f32;
         for (m, n, k) in [(1, 7, 256), (3, 130, 512), (53, 192, 512), (1, 1030, 768)] {
             let w = rand((n, k), 1);
             let x = rand((m, k), 2);
-            for dt in types {
+            for dt in ALL_TYPES {
                 let q = QTensor::quantize(&w, dt).unwrap();
                 let dense = x.matmul(&q.dequantize(&Device::Cpu).unwrap().t().unwrap()).unwrap();
                 let got = qlinear(&x, &q).unwrap();
@@ -270,21 +272,9 @@ mod tests {
     /// two columns, K = 768 is 24 blocks of 32 and 3 of 256.
     #[test]
     fn rows_together_equal_rows_one_at_a_time_bit_for_bit() {
-        let types = [
-            GgmlDType::Q4_0,
-            GgmlDType::Q4_1,
-            GgmlDType::Q5_0,
-            GgmlDType::Q5_1,
-            GgmlDType::Q8_0,
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ];
         let (n, k) = (130, 768);
         let w = rand((n, k), 7);
-        for dt in types {
+        for dt in ALL_TYPES {
             let q = QTensor::quantize(&w, dt).unwrap();
             for m in [1, 3, 4, 16] {
                 let x = rand((m, k), 8 + m as u64);
