@@ -408,7 +408,7 @@ const fn normed(name: &'static str, label: &'static str, ratio: f64) -> Recipe {
     Recipe { router_norm: true, ..recipe(name, label, ratio) }
 }
 
-const RECIPES: [Recipe; 17] = [
+const RECIPES: [Recipe; 18] = [
     Recipe {
         form: ResidualForm::Literal,
         phi_init: 0.1,
@@ -435,6 +435,9 @@ const RECIPES: [Recipe; 17] = [
     Recipe { layers: Some(&[1, 2]), ..normed("r-mid70", "... thinking in the middle layers 1, 2", 0.7) },
     Recipe { layers: Some(&[1]), ..normed("r-one70", "... thinking in layer 1 only", 0.7) },
     Recipe { layers: Some(&[0, 1, 2, 3]), ..normed("r-every70", "... thinking in every layer", 0.7) },
+    // The steps start as a near-no-op (ReZero-like): the model begins as its dense backbone and
+    // grows each step's update only where it lowers the loss.
+    Recipe { phi_init: 0.1, ..normed("r-phi01", "... + step vectors phi initialised at 0.1", 0.7) },
 ];
 
 fn recipe_config(size: &str, r: &Recipe, opts: &ExperimentOptions) -> Result<RunConfig> {

@@ -148,6 +148,10 @@ struct Scratch<T> {
     /// Running max and sum (forward) or lse and delta (backward) of the tile's rows: (BQ,).
     m: Vec<T>,
     l: Vec<T>,
+    /// The (sequence, kv head) whose K^T and V `kt` / `vc` hold (forward): the query heads of
+    /// one group run one after another on a thread and share them, instead of transposing the
+    /// same keys once per query head (SmolLM2: 9 query heads on 3 kv heads).
+    kv_of: Option<(usize, usize)>,
 }
 
 impl<T: Real> Scratch<T> {
@@ -202,6 +206,26 @@ fn transpose_into<T: Real>(level: Simd, x: &[T], side: &Side, s: usize, h: usize
             j0 += 16;
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if T::DTYPE == candle_core::DType::F32 && hd.is_multiple_of(8) && level >= Simd::Avx2 {
+        // SAFETY: T is f32 (checked above).
+        let (xf, xtf) = unsafe {
+            (
+                std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
+                std::slice::from_raw_parts_mut(xt.as_mut_ptr() as *mut f32, xt.len()),
+            )
+        };
+        while j0 + 8 <= l {
+            for d0 in (0..hd).step_by(8) {
+                let rows: [&[f32]; 8] = std::array::from_fn(|r| &xf[side.at(s, h, j0 + r) + d0..][..8]);
+                // SAFETY: AVX2 is present (`level`); rows are 8 floats each; BK is a multiple
+                // of 8, so keys j0..j0 + 8 share a tile and the 8 output rows at (d0 + c, j0),
+                // c < 8, lie inside xt.
+                unsafe { transpose_block8_f32(rows, &mut xtf[at(d0, j0)..], BK) };
+            }
+            j0 += 8;
+        }
+    }
     for j in j0..l {
         let row = &x[side.at(s, h, j)..][..hd];
         for (d, &v) in row.iter().enumerate() {
@@ -227,6 +251,51 @@ unsafe fn transpose_block_f32(rows: [&[f32]; 16], out: &mut [f32], ld: usize) {
         // SAFETY: out.len() >= 15 * ld + 16 (asserted above), so the 16 floats at c * ld, c < 16,
         // lie inside `out`.
         unsafe { _mm512_storeu_si512(out.as_mut_ptr().add(c * ld) as *mut __m512i, v) };
+    }
+}
+
+/// out[c * ld + r] = rows[r][c] for an 8 x 8 block (AVX2): the element by element copy it
+/// replaces was, with one query per head, as much work as the attention itself (a decoding
+/// step transposes every cached key of every layer).
+///
+/// # Safety
+/// The CPU has AVX2; every row holds at least 8 values (the output's length is asserted).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose_block8_f32(rows: [&[f32]; 8], out: &mut [f32], ld: usize) {
+    use std::arch::x86_64::*;
+    assert!(out.len() >= 7 * ld + 8);
+    // SAFETY: each row holds 8 f32 (the caller's contract), one unaligned 32-byte load.
+    let r: [__m256; 8] = std::array::from_fn(|i| unsafe { _mm256_loadu_ps(rows[i].as_ptr()) });
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    let cols = [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ];
+    for (c, v) in cols.into_iter().enumerate() {
+        // SAFETY: out.len() >= 7 * ld + 8 (asserted above).
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c * ld), v) };
     }
 }
 
@@ -377,8 +446,11 @@ multiversion! {
     ) {
         let (lq, hd) = (g.q.lens[s], g.hd);
         let kvh = h / (g.h / g.hkv);
-        transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
-        gather_into(v, &g.k, s, kvh, hd, &mut scr.vc);
+        if scr.kv_of != Some((s, kvh)) {
+            transpose_into(level, k, &g.k, s, kvh, hd, &mut scr.kt);
+            gather_into(v, &g.k, s, kvh, hd, &mut scr.vc);
+            scr.kv_of = Some((s, kvh));
+        }
         let Scratch { kt, vc, qs, st, acc, m, l, .. } = scr;
         for i0 in (0..lq).step_by(BQ) {
             let bq = BQ.min(lq - i0);
