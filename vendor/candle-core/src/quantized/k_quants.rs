@@ -333,7 +333,7 @@ impl GgmlType for BlockQ4_1 {
     ) -> (f32, f32, f32, f32) {
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         if has_avx2_fma_f16c() {
-            return unsafe { super::avx::vec_dot_4_q4_1_q8_1(n, [xs0, xs1, xs2, xs3], ys, 4) };
+            return unsafe { super::avx::vec_dot_4_q4_1_q8_1(n, [xs0, xs1, xs2, xs3], ys) };
         }
         (
             Self::vec_dot(n, xs0, ys),
