@@ -1,13 +1,15 @@
 //! GFLOP/s of the bf16 gemm (`ops::fused::bf16_gemm`) at the training shapes of preset `small`
 //! (batch 8 x 256 tokens, d 256, SwiGLU 688, vocab 4096; 1024 rows: a routed step at ratio
-//! 0.5): the AMX path, the fallback (bf16 rounding + f32 gemm), the f32 product `ops::linear`
+//! 0.5): the AMX path, the AVX512_BF16 (`vdpbf16ps`) path, the fallback (bf16 rounding + f32 gemm), the f32 product `ops::linear`
 //! uses (`gemm_f32`: C's rows shared out over the threads) and the same product with gemm's
 //! own thread split (`Parallelism::Rayon`, as candle calls it). Median of REPS runs (default
-//! 10) after a warm-up; nothing is asserted.
+//! 10) after a warm-up; nothing is asserted. A path the CPU lacks prints "-".
 //!
 //!     cargo bench --bench bf16_gemm            (REPS=n to change the count)
 
-use itt::ops::fused::bf16_gemm::{amx_available, gemm_bf16, gemm_f32, gemm_f32_gemm_split, gemm_fallback, MatRef};
+use itt::ops::fused::bf16_gemm::{
+    amx_available, avx512bf16_hardware, gemm_amx, gemm_avx512bf16, gemm_f32, gemm_f32_gemm_split, gemm_fallback, MatRef,
+};
 use std::time::Instant;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -53,10 +55,13 @@ fn main() {
         (4096, 256, 2048, true, false, "dZ^T X (embedding gradient)"),
         (2048, 2048, 2048, false, false, "square"),
     ];
-    let amx = amx_available();
-    println!("threads {}, AMX {}, median of {reps}\n", rayon::current_num_threads(), if amx { "on" } else { "off" });
-    println!("| m x n x k | operands | AMX GFLOP/s | fallback GFLOP/s | f32 gemm GFLOP/s | gemm's split GFLOP/s | AMX / f32 |");
-    println!("|---|---|---|---|---|---|---|");
+    let (amx, dp) = (amx_available(), avx512bf16_hardware());
+    let on = |b: bool| if b { "on" } else { "off" };
+    println!("threads {}, AMX {}, AVX512_BF16 {}, median of {reps}\n", rayon::current_num_threads(), on(amx), on(dp));
+    println!(
+        "| m x n x k | operands | AMX GFLOP/s | AVX512_BF16 GFLOP/s | fallback GFLOP/s | f32 gemm GFLOP/s | gemm's split GFLOP/s | AMX / f32 | AVX512_BF16 / f32 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for (m, n, k, at, bt, what) in shapes {
         let (av, bv) = (data(m * k, 1), data(k * n, 2));
         // Transposed operands are views of the stored (k x m) or (n x k) row-major matrix.
@@ -72,17 +77,23 @@ fn main() {
         };
         let mut c = vec![0f32; m * n];
         let flop = 2.0 * (m * n * k) as f64 * 1e-9;
-        let amx_gf = if amx { Some(flop / time(reps, || gemm_bf16(m, n, k, a, b, &mut c, n, false))) } else { None };
+        let amx_gf = if amx { Some(flop / time(reps, || gemm_amx(m, n, k, a, b, &mut c, n, false))) } else { None };
+        let dp_gf =
+            if dp { Some(flop / time(reps, || gemm_avx512bf16(m, n, k, a, b, &mut c, n, false))) } else { None };
         let fb_gf = flop / time(reps, || gemm_fallback(m, n, k, a, b, &mut c, n, false));
         let f32_gf = flop / time(reps, || gemm_f32(m, n, k, a, b, &mut c));
         let own_gf = flop / time(reps, || gemm_f32_gemm_split(m, n, k, a, b, &mut c));
         let t = |at: bool| if at { "T" } else { "N" };
-        let amx_s = amx_gf.map_or("-".into(), |g| format!("{g:.0}"));
-        let ratio = amx_gf.map_or("-".into(), |g| format!("{:.1}x", g / f32_gf));
+        let rate = |g: Option<f64>| g.map_or("-".into(), |g| format!("{g:.0}"));
+        let ratio = |g: Option<f64>| g.map_or("-".into(), |g| format!("{:.1}x", g / f32_gf));
         println!(
-            "| {m}x{n}x{k} | A{} B{} {what} | {amx_s} | {fb_gf:.0} | {f32_gf:.0} | {own_gf:.0} | {ratio} |",
+            "| {m}x{n}x{k} | A{} B{} {what} | {} | {} | {fb_gf:.0} | {f32_gf:.0} | {own_gf:.0} | {} | {} |",
             t(at),
-            t(bt)
+            t(bt),
+            rate(amx_gf),
+            rate(dp_gf),
+            ratio(amx_gf),
+            ratio(dp_gf)
         );
     }
 }

@@ -356,7 +356,7 @@ fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
 
 #[test]
 fn bf16_training_tracks_f32_and_resumes_exactly() {
-    // Without AMX a bf16 run falls back to f32 products; this test checks the bf16 numerics
+    // Without AMX or AVX512_BF16 a bf16 run falls back to f32 products; this test checks the bf16 numerics
     // wherever it runs, emulated on such CPUs (the only test of this binary that trains in bf16).
     std::env::set_var("ITT_BF16_EMULATE", "1");
     let tmp = tempfile::tempdir().unwrap();

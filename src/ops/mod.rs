@@ -110,11 +110,12 @@ pub fn with_composed<R>(kernels: &[Kernel], f: impl FnOnce() -> R) -> R {
 /// What the machine does with a [`Precision`]: the bf16 hardware queries (the enum itself is
 /// plain config data, `config::Precision`).
 impl Precision {
-    /// Whether this CPU computes bf16 products in hardware (AMX tiles). Without it the bf16
-    /// path rounds the operands and multiplies in f32 (`bf16_gemm::gemm_fallback`): ~0.66x the
-    /// speed of plain f32 on an AVX2 EPYC, so training falls back to f32 there (`train::Trainer::new`).
+    /// Whether this CPU computes bf16 products in hardware (AMX tiles or AVX512_BF16 vectors,
+    /// `bf16_gemm::bf16_kernel`). Without it the bf16 path rounds the operands and multiplies in
+    /// f32 (`bf16_gemm::gemm_fallback`): ~0.66x the speed of plain f32 on an AVX2 EPYC, so
+    /// training falls back to f32 there (`train::Trainer::new`).
     pub fn bf16_in_hardware() -> bool {
-        fused::bf16_gemm::amx_available()
+        fused::bf16_gemm::bf16_kernel().in_hardware()
     }
 
     /// Whether a bf16 run should fall back to f32 products here: no bf16 hardware, and the
@@ -136,8 +137,7 @@ impl Precision {
     /// The kernels the products of this precision run on this machine, e.g. for `itt bench`.
     pub fn kernels(self) -> String {
         match self {
-            Precision::Bf16 if Self::bf16_in_hardware() => "bf16 operands on AMX tiles, f32 sums".into(),
-            Precision::Bf16 => "bf16 emulated: operands rounded to bf16, products in f32 (no AMX here)".into(),
+            Precision::Bf16 => fused::bf16_gemm::bf16_kernel().describe().into(),
             Precision::F32 => {
                 #[cfg(target_arch = "x86_64")]
                 let isa = if std::arch::is_x86_feature_detected!("avx512f") { "AVX-512" } else { "AVX2/FMA" };

@@ -233,7 +233,7 @@ impl Trainer {
         if on_cpu && cfg.train.precision.on_this_cpu() != cfg.train.precision {
             // Emulated bf16 is slower than f32 and no more accurate: run (and record) f32.
             eprintln!(
-                "notice: this CPU has no bf16 matrix units (AMX); --precision bf16 would be emulated at about \
+                "notice: this CPU has no bf16 kernel faster than f32 (AMX; AVX512_BF16 on AMD); --precision bf16 would be emulated at about \
                  2/3 the speed of f32, so this run computes its products in f32 (recorded in config.json; ITT_BF16_EMULATE=1 keeps bf16)"
             );
             cfg.train.precision = Precision::F32;

@@ -1,24 +1,31 @@
 //! Mixed-precision matrix product for the CPU training path: C = A·B (or C += A·B) with A and B
 //! rounded to bf16 (round to nearest even, as torch's autocast casts) and products summed in f32.
 //!
-//! Two implementations, picked at run time ([`amx_available`]):
+//! Three implementations, one picked at run time by one rule ([`bf16_kernel`]: AMX, else
+//! AVX512_BF16, else the fallback):
 //!
 //! * **AMX** (Sapphire Rapids and later): A and B are packed into bf16 tiles, A as 16 rows x 32
 //!   k-values, B in the "VNNI" pair layout `tdpbf16ps` wants (16 rows of k-pairs x 16 columns,
 //!   each 32-bit lane holding B[2p][j] | B[2p+1][j] << 16), zero-padded to whole tiles so any
 //!   m, n, k work. A micro-kernel keeps a 32x32 block of C in four accumulator tiles (tmm0-3)
 //!   and runs over k with two A tiles (tmm4-5) and two B tiles (tmm6-7).
+//! * **AVX512_BF16** (AMD Zen 4/5; on Intel only with `ITT_AVX512BF16=1`, see
+//!   [`avx512bf16_available`]): the same packed operands and the same 32 x 32 blocks of C,
+//!   multiplied with `vdpbf16ps`, which adds one k-pair's two products into each f32 lane: a B
+//!   tile row is already one vector of 16 column pairs, an A pair is broadcast. 8 rows x 32
+//!   columns of C stay in 16 registers.
 //! * **Fallback**: the same rounding, written back as f32, then an f32 product with the `gemm`
-//!   crate. The two agree up to the order of f32 summation.
+//!   crate. The paths agree up to the order of f32 summation.
 //!
-//! `ITT_AMX=0` forces the fallback (tests, A/B timing).
+//! `ITT_AMX=0` rules out AMX, `ITT_AVX512BF16=0` the `vdpbf16ps` kernel and `=1` allows it on
+//! Intel CPUs (tests, A/B timing).
 //!
 //! Determinism: C is split into blocks by the shape alone, each block is computed by one task in
 //! a fixed k order, so results are bit-for-bit identical on any number of threads.
 //!
-//! One difference between the paths besides summation order: `tdpbf16ps` treats bf16 subnormal
-//! inputs (|x| < 2^-126) as zero and flushes subnormal results, the fallback keeps them. Training
-//! values that small contribute nothing measurable.
+//! One difference between the paths besides summation order: `tdpbf16ps` and `vdpbf16ps` treat
+//! bf16 subnormal inputs (|x| < 2^-126) as zero and flush subnormal results, the fallback keeps
+//! them. Training values that small contribute nothing measurable.
 //!
 //! Speed (`cargo bench --bench bf16_gemm`, 2 cores, shared machine): the AMX path runs at
 //! 2.4-3.5x the f32 `gemm` at the training shapes. A lone 32x32 kernel with its tiles in L1 reaches
@@ -91,10 +98,102 @@ pub fn round_bf16(x: f32) -> f32 {
 /// and products summed in f32.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_bf16(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, accumulate: bool) {
-    if amx_available() {
-        gemm_amx(m, n, k, a, b, c, c_rs, accumulate);
-    } else {
-        gemm_fallback(m, n, k, a, b, c, c_rs, accumulate);
+    match bf16_kernel() {
+        Bf16Kernel::Amx => gemm_amx(m, n, k, a, b, c, c_rs, accumulate),
+        Bf16Kernel::Avx512Bf16 => gemm_avx512bf16(m, n, k, a, b, c, c_rs, accumulate),
+        Bf16Kernel::Emulated => gemm_fallback(m, n, k, a, b, c, c_rs, accumulate),
+    }
+}
+
+/// Which implementation computes bf16 products on this machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bf16Kernel {
+    /// AMX tiles (`tdpbf16ps`).
+    Amx,
+    /// AVX-512 vectors (`vdpbf16ps`).
+    Avx512Bf16,
+    /// Operands rounded to bf16, products by the f32 `gemm` (no bf16 hardware).
+    Emulated,
+}
+
+impl Bf16Kernel {
+    /// Whether the CPU multiplies bf16 itself (not emulated).
+    pub fn in_hardware(self) -> bool {
+        self != Bf16Kernel::Emulated
+    }
+
+    /// For `itt bench` and `itt train`: what ran.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Bf16Kernel::Amx => "bf16 operands on AMX tiles, f32 sums",
+            Bf16Kernel::Avx512Bf16 => "bf16 operands in AVX512_BF16 vectors (vdpbf16ps), f32 sums",
+            Bf16Kernel::Emulated => {
+                "bf16 emulated: operands rounded to bf16, products in f32 (no AMX or AVX512_BF16 here)"
+            }
+        }
+    }
+}
+
+/// The one rule for bf16 products: AMX where usable ([`amx_available`]), else AVX512_BF16
+/// ([`avx512bf16_available`]), else the emulation. Decided once.
+pub fn bf16_kernel() -> Bf16Kernel {
+    static KERNEL: OnceLock<Bf16Kernel> = OnceLock::new();
+    *KERNEL.get_or_init(|| {
+        if amx_available() {
+            Bf16Kernel::Amx
+        } else if avx512bf16_available() {
+            Bf16Kernel::Avx512Bf16
+        } else {
+            Bf16Kernel::Emulated
+        }
+    })
+}
+
+/// Whether the `vdpbf16ps` path runs here: the CPU has AVX-512F/BW and AVX512_BF16 and is an
+/// AMD one, or `ITT_AVX512BF16=1` asks for it on any CPU with the instructions;
+/// `ITT_AVX512BF16=0` rules it out. Decided once.
+///
+/// Why the vendor: on an Intel Xeon (Sapphire Rapids, the only Intel part measured) `vdpbf16ps`
+/// zmm retires one every ~2 cycles, half the rate of f32 FMAs for the same 2 flops per 16-bit
+/// element, so it moves no more flops than f32 does, and with the rounding and packing on top
+/// `small` trains at 0.69x its f32 speed (docs/PERFORMANCE.md); there AMX is the bf16 unit. On
+/// AMD Zen 4 PyTorch's bf16 autocast, which runs on these instructions, trains `small` at 1.36x
+/// its fp32 (issue 27's measurement), so that is where this path pays.
+pub fn avx512bf16_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| match std::env::var("ITT_AVX512BF16").as_deref() {
+        Ok("0") => false,
+        Ok("1") => avx512bf16_hardware(),
+        _ => avx512bf16_hardware() && cpu_is_amd(),
+    })
+}
+
+/// CPUID leaf 0's vendor string is "AuthenticAMD".
+fn cpu_is_amd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let r = std::arch::x86_64::__cpuid_count(0, 0);
+        let vendor: Vec<u8> = [r.ebx, r.edx, r.ecx].iter().flat_map(|w| w.to_le_bytes()).collect();
+        vendor == b"AuthenticAMD"
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether the CPU has what the `vdpbf16ps` kernel needs (AVX-512F/BW and AVX512_BF16),
+/// whatever the vendor or the environment say.
+pub fn avx512bf16_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 
@@ -692,6 +791,67 @@ unsafe fn kernel_32x32(
     }
 }
 
+/// The AVX512_BF16 twin of [`kernel_32x32`]: the same packed tiles and the same 32 x 32 block
+/// of C, by `vdpbf16ps` (each f32 lane += a0 * b0 + a1 * b1 over one bf16 k-pair). A B tile row
+/// p is one vector: the k-pair p of 16 columns; the A pair (row r, pair p) is broadcast. C is
+/// done 8 rows at a time (16 accumulators, 2 B vectors, 1 broadcast: 19 of 32 registers), the
+/// k order fixed, so the result does not depend on threads.
+///
+/// # Safety
+/// AVX-512F/BW and AVX512_BF16 present; otherwise as [`kernel_32x32`] (no tile configuration).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_32x32_dp(
+    a0: *const u16,
+    a1: *const u16,
+    b0: *const u32,
+    b1: *const u32,
+    kbc: usize,
+    c: *mut f32,
+    c_stride: usize,
+    load: bool,
+) {
+    use std::arch::x86_64::*;
+    const ROWS: usize = 8;
+    const PAIRS: usize = TK / 2;
+    // SAFETY: every address is in one of the four tile runs (kb < kbc; row < 16, pair < 16 of a
+    // tile) or in C's 32 x 32 block, which the contract says exist and are ours. The bf16
+    // vector type is 64 bytes of bits, as the integer vectors transmuted into it.
+    unsafe {
+        for (half, a) in [a0, a1].into_iter().enumerate() {
+            for g in 0..16 / ROWS {
+                let row0 = 16 * half + ROWS * g;
+                let crow = |r: usize| c.byte_add((row0 + r) * c_stride);
+                let mut acc = [[_mm512_setzero_ps(); 2]; ROWS];
+                if load {
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        *acc = [_mm512_loadu_ps(crow(r)), _mm512_loadu_ps(crow(r).add(16))];
+                    }
+                }
+                for kb in 0..kbc {
+                    // Row r of this group, as k-pairs: at[r * PAIRS + p].
+                    let at = a.add(kb * TILE + ROWS * g * TK) as *const i32;
+                    let (bt0, bt1) = (b0.add(kb * TILE / 2), b1.add(kb * TILE / 2));
+                    for p in 0..PAIRS {
+                        let vb0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt0.add(16 * p) as *const __m512i));
+                        let vb1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bt1.add(16 * p) as *const __m512i));
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let va: __m512bh = std::mem::transmute(_mm512_set1_epi32(*at.add(r * PAIRS + p)));
+                            acc[0] = _mm512_dpbf16_ps(acc[0], va, vb0);
+                            acc[1] = _mm512_dpbf16_ps(acc[1], va, vb1);
+                        }
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(crow(r), acc[0]);
+                    _mm512_storeu_ps(crow(r).add(16), acc[1]);
+                }
+            }
+        }
+    }
+}
+
 /// Other architectures never reach the AMX code (`amx_hardware` is false there); these stand-ins
 /// keep it compiling.
 #[cfg(not(target_arch = "x86_64"))]
@@ -721,6 +881,23 @@ unsafe fn kernel_32x32(
     _: bool,
 ) {
     unreachable!("AMX is x86_64 only")
+}
+
+/// # Safety
+/// Never called (AVX512_BF16 is x86_64 only).
+#[cfg(not(target_arch = "x86_64"))]
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel_32x32_dp(
+    _: *const u16,
+    _: *const u16,
+    _: *const u32,
+    _: *const u32,
+    _: usize,
+    _: *mut f32,
+    _: usize,
+    _: bool,
+) {
+    unreachable!("AVX512_BF16 is x86_64 only")
 }
 
 /// Task grid over C in 32 x 32 micro-blocks: (micro-rows, micro-columns) per task, chosen from
@@ -780,6 +957,42 @@ fn with_buf<T: Copy + Default, R>(
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32], c_rs: usize, accumulate: bool) {
     assert!(amx_hardware(), "gemm_amx called without AMX");
+    gemm_packed(true, m, n, k, a, b, c, c_rs, accumulate)
+}
+
+/// [`gemm_bf16`] with `vdpbf16ps`, whatever `ITT_AVX512BF16` says (tests, A/B timing).
+///
+/// # Panics
+/// Where the CPU lacks AVX-512F/BW or AVX512_BF16.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_avx512bf16(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+) {
+    assert!(avx512bf16_hardware(), "gemm_avx512bf16 called without AVX512_BF16");
+    gemm_packed(false, m, n, k, a, b, c, c_rs, accumulate)
+}
+
+/// The packed-operand product shared by AMX (`amx`) and AVX512_BF16: same packing, same task
+/// grid, same 32 x 32 micro-blocks; only the micro-kernel differs.
+#[allow(clippy::too_many_arguments)]
+fn gemm_packed(
+    amx: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: MatRef,
+    b: MatRef,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+) {
     if trivial(m, n, k, &a, &b, c, c_rs, accumulate) {
         return;
     }
@@ -800,10 +1013,18 @@ pub fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32
             let (ii0, ii1) = (bi * mb, ((bi + 1) * mb).min(m32));
             with_buf(&A_BUF, 2 * (ii1 - ii0) * a_strip, |pa| {
                 pack_a_block(&a, m, k, 2 * ii0, pa);
-                // SAFETY: AMX permitted (amx_hardware); this task writes only C's micro-blocks
-                // ii0..ii1 x (bj * nb .. + nb), which no other task touches.
+                // SAFETY: AMX permitted (amx_hardware) when `amx`, AVX512_BF16 present otherwise
+                // (the callers check); this task writes only C's micro-blocks ii0..ii1 x
+                // (bj * nb .. + nb), which no other task touches.
                 unsafe {
-                    let _tiles = TileGuard::new();
+                    let _tiles = if amx { Some(TileGuard::new()) } else { None };
+                    let kernel = |a0, a1, b0, b1, cp, cs, load| {
+                        if amx {
+                            kernel_32x32(a0, a1, b0, b1, kbc, cp, cs, load)
+                        } else {
+                            kernel_32x32_dp(a0, a1, b0, b1, kbc, cp, cs, load)
+                        }
+                    };
                     for jj in bj * nb..((bj + 1) * nb).min(n32) {
                         let b0 = pb.as_ptr().add(2 * jj * b_strip);
                         for ii in ii0..ii1 {
@@ -812,7 +1033,7 @@ pub fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32
                             let (a1, b1) = (a0.add(a_strip), b0.add(b_strip));
                             if i0 + 32 <= m && j0 + 32 <= n {
                                 let cp = raw(&pc).add(i0 * c_rs + j0);
-                                kernel_32x32(a0, a1, b0, b1, kbc, cp, c_rs * 4, accumulate);
+                                kernel(a0, a1, b0, b1, cp, c_rs * 4, accumulate);
                             } else {
                                 // Edge block: through a 32 x 32 buffer holding C's valid part.
                                 let mut buf = Buf([0f32; 32 * 32]);
@@ -823,7 +1044,7 @@ pub fn gemm_amx(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32
                                         buf.0[r * 32..r * 32 + cols].copy_from_slice(src);
                                     }
                                 }
-                                kernel_32x32(a0, a1, b0, b1, kbc, buf.0.as_mut_ptr(), 128, accumulate);
+                                kernel(a0, a1, b0, b1, buf.0.as_mut_ptr(), 128, accumulate);
                                 for r in 0..rows {
                                     pc.slice((i0 + r) * c_rs + j0, cols).copy_from_slice(&buf.0[r * 32..][..cols]);
                                 }
@@ -980,6 +1201,34 @@ mod tests {
         check_all(gemm_amx);
         check_empty_k(gemm_amx);
         check_deterministic("amx", gemm_amx);
+    }
+
+    /// The `vdpbf16ps` path: as the AMX test. It runs wherever the CPU has AVX512_BF16, of
+    /// any vendor, whatever `ITT_AVX512BF16` says (that only steers [`gemm_bf16`]).
+    #[test]
+    #[cfg_attr(not(itt_avx512bf16), ignore = "no AVX512_BF16 on the CPU these tests were built on")]
+    fn avx512bf16_matches_reference_and_repeats() {
+        assert!(
+            avx512bf16_hardware(),
+            "these tests were built on a CPU with AVX512_BF16 but run on one without: run them where they were built"
+        );
+        check_all(gemm_avx512bf16);
+        check_empty_k(gemm_avx512bf16);
+        check_deterministic("avx512bf16", gemm_avx512bf16);
+    }
+
+    /// One rule: AMX before AVX512_BF16 before the emulation, as the hardware allows.
+    #[test]
+    fn kernel_rule_prefers_amx_then_avx512bf16() {
+        let want = if amx_available() {
+            Bf16Kernel::Amx
+        } else if avx512bf16_available() {
+            Bf16Kernel::Avx512Bf16
+        } else {
+            Bf16Kernel::Emulated
+        };
+        assert_eq!(bf16_kernel(), want);
+        assert_eq!(bf16_kernel().in_hardware(), want != Bf16Kernel::Emulated);
     }
 
     #[test]

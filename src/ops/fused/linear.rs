@@ -4,8 +4,8 @@
 //! - f32: the products run in gemm directly; composed twin `x.matmul(&w.t())`.
 //! - bf16: both operands of every product (forward and backward) rounded to bfloat16 and the
 //!   products summed in f32, as PyTorch's CPU autocast does for `linear`; the f32 master
-//!   weights and the optimiser are untouched. The products run in `bf16_gemm` (AMX tiles where
-//!   the CPU has them). Oracle: f64 products of the bf16-rounded operands (`ops::tests`).
+//!   weights and the optimiser are untouched. The products run in `bf16_gemm` (AMX tiles, else
+//!   AVX512_BF16 vectors, where the CPU has them). Oracle: f64 products of the bf16-rounded operands (`ops::tests`).
 
 use super::bf16_gemm::{gemm_bf16, gemm_f32, MatRef};
 use super::{cpu_data, multiversion, simd_level, with_data, Filled, Real};

@@ -159,8 +159,8 @@ mod avx2 {
                     acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dds[c]), q, acc[c]);
                 }
             }
-            for c in 0..4 {
-                unsafe { *out.add(i * ld + c) = hsum_float_8(acc[c]) };
+            for (c, acc) in acc.iter().enumerate() {
+                unsafe { *out.add(i * ld + c) = hsum_float_8(*acc) };
             }
         }
     }
