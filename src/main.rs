@@ -39,7 +39,10 @@ fn main() {
 
 fn fail(e: itt::Error) -> ! {
     let _ = std::io::stdout().flush();
-    eprintln!("error: {}", itt::base::error::one_line(e.to_string()));
+    // One write of the whole line: under mpirun, stderr is forwarded in the chunks it was
+    // written in, and a line written in pieces can come out split by mpirun's abort report.
+    let line = format!("error: {}\n", itt::base::error::one_line(e.to_string()));
+    let _ = std::io::stderr().write_all(line.as_bytes());
     // Under mpirun the other ranks may be waiting for this one in a collective.
     itt::base::dist::abort_job(1);
     std::process::exit(1);
