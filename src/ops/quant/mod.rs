@@ -326,6 +326,111 @@ mod tests {
         assert!(qlinear_many(&x, &[&a, &short]).is_err());
     }
 
+    /// Random blocks of `dtype` as raw bytes, every quant byte drawn from all 256 values (so
+    /// Q8_0's -128 and both ends of every nibble occur), scales f16 values in [0.01, 0.5).
+    #[cfg(target_arch = "x86_64")]
+    fn random_blocks(dtype: GgmlDType, count: usize, rng: &mut crate::base::rng::Rng) -> Vec<u8> {
+        let (size, scales) = match dtype {
+            GgmlDType::Q4_0 => (18, 1),
+            GgmlDType::Q4_1 | GgmlDType::Q8_1 => (if dtype == GgmlDType::Q4_1 { 20 } else { 36 }, 2),
+            GgmlDType::Q8_0 => (34, 1),
+            other => panic!("no raw blocks for {other:?}"),
+        };
+        let mut out = Vec::with_capacity(count * size);
+        for _ in 0..count {
+            for _ in 0..scales {
+                let v = half::f16::from_f32(0.01 + 0.49 * rng.uniform() as f32);
+                out.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
+            out.extend((0..size - 2 * scales).map(|_| rng.below(256) as u8));
+        }
+        out
+    }
+
+    /// The AVX512-VNNI kernels (one `vpdpbusd` per block) give the bits of the AVX2 kernels
+    /// (`maddubs` and `madd`): the tiled twins against each other on 1, 3 and 16 rows, and the
+    /// row kernels that decode at batch 1 runs (the patched candle's `vec_dot_4` / `vec_dot`)
+    /// against the AVX2 tiled kernel, which computes the same floats. Blocks are random bytes,
+    /// extremes included.
+    #[test]
+    #[cfg_attr(not(itt_avx512vnni), ignore = "this CPU has no AVX512-VNNI: the VNNI kernels cannot run here")]
+    fn vnni_kernels_give_the_avx2_kernels_bits() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(tiled::vnni_available(), "AVX512-VNNI detected at build time but not at run time");
+            let mut rng = crate::base::rng::Rng::new(11);
+            let (kb, n) = (24, 8);
+            for (dt, dot) in [
+                (GgmlDType::Q4_0, GgmlDType::Q8_0),
+                (GgmlDType::Q4_1, GgmlDType::Q8_1),
+                (GgmlDType::Q8_0, GgmlDType::Q8_0),
+            ] {
+                let w = random_blocks(dt, n * kb, &mut rng);
+                let row_bytes = w.len() / n;
+                let (vnni, avx2) = (tiled::kernel(dt).unwrap(), tiled::avx2_kernel(dt).unwrap());
+                for m in [1, 3, 16] {
+                    let x = random_blocks(dot, m * kb, &mut rng);
+                    let run = |quad: tiled::QuadFn| {
+                        let mut out = vec![0f32; m * n];
+                        let mut scratch = tiled::Scratch::default();
+                        for c in (0..n).step_by(4) {
+                            let w4 = [0, 1, 2, 3].map(|j| w[(c + j) * row_bytes..].as_ptr());
+                            // SAFETY: w4 rows hold kb blocks, x holds m rows of kb, out m x n.
+                            unsafe { quad(kb, w4, x.as_ptr(), m, out.as_mut_ptr().add(c), n, &mut scratch) };
+                        }
+                        out
+                    };
+                    let (a, b) = (run(vnni), run(avx2));
+                    assert!(a.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?} tiled, {m} rows");
+                    assert!(b.iter().all(|v| v.is_finite()));
+                    if m == 1 {
+                        let rows = row_kernel_outputs(dt, &w, &x, n, kb);
+                        assert!(rows.iter().zip(&b).all(|(a, b)| a.to_bits() == b.to_bits()), "{dt:?} row kernels");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The patched candle's row kernels (`vec_dot_4` for column quads, `vec_dot` one column at
+    /// a time) on raw blocks: one activation row against n weight rows.
+    #[cfg(target_arch = "x86_64")]
+    fn row_kernel_outputs(dt: GgmlDType, w: &[u8], x: &[u8], n: usize, kb: usize) -> Vec<f32> {
+        fn go<T: GgmlType>(w: &[u8], x: &[u8], n: usize, kb: usize) -> Vec<f32> {
+            let ws = copy_blocks::<T>(w, n * kb);
+            let xs = copy_blocks::<T::VecDotType>(x, kb);
+            let k = kb * T::BLCK_SIZE;
+            let row = |c: usize| &ws[c * kb..(c + 1) * kb];
+            let mut out = vec![];
+            for c in (0..n).step_by(4) {
+                let (a, b, e, f) = T::vec_dot_4(k, row(c), row(c + 1), row(c + 2), row(c + 3), &xs);
+                out.extend([a, b, e, f]);
+            }
+            // One column alone takes `vec_dot`: the same value as in its quad.
+            assert_eq!(T::vec_dot(k, row(1), &xs).to_bits(), out[1].to_bits(), "{:?} vec_dot", T::DTYPE);
+            out
+        }
+        match dt {
+            GgmlDType::Q4_0 => go::<k_quants::BlockQ4_0>(w, x, n, kb),
+            GgmlDType::Q4_1 => go::<k_quants::BlockQ4_1>(w, x, n, kb),
+            GgmlDType::Q8_0 => go::<k_quants::BlockQ8_0>(w, x, n, kb),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Raw bytes as `count` blocks of `T` (a `Vec<u8>` is only byte-aligned).
+    #[cfg(target_arch = "x86_64")]
+    fn copy_blocks<T>(bytes: &[u8], count: usize) -> Vec<T> {
+        assert_eq!(bytes.len(), count * std::mem::size_of::<T>());
+        let mut v = Vec::<T>::with_capacity(count);
+        // SAFETY: the blocks are plain old data (f16 bits and quant bytes), any bytes are valid.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), v.as_mut_ptr() as *mut u8, bytes.len());
+            v.set_len(count);
+        }
+        v
+    }
+
     #[test]
     fn splitting_over_threads_changes_no_value() {
         let (w, x) = (rand((300, 512), 3), rand((5, 512), 4));

@@ -14,6 +14,10 @@
 //!
 //! Types: Q4_0, Q4_1 and Q8_0 (the linear weights and the embedding of the GGUFs llama.cpp
 //! writes by default). Others, and CPUs without AVX2/FMA/F16C, take the row-by-row path.
+//! Where the CPU has AVX512-VNNI (+VL) each block's integer dot product is one `vpdpbusd`
+//! instead of `maddubs` + `madd`: the same integers, so the same bits (the kernels are stamped
+//! once per instruction set by `tiled_kernels!`; the row kernels in the patched candle follow
+//! the same rule, vendor/candle-core/ITT-PATCH.md patch 6).
 
 use candle_core::quantized::GgmlDType;
 
@@ -35,6 +39,31 @@ pub(super) struct Scratch {
     m: Vec<[f32; 4]>,
 }
 
+/// Whether the VNNI twins run: AVX512-VNNI with VL on this CPU, and `ITT_VNNI` is not `0` (the
+/// same rule as the row kernels', vendor/candle-core/ITT-PATCH.md patch 6; both paths give the
+/// same bits, the switch is for timing one against the other).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn vnni_available() -> bool {
+    static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *VNNI.get_or_init(|| {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512vnni")
+            && std::env::var("ITT_VNNI").as_deref() != Ok("0")
+    })
+}
+
+/// The AVX2 kernel for weights of `dtype` (the oracle of the VNNI twins in the tests).
+#[cfg(target_arch = "x86_64")]
+pub(super) fn avx2_kernel(dtype: GgmlDType) -> Option<QuadFn> {
+    match dtype {
+        GgmlDType::Q4_0 => Some(avx2::quad_q4_0),
+        GgmlDType::Q4_1 => Some(avx2::quad_q4_1),
+        GgmlDType::Q8_0 => Some(avx2::quad_q8_0),
+        _ => None,
+    }
+}
+
 /// The tiled kernel for weights of `dtype`, where this CPU can run it.
 pub(super) fn kernel(dtype: GgmlDType) -> Option<QuadFn> {
     #[cfg(target_arch = "x86_64")]
@@ -42,13 +71,15 @@ pub(super) fn kernel(dtype: GgmlDType) -> Option<QuadFn> {
         if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
             return None;
         }
-        let f: QuadFn = match dtype {
-            GgmlDType::Q4_0 => avx2::quad_q4_0,
-            GgmlDType::Q4_1 => avx2::quad_q4_1,
-            GgmlDType::Q8_0 => avx2::quad_q8_0,
-            _ => return None,
-        };
-        Some(f)
+        if vnni_available() {
+            return match dtype {
+                GgmlDType::Q4_0 => Some(vnni::quad_q4_0),
+                GgmlDType::Q4_1 => Some(vnni::quad_q4_1),
+                GgmlDType::Q8_0 => Some(vnni::quad_q8_0),
+                _ => None,
+            };
+        }
+        avx2_kernel(dtype)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -57,219 +88,244 @@ pub(super) fn kernel(dtype: GgmlDType) -> Option<QuadFn> {
     }
 }
 
+/// The block's integer dot product (32 u8 x i8 products summed in fours into eight i32 lanes,
+/// as f32): candle's AVX2 `maddubs` + `madd`, or one AVX512-VNNI `vpdpbusd`. The i16 pairs of
+/// `maddubs` never saturate in these kernels (|u8 operand| <= 128, i8 operand >= -128: within
+/// [-32768, 32512]), so both give the same integers and the same floats, bit for bit
+/// (vendor/candle-core/ITT-PATCH.md, patch 6; tested in `super::tests`).
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::Scratch;
-    use candle_core::quantized::k_quants;
+#[target_feature(enable = "avx2,fma")]
+fn mul_sum_us8_avx2(ax: std::arch::x86_64::__m256i, sy: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
     use std::arch::x86_64::*;
-
-    // The GGML block layouts (candle's `k_quants::Block*` with crate-private fields): f16 scales
-    // as raw bits, then the quants.
-    #[repr(C)]
-    struct Q4_0 {
-        d: u16,
-        qs: [u8; 16],
-    }
-    #[repr(C)]
-    struct Q4_1 {
-        d: u16,
-        m: u16,
-        qs: [u8; 16],
-    }
-    #[repr(C)]
-    struct Q8_0 {
-        d: u16,
-        qs: [i8; 32],
-    }
-    #[repr(C)]
-    struct Q8_1 {
-        d: u16,
-        s: u16,
-        qs: [i8; 32],
-    }
-    const _: () = assert!(std::mem::size_of::<Q4_0>() == std::mem::size_of::<k_quants::BlockQ4_0>());
-    const _: () = assert!(std::mem::size_of::<Q4_1>() == std::mem::size_of::<k_quants::BlockQ4_1>());
-    const _: () = assert!(std::mem::size_of::<Q8_0>() == std::mem::size_of::<k_quants::BlockQ8_0>());
-    const _: () = assert!(std::mem::size_of::<Q8_1>() == std::mem::size_of::<k_quants::BlockQ8_1>());
-
-    /// Four f16 values (raw bits) as f32 lanes; exact.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn f16x4(h: [u16; 4]) -> __m128 {
-        let bits = (h[0] as u64) | (h[1] as u64) << 16 | (h[2] as u64) << 32 | (h[3] as u64) << 48;
-        _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
-    }
-
-    /// One f16 (raw bits) as f32; exact, the same value as `half::f16::to_f32`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn f16x1(h: u16) -> f32 {
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
-    }
-
-    // candle's `quantized::avx` helpers, the same instructions in the same order.
-    #[target_feature(enable = "avx2,fma")]
-    fn mul_sum_us8_pairs_float(ax: __m256i, sy: __m256i) -> __m256 {
-        let dot = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    fn hsum_float_8(x: __m256) -> f32 {
-        let res = _mm256_extractf128_ps(x, 1);
-        let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
-        let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
-        let res = _mm_add_ss(res, _mm_movehdup_ps(res));
-        _mm_cvtss_f32(res)
-    }
-
-    /// # Safety
-    /// `p` must point to 16 readable bytes.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
-        let tmp = unsafe { _mm_loadu_si128(p as *const __m128i) };
-        let bytes = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4));
-        _mm256_and_si256(_mm256_set1_epi8(0xF), bytes)
-    }
-
-    fn reserve(s: &mut Scratch, kb: usize) {
-        let zero = unsafe { _mm256_setzero_si256() };
-        s.q.resize(kb * 4, zero);
-        s.a.resize(kb * 4, zero);
-        s.d.resize(kb, [0.0; 4]);
-        s.m.resize(kb, [0.0; 4]);
-    }
-
-    /// Signed 8-bit weights against Q8_0 activations, candle's `mul_sum_i8_pairs_float(w, y)`
-    /// with |w| (`a`) precomputed: per block `acc += (dw * dy) * sum(w * y)`.
-    ///
-    /// # Safety
-    /// `x` holds `m * kb` Q8_0 blocks; `out[i * ld + c]` is writable for i < m, c < 4; the
-    /// scratch holds the unpacked quad (`q` the signed quants, `a` their magnitudes, `d`).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn rows_i8(kb: usize, x: *const Q8_0, m: usize, out: *mut f32, ld: usize, s: &Scratch) {
-        for i in 0..m {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for b in 0..kb {
-                let y = unsafe { &*x.add(i * kb + b) };
-                let dd = _mm_mul_ps(_mm_loadu_ps(s.d[b].as_ptr()), _mm_set1_ps(f16x1(y.d)));
-                let mut dds = [0f32; 4];
-                unsafe { _mm_storeu_ps(dds.as_mut_ptr(), dd) };
-                let by = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
-                for c in 0..4 {
-                    let q = mul_sum_us8_pairs_float(s.a[b * 4 + c], _mm256_sign_epi8(by, s.q[b * 4 + c]));
-                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dds[c]), q, acc[c]);
-                }
-            }
-            for (c, acc) in acc.iter().enumerate() {
-                unsafe { *out.add(i * ld + c) = hsum_float_8(*acc) };
-            }
-        }
-    }
-
-    /// Q4_0 x Q8_0: candle's `vec_dot_q4_0_q8_0` (quants `nibble - 8`).
-    ///
-    /// # Safety
-    /// `w[c]` point at `kb` Q4_0 blocks, `x` at `m * kb` Q8_0 blocks, `out` as in [`rows_i8`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quad_q4_0(
-        kb: usize,
-        w: [*const u8; 4],
-        x: *const u8,
-        m: usize,
-        out: *mut f32,
-        ld: usize,
-        s: &mut Scratch,
-    ) {
-        reserve(s, kb);
-        let w = w.map(|p| p as *const Q4_0);
-        for b in 0..kb {
-            let blk = |c: usize| unsafe { &*w[c].add(b) };
-            for c in 0..4 {
-                let q = _mm256_sub_epi8(unsafe { bytes_from_nibbles_32(blk(c).qs.as_ptr()) }, _mm256_set1_epi8(8));
-                s.q[b * 4 + c] = q;
-                s.a[b * 4 + c] = _mm256_sign_epi8(q, q);
-            }
-            s.d[b] = [0, 1, 2, 3].map(|c| f16x1(blk(c).d));
-        }
-        unsafe { rows_i8(kb, x as *const Q8_0, m, out, ld, s) }
-    }
-
-    /// Q8_0 x Q8_0: candle's `vec_dot_q8_0_q8_0` / `vec_dot_4_q8_0_q8_0`.
-    ///
-    /// # Safety
-    /// As [`quad_q4_0`], with Q8_0 weight blocks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quad_q8_0(
-        kb: usize,
-        w: [*const u8; 4],
-        x: *const u8,
-        m: usize,
-        out: *mut f32,
-        ld: usize,
-        s: &mut Scratch,
-    ) {
-        reserve(s, kb);
-        let w = w.map(|p| p as *const Q8_0);
-        for b in 0..kb {
-            let blk = |c: usize| unsafe { &*w[c].add(b) };
-            for c in 0..4 {
-                let q = unsafe { _mm256_loadu_si256(blk(c).qs.as_ptr() as *const __m256i) };
-                s.q[b * 4 + c] = q;
-                s.a[b * 4 + c] = _mm256_sign_epi8(q, q);
-            }
-            s.d[b] = [0, 1, 2, 3].map(|c| f16x1(blk(c).d));
-        }
-        unsafe { rows_i8(kb, x as *const Q8_0, m, out, ld, s) }
-    }
-
-    /// Q4_1 x Q8_1: the patched candle's `vec_dot_4_q4_1_q8_1` (ggml's AVX2 kernel): per block
-    /// `acc += (d * dy) * sum(q * y)` over unsigned nibbles q, and separately `ms += m * s`
-    /// (s = dy * sum(y), carried by the Q8_1 block); the output is `hsum(acc) + ms`.
-    ///
-    /// # Safety
-    /// `w[c]` point at `kb` Q4_1 blocks, `x` at `m * kb` Q8_1 blocks, `out` as in [`rows_i8`].
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn quad_q4_1(
-        kb: usize,
-        w: [*const u8; 4],
-        x: *const u8,
-        m: usize,
-        out: *mut f32,
-        ld: usize,
-        s: &mut Scratch,
-    ) {
-        reserve(s, kb);
-        let w = w.map(|p| p as *const Q4_1);
-        for b in 0..kb {
-            let blk = |c: usize| unsafe { &*w[c].add(b) };
-            for c in 0..4 {
-                s.q[b * 4 + c] = unsafe { bytes_from_nibbles_32(blk(c).qs.as_ptr()) };
-            }
-            unsafe {
-                _mm_storeu_ps(s.d[b].as_mut_ptr(), f16x4([0, 1, 2, 3].map(|c| blk(c).d)));
-                _mm_storeu_ps(s.m[b].as_mut_ptr(), f16x4([0, 1, 2, 3].map(|c| blk(c).m)));
-            }
-        }
-        let x = x as *const Q8_1;
-        for i in 0..m {
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut ms = _mm_setzero_ps(); // lane c: the sum over blocks of m_c * s
-            for b in 0..kb {
-                let y = unsafe { &*x.add(i * kb + b) };
-                let dd = _mm_mul_ps(_mm_loadu_ps(s.d[b].as_ptr()), _mm_set1_ps(f16x1(y.d)));
-                ms = _mm_add_ps(ms, _mm_mul_ps(_mm_loadu_ps(s.m[b].as_ptr()), _mm_set1_ps(f16x1(y.s))));
-                let mut dds = [0f32; 4];
-                unsafe { _mm_storeu_ps(dds.as_mut_ptr(), dd) };
-                let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
-                for c in 0..4 {
-                    let xy = mul_sum_us8_pairs_float(s.q[b * 4 + c], qy);
-                    acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dds[c]), xy, acc[c]);
-                }
-            }
-            let mut mss = [0f32; 4];
-            unsafe { _mm_storeu_ps(mss.as_mut_ptr(), ms) };
-            for c in 0..4 {
-                unsafe { *out.add(i * ld + c) = hsum_float_8(acc[c]) + mss[c] };
-            }
-        }
-    }
+    let dot = _mm256_maddubs_epi16(ax, sy);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_set1_epi16(1), dot))
 }
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+fn mul_sum_us8_vnni(ax: std::arch::x86_64::__m256i, sy: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy))
+}
+
+/// The kernels, stamped once per instruction set: `$features` for every function, `$mul_sum`
+/// the block's integer dot product.
+macro_rules! tiled_kernels {
+    ($module:ident, $features:literal, $mul_sum:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $module {
+            use super::Scratch;
+            use candle_core::quantized::k_quants;
+            use std::arch::x86_64::*;
+
+            // The GGML block layouts (candle's `k_quants::Block*` with crate-private fields): f16 scales
+            // as raw bits, then the quants.
+            #[repr(C)]
+            struct Q4_0 {
+                d: u16,
+                qs: [u8; 16],
+            }
+            #[repr(C)]
+            struct Q4_1 {
+                d: u16,
+                m: u16,
+                qs: [u8; 16],
+            }
+            #[repr(C)]
+            struct Q8_0 {
+                d: u16,
+                qs: [i8; 32],
+            }
+            #[repr(C)]
+            struct Q8_1 {
+                d: u16,
+                s: u16,
+                qs: [i8; 32],
+            }
+            const _: () = assert!(std::mem::size_of::<Q4_0>() == std::mem::size_of::<k_quants::BlockQ4_0>());
+            const _: () = assert!(std::mem::size_of::<Q4_1>() == std::mem::size_of::<k_quants::BlockQ4_1>());
+            const _: () = assert!(std::mem::size_of::<Q8_0>() == std::mem::size_of::<k_quants::BlockQ8_0>());
+            const _: () = assert!(std::mem::size_of::<Q8_1>() == std::mem::size_of::<k_quants::BlockQ8_1>());
+
+            /// Four f16 values (raw bits) as f32 lanes; exact.
+            #[target_feature(enable = $features)]
+            fn f16x4(h: [u16; 4]) -> __m128 {
+                let bits = (h[0] as u64) | (h[1] as u64) << 16 | (h[2] as u64) << 32 | (h[3] as u64) << 48;
+                _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
+            }
+
+            /// One f16 (raw bits) as f32; exact, the same value as `half::f16::to_f32`.
+            #[target_feature(enable = $features)]
+            fn f16x1(h: u16) -> f32 {
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h as i32)))
+            }
+
+            // candle's `quantized::avx` helpers, the same instructions in the same order.
+            use super::$mul_sum as mul_sum_us8_pairs_float;
+
+            #[target_feature(enable = $features)]
+            fn hsum_float_8(x: __m256) -> f32 {
+                let res = _mm256_extractf128_ps(x, 1);
+                let res = _mm_add_ps(res, _mm256_castps256_ps128(x));
+                let res = _mm_add_ps(res, _mm_movehl_ps(res, res));
+                let res = _mm_add_ss(res, _mm_movehdup_ps(res));
+                _mm_cvtss_f32(res)
+            }
+
+            /// # Safety
+            /// `p` must point to 16 readable bytes.
+            #[target_feature(enable = $features)]
+            unsafe fn bytes_from_nibbles_32(p: *const u8) -> __m256i {
+                let tmp = unsafe { _mm_loadu_si128(p as *const __m128i) };
+                let bytes = _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(tmp), _mm_srli_epi16(tmp, 4));
+                _mm256_and_si256(_mm256_set1_epi8(0xF), bytes)
+            }
+
+            fn reserve(s: &mut Scratch, kb: usize) {
+                let zero = unsafe { _mm256_setzero_si256() };
+                s.q.resize(kb * 4, zero);
+                s.a.resize(kb * 4, zero);
+                s.d.resize(kb, [0.0; 4]);
+                s.m.resize(kb, [0.0; 4]);
+            }
+
+            /// Signed 8-bit weights against Q8_0 activations, candle's `mul_sum_i8_pairs_float(w, y)`
+            /// with |w| (`a`) precomputed: per block `acc += (dw * dy) * sum(w * y)`.
+            ///
+            /// # Safety
+            /// `x` holds `m * kb` Q8_0 blocks; `out[i * ld + c]` is writable for i < m, c < 4; the
+            /// scratch holds the unpacked quad (`q` the signed quants, `a` their magnitudes, `d`).
+            #[target_feature(enable = $features)]
+            unsafe fn rows_i8(kb: usize, x: *const Q8_0, m: usize, out: *mut f32, ld: usize, s: &Scratch) {
+                for i in 0..m {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    for b in 0..kb {
+                        let y = unsafe { &*x.add(i * kb + b) };
+                        let dd = _mm_mul_ps(_mm_loadu_ps(s.d[b].as_ptr()), _mm_set1_ps(f16x1(y.d)));
+                        let mut dds = [0f32; 4];
+                        unsafe { _mm_storeu_ps(dds.as_mut_ptr(), dd) };
+                        let by = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
+                        for c in 0..4 {
+                            let q = mul_sum_us8_pairs_float(s.a[b * 4 + c], _mm256_sign_epi8(by, s.q[b * 4 + c]));
+                            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dds[c]), q, acc[c]);
+                        }
+                    }
+                    for (c, acc) in acc.iter().enumerate() {
+                        unsafe { *out.add(i * ld + c) = hsum_float_8(*acc) };
+                    }
+                }
+            }
+
+            /// Q4_0 x Q8_0: candle's `vec_dot_q4_0_q8_0` (quants `nibble - 8`).
+            ///
+            /// # Safety
+            /// `w[c]` point at `kb` Q4_0 blocks, `x` at `m * kb` Q8_0 blocks, `out` as in [`rows_i8`].
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn quad_q4_0(
+                kb: usize,
+                w: [*const u8; 4],
+                x: *const u8,
+                m: usize,
+                out: *mut f32,
+                ld: usize,
+                s: &mut Scratch,
+            ) {
+                reserve(s, kb);
+                let w = w.map(|p| p as *const Q4_0);
+                for b in 0..kb {
+                    let blk = |c: usize| unsafe { &*w[c].add(b) };
+                    for c in 0..4 {
+                        let q =
+                            _mm256_sub_epi8(unsafe { bytes_from_nibbles_32(blk(c).qs.as_ptr()) }, _mm256_set1_epi8(8));
+                        s.q[b * 4 + c] = q;
+                        s.a[b * 4 + c] = _mm256_sign_epi8(q, q);
+                    }
+                    s.d[b] = [0, 1, 2, 3].map(|c| f16x1(blk(c).d));
+                }
+                unsafe { rows_i8(kb, x as *const Q8_0, m, out, ld, s) }
+            }
+
+            /// Q8_0 x Q8_0: candle's `vec_dot_q8_0_q8_0` / `vec_dot_4_q8_0_q8_0`.
+            ///
+            /// # Safety
+            /// As [`quad_q4_0`], with Q8_0 weight blocks.
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn quad_q8_0(
+                kb: usize,
+                w: [*const u8; 4],
+                x: *const u8,
+                m: usize,
+                out: *mut f32,
+                ld: usize,
+                s: &mut Scratch,
+            ) {
+                reserve(s, kb);
+                let w = w.map(|p| p as *const Q8_0);
+                for b in 0..kb {
+                    let blk = |c: usize| unsafe { &*w[c].add(b) };
+                    for c in 0..4 {
+                        let q = unsafe { _mm256_loadu_si256(blk(c).qs.as_ptr() as *const __m256i) };
+                        s.q[b * 4 + c] = q;
+                        s.a[b * 4 + c] = _mm256_sign_epi8(q, q);
+                    }
+                    s.d[b] = [0, 1, 2, 3].map(|c| f16x1(blk(c).d));
+                }
+                unsafe { rows_i8(kb, x as *const Q8_0, m, out, ld, s) }
+            }
+
+            /// Q4_1 x Q8_1: the patched candle's `vec_dot_4_q4_1_q8_1` (ggml's AVX2 kernel): per block
+            /// `acc += (d * dy) * sum(q * y)` over unsigned nibbles q, and separately `ms += m * s`
+            /// (s = dy * sum(y), carried by the Q8_1 block); the output is `hsum(acc) + ms`.
+            ///
+            /// # Safety
+            /// `w[c]` point at `kb` Q4_1 blocks, `x` at `m * kb` Q8_1 blocks, `out` as in [`rows_i8`].
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn quad_q4_1(
+                kb: usize,
+                w: [*const u8; 4],
+                x: *const u8,
+                m: usize,
+                out: *mut f32,
+                ld: usize,
+                s: &mut Scratch,
+            ) {
+                reserve(s, kb);
+                let w = w.map(|p| p as *const Q4_1);
+                for b in 0..kb {
+                    let blk = |c: usize| unsafe { &*w[c].add(b) };
+                    for c in 0..4 {
+                        s.q[b * 4 + c] = unsafe { bytes_from_nibbles_32(blk(c).qs.as_ptr()) };
+                    }
+                    unsafe {
+                        _mm_storeu_ps(s.d[b].as_mut_ptr(), f16x4([0, 1, 2, 3].map(|c| blk(c).d)));
+                        _mm_storeu_ps(s.m[b].as_mut_ptr(), f16x4([0, 1, 2, 3].map(|c| blk(c).m)));
+                    }
+                }
+                let x = x as *const Q8_1;
+                for i in 0..m {
+                    let mut acc = [_mm256_setzero_ps(); 4];
+                    let mut ms = _mm_setzero_ps(); // lane c: the sum over blocks of m_c * s
+                    for b in 0..kb {
+                        let y = unsafe { &*x.add(i * kb + b) };
+                        let dd = _mm_mul_ps(_mm_loadu_ps(s.d[b].as_ptr()), _mm_set1_ps(f16x1(y.d)));
+                        ms = _mm_add_ps(ms, _mm_mul_ps(_mm_loadu_ps(s.m[b].as_ptr()), _mm_set1_ps(f16x1(y.s))));
+                        let mut dds = [0f32; 4];
+                        unsafe { _mm_storeu_ps(dds.as_mut_ptr(), dd) };
+                        let qy = unsafe { _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i) };
+                        for c in 0..4 {
+                            let xy = mul_sum_us8_pairs_float(s.q[b * 4 + c], qy);
+                            acc[c] = _mm256_fmadd_ps(_mm256_set1_ps(dds[c]), xy, acc[c]);
+                        }
+                    }
+                    let mut mss = [0f32; 4];
+                    unsafe { _mm_storeu_ps(mss.as_mut_ptr(), ms) };
+                    for c in 0..4 {
+                        unsafe { *out.add(i * ld + c) = hsum_float_8(acc[c]) + mss[c] };
+                    }
+                }
+            }
+        }
+    };
+}
+tiled_kernels!(avx2, "avx2,fma,f16c", mul_sum_us8_avx2);
+tiled_kernels!(vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni", mul_sum_us8_vnni);

@@ -79,81 +79,106 @@ unsafe fn f16_pair(p: *const u8) -> __m128 {
     unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32))) }
 }
 
+// [itt patch] The integer core of the Q4_0 / Q4_1 / Q8_0 block dots with AVX512-VNNI (+VL)
+// (ITT-PATCH.md, patch 6): the 32 u8 x i8 products of a block summed in fours into eight i32
+// lanes by one `vpdpbusd`, where AVX2 takes `maddubs` (i16 pairs) and `madd` against ones. In
+// these kernels a pair never leaves i16's range (|u8 operand| <= 128 after the sign trick, the
+// i8 operand in [-128, 127]: at most 32512, at least -32768), so `maddubs` never saturates and
+// both give the same integers: the same floats, bit for bit, on either path.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+pub(crate) fn mul_sum_us8_pairs_float_vnni(ax: __m256i, sy: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy))
+}
+
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+pub(crate) fn mul_sum_i8_pairs_float_vnni(x: __m256i, y: __m256i) -> __m256 {
+    mul_sum_us8_pairs_float_vnni(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
 // [itt patch] ggml's AVX2 `ggml_vec_dot_q4_1_q8_1`: x = d*q + m with unsigned nibbles q, so
 // sum(x*y) = d*dy*sum(q*qy) + m*s where the q8_1 block carries s = dy*sum(qy). candle had only
-// the scalar loop for Q4_1 (ITT-PATCH.md, patch 4).
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn vec_dot_q4_1_q8_1(n: usize, xs: &[BlockQ4_1], ys: &[BlockQ8_1]) -> f32 {
-    rows_q4_1_q8_1::<1>(n, [xs], ys)[0]
-}
-
-// [itt patch] Four rows of Q4_1 against one Q8_1 row: the activation block (its quants, scale
-// and sum) is loaded and converted once for the rows.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn vec_dot_4_q4_1_q8_1(n: usize, xs: [&[BlockQ4_1]; 4], ys: &[BlockQ8_1]) -> (f32, f32, f32, f32) {
-    let [a, b, c, d] = rows_q4_1_q8_1::<4>(n, xs, ys);
-    (a, b, c, d)
-}
-
-// [itt patch] R rows of Q4_1 against one Q8_1 row. R is a constant so that the row loop
-// unrolls and every accumulator stays in a register: with R a run-time count (an earlier
-// version) the compiler kept the fourth row's accumulators on the stack and branched on the
-// count four times per block (perf annotate of a SmolLM2 decoding step). The same operations
-// in the same order per row, so the values are unchanged.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn rows_q4_1_q8_1<const R: usize>(n: usize, xs: [&[BlockQ4_1]; R], ys: &[BlockQ8_1]) -> [f32; R] {
-    debug_assert!(n.is_multiple_of(QK8_1), "vec_dot_q4_1_q8_1: {n} is not divisible by {QK8_1}");
-    let nb = n / QK8_1;
-    assert!(ys.len() >= nb && xs.iter().all(|x| x.len() >= nb));
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); R];
-        // lane 1 of ms[r]: the sum over blocks of m * s
-        let mut ms = [_mm_setzero_ps(); R];
-        for b in 0..nb {
-            let y = ys.get_unchecked(b);
-            let yds = f16_pair(y as *const BlockQ8_1 as *const u8); // [dy, s, 0, 0]
-            let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            for r in 0..R {
-                let x = xs[r].get_unchecked(b);
-                let p = _mm_mul_ps(f16_pair(x as *const BlockQ4_1 as *const u8), yds); // [d*dy, m*s]
-                ms[r] = _mm_add_ps(ms[r], p);
-                let qx = bytes_from_nibbles_32(x.qs.as_ptr());
-                let xy = mul_sum_us8_pairs_float(qx, qy);
-                acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), xy, acc[r]);
+// the scalar loop for Q4_1 (ITT-PATCH.md, patch 4). R rows of Q4_1 against one Q8_1 row: the
+// activation block (its quants, scale and sum) is loaded and converted once for the rows. R is
+// a constant so that the row loop unrolls and every accumulator stays in a register: with R a
+// run-time count (an earlier version) the compiler kept the fourth row's accumulators on the
+// stack and branched on the count four times per block (perf annotate of a SmolLM2 decoding
+// step). Stamped twice (patch 6): `$dot` is the block's integer dot product, AVX2 or VNNI.
+macro_rules! rows_q4_1_q8_1 {
+    ($name:ident, $dot:ident, $features:literal) => {
+        #[target_feature(enable = $features)]
+        pub(crate) fn $name<const R: usize>(n: usize, xs: [&[BlockQ4_1]; R], ys: &[BlockQ8_1]) -> [f32; R] {
+            debug_assert!(n.is_multiple_of(QK8_1), "vec_dot_q4_1_q8_1: {n} is not divisible by {QK8_1}");
+            let nb = n / QK8_1;
+            assert!(ys.len() >= nb && xs.iter().all(|x| x.len() >= nb));
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); R];
+                // lane 1 of ms[r]: the sum over blocks of m * s
+                let mut ms = [_mm_setzero_ps(); R];
+                for b in 0..nb {
+                    let y = ys.get_unchecked(b);
+                    let yds = f16_pair(y as *const BlockQ8_1 as *const u8); // [dy, s, 0, 0]
+                    let qy = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                    for r in 0..R {
+                        let x = xs[r].get_unchecked(b);
+                        let p = _mm_mul_ps(f16_pair(x as *const BlockQ4_1 as *const u8), yds); // [d*dy, m*s]
+                        ms[r] = _mm_add_ps(ms[r], p);
+                        let qx = bytes_from_nibbles_32(x.qs.as_ptr());
+                        let xy = $dot(qx, qy);
+                        acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(p), xy, acc[r]);
+                    }
+                }
+                std::array::from_fn(|r| hsum_float_8(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(ms[r])))
             }
         }
-        std::array::from_fn(|r| hsum_float_8(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(ms[r])))
-    }
+    };
+}
+rows_q4_1_q8_1!(rows_q4_1_q8_1, mul_sum_us8_pairs_float, "avx2,fma,f16c");
+rows_q4_1_q8_1!(rows_q4_1_q8_1_vnni, mul_sum_us8_pairs_float_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
+
+// [itt patch] The signed quants of a Q8_0 block, and of a Q4_0 block (nibble - 8), as 32 bytes.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quants_q8_0(x: &BlockQ8_0) -> __m256i {
+    unsafe { _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i) }
+}
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quants_q4_0(x: &BlockQ4_0) -> __m256i {
+    unsafe { _mm256_sub_epi8(bytes_from_nibbles_32(x.qs.as_ptr()), _mm256_set1_epi8(8)) }
 }
 
-// [itt patch] Four rows of Q8_0 against one Q8_0 row (the tied head of a Q8_0 embedding is the
-// largest product of a decoding step), scales through F16C as above.
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(crate) fn vec_dot_4_q8_0_q8_0(
-    n: usize,
-    xs: [&[BlockQ8_0]; 4],
-    ys: &[BlockQ8_0],
-) -> (f32, f32, f32, f32) {
-    debug_assert!(n.is_multiple_of(QK8_0), "vec_dot_q8_0_q8_0: {n} is not divisible by {QK8_0}");
-    let nb = n / QK8_0;
-    debug_assert!(ys.len() >= nb && xs.iter().all(|x| x.len() >= nb));
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for b in 0..nb {
-            let y = ys.get_unchecked(b);
-            let dy = f16_pair(y as *const BlockQ8_0 as *const u8); // [dy, (quants), ..]
-            let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
-            for r in 0..4 {
-                let x = xs[r].get_unchecked(b);
-                let d = _mm_mul_ss(f16_pair(x as *const BlockQ8_0 as *const u8), dy);
-                let bx = _mm256_loadu_si256(x.qs.as_ptr() as *const __m256i);
-                let q = mul_sum_i8_pairs_float(bx, by);
-                acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), q, acc[r]);
+// [itt patch] R rows of Q8_0 or Q4_0 weights against one Q8_0 row (the tied head of a Q8_0
+// embedding is the largest product of a decoding step; Q4_0 is llama.cpp's default 4-bit type):
+// per block `acc += (dx * dy) * sum(x * y)`, the scales through F16C as above, the activation
+// block loaded once for the rows. candle's `vec_dot_q4_0_q8_0` / `vec_dot_q8_0_q8_0` compute
+// the same floats one row at a time. Stamped for both weight types and both paths (patch 6).
+macro_rules! rows_i8_q8_0 {
+    ($name:ident, $block:ty, $quants:ident, $dot:ident, $features:literal) => {
+        #[target_feature(enable = $features)]
+        pub(crate) fn $name<const R: usize>(n: usize, xs: [&[$block]; R], ys: &[BlockQ8_0]) -> [f32; R] {
+            debug_assert!(n.is_multiple_of(QK8_0), "vec_dot_*_q8_0: {n} is not divisible by {QK8_0}");
+            let nb = n / QK8_0;
+            assert!(ys.len() >= nb && xs.iter().all(|x| x.len() >= nb));
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); R];
+                for b in 0..nb {
+                    let y = ys.get_unchecked(b);
+                    let dy = f16_pair(y as *const BlockQ8_0 as *const u8); // [dy, (quants), ..]
+                    let by = _mm256_loadu_si256(y.qs.as_ptr() as *const __m256i);
+                    for r in 0..R {
+                        let x = xs[r].get_unchecked(b);
+                        let d = _mm_mul_ss(f16_pair(x as *const $block as *const u8), dy);
+                        let q = $dot($quants(x), by);
+                        acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(d), q, acc[r]);
+                    }
+                }
+                std::array::from_fn(|r| hsum_float_8(acc[r]))
             }
         }
-        (hsum_float_8(acc[0]), hsum_float_8(acc[1]), hsum_float_8(acc[2]), hsum_float_8(acc[3]))
-    }
+    };
 }
+rows_i8_q8_0!(rows_q8_0_q8_0, BlockQ8_0, quants_q8_0, mul_sum_i8_pairs_float, "avx2,fma,f16c");
+rows_i8_q8_0!(rows_q8_0_q8_0_vnni, BlockQ8_0, quants_q8_0, mul_sum_i8_pairs_float_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
+rows_i8_q8_0!(rows_q4_0_q8_0, BlockQ4_0, quants_q4_0, mul_sum_i8_pairs_float, "avx2,fma,f16c");
+rows_i8_q8_0!(rows_q4_0_q8_0_vnni, BlockQ4_0, quants_q4_0, mul_sum_i8_pairs_float_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
 
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {

@@ -17,11 +17,47 @@ fn has_avx2_fma() -> bool {
     features.avx2 && features.fma
 }
 
-// [itt patch] The kernels that convert block scales with F16C (ITT-PATCH.md, patch 4).
+// [itt patch] Which of the Q4_0 / Q4_1 / Q8_0 block-dot kernels this CPU runs (ITT-PATCH.md,
+// patches 4 and 6): AVX512-VNNI where the CPU has it and `ITT_VNNI` is not `0` (for timing one
+// against the other; both give the same bits), else AVX2 + F16C, else candle's own.
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-fn has_avx2_fma_f16c() -> bool {
-    let features = crate::cpu::features::get();
-    features.avx2 && features.fma && features.f16c
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum DotPath {
+    Vnni,
+    Avx2,
+    Other,
+}
+
+#[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+fn dot_path() -> DotPath {
+    static PATH: std::sync::OnceLock<DotPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| {
+        let f = crate::cpu::features::get();
+        let vnni_off = std::env::var("ITT_VNNI").as_deref() == Ok("0");
+        if !(f.avx2 && f.fma && f.f16c) {
+            DotPath::Other
+        } else if f.avx512f && f.avx512vl && f.avx512vnni && !vnni_off {
+            DotPath::Vnni
+        } else {
+            DotPath::Avx2
+        }
+    })
+}
+
+// [itt patch] R weight rows against one activation row with the kernel `dot_path` picks, as
+// `Some([f32; R])`, or `None` where neither runs: `rows_dot!(avx2_kernel, vnni_kernel, n, xs, ys)`.
+macro_rules! rows_dot {
+    ($avx2:ident, $vnni:ident, $n:expr, $xs:expr, $ys:expr) => {{
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        let rows = match dot_path() {
+            DotPath::Vnni => Some(unsafe { super::avx::$vnni($n, $xs, $ys) }),
+            DotPath::Avx2 => Some(unsafe { super::avx::$avx2($n, $xs, $ys) }),
+            DotPath::Other => None,
+        };
+        #[cfg(not(any(target_arch = "x86", target_arch = "x86_64")))]
+        let rows = None;
+        rows
+    }};
 }
 
 // Default to QK_K 256 rather than 64.
@@ -274,6 +310,10 @@ impl GgmlType for BlockQ4_0 {
     // https://github.com/ggerganov/llama.cpp/blob/b5ffb2849d23afe73647f68eec7b68187af09be6/ggml.c#L2361C10-L2361C122
     #[allow(unreachable_code)]
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        // [itt patch] F16C scales, AVX512-VNNI where the CPU has it (ITT-PATCH.md, patch 6).
+        if let Some([d]) = rows_dot!(rows_q4_0_q8_0, rows_q4_0_q8_0_vnni, n, [xs], ys) {
+            return d;
+        }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         if has_avx2_fma() {
             return unsafe { super::avx::vec_dot_q4_0_q8_0(n, xs, ys) };
@@ -286,6 +326,26 @@ impl GgmlType for BlockQ4_0 {
         return super::simd128::vec_dot_q4_0_q8_0(n, xs, ys);
 
         Self::vec_dot_unopt(n, xs, ys)
+    }
+
+    // [itt patch] Four rows sharing one activation load (ITT-PATCH.md, patch 6).
+    fn vec_dot_4(
+        n: usize,
+        xs0: &[Self],
+        xs1: &[Self],
+        xs2: &[Self],
+        xs3: &[Self],
+        ys: &[Self::VecDotType],
+    ) -> (f32, f32, f32, f32) {
+        if let Some([a, b, c, d]) = rows_dot!(rows_q4_0_q8_0, rows_q4_0_q8_0_vnni, n, [xs0, xs1, xs2, xs3], ys) {
+            return (a, b, c, d);
+        }
+        (
+            Self::vec_dot(n, xs0, ys),
+            Self::vec_dot(n, xs1, ys),
+            Self::vec_dot(n, xs2, ys),
+            Self::vec_dot(n, xs3, ys),
+        )
     }
 
     fn vec_dot_unopt(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
@@ -315,9 +375,8 @@ impl GgmlType for BlockQ4_1 {
 
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
         // [itt patch] AVX2 kernel (ITT-PATCH.md, patch 4); candle had only the scalar loop.
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if has_avx2_fma_f16c() {
-            return unsafe { super::avx::vec_dot_q4_1_q8_1(n, xs, ys) };
+        if let Some([d]) = rows_dot!(rows_q4_1_q8_1, rows_q4_1_q8_1_vnni, n, [xs], ys) {
+            return d;
         }
         Self::vec_dot_unopt(n, xs, ys)
     }
@@ -331,9 +390,8 @@ impl GgmlType for BlockQ4_1 {
         xs3: &[Self],
         ys: &[Self::VecDotType],
     ) -> (f32, f32, f32, f32) {
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if has_avx2_fma_f16c() {
-            return unsafe { super::avx::vec_dot_4_q4_1_q8_1(n, [xs0, xs1, xs2, xs3], ys) };
+        if let Some([a, b, c, d]) = rows_dot!(rows_q4_1_q8_1, rows_q4_1_q8_1_vnni, n, [xs0, xs1, xs2, xs3], ys) {
+            return (a, b, c, d);
         }
         (
             Self::vec_dot(n, xs0, ys),
@@ -718,6 +776,10 @@ impl GgmlType for BlockQ8_0 {
 
     #[allow(unreachable_code)]
     fn vec_dot(n: usize, xs: &[Self], ys: &[Self::VecDotType]) -> f32 {
+        // [itt patch] F16C scales, AVX512-VNNI where the CPU has it (ITT-PATCH.md, patch 6).
+        if let Some([d]) = rows_dot!(rows_q8_0_q8_0, rows_q8_0_q8_0_vnni, n, [xs], ys) {
+            return d;
+        }
         #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
         if has_avx2_fma() {
             return unsafe { super::avx::vec_dot_q8_0_q8_0(n, xs, ys) };
@@ -745,9 +807,8 @@ impl GgmlType for BlockQ8_0 {
         return super::neon::vec_dot_4_q8_0_q8_0(n, xs0, xs1, xs2, xs3, ys);
 
         // [itt patch] Four rows sharing one activation load (ITT-PATCH.md, patch 4).
-        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
-        if has_avx2_fma_f16c() {
-            return unsafe { super::avx::vec_dot_4_q8_0_q8_0(n, [xs0, xs1, xs2, xs3], ys) };
+        if let Some([a, b, c, d]) = rows_dot!(rows_q8_0_q8_0, rows_q8_0_q8_0_vnni, n, [xs0, xs1, xs2, xs3], ys) {
+            return (a, b, c, d);
         }
 
         let (d0, d1) = Self::vec_dot_2(n, xs0, xs1, ys);
