@@ -28,7 +28,7 @@ fn main() {
             // Not a failure: every rank stopped at the same step and the checkpoint is written,
             // so MPI is finalised normally and the status tells a requeue script to resume.
             let _ = std::io::stdout().flush();
-            eprintln!("itt: {e}");
+            let _ = std::io::stderr().write_all(format!("itt: {e}\n").as_bytes()); // one write, as in `fail`
             itt::base::dist::finalize();
             std::process::exit(itt::train::preempt::EXIT_PREEMPTED);
         }
