@@ -28,7 +28,7 @@ fn main() {
             // Not a failure: every rank stopped at the same step and the checkpoint is written,
             // so MPI is finalised normally and the status tells a requeue script to resume.
             let _ = std::io::stdout().flush();
-            let _ = std::io::stderr().write_all(format!("itt: {e}\n").as_bytes()); // one write, as in `fail`
+            eprint_line(&format!("itt: {e}"));
             itt::base::dist::finalize();
             std::process::exit(itt::train::preempt::EXIT_PREEMPTED);
         }
@@ -39,11 +39,15 @@ fn main() {
 
 fn fail(e: itt::Error) -> ! {
     let _ = std::io::stdout().flush();
-    // One write of the whole line: under mpirun, stderr is forwarded in the chunks it was
-    // written in, and a line written in pieces can come out split by mpirun's abort report.
-    let line = format!("error: {}\n", itt::base::error::one_line(e.to_string()));
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    eprint_line(&format!("error: {}", itt::base::error::one_line(e.to_string())));
     // Under mpirun the other ranks may be waiting for this one in a collective.
     itt::base::dist::abort_job(1);
     std::process::exit(1);
+}
+
+/// `line` and its newline on stderr in one write: under mpirun, stderr is forwarded in the
+/// chunks it was written in, and `eprintln!` writes a formatted line in pieces, which came out
+/// split by mpirun's abort report.
+fn eprint_line(line: &str) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
