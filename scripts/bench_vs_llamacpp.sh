@@ -56,15 +56,27 @@ if [ ! -x "$ITT" ]; then
     (cd "$ROOT" && cargo build --release >&2)
 fi
 
+# llama.cpp 0.3.36's AMX weight buffer (picked by default where the CPU has AMX) crashed with a
+# segmentation fault in ggml_backend_amx_mul_mat on an Intel Xeon Sapphire Rapids VM (2 vCPUs):
+# probe once, and where it fails run without repacking (llama-bench --repack 0, batched -nr),
+# which leaves llama.cpp on its AVX-512 / VNNI kernels, and say so.
+BENCH_REPACK=()
+BATCHED_REPACK=()
+if ! "$CACHE/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p 8 -n 4 -r 1 >/dev/null 2>&1; then
+    echo "note: llama-bench crashed with its default weight repacking here; both llama.cpp tools run with repacking off" >&2
+    BENCH_REPACK=(--repack 0)
+    BATCHED_REPACK=(-nr)
+fi
+
 OUT=$(mktemp -d)
 echo "machine: $(lscpu | sed -n 's/^Model name: *//p'), $(nproc) CPUs; AVX flags: $(grep -o -w 'avx[0-9a-z_]*\|fma\|f16c\|amx[a-z_]*' /proc/cpuinfo | sort -u | tr '\n' ' ')"
-echo "llama.cpp from llama-cpp-python $VERSION; $THREADS threads; PP $PP, TG $TG, batches $BATCHES; $ROUNDS rounds"
+echo "llama.cpp from llama-cpp-python $VERSION${BENCH_REPACK[*]:+ (weight repacking off: ${BENCH_REPACK[*]})}; $THREADS threads; PP $PP, TG $TG, batches $BATCHES; $ROUNDS rounds"
 for r in $(seq 1 "$ROUNDS"); do
     echo "round $r" >&2
-    "$CACHE/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -r 3 -o md >>"$OUT/llama-bench.$r" 2>/dev/null
+    "$CACHE/bin/llama-bench" -m "$GGUF" -t "$THREADS" -p "$PP" -n "$TG" -r 3 "${BENCH_REPACK[@]}" -o md >>"$OUT/llama-bench.$r" 2>/dev/null
     RAYON_NUM_THREADS=$THREADS "$ITT" bench --gguf "$GGUF" --steps 3 --new-tokens "$TG" >>"$OUT/itt-bench.$r"
     "$CACHE/bin/llama-batched-bench" -m "$GGUF" -t "$THREADS" -tb "$THREADS" -c $((16 * (PP + TG) + 64)) \
-        -b 2048 -ub 512 -npp "$PP" -ntg "$TG" -npl "$BATCHES" 2>/dev/null | grep '^|' >>"$OUT/llama-batched.$r"
+        -b 2048 -ub 512 -npp "$PP" -ntg "$TG" -npl "$BATCHES" "${BATCHED_REPACK[@]}" 2>/dev/null | grep '^|' >>"$OUT/llama-batched.$r"
     RAYON_NUM_THREADS=$THREADS "$ITT" bench --gguf "$GGUF" --batch "$BATCHES" --prompt-len "$PP" \
         --new-tokens "$TG" --steps 1 | grep '^|' >>"$OUT/itt-batched.$r"
 done
