@@ -6,7 +6,7 @@ the committed results files (issue 24, item 5). No third-party packages: writes 
     python3 scripts/plot_scale.py            # -> docs/img/scale_probe.svg
 
 Each point: the mean of the per-seed paired differences; the bar is its 95% t-interval where
-there are two seeds or more (one seed: no bar).
+there are two seeds or more (one seed: no bar; with two seeds the t multiplier is 12.7).
 """
 import json
 import math
@@ -61,7 +61,7 @@ def points():
 
 
 def svg(pts):
-    w, h, left, right, top, bottom = 760, 430, 80, 230, 40, 60
+    w, h, left, right, top, bottom = 900, 430, 80, 370, 40, 60
     xs = [math.log10(p["x"]) for p in pts]
     lo_x, hi_x = math.floor(min(xs) * 2) / 2 - 0.1, math.ceil(max(xs) * 2) / 2 + 0.1
     ys = [p["y"] + s * (p["ci"] or 0) for p in pts for s in (-1, 1)] + [0.0]
@@ -74,7 +74,7 @@ def svg(pts):
     s.append(f'<text x="{w / 2 - 60}" y="22" text-anchor="middle" font-size="14">ITT x4 (r-norm70) minus dense, equal parameters (nats; below 0 = ITT better)</text>')
     # axes and grid
     s.append(f'<line x1="{left}" y1="{py(0)}" x2="{w - right}" y2="{py(0)}" stroke="black" stroke-dasharray="4,3"/>')
-    step = 0.005
+    step = 0.005 if hi_y - lo_y < 0.05 else 0.01
     t = math.ceil(lo_y / step) * step
     while t <= hi_y:
         s.append(f'<line x1="{left - 4}" y1="{py(t):.1f}" x2="{left}" y2="{py(t):.1f}" stroke="black"/>')
@@ -87,6 +87,7 @@ def svg(pts):
     s.append(f'<line x1="{left}" y1="{h - bottom}" x2="{w - right}" y2="{h - bottom}" stroke="black"/>')
     s.append(f'<text x="{(left + w - right) / 2}" y="{h - 15}" text-anchor="middle">parameters x training tokens (log scale)</text>')
     corpora = list(dict.fromkeys(p["corpus"] for p in pts))
+    notes = []
     for ci, corpus in enumerate(corpora):
         c = colors[ci % len(colors)]
         line = [p for p in pts if p["corpus"] == corpus]
@@ -97,10 +98,15 @@ def svg(pts):
             if p["ci"]:
                 s.append(f'<line x1="{x:.1f}" y1="{py(p["y"] - p["ci"]):.1f}" x2="{x:.1f}" y2="{py(p["y"] + p["ci"]):.1f}" stroke="{c}"/>')
             s.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{c}"/>')
-            dy = -6 if ci % 2 == 0 else 14  # the lines' labels on opposite sides of their points
-            s.append(f'<text x="{x + 7:.1f}" y="{y + dy:.1f}" fill="{c}" font-size="10">{p["label"]}: {p["y"]:+.4f}</text>')
+            # a number beside the point; the right-hand list says what it is
+            num = pts.index(p) + 1
+            s.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" fill="{c}" font-size="11" font-weight="bold">{num}</text>')
+            ci_text = f" [{p['y'] - p['ci']:+.4f}, {p['y'] + p['ci']:+.4f}]" if p["ci"] else ""
+            notes.append((c, f"{num}. {p['label']}: {p['y']:+.4f}{ci_text}"))
         s.append(f'<rect x="{w - right + 15}" y="{top + 20 * ci}" width="12" height="12" fill="{c}"/>')
         s.append(f'<text x="{w - right + 32}" y="{top + 20 * ci + 10}">{corpus}</text>')
+    for i, (c, text) in enumerate(notes):
+        s.append(f'<text x="{w - right + 15}" y="{top + 20 * len(corpora) + 20 + 16 * i}" fill="{c}" font-size="11">{text}</text>')
     s.append("</svg>")
     return "\n".join(s)
 
