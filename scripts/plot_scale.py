@@ -25,16 +25,6 @@ SOURCES = [
 VARIANT = "r-norm70"
 
 
-def tokens_of(command):
-    """Training tokens from the experiment's command line (steps x batch x sequence)."""
-    args = command.split()
-
-    def flag(name, default):
-        return int(args[args.index(name) + 1]) if name in args else default
-
-    return flag("--steps", 1500) * flag("--batch-size", 16) * flag("--seq-len", 128)
-
-
 def points():
     out = []
     for corpus, rel in SOURCES:
@@ -45,7 +35,8 @@ def points():
         d = json.load(open(path))
         row = next(r for r in d["rows"] if r["variant"] == VARIANT and r["setting"] == "top-k" and r.get("lr_scale", 1) == 1)
         vs = row["vs_dense"]
-        tokens = tokens_of(d["command"])
+        # the tokens each run of the variant trained on, as the results file records them
+        tokens = next(r["tokens"] for r in d["runs"] if r["variant"] == VARIANT)
         preset = "small" if "--preset small" in d["command"] else "tiny"
         out.append(
             {
@@ -88,6 +79,7 @@ def svg(pts):
     s.append(f'<text x="{(left + w - right) / 2}" y="{h - 15}" text-anchor="middle">parameters x training tokens (log scale)</text>')
     corpora = list(dict.fromkeys(p["corpus"] for p in pts))
     notes = []
+    number = {id(p): i + 1 for i, p in enumerate(pts)}
     for ci, corpus in enumerate(corpora):
         c = colors[ci % len(colors)]
         line = [p for p in pts if p["corpus"] == corpus]
@@ -99,7 +91,7 @@ def svg(pts):
                 s.append(f'<line x1="{x:.1f}" y1="{py(p["y"] - p["ci"]):.1f}" x2="{x:.1f}" y2="{py(p["y"] + p["ci"]):.1f}" stroke="{c}"/>')
             s.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="4" fill="{c}"/>')
             # a number beside the point; the right-hand list says what it is
-            num = pts.index(p) + 1
+            num = number[id(p)]
             s.append(f'<text x="{x + 6:.1f}" y="{y - 6:.1f}" fill="{c}" font-size="11" font-weight="bold">{num}</text>')
             ci_text = f" [{p['y'] - p['ci']:+.4f}, {p['y'] + p['ci']:+.4f}]" if p["ci"] else ""
             notes.append((c, f"{num}. {p['label']}: {p['y']:+.4f}{ci_text}"))
