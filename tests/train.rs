@@ -248,6 +248,58 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
 }
 
 #[test]
+fn a_killed_grid_run_continues_from_its_checkpoint_with_the_same_numbers() {
+    use itt::apps::experiment::{self, ExperimentOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = |out: &str| ExperimentOptions {
+        name: "table1".into(),
+        sizes: vec!["tiny".into()],
+        seeds: 1,
+        steps: Some(6),
+        batch_size: Some(2),
+        seq_len: Some(16),
+        eval_batches: 2,
+        problems: 0,
+        variants: vec!["dense".into()],
+        out: tmp.path().join(out),
+        quiet: true,
+        command: "itt experiment table1 (test)".into(),
+        ..Default::default()
+    };
+    let whole = experiment::run(&opts("whole")).unwrap();
+    let run_a = tmp.path().join("whole/runs/dense-s0");
+    // A grid run writes a checkpoint at every evaluation and keeps the newest.
+    let cfg = RunConfig::load(&run_a.join("config.json")).unwrap();
+    assert_eq!(cfg.train.checkpoint_interval, cfg.train.eval_interval);
+    assert_eq!(std::fs::read_dir(run_a.join("checkpoints")).unwrap().count(), 1);
+
+    // The same run started by hand with another checkpoint cadence and stopped at step 3, as a
+    // kill would leave it: the grid continues it, and it ends with the uninterrupted run's bits.
+    let ds = data::Dataset::open(&tmp.path().join("whole/data")).unwrap();
+    let tok = ds.load_tokenizer().unwrap();
+    let mut by_hand = cfg.clone();
+    by_hand.train.checkpoint_interval = 2;
+    by_hand.train.keep_checkpoints = 4;
+    let run_b = tmp.path().join("killed/runs/dense-s0");
+    let mut t = Trainer::new(by_hand.clone(), &tok, &run_b, TrainerOptions::default()).unwrap();
+    train::run(&mut t, &ds, &RunOptions { quiet: true, stop_at: Some(3) }).unwrap();
+    drop(t);
+    let continued = experiment::run(&opts("killed")).unwrap();
+    assert_eq!(continued.rows[0].val_loss_mean.to_bits(), whole.rows[0].val_loss_mean.to_bits());
+    assert_eq!(losses(&run_b), losses(&run_a));
+
+    // A run that trains differently (another learning rate) is refused, not reused or retrained.
+    let mut other = cfg.clone();
+    other.train.lr *= 2.0;
+    let run_c = tmp.path().join("other/runs/dense-s0");
+    let mut t = Trainer::new(other, &tok, &run_c, TrainerOptions::default()).unwrap();
+    train::run(&mut t, &ds, &RunOptions { quiet: true, stop_at: Some(2) }).unwrap();
+    drop(t);
+    let err = experiment::run(&opts("other")).unwrap_err().to_string();
+    assert!(err.contains("trained with another configuration"), "{err}");
+}
+
+#[test]
 fn an_experiment_over_two_corpora_pools_them_and_sweeps_the_learning_rate() {
     use itt::apps::experiment::{self, ExperimentOptions, Role};
     let tmp = tempfile::tempdir().unwrap();

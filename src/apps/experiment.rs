@@ -344,8 +344,11 @@ fn sized(size: &str, suffix: &str, opts: &ExperimentOptions) -> Result<RunConfig
     if let Some(l) = opts.seq_len {
         t.seq_len = l;
     }
-    // Ten validations per run give the loss curves of fig4.
+    // Ten validations per run give the loss curves of fig4; a checkpoint at each (the newest
+    // kept) lets a killed grid continue where it stopped instead of retraining the run.
     t.eval_interval = (t.max_steps / 10).max(1);
+    t.checkpoint_interval = t.eval_interval;
+    t.keep_checkpoints = 1;
     t.eval_batches = opts.eval_batches;
     t.log_interval = (t.max_steps / 50).max(1);
     Ok(cfg)
@@ -621,7 +624,7 @@ fn train_one(
     if run_dir.join("latest").exists() {
         let mut t =
             Trainer::resume(run_dir, None, train::TrainerOptions { device: device.clone(), ..Default::default() })?;
-        if t.cfg != *cfg {
+        if !same_training(&t.cfg, cfg) {
             return Err(Error::usage(format!(
                 "{} was trained with another configuration; remove it or choose another --out",
                 run_dir.display()
@@ -640,6 +643,19 @@ fn train_one(
     )?;
     train::run(&mut t, dataset, &RunOptions { quiet, stop_at: None })?;
     Ok(t)
+}
+
+/// Whether two configurations train the same run: how often checkpoints are written and how
+/// many are kept change no value (resume is bit-exact), so runs made before grids wrote
+/// checkpoints, or trained by hand with `itt train --config` and another cadence, are reused.
+fn same_training(a: &RunConfig, b: &RunConfig) -> bool {
+    let cadence_free = |c: &RunConfig| {
+        let mut c = c.clone();
+        c.train.checkpoint_interval = 0;
+        c.train.keep_checkpoints = 0;
+        c
+    };
+    cadence_free(a) == cadence_free(b)
 }
 
 fn val_curve(run_dir: &Path) -> Vec<(f64, f64)> {
