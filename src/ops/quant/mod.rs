@@ -431,6 +431,55 @@ mod tests {
         v
     }
 
+    /// Activation rows quantized to Q8_0 / Q8_1 (the patched candle's eight-lane `from_float`,
+    /// ITT-PATCH.md patch 7, where the CPU has AVX2) give the bytes of candle's scalar loop,
+    /// written out here: exact halves (round away from zero), zeros, NaN, infinities, values
+    /// whose 1/d overflows, and random rows. On a CPU without AVX2 this checks candle's own loop.
+    #[test]
+    fn activation_quantization_gives_the_scalar_bytes() {
+        use half::f16;
+        fn scalar(xs: &[f32], q8_1: bool) -> Vec<u8> {
+            let mut out = vec![];
+            for x in xs.chunks_exact(32) {
+                let amax = x.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let q: Vec<i8> = x.iter().map(|v| f32::round(v * id) as i8).collect();
+                let dh = f16::from_f32(d);
+                out.extend(dh.to_le_bytes());
+                if q8_1 {
+                    let sum: i32 = q.iter().map(|&v| v as i32).sum();
+                    out.extend((f16::from_f32(sum as f32) * dh).to_le_bytes());
+                }
+                out.extend(q.iter().map(|&v| v as u8));
+            }
+            out
+        }
+        fn vectorised<T: GgmlType>(xs: &[f32]) -> Vec<u8> {
+            let mut ys: Vec<T> = (0..xs.len() / 32).map(|_| T::zeros()).collect();
+            T::from_float(xs, &mut ys);
+            let bytes = std::mem::size_of_val(&ys[..]);
+            // SAFETY: the blocks are plain old data (f16 bits and quant bytes).
+            unsafe { std::slice::from_raw_parts(ys.as_ptr() as *const u8, bytes) }.to_vec()
+        }
+        let mut rng = crate::base::rng::Rng::new(17);
+        let mut rows: Vec<Vec<f32>> =
+            (0..40).map(|i| (0..96).map(|_| rng.normal() as f32 * (i as f32 + 0.5)).collect()).collect();
+        // Exact halves: amax 127 makes d = 1, so x * id is x itself.
+        rows.push((0..32).map(|i| if i == 0 { 127.0 } else { (i as f32 - 16.0) + 0.5 }).collect());
+        rows.push((0..32).map(|i| if i == 0 { -127.0 } else { -(i as f32) * 0.5 }).collect());
+        rows.push(vec![0.0; 32]);
+        rows.push((0..32).map(|i| if i % 3 == 0 { f32::NAN } else { i as f32 }).collect());
+        rows.push((0..32).map(|i| if i == 5 { f32::INFINITY } else { i as f32 - 3.0 }).collect());
+        rows.push((0..32).map(|i| if i == 7 { f32::NEG_INFINITY } else { 1.0 }).collect());
+        rows.push((0..32).map(|i| (i as f32 - 15.5) * 1e-40).collect()); // 1/d overflows to inf
+        rows.push((0..32).map(|i| (i as f32 - 15.5) * 1e-44).collect()); // d underflows to 0
+        for (i, row) in rows.iter().enumerate() {
+            assert_eq!(vectorised::<k_quants::BlockQ8_0>(row), scalar(row, false), "Q8_0, row {i}");
+            assert_eq!(vectorised::<k_quants::BlockQ8_1>(row), scalar(row, true), "Q8_1, row {i}");
+        }
+    }
+
     #[test]
     fn splitting_over_threads_changes_no_value() {
         let (w, x) = (rand((300, 512), 3), rand((5, 512), 4));

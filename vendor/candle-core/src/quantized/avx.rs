@@ -180,6 +180,78 @@ rows_i8_q8_0!(rows_q8_0_q8_0_vnni, BlockQ8_0, quants_q8_0, mul_sum_i8_pairs_floa
 rows_i8_q8_0!(rows_q4_0_q8_0, BlockQ4_0, quants_q4_0, mul_sum_i8_pairs_float, "avx2,fma,f16c");
 rows_i8_q8_0!(rows_q4_0_q8_0_vnni, BlockQ4_0, quants_q4_0, mul_sum_i8_pairs_float_vnni, "avx2,fma,f16c,avx512f,avx512vl,avx512vnni");
 
+// [itt patch] Activation rows quantized to Q8_0 / Q8_1 blocks eight lanes at a time (ITT-PATCH.md,
+// patch 7), with the bits of candle's scalar `from_float`: amax = max |x| (`max_ps` with x
+// first, so a NaN x is skipped as `f32::max` skips it; max is exact in any order), d and 1/d by
+// the same scalar expressions, q = x * (1/d) rounded half away from zero exactly (the truncated
+// value, plus the sign when the dropped fraction is at least one half), NaN to 0 and clamping
+// to [-128, 127] as `as i8` does, and Q8_1's sum of the quants (at most 32 x 127, exact in
+// f32). The scalar loop called `roundf` once per value: 3-4% of a SmolLM2 decoding step at one
+// thread, on the serial part of a step (issue 27).
+#[target_feature(enable = "avx2,fma")]
+unsafe fn quantize_block_32(xs: &[f32]) -> (f32, __m256i, f32) {
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        let p = xs.as_ptr();
+        let v = [0, 8, 16, 24].map(|o| _mm256_loadu_ps(p.add(o)));
+        let mut m = _mm256_setzero_ps();
+        for x in v {
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, x), m);
+        }
+        let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m2, _mm_movehdup_ps(m2)));
+        let d = amax / ((1 << 7) - 1) as f32;
+        let id = if d != 0f32 { 1. / d } else { 0. };
+        let idv = _mm256_set1_ps(id);
+        let (half, one) = (_mm256_set1_ps(0.5), _mm256_set1_ps(1.0));
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        let mut sum = _mm256_setzero_ps();
+        let q = v.map(|x| {
+            let x = _mm256_mul_ps(x, idv);
+            let x = _mm256_and_ps(x, _mm256_cmp_ps::<_CMP_ORD_Q>(x, x));
+            let t = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(x);
+            let up = _mm256_cmp_ps::<_CMP_GE_OQ>(_mm256_andnot_ps(sign, _mm256_sub_ps(x, t)), half);
+            let step = _mm256_or_ps(_mm256_and_ps(x, sign), one);
+            let r = _mm256_add_ps(t, _mm256_and_ps(up, step));
+            // `as i8` saturates: only reached when 1/d overflows (amax below ~1e-36).
+            let r = _mm256_min_ps(_mm256_max_ps(r, lo), hi);
+            sum = _mm256_add_ps(sum, r);
+            _mm256_cvtps_epi32(r)
+        });
+        // i32 -> i8 with llama.cpp's pack-and-permute: the packs work per 128-bit lane.
+        let q01 = _mm256_packs_epi32(q[0], q[1]);
+        let q23 = _mm256_packs_epi32(q[2], q[3]);
+        let q = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(q01, q23), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        (d, q, hsum_float_8(sum))
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2 and FMA; `xs.len() == 32 * ys.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_row_q8_0(xs: &[f32], ys: &mut [BlockQ8_0]) {
+    assert_eq!(xs.len(), ys.len() * QK8_0);
+    for (x, y) in xs.chunks_exact(QK8_0).zip(ys.iter_mut()) {
+        let (d, q, _) = unsafe { quantize_block_32(x) };
+        y.d = f16::from_f32(d);
+        unsafe { _mm256_storeu_si256(y.qs.as_mut_ptr() as *mut __m256i, q) };
+    }
+}
+
+/// # Safety
+/// The CPU must have AVX2 and FMA; `xs.len() == 32 * ys.len()`.
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn quantize_row_q8_1(xs: &[f32], ys: &mut [BlockQ8_1]) {
+    assert_eq!(xs.len(), ys.len() * QK8_1);
+    for (x, y) in xs.chunks_exact(QK8_1).zip(ys.iter_mut()) {
+        let (d, q, sum) = unsafe { quantize_block_32(x) };
+        y.d = f16::from_f32(d);
+        unsafe { _mm256_storeu_si256(y.qs.as_mut_ptr() as *mut __m256i, q) };
+        y.s = f16::from_f32(sum) * y.d;
+    }
+}
+
 #[target_feature(enable = "avx2,fma")]
 pub(crate) fn vec_dot_q8_0_q8_0(n: usize, xs: &[BlockQ8_0], ys: &[BlockQ8_0]) -> f32 {
     debug_assert!(

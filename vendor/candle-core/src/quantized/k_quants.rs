@@ -742,6 +742,12 @@ impl GgmlType for BlockQ8_0 {
             super::neon::quantize_q8_0(xs, ys);
         }
 
+        // [itt patch] Eight lanes at a time, the same bits (ITT-PATCH.md, patch 7).
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if dot_path() != DotPath::Other {
+            return unsafe { super::avx::quantize_row_q8_0(xs, ys) };
+        }
+
         #[cfg(not(all(target_arch = "aarch64", target_feature = "neon")))]
         {
             let k = xs.len();
@@ -868,6 +874,11 @@ impl GgmlType for BlockQ8_1 {
 
     fn from_float(xs: &[f32], ys: &mut [Self]) {
         // quantize_row_q8_1
+        // [itt patch] Eight lanes at a time, the same bits (ITT-PATCH.md, patch 7).
+        #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
+        if dot_path() != DotPath::Other {
+            return unsafe { super::avx::quantize_row_q8_1(xs, ys) };
+        }
         debug_assert_eq!(
             ys.len() * Self::BLCK_SIZE,
             xs.len(),
