@@ -193,6 +193,7 @@ fn a_miniature_experiment_grid_writes_its_table_and_plot() {
             variants: vec![],
             lr_scales: vec![1.0],
             out: tmp.path().join("shared"),
+            jobs: 1,
             quiet: true,
             device: candle_core::Device::Cpu,
             command: format!("itt experiment {name} (test)"),
@@ -297,6 +298,36 @@ fn a_killed_grid_run_continues_from_its_checkpoint_with_the_same_numbers() {
     drop(t);
     let err = experiment::run(&opts("other")).unwrap_err().to_string();
     assert!(err.contains("trained with another configuration"), "{err}");
+}
+
+#[test]
+fn a_grid_trained_two_runs_at_a_time_gives_the_same_numbers() {
+    use itt::apps::experiment::{self, ExperimentOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = |out: &str, jobs: usize| ExperimentOptions {
+        name: "table1".into(),
+        seeds: 2,
+        steps: Some(4),
+        batch_size: Some(2),
+        seq_len: Some(16),
+        eval_batches: 2,
+        problems: 0,
+        variants: vec!["dense".into(), "itt4".into()],
+        out: tmp.path().join(out),
+        jobs,
+        quiet: true,
+        command: "itt experiment table1 (test)".into(),
+        ..Default::default()
+    };
+    let one = experiment::run(&opts("one", 1)).unwrap();
+    let two = experiment::run(&opts("two", 2)).unwrap();
+    assert_eq!(one.runs.len(), two.runs.len());
+    for (a, b) in one.runs.iter().zip(&two.runs) {
+        assert_eq!((&a.variant, a.seed, &a.setting), (&b.variant, b.seed, &b.setting));
+        assert_eq!(a.val_loss.to_bits(), b.val_loss.to_bits(), "{} seed {} {}", a.variant, a.seed, a.setting);
+    }
+    let err = experiment::run(&opts("none", 0)).unwrap_err().to_string();
+    assert!(err.contains("--jobs must be at least 1"), "{err}");
 }
 
 #[test]

@@ -62,6 +62,9 @@ pub struct ExperimentOptions {
     /// every model is also reported at its own best rate.
     pub lr_scales: Vec<f64>,
     pub out: PathBuf,
+    /// Runs trained at once, each on its share of rayon's threads (CPU only; 1 = one after
+    /// another on all threads). Results do not depend on it.
+    pub jobs: usize,
     pub quiet: bool,
     /// Where the runs train and are scored (DESIGN §15).
     pub device: candle_core::Device,
@@ -84,6 +87,7 @@ impl Default for ExperimentOptions {
             variants: vec![],
             lr_scales: vec![1.0],
             out: PathBuf::from("runs/experiments"),
+            jobs: 1,
             quiet: false,
             device: candle_core::Device::Cpu,
             command: String::new(),
@@ -701,6 +705,9 @@ fn grid(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
     if opts.seeds == 0 {
         return Err(Error::usage("--seeds must be at least 1"));
     }
+    if opts.jobs == 0 {
+        return Err(Error::usage("--jobs must be at least 1"));
+    }
     if opts.lr_scales.is_empty() || opts.lr_scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(Error::usage("--lr-scales must be positive numbers, e.g. 0.5,1,2"));
     }
@@ -767,32 +774,123 @@ struct CorpusRuns {
     vocab_size: usize,
 }
 
+/// One run of the grid: its variant (index into the grid), configuration and folder.
+struct PlannedRun {
+    variant: usize,
+    cfg: RunConfig,
+    run_dir: PathBuf,
+    /// "VARIANT LABEL seed S: FOLDER", for progress lines.
+    title: String,
+}
+
+/// Every run of the grid on one corpus, variant by variant, seeds 1000, 1001, ...
+fn plan_runs(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions, vocab: usize) -> Result<Vec<PlannedRun>> {
+    let mut plan = vec![];
+    for (vi, var) in variants.iter().enumerate() {
+        for s in 0..opts.seeds {
+            let mut cfg = var.cfg.clone();
+            cfg.model.vocab_size = vocab;
+            cfg.train.seed = 1000 + s as u64;
+            cfg.validate()?;
+            let run_dir = corpus.dir.join("runs").join(format!("{}-s{}", var.name, s));
+            let title = format!("{} seed {s}: {}", var.label, run_dir.display());
+            plan.push(PlannedRun { variant: vi, cfg, run_dir, title });
+        }
+    }
+    Ok(plan)
+}
+
+/// Train (or reuse, or resume) the planned runs `opts.jobs` at a time, each job on a rayon pool
+/// of its share of the threads (two one-thread runs side by side train faster on two cores than
+/// one two-thread run after another: small products scale poorly over threads). Each run is
+/// the same computation whichever job trains it. The first failure stops the jobs from taking
+/// new runs and is returned once the runs in flight end; a preemption signal stops every run in
+/// flight at a checkpoint.
+fn train_concurrently(
+    plan: &[PlannedRun],
+    dataset: &data::Dataset,
+    tok: &data::Tokenizer,
+    opts: &ExperimentOptions,
+) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    if !opts.device.is_cpu() {
+        return Err(Error::usage("--jobs above 1 trains on the CPU only; on a GPU run the grid with --jobs 1"));
+    }
+    let per_job = (rayon::current_num_threads() / opts.jobs).max(1);
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let failed = || failure.lock().map(|f| f.is_some()).unwrap_or(true);
+    std::thread::scope(|scope| {
+        for _ in 0..opts.jobs.min(plan.len()) {
+            scope.spawn(|| {
+                let fail = |e: Error| {
+                    if let Ok(mut f) = failure.lock() {
+                        f.get_or_insert(e);
+                    }
+                };
+                let pool = match rayon::ThreadPoolBuilder::new().num_threads(per_job).build() {
+                    Ok(p) => p,
+                    Err(e) => return fail(Error::usage(format!("--jobs: could not start a thread pool: {e}"))),
+                };
+                while !failed() {
+                    let Some(p) = plan.get(next.fetch_add(1, Ordering::SeqCst)) else { break };
+                    if !opts.quiet {
+                        eprintln!("[{}] {} ({} thread(s))", opts.name, p.title, per_job);
+                    }
+                    // Runs side by side log no step lines (they would interleave; each run's
+                    // metrics.jsonl has them), only when each starts and ends.
+                    match pool.install(|| train_one(&p.cfg, &p.run_dir, dataset, tok, true, &opts.device)) {
+                        Ok(t) if !opts.quiet => {
+                            let val = val_curve(&p.run_dir).last().map(|v| format!(", val loss {:.4}", v.1));
+                            eprintln!(
+                                "[{}] {}: step {}{}, {:.0} s",
+                                opts.name,
+                                p.title,
+                                t.state.step,
+                                val.unwrap_or_default(),
+                                t.state.elapsed_s
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(e) => fail(e),
+                    }
+                }
+            });
+        }
+    });
+    match failure.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(_) => Err(Error::usage("--jobs: a training job panicked")),
+    }
+}
+
 /// Train (or reuse) every run of the grid on one corpus and score each in its settings.
 fn train_corpus(corpus: &Corpus, variants: &[Variant], opts: &ExperimentOptions) -> Result<CorpusRuns> {
     let (dataset, tok) = corpus_data(corpus)?;
     let builtin = corpus.spec.path == "builtin";
     let problems = if builtin && opts.problems > 0 { reasoning::held_out_problems(50, opts.problems) } else { vec![] };
     let on = ScoreOn { corpus, dataset: &dataset, tok: &tok, problems: &problems, opts };
+    let plan = plan_runs(corpus, variants, opts, tok.vocab_size())?;
+    if opts.jobs > 1 {
+        train_concurrently(&plan, &dataset, &tok, opts)?;
+    }
     let mut runs: Vec<RunResult> = vec![];
     let mut curves = vec![];
-    for var in variants {
-        let mut cfg = var.cfg.clone();
-        cfg.model.vocab_size = tok.vocab_size();
+    for (vi, var) in variants.iter().enumerate() {
         let mut seed_curves = vec![];
-        for s in 0..opts.seeds {
-            let mut cfg = cfg.clone();
-            cfg.train.seed = 1000 + s as u64;
-            cfg.validate()?;
-            let run_dir = corpus.dir.join("runs").join(format!("{}-s{}", var.name, s));
-            if !opts.quiet {
-                eprintln!("[{} {}] {} seed {}: {}", opts.name, corpus.name, var.label, s, run_dir.display());
+        for planned in plan.iter().filter(|p| p.variant == vi) {
+            let (cfg, run_dir) = (&planned.cfg, &planned.run_dir);
+            if !opts.quiet && opts.jobs <= 1 {
+                eprintln!("[{} {}] {}", opts.name, corpus.name, planned.title);
             }
-            let t = train_one(&cfg, &run_dir, &dataset, &tok, opts.quiet, &opts.device)?;
-            seed_curves.push(val_curve(&run_dir));
+            let t = train_one(cfg, run_dir, &dataset, &tok, opts.quiet, &opts.device)?;
+            seed_curves.push(val_curve(run_dir));
             for st in settings(var, t.calibration.clone().map(Arc::new)) {
-                runs.push(score(on, var, &cfg, &t, &st)?);
+                runs.push(score(on, var, cfg, &t, &st)?);
             }
-            let _ = checkpoint::resolve(&run_dir)?;
+            let _ = checkpoint::resolve(run_dir)?;
         }
         // Average the validation curves over seeds (same eval points in every seed).
         let n_pts = seed_curves.iter().map(Vec::len).min().unwrap_or(0);

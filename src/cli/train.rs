@@ -192,6 +192,10 @@ pub struct ExperimentArgs {
     /// Output folder (runs are reused/resumed when present).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Runs trained at once, each on its share of the threads (e.g. 2 on two cores: two
+    /// one-thread runs side by side). CPU only; the results do not depend on it.
+    #[arg(long, default_value_t = 1)]
+    jobs: usize,
     #[arg(long)]
     quiet: bool,
     /// Signals that stop training at the next step boundary with a checkpoint and exit status
@@ -337,6 +341,7 @@ pub fn experiment(a: ExperimentArgs) -> Result<()> {
         eval_batches: a.eval_batches,
         problems: a.problems,
         variants: a.variants,
+        jobs: a.jobs,
         quiet: a.quiet,
         device: a.device.open()?,
         command: format!("itt {}", std::env::args().skip(1).collect::<Vec<_>>().join(" ")),
