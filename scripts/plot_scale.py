@@ -21,6 +21,7 @@ SOURCES = [
     ("State of the Union (char)", "docs/results/text-sotu-char-small10m.json"),
     ("World English Bible (char)", "docs/results/text-web-char-recipe.json"),
     ("World English Bible (char)", "docs/results/text-web-char-small.json"),
+    ("World English Bible (char)", "docs/results/text-web-char-small10m.json"),
 ]
 VARIANT = "r-norm70"
 
