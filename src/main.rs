@@ -4,6 +4,10 @@
 use clap::Parser;
 use std::io::Write;
 
+/// Large allocations on transparent huge pages (`itt::base::alloc`, docs/PERFORMANCE.md).
+#[global_allocator]
+static ALLOCATOR: itt::base::alloc::HugePageAlloc = itt::base::alloc::HugePageAlloc;
+
 fn main() {
     itt::base::util::tune_allocator();
     itt::base::util::tune_threads();

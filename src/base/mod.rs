@@ -2,6 +2,7 @@
 //! configuration data, the MPI process group, and process-level helpers (atomic writes,
 //! devices, threads, memory). It imports nothing of the crate outside this folder.
 
+pub mod alloc;
 pub mod config;
 pub mod dist;
 pub mod error;
