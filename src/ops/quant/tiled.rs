@@ -193,6 +193,15 @@ macro_rules! tiled_kernels {
                 _mm_cvtss_f32(res)
             }
 
+            /// Ask for the cache line `ahead` bytes past `p`: the same block of the next quad of
+            /// weight rows (rows are contiguous), so that the weights stream in while this quad
+            /// is unpacked (docs/PERFORMANCE.md, "Software prefetch"). A hint only: an address
+            /// past the weight's end is never read, so `wrapping_add` and no bounds.
+            #[target_feature(enable = $features)]
+            fn prefetch_ahead(p: *const u8, ahead: usize) {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(ahead) as *const i8);
+            }
+
             /// # Safety
             /// `p` must point to 16 readable bytes.
             #[target_feature(enable = $features)]
@@ -245,9 +254,11 @@ macro_rules! tiled_kernels {
             ) {
                 s.reserve(kb);
                 let w = w.map(|p| p as *const Q4_0);
+                let ahead = 4 * kb * std::mem::size_of::<Q4_0>();
                 for b in 0..kb {
                     let blk = |c: usize| unsafe { &*w[c].add(b) };
                     for c in 0..4 {
+                        prefetch_ahead(blk(c) as *const Q4_0 as *const u8, ahead);
                         let q =
                             _mm256_sub_epi8(unsafe { bytes_from_nibbles_32(blk(c).qs.as_ptr()) }, _mm256_set1_epi8(8));
                         s.q[b * 4 + c] = q;
@@ -274,9 +285,11 @@ macro_rules! tiled_kernels {
             ) {
                 s.reserve(kb);
                 let w = w.map(|p| p as *const Q8_0);
+                let ahead = 4 * kb * std::mem::size_of::<Q8_0>();
                 for b in 0..kb {
                     let blk = |c: usize| unsafe { &*w[c].add(b) };
                     for c in 0..4 {
+                        prefetch_ahead(blk(c) as *const Q8_0 as *const u8, ahead);
                         let q = unsafe { _mm256_loadu_si256(blk(c).qs.as_ptr() as *const __m256i) };
                         s.q[b * 4 + c] = q;
                         s.a[b * 4 + c] = _mm256_sign_epi8(q, q);
@@ -304,9 +317,11 @@ macro_rules! tiled_kernels {
             ) {
                 s.reserve(kb);
                 let w = w.map(|p| p as *const Q4_1);
+                let ahead = 4 * kb * std::mem::size_of::<Q4_1>();
                 for b in 0..kb {
                     let blk = |c: usize| unsafe { &*w[c].add(b) };
                     for c in 0..4 {
+                        prefetch_ahead(blk(c) as *const Q4_1 as *const u8, ahead);
                         s.q[b * 4 + c] = unsafe { bytes_from_nibbles_32(blk(c).qs.as_ptr()) };
                     }
                     unsafe {
