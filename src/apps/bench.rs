@@ -462,6 +462,10 @@ pub struct GenerateBench {
     pub decode_tokens_per_s_runs: Vec<f64>,
     pub load_s: f64,
     pub peak_rss_mb: f64,
+    /// Resident memory on transparent huge pages at the end, MiB, and the kernel's policy for
+    /// them (`util::huge_pages`).
+    pub huge_pages_mb: f64,
+    pub huge_pages_mode: String,
     /// The generated text of the last run, to compare with another implementation's.
     pub text: String,
 }
@@ -510,6 +514,7 @@ pub fn generate_file(
         }
     }
     let prefill_s = median(&prefill);
+    let (huge_pages_mb, huge_pages_mode) = crate::base::util::huge_pages();
     let quantized = if model.is_quantized() { model.quantized_summary() } else { "f32".into() };
     Ok(GenerateBench {
         model: path.display().to_string(),
@@ -523,6 +528,8 @@ pub fn generate_file(
         decode_tokens_per_s_runs: decode,
         load_s,
         peak_rss_mb: crate::base::util::peak_rss_mb(),
+        huge_pages_mb,
+        huge_pages_mode,
         text,
     })
 }
@@ -616,6 +623,7 @@ pub fn batched_file(
         });
     }
     let quantized = if model.is_quantized() { model.quantized_summary() } else { "f32".into() };
+    let (huge_pages_mb, huge_pages_mode) = crate::base::util::huge_pages();
     let info = GenerateBench {
         model: path.display().to_string(),
         quantized,
@@ -628,6 +636,8 @@ pub fn batched_file(
         decode_tokens_per_s_runs: vec![],
         load_s,
         peak_rss_mb: crate::base::util::peak_rss_mb(),
+        huge_pages_mb,
+        huge_pages_mode,
         text: String::new(),
     };
     Ok((info, rows))
@@ -664,13 +674,15 @@ impl GenerateBench {
     pub fn table(&self) -> String {
         let runs: Vec<String> = self.decode_tokens_per_s_runs.iter().map(|r| format!("{r:.1}")).collect();
         format!(
-            "{} | weights {} | {} threads | loaded in {:.2} s | peak RSS {:.0} MiB\n\
+            "{} | weights {} | {} threads | loaded in {:.2} s | peak RSS {:.0} MiB ({:.0} MiB on huge pages, THP {})\n\
              prefill {} tokens: {:.3} s median ({:.0} tokens/s) | decode {} tokens: {:.1} tokens/s median (runs {})",
             self.model,
             self.quantized,
             self.threads,
             self.load_s,
             self.peak_rss_mb,
+            self.huge_pages_mb,
+            self.huge_pages_mode,
             self.prompt_tokens,
             self.prefill_s_median,
             self.prefill_tokens_per_s,

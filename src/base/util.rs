@@ -11,6 +11,27 @@ pub fn peak_rss_mb() -> f64 {
     read_status_kb("VmHWM:") / 1024.0
 }
 
+/// This process's memory on transparent huge pages now, in MiB (Linux `AnonHugePages` of
+/// `/proc/self/smaps_rollup`), and the kernel's policy for them (`always`, `madvise`, `never`;
+/// "unknown" elsewhere): what decides whether `base::alloc`'s advice takes effect (decode speed
+/// depends on it, docs/PERFORMANCE.md "Huge pages").
+pub fn huge_pages() -> (f64, String) {
+    let mb = std::fs::read_to_string("/proc/self/smaps_rollup")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("AnonHugePages:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0);
+    let mode = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .ok()
+        .and_then(|s| Some(s.split('[').nth(1)?.split(']').next()?.to_string()))
+        .unwrap_or_else(|| "unknown".into());
+    (mb, mode)
+}
+
 fn read_status_kb(key: &str) -> f64 {
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return 0.0 };
     s.lines()
