@@ -14,7 +14,7 @@ use crate::speculate::{SpecStats, Speculator};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde::Serialize;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 /// How the next token is drawn from the logits.
@@ -280,6 +280,10 @@ struct SeqState {
     spec: Option<Speculator>,
     drafted: usize,
     accepted: usize,
+    /// With a prefix cache, while the prompt is prefilled: the positions each cache slot holds
+    /// (`SlotPositions`), so the entry this prompt leaves can be cut to a shorter prefix. None
+    /// when not tracked (no prefix cache, or a slot grew in a way the record did not explain).
+    positions: Option<SlotPositions>,
 }
 
 impl SeqState {
@@ -294,12 +298,24 @@ impl SeqState {
     }
 }
 
+/// The token positions each cache slot of a sequence holds, indexed [layer][step] like
+/// `SeqCache::slots`, in cache order (ascending): every position for a slot that takes every
+/// token, the selected ones for a routed step's slot.
+type SlotPositions = Vec<Vec<Vec<u32>>>;
+
+/// Shortest shared prefix, in tokens, that a request reuses from an entry that is not wholly a
+/// prefix of its prompt: below it, copying the entry's buffers costs about what running the
+/// tokens would.
+pub const MIN_PARTIAL_PREFIX: usize = 16;
+
 /// KV caches of prompt prefixes kept for later requests that start with the same tokens
 /// (DESIGN §12, "Prefix cache"): a system prompt shared by every request is computed once.
 /// With causal routing a prefix's caches (every layer and thinking step) do not depend on what
 /// follows it. An entry holds a prompt's first `len - 1` tokens (the last prompt token runs
-/// with the request, whose logits it gives); entries are evicted least recently used first
-/// when their bytes pass `limit_bytes`.
+/// with the request, whose logits it gives). A request reuses the entry sharing the longest
+/// prefix with its prompt, cut to that prefix (each routed slot to the tokens it selected
+/// before the cut), as llama.cpp's slots keep their common prefix; entries are evicted least
+/// recently used first when their bytes pass `limit_bytes`.
 #[derive(Default)]
 pub struct PrefixCache {
     pub limit_bytes: usize,
@@ -308,6 +324,8 @@ pub struct PrefixCache {
     pub hits: u64,
     pub misses: u64,
     pub evictions: u64,
+    /// Prompt tokens taken from the cache instead of being run, over all hits.
+    pub reused_tokens: u64,
 }
 
 struct PrefixEntry {
@@ -315,8 +333,30 @@ struct PrefixEntry {
     /// Routing the caches were made with: reused only by sequences routed the same way.
     routing: RoutingOptions,
     cache: SeqCache,
+    /// What each slot holds, to cut the entry to a shorter prefix; None: reused only whole.
+    positions: Option<SlotPositions>,
     bytes: usize,
     used: u64,
+}
+
+/// Tokens `a` and `b` share from the start.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// A copy of `cache` (holding the tokens of `positions`) cut to its first `n` tokens: each slot
+/// keeps its entries at positions below `n`.
+fn cut_cache(cache: &SeqCache, positions: &SlotPositions, n: usize) -> (SeqCache, SlotPositions) {
+    let mut cache = cache.clone();
+    let mut kept = positions.clone();
+    for (slots, pos) in cache.slots.iter_mut().zip(kept.iter_mut()) {
+        for (c, p) in slots.iter_mut().zip(pos.iter_mut()) {
+            p.truncate(p.partition_point(|&x| (x as usize) < n));
+            c.truncate(p.len());
+        }
+    }
+    cache.seen = n;
+    (cache, kept)
 }
 
 impl PrefixCache {
@@ -329,20 +369,32 @@ impl PrefixCache {
         self.entries.iter().map(|e| e.bytes).sum()
     }
 
-    /// The longest entry that is a prefix of `prompt` leaving at least its last token to run,
-    /// under the same routing: a copy of its caches and its length.
-    fn lookup(&mut self, prompt: &[u32], routing: &RoutingOptions) -> Option<(SeqCache, usize)> {
+    /// The entry under the same routing that shares the longest prefix with `prompt`, leaving
+    /// at least its last token to run: a copy of its caches cut to that prefix, what the cut
+    /// caches hold, and the prefix's length. An entry is reused whole when it is a prefix of
+    /// the prompt, and in part when they share at least [`MIN_PARTIAL_PREFIX`] tokens.
+    fn lookup(&mut self, prompt: &[u32], routing: &RoutingOptions) -> Option<(SeqCache, Option<SlotPositions>, usize)> {
         self.clock += 1;
+        let limit = prompt.len().saturating_sub(1);
         let best = self
             .entries
             .iter_mut()
-            .filter(|e| e.ids.len() < prompt.len() && prompt.starts_with(&e.ids) && same_routing(&e.routing, routing))
-            .max_by_key(|e| e.ids.len());
+            .filter(|e| same_routing(&e.routing, routing))
+            .map(|e| (common_prefix(&e.ids, prompt).min(limit), e))
+            .filter(|(n, e)| *n > 0 && (*n == e.ids.len() || (*n >= MIN_PARTIAL_PREFIX && e.positions.is_some())))
+            .max_by_key(|(n, _)| *n);
         match best {
-            Some(e) => {
+            Some((n, e)) => {
                 e.used = self.clock;
                 self.hits += 1;
-                Some((e.cache.clone(), e.ids.len()))
+                self.reused_tokens += n as u64;
+                match &e.positions {
+                    Some(p) => {
+                        let (cache, kept) = cut_cache(&e.cache, p, n);
+                        Some((cache, Some(kept), n))
+                    }
+                    None => Some((e.cache.clone(), None, n)),
+                }
             }
             None => {
                 self.misses += 1;
@@ -351,9 +403,10 @@ impl PrefixCache {
         }
     }
 
-    /// Keep a copy of `cache`, which holds exactly `ids`; evict least recently used entries
-    /// past the limit (an entry larger than the limit is not kept).
-    fn insert(&mut self, ids: &[u32], routing: &RoutingOptions, cache: &SeqCache) {
+    /// Keep a copy of `cache`, which holds exactly `ids` (its slots the tokens of `positions`,
+    /// when known); evict least recently used entries past the limit (an entry larger than the
+    /// limit is not kept).
+    fn insert(&mut self, ids: &[u32], routing: &RoutingOptions, cache: &SeqCache, positions: Option<&SlotPositions>) {
         if self.entries.iter().any(|e| e.ids == ids && same_routing(&e.routing, routing)) {
             return;
         }
@@ -366,6 +419,7 @@ impl PrefixCache {
             ids: ids.to_vec(),
             routing: routing.clone(),
             cache: cache.clone(),
+            positions: positions.cloned(),
             bytes,
             used: self.clock,
         });
@@ -480,7 +534,15 @@ impl<'a> Batch<'a> {
             Some(pc) if opts.use_cache && !opts.prompt_logprobs => pc.lookup(&prompt, &opts.routing),
             _ => None,
         };
-        let (cache, fed) = cached.unwrap_or_else(|| (self.model.new_cache_reserved(reserve), 0));
+        let tracks = self.prefix_cache.is_some() && opts.use_cache && !opts.prompt_logprobs;
+        let (cache, positions, fed) = match cached {
+            Some((cache, positions, fed)) => (cache, positions.filter(|_| tracks), fed),
+            None => {
+                let cache = self.model.new_cache_reserved(reserve);
+                let empty = cache.slots.iter().map(|l| vec![vec![]; l.len()]).collect();
+                (cache, Some(empty).filter(|_| tracks), 0)
+            }
+        };
         self.seqs.push(Some(SeqState {
             prompt_len: prompt.len(),
             ids: prompt,
@@ -497,6 +559,7 @@ impl<'a> Batch<'a> {
             spec: None,
             drafted: 0,
             accepted: 0,
+            positions,
         }));
         Ok(self.seqs.len() - 1)
     }
@@ -685,9 +748,18 @@ impl<'a> Batch<'a> {
                 .iter()
                 .map(|&i| std::mem::replace(&mut self.seqs[i].as_mut().expect("active").cache, empty_cache()))
                 .collect();
+            let before: Vec<Vec<Vec<usize>>> = caches.iter().map(SeqCache::lens).collect();
             let hidden = self.model.forward_hidden(&x, &layout, &opts.routing, Some(&mut caches), Some(&mut detail));
-            for (&i, c) in group.iter().zip(caches) {
-                self.seqs[i].as_mut().expect("active").cache = c;
+            let starts = layout.starts();
+            for (k, (&i, c)) in group.iter().zip(caches).enumerate() {
+                let s = self.seqs[i].as_mut().expect("active");
+                if let Some(pos) = &mut s.positions {
+                    let call = CallRows { start: starts[k], past: past[k], n: lens[k] };
+                    if hidden.is_err() || !track_positions(pos, &c, &before[k], call, &detail.selections) {
+                        s.positions = None;
+                    }
+                }
+                s.cache = c;
             }
             hidden?
         } else {
@@ -722,8 +794,12 @@ impl<'a> Batch<'a> {
             s.fed = past[k] + lens[k];
             if s.opts.use_cache && s.fed + 1 == s.prompt_len && s.fed > past[k] && !s.opts.prompt_logprobs {
                 if let Some(pc) = &mut self.prefix_cache {
-                    pc.insert(&s.ids[..s.fed], &s.opts.routing, &s.cache);
+                    pc.insert(&s.ids[..s.fed], &s.opts.routing, &s.cache, s.positions.as_ref());
                 }
+            }
+            if s.fed + 1 >= s.prompt_len {
+                // Past the prompt's prefix nothing is kept for the prefix cache.
+                s.positions = None;
             }
             if s.fed == s.ids.len() {
                 let row = starts[k] + lens[k] - 1;
@@ -813,6 +889,46 @@ impl<'a> Batch<'a> {
 
 /// Whether two routing settings route every token the same way (so their sequences can share a
 /// packed call).
+/// Where one sequence's tokens sit in a packed call: its first row, the tokens before them,
+/// and how many.
+struct CallRows {
+    start: usize,
+    past: usize,
+    n: usize,
+}
+
+/// Add to `positions` the tokens a call appended to each slot of `cache` (lengths `before`
+/// the call): every token of the call where a slot grew by all of them, none where it did not
+/// grow, and the call's selections at a routed step (packed rows, keyed (layer, step) with
+/// step t in slot t - 1). False when a slot grew in any other way.
+fn track_positions(
+    positions: &mut SlotPositions,
+    cache: &SeqCache,
+    before: &[Vec<usize>],
+    call: CallRows,
+    selections: &BTreeMap<(usize, usize), Vec<u32>>,
+) -> bool {
+    let rows = call.start..call.start + call.n;
+    for (l, slots) in cache.slots.iter().enumerate() {
+        for (st, c) in slots.iter().enumerate() {
+            let grown = c.len() - before[l][st];
+            let p = &mut positions[l][st];
+            if grown == call.n {
+                p.extend((call.past..call.past + call.n).map(|x| x as u32));
+            } else if grown > 0 {
+                let Some(sel) = selections.get(&(l, st + 1)) else { return false };
+                let mine = sel.iter().filter(|&&r| rows.contains(&(r as usize)));
+                let at = p.len();
+                p.extend(mine.map(|&r| (call.past + r as usize - call.start) as u32));
+                if p.len() - at != grown {
+                    return false;
+                }
+            }
+        }
+    }
+    true
+}
+
 fn same_routing(a: &RoutingOptions, b: &RoutingOptions) -> bool {
     let same_arc = |x: &Option<Arc<RouterCalibration>>, y: &Option<Arc<RouterCalibration>>| match (x, y) {
         (None, None) => true,
@@ -1181,6 +1297,60 @@ pub(crate) mod generation_tests {
         assert_eq!((u.prompt_tokens, u.completion_tokens), (tok.encode(p2).unwrap().len(), got[c].len()));
         assert!(u.extra_block_steps > 0, "the thinking layers took routed steps");
         assert!(usage[d].is_none(), "a removed sequence does not finish");
+    }
+
+    /// A prompt that shares only part of a cached entry (a system text, then another question)
+    /// starts from the entry cut to the shared tokens, each routed slot to what it selected
+    /// before the cut: the same tokens and the same cache sizes as without the cache.
+    #[test]
+    fn a_shared_prefix_is_reused_from_a_longer_entry_with_the_same_tokens() {
+        let (model, tok, cal) = setup();
+        let routing = RoutingOptions { mode: Routing::Threshold, calibration: Some(cal), ..Default::default() };
+        let system = "abc def ghij\n".repeat(2);
+        let asks = ["12+34=", "5+5=10\n7", "901-3="];
+        for (sampling, chunk) in [
+            (SamplingParams::greedy(), 0),
+            (SamplingParams { temperature: 0.9, top_k: 0, top_p: 1.0, seed: 5, ..Default::default() }, 3),
+        ] {
+            let opts = GenerateOptions {
+                max_new_tokens: 8,
+                sampling,
+                routing: routing.clone(),
+                prefill_chunk: chunk,
+                ..Default::default()
+            };
+            let mut cached = Batch::new(&model, &tok).unwrap();
+            cached.prefix_cache = Some(PrefixCache::new(64 << 20));
+            for (n, ask) in asks.iter().enumerate() {
+                let prompt = tok.encode(&format!("{system}{ask}")).unwrap();
+                let mut plain = Batch::new(&model, &tok).unwrap();
+                let (a, b) =
+                    (plain.add(prompt.clone(), opts.clone()).unwrap(), cached.add(prompt, opts.clone()).unwrap());
+                let (mut want, mut got) = (vec![], vec![]);
+                let tokens = |evs: Vec<Event>, out: &mut Vec<u32>| {
+                    out.extend(evs.into_iter().filter_map(|e| if let Event::Token(t) = e { Some(t.id) } else { None }))
+                };
+                while want.is_empty() {
+                    tokens(plain.step().unwrap(), &mut want);
+                }
+                while got.is_empty() {
+                    tokens(cached.step().unwrap(), &mut got);
+                }
+                assert_eq!(cached.cache_lens(b), plain.cache_lens(a), "cache sizes after the prompt, ask {ask:?}");
+                while plain.running() > 0 {
+                    tokens(plain.step().unwrap(), &mut want);
+                }
+                while cached.running() > 0 {
+                    tokens(cached.step().unwrap(), &mut got);
+                }
+                assert_eq!(got, want, "tokens with and without the prefix cache, ask {ask:?}");
+                let pc = cached.prefix_cache.as_ref().unwrap();
+                // The first prompt finds nothing; each later one shares the system text and its
+                // question's first characters with nothing cached, so exactly the system text.
+                assert_eq!((pc.hits, pc.misses), (n as u64, 1), "ask {ask:?}");
+                assert_eq!(pc.reused_tokens, (n * system.len()) as u64, "ask {ask:?}");
+            }
+        }
     }
 
     #[test]

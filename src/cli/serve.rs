@@ -198,11 +198,19 @@ pub struct ServeBenchArgs {
     /// with --decode timed against plain decoding, with its acceptance rate.
     #[arg(long, value_name = "K")]
     pub speculate: Option<usize>,
+    /// Instead of the load levels: time to first token of --requests requests that share an
+    /// N-token prefix (the bench prompt's tokens repeated, as a system prompt) and differ
+    /// after it, on the server without and with its prefix cache.
+    #[arg(long, value_name = "N")]
+    shared_prefix: Option<usize>,
 }
 
 pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Result<()> {
     if a.clients.is_empty() || a.clients.contains(&0) || a.requests == 0 {
         return Err(Error::usage("--clients and --requests must be at least 1"));
+    }
+    if let Some(n) = a.shared_prefix {
+        return bench_shared_prefix(a, checkpoint, json_out, n);
     }
     let max_batch = a.clients.iter().copied().max().unwrap_or(1);
     let mut settings: Vec<Option<f64>> = vec![None];
@@ -277,6 +285,113 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             }
         }
         server.stop()?;
+    }
+    Ok(())
+}
+
+/// POST `body` to `url` + `path` and read the JSON reply.
+fn post_json(url: &str, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+    let resp = ureq::post(&format!("{url}{path}"))
+        .send_json(body.clone())
+        .map_err(|e| Error::usage(format!("{path}: {}", e.to_string().lines().next().unwrap_or(""))))?;
+    resp.into_json().map_err(|e| Error::usage(format!("{path}: reply is not JSON: {e}")))
+}
+
+/// One counter of the server's /metrics, 0 when absent.
+fn metric(url: &str, name: &str) -> Result<f64> {
+    let text = ureq::get(&format!("{url}/metrics"))
+        .call()
+        .map_err(|e| Error::usage(format!("/metrics: {e}")))?
+        .into_string()
+        .map_err(|e| Error::usage(format!("/metrics: {e}")))?;
+    Ok(text.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok())).unwrap_or(0.0))
+}
+
+/// `itt bench --serve CKPT --shared-prefix N` (DESIGN §12, "Prefix cache"): requests made of
+/// one N-token prefix and a question of their own, sent one after another, streamed, first to a
+/// server without the prefix cache and then to one with it (after one request that fills it).
+/// Prints the time to first token of each, their ratio, and the tokens the cache supplied.
+fn bench_shared_prefix(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool, n: usize) -> Result<()> {
+    let mut rows = vec![];
+    for cache_mb in [0usize, 1024] {
+        let engine = EngineConfig {
+            max_batch: 1,
+            max_queue: 16,
+            prefill_chunk: 256,
+            latency_target: None,
+            share_floor: 0.25,
+            prefix_cache_bytes: cache_mb << 20,
+        };
+        let open = OpenOptions { gguf_weights: GgufWeights::Quantized, device: candle_core::Device::Cpu };
+        let opts = StartOptions {
+            engine,
+            name: None,
+            chat_template: None,
+            seed: 1234,
+            grace: Duration::from_secs(5),
+            speculate: 0,
+        };
+        let (server, _) = start(checkpoint, &open, opts, "127.0.0.1:0".parse().expect("an address"))?;
+        let url = format!("http://{}", server.addr);
+        let tokenize = |text: &str| -> Result<(Vec<u64>, usize)> {
+            let v = post_json(&url, "/tokenize", &json!({ "prompt": text }))?;
+            let ids = v["tokens"].as_array().map(|a| a.iter().filter_map(|t| t.as_u64()).collect()).unwrap_or_default();
+            Ok((ids, v["max_model_len"].as_u64().unwrap_or(0) as usize))
+        };
+        let (unit, ctx) = tokenize(&a.bench_prompt)?;
+        if unit.is_empty() {
+            return Err(Error::usage("--bench-prompt gives no tokens to build the shared prefix from"));
+        }
+        let prefix: Vec<u64> = unit.iter().copied().cycle().take(n).collect();
+        let question = |k: usize| -> Result<Vec<u64>> {
+            let mut ids = prefix.clone();
+            ids.extend(tokenize(&format!("\nQuestion {k}: what comes next?"))?.0);
+            Ok(ids)
+        };
+        let longest = question(a.requests)?.len() + a.max_tokens;
+        if longest > ctx {
+            return Err(Error::usage(format!(
+                "--shared-prefix {n}: a request needs {longest} tokens but the model's context is {ctx}"
+            )));
+        }
+        let body =
+            |ids: Vec<u64>| json!({"prompt": ids, "max_tokens": a.max_tokens, "temperature": 0.0, "ignore_eos": true});
+        // Warm up (and, with the cache, fill it) with a question no timed request asks.
+        bench::stream_completion(&url, &body(question(a.requests + 1)?), Duration::from_secs(600))?;
+        let reused_before = metric(&url, "itt_prefix_cache_reused_tokens_total")?;
+        let mut ttft = vec![];
+        for k in 0..a.requests {
+            let st = bench::stream_completion(&url, &body(question(k)?), Duration::from_secs(600))?;
+            ttft.push(st.time_to_first_token.unwrap_or(st.latency));
+        }
+        let reused = (metric(&url, "itt_prefix_cache_reused_tokens_total")? - reused_before) / a.requests as f64;
+        server.stop()?;
+        ttft.sort_by(f64::total_cmp);
+        rows.push((cache_mb, ttft[ttft.len() / 2], ttft, reused));
+    }
+    let (cold, warm) = (rows[0].1, rows[1].1);
+    if json_out {
+        let v = json!({
+            "shared_prefix_tokens": n,
+            "requests": a.requests,
+            "ttft_p50_cold": cold,
+            "ttft_p50_cached": warm,
+            "ratio": warm / cold,
+            "ttft_cold": rows[0].2,
+            "ttft_cached": rows[1].2,
+            "reused_tokens_per_request": rows[1].3,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "{:>14} {:>9} {:>10} {:>10} {:>16}",
+            "prefix cache", "requests", "ttft p50", "x cold", "reused/request"
+        );
+        for (mb, p50, _, reused) in &rows {
+            let label = if *mb == 0 { "off".to_string() } else { format!("{mb} MB") };
+            println!("{label:>14} {:>9} {:>8.1}ms {:>10.3} {:>16.0}", a.requests, p50 * 1000.0, p50 / cold, reused);
+        }
+        println!("shared prefix {n} tokens: time to first token with the cache {:.3}x the cold one", warm / cold);
     }
     Ok(())
 }

@@ -381,6 +381,7 @@ impl Engine<'_> {
         m.prefix_hits.inc_by(pc.hits - m.prefix_hits.get());
         m.prefix_misses.inc_by(pc.misses - m.prefix_misses.get());
         m.prefix_evictions.inc_by(pc.evictions - m.prefix_evictions.get());
+        m.prefix_reused_tokens.inc_by(pc.reused_tokens - m.prefix_reused_tokens.get());
         m.prefix_bytes.set(pc.bytes() as i64);
     }
 

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub prefix_hits: IntCounter,
     pub prefix_misses: IntCounter,
     pub prefix_evictions: IntCounter,
+    /// Prompt tokens taken from cached prefixes instead of being run.
+    pub prefix_reused_tokens: IntCounter,
     pub prefix_bytes: IntGauge,
     /// Self-speculative decoding (DESIGN §12): tokens drafted, and those the full model kept.
     pub spec_drafted: IntCounter,
@@ -69,6 +71,10 @@ impl Metrics {
             prefix_hits: counter("prefix_cache_hits_total", "Requests that started from a cached prompt prefix"),
             prefix_misses: counter("prefix_cache_misses_total", "Requests that found no cached prefix"),
             prefix_evictions: counter("prefix_cache_evictions_total", "Prefix cache entries evicted (LRU)"),
+            prefix_reused_tokens: counter(
+                "prefix_cache_reused_tokens_total",
+                "Prompt tokens taken from cached prefixes instead of being run",
+            ),
             prefix_bytes,
             spec_drafted: counter("speculative_drafted_tokens_total", "Tokens drafted by self-speculative decoding"),
             spec_accepted: counter(
