@@ -244,17 +244,7 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
             share_floor: 0.25,
             prefix_cache_bytes: 0,
         };
-        let open = OpenOptions { gguf_weights: GgufWeights::Quantized, device: candle_core::Device::Cpu };
-        let opts = StartOptions {
-            engine,
-            name: None,
-            chat_template: None,
-            seed: 1234,
-            grace: Duration::from_secs(5),
-            speculate: a.speculate.unwrap_or(0),
-        };
-        let (server, _) = start(checkpoint, &open, opts, "127.0.0.1:0".parse().expect("an address"))?;
-        let url = format!("http://{}", server.addr);
+        let (server, url) = start_bench_server(checkpoint, engine, a.speculate.unwrap_or(0))?;
         // Warm up (first-touch allocations, thread pools).
         bench::load(&url, 1, 1, &body);
         for &c in &a.clients {
@@ -287,6 +277,17 @@ pub fn bench_serve(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool) -> Res
         server.stop()?;
     }
     Ok(())
+}
+
+/// The benchmarks' server: `checkpoint` on the CPU (a GGUF on its quantized weights) on a
+/// loopback port; returns it and its URL.
+fn start_bench_server(checkpoint: &Path, engine: EngineConfig, speculate: usize) -> Result<(Server, String)> {
+    let open = OpenOptions { gguf_weights: GgufWeights::Quantized, device: candle_core::Device::Cpu };
+    let opts =
+        StartOptions { engine, name: None, chat_template: None, seed: 1234, grace: Duration::from_secs(5), speculate };
+    let (server, _) = start(checkpoint, &open, opts, "127.0.0.1:0".parse().expect("an address"))?;
+    let url = format!("http://{}", server.addr);
+    Ok((server, url))
 }
 
 /// POST `body` to `url` + `path` and read the JSON reply.
@@ -322,17 +323,7 @@ fn bench_shared_prefix(a: &ServeBenchArgs, checkpoint: &Path, json_out: bool, n:
             share_floor: 0.25,
             prefix_cache_bytes: cache_mb << 20,
         };
-        let open = OpenOptions { gguf_weights: GgufWeights::Quantized, device: candle_core::Device::Cpu };
-        let opts = StartOptions {
-            engine,
-            name: None,
-            chat_template: None,
-            seed: 1234,
-            grace: Duration::from_secs(5),
-            speculate: 0,
-        };
-        let (server, _) = start(checkpoint, &open, opts, "127.0.0.1:0".parse().expect("an address"))?;
-        let url = format!("http://{}", server.addr);
+        let (server, url) = start_bench_server(checkpoint, engine, 0)?;
         let tokenize = |text: &str| -> Result<(Vec<u64>, usize)> {
             let v = post_json(&url, "/tokenize", &json!({ "prompt": text }))?;
             let ids = v["tokens"].as_array().map(|a| a.iter().filter_map(|t| t.as_u64()).collect()).unwrap_or_default();
