@@ -748,9 +748,7 @@ impl<'a> Batch<'a> {
                 .iter()
                 .map(|&i| std::mem::replace(&mut self.seqs[i].as_mut().expect("active").cache, empty_cache()))
                 .collect();
-            let tracked = group.iter().any(|&i| self.seq(i).positions.is_some());
-            let before: Vec<Vec<Vec<usize>>> =
-                if tracked { caches.iter().map(SeqCache::lens).collect() } else { vec![] };
+            let before: Vec<Vec<Vec<usize>>> = caches.iter().map(SeqCache::lens).collect();
             let hidden = self.model.forward_hidden(&x, &layout, &opts.routing, Some(&mut caches), Some(&mut detail));
             let starts = layout.starts();
             for (k, (&i, c)) in group.iter().zip(caches).enumerate() {
