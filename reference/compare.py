@@ -35,6 +35,9 @@ def main():
     ap.add_argument("--decode-presets", default="tiny,tiny-loop4,tiny-itt4")
     ap.add_argument("--vocab", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="f32 only: on CPUs without bf16 products (AVX2-only) PyTorch's bf16 "
+                    "autocast takes minutes a run and itt's bf16 falls back to f32")
     ap.add_argument("--itt-vs-loop", type=int, metavar="PAIRS", default=0,
                     help="instead: issue 7's routing target, PAIRS alternating runs of ITT x4 at ratios "
                          "0.5/0.5/0.5 and Loop x4 (itt only, no PyTorch), f32 and bf16")
@@ -44,22 +47,24 @@ def main():
         return
     py = [sys.executable, os.path.join(HERE, "itt_torch.py")]
     rows = []
-    for p in a.train_presets.split(","):
+    for p in filter(None, a.train_presets.split(",")):
         res = {"itt": [], "torch": [], "itt_bf16": [], "torch_bf16": []}
         common = ["--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps)]
         for _ in range(a.repeats):
             res["itt"] += run([ITT, "bench", *common, "--json"])
             res["torch"] += run(py + ["bench", *common])
-            res["itt_bf16"] += run([ITT, "bench", *common, "--precision", "bf16", "--json"])
-            res["torch_bf16"] += run(py + ["bench", *common, "--bf16"])
-        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res.items()}
-        mem = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in res.items()}
+            if not a.no_bf16:
+                res["itt_bf16"] += run([ITT, "bench", *common, "--precision", "bf16", "--json"])
+                res["torch_bf16"] += run(py + ["bench", *common, "--bf16"])
+        nan = float("nan")
+        med = {k: statistics.median(r["tokens_per_s"] for r in v) if v else nan for k, v in res.items()}
+        mem = {k: statistics.median(r["peak_rss_mb"] for r in v) if v else nan for k, v in res.items()}
         rows.append(
             f"| train step | {p} | {med['itt']:.0f} | {med['torch']:.0f} | {med['itt'] / med['torch']:.2f} "
             f"| {med['itt_bf16']:.0f} | {med['torch_bf16']:.0f} | {med['itt_bf16'] / med['torch_bf16']:.2f} "
             f"| {mem['itt']:.0f} / {mem['torch']:.0f} | {mem['itt_bf16']:.0f} / {mem['torch_bf16']:.0f} |"
         )
-    for p in a.decode_presets.split(","):
+    for p in filter(None, a.decode_presets.split(",")):
         ours, theirs = [], []
         for _ in range(a.repeats):
             ours += run([ITT, "bench", "--decode", p, "--vocab", str(a.vocab), "--json"])
