@@ -7,13 +7,15 @@
 #   scripts/bench_vs_llamacpp.sh .cache/itt/models/SmolLM2-135M-Instruct.Q4_1.gguf
 #
 # Environment: THREADS (2), ROUNDS (3), PP (prompt tokens, 128), TG (generated, 64),
-# BATCHES (1,4,16), ITT (./target/release/itt; built with cargo if absent).
+# BATCHES (1,4,16), ITT (./target/release/itt; built with cargo if absent), BUILD_ONLY (1: build
+# llama.cpp and stop, e.g. while itt builds; the GGUF argument is then not needed).
 #
 # llama.cpp is built once into .cache/llamacpp from the sources that the llama-cpp-python sdist
 # on PyPI vendors (pinned below with its sha256), with cmake and ninja from PyPI in a venv, for
 # the CPU it runs on (GGML_NATIVE). Delete .cache/llamacpp to rebuild.
 set -euo pipefail
-GGUF=${1:?usage: scripts/bench_vs_llamacpp.sh FILE.gguf}
+BUILD_ONLY=${BUILD_ONLY:-0}
+if [ "$BUILD_ONLY" = 1 ]; then GGUF=${1:-}; else GGUF=${1:?usage: scripts/bench_vs_llamacpp.sh FILE.gguf}; fi
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
 PP=${PP:-128}
@@ -50,6 +52,10 @@ build_llamacpp() {
 }
 
 build_llamacpp
+if [ "$BUILD_ONLY" = 1 ]; then
+    echo "llama.cpp built: $CACHE/bin/llama-bench, $CACHE/bin/llama-batched-bench"
+    exit 0
+fi
 # Builds from before BUILD_SHARED_LIBS=OFF keep their libraries beside them.
 export LD_LIBRARY_PATH=$CACHE/build/bin${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if [ ! -x "$ITT" ]; then
