@@ -56,14 +56,12 @@ def main():
             if not a.no_bf16:
                 res["itt_bf16"] += run([ITT, "bench", *common, "--precision", "bf16", "--json"])
                 res["torch_bf16"] += run(py + ["bench", *common, "--bf16"])
-        nan = float("nan")
-        med = {k: statistics.median(r["tokens_per_s"] for r in v) if v else nan for k, v in res.items()}
-        mem = {k: statistics.median(r["peak_rss_mb"] for r in v) if v else nan for k, v in res.items()}
-        rows.append(
-            f"| train step | {p} | {med['itt']:.0f} | {med['torch']:.0f} | {med['itt'] / med['torch']:.2f} "
-            f"| {med['itt_bf16']:.0f} | {med['torch_bf16']:.0f} | {med['itt_bf16'] / med['torch_bf16']:.2f} "
-            f"| {mem['itt']:.0f} / {mem['torch']:.0f} | {mem['itt_bf16']:.0f} / {mem['torch_bf16']:.0f} |"
-        )
+        med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res.items() if v}
+        mem = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in res.items() if v}
+        tail = (f"| {med['itt_bf16']:.0f} | {med['torch_bf16']:.0f} | {med['itt_bf16'] / med['torch_bf16']:.2f} "
+                f"| {mem['itt']:.0f} / {mem['torch']:.0f} | {mem['itt_bf16']:.0f} / {mem['torch_bf16']:.0f} |"
+                if "itt_bf16" in med else f"| – | – | – | {mem['itt']:.0f} / {mem['torch']:.0f} | – |")
+        rows.append(f"| train step | {p} | {med['itt']:.0f} | {med['torch']:.0f} | {med['itt'] / med['torch']:.2f} {tail}")
     for p in filter(None, a.decode_presets.split(",")):
         ours, theirs = [], []
         for _ in range(a.repeats):
