@@ -657,6 +657,20 @@ fn the_demo_compares_thinking_on_off_and_dense_of_equal_parameters() {
     for r in &rows[1..] {
         assert_eq!(r.matches("/40").count(), 6, "{r}");
     }
+    // The compute dial: shares from none to all, FLOPs rising with the share, the backbone row
+    // scoring what the comparison's thinking-off row scores (the same weights, one step).
+    let dial: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("dial")).skip(2).take(5).collect();
+    assert_eq!(dial.len(), 5, "{text}");
+    let cols = |r: &str| -> (f64, f64) {
+        let f: Vec<&str> = r.split_whitespace().collect();
+        let x = f.iter().position(|w| w.ends_with('x')).unwrap_or_else(|| panic!("{r}"));
+        (f[x].trim_end_matches('x').parse().unwrap(), f[x + 1].parse().unwrap())
+    };
+    assert!(dial[0].contains("0% (off)") && dial[3].contains("70% (trained)") && dial[4].contains("100%"), "{text}");
+    assert_eq!(cols(dial[0]).0, 1.0, "{text}");
+    assert!(dial.windows(2).all(|w| cols(w[0]).0 < cols(w[1]).0), "{text}");
+    let off_loss: f64 = rows[2].split_whitespace().rev().nth(8).unwrap().parse().unwrap();
+    assert_eq!(cols(dial[0]).1, off_loss, "{text}");
     assert!(out.join("dense").join("latest").exists());
     // A second demo into the same folder replaces it; --no-dense drops the dense row.
     let o = itt(&["demo", "--steps", "1", "--no-dense", "--out", out.to_str().unwrap()]);

@@ -107,6 +107,9 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let on = reasoning::solve_rates(&trainer.model, &tok, &problems, &causal)?;
     println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", on.line());
     let without = if thinks { Some(reasoning::solve_rates(&trainer.model, &tok, &problems, &off)?) } else { None };
+    if thinks && mode == Routing::Threshold {
+        dial(&trainer, &cfg, &tok, &problems, &causal, &val_with)?;
+    }
     let dense = match dense_preset(opts) {
         Some(name) => Some((train_dense(&name, &cfg, &dataset, &tok, &out.join("dense"), &problems)?, name)),
         None => None,
@@ -124,6 +127,52 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     println!("next     itt generate --checkpoint {} --prompt \"47+85=\" --show-depth --temperature 0", out.display());
     Ok(())
 }
+
+/// The compute dial (DESIGN §6): the same weights run at other shares of tokens per extra
+/// step, chosen at inference by the causal thresholds tracked in training, so a user sees what
+/// each share of thinking costs (FLOPs per token against the backbone run once) and buys.
+fn dial(
+    trainer: &Trainer,
+    cfg: &config::RunConfig,
+    tok: &Tokenizer,
+    problems: &[reasoning::Problem],
+    causal: &RoutingOptions,
+    val_with: &dyn Fn(&RoutingOptions) -> Result<f64>,
+) -> Result<()> {
+    let th = &cfg.model.thinking;
+    let trained = th.ratios.first().copied().unwrap_or(1.0);
+    let n = cfg.train.seq_len;
+    let mut shares: Vec<f64> = DIAL_SHARES.to_vec();
+    if !shares.iter().any(|s| (s - trained).abs() < 1e-9) {
+        shares.push(trained);
+        shares.sort_by(f64::total_cmp);
+    }
+    println!("dial     the same weights at other shares of tokens per extra step (causal routing, as generation runs):");
+    println!("         {:>13}  {:>15}  {:>8}  solved", "share", "FLOPs vs once", "val loss");
+    for s in shares {
+        // Share 0 is the backbone alone: one step per layer, no router run.
+        let (steps, ratios) = if s > 0.0 { (None, Some(vec![s; th.ratios.len()])) } else { (Some(1), None) };
+        let routing = RoutingOptions { ratios: ratios.clone(), steps, ..causal.clone() };
+        let flops = crate::flops::flops_per_token(&cfg.model, n, steps, ratios.as_deref());
+        let val = val_with(&routing)?;
+        let rates = reasoning::solve_rates(&trainer.model, tok, problems, &routing)?;
+        let label = match s {
+            _ if (s - trained).abs() < 1e-9 => format!("{:.0}% (trained)", 100.0 * s),
+            _ if s == 0.0 => "0% (off)".to_string(),
+            _ => format!("{:.0}%", 100.0 * s),
+        };
+        println!(
+            "         {label:>13}  {:>14.2}x  {val:8.4}  {:3}/{:<3}",
+            flops.ratio_to_dense,
+            rates.solved(),
+            rates.asked()
+        );
+    }
+    Ok(())
+}
+
+/// Shares the dial shows besides the trained one: none (the backbone alone), a few, all.
+const DIAL_SHARES: [f64; 4] = [0.0, 0.3, 0.5, 1.0];
 
 /// The dense preset of equal parameters for an ITT or Loop preset (`tiny-itt4` -> `tiny`), or
 /// none when the demo's model is dense or the comparison is off.
