@@ -147,7 +147,9 @@ fn dial(
         shares.push(trained);
         shares.sort_by(f64::total_cmp);
     }
-    println!("dial     the same weights at other shares of tokens per extra step (causal routing, as generation runs):");
+    println!(
+        "dial     the same weights at other shares of tokens per extra step (causal routing, as generation runs):"
+    );
     println!("         {:>13}  {:>15}  {:>8}  solved", "share", "FLOPs vs once", "val loss");
     for s in shares {
         // Share 0 is the backbone alone: one step per layer, no router run.

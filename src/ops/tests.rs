@@ -178,8 +178,12 @@ fn attention_matches_composed_and_finite_differences() {
     // (B, H, Hkv, Lq, Lk, hd): plain, grouped-query with odd sizes across tile edges, cached
     // keys (past = Lk - Lq > 0), one-token decoding.
     let cases =
-        [(2, 4, 4, 7, 7, 8), (1, 6, 2, 70, 70, 5), (2, 4, 2, 3, 130, 16), (3, 2, 1, 1, 9, 4), (1, 2, 2, 129, 200, 64)];
-    for (i, (b, h, hkv, lq, lk, hd)) in cases.into_iter().enumerate() {
+        [(2, 4, 4, 7, 7, 8), (1, 6, 2, 70, 70, 5), (2, 4, 2, 3, 130, 16), (3, 2, 1, 1, 9, 4), (1, 2, 2, 129, 200, 64)]
+            .into_iter()
+            // Heads of 32, 48 and 100 dimensions: the 32- and 16-column panels of the tile
+            // products, and a remainder after all three panel widths.
+            .chain([(1, 2, 1, 70, 70, 32), (2, 2, 2, 9, 67, 48), (1, 1, 1, 66, 66, 100)]);
+    for (i, (b, h, hkv, lq, lk, hd)) in cases.enumerate() {
         let name = format!("attention B{b} H{h} Hkv{hkv} Lq{lq} Lk{lk} hd{hd}");
         check_twins(&name, &fused, &composed, &[&[b, h, lq, hd], &[b, hkv, lk, hd], &[b, hkv, lk, hd]], 110 + i as u64);
     }
