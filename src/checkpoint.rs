@@ -655,8 +655,20 @@ pub fn prune(run_dir: &Path, keep: usize) -> Result<()> {
     let room = keep.max(1).saturating_sub(current.len());
     let n = others.len();
     others.truncate(n.saturating_sub(room));
+    // Left by a writer that died between the rename and the removal below.
+    if let Ok(entries) = std::fs::read_dir(run_dir.join("checkpoints")) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(".removing-") {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
     for p in others {
-        std::fs::remove_dir_all(&p).at(&p)?;
+        // Renamed out of `step-*` first, so that a reader (`itt verify`, a resume elsewhere)
+        // sees the folder whole or not at all, never half deleted.
+        let gone = p.with_file_name(format!(".removing-{}", p.file_name().unwrap_or_default().to_string_lossy()));
+        std::fs::rename(&p, &gone).at(&p)?;
+        std::fs::remove_dir_all(&gone).at(&gone)?;
     }
     Ok(())
 }

@@ -392,6 +392,14 @@ pub struct VerifyArgs {
     pub path: PathBuf,
 }
 
+/// Whether checkpoint folder `d` of run `run` is gone and not the one `latest` names: pruned by
+/// the run's writer (which never prunes that one) after it was listed. A missing folder that
+/// `latest` names is damage.
+fn pruned_meanwhile(run: &Path, d: &Path) -> bool {
+    let latest = std::fs::read_to_string(run.join("latest")).ok().map(|rel| run.join(rel.trim()));
+    !d.exists() && latest.is_none_or(|l| l != d)
+}
+
 /// Print each checkpoint's files as ok / BAD; fail if any is damaged.
 pub fn verify(path: &Path) -> Result<()> {
     let dir = checkpoint::resolve(path);
@@ -403,8 +411,18 @@ pub fn verify(path: &Path) -> Result<()> {
         return Err(dir.err().unwrap_or_else(|| Error::checkpoint(path, "holds no checkpoint")));
     }
     let mut damaged = vec![];
+    let mut verified = 0;
     for d in &dirs {
-        match checkpoint::verify(d, checkpoint::Check::Hashes) {
+        let result = checkpoint::verify(d, checkpoint::Check::Hashes);
+        // A run's writer keeps only its newest checkpoints: one it pruned while this read it
+        // is gone, not damaged (readers take no lock, DESIGN §14.1). The writer never prunes
+        // the folder `latest` names, so a missing folder that `latest` names is damage.
+        if dirs.len() > 1 && result.as_ref().map_or(true, |v| !v.is_intact()) && pruned_meanwhile(path, d) {
+            println!("{}: removed while verifying (pruned by the run's writer)", d.display());
+            continue;
+        }
+        verified += 1;
+        match result {
             Ok(v) => {
                 println!("{v}");
                 if !v.is_intact() {
@@ -417,6 +435,9 @@ pub fn verify(path: &Path) -> Result<()> {
             }
         }
     }
+    if verified == 0 {
+        return Err(Error::checkpoint(path, "every checkpoint was removed while verifying; run it again"));
+    }
     if damaged.is_empty() {
         return Ok(());
     }
@@ -425,7 +446,7 @@ pub fn verify(path: &Path) -> Result<()> {
         format!(
             "{} of {} checkpoint(s) damaged ({}); `itt train --resume` continues from the newest intact one",
             damaged.len(),
-            dirs.len(),
+            verified,
             damaged.join(", ")
         ),
     ))
@@ -451,4 +472,22 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
 pub fn export(a: ExportArgs) -> Result<()> {
     println!("{}", crate::import::export(&a.checkpoint, &a.out, a.format, a.quantize)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pruned_meanwhile;
+
+    #[test]
+    fn a_folder_gone_is_pruned_unless_latest_names_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path();
+        let ck = |s: u32| run.join("checkpoints").join(format!("step-{s:08}"));
+        std::fs::create_dir_all(ck(2)).unwrap();
+        std::fs::write(run.join("latest"), "checkpoints/step-00000002\n").unwrap();
+        assert!(pruned_meanwhile(run, &ck(1)), "an older folder that vanished was pruned");
+        assert!(!pruned_meanwhile(run, &ck(2)), "a folder still there is not");
+        std::fs::remove_dir_all(ck(2)).unwrap();
+        assert!(!pruned_meanwhile(run, &ck(2)), "the folder latest names, missing, is damage");
+    }
 }
