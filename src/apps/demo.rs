@@ -140,10 +140,13 @@ fn dial(
     val_with: &dyn Fn(&RoutingOptions) -> Result<f64>,
 ) -> Result<()> {
     let th = &cfg.model.thinking;
-    let trained = th.ratios.first().copied().unwrap_or(1.0);
+    // The trained share when every step has the same one (the presets); otherwise no row is
+    // the trained setting, which the comparison's "thinking on" row shows.
+    let uniform = th.ratios.windows(2).all(|w| w[0] == w[1]);
+    let trained = th.ratios.first().copied().filter(|_| uniform).unwrap_or(f64::NAN);
     let n = cfg.train.seq_len;
     let mut shares: Vec<f64> = DIAL_SHARES.to_vec();
-    if !shares.iter().any(|s| (s - trained).abs() < 1e-9) {
+    if trained.is_finite() && !shares.iter().any(|s| (s - trained).abs() < 1e-9) {
         shares.push(trained);
         shares.sort_by(f64::total_cmp);
     }
