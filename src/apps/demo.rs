@@ -107,8 +107,8 @@ pub fn run(opts: &DemoOptions) -> Result<()> {
     let on = reasoning::solve_rates(&trainer.model, &tok, &problems, &causal)?;
     println!("answers  held-out problems solved exactly (greedy, KV cache, causal routing): {}", on.line());
     let without = if thinks { Some(reasoning::solve_rates(&trainer.model, &tok, &problems, &off)?) } else { None };
-    if thinks && mode == Routing::Threshold {
-        dial(&trainer, &cfg, &tok, &problems, &causal, &val_with)?;
+    if let (Some(v), Some(w), Routing::Threshold) = (val_off, &without, mode) {
+        dial(&trainer, &cfg, &tok, &problems, &causal, &val_with, (v, w))?;
     }
     let dense = match dense_preset(opts) {
         Some(name) => Some((train_dense(&name, &cfg, &dataset, &tok, &out.join("dense"), &problems)?, name)),
@@ -138,6 +138,7 @@ fn dial(
     problems: &[reasoning::Problem],
     causal: &RoutingOptions,
     val_with: &dyn Fn(&RoutingOptions) -> Result<f64>,
+    off: (f64, &reasoning::SolveRates),
 ) -> Result<()> {
     let th = &cfg.model.thinking;
     // The trained share when every step has the same one (the presets); otherwise no row is
@@ -155,12 +156,19 @@ fn dial(
     );
     println!("         {:>13}  {:>15}  {:>8}  solved", "share", "FLOPs vs once", "val loss");
     for s in shares {
-        // Share 0 is the backbone alone: one step per layer, no router run.
+        // Share 0 is the backbone alone: one step per layer, no router run, as scored already
+        // for the thinking-off comparison.
         let (steps, ratios) = if s > 0.0 { (None, Some(vec![s; th.ratios.len()])) } else { (Some(1), None) };
-        let routing = RoutingOptions { ratios: ratios.clone(), steps, ..causal.clone() };
         let flops = crate::flops::flops_per_token(&cfg.model, n, steps, ratios.as_deref());
-        let val = val_with(&routing)?;
-        let rates = reasoning::solve_rates(&trainer.model, tok, problems, &routing)?;
+        let (val, rates) = if s > 0.0 {
+            let routing = RoutingOptions { ratios, ..causal.clone() };
+            (
+                val_with(&routing)?,
+                std::borrow::Cow::Owned(reasoning::solve_rates(&trainer.model, tok, problems, &routing)?),
+            )
+        } else {
+            (off.0, std::borrow::Cow::Borrowed(off.1))
+        };
         let label = match s {
             _ if (s - trained).abs() < 1e-9 => format!("{:.0}% (trained)", 100.0 * s),
             _ if s == 0.0 => "0% (off)".to_string(),
