@@ -362,6 +362,30 @@ impl Drop for BarrierPool {
 
 static BARRIER_POOL: OnceLock<BarrierPool> = OnceLock::new();
 
+/// [itt patch 9] Run `n_units` element-wise work units (each writes its own part of the
+/// output) on rayon's threads when candle's own pool has no workers (`CANDLE_NUM_THREADS=1`,
+/// which itt sets because that pool spin-waits on shared cores) and the caller is a worker of
+/// a rayon pool with several threads, as itt's whole training step is; otherwise on candle's
+/// pool as before. The units and what each computes are the same either way, so the output
+/// is bit for bit the same; only which thread writes each unit changes. `ITT_CANDLE_RAYON=0`
+/// keeps candle's pool (to time one against the other).
+pub fn execute_elementwise<F: Fn(std::ops::Range<usize>) + Sync>(n_units: usize, f: F) {
+    let pool = barrier_pool();
+    if pool.threads.is_empty() && elementwise_on_rayon() && rayon::current_thread_index().is_some() {
+        if rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            (0..n_units).into_par_iter().for_each(|u| f(u..u + 1));
+            return;
+        }
+    }
+    pool.execute_chunked(n_units, f)
+}
+
+fn elementwise_on_rayon() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("ITT_CANDLE_RAYON").map_or(true, |v| v != "0"))
+}
+
 /// Persistent barrier pool
 pub fn barrier_pool() -> &'static BarrierPool {
     BARRIER_POOL.get_or_init(|| BarrierPool::new(candle_num_threads().saturating_sub(1)))
