@@ -68,8 +68,8 @@ fn large_element_wise_ops_give_the_same_bits_on_rayon_threads() {
             assert_eq!(serial[k][i], f(i).to_bits(), "op {k}, element {i}");
         }
     }
-    for i in 0..n {
-        assert_eq!(serial[8][i], (a[i] * a[i]).to_bits(), "sqr, element {i}");
-        assert_eq!(serial[9][i], (-a[i]).to_bits(), "neg, element {i}");
+    for (i, &v) in a.iter().enumerate() {
+        assert_eq!(serial[8][i], (v * v).to_bits(), "sqr, element {i}");
+        assert_eq!(serial[9][i], (-v).to_bits(), "neg, element {i}");
     }
 }
