@@ -63,9 +63,9 @@ fn large_element_wise_ops_give_the_same_bits_on_rayon_threads() {
         Box::new(|i| a[i] * row[i % c]),
         Box::new(|i| a[i] - col[i / c]),
     ];
-    for (k, f) in want.iter().enumerate() {
-        for i in 0..n {
-            assert_eq!(serial[k][i], f(i).to_bits(), "op {k}, element {i}");
+    for (k, (f, got)) in want.iter().zip(&serial).enumerate() {
+        for (i, &g) in got.iter().enumerate() {
+            assert_eq!(g, f(i).to_bits(), "op {k}, element {i}");
         }
     }
     for (i, &v) in a.iter().enumerate() {
