@@ -131,6 +131,13 @@ fn configs_malformed_unknown_field_bad_values_unknown_preset() {
     std::fs::write(&precision, cfg.to_string()).unwrap();
     fails_cleanly(&itt(&["train", "--config", precision.to_str().unwrap(), "--out", o]), &["precision.json", "fp8"]);
     fails_cleanly(&itt(&["bench", "--decode", "tiny", "--precision", "bf16"]), &["--precision", "--decode"]);
+    fails_cleanly(&itt(&["bench", "--preset", "tiny", "--steps", "0"]), &["--steps", "at least 1"]);
+    // Nothing to train: refused before the run folder is made.
+    let none = tmp.path().join("no-steps");
+    fails_cleanly(&itt(&["train", "--steps", "0", "--out", none.to_str().unwrap()]), &["nothing to train", "--steps"]);
+    assert!(!none.exists(), "a run of no steps left a folder");
+    fails_cleanly(&itt(&["experiment", "table1", "--steps", "0", "--out", none.to_str().unwrap()]), &["--steps"]);
+    assert!(!none.exists(), "an experiment of no steps left a folder");
 }
 
 #[test]
@@ -172,6 +179,10 @@ fn truncated_foreign_or_mismatched_checkpoints() {
 
     // Not a checkpoint at all.
     fails_cleanly(&itt(&["eval", "--checkpoint", "/no/such/run", "--text", "x"]), &["/no/such/run"]);
+    for size in [["--batch-size", "0"], ["--seq-len", "0"]] {
+        let args = ["eval", "--checkpoint", "/no/such/run", "--text", "x", size[0], size[1]];
+        fails_cleanly(&itt(&args), &[size[0], "at least 1"]);
+    }
 }
 
 #[test]

@@ -705,6 +705,9 @@ fn grid(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
     if opts.seeds == 0 {
         return Err(Error::usage("--seeds must be at least 1"));
     }
+    if opts.steps == Some(0) {
+        return Err(Error::usage("--steps must be at least 1"));
+    }
     if opts.jobs == 0 {
         return Err(Error::usage("--jobs must be at least 1"));
     }

@@ -155,6 +155,9 @@ pub fn eval(a: EvalArgs) -> Result<()> {
             return Err(Error::usage(format!("{} exists; choose another --per-item file", p.display())));
         }
     }
+    if a.batch_size == 0 || a.seq_len == Some(0) {
+        return Err(Error::usage("--batch-size and --seq-len must be at least 1"));
+    }
     let device = a.device.open()?;
     let opened = open(&a.checkpoint, &OpenOptions { gguf_weights: a.gguf_weights, device: device.clone() })?;
     let Opened { mut model, tokenizer: tok, info, .. } = opened;

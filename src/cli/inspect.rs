@@ -246,6 +246,10 @@ pub fn tokenizer(cmd: TokenizerCmd) -> Result<()> {
 }
 
 pub fn bench(a: BenchArgs) -> Result<()> {
+    if a.steps == 0 {
+        // A median of no runs: refused rather than quietly timing one.
+        return Err(Error::usage("--steps must be at least 1 (the number of timed runs)"));
+    }
     let device = a.device.open()?;
     if let Some(checkpoint) = &a.serve.serve {
         if !device.is_cpu() {

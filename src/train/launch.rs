@@ -48,6 +48,12 @@ pub struct LaunchOptions {
 /// Start (or resume) the run, train it to the end, and return rank 0's summary (`None` on the
 /// other ranks, whose metrics and checkpoints go nowhere).
 pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
+    if let Start::New { config, .. } = &opts.start {
+        // Refused before the run folder is made: a run of no steps has no checkpoint to end on.
+        if config.train.max_steps == 0 {
+            return Err(Error::usage("nothing to train: --steps (train.max_steps) is 0; give 1 or more"));
+        }
+    }
     let group = Group::from_launch()?;
     let placed = TrainerOptions {
         group: group.clone(),
