@@ -7,13 +7,7 @@
 #   a: reversal, bracket closing, sorting and filler (the kinds ITT x4 leads on at 1500 steps)
 #   c: the same and counting (every kind but the multi-digit arithmetic no model here learns)
 # Usage: scripts/demo_mix_probe.sh [OUT]   (default /tmp/itt-demo-mix; ~8 min on 2 cores)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:-/tmp/itt-demo-mix}
-ITT=$PWD/target/release/itt
-[ -x "$ITT" ] || cargo build --release --bin itt
-mkdir -p "$OUT"
-"$ITT" demo --steps 1 --out "$OUT/demo" > /dev/null
+source "$(dirname "$0")/demo_probe_setup.sh" /tmp/itt-demo-mix "$@"
 python3 - "$OUT" <<'PY'
 import array, json, re, sys
 out = sys.argv[1]

@@ -7,14 +7,7 @@
 #   const:  warm-up, then the peak rate to the end (min_lr_ratio 1)
 #   s1500:  the first 300 steps of a 1500-step cosine (schedule_steps 1500)
 # Usage: scripts/demo_schedule_probe.sh [OUT]   (default /tmp/itt-demo-schedule; ~12 min on 2 cores)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:-/tmp/itt-demo-schedule}
-ITT=$PWD/target/release/itt
-[ -x "$ITT" ] || cargo build --release --bin itt
-mkdir -p "$OUT"
-# The demo's data and configs: one short demo writes them (its folder is replaced each time).
-"$ITT" demo --steps 1 --out "$OUT/demo" > /dev/null
+source "$(dirname "$0")/demo_probe_setup.sh" /tmp/itt-demo-schedule "$@"
 python3 - "$OUT" <<'PY'
 import copy, json, sys
 out = sys.argv[1]

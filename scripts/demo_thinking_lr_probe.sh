@@ -6,13 +6,7 @@
 # the dense twin, seeds 1337 (the demo's), 1 and 2, two runs at a time with one thread each.
 # Prints validation loss with thinking on (top-k, as trained) and off (one step per layer).
 # Usage: scripts/demo_thinking_lr_probe.sh [OUT]   (default /tmp/itt-demo-lr; ~6 min on 2 cores)
-set -euo pipefail
-cd "$(dirname "$0")/.."
-OUT=${1:-/tmp/itt-demo-lr}
-ITT=$PWD/target/release/itt
-[ -x "$ITT" ] || cargo build --release --bin itt
-mkdir -p "$OUT"
-"$ITT" demo --steps 1 --out "$OUT/demo" > /dev/null
+source "$(dirname "$0")/demo_probe_setup.sh" /tmp/itt-demo-lr "$@"
 python3 - "$OUT" <<'PY'
 import copy, json, sys
 out = sys.argv[1]

@@ -307,22 +307,30 @@ fn gather_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, out
     }
 }
 
-/// Register-tile width of [`gemm_acc`]: 64 columns, four AVX-512 vectors of f32.
-const NR: usize = 64;
+/// Widest register panel of [`gemm_acc`] per instruction set: 64 columns (four AVX-512 vectors
+/// of f32) where there are 32 vector registers of 16 lanes; 16 columns (two AVX2 vectors, or four
+/// 128-bit ones) elsewhere. A 6-row block keeps 6 x W / lanes accumulators in registers: 24 of
+/// AVX-512's 32, 12 of AVX2's 16. With W = 64 under AVX2 that was 48 accumulators for 16
+/// registers, spilled to the stack at every multiply-add: the AVX2 tile product took 15% of a
+/// `small-itt4` step against AVX-512's 6% (`perf`, `ITT_SIMD=avx2` on an Intel Xeon), where the
+/// vector width alone accounts for 2x.
+const NR_AVX512: usize = 64;
+const NR_NARROW: usize = 16;
 
 /// c (m, n) += a (m, k) . b (k, n), row-major with leading dimensions lda, ldb, ldc: every
 /// product of the kernel. With `TA` the first operand is stored transposed, (k, m): element
 /// (i, kk) at `a[kk * lda + i]`, so P^T dO and dS^T Q need no transposed copy of the tile.
-/// Columns go in panels of 64, then 32, then 16 (a head of 32 or 96 dimensions, whose products
-/// with n = hd would otherwise run row by row), the last < 16 row by row with axpy; within a
-/// panel, rows go in register blocks of 6, then 4, then one at a time. A 6 x 64 block keeps its
-/// 24 accumulators in registers while k runs (24 FMAs per 4 loads of b and 6 broadcasts of a):
-/// ~1.15x the 4-row block's rate on a 64 x 64 x 64 product in L1. Every path adds the k
-/// products into each element of c in the same order with the same multiply-add, so the
-/// blocking changes no bits.
+/// Columns go in panels of `W`, then `W2` = W / 2, then `W4` = W / 4 (a head of 32 or 96 dimensions, whose
+/// products with n = hd would otherwise run row by row under AVX-512), the last < W / 4 row by
+/// row with axpy (the widths are three parameters because a const expression of a generic
+/// one is not stable Rust); within a panel, rows go in register blocks of 6, then 4, then one at a time. A
+/// 6 x 64 block under AVX-512 keeps its 24 accumulators in registers while k runs (24 FMAs per 4
+/// loads of b and 6 broadcasts of a): ~1.15x the 4-row block's rate on a 64 x 64 x 64 product in
+/// L1. Every path adds the k products into each element of c in the same order with the same
+/// multiply-add, so neither the blocking nor `W` changes any bits.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
+fn gemm_acc<T: Real, const FMA: bool, const TA: bool, const W: usize, const W2: usize, const W4: usize>(
     m: usize,
     n: usize,
     k: usize,
@@ -335,17 +343,17 @@ fn gemm_acc<T: Real, const FMA: bool, const TA: bool>(
 ) {
     let a_at = |i: usize, kk: usize| if TA { a[kk * lda + i] } else { a[i * lda + kk] };
     let mut j0 = 0;
-    while j0 + NR <= n {
-        panel::<T, FMA, TA, NR>(m, j0, k, a, lda, b, ldb, c, ldc);
-        j0 += NR;
+    while j0 + W <= n {
+        panel::<T, FMA, TA, W>(m, j0, k, a, lda, b, ldb, c, ldc);
+        j0 += W;
     }
-    if j0 + NR / 2 <= n {
-        panel::<T, FMA, TA, { NR / 2 }>(m, j0, k, a, lda, b, ldb, c, ldc);
-        j0 += NR / 2;
+    if j0 + W2 <= n {
+        panel::<T, FMA, TA, W2>(m, j0, k, a, lda, b, ldb, c, ldc);
+        j0 += W2;
     }
-    if j0 + NR / 4 <= n {
-        panel::<T, FMA, TA, { NR / 4 }>(m, j0, k, a, lda, b, ldb, c, ldc);
-        j0 += NR / 4;
+    if j0 + W4 <= n {
+        panel::<T, FMA, TA, W4>(m, j0, k, a, lda, b, ldb, c, ldc);
+        j0 += W4;
     }
     if j0 < n {
         let w = n - j0;
@@ -434,28 +442,87 @@ fn block<T: Real, const FMA: bool, const TA: bool, const R: usize, const C: usiz
     }
 }
 
-multiversion! {
-    /// One tile product ([`gemm_acc`]) in a function of its own: inlined into the attention
-    /// items, the 16 accumulators competed with the exp constants for registers and LLVM kept
-    /// them on the stack (perf annotate: spills around every FMA of the backward kernel).
-    #[inline(never)]
-    fn tile_product<T: Real, const FMA: bool>(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[T],
-        lda: usize,
-        a_transposed: bool,
-        b: &[T],
-        ldb: usize,
-        c: &mut [T],
-        ldc: usize,
-    ) {
-        if a_transposed {
-            gemm_acc::<T, FMA, true>(m, n, k, a, lda, b, ldb, c, ldc)
+/// The operands of one tile product: c (m, n) += a . b, as [`gemm_acc`] takes them.
+struct Tile<'a, T> {
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &'a [T],
+    lda: usize,
+    a_transposed: bool,
+    b: &'a [T],
+    ldb: usize,
+}
+
+impl<T: Real> Tile<'_, T> {
+    /// The product with panels `W`, `W2`, `W4` wide ([`gemm_acc`]).
+    #[inline(always)]
+    fn run<const FMA: bool, const W: usize, const W2: usize, const W4: usize>(&self, c: &mut [T], ldc: usize) {
+        let Tile { m, n, k, a, lda, b, ldb, .. } = *self;
+        if self.a_transposed {
+            gemm_acc::<T, FMA, true, W, W2, W4>(m, n, k, a, lda, b, ldb, c, ldc)
         } else {
-            gemm_acc::<T, FMA, false>(m, n, k, a, lda, b, ldb, c, ldc)
+            gemm_acc::<T, FMA, false, W, W2, W4>(m, n, k, a, lda, b, ldb, c, ldc)
         }
+    }
+
+    /// Under 16 vector registers: narrow panels for blocks of 4 and 6 rows, the wide ones when
+    /// every row goes alone (m < 4: a decoding step's one query, whose 1 x 64 block holds 8
+    /// accumulators; narrow panels there read that row four times and were ~6% slower).
+    #[inline(always)]
+    fn run_narrow<const FMA: bool>(&self, c: &mut [T], ldc: usize) {
+        if self.m < 4 {
+            self.run::<FMA, NR_AVX512, { NR_AVX512 / 2 }, { NR_AVX512 / 4 }>(c, ldc)
+        } else {
+            self.run::<FMA, NR_NARROW, { NR_NARROW / 2 }, { NR_NARROW / 4 }>(c, ldc)
+        }
+    }
+}
+
+/// One tile product ([`gemm_acc`]) in a function of its own: inlined into the attention items,
+/// the 16 accumulators competed with the exp constants for registers and LLVM kept them on the
+/// stack (perf annotate: spills around every FMA of the backward kernel). Dispatched by hand
+/// rather than with `multiversion!`, whose copies share one body: the panel width differs by
+/// instruction set ([`NR_AVX512`], [`NR_NARROW`]).
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+fn tile_product<T: Real>(
+    simd: Simd,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[T],
+    lda: usize,
+    a_transposed: bool,
+    b: &[T],
+    ldb: usize,
+    c: &mut [T],
+    ldc: usize,
+) {
+    /// # Safety
+    /// The CPU has AVX-512 F/BW/DQ/VL (`Simd::Avx512`).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+    unsafe fn avx512<T: Real>(t: &Tile<T>, c: &mut [T], ldc: usize) {
+        t.run::<true, NR_AVX512, { NR_AVX512 / 2 }, { NR_AVX512 / 4 }>(c, ldc)
+    }
+
+    /// # Safety
+    /// The CPU has AVX2 and FMA (`Simd::Avx2` or better).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn avx2<T: Real>(t: &Tile<T>, c: &mut [T], ldc: usize) {
+        t.run_narrow::<true>(c, ldc)
+    }
+
+    let t = Tile { m, n, k, a, lda, a_transposed, b, ldb };
+    match simd {
+        // SAFETY: `simd_level` only reports instruction sets the CPU has.
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx512 => unsafe { avx512(&t, c, ldc) },
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2 => unsafe { avx2(&t, c, ldc) },
+        _ => t.run_narrow::<false>(c, ldc),
     }
 }
 
@@ -929,18 +996,30 @@ mod tests {
                 let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
                 let c0: Vec<f32> = (0..m * n).map(|_| rnd()).collect();
                 let (lda, ldb, ldc) = (if ta { m } else { k }, n, n);
-                let (mut got, mut want) = (c0.clone(), c0.clone());
-                if ta {
-                    gemm_acc::<f32, true, true>(m, n, k, &a, lda, &b, ldb, &mut got, ldc);
-                } else {
-                    gemm_acc::<f32, true, false>(m, n, k, &a, lda, &b, ldb, &mut got, ldc);
-                }
+                let mut want = c0.clone();
                 reference::<true>(m, n, k, &a, ta, &b, &mut want);
-                assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "fma {m}x{n}x{k} ta {ta}");
-                let (mut got, mut want) = (c0.clone(), c0);
-                gemm_acc::<f32, false, false>(m, n, k, &a_plain(&a, m, k, ta), k, &b, ldb, &mut got, ldc);
+                // Both panel widths (AVX-512's and the narrow one), either layout of a.
+                let wide = |got: &mut [f32]| match ta {
+                    true => gemm_acc::<f32, true, true, 64, 32, 16>(m, n, k, &a, lda, &b, ldb, got, ldc),
+                    false => gemm_acc::<f32, true, false, 64, 32, 16>(m, n, k, &a, lda, &b, ldb, got, ldc),
+                };
+                let narrow = |got: &mut [f32]| match ta {
+                    true => gemm_acc::<f32, true, true, 16, 8, 4>(m, n, k, &a, lda, &b, ldb, got, ldc),
+                    false => gemm_acc::<f32, true, false, 16, 8, 4>(m, n, k, &a, lda, &b, ldb, got, ldc),
+                };
+                for (name, run) in [("wide", &wide as &dyn Fn(&mut [f32])), ("narrow", &narrow)] {
+                    let mut got = c0.clone();
+                    run(&mut got);
+                    let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "fma {name} {m}x{n}x{k} ta {ta}");
+                }
+                let (mut got, mut want) = (c0.clone(), c0.clone());
+                gemm_acc::<f32, false, false, 64, 32, 16>(m, n, k, &a_plain(&a, m, k, ta), k, &b, ldb, &mut got, ldc);
                 reference::<false>(m, n, k, &a_plain(&a, m, k, ta), false, &b, &mut want);
                 assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "mul+add {m}x{n}x{k}");
+                let mut got = c0;
+                gemm_acc::<f32, false, false, 16, 8, 4>(m, n, k, &a_plain(&a, m, k, ta), k, &b, ldb, &mut got, ldc);
+                assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "mul+add narrow {m}x{n}x{k}");
             }
         }
     }
