@@ -195,6 +195,13 @@ fn generation_bad_requests() {
         &itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--ratios", "0.5,0.5,0.5"]),
         &["--ratios"],
     );
+    // Characters a char model has no id for are named, and generation goes on.
+    let out = itt(&["generate", "--checkpoint", run, "--prompt", "1é+1€=", "--max-new-tokens", "2"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("2 character(s)") && stderr.contains("'é', '€'"), "{stderr}");
+    let out = itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--max-new-tokens", "2"]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("vocabulary"), "a notice without cause");
     for (bias, why) in [("99999=1", "outside the vocabulary"), ("x", "TOKEN=BIAS"), ("3=500", "between -100 and 100")] {
         fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--logit-bias", bias]), &[why]);
     }

@@ -252,6 +252,19 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             a.checkpoint.display()
         )));
     }
+    for p in &a.prompt {
+        // A char model has never seen these: it reads each as `<|unk|>`, and what follows is
+        // rarely what the user meant.
+        let unknown = tok.unknown_chars(p);
+        if !unknown.is_empty() {
+            let list: Vec<String> = unknown.iter().map(|c| format!("{c:?}")).collect();
+            eprintln!(
+                "notice: {} character(s) of the prompt are not in this model's vocabulary and are read as <|unk|>: {}",
+                unknown.len(),
+                list.join(", ")
+            );
+        }
+    }
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         stop: a.stop,

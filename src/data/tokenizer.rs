@@ -178,6 +178,21 @@ impl Tokenizer {
         }
     }
 
+    /// The distinct characters of `text` that a char tokenizer has no id for (each becomes
+    /// `<|unk|>`), in order of first appearance; empty for byte and BPE tokenizers, which
+    /// encode any text.
+    pub fn unknown_chars(&self, text: &str) -> Vec<char> {
+        let mut out: Vec<char> = vec![];
+        if let Tokenizer::Char { index, .. } = self {
+            for c in text.chars() {
+                if !index.contains_key(&c) && !out.contains(&c) {
+                    out.push(c);
+                }
+            }
+        }
+        out
+    }
+
     /// `encode` for many texts; BPE encodes them in parallel.
     pub fn encode_batch(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         match self {
@@ -443,6 +458,9 @@ mod tests {
         let ids = t.encode("fox#").unwrap();
         assert_eq!(ids[3], 1);
         assert_eq!(t.decode(&ids).unwrap(), "fox<|unk|>");
+        assert_eq!(t.unknown_chars("fox#@#"), vec!['#', '@']);
+        assert!(t.unknown_chars(TEXT).is_empty());
+        assert!(Tokenizer::Byte.unknown_chars("é#").is_empty());
         assert_eq!(t.eot_id(), 0);
         assert_eq!(t.token_text(t.encode("q").unwrap()[0]), "q");
     }
