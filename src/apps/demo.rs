@@ -162,12 +162,9 @@ fn dial(
         let flops = crate::flops::flops_per_token(&cfg.model, n, steps, ratios.as_deref());
         let (val, rates) = if s > 0.0 {
             let routing = RoutingOptions { ratios, ..causal.clone() };
-            (
-                val_with(&routing)?,
-                std::borrow::Cow::Owned(reasoning::solve_rates(&trainer.model, tok, problems, &routing)?),
-            )
+            (val_with(&routing)?, reasoning::solve_rates(&trainer.model, tok, problems, &routing)?)
         } else {
-            (off.0, std::borrow::Cow::Borrowed(off.1))
+            (off.0, off.1.clone())
         };
         let label = match s {
             _ if (s - trained).abs() < 1e-9 => format!("{:.0}% (trained)", 100.0 * s),

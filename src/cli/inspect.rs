@@ -418,10 +418,8 @@ pub fn verify(path: &Path) -> Result<()> {
     let mut verified = 0;
     for d in &dirs {
         let result = checkpoint::verify(d, checkpoint::Check::Hashes);
-        // A run's writer keeps only its newest checkpoints: one it pruned while this read it
-        // is gone, not damaged (readers take no lock, DESIGN §14.1). The writer never prunes
-        // the folder `latest` names, so a missing folder that `latest` names is damage.
-        if dirs.len() > 1 && result.as_ref().map_or(true, |v| !v.is_intact()) && pruned_meanwhile(path, d) {
+        // Readers take no lock (DESIGN §14.1): a folder the writer pruned meanwhile is not damage.
+        if dirs.len() > 1 && !matches!(&result, Ok(v) if v.is_intact()) && pruned_meanwhile(path, d) {
             println!("{}: removed while verifying (pruned by the run's writer)", d.display());
             continue;
         }

@@ -307,7 +307,7 @@ fn gather_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, out
     }
 }
 
-/// Widest register panel of [`gemm_acc`] per instruction set: 64 columns (four AVX-512 vectors
+/// Widest register panel of [`Tile::gemm_acc`] per instruction set: 64 columns (four AVX-512 vectors
 /// of f32) where there are 32 vector registers of 16 lanes; 16 columns (two AVX2 vectors, or four
 /// 128-bit ones) elsewhere. A 6-row block keeps 6 x W / lanes accumulators in registers: 24 of
 /// AVX-512's 32, 12 of AVX2's 16. With W = 64 under AVX2 that was 48 accumulators for 16
@@ -317,132 +317,10 @@ fn gather_into<T: Real>(x: &[T], side: &Side, s: usize, h: usize, hd: usize, out
 const NR_AVX512: usize = 64;
 const NR_NARROW: usize = 16;
 
-/// c (m, n) += a (m, k) . b (k, n), row-major with leading dimensions lda, ldb, ldc: every
-/// product of the kernel. With `TA` the first operand is stored transposed, (k, m): element
-/// (i, kk) at `a[kk * lda + i]`, so P^T dO and dS^T Q need no transposed copy of the tile.
-/// Columns go in panels of `W`, then `W2` = W / 2, then `W4` = W / 4 (a head of 32 or 96 dimensions, whose
-/// products with n = hd would otherwise run row by row under AVX-512), the last < W / 4 row by
-/// row with axpy (the widths are three parameters because a const expression of a generic
-/// one is not stable Rust); within a panel, rows go in register blocks of 6, then 4, then one at a time. A
-/// 6 x 64 block under AVX-512 keeps its 24 accumulators in registers while k runs (24 FMAs per 4
-/// loads of b and 6 broadcasts of a): ~1.15x the 4-row block's rate on a 64 x 64 x 64 product in
-/// L1. Every path adds the k products into each element of c in the same order with the same
-/// multiply-add, so neither the blocking nor `W` changes any bits.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn gemm_acc<T: Real, const FMA: bool, const TA: bool, const W: usize, const W2: usize, const W4: usize>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[T],
-    lda: usize,
-    b: &[T],
-    ldb: usize,
-    c: &mut [T],
-    ldc: usize,
-) {
-    let a_at = |i: usize, kk: usize| if TA { a[kk * lda + i] } else { a[i * lda + kk] };
-    let mut j0 = 0;
-    while j0 + W <= n {
-        panel::<T, FMA, TA, W>(m, j0, k, a, lda, b, ldb, c, ldc);
-        j0 += W;
-    }
-    if j0 + W2 <= n {
-        panel::<T, FMA, TA, W2>(m, j0, k, a, lda, b, ldb, c, ldc);
-        j0 += W2;
-    }
-    if j0 + W4 <= n {
-        panel::<T, FMA, TA, W4>(m, j0, k, a, lda, b, ldb, c, ldc);
-        j0 += W4;
-    }
-    if j0 < n {
-        let w = n - j0;
-        for i in 0..m {
-            let cr = &mut c[i * ldc + j0..][..w];
-            for kk in 0..k {
-                axpy::<T, FMA>(a_at(i, kk), &b[kk * ldb + j0..][..w], cr);
-            }
-        }
-    }
-}
-
-/// Columns j0..j0 + C of [`gemm_acc`], every row: blocks of 6 rows, then 4, then 1.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn panel<T: Real, const FMA: bool, const TA: bool, const C: usize>(
-    m: usize,
-    j0: usize,
-    k: usize,
-    a: &[T],
-    lda: usize,
-    b: &[T],
-    ldb: usize,
-    c: &mut [T],
-    ldc: usize,
-) {
-    let mut i = 0;
-    while i + 6 <= m {
-        block::<T, FMA, TA, 6, C>(i, j0, k, a, lda, b, ldb, c, ldc);
-        i += 6;
-    }
-    if i + 4 <= m {
-        block::<T, FMA, TA, 4, C>(i, j0, k, a, lda, b, ldb, c, ldc);
-        i += 4;
-    }
-    while i < m {
-        block::<T, FMA, TA, 1, C>(i, j0, k, a, lda, b, ldb, c, ldc);
-        i += 1;
-    }
-}
-
-/// Rows i..i + R, columns j0..j0 + C of [`gemm_acc`], accumulators in registers.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn block<T: Real, const FMA: bool, const TA: bool, const R: usize, const C: usize>(
-    i: usize,
-    j0: usize,
-    k: usize,
-    a: &[T],
-    lda: usize,
-    b: &[T],
-    ldb: usize,
-    c: &mut [T],
-    ldc: usize,
-) {
-    let mut acc = [[T::ZERO; C]; R];
-    for (r, row) in acc.iter_mut().enumerate() {
-        row.copy_from_slice(&c[(i + r) * ldc + j0..][..C]);
-    }
-    // A function, not a closure: a closure here was not always inlined into the caller's
-    // target features and then ran `fmaf` in software (6x slower at hd 32).
-    #[inline(always)]
-    fn step<T: Real, const FMA: bool, const R: usize, const C: usize>(acc: &mut [[T; C]; R], xs: [T; R], bv: &[T; C]) {
-        for r in 0..R {
-            let x = xs[r];
-            for j in 0..C {
-                acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
-            }
-        }
-    }
-    if TA {
-        for kk in 0..k {
-            let bv: &[T; C] = b[kk * ldb + j0..][..C].try_into().unwrap();
-            let xs: [T; R] = a[kk * lda + i..][..R].try_into().unwrap();
-            step::<T, FMA, R, C>(&mut acc, xs, bv);
-        }
-    } else {
-        let ar: [&[T]; R] = std::array::from_fn(|r| &a[(i + r) * lda..][..k]);
-        for kk in 0..k {
-            let bv: &[T; C] = b[kk * ldb + j0..][..C].try_into().unwrap();
-            step::<T, FMA, R, C>(&mut acc, std::array::from_fn(|r| ar[r][kk]), bv);
-        }
-    }
-    for (r, row) in acc.iter().enumerate() {
-        c[(i + r) * ldc + j0..][..C].copy_from_slice(row);
-    }
-}
-
-/// The operands of one tile product: c (m, n) += a . b, as [`gemm_acc`] takes them.
+/// The operands of one tile product, c (m, n) += a (m, k) . b (k, n), row-major with leading
+/// dimensions lda and ldb (c's ldc is given with c). With `a_transposed`, a is stored (k, m):
+/// element (i, kk) at `a[kk * lda + i]`, so P^T dO and dS^T Q need no transposed copy of the tile.
+#[derive(Clone, Copy)]
 struct Tile<'a, T> {
     m: usize,
     n: usize,
@@ -455,14 +333,119 @@ struct Tile<'a, T> {
 }
 
 impl<T: Real> Tile<'_, T> {
-    /// The product with panels `W`, `W2`, `W4` wide ([`gemm_acc`]).
+    /// c += a . b: every product of the kernel, `TA` standing for `a_transposed`. Columns go in
+    /// panels of `W`, then `W2` = W / 2, then `W4` = W / 4 (a head of 32 or 96 dimensions, whose
+    /// products with n = hd would otherwise run row by row under AVX-512), the last < W / 4 row
+    /// by row with axpy (the widths are three parameters because a const expression of a generic
+    /// one is not stable Rust); within a panel, rows go in register blocks of 6, then 4, then one
+    /// at a time. A 6 x 64 block under AVX-512 keeps its 24 accumulators in registers while k
+    /// runs (24 FMAs per 4 loads of b and 6 broadcasts of a): ~1.15x the 4-row block's rate on a
+    /// 64 x 64 x 64 product in L1. Every path adds the k products into each element of c in the
+    /// same order with the same multiply-add, so neither the blocking nor `W` changes any bits.
+    #[inline(always)]
+    fn gemm_acc<const FMA: bool, const TA: bool, const W: usize, const W2: usize, const W4: usize>(
+        &self,
+        c: &mut [T],
+        ldc: usize,
+    ) {
+        let Tile { m, n, k, a, lda, b, ldb, .. } = *self;
+        let a_at = |i: usize, kk: usize| if TA { a[kk * lda + i] } else { a[i * lda + kk] };
+        let mut j0 = 0;
+        while j0 + W <= n {
+            self.panel::<FMA, TA, W>(j0, c, ldc);
+            j0 += W;
+        }
+        if j0 + W2 <= n {
+            self.panel::<FMA, TA, W2>(j0, c, ldc);
+            j0 += W2;
+        }
+        if j0 + W4 <= n {
+            self.panel::<FMA, TA, W4>(j0, c, ldc);
+            j0 += W4;
+        }
+        if j0 < n {
+            let w = n - j0;
+            for i in 0..m {
+                let cr = &mut c[i * ldc + j0..][..w];
+                for kk in 0..k {
+                    axpy::<T, FMA>(a_at(i, kk), &b[kk * ldb + j0..][..w], cr);
+                }
+            }
+        }
+    }
+
+    /// Columns j0..j0 + C of [`Tile::gemm_acc`], every row: blocks of 6 rows, then 4, then 1.
+    #[inline(always)]
+    fn panel<const FMA: bool, const TA: bool, const C: usize>(&self, j0: usize, c: &mut [T], ldc: usize) {
+        let mut i = 0;
+        while i + 6 <= self.m {
+            self.block::<FMA, TA, 6, C>(i, j0, c, ldc);
+            i += 6;
+        }
+        if i + 4 <= self.m {
+            self.block::<FMA, TA, 4, C>(i, j0, c, ldc);
+            i += 4;
+        }
+        while i < self.m {
+            self.block::<FMA, TA, 1, C>(i, j0, c, ldc);
+            i += 1;
+        }
+    }
+
+    /// Rows i..i + R, columns j0..j0 + C of [`Tile::gemm_acc`], accumulators in registers.
+    #[inline(always)]
+    fn block<const FMA: bool, const TA: bool, const R: usize, const C: usize>(
+        &self,
+        i: usize,
+        j0: usize,
+        c: &mut [T],
+        ldc: usize,
+    ) {
+        let Tile { k, a, lda, b, ldb, .. } = *self;
+        let mut acc = [[T::ZERO; C]; R];
+        for (r, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(&c[(i + r) * ldc + j0..][..C]);
+        }
+        // A function, not a closure: a closure here was not always inlined into the caller's
+        // target features and then ran `fmaf` in software (6x slower at hd 32).
+        #[inline(always)]
+        fn step<T: Real, const FMA: bool, const R: usize, const C: usize>(
+            acc: &mut [[T; C]; R],
+            xs: [T; R],
+            bv: &[T; C],
+        ) {
+            for r in 0..R {
+                let x = xs[r];
+                for j in 0..C {
+                    acc[r][j] = madd::<T, FMA>(x, bv[j], acc[r][j]);
+                }
+            }
+        }
+        if TA {
+            for kk in 0..k {
+                let bv: &[T; C] = b[kk * ldb + j0..][..C].try_into().unwrap();
+                let xs: [T; R] = a[kk * lda + i..][..R].try_into().unwrap();
+                step::<T, FMA, R, C>(&mut acc, xs, bv);
+            }
+        } else {
+            let ar: [&[T]; R] = std::array::from_fn(|r| &a[(i + r) * lda..][..k]);
+            for kk in 0..k {
+                let bv: &[T; C] = b[kk * ldb + j0..][..C].try_into().unwrap();
+                step::<T, FMA, R, C>(&mut acc, std::array::from_fn(|r| ar[r][kk]), bv);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            c[(i + r) * ldc + j0..][..C].copy_from_slice(row);
+        }
+    }
+
+    /// The product with panels `W`, `W2`, `W4` wide ([`Tile::gemm_acc`]).
     #[inline(always)]
     fn run<const FMA: bool, const W: usize, const W2: usize, const W4: usize>(&self, c: &mut [T], ldc: usize) {
-        let Tile { m, n, k, a, lda, b, ldb, .. } = *self;
         if self.a_transposed {
-            gemm_acc::<T, FMA, true, W, W2, W4>(m, n, k, a, lda, b, ldb, c, ldc)
+            self.gemm_acc::<FMA, true, W, W2, W4>(c, ldc)
         } else {
-            gemm_acc::<T, FMA, false, W, W2, W4>(m, n, k, a, lda, b, ldb, c, ldc)
+            self.gemm_acc::<FMA, false, W, W2, W4>(c, ldc)
         }
     }
 
@@ -479,7 +462,7 @@ impl<T: Real> Tile<'_, T> {
     }
 }
 
-/// One tile product ([`gemm_acc`]) in a function of its own: inlined into the attention items,
+/// One tile product ([`Tile::gemm_acc`]) in a function of its own: inlined into the attention items,
 /// the 16 accumulators competed with the exp constants for registers and LLVM kept them on the
 /// stack (perf annotate: spills around every FMA of the backward kernel). Dispatched by hand
 /// rather than with `multiversion!`, whose copies share one body: the panel width differs by
@@ -964,10 +947,10 @@ pub fn check_limits(lens_q: &[usize], lens_k: &[usize], limits: &[u32]) -> Resul
 
 #[cfg(test)]
 mod tests {
-    use super::gemm_acc;
+    use super::Tile;
 
     /// c += a b with each element's products added in k order by one multiply-add each: what
-    /// every panel and block of `gemm_acc` must reproduce bit for bit.
+    /// every panel and block of `Tile::gemm_acc` must reproduce bit for bit.
     #[allow(clippy::too_many_arguments)]
     fn reference<const FMA: bool>(m: usize, n: usize, k: usize, a: &[f32], ta: bool, b: &[f32], c: &mut [f32]) {
         for i in 0..m {
@@ -999,26 +982,23 @@ mod tests {
                 let mut want = c0.clone();
                 reference::<true>(m, n, k, &a, ta, &b, &mut want);
                 // Both panel widths (AVX-512's and the narrow one), either layout of a.
-                let wide = |got: &mut [f32]| match ta {
-                    true => gemm_acc::<f32, true, true, 64, 32, 16>(m, n, k, &a, lda, &b, ldb, got, ldc),
-                    false => gemm_acc::<f32, true, false, 64, 32, 16>(m, n, k, &a, lda, &b, ldb, got, ldc),
-                };
-                let narrow = |got: &mut [f32]| match ta {
-                    true => gemm_acc::<f32, true, true, 16, 8, 4>(m, n, k, &a, lda, &b, ldb, got, ldc),
-                    false => gemm_acc::<f32, true, false, 16, 8, 4>(m, n, k, &a, lda, &b, ldb, got, ldc),
-                };
+                let tile = Tile { m, n, k, a: &a, lda, a_transposed: ta, b: &b, ldb };
+                let wide = |got: &mut [f32]| tile.run::<true, 64, 32, 16>(got, ldc);
+                let narrow = |got: &mut [f32]| tile.run::<true, 16, 8, 4>(got, ldc);
                 for (name, run) in [("wide", &wide as &dyn Fn(&mut [f32])), ("narrow", &narrow)] {
                     let mut got = c0.clone();
                     run(&mut got);
                     let same = got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits());
                     assert!(same, "fma {name} {m}x{n}x{k} ta {ta}");
                 }
+                let plain = a_plain(&a, m, k, ta);
+                let tile = Tile { a: &plain, lda: k, a_transposed: false, ..tile };
                 let (mut got, mut want) = (c0.clone(), c0.clone());
-                gemm_acc::<f32, false, false, 64, 32, 16>(m, n, k, &a_plain(&a, m, k, ta), k, &b, ldb, &mut got, ldc);
-                reference::<false>(m, n, k, &a_plain(&a, m, k, ta), false, &b, &mut want);
+                tile.run::<false, 64, 32, 16>(&mut got, ldc);
+                reference::<false>(m, n, k, &plain, false, &b, &mut want);
                 assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "mul+add {m}x{n}x{k}");
                 let mut got = c0;
-                gemm_acc::<f32, false, false, 16, 8, 4>(m, n, k, &a_plain(&a, m, k, ta), k, &b, ldb, &mut got, ldc);
+                tile.run::<false, 16, 8, 4>(&mut got, ldc);
                 assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "mul+add narrow {m}x{n}x{k}");
             }
         }
