@@ -202,6 +202,9 @@ fn generation_bad_requests() {
     assert!(stderr.contains("2 character(s)") && stderr.contains("'é', '€'"), "{stderr}");
     let out = itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--max-new-tokens", "2"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("vocabulary"), "a notice without cause");
+    // A server-wide speculation depth beyond what a request may ask for is refused before it
+    // binds a port.
+    fails_cleanly(&itt(&["serve", "--checkpoint", run, "--port", "0", "--speculate", "17"]), &["--speculate", "16"]);
     for (bias, why) in [("99999=1", "outside the vocabulary"), ("x", "TOKEN=BIAS"), ("3=500", "between -100 and 100")] {
         fails_cleanly(&itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--logit-bias", bias]), &[why]);
     }
