@@ -292,14 +292,16 @@ fn f32_rows_per_thread(m: usize, threads: usize) -> Option<usize> {
 /// (`benches/bf16_gemm.rs`, last two columns): most at the weight gradients (256 x 688 x 2048:
 /// 260 vs 328 GFLOP/s) and at the 1024-row products of a routed step (1024 x 256 x 256: 329 vs
 /// 410); it is kept where B is large (2048 x 2048 x 2048: 426 vs 391, each thread packing all
-/// of B). Every element is the same dot product either way (gemm's k blocking depends on k and
+/// of B). The bound on B is 2M elements: at 1M the down projection's weight gradient of `small`
+/// (256 x 688 x 2048, B 1.4M) took gemm's split, 238 GFLOP/s against 276 with the rows shared
+/// out (2026-12-07, Intel Xeon Sapphire Rapids, `cargo bench --bench bf16_gemm`). Every element is the same dot product either way (gemm's k blocking depends on k and
 /// the caches only), so the result does not depend on the split or the thread count.
 pub fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
     if !check_f32(m, n, k, &a, &b, c) {
         return;
     }
     match f32_rows_per_thread(m, rayon::current_num_threads()) {
-        Some(rows) if m * n * k >= 1 << 16 && k * n <= 1 << 20 => {
+        Some(rows) if m * n * k >= 1 << 16 && k * n <= 1 << 21 => {
             c[..m * n].par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
                 let (r0, mi) = (i * rows, block.len() / n);
                 let ai = MatRef { data: &a.data[r0 * a.row_stride..], ..a };
@@ -1273,6 +1275,7 @@ mod tests {
             (100, 40, 40, 4),
             (256, 256, 1, 1),
             (130, 2100, 600, 0),
+            (256, 1100, 2048, 0), // B beyond the row split's bound: gemm's own split
         ] {
             let a = Operand::new(m, k, layout, &mut rng);
             let b = Operand::new(k, n, layout + 2, &mut rng);
