@@ -22,35 +22,5 @@ for name, (base, thinking, train) in runs.items():
     c["train"].update(train, max_steps=300, eval_interval=300, eval_batches=0)
     json.dump(c, open(f"{out}/{name}.json", "w"), indent=1)
 PY
-run() {  # kind seed
-    local dir="$OUT/runs/$1-$2"
-    if [ ! -e "$dir/latest" ]; then
-        RAYON_NUM_THREADS=1 "$ITT" train --config "$OUT/$1.json" --data "$OUT/demo/data" --seed "$2" \
-            --out "$dir" --quiet > /dev/null
-    fi
-}
-export -f run; export OUT ITT
-KINDS="all100 warm50 warm100"
-for s in 1337 1 2; do for k in dense $KINDS; do echo "$k $s"; done; done | xargs -P "${JOBS:-2}" -L 1 bash -c 'run "$@"' _
-for s in 1337 1 2; do for k in $KINDS; do
-    [ -e "$OUT/runs/$k-$s/off.json" ] ||
-        "$ITT" eval --checkpoint "$OUT/runs/$k-$s" --data "$OUT/demo/data" --steps 1 --json > "$OUT/runs/$k-$s/off.json"
-done; done
-python3 - "$OUT" $KINDS <<'PY'
-import json, statistics, sys
-out, kinds = sys.argv[1], sys.argv[2:]
-def val(run):
-    return [json.loads(l) for l in open(f"{out}/runs/{run}/metrics.jsonl") if '"val_loss"' in l][-1]["val_loss"]
-seeds = [1337, 1, 2]
-dense = [val(f"dense-{s}") for s in seeds]
-print("| model | val loss (seeds 1337 / 1 / 2) | minus dense | mean | thinking gain | mean |")
-print("|---|---|---|---|---|---|")
-print(f"| dense | {' / '.join(f'{x:.4f}' for x in dense)} | | | | |")
-for k in kinds:
-    on = [val(f"{k}-{s}") for s in seeds]
-    off = [json.load(open(f"{out}/runs/{k}-{s}/off.json"))["loss"] for s in seeds]
-    d = [a - b for a, b in zip(on, dense)]
-    g = [b - a for a, b in zip(on, off)]
-    p = lambda v: " / ".join(f"{x:+.4f}" for x in v)
-    print(f"| {k} | {' / '.join(f'{x:.4f}' for x in on)} | {p(d)} | {statistics.mean(d):+.4f} | {p(g)} | {statistics.mean(g):+.4f} |")
-PY
+for s in 1337 1 2; do for k in dense all100 warm50 warm100; do echo "$k $s"; done; done | probe_runs
+probe_gain_table all100 warm50 warm100

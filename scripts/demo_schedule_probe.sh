@@ -2,7 +2,8 @@
 # Does the learning-rate schedule decide whether ITT passes dense within the demo's 300 steps?
 # (issue 24 item 6; docs/EXPERIMENTS.md, "The demo's schedule".) Trains the demo's two models
 # (tiny-itt4 and its dense twin, the demo's data and settings) under three schedules and three
-# seeds, two runs at a time with one thread each, and prints the whole-split validation loss.
+# seeds, JOBS runs at a time (default 2) with one thread each, and prints the whole-split
+# validation loss.
 #   cosine: the demo's (warm-up 20, cosine to 10% at step 300)
 #   const:  warm-up, then the peak rate to the end (min_lr_ratio 1)
 #   s1500:  the first 300 steps of a 1500-step cosine (schedule_steps 1500)
@@ -18,16 +19,8 @@ for kind, cfg in base.items():
         c["train"].update(change, max_steps=300, eval_interval=300, eval_batches=0)
         json.dump(c, open(f"{out}/{kind}-{name}.json", "w"), indent=1)
 PY
-run() {  # kind schedule seed
-    local dir="$OUT/runs/$1-$2-$3"
-    if [ ! -e "$dir/latest" ]; then
-        RAYON_NUM_THREADS=1 "$ITT" train --config "$OUT/$1-$2.json" --data "$OUT/demo/data" --seed "$3" \
-            --out "$dir" --quiet > /dev/null
-    fi
-}
-export -f run; export OUT ITT
-for s in 1337 1 2; do for sch in cosine const s1500; do for k in itt dense; do echo "$k $sch $s"; done; done; done |
-    xargs -P 2 -L 1 bash -c 'run "$@"' _
+for s in 1337 1 2; do for sch in cosine const s1500; do for k in itt dense; do echo "$k-$sch $s"; done; done; done |
+    probe_runs
 python3 - "$OUT" <<'PY'
 import json, statistics, sys
 out = sys.argv[1]
