@@ -202,6 +202,21 @@ fn generation_bad_requests() {
     assert!(stderr.contains("2 character(s)") && stderr.contains("'é', '€'"), "{stderr}");
     let out = itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--max-new-tokens", "2"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("vocabulary"), "a notice without cause");
+    // Benchmarks of decoding refuse sizes that time nothing, and check every preset name
+    // before their table starts.
+    fails_cleanly(&itt(&["bench", "--decode", "tiny", "--prompt-len", "0"]), &["--prompt-len"]);
+    fails_cleanly(&itt(&["bench", "--gguf", run, "--batch", "1,0"]), &["batch sizes"]);
+    let out = itt(&["bench", "--decode", "tiny,nope"]);
+    fails_cleanly(&out, &["unknown preset 'nope'"]);
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    // A routed model's file decodes causally on its thresholds, as `itt generate` does.
+    let out = itt(&["bench", "--gguf", run, "--prompt", "1+1=", "--new-tokens", "4", "--steps", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("decode 4 tokens"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     // A server-wide speculation depth beyond what a request may ask for is refused before it
     // binds a port.
     fails_cleanly(&itt(&["serve", "--checkpoint", run, "--port", "0", "--speculate", "17"]), &["--speculate", "16"]);

@@ -470,6 +470,27 @@ pub struct GenerateBench {
     pub text: String,
 }
 
+/// Routing for timing generation on a model file with its KV cache: a model that routes
+/// decodes causally on its stored thresholds, as `itt generate` does (top-k is not causal);
+/// the others take the default.
+fn file_routing(opened: &crate::import::Opened, path: &std::path::Path) -> Result<RoutingOptions> {
+    if !opened.model.has_routers() {
+        return Ok(RoutingOptions::default());
+    }
+    let calibration = opened.info.calibration.clone().ok_or_else(|| {
+        Error::usage(format!(
+            "{} has no stored router thresholds, needed to decode causally with a KV cache; run `itt calibrate --checkpoint {}`",
+            path.display(),
+            path.display()
+        ))
+    })?;
+    Ok(RoutingOptions {
+        mode: crate::model::Routing::Threshold,
+        calibration: Some(std::sync::Arc::new(calibration)),
+        ..Default::default()
+    })
+}
+
 pub fn generate_file(
     path: &std::path::Path,
     weights: crate::import::gguf::GgufWeights,
@@ -481,6 +502,7 @@ pub fn generate_file(
     use crate::generate::{Event, GenerateOptions, SamplingParams};
     let t0 = Instant::now();
     let opened = crate::import::open(path, &OpenOptions { gguf_weights: weights, device: device.clone() })?;
+    let routing = file_routing(&opened, path)?;
     let (model, tok) = (opened.model, opened.tokenizer);
     let load_s = t0.elapsed().as_secs_f64();
     let prompt_tokens = tok.encode(prompt)?.len();
@@ -490,6 +512,7 @@ pub fn generate_file(
         let opts = GenerateOptions {
             max_new_tokens: new_tokens,
             sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+            routing: routing.clone(),
             ..Default::default()
         };
         let t0 = Instant::now();
@@ -569,10 +592,10 @@ pub fn batched_file(
     use candle_core::Tensor;
     let t0 = Instant::now();
     let opened = crate::import::open(path, &OpenOptions { gguf_weights: weights, device: device.clone() })?;
+    let routing = file_routing(&opened, path)?;
     let model = opened.model;
     let load_s = t0.elapsed().as_secs_f64();
     let sync = || crate::base::util::synchronize(device);
-    let routing = RoutingOptions::default();
     let vocab = opened.tokenizer.vocab_size() as u64;
     let mut rng = Rng::new(7);
     let mut rows = vec![];

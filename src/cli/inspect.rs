@@ -250,6 +250,13 @@ pub fn bench(a: BenchArgs) -> Result<()> {
         // A median of no runs: refused rather than quietly timing one.
         return Err(Error::usage("--steps must be at least 1 (the number of timed runs)"));
     }
+    // Decoding needs a prompt to start from, and a batch of no sequences times nothing.
+    if a.prompt_len == 0 && (a.decode.is_some() || a.batch.is_some()) {
+        return Err(Error::usage("--prompt-len must be at least 1 (the prompt tokens of each sequence)"));
+    }
+    if a.batch.as_ref().is_some_and(|b| b.contains(&0)) || (a.decode.is_some() && a.batch_size == Some(0)) {
+        return Err(Error::usage("batch sizes must be at least 1"));
+    }
     let device = a.device.open()?;
     if let Some(checkpoint) = &a.serve.serve {
         if !device.is_cpu() {
@@ -302,9 +309,10 @@ pub fn bench(a: BenchArgs) -> Result<()> {
                 "--precision applies to the training benchmark, not to --decode (decoding runs in f32)",
             ));
         }
+        // Every name checked before the table starts, so that a typo gives one line, not a header.
+        let configs = presets.iter().map(|p| config::preset(p)).collect::<Result<Vec<_>>>()?;
         println!("{}", crate::apps::bench::DecodeBench::HEADER);
-        for p in presets {
-            let mut cfg = config::preset(p)?;
+        for mut cfg in configs {
             if let Some(v) = a.vocab {
                 cfg.model.vocab_size = v;
             }

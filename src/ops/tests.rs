@@ -530,6 +530,9 @@ fn few_row_linear_matches_matmul_and_each_row_is_the_same_alone() {
                     let some = fused::linear(&x.narrow(0, 0, m).unwrap(), &w, super::Precision::F32).unwrap();
                     assert_eq!(host(&some), host(&all.narrow(0, 0, m).unwrap()), "{k}x{o}, {m} rows, {simd:?}");
                 }
+                // No rows (an empty batch reaching a layer): an empty product, not a panic.
+                let none = fused::linear(&x.narrow(0, 0, 0).unwrap(), &w, super::Precision::F32).unwrap();
+                assert_eq!(none.dims(), &[0, o]);
             });
         }
     }

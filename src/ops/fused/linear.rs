@@ -126,6 +126,9 @@ multiversion! {
 /// instead of 2x (DESIGN §12, `examples/pass_cost.rs`).
 fn few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     use rayon::prelude::*;
+    if m == 0 {
+        return vec![];
+    }
     let simd = simd_level();
     // (n, m) column blocks of y, transposed back below.
     let mut t = vec![0.0f32; n * m];
