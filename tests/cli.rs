@@ -229,6 +229,9 @@ fn generation_bad_requests() {
     std::fs::remove_file(ck.join("router_calibration.json")).unwrap();
     std::fs::remove_file(ck.join("manifest.json")).unwrap();
     fails_cleanly(&itt(&["generate", "--checkpoint", ck.to_str().unwrap(), "--prompt", "1+1="]), &["itt calibrate"]);
+    // ... no batches is refused before the folder is touched ...
+    fails_cleanly(&itt(&["calibrate", "--checkpoint", ck.to_str().unwrap(), "--batches", "0"]), &["--batches"]);
+    assert!(!ck.join("router_calibration.json").exists());
     // ... and calibrating brings them back.
     let ok = itt(&["calibrate", "--checkpoint", ck.to_str().unwrap(), "--batches", "2"]);
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));

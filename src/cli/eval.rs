@@ -392,6 +392,11 @@ fn parse_logit_bias(items: &[String], vocab: usize) -> Result<Vec<(u32, f32)>> {
 }
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    if a.batches == 0 {
+        // Thresholds from no text: refused rather than quietly read from one batch, since
+        // they replace the checkpoint's stored ones.
+        return Err(Error::usage("--batches must be at least 1 (batches of 8 windows to calibrate on)"));
+    }
     let device = a.device.open()?;
     let Opened { model, tokenizer: tok, info, format } =
         open(&a.checkpoint, &OpenOptions { device, ..Default::default() })?;
