@@ -202,6 +202,12 @@ fn generation_bad_requests() {
     assert!(stderr.contains("2 character(s)") && stderr.contains("'é', '€'"), "{stderr}");
     let out = itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--max-new-tokens", "2"]);
     assert!(!String::from_utf8_lossy(&out.stderr).contains("vocabulary"), "a notice without cause");
+    for e in ["2", "NaN"] {
+        fails_cleanly(
+            &itt(&["generate", "--checkpoint", run, "--prompt", "1+1=", "--early-exit", e]),
+            &["--early-exit"],
+        );
+    }
     // Benchmarks of decoding refuse sizes that time nothing, and check every preset name
     // before their table starts.
     fails_cleanly(&itt(&["bench", "--decode", "tiny", "--prompt-len", "0"]), &["--prompt-len"]);

@@ -125,7 +125,7 @@ pub struct RoutingArgs {
     /// topk (the paper's rule, not causal) or threshold (causal, needs stored thresholds).
     #[arg(long)]
     pub routing: Option<Routing>,
-    /// Stop giving a token further steps once its router weight falls below this.
+    /// Stop giving a token further steps once its router weight falls below this (in [0, 1]).
     #[arg(long)]
     pub early_exit: Option<f32>,
 }
@@ -137,6 +137,12 @@ impl RoutingArgs {
         default: Routing,
     ) -> Result<RoutingOptions> {
         let mode = self.routing.unwrap_or(default);
+        if let Some(e) = self.early_exit {
+            // A router weight is in (0, 1): the same bound as a request's thinking.early_exit.
+            if !(e.is_finite() && (0.0..=1.0).contains(&e)) {
+                return Err(Error::usage(format!("--early-exit must be in [0, 1] (got {e})")));
+            }
+        }
         Ok(RoutingOptions {
             mode,
             calibration: calibration.cloned().map(std::sync::Arc::new),
