@@ -136,6 +136,11 @@ fn configs_malformed_unknown_field_bad_values_unknown_preset() {
     let none = tmp.path().join("no-steps");
     fails_cleanly(&itt(&["train", "--steps", "0", "--out", none.to_str().unwrap()]), &["nothing to train", "--steps"]);
     assert!(!none.exists(), "a run of no steps left a folder");
+    fails_cleanly(
+        &itt(&["train", "--stop-at", "0", "--out", none.to_str().unwrap()]),
+        &["nothing to train", "--stop-at"],
+    );
+    assert!(!none.exists(), "a run stopped at step 0 left a folder");
     fails_cleanly(&itt(&["experiment", "table1", "--steps", "0", "--out", none.to_str().unwrap()]), &["--steps"]);
     assert!(!none.exists(), "an experiment of no steps left a folder");
 }

@@ -48,6 +48,10 @@ pub struct LaunchOptions {
 /// Start (or resume) the run, train it to the end, and return rank 0's summary (`None` on the
 /// other ranks, whose metrics and checkpoints go nowhere).
 pub fn launch(opts: &LaunchOptions) -> Result<Option<TrainSummary>> {
+    if opts.run.stop_at == Some(0) {
+        // The same reason as --steps 0, for a new run and a resumed one alike.
+        return Err(Error::usage("nothing to train: --stop-at is 0; give the step to stop after, 1 or more"));
+    }
     if let Start::New { config, .. } = &opts.start {
         // Refused before the run folder is made: a run of no steps has no checkpoint to end on.
         if config.train.max_steps == 0 {
