@@ -112,6 +112,14 @@ impl Corpus {
         }
         let mut out: Vec<Corpus> = vec![];
         for spec in &opts.data {
+            // A missing corpus is named before the output folder is made (reading it comes later).
+            let path = Path::new(&spec.path);
+            if !spec.path.starts_with("builtin") && !path.exists() {
+                return Err(Error::input(
+                    path,
+                    "no such file or folder; give a text or .jsonl(.gz) file, a folder of them, or `builtin`",
+                ));
+            }
             let name = corpus_name(spec);
             if out.iter().any(|c| c.name == name) {
                 return Err(Error::usage(format!("corpus '{name}' is given twice in --data / --tokenizer")));
