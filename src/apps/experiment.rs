@@ -115,10 +115,7 @@ impl Corpus {
             // A missing corpus is named before the output folder is made (reading it comes later).
             let path = Path::new(&spec.path);
             if !spec.path.starts_with("builtin") && !path.exists() {
-                return Err(Error::input(
-                    path,
-                    "no such file or folder; give a text or .jsonl(.gz) file, a folder of them, or `builtin`",
-                ));
+                return Err(crate::data::corpus::missing_corpus(path));
             }
             let name = corpus_name(spec);
             if out.iter().any(|c| c.name == name) {

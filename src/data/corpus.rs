@@ -34,6 +34,12 @@ impl Default for CorpusOptions {
     }
 }
 
+/// The error for a corpus path that does not exist (also raised before an experiment makes its
+/// output folder).
+pub fn missing_corpus(path: &Path) -> Error {
+    Error::input(path, "no such file or folder; give a text or .jsonl(.gz) file, a folder of them, or `builtin`")
+}
+
 /// Documents of the corpus at `path` (see the module docs for what a path may be).
 pub fn read_corpus(path: &Path, opts: &CorpusOptions) -> Result<Vec<String>> {
     let mut docs = Vec::new();
@@ -47,9 +53,7 @@ pub fn read_corpus(path: &Path, opts: &CorpusOptions) -> Result<Vec<String>> {
         }
         _ => {}
     }
-    let meta = std::fs::metadata(path).map_err(|_| {
-        Error::input(path, "no such file or folder; give a text or .jsonl(.gz) file, a folder of them, or `builtin`")
-    })?;
+    let meta = std::fs::metadata(path).map_err(|_| missing_corpus(path))?;
     if meta.is_dir() {
         let mut files = Vec::new();
         list_files(path, &mut files)?;

@@ -294,8 +294,9 @@ fn f32_rows_per_thread(m: usize, threads: usize) -> Option<usize> {
 /// 410); it is kept where B is large (2048 x 2048 x 2048: 426 vs 391, each thread packing all
 /// of B). The bound on B is 2M elements: at 1M the down projection's weight gradient of `small`
 /// (256 x 688 x 2048, B 1.4M) took gemm's split, 238 GFLOP/s against 276 with the rows shared
-/// out (2026-12-07, Intel Xeon Sapphire Rapids, `cargo bench --bench bf16_gemm`). Every element is the same dot product either way (gemm's k blocking depends on k and
-/// the caches only), so the result does not depend on the split or the thread count.
+/// out (2026-12-07, Intel Xeon Sapphire Rapids, `cargo bench --bench bf16_gemm`). Every element
+/// is the same dot product either way (gemm's k blocking depends on k and the caches only), so
+/// the result does not depend on the split or the thread count.
 pub fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32]) {
     if !check_f32(m, n, k, &a, &b, c) {
         return;
