@@ -143,6 +143,8 @@ fn configs_malformed_unknown_field_bad_values_unknown_preset() {
     assert!(!none.exists(), "a run stopped at step 0 left a folder");
     fails_cleanly(&itt(&["experiment", "table1", "--steps", "0", "--out", none.to_str().unwrap()]), &["--steps"]);
     assert!(!none.exists(), "an experiment of no steps left a folder");
+    fails_cleanly(&itt(&["experiment", "table1", "--variants", "dense,itt4,dense", "--out", o]), &["'dense' twice"]);
+    fails_cleanly(&itt(&["experiment", "recipe", "--lr-scales", "1,2,1", "--out", o]), &["--lr-scales", "twice"]);
     fails_cleanly(
         &itt(&["experiment", "table1", "--data", "/nonexistent/corpus.txt", "--out", none.to_str().unwrap()]),
         &["/nonexistent/corpus.txt", "no such file"],

@@ -719,6 +719,13 @@ fn grid(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
     if opts.lr_scales.is_empty() || opts.lr_scales.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
         return Err(Error::usage("--lr-scales must be positive numbers, e.g. 0.5,1,2"));
     }
+    // A name or rate given twice would be one column of the table, or two runs in one folder.
+    if let Some((_, n)) = opts.variants.iter().enumerate().find(|(i, n)| opts.variants[..*i].contains(n)) {
+        return Err(Error::usage(format!("--variants gives '{n}' twice")));
+    }
+    if let Some((_, s)) = opts.lr_scales.iter().enumerate().find(|(i, s)| opts.lr_scales[..*i].contains(s)) {
+        return Err(Error::usage(format!("--lr-scales gives {s} twice")));
+    }
     let (mut variants, paper_metric) = variants(opts)?;
     if !opts.variants.is_empty() {
         if let Some(bad) = opts.variants.iter().find(|n| !variants.iter().any(|v| &v.name == *n)) {
