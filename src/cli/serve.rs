@@ -151,13 +151,6 @@ pub fn serve(a: ServeArgs) -> Result<()> {
     if !(a.grace.is_finite() && a.grace >= 0.0) {
         return Err(Error::usage(format!("--grace must be >= 0 seconds (got {})", a.grace)));
     }
-    // The same bound as a request's `thinking.speculate`: a server default no request could
-    // ask for itself would only slow every request down (each draft past the accepted prefix
-    // is wasted work).
-    let most = crate::serve::api::MAX_SPECULATE;
-    if a.speculate > most {
-        return Err(Error::usage(format!("--speculate must be between 0 and {most} (got {})", a.speculate)));
-    }
     let addr = (a.host.as_str(), a.port)
         .to_socket_addrs()
         .map_err(|e| Error::usage(format!("--host {}: {e}", a.host)))?

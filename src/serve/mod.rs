@@ -47,6 +47,13 @@ pub struct Server {
 impl Server {
     /// Bind `addr` (port 0 picks a free one) and serve until `stop` or SIGTERM/SIGINT.
     pub fn start(model: Model, tok: Tokenizer, opts: ServeOptions, addr: SocketAddr) -> Result<Server> {
+        // The same bound as a request's `thinking.speculate`: a server default no request could
+        // ask for itself would only slow every request down (each draft past the accepted
+        // prefix is wasted work).
+        let most = api::MAX_SPECULATE;
+        if opts.speculate > most {
+            return Err(Error::usage(format!("--speculate must be between 0 and {most} (got {})", opts.speculate)));
+        }
         if opts.speculate > 0 {
             let routing = crate::model::RoutingOptions::default();
             if let Some(why) = crate::speculate::unsupported(&model, &routing, true) {
