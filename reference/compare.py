@@ -7,7 +7,9 @@ same threads, alternating A B A B so that drift in the machine's speed hits both
 
 Prints a markdown table of medians and the ratio itt / PyTorch for the training step (fp32
 against fp32, and `itt --precision bf16` against PyTorch bf16 autocast), prefill and cached
-decode, with peak memory. Not a test.
+decode, with peak memory; then the f32 training runs pair by pair (the median and range of
+the pairs' ratios, by median step and by fastest step), the figure to quote on a VM whose
+speed drifts. Not a test.
 """
 
 import argparse
@@ -28,6 +30,16 @@ def run(cmd):
     return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
 
 
+def pair_summary(preset, ours, theirs):
+    """One table row: the pairs' ratios (PyTorch's step time over itt's), by median and fastest
+    step. On a shared VM the speed drifts by tens of percent over minutes, and pairs taken a few
+    seconds apart see the same machine, so the median of the pair ratios is the figure to quote."""
+    def spread(key):
+        r = sorted(t[key] / o[key] for o, t in zip(ours, theirs))
+        return f"{statistics.median(r):.2f} ({r[0]:.2f}-{r[-1]:.2f})"
+    return f"| {preset} | {len(ours)} | {spread('step_s_median')} | {spread('step_s_min')} |"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
@@ -46,7 +58,7 @@ def main():
         itt_vs_loop(a.itt_vs_loop, a.vocab, max(a.steps, 6))
         return
     py = [sys.executable, os.path.join(HERE, "itt_torch.py")]
-    rows = []
+    rows, pair_rows = [], []
     for p in filter(None, a.train_presets.split(",")):
         res = {"itt": [], "torch": [], "itt_bf16": [], "torch_bf16": []}
         common = ["--preset", p, "--vocab", str(a.vocab), "--steps", str(a.steps)]
@@ -56,6 +68,7 @@ def main():
             if not a.no_bf16:
                 res["itt_bf16"] += run([ITT, "bench", *common, "--precision", "bf16", "--json"])
                 res["torch_bf16"] += run(py + ["bench", *common, "--bf16"])
+        pair_rows.append(pair_summary(p, res["itt"], res["torch"]))
         med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in res.items() if v}
         mem = {k: statistics.median(r["peak_rss_mb"] for r in v) for k, v in res.items() if v}
         tail = (f"| {med['itt_bf16']:.0f} | {med['torch_bf16']:.0f} | {med['itt_bf16'] / med['torch_bf16']:.2f} "
@@ -76,6 +89,12 @@ def main():
           "| PyTorch bf16 tok/s | ratio | peak MiB f32 itt / torch | peak MiB bf16 itt / torch |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
+    if pair_rows:
+        print(f"\nf32 train step, pair by pair (run i of itt against run i of PyTorch): PyTorch step "
+              f"seconds / itt's, from each run's median step and from its fastest step\n")
+        print("| preset | pairs | ratio of median steps: median (min-max) | ratio of fastest steps: median (min-max) |")
+        print("|---|---|---|---|")
+        print("\n".join(pair_rows))
 
 
 def itt_vs_loop(pairs, vocab, steps):
