@@ -274,12 +274,25 @@ fn fallback_rows_per_task(m: usize) -> usize {
 }
 
 /// Rows of C per thread when [`gemm_f32`] splits the rows itself: the rows shared out evenly,
-/// rounded up to 64 (a multiple of gemm's AVX-512 and AVX2 micro-tile heights, so no thread
-/// gets a ragged edge tile it would not have had anyway). `None` on one thread or below 128
-/// rows a thread, where gemm's own split is kept: it also splits columns, so short products
-/// (a 256-row weight gradient on 16 threads) still use every thread.
-fn f32_rows_per_thread(m: usize, threads: usize) -> Option<usize> {
-    (threads > 1 && m.div_ceil(threads) >= 128).then(|| m.div_ceil(threads).div_ceil(64) * 64)
+/// rounded up to `tile`, the height of gemm's micro-tile on this CPU ([`f32_tile_rows`]), so
+/// no thread gets a ragged edge tile it would not have had anyway. `None` on one thread or
+/// below 128 rows a thread, where gemm's own split is kept: it also splits columns, so short
+/// products (a 256-row weight gradient on 16 threads) still use every thread.
+fn f32_rows_per_thread(m: usize, threads: usize, tile: usize) -> Option<usize> {
+    (threads > 1 && m.div_ceil(threads) >= 128).then(|| m.div_ceil(threads).div_ceil(tile) * tile)
+}
+
+/// Height of gemm's f32 micro-tile on this CPU: 4 x 16 lanes under AVX-512, 2 x 8 under AVX2
+/// (gemm picks its kernels from the CPU, whatever `ITT_SIMD` says). Rounding every thread's
+/// rows up to 64 under AVX2 as well gave one thread 768 of a routed step's 1440 rows and the
+/// other 672, and 384 / 304 of a 688-row weight gradient; the 16-row tile splits them 720 /
+/// 720 and 352 / 336.
+fn f32_tile_rows() -> usize {
+    if super::detected_simd() == super::Simd::Avx512 {
+        64
+    } else {
+        16
+    }
 }
 
 /// c (m, n) = a (m, k) . b (k, n) in f32 through gemm (the same call candle's matmul makes,
@@ -301,7 +314,7 @@ pub fn gemm_f32(m: usize, n: usize, k: usize, a: MatRef, b: MatRef, c: &mut [f32
     if !check_f32(m, n, k, &a, &b, c) {
         return;
     }
-    match f32_rows_per_thread(m, rayon::current_num_threads()) {
+    match f32_rows_per_thread(m, rayon::current_num_threads(), f32_tile_rows()) {
         Some(rows) if m * n * k >= 1 << 16 && k * n <= 1 << 21 => {
             c[..m * n].par_chunks_mut(rows * n).enumerate().for_each(|(i, block)| {
                 let (r0, mi) = (i * rows, block.len() / n);
@@ -1297,12 +1310,15 @@ mod tests {
                 assert_eq!(bits(&whole), bits(&c), "{m}x{n}x{k}: differs on {threads} thread(s)");
             }
         }
-        assert_eq!(f32_rows_per_thread(1024, 2), Some(512));
-        assert_eq!(f32_rows_per_thread(256, 2), Some(128));
-        assert_eq!(f32_rows_per_thread(1000, 3), Some(384));
-        assert_eq!(f32_rows_per_thread(254, 2), None);
-        assert_eq!(f32_rows_per_thread(256, 16), None);
-        assert_eq!(f32_rows_per_thread(2048, 1), None);
+        assert_eq!(f32_rows_per_thread(1024, 2, 64), Some(512));
+        assert_eq!(f32_rows_per_thread(256, 2, 64), Some(128));
+        assert_eq!(f32_rows_per_thread(1000, 3, 64), Some(384));
+        assert_eq!(f32_rows_per_thread(1000, 3, 16), Some(336));
+        assert_eq!(f32_rows_per_thread(1440, 2, 16), Some(720));
+        assert_eq!(f32_rows_per_thread(688, 2, 16), Some(352));
+        assert_eq!(f32_rows_per_thread(254, 2, 16), None);
+        assert_eq!(f32_rows_per_thread(256, 16, 64), None);
+        assert_eq!(f32_rows_per_thread(2048, 1, 16), None);
     }
 
     /// The vector packers (row- and column-major tiles, with their transposes) against the
