@@ -704,6 +704,11 @@ fn paired(a: &[&RunResult], b: &[&RunResult], f: impl Fn(&RunResult, &RunResult)
     (!d.is_empty()).then(|| Estimate::of(&d))
 }
 
+/// The first item of `items` that an earlier one equals.
+fn first_repeat<T: PartialEq>(items: &[T]) -> Option<&T> {
+    items.iter().enumerate().find(|(i, x)| items[..*i].contains(x)).map(|(_, x)| x)
+}
+
 /// The grid to train: the experiment's variants (filtered by `--variants`), each at every
 /// learning-rate multiplier (`name-lrS` for S != 1).
 fn grid(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
@@ -720,10 +725,10 @@ fn grid(opts: &ExperimentOptions) -> Result<(Vec<Variant>, String)> {
         return Err(Error::usage("--lr-scales must be positive numbers, e.g. 0.5,1,2"));
     }
     // A name or rate given twice would be one column of the table, or two runs in one folder.
-    if let Some((_, n)) = opts.variants.iter().enumerate().find(|(i, n)| opts.variants[..*i].contains(n)) {
+    if let Some(n) = first_repeat(&opts.variants) {
         return Err(Error::usage(format!("--variants gives '{n}' twice")));
     }
-    if let Some((_, s)) = opts.lr_scales.iter().enumerate().find(|(i, s)| opts.lr_scales[..*i].contains(s)) {
+    if let Some(s) = first_repeat(&opts.lr_scales) {
         return Err(Error::usage(format!("--lr-scales gives {s} twice")));
     }
     let (mut variants, paper_metric) = variants(opts)?;

@@ -402,6 +402,9 @@ impl<T: Real> Tile<'_, T> {
         ldc: usize,
     ) {
         let Tile { k, a, lda, b, ldb, .. } = *self;
+        if k == 0 {
+            return; // c += nothing
+        }
         let mut acc = [[T::ZERO; C]; R];
         for (r, row) in acc.iter_mut().enumerate() {
             row.copy_from_slice(&c[(i + r) * ldc + j0..][..C]);
@@ -425,9 +428,6 @@ impl<T: Real> Tile<'_, T> {
         // each of the 6 rows' loads and on the row of b, the AVX2 loop held 6 slice lengths in
         // general registers, spilled its pointers to the stack and ran ~30 instructions around
         // its 12 FMAs (perf annotate, AMD Zen 3); the checks below cover the same reads.
-        if k == 0 {
-            return;
-        }
         assert!((k - 1) * ldb + j0 + C <= b.len(), "tile product: b too short");
         if TA {
             assert!((k - 1) * lda + i + R <= a.len(), "tile product: a too short");

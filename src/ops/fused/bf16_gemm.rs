@@ -288,11 +288,9 @@ fn f32_rows_per_thread(m: usize, threads: usize, tile: usize) -> Option<usize> {
 /// other 672, and 384 / 304 of a 688-row weight gradient; the 16-row tile splits them 720 /
 /// 720 and 352 / 336.
 fn f32_tile_rows() -> usize {
-    if super::detected_simd() == super::Simd::Avx512 {
-        64
-    } else {
-        16
-    }
+    // Read once: every f32 product of a training step asks.
+    static ROWS: OnceLock<usize> = OnceLock::new();
+    *ROWS.get_or_init(|| if super::detected_simd() == super::Simd::Avx512 { 64 } else { 16 })
 }
 
 /// c (m, n) = a (m, k) . b (k, n) in f32 through gemm (the same call candle's matmul makes,
